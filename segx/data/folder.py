@@ -1,0 +1,181 @@
+"""Pairing images with masks by file stem and loading them at the network's input size.
+
+Layout: ``ROOT/train_images/<stem>.<ext>`` with ``ROOT/train_masks/<stem>.<ext>``, optional
+``ROOT/test_images`` + ``ROOT/test_masks``. Hidden files and files with other extensions are
+ignored; everything else must pair up exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from segx.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image, read_mask
+from segx.errors import SegxError
+
+
+@dataclass(frozen=True)
+class Case:
+    stem: str
+    image: Path
+    mask: Path | None
+
+
+@dataclass
+class Dataset:
+    """Cases loaded at model size.
+
+    images: uint8 (N, S, S, 3) RGB; masks: uint8 (N, S, S) in {0, 1};
+    original_sizes: (height, width) per case before resizing.
+    """
+
+    stems: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def subset(self, stems: Sequence[str]) -> Dataset:
+        index = {s: i for i, s in enumerate(self.stems)}
+        missing = [s for s in stems if s not in index]
+        if missing:
+            raise SegxError(
+                f"split names case '{missing[0]}' that is not in the data folder "
+                f"({len(missing)} missing); delete the split file to create a new one"
+            )
+        rows = [index[s] for s in stems]
+        return Dataset(
+            list(stems),
+            self.images[rows],
+            self.masks[rows],
+            [self.original_sizes[r] for r in rows],
+        )
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """Image files in ``folder`` by stem; raises on duplicate stems."""
+    found: dict[str, Path] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.is_dir():
+            continue
+        stem = path.stem
+        if stem in found:
+            raise SegxError(
+                f"{path}: stem '{stem}' also used by {found[stem].name}; "
+                "rename one so that each image has one mask"
+            )
+        found[stem] = path
+    return found
+
+
+def discover_cases(
+    root: str | os.PathLike,
+    images_dir: str = "train_images",
+    masks_dir: str | None = "train_masks",
+    require_masks: bool = True,
+) -> list[Case]:
+    """Pair ``root/images_dir`` with ``root/masks_dir`` by stem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
+    image_folder = root / images_dir
+    if not image_folder.is_dir():
+        raise SegxError(
+            f"{image_folder} is missing; put images in {images_dir}/ and masks in "
+            f"{masks_dir}/ (same file stems)"
+        )
+    images = list_images(image_folder)
+    if not images:
+        raise SegxError(f"{image_folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some")
+    if masks_dir is None:
+        return [Case(stem, path, None) for stem, path in images.items()]
+    mask_folder = root / masks_dir
+    if not mask_folder.is_dir():
+        if not require_masks:
+            return [Case(stem, path, None) for stem, path in images.items()]
+        raise SegxError(f"{mask_folder} is missing; add one mask per image with the same stem")
+    masks = list_images(mask_folder)
+    for stem, path in images.items():
+        if stem not in masks:
+            raise SegxError(
+                f"{path}: no mask {mask_folder}/{stem}.png (or .jpg/.tif); add it or remove the image"
+            )
+    for stem, path in masks.items():
+        if stem not in images:
+            raise SegxError(f"{path}: mask without an image in {image_folder}; add it or remove the mask")
+    return [Case(stem, images[stem], masks[stem]) for stem in images]
+
+
+def to_model_size(array: np.ndarray, size: int, mode: str, is_mask: bool) -> np.ndarray:
+    """Resize (``mode='resize'``) or zero-pad to a square then resize (``'pad'``)."""
+    if mode == "pad":
+        height, width = array.shape[:2]
+        side = max(height, width)
+        pad = [(0, side - height), (0, side - width)] + [(0, 0)] * (array.ndim - 2)
+        array = np.pad(array, pad)
+    elif mode != "resize":
+        raise SegxError(f"unknown data.resize_mode '{mode}'; use 'resize' or 'pad'")
+    if array.shape[0] == size and array.shape[1] == size:
+        return array
+    if is_mask:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if array.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(array, (size, size), interpolation=interpolation)
+
+
+def from_model_size(prob: np.ndarray, original: tuple[int, int], mode: str) -> np.ndarray:
+    """Inverse of :func:`to_model_size` for a float map: back to (height, width) = original."""
+    height, width = original
+    if mode == "pad":
+        side = max(height, width)
+        prob = cv2.resize(prob, (side, side), interpolation=cv2.INTER_LINEAR)
+        return prob[:height, :width]
+    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def load_cases(
+    cases: Sequence[Case],
+    image_size: int,
+    resize_mode: str = "resize",
+    mask_threshold: float = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable | None = None,
+) -> Dataset:
+    """Read, check and resize every case. Raises on the first bad file."""
+    if not cases:
+        raise SegxError("the dataset is empty; add image/mask pairs")
+    n = len(cases)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    masks = np.zeros((n, image_size, image_size), np.uint8)
+    sizes: list[tuple[int, int]] = []
+    iterator = progress(cases) if progress else cases
+    for i, case in enumerate(iterator):
+        image = read_image(case.image, max_pixels)
+        sizes.append(image.shape[:2])
+        images[i] = to_model_size(image, image_size, resize_mode, is_mask=False)
+        if case.mask is not None:
+            mask = read_mask(case.mask, mask_threshold, max_pixels)
+            if mask.shape != image.shape[:2]:
+                raise SegxError(
+                    f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                    f"{image.shape[1]}x{image.shape[0]}; export both at the same size"
+                )
+            masks[i] = to_model_size(mask, image_size, resize_mode, is_mask=True)
+    return Dataset([c.stem for c in cases], images, masks, sizes)
+
+
+def check_foreground(dataset: Dataset, where: str) -> None:
+    if dataset.masks.size and not dataset.masks.any():
+        raise SegxError(
+            f"no mask in {where} has any foreground; check the masks or data.mask_threshold"
+        )
