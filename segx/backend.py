@@ -24,8 +24,36 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*np.object.*")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import sys  # noqa: E402
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """TF 2.21 logs through absl at import (oneDNN, CUDA probing) and ignores
+    TF_CPP_MIN_LOG_LEVEL for those lines; silence file descriptor 2 for the import only."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _quiet_native_stderr():
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
+
+    tf.config.list_physical_devices("GPU")  # the CUDA probe logs once, here
 
 tf.get_logger().setLevel(logging.ERROR)
 try:  # absl prints "triggered tf.function retracing" etc. at WARNING
@@ -34,9 +62,6 @@ try:  # absl prints "triggered tf.function retracing" etc. at WARNING
     absl.logging.set_verbosity(absl.logging.ERROR)
 except ImportError:  # pragma: no cover
     pass
-
-import contextlib  # noqa: E402
-import io  # noqa: E402
 
 with contextlib.redirect_stdout(io.StringIO()):  # "Segmentation Models: using `tf.keras`..."
     import segmentation_models as sm  # noqa: E402

@@ -1,0 +1,132 @@
+"""Config helpers shared by the entry points: safe ``_target_`` instantiation, group look-up
+with suggestions, and range/type checks that name the key. No TensorFlow here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from segx.errors import SegxError, suggest
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Only these may be built from YAML: a config is data, and `_target_` would otherwise run any
+# importable callable (os.system included) with config-supplied arguments.
+ALLOWED_TARGET_PREFIXES = (
+    "segx.",
+    "albumentations.",
+    "tf_keras.optimizers.",
+    "tf_keras.callbacks.",
+    "tf_keras.losses.",
+)
+# Users copy Keras snippets; segx runs on tf-keras, so these spellings mean the same classes.
+KERAS_ALIASES = {"keras.": "tf_keras.", "tensorflow.keras.": "tf_keras.", "tf.keras.": "tf_keras."}
+
+
+def _normalise_target(target: str, key: str) -> str:
+    for alias, real in KERAS_ALIASES.items():
+        if target.startswith(alias):
+            target = real + target[len(alias) :]
+            break
+    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise SegxError(
+            f"{key}._target_='{target}' is not allowed; segx builds only classes from "
+            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)}"
+        )
+    return target
+
+
+def checked_container(node: Any, key: str) -> Any:
+    """Plain dict/list copy of ``node`` with every ``_target_`` checked against the allowlist."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "_target_":
+                out[k] = _normalise_target(str(v), key)
+            else:
+                out[k] = checked_container(v, f"{key}.{k}")
+        return out
+    if isinstance(node, list):
+        return [checked_container(v, f"{key}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def instantiate(node: Any, key: str) -> Any:
+    """``hydra.utils.instantiate`` restricted to the allowlist; errors name ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    plain = checked_container(node, key)
+    try:
+        return hydra_instantiate(plain, _convert_="all")
+    except InstantiationException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SegxError(f"{key}: cannot build it ({first}); fix the arguments in the config") from None
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail fast, in one line with a suggestion, on ``group=value`` naming no config file.
+
+    Hydra's own message lists every option over many lines; this runs before Hydra.
+    """
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "~", "hydra")):
+            continue
+        key, value = arg.lstrip("+").split("=", 1)
+        if key not in groups or value in ("", "null"):
+            continue
+        values = value.split(",") if not value.startswith(("range(", "choice(", "glob(")) else []
+        options = group_options(key, conf_dir)
+        for v in values:
+            v = v.strip()
+            if v not in options:
+                hint = suggest(v, options) or f" choose one of {', '.join(options)}"
+                raise SegxError(f"unknown {key} '{v}';{hint} (see conf/{key}/)")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def require_int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SegxError(f"{key}={value!r} must be an integer; set e.g. {key}={low}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise SegxError(f"{key}={value} is out of range; use a value {bound}")
+    return value
+
+
+def require_float(cfg: DictConfig, key: str, low: float, high: float, high_open: bool = True) -> float:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SegxError(f"{key}={value!r} must be a number in [{low}, {high})")
+    if value < low or value > high or (high_open and value == high):
+        raise SegxError(f"{key}={value} is out of range; use a value in [{low}, {high}{')' if high_open else ']'}")
+    return float(value)
+
+
+def require_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:
+    value = _get(cfg, key)
+    choices = list(choices)
+    if value not in choices:
+        hint = suggest(str(value), choices) or f" choose one of {', '.join(choices)}"
+        raise SegxError(f"{key}='{value}' is not valid;{hint}")
+    return value
+
+
+def exit_on_error(exc: SegxError) -> None:
+    print(f"segx: error: {exc}", file=sys.stderr)
+    sys.exit(2)

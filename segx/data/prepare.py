@@ -1,0 +1,99 @@
+"""From a ``data`` config to loaded cases, the shared split and its fingerprint.
+
+Used by every entry point that reads data (train, check, bench) so they agree exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from segx.config import require_choice, require_float, require_int
+from segx.data.folder import Dataset, check_foreground, discover_cases, load_cases
+from segx.data.split import default_split_path, fingerprint, load_or_create_split
+from segx.data.synthetic import generate
+from segx.errors import SegxError
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset              # every case (train folder and test folder) at model size
+    split: dict[str, list[str]]   # stems per role
+    fingerprint: str
+    split_path: Path
+
+    def part(self, role: str) -> Dataset:
+        return self.dataset.subset(self.split[role])
+
+
+def validate_data_config(data: DictConfig) -> None:
+    """Types and ranges, with the key named, before anything is read."""
+    if OmegaConf.is_missing(data, "root"):
+        raise SegxError("data.root is not set; pass data.root=PATH (a folder with train_images/ and train_masks/)")
+    require_choice(data, "kind", ["synthetic", "folder"])
+    require_int(data, "image_size", 32, 4096)
+    require_float(data, "val_fraction", 0.0, 1.0)
+    require_float(data, "test_fraction", 0.0, 1.0)
+    require_choice(data, "resize_mode", ["resize", "pad"])
+    require_int(data, "max_pixels", 1)
+    require_int(data, "split_seed", 0)
+    if data.kind == "synthetic":
+        require_int(data, "n_images", 4)
+        require_int(data, "source_size", 16, 4096)
+
+
+def read_groups(csv_path: str, column: str) -> dict[str, str]:
+    path = Path(csv_path)
+    if not path.is_file():
+        raise SegxError(f"data.stratify_csv={csv_path}: no such file; fix the path or set it to null")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        for needed in ("stem", column):
+            if needed not in fields:
+                raise SegxError(f"{path}: no column '{needed}' (has {', '.join(fields)}); fix data.stratify_column")
+        return {row["stem"]: row[column] for row in reader}
+
+
+def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None) -> Prepared:
+    validate_data_config(data)
+    root = Path(str(data.root))
+    if data.kind == "synthetic":
+        generate(root, int(data.n_images), int(data.source_size), int(data.generator_seed))
+    cases = discover_cases(root)
+    test_cases = []
+    if (root / "test_images").is_dir():
+        test_cases = discover_cases(root, "test_images", "test_masks")
+        clash = {c.stem for c in cases} & {c.stem for c in test_cases}
+        if clash:
+            raise SegxError(f"{root}: stem '{sorted(clash)[0]}' is in both train_images/ and test_images/; rename one")
+    dataset = load_cases(
+        cases + test_cases,
+        int(data.image_size),
+        str(data.resize_mode),
+        float(data.mask_threshold),
+        int(data.max_pixels),
+        progress,
+    )
+    check_foreground(dataset, f"{root}/train_masks")
+    stems = [c.stem for c in cases]
+    test_stems = [c.stem for c in test_cases] or None
+    groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
+    split_path = Path(data.split_file) if data.split_file else default_split_path(
+        Path(output_dir) / "splits",
+        str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data",
+        stems,
+        float(data.val_fraction),
+        float(data.test_fraction),
+        int(data.split_seed),
+        test_stems,
+        data.stratify_column if groups else None,
+    )
+    split = load_or_create_split(
+        split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
+    )
+    return Prepared(dataset, split, fingerprint(split, int(data.image_size)), split_path)

@@ -1,0 +1,209 @@
+"""Member networks: build, compile, load, predict. Library functions with plain arguments.
+
+All TensorFlow/Keras/segmentation_models access goes through :mod:`segx.backend`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from segx.backend import keras, sm, tf
+from segx.errors import SegxError, look_up_option
+
+ARCHS = {"unet": "Unet", "fpn": "FPN", "linknet": "Linknet", "pspnet": "PSPNet"}
+# Encoders downsample 5 times (32); PSPNet pools a 1/8 feature map at 1, 2, 3 and 6 bins.
+SIZE_MULTIPLE = {"unet": 32, "fpn": 32, "linknet": 32, "pspnet": 48}
+LOSSES: Mapping[str, Callable] = {
+    "dice": lambda: sm.losses.DiceLoss(),
+    "bce": lambda: sm.losses.BinaryCELoss(),
+    "focal": lambda: sm.losses.BinaryFocalLoss(),
+    "jaccard": lambda: sm.losses.JaccardLoss(),
+}
+INFERENCE_BATCH = 8  # fixed, so cached and rebuilt predictions go through identical kernels
+
+
+def backbone_names() -> list[str]:
+    return list(sm.Backbones.models_names())
+
+
+def check_model_options(arch: str, backbone: str, image_size: int) -> None:
+    """Validate names and input size before anything heavy is built."""
+    look_up_option(arch, ARCHS, "arch", "conf/arch/")
+    look_up_option(backbone, backbone_names(), "segmentation-models encoder", "backbone.name")
+    multiple = SIZE_MULTIPLE[arch]
+    if image_size % multiple:
+        lower = max(multiple, image_size - image_size % multiple)
+        raise SegxError(
+            f"data.image_size={image_size} does not suit arch={arch}: it needs a multiple of "
+            f"{multiple}; use data.image_size={lower} or {lower + multiple}"
+        )
+
+
+def build_model(
+    arch: str,
+    backbone: str,
+    image_size: int,
+    encoder_weights: str | None = None,
+    encoder_freeze: bool = False,
+    classes: int = 1,
+    activation: str = "sigmoid",
+    **arch_kwargs,
+):
+    """A segmentation_models network for ``(image_size, image_size, 3)`` inputs.
+
+    ``encoder_weights``: None (random init), ``'imagenet'`` (downloaded by Keras, needs
+    internet) or a path to a local ``.h5`` weights file for the encoder (loaded by layer name).
+    """
+    check_model_options(arch, backbone, image_size)
+    local_weights = None
+    if encoder_weights not in (None, "imagenet"):
+        local_weights = Path(str(encoder_weights)).expanduser()
+        if not local_weights.is_file():
+            raise SegxError(
+                f"backbone.encoder_weights={encoder_weights}: no such file; give a local .h5 "
+                "weights file, 'imagenet' or null"
+            )
+        encoder_weights = None
+    factory = getattr(sm, ARCHS[arch])
+    arch_kwargs = {k: v for k, v in arch_kwargs.items() if v is not None}
+    try:
+        model = factory(
+            backbone,
+            input_shape=(image_size, image_size, 3),
+            classes=classes,
+            activation=activation,
+            encoder_weights=encoder_weights,
+            encoder_freeze=encoder_freeze,
+            **arch_kwargs,
+        )
+    except Exception as exc:
+        if encoder_weights == "imagenet":
+            raise SegxError(
+                f"could not get imagenet weights for {backbone} ({type(exc).__name__}: {exc}); "
+                "without internet set backbone.encoder_weights to a local .h5 file or null"
+            ) from None
+        raise
+    if local_weights is not None:
+        load_encoder_weights(model, local_weights)
+    return model
+
+
+def load_encoder_weights(model, path: Path) -> int:
+    """Load weights by layer name; returns how many layers changed (error if none did)."""
+    before = [w.numpy().copy() for w in model.weights]
+    try:
+        model.load_weights(str(path), by_name=True, skip_mismatch=True)
+    except Exception as exc:
+        raise SegxError(f"{path}: cannot read weights ({type(exc).__name__}); give a Keras .h5 file") from None
+    changed = sum(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights, strict=True))
+    if changed == 0:
+        raise SegxError(
+            f"{path}: no layer name matched this encoder; use the weights file made for this backbone"
+        )
+    return changed
+
+
+def build_loss(weights: Mapping[str, float]):
+    """Weighted sum of segmentation_models losses, e.g. ``{'dice': 1, 'focal': 1}``."""
+    total = None
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        term = LOSSES[look_up_option(name, LOSSES, "loss", "trainer.loss")]()
+        term = term if weight == 1 else float(weight) * term
+        total = term if total is None else total + term
+    if total is None:
+        raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
+    return total
+
+
+def build_metrics(names) -> list:
+    table = {
+        "dice": lambda: sm.metrics.FScore(threshold=0.5, name="dice"),
+        "iou": lambda: sm.metrics.IOUScore(threshold=0.5, name="iou"),
+    }
+    return [table[look_up_option(n, table, "metric", "trainer.metrics")]() for n in names]
+
+
+def compile_model(model, optimizer, loss_weights: Mapping[str, float], metrics=("dice", "iou")):
+    model.compile(optimizer=optimizer, loss=build_loss(loss_weights), metrics=build_metrics(metrics))
+    return model
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(path))
+    return path
+
+
+def load_model(path: str | os.PathLike):
+    """Load a member saved by :func:`save_model`, uncompiled, in Keras safe mode.
+
+    segmentation_models losses do not deserialise, so models are loaded with
+    ``compile=False``; safe mode refuses lambdas and other arbitrary code in the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegxError(f"{path}: model file missing; the member run has no model artifact")
+    try:
+        return keras.models.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:
+        raise SegxError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def preprocessing(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The encoder's input normalisation, on float32 RGB in [0, 255]."""
+    return sm.get_preprocessing(backbone)
+
+
+def predict_probs(model, images: np.ndarray, backbone: str, tta: str = "none") -> np.ndarray:
+    """Foreground probabilities float32 (N, S, S) for uint8 RGB images (N, S, S, 3)."""
+    prep = preprocessing(backbone)
+    out = np.zeros(images.shape[:3], np.float32)
+    for start in range(0, len(images), INFERENCE_BATCH):
+        batch = prep(images[start : start + INFERENCE_BATCH].astype(np.float32))
+        probs = _predict(model, batch)
+        if tta == "flip":
+            probs = probs + _predict(model, batch[:, :, ::-1])[:, :, ::-1]
+            probs = probs + _predict(model, batch[:, ::-1])[:, ::-1]
+            probs = probs / 3.0
+        elif tta != "none":
+            raise SegxError(f"tta='{tta}' is not valid; use 'none' or 'flip'")
+        out[start : start + len(batch)] = probs
+    return out
+
+
+def _predict(model, batch: np.ndarray) -> np.ndarray:
+    # model(x) rather than model.predict: no per-call tf.function retracing on small inputs.
+    result = model(tf.constant(np.ascontiguousarray(batch)), training=False)
+    return np.asarray(result)[..., 0]
+
+
+def clear_session() -> None:
+    keras.backend.clear_session()
+
+
+def set_determinism(seed: int, deterministic_ops: bool) -> None:
+    keras.utils.set_random_seed(seed)
+    if deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+
+
+def count_flops(model, image_size: int) -> float:
+    """Forward-pass FLOPs for one image, from TensorFlow's graph profiler."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2_as_graph,
+    )
+
+    spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
+    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    _, graph = convert_variables_to_constants_v2_as_graph(concrete)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
+    return float(info.total_float_ops)

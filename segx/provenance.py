@@ -1,0 +1,60 @@
+"""What produced a run: segx version, git commit (and whether the tree was dirty), package
+versions and the command line. No heavy imports."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import segx
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = (
+    "tensorflow", "tf-keras", "segmentation-models", "hydra-core", "omegaconf", "mlflow",
+    "albumentations", "opencv-python-headless", "numpy", "pandas", "scipy",
+)  # fmt: skip
+
+
+def git_sha() -> tuple[str, bool]:
+    """(commit SHA or 'unknown', tree dirty?)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return sha, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "segx": segx.__version__}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.executable).name, "-m", _module_name(), *sys.argv[1:]])
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).stem
+
+
+def provenance_tags() -> dict[str, str]:
+    sha, dirty = git_sha()
+    tags = {"segx.git_sha": sha, "segx.git_dirty": str(dirty).lower(), "segx.version": segx.__version__}
+    tags.update({f"segx.pkg.{k}": v for k, v in package_versions().items()})
+    return tags

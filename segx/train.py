@@ -1,0 +1,309 @@
+"""Train one ensemble member and record it in MLflow.
+
+    python -m segx.train backbone=resnet34
+    python -m segx.train -m backbone=resnet34,efficientnetb0,mobilenetv2
+    python -m segx.train resume=<run_id>      # continue an interrupted run
+
+Everything is read from the config here and passed to library functions as plain arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from segx.config import (
+    check_group_choices,
+    checked_container,
+    exit_on_error,
+    instantiate,
+    require_choice,
+    require_float,
+    require_int,
+)
+from segx.errors import SegxError
+
+log = logging.getLogger("segx.train")
+# Keys that do not change what is trained: left out of the resume identity.
+NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks that name the key, before data or models are touched."""
+    require_int(cfg, "seed", 0)
+    require_int(cfg, "trainer.epochs", 1)
+    require_int(cfg, "trainer.batch_size", 1)
+    require_int(cfg, "trainer.early_stopping.patience", 0)
+    require_float(cfg, "trainer.early_stopping.min_delta", 0.0, 1.0)
+    for key, weight in cfg.trainer.loss.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise SegxError(f"trainer.loss.{key}={weight!r} must be a non-negative number")
+    if cfg.trainer.verbose != "auto":
+        require_int(cfg, "trainer.verbose", 0, 2)
+    require_choice(cfg, "arch.name", ["unet", "fpn", "linknet", "pspnet"])
+    checked_container(cfg.trainer.optimizer, "trainer.optimizer")
+    if cfg.trainer.lr_schedule is not None:
+        checked_container(cfg.trainer.lr_schedule, "trainer.lr_schedule")
+    checked_container(cfg.augment.transforms, "augment.transforms")
+
+
+def config_identity(cfg: DictConfig) -> str:
+    """Hash of everything that determines the trained member (for resume=auto)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        parent, _, leaf = key.rpartition(".")
+        node = plain
+        for part in filter(None, parent.split(".")):
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="img", leave=False, disable=None)
+
+
+def _resume_target(cfg: DictConfig, client, experiment: str, identity: str) -> str | None:
+    """The run ID to continue, or None for a fresh run."""
+    from segx import tracking
+
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        for status in ("KILLED", "FAILED", "RUNNING"):
+            runs = tracking.find_runs(client, experiment, "member", status, {"segx.config_hash": identity})
+            for run in runs:
+                if _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
+                    return run.info.run_id
+        return None
+    run = tracking.get_run(client, str(cfg.resume), need_finished=False)
+    if run.info.status == "FINISHED":
+        raise SegxError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
+    recorded = run.data.tags.get("segx.config_hash")
+    if recorded and recorded != identity:
+        raise SegxError(
+            f"resume={cfg.resume}: the run was started with another config (hash {recorded}, now "
+            f"{identity}); repeat its overrides (see python -m segx.info run_id={cfg.resume})"
+        )
+    if not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
+        raise SegxError(
+            f"resume={cfg.resume}: no checkpoint in {_checkpoint_dir(cfg, run.info.run_id)}; "
+            "it died before its first epoch ended: start a new run"
+        )
+    return run.info.run_id
+
+
+def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
+    return Path(cfg.paths.output_dir) / "checkpoints" / run_id
+
+
+def train_member(cfg: DictConfig) -> float:
+    """Train the member described by ``cfg``; return its best validation Dice."""
+    validate_config(cfg)
+    from segx.data.prepare import prepare
+
+    prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"))
+    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
+
+    from segx import tracking
+    from segx.augment import SeededAugmenter, build_augmentation, save_augmentation
+    from segx.models import check_model_options
+
+    backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), int(cfg.data.image_size)
+    check_model_options(arch, backbone, size)
+    pipeline = build_augmentation(cfg.augment.transforms)
+    client = tracking.connect(str(cfg.mlflow.tracking_uri))
+    experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
+    identity = config_identity(cfg)
+    resume_id = _resume_target(cfg, client, experiment, identity)
+
+    from segx import models, provenance  # TensorFlow is imported here, after every cheap check
+
+    run_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
+    tags = {
+        tracking.ROLE: "member",
+        "segx.backbone": backbone,
+        "segx.arch": arch,
+        "segx.data_fingerprint": prepared.fingerprint,
+        "segx.config_hash": identity,
+        "segx.command": provenance.command_line(),
+        **provenance.provenance_tags(),
+    }
+    if resume_id:
+        run_id = resume_id
+        tracking.reopen_run(client, run_id)
+        tracking.set_tags(client, run_id, {"segx.resumed": "true"})
+        log.info("resuming run %s", run_id)
+    else:
+        run_id = tracking.start_run(client, experiment, run_name, tags)
+    print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
+    folder = _checkpoint_dir(cfg, run_id)
+    with tracking.run_scope(client, run_id):
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tracking.log_params(client, run_id, tracking.flatten(resolved))
+        tracking.log_params(client, run_id, {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)})
+        with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            save_augmentation(pipeline, tmp / "augmentation.json")
+            tracking.log_artifact(client, run_id, tmp / "config.yaml")
+            tracking.log_artifact(client, run_id, tmp / "augmentation.json")
+            tracking.log_artifact(client, run_id, prepared.split_path, "split")
+
+        models.set_determinism(int(cfg.seed), bool(cfg.trainer.deterministic))
+        model = models.build_model(
+            arch,
+            backbone,
+            size,
+            encoder_weights=cfg.backbone.encoder_weights,
+            encoder_freeze=bool(cfg.backbone.encoder_freeze),
+            **OmegaConf.to_container(cfg.arch.options, resolve=True),
+        )
+        optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
+        models.compile_model(model, optimizer, OmegaConf.to_container(cfg.trainer.loss, resolve=True))
+        extra = []
+        if cfg.trainer.lr_schedule is not None:
+            extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
+        history: dict[str, list[float]] = {}
+
+        def log_epoch(metrics: dict, step: int) -> None:
+            tracking.log_metrics(client, run_id, metrics, step)
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+
+        from segx.training import fit_member
+
+        verbose = cfg.trainer.verbose
+        if verbose == "auto":
+            verbose = 1 if sys.stdout.isatty() else 2
+        state = fit_member(
+            model,
+            train.images,
+            train.masks,
+            val.images,
+            val.masks,
+            SeededAugmenter(pipeline),
+            backbone,
+            folder,
+            epochs=int(cfg.trainer.epochs),
+            batch_size=int(cfg.trainer.batch_size),
+            seed=int(cfg.seed),
+            patience=int(cfg.trainer.early_stopping.patience),
+            min_delta=float(cfg.trainer.early_stopping.min_delta),
+            extra_callbacks=extra,
+            log_fn=log_epoch,
+            verbose=int(verbose),
+        )
+        _log_outputs(client, run_id, model, backbone, train, val, test, folder, history)
+        tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
+        print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
+        return float(state.best_dice)
+
+
+def _log_outputs(client, run_id, model, backbone, train, val, test, folder, history) -> None:
+    """Model, cached probabilities, final metrics and figures, as artifacts of the run."""
+    from segx import models, plots, tracking
+    from segx.metrics import case_metrics
+    from segx.probs import quantize, save_cached
+
+    with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+        tmp = Path(tmp)
+        models.save_model(model, tmp / "model" / "model.keras")
+        tracking.log_artifact(client, run_id, tmp / "model", "model")
+        final = {}
+        for role, part in (("val", val), ("test", test)):
+            if not part.stems:
+                continue
+            probs = quantize(models.predict_probs(model, part.images, backbone))
+            save_cached(tmp / "predictions" / f"{role}.npz", part.stems, probs, part.masks)
+            scores = case_metrics(probs >= 128, part.masks, with_hd95=(role == "test"))
+            final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
+            if role == "val":
+                plots.plot_cases(
+                    part.images, part.masks, {"prediction": probs >= 128}, part.stems,
+                    tmp / "plots" / "val_cases.png", {"prediction": scores["dice"]},
+                )
+        tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
+        if history:
+            full = _history_from_store(client, run_id) or history
+            plots.plot_curves(full, tmp / "plots" / "curves.png")
+        tracking.log_artifact(client, run_id, tmp / "plots", "plots")
+        tracking.log_metrics(client, run_id, final)
+
+
+def _history_from_store(client, run_id) -> dict[str, list[float]]:
+    """Whole per-epoch history (a resumed run holds epochs from before the interruption)."""
+    out = {}
+    for key in ("train/loss", "val/dice", "val/iou", "train/dice"):
+        values = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if values:
+            out[key] = [m.value for m in values]
+    return out
+
+
+def _record_sweep_result(cfg: DictConfig, result: dict) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / "segx_results.jsonl", "a") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    multirun = _is_multirun()
+    name = f"{cfg.backbone.name}-{cfg.arch.name}"
+    try:
+        score = train_member(cfg)
+        if multirun:
+            _record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": score})
+        return score
+    except (SegxError, Exception) as exc:
+        if not multirun:
+            if isinstance(exc, SegxError):
+                exit_on_error(exc)
+            raise
+        # One failed member must not stop the sweep: report it and let Hydra go on.
+        reason = str(exc) if isinstance(exc, SegxError) else f"{type(exc).__name__}: {exc}"
+        print(f"segx: error: {name}: {reason}", file=sys.stderr, flush=True)
+        if not isinstance(exc, SegxError):
+            traceback.print_exc()
+        _record_sweep_result(cfg, {"member": name, "status": "FAILED", "error": reason[:500]})
+        return float("nan")
+    finally:
+        if "segx.backend" in sys.modules:
+            from segx.models import clear_session
+
+            clear_session()  # sweeps run jobs in one process: free the graph between members
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        check_group_choices(sys.argv[1:])
+    except SegxError as exc:
+        exit_on_error(exc)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

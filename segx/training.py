@@ -1,0 +1,223 @@
+"""Member training: the tf.data input pipeline and a resumable fit loop (TensorFlow side).
+
+Determinism and resume: the order of cases and every augmentation's random draws are a pure
+function of (seed, epoch, position), so training restarted at epoch k sees exactly the
+batches an uninterrupted run would have seen from epoch k on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segx.augment import SeededAugmenter
+from segx.backend import keras, tf
+from segx.metrics import dice_per_case, iou_per_case
+from segx.models import predict_probs, preprocessing
+
+
+def epoch_plan(n_cases: int, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(case indices, per-sample seeds) for one epoch: a shuffled pass over all cases padded
+    with the first cases of the same shuffle to whole batches (BatchNorm dislikes tiny tails)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_cases)
+    steps = math.ceil(n_cases / batch_size)
+    pad = steps * batch_size - n_cases
+    order = np.concatenate([order, order[:pad]]) if pad else order
+    seeds = rng.integers(0, 2**31 - 1, size=len(order))
+    return order.astype(np.int64), seeds.astype(np.int64)
+
+
+def make_train_dataset(
+    images: np.ndarray,
+    masks: np.ndarray,
+    augmenter: SeededAugmenter,
+    backbone: str,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    initial_epoch: int = 0,
+):
+    """A ``tf.data.Dataset`` of (image float32 (B,S,S,3), mask float32 (B,S,S,1)) batches for
+    epochs ``initial_epoch..epochs-1``, and the steps per epoch.
+
+    images: uint8 (N, S, S, 3) in memory; masks: uint8 (N, S, S) in {0, 1}. Augmentation and
+    the encoder's preprocessing run in parallel worker threads, ahead of the model.
+    """
+    n, size = len(images), images.shape[1]
+    plans = [epoch_plan(n, batch_size, seed, e) for e in range(initial_epoch, epochs)]
+    order = np.concatenate([p[0] for p in plans])
+    seeds = np.concatenate([p[1] for p in plans])
+    prep = preprocessing(backbone)
+
+    def load(index, sample_seed):
+        image, mask = augmenter(images[index], masks[index], int(sample_seed))
+        image = prep(image.astype(np.float32)).astype(np.float32)
+        return image, mask.astype(np.float32)[:, :, None]
+
+    def tf_load(index, sample_seed):
+        image, mask = tf.numpy_function(load, [index, sample_seed], [tf.float32, tf.float32])
+        image.set_shape((size, size, 3))
+        mask.set_shape((size, size, 1))
+        return image, mask
+
+    dataset = tf.data.Dataset.from_tensor_slices((order, seeds))
+    dataset = dataset.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return dataset, math.ceil(n / batch_size)
+
+
+@dataclass
+class FitState:
+    """What resuming needs besides the weights; stored as ``state.json`` beside them."""
+
+    next_epoch: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    wait: int = 0
+    checkpoint: str | None = None
+    failure: str | None = None
+
+    def save(self, folder: Path) -> None:
+        tmp = folder / f"state.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(self.__dict__ | {"host": socket.gethostname(), "pid": os.getpid()}))
+        os.replace(tmp, folder / "state.json")  # atomic: a kill never leaves half a state
+
+    @classmethod
+    def load(cls, folder: Path) -> FitState | None:
+        path = folder / "state.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class MemberCallback(keras.callbacks.Callback):
+    """Per-case validation Dice/IoU each epoch, best-weights tracking, early stopping,
+    resumable checkpoints, NaN detection, and metric logging through ``log_fn``."""
+
+    def __init__(
+        self,
+        val_images: np.ndarray,
+        val_masks: np.ndarray,
+        backbone: str,
+        folder: Path,
+        state: FitState,
+        checkpoint: tf.train.Checkpoint,
+        patience: int,
+        min_delta: float,
+        log_fn: Callable[[dict, int], None],
+    ):
+        super().__init__()
+        self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
+        self.folder, self.state, self.checkpoint = folder, state, checkpoint
+        self.patience, self.min_delta, self.log_fn = patience, min_delta, log_fn
+        self.epoch = state.next_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.state.failure = f"loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        if self.state.failure:
+            return  # weights are already bad: keep the last good checkpoint as it is
+        probs = predict_probs(self.model, self.val_images, self.backbone)
+        pred = probs >= 0.5
+        val_dice = float(dice_per_case(pred, self.val_masks).mean())
+        val_iou = float(iou_per_case(pred, self.val_masks).mean())
+        logs["val/dice"], logs["val/iou"] = val_dice, val_iou
+        metrics = {"val/dice": val_dice, "val/iou": val_iou, "lr": _learning_rate(self.model)}
+        for key, value in list(logs.items()):
+            if "/" not in key:
+                metrics[f"train/{key}"] = float(value)
+        if val_dice > self.state.best_dice + self.min_delta:
+            self.state.best_dice, self.state.best_epoch, self.state.wait = val_dice, epoch, 0
+            self.model.save_weights(str(self.folder / "best.weights.h5"))
+        else:
+            self.state.wait += 1
+        self.state.next_epoch = epoch + 1
+        self.state.checkpoint = self.checkpoint.write(str(self.folder / "ckpt" / "last"))
+        self.state.save(self.folder)
+        metrics["val/best_dice"] = self.state.best_dice
+        self.log_fn(metrics, epoch)
+        if self.patience and self.state.wait >= self.patience:
+            self.model.stop_training = True
+
+
+def _learning_rate(model) -> float:
+    lr = model.optimizer.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = lr(model.optimizer.iterations)
+    return float(keras.backend.get_value(lr))
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def fit_member(
+    model,
+    train_images: np.ndarray,
+    train_masks: np.ndarray,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    augmenter: SeededAugmenter,
+    backbone: str,
+    folder: Path,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    patience: int,
+    min_delta: float,
+    extra_callbacks: Sequence = (),
+    log_fn: Callable[[dict, int], None] = lambda metrics, step: None,
+    verbose: int = 2,
+) -> FitState:
+    """Train (or continue training) ``model`` and leave it holding its best weights.
+
+    ``folder`` holds the resumable state: if it has a checkpoint, training continues from the
+    epoch after it, with the optimizer's state. Raises :class:`TrainingDiverged` on NaN loss
+    (the last good checkpoint stays in ``folder``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    state = FitState.load(folder) or FitState()
+    state.failure = None
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    if state.checkpoint:
+        checkpoint.restore(state.checkpoint).expect_partial()
+    callback = MemberCallback(
+        val_images, val_masks, backbone, folder, state, checkpoint, patience, min_delta, log_fn
+    )
+    if state.next_epoch < epochs and not (patience and state.wait >= patience):
+        dataset, steps = make_train_dataset(
+            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch
+        )
+        model.fit(
+            dataset,
+            epochs=epochs,
+            initial_epoch=state.next_epoch,
+            steps_per_epoch=steps,
+            callbacks=[callback, *extra_callbacks],
+            verbose=verbose,
+        )
+    if state.failure:
+        state.save(folder)
+        raise TrainingDiverged(state.failure)
+    best = folder / "best.weights.h5"
+    if best.exists():
+        model.load_weights(str(best))
+    return state
