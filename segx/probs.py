@@ -46,8 +46,15 @@ def binarize(score: np.ndarray, threshold: float) -> np.ndarray:
     return score >= threshold_value(threshold)
 
 
-def save_cached(path: str | os.PathLike, stems: Sequence[str], probs: np.ndarray, masks: np.ndarray) -> Path:
-    """Write ``stems``, uint8 ``probs`` (N, S, S) and binary ``masks`` (N, S, S) to ``path``."""
+def save_cached(
+    path: str | os.PathLike,
+    stems: Sequence[str],
+    probs: np.ndarray,
+    masks: np.ndarray,
+    previews: np.ndarray | None = None,
+) -> Path:
+    """Write ``stems``, uint8 ``probs`` (N, S, S), binary ``masks`` (N, S, S) and optionally
+    the first few input images (uint8 (k, S, S, 3), for figures) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     masks = np.asarray(masks, bool)
@@ -57,17 +64,20 @@ def save_cached(path: str | os.PathLike, stems: Sequence[str], probs: np.ndarray
         probs=np.asarray(probs, np.uint8),
         masks=np.packbits(masks, axis=-1),
         mask_width=np.int64(masks.shape[-1]),
+        previews=np.zeros((0, *masks.shape[1:], 3), np.uint8) if previews is None else previews,
     )
     return path
 
 
 @dataclass
 class Cached:
-    """stems: (N,); probs: uint8 (N, S, S), memory-mapped; masks: bool (N, S, S)."""
+    """stems: (N,); probs: uint8 (N, S, S), memory-mapped; masks: bool (N, S, S);
+    previews: uint8 (k, S, S, 3) images of the first k cases (k may be 0)."""
 
     stems: list[str]
     probs: np.ndarray
     masks: np.ndarray
+    previews: np.ndarray
 
 
 def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = None) -> Cached:
@@ -92,9 +102,10 @@ def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = Non
             stems = [str(s) for s in data["stems"]]
             width = int(data["mask_width"])
             masks = np.unpackbits(data["masks"], axis=-1, count=width).astype(bool)
+            previews = data["previews"] if "previews" in data.files else np.zeros((0,), np.uint8)
         probs = np.load(out, mmap_mode="r")
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise SegxError(f"{path}: not a valid segx probability cache ({type(exc).__name__}); retrain the member") from None
     if probs.dtype != np.uint8 or probs.shape != masks.shape or len(stems) != len(probs):
         raise SegxError(f"{path}: probability cache has inconsistent shapes; retrain the member")
-    return Cached(stems, probs, masks)
+    return Cached(stems, probs, masks, previews)

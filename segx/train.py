@@ -226,7 +226,7 @@ def _log_outputs(client, run_id, model, backbone, train, val, test, folder, hist
             if not part.stems:
                 continue
             probs = quantize(models.predict_probs(model, part.images, backbone))
-            save_cached(tmp / "predictions" / f"{role}.npz", part.stems, probs, part.masks)
+            save_cached(tmp / "predictions" / f"{role}.npz", part.stems, probs, part.masks, part.images[:8])
             scores = case_metrics(probs >= 128, part.masks, with_hd95=(role == "test"))
             final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
             if role == "val":

@@ -1,0 +1,80 @@
+"""A rebuilt ensemble that predicts masks: used by ``segx.predict`` and the MLflow pyfunc model.
+
+Members predict at the recorded input size; their probabilities are quantised and combined
+exactly as in the weight search (:func:`segx.probs.combine`), thresholded, post-processed at
+that size, then brought back to each input's own size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from segx.data.folder import from_model_size, to_model_size
+from segx.models import load_model, predict_probs
+from segx.postprocess import PostProcess, apply
+from segx.probs import binarize, combine, quantize
+from segx.record import validate_record
+
+
+@dataclass
+class Prediction:
+    """mask: bool (H, W); probability: float32 (H, W) ensemble score in [0, 1];
+    uncertainty: float32 (H, W), weighted std of member probabilities in [0, 0.5]."""
+
+    mask: np.ndarray
+    probability: np.ndarray
+    uncertainty: np.ndarray
+
+
+class EnsemblePredictor:
+    def __init__(self, record: dict, model_paths: Sequence[str | os.PathLike], tta: str | None = None):
+        self.record = validate_record(record)
+        if len(model_paths) != len(record["members"]):
+            raise ValueError("one model path per member")
+        self.members = record["members"]
+        self.weights = [float(m["weight"]) for m in self.members]
+        self.threshold = float(record["threshold"])
+        self.size = int(record["image_size"])
+        self.resize_mode = record.get("resize_mode", "resize")
+        self.post = PostProcess(**record.get("postprocess", {}))
+        self.tta = tta or record.get("tta", "none")
+        # Members with weight 0 cannot change the output: skip loading and running them.
+        self.models = [load_model(p) if w > 0 else None for p, w in zip(model_paths, self.weights, strict=True)]
+
+    def member_probs(self, images: np.ndarray) -> list[np.ndarray | None]:
+        """uint8 (N, S, S) probabilities per member (None for weight 0) for uint8 (N, S, S, 3)."""
+        return [
+            None if model is None else quantize(predict_probs(model, images, m["backbone"], self.tta))
+            for model, m in zip(self.models, self.members, strict=True)
+        ]
+
+    def score_model_size(self, images: np.ndarray) -> tuple[np.ndarray, list]:
+        """Ensemble score float32 (N, S, S) on the 0..255 scale, and the member probabilities."""
+        probs = self.member_probs(images)
+        used = [(p, w) for p, w in zip(probs, self.weights, strict=True) if p is not None]
+        score = combine([p for p, _ in used], [w for _, w in used])
+        return score, probs
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict uint8 RGB images of any size (H, W, 3); grayscale (H, W) is accepted too."""
+        images = [np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3] for im in images]
+        batch = np.stack([to_model_size(np.asarray(im, np.uint8), self.size, self.resize_mode, False) for im in images])
+        score, probs = self.score_model_size(batch)
+        masks = apply(binarize(score, self.threshold), self.post)
+        used = [(p.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights, strict=True) if p is not None]
+        mean = score / 255.0
+        spread = np.sqrt(sum(w * (p - mean) ** 2 for p, w in used) / max(sum(w for _, w in used), 1e-12))
+        out = []
+        for i, image in enumerate(images):
+            original = image.shape[:2]
+            mask = from_model_size(masks[i].astype(np.float32), original, self.resize_mode) >= 0.5
+            out.append(Prediction(
+                mask=mask,
+                probability=np.clip(from_model_size(mean[i], original, self.resize_mode), 0, 1),
+                uncertainty=np.clip(from_model_size(spread[i].astype(np.float32), original, self.resize_mode), 0, 0.5),
+            ))  # fmt: skip
+        return out

@@ -1,0 +1,70 @@
+"""The ensemble as an MLflow pyfunc model ("models from code": nothing is pickled).
+
+    model = mlflow.pyfunc.load_model("runs:/<ensemble_run_id>/pyfunc")
+    masks = model.predict(images)   # uint8 (N, H, W, 3) or a list of images -> uint8 masks {0, 1}
+
+MLflow runs this file to get the model; TensorFlow is imported only when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+
+class SegxEnsembleModel(PythonModel):
+    def load_context(self, context):
+        from segx.predictor import EnsemblePredictor
+
+        with open(context.artifacts["record"]) as fh:
+            record = json.load(fh)
+        paths = [context.artifacts[f"member{i}"] for i in range(len(record["members"]))]
+        self.predictor = EnsemblePredictor(record, paths)
+
+    def predict(self, context, model_input, params=None):
+        """Masks as uint8 {0, 1}: an array (N, H, W) for an array input, else a list."""
+        if isinstance(model_input, np.ndarray) and model_input.ndim in (3, 4):
+            images = list(model_input) if model_input.ndim == 4 or model_input.dtype != object else list(model_input)
+            masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+            return np.stack(masks)
+        images = [np.asarray(im) for im in model_input]
+        return [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+
+
+mlflow.models.set_model(SegxEnsembleModel())
+
+
+def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = None) -> str:
+    """Log the ensemble under ``pyfunc/`` of ``run_id`` (and register it if a name is given)."""
+    import tempfile
+    from pathlib import Path
+
+    from segx import tracking
+    from segx.provenance import package_versions
+
+    tmp = Path(tempfile.mkdtemp(prefix="segx-pyfunc-"))
+    (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
+    artifacts = {"record": str(tmp / "ensemble.json")}
+    for i, member in enumerate(record["members"]):
+        artifacts[f"member{i}"] = str(
+            tracking.download(client, member["run_id"], member.get("model_artifact", "model/model.keras"), tmp / f"m{i}")
+        )
+    versions = package_versions()
+    requirements = [f"{name}=={versions[name]}" for name in (
+        "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
+        "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
+    ) if versions.get(name, "missing") != "missing"]  # fmt: skip
+    package_dir = Path(__file__).resolve().parent
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="pyfunc",
+            python_model=str(Path(__file__).resolve()),
+            artifacts=artifacts,
+            code_paths=[str(package_dir)],
+            pip_requirements=requirements,
+            registered_model_name=register_name or None,
+        )
+    return info.model_uri

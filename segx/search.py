@@ -1,0 +1,307 @@
+"""Ensemble weight and threshold search on cached validation probabilities (numpy only).
+
+The objective is the mean per-case Dice of ``combine(probs, w) >= t * 255`` over validation
+cases, for weights on the simplex and thresholds from a fixed list.
+
+Speed comes from one exact reduction: for weights on the simplex the combined score of a
+pixel lies between the smallest and the largest member probability, so a pixel on which every
+member is below the lowest threshold (or above the highest) is decided for every candidate.
+Those pixels are counted once; only the rest (typically a few per cent, near boundaries and
+where members disagree) are kept, as ``uint8 (M, K)``, and every candidate is scored on them
+with the same float32 arithmetic as :func:`segx.probs.combine`, so scores are exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segx.errors import SegxError
+from segx.metrics import dice_counts, dice_per_case
+from segx.probs import binarize, combine, threshold_value
+
+# A float32 weighted average can exceed its largest input by a few ulps; keep a margin.
+_MARGIN = 1e-3
+
+
+@dataclass
+class Compact:
+    """Validation data reduced to the pixels a candidate can still change.
+
+    probs: uint8 (M, K); truth: bool (K,); segment: int (K,) index into ``cases`` (sorted);
+    cases: (S,) case index of each segment; fixed_tp, fixed_pp, true_sum: int64 (N,).
+    """
+
+    probs: np.ndarray
+    truth: np.ndarray
+    segment: np.ndarray
+    cases: np.ndarray
+    fixed_tp: np.ndarray
+    fixed_pp: np.ndarray
+    true_sum: np.ndarray
+    thresholds: np.ndarray
+
+    @property
+    def n_members(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def kept_fraction(self) -> float:
+        total = self.n_pixels
+        return self.probs.shape[1] / total if total else 0.0
+
+    n_pixels: int = 0
+
+
+def compact(
+    member_probs: Sequence[np.ndarray],
+    truth: np.ndarray,
+    thresholds: Sequence[float],
+    chunk: int = 16,
+) -> Compact:
+    """Reduce members' uint8 (N, H, W) maps (memory-mapped is fine) and truth (N, H, W).
+
+    Reads ``chunk`` cases at a time, so memory stays bounded by the kept pixels.
+    """
+    thresholds = np.asarray(sorted(thresholds), np.float64)
+    low = float(threshold_value(thresholds[0])) - _MARGIN
+    high = float(threshold_value(thresholds[-1])) + _MARGIN
+    n = len(truth)
+    fixed_tp = np.zeros(n, np.int64)
+    fixed_pp = np.zeros(n, np.int64)
+    true_sum = np.zeros(n, np.int64)
+    kept_probs, kept_truth, kept_case = [], [], []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        stack = np.stack([np.asarray(p[start:stop]).reshape(stop - start, -1) for p in member_probs])
+        gt = np.asarray(truth[start:stop], bool).reshape(stop - start, -1)
+        lo, hi = stack.min(axis=0), stack.max(axis=0)
+        positive = lo > high  # above every threshold for every convex combination
+        uncertain = (hi >= low) & ~positive
+        fixed_pp[start:stop] = positive.sum(axis=1)
+        fixed_tp[start:stop] = (positive & gt).sum(axis=1)
+        true_sum[start:stop] = gt.sum(axis=1)
+        rows, cols = np.nonzero(uncertain)
+        kept_probs.append(stack[:, rows, cols])
+        kept_truth.append(gt[rows, cols])
+        kept_case.append(rows + start)
+    probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((len(member_probs), 0), np.uint8)
+    case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
+    cases, segment = np.unique(case_of_pixel, return_inverse=True)
+    return Compact(
+        probs=probs,
+        truth=np.concatenate(kept_truth) if kept_truth else np.zeros(0, bool),
+        segment=segment.astype(np.int64),
+        cases=cases,
+        fixed_tp=fixed_tp,
+        fixed_pp=fixed_pp,
+        true_sum=true_sum,
+        thresholds=thresholds,
+        n_pixels=int(np.prod(np.shape(truth))),
+    )
+
+
+def evaluate(data: Compact, weights: np.ndarray) -> np.ndarray:
+    """Mean per-case Dice for each candidate and threshold: float64 (C, T).
+
+    weights: (C, M) rows on the simplex.
+    """
+    weights = np.atleast_2d(np.asarray(weights, np.float32))
+    n_cand, n_thr = len(weights), len(data.thresholds)
+    n_seg = len(data.cases)
+    cuts = threshold_value(data.thresholds).astype(np.float32)
+    out = np.empty((n_cand, n_thr))
+    # Blocks keep the (C, K) float32 score within ~64 MB.
+    block = max(1, int(16_000_000 // max(1, data.probs.shape[1])))
+    for start in range(0, n_cand, block):
+        w = weights[start : start + block]
+        c = len(w)
+        score = np.zeros((c, data.probs.shape[1]), np.float32)
+        for m in range(data.n_members):  # same order and precision as probs.combine
+            if np.any(w[:, m]):
+                score += w[:, m : m + 1] * data.probs[m].astype(np.float32)[None, :]
+        # Number of thresholds each score reaches: bin b means score >= cuts[:b].
+        bins = np.searchsorted(cuts, score, side="right")
+        index = (np.arange(c)[:, None] * n_seg + data.segment[None, :]) * (n_thr + 1) + bins
+        size = c * n_seg * (n_thr + 1)
+        all_hist = np.bincount(index.ravel(), minlength=size).reshape(c, n_seg, n_thr + 1)
+        tp_hist = np.bincount(index[:, data.truth].ravel(), minlength=size).reshape(c, n_seg, n_thr + 1)
+        # counts reaching threshold j = sum of bins > j
+        pp = np.cumsum(all_hist[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:]
+        tp = np.cumsum(tp_hist[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:]
+        total_tp = np.broadcast_to(data.fixed_tp[None, :, None], (c, len(data.fixed_tp), n_thr)).copy()
+        total_pp = np.broadcast_to(data.fixed_pp[None, :, None], total_tp.shape).copy()
+        total_tp[:, data.cases, :] += tp
+        total_pp[:, data.cases, :] += pp
+        dice = dice_counts(total_tp, total_pp, np.broadcast_to(data.true_sum[None, :, None], total_tp.shape))
+        out[start : start + c] = dice.mean(axis=1)
+    return out
+
+
+@dataclass
+class Candidate:
+    name: str
+    weights: np.ndarray
+    threshold: float
+    val_dice: float
+    complexity: int  # smaller is simpler: members used, with 'equal weights' simpler than searched
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    history: list[dict] = field(default_factory=list)  # one row per evaluated step
+
+
+def _best(data: Compact, weights: np.ndarray) -> tuple[int, int, np.ndarray]:
+    scores = evaluate(data, weights)
+    flat = int(np.argmax(scores))
+    return flat // scores.shape[1], flat % scores.shape[1], scores
+
+
+def simplex_grid(n_members: int, step: float) -> np.ndarray:
+    """All weight vectors with entries in multiples of ``step`` that sum to one."""
+    parts = round(1 / step)
+    if not math.isclose(parts * step, 1.0, abs_tol=1e-9):
+        raise SegxError(f"ensemble.grid_step={step} must divide 1 (e.g. 0.1, 0.05, 0.25)")
+    count = math.comb(parts + n_members - 1, n_members - 1)
+    if count > 200_000:
+        raise SegxError(
+            f"ensemble.grid_step={step} with {n_members} members gives {count} candidates; use a "
+            "larger step or ensemble.search=greedy"
+        )
+    rows = []
+    for cuts in itertools.combinations(range(parts + n_members - 1), n_members - 1):
+        edges = (-1, *cuts, parts + n_members - 1)
+        rows.append([edges[i + 1] - edges[i] - 1 for i in range(n_members)])
+    return np.asarray(rows, np.float64) / parts
+
+
+def search_grid(data: Compact, step: float = 0.1) -> SearchResult:
+    grid = simplex_grid(data.n_members, step).astype(np.float32)
+    c, t, scores = _best(data, grid)
+    history = [
+        {"step": i, "val_dice": float(scores[i].max()), "weights": grid[i].tolist()}
+        for i in range(len(grid))
+    ]
+    return SearchResult(
+        Candidate("grid", grid[c].astype(np.float64), float(data.thresholds[t]), float(scores[c, t]), 3),
+        history,
+    )
+
+
+def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5) -> SearchResult:
+    """Caruana et al. (2004) forward selection with replacement, from the best single member.
+
+    Weights are how often each member was picked; a member that never helps keeps weight 0.
+    """
+    m = data.n_members
+    counts = np.zeros(m)
+    singles = np.eye(m, dtype=np.float32)
+    c, t, scores = _best(data, singles)
+    counts[c] = 1
+    best_counts, best_score, best_t = counts.copy(), float(scores[c, t]), t
+    history = [{"step": 0, "val_dice": best_score, "weights": (counts / counts.sum()).tolist()}]
+    stale = 0
+    for step in range(1, max_steps + 1):
+        trials = (counts[None, :] + np.eye(m)) / (counts.sum() + 1)
+        c, t, scores = _best(data, trials.astype(np.float32))
+        counts[c] += 1
+        score = float(scores[c, t])
+        history.append({"step": step, "val_dice": score, "weights": (counts / counts.sum()).tolist()})
+        if score > best_score + 1e-12:
+            best_counts, best_score, best_t, stale = counts.copy(), score, t, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    weights = best_counts / best_counts.sum()
+    return SearchResult(
+        Candidate("greedy", weights, float(data.thresholds[best_t]), best_score, 3), history
+    )
+
+
+def search_optimize(data: Compact, start: np.ndarray | None = None, max_evals: int = 300) -> SearchResult:
+    """Nelder-Mead on w = |z| / sum|z| (scipy), from ``start`` (default: equal weights).
+
+    The objective is piecewise constant, so the simplex starts wide (0.25) and the best point
+    ever evaluated is returned.
+    """
+    from scipy.optimize import minimize
+
+    m = data.n_members
+    start = np.full(m, 1.0 / m) if start is None else np.asarray(start, np.float64)
+    history: list[dict] = []
+    best = {"score": -1.0, "w": start, "t": 0}
+
+    def to_weights(z: np.ndarray) -> np.ndarray:
+        z = np.abs(z)
+        total = z.sum()
+        return z / total if total > 0 else np.full(m, 1.0 / m)
+
+    def objective(z: np.ndarray) -> float:
+        w = to_weights(z)
+        scores = evaluate(data, w[None, :].astype(np.float32))[0]
+        t = int(np.argmax(scores))
+        history.append({"step": len(history), "val_dice": float(scores[t]), "weights": w.tolist()})
+        if scores[t] > best["score"]:
+            best.update(score=float(scores[t]), w=w, t=t)
+        return -float(scores[t])
+
+    simplex = np.vstack([start] + [start + 0.25 * np.eye(m)[i] for i in range(m)])
+    minimize(objective, start, method="Nelder-Mead",
+             options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6})
+    # Nelder-Mead rarely lands exactly on zero: drop members whose small weight does not help.
+    weights, score, t = best["w"], best["score"], best["t"]
+    for i in np.argsort(weights):
+        if weights[i] == 0 or weights[i] > 0.1 or np.count_nonzero(weights) == 1:
+            continue
+        trial = weights.copy()
+        trial[i] = 0
+        trial /= trial.sum()
+        scores = evaluate(data, trial[None, :].astype(np.float32))[0]
+        if scores.max() >= score:
+            weights, score, t = trial, float(scores.max()), int(np.argmax(scores))
+    return SearchResult(Candidate("optimize", weights, float(data.thresholds[t]), score, 3), history)
+
+
+def baselines(data: Compact) -> list[Candidate]:
+    """Each single member and equal weights, each at its best threshold."""
+    m = data.n_members
+    rows = np.vstack([np.eye(m), np.full((1, m), 1.0 / m)]).astype(np.float32)
+    scores = evaluate(data, rows)
+    out = []
+    for i in range(m + 1):
+        t = int(np.argmax(scores[i]))
+        name = f"member{i}" if i < m else "equal"
+        out.append(Candidate(name, rows[i].astype(np.float64), float(data.thresholds[t]), float(scores[i, t]), 1 if i < m else 2))
+    return out
+
+
+def choose(candidates: Sequence[Candidate], tolerance: float) -> Candidate:
+    """The simplest candidate within ``tolerance`` of the best validation Dice (as nnU-Net)."""
+    top = max(c.val_dice for c in candidates)
+    eligible = [c for c in candidates if c.val_dice >= top - tolerance]
+    return min(eligible, key=lambda c: (c.complexity, -c.val_dice))
+
+
+def exact_dice(member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32) -> np.ndarray:
+    """Per-case Dice of one weighting through :func:`segx.probs.combine` (the predict path)."""
+    out = []
+    for start in range(0, len(truth), chunk):
+        score = combine([np.asarray(p[start : start + chunk]) for p in member_probs], weights)
+        out.append(dice_per_case(binarize(score, threshold), np.asarray(truth[start : start + chunk])))
+    return np.concatenate(out)
+
+
+def majority_vote(member_probs: Sequence[np.ndarray], start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Strict majority of members binarised at 0.5 (ties are background): bool (n, H, W)."""
+    votes = sum((np.asarray(p[start:stop]) >= 128).astype(np.int16) for p in member_probs)
+    return votes * 2 > len(member_probs)
+
+
+SEARCHES = {"grid": search_grid, "greedy": search_greedy, "optimize": search_optimize}
