@@ -274,7 +274,7 @@ def make_record(cfg: DictConfig, members: list[Member], found: dict) -> dict:
         "resize_mode": members[0].resize_mode,
         "members": [
             {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, "weight": w,
-             "model_artifact": "model/model.keras"}
+             "model_artifact": "model"}
             for m, w in zip(members, found["weights"], strict=True)
         ],  # fmt: skip
         "threshold": chosen.threshold,

@@ -5,6 +5,7 @@ All TensorFlow/Keras/segmentation_models access goes through :mod:`segx.backend`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -134,26 +135,44 @@ def compile_model(model, optimizer, loss_weights: Mapping[str, float], metrics=(
     return model
 
 
-def save_model(model, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path))
-    return path
+def save_member(model, folder: str | os.PathLike, spec: Mapping) -> Path:
+    """Write a member as ``folder/{weights.h5, spec.json, model.keras}``.
 
-
-def load_model(path: str | os.PathLike):
-    """Load a member saved by :func:`save_model`, uncompiled, in Keras safe mode.
-
-    segmentation_models losses do not deserialise, so models are loaded with
-    ``compile=False``; safe mode refuses lambdas and other arbitrary code in the file.
+    ``spec`` (arch, backbone, image_size, options) plus the weights rebuild the network in about
+    a second without running any code from the file; ``model.keras`` is the same network in
+    Keras' own format for use outside segx (``keras.models.load_model(path, compile=False)``).
     """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(folder / "weights.h5"))
+    (folder / "spec.json").write_text(json.dumps(dict(spec), indent=1))
+    model.save(str(folder / "model.keras"))
+    return folder
+
+
+def load_member(folder: str | os.PathLike):
+    """Rebuild a member saved by :func:`save_member` (uncompiled; recompile to train further)."""
+    folder = Path(folder)
+    spec_path, weights = folder / "spec.json", folder / "weights.h5"
+    if not spec_path.is_file() or not weights.is_file():
+        raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
+    try:
+        spec = json.loads(spec_path.read_text())
+        model = build_model(spec["arch"], spec["backbone"], int(spec["image_size"]), None, False, **spec.get("options", {}))
+        model.load_weights(str(weights))
+    except SegxError:
+        raise
+    except Exception as exc:
+        raise SegxError(f"{folder}: cannot rebuild the member ({type(exc).__name__}: {str(exc)[:200]}); retrain it") from None
+    return model
+
+
+def load_keras_model(path: str | os.PathLike):
+    """Load a ``model.keras`` file, uncompiled, in Keras safe mode (no code from the file)."""
     path = Path(path)
     if not path.is_file():
         raise SegxError(f"{path}: model file missing; the member run has no model artifact")
-    try:
-        return keras.models.load_model(str(path), compile=False, safe_mode=True)
-    except Exception as exc:
-        raise SegxError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return keras.models.load_model(str(path), compile=False, safe_mode=True)
 
 
 def preprocessing(backbone: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -50,7 +50,7 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
     for i, member in enumerate(record["members"]):
         tracking.get_run(client, member["run_id"])  # exists, not deleted, FINISHED
         model_paths.append(
-            tracking.download(client, member["run_id"], member.get("model_artifact", "model/model.keras"), workdir / f"m{i}")
+            tracking.download_member_model(client, member["run_id"], workdir / f"m{i}", member.get("model_artifact", "model"))
         )
     from segx.predictor import EnsemblePredictor
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from segx.data.folder import from_model_size, to_model_size
-from segx.models import load_model, predict_probs
+from segx.models import load_member, predict_probs
 from segx.postprocess import PostProcess, apply
 from segx.probs import binarize, combine, quantize
 from segx.record import validate_record
@@ -43,7 +43,7 @@ class EnsemblePredictor:
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
         # Members with weight 0 cannot change the output: skip loading and running them.
-        self.models = [load_model(p) if w > 0 else None for p, w in zip(model_paths, self.weights, strict=True)]
+        self.models = [load_member(p) if w > 0 else None for p, w in zip(model_paths, self.weights, strict=True)]
 
     def member_probs(self, images: np.ndarray) -> list[np.ndarray | None]:
         """uint8 (N, S, S) probabilities per member (None for weight 0) for uint8 (N, S, S, 3)."""

@@ -50,7 +50,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     artifacts = {"record": str(tmp / "ensemble.json")}
     for i, member in enumerate(record["members"]):
         artifacts[f"member{i}"] = str(
-            tracking.download(client, member["run_id"], member.get("model_artifact", "model/model.keras"), tmp / f"m{i}")
+            tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", member.get("model_artifact", "model"))
         )
     versions = package_versions()
     requirements = [f"{name}=={versions[name]}" for name in (
@@ -58,7 +58,10 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
         "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
     ) if versions.get(name, "missing") != "missing"]  # fmt: skip
     package_dir = Path(__file__).resolve().parent
-    with mlflow.start_run(run_id=run_id):
+    import warnings
+
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict": we validate ourselves
         info = mlflow.pyfunc.log_model(
             name="pyfunc",
             python_model=str(Path(__file__).resolve()),

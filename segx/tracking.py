@@ -209,6 +209,14 @@ def download(client: MlflowClient, run_id: str, artifact: str, dst: str | os.Pat
         ) from None
 
 
+def download_member_model(client: MlflowClient, run_id: str, dst: str | os.PathLike, artifact: str = "model") -> Path:
+    """The files segx needs to rebuild a member (spec.json, weights.h5), not the .keras copy."""
+    dst = Path(dst)
+    for name in ("spec.json", "weights.h5"):
+        download(client, run_id, f"{artifact}/{name}", dst)  # lands as dst/<name>
+    return dst
+
+
 def find_runs(
     client: MlflowClient,
     experiment: str,

@@ -205,21 +205,24 @@ def train_member(cfg: DictConfig) -> float:
             log_fn=log_epoch,
             verbose=int(verbose),
         )
-        _log_outputs(client, run_id, model, backbone, train, val, test, folder, history)
+        spec = {"arch": arch, "backbone": backbone, "image_size": size,
+                "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
+        _log_outputs(client, run_id, model, spec, train, val, test, history)
         tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
         print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
         return float(state.best_dice)
 
 
-def _log_outputs(client, run_id, model, backbone, train, val, test, folder, history) -> None:
+def _log_outputs(client, run_id, model, spec, train, val, test, history) -> None:
     """Model, cached probabilities, final metrics and figures, as artifacts of the run."""
     from segx import models, plots, tracking
     from segx.metrics import case_metrics
     from segx.probs import quantize, save_cached
 
+    backbone = spec["backbone"]
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
-        models.save_model(model, tmp / "model" / "model.keras")
+        models.save_member(model, tmp / "model", spec)
         tracking.log_artifact(client, run_id, tmp / "model", "model")
         final = {}
         for role, part in (("val", val), ("test", test)):
