@@ -99,8 +99,9 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 
 
-def require_int(cfg: DictConfig, key: str, low: int, high: int | None = None) -> int:
+def require_int(cfg: DictConfig, key: str, low: int, high: int | None = None, prefix: str = "") -> int:
     value = _get(cfg, key)
+    key = prefix + key
     if isinstance(value, bool) or not isinstance(value, int):
         raise SegxError(f"{key}={value!r} must be an integer; set e.g. {key}={low}")
     if value < low or (high is not None and value > high):
@@ -109,8 +110,11 @@ def require_int(cfg: DictConfig, key: str, low: int, high: int | None = None) ->
     return value
 
 
-def require_float(cfg: DictConfig, key: str, low: float, high: float, high_open: bool = True) -> float:
+def require_float(
+    cfg: DictConfig, key: str, low: float, high: float, high_open: bool = True, prefix: str = ""
+) -> float:
     value = _get(cfg, key)
+    key = prefix + key
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SegxError(f"{key}={value!r} must be a number in [{low}, {high})")
     if value < low or value > high or (high_open and value == high):
@@ -118,8 +122,9 @@ def require_float(cfg: DictConfig, key: str, low: float, high: float, high_open:
     return float(value)
 
 
-def require_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:
+def require_choice(cfg: DictConfig, key: str, choices: Iterable[str], prefix: str = "") -> str:
     value = _get(cfg, key)
+    key = prefix + key
     choices = list(choices)
     if value not in choices:
         hint = suggest(str(value), choices) or f" choose one of {', '.join(choices)}"

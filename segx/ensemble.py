@@ -25,7 +25,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 import segx
-from segx.config import check_group_choices, exit_on_error, require_choice, require_float, require_int
+from segx.config import (
+    check_group_choices,
+    exit_on_error,
+    require_choice,
+    require_float,
+    require_int,
+)
 from segx.errors import SegxError
 
 log = logging.getLogger("segx.ensemble")
@@ -234,7 +240,7 @@ def run_search(cfg: DictConfig, members: list[Member]) -> dict:
     elif e.search == "greedy":
         result = search.search_greedy(data, int(e.greedy_steps))
     else:
-        result = search.search_optimize(data, max_evals=int(e.optimize_evals))
+        result = search.search_optimize(data, max_evals=int(e.optimize_evals), tolerance=float(e.tolerance))
     seconds = time.perf_counter() - t0
     base = search.baselines(data)
     for b, m in zip(base, members, strict=False):

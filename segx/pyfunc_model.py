@@ -9,10 +9,14 @@ MLflow runs this file to get the model; TensorFlow is imported only when it is l
 from __future__ import annotations
 
 import json
+import warnings
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
+
+# MLflow nags about type hints on predict(); segx validates inputs itself.
+warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
 
 
 class SegxEnsembleModel(PythonModel):
@@ -70,4 +74,5 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
             pip_requirements=requirements,
             registered_model_name=register_name or None,
         )
+    tracking.set_tags(client, run_id, {"segx.pyfunc_uri": info.model_uri})
     return info.model_uri

@@ -225,48 +225,47 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5) -> Sear
     )
 
 
-def search_optimize(data: Compact, start: np.ndarray | None = None, max_evals: int = 300) -> SearchResult:
-    """Nelder-Mead on w = |z| / sum|z| (scipy), from ``start`` (default: equal weights).
+def search_optimize(data: Compact, max_evals: int = 300, tolerance: float = 1e-3) -> SearchResult:
+    """Greedy selection, then Nelder-Mead (scipy) refines the weights of the members it kept.
 
-    The objective is piecewise constant, so the simplex starts wide (0.25) and the best point
-    ever evaluated is returned.
+    Selection decides who is in (a member greedy never picks keeps weight 0: continuous
+    optimisers otherwise keep a sliver of a useless member that fits validation noise);
+    Nelder-Mead then moves the weights continuously, on w = |z| / sum|z|. The objective is
+    piecewise constant, so the simplex starts wide (0.25) and the best point seen is kept;
+    it replaces the greedy weights only if it gains more than ``tolerance``.
     """
     from scipy.optimize import minimize
 
-    m = data.n_members
-    start = np.full(m, 1.0 / m) if start is None else np.asarray(start, np.float64)
-    history: list[dict] = []
-    best = {"score": -1.0, "w": start, "t": 0}
+    greedy = search_greedy(data)
+    active = np.flatnonzero(greedy.best.weights > 0)
+    history: list[dict] = [dict(h, phase="greedy") for h in greedy.history]
+    best = {"score": greedy.best.val_dice, "w": greedy.best.weights, "t": int(np.argmin(np.abs(data.thresholds - greedy.best.threshold)))}
+    if len(active) < 2:
+        return SearchResult(Candidate("optimize", best["w"], greedy.best.threshold, best["score"], 3), history)
+    refined = {"score": -1.0, "w": best["w"], "t": 0}
 
     def to_weights(z: np.ndarray) -> np.ndarray:
         z = np.abs(z)
-        total = z.sum()
-        return z / total if total > 0 else np.full(m, 1.0 / m)
+        full = np.zeros(data.n_members)
+        full[active] = z / z.sum() if z.sum() > 0 else 1.0 / len(active)
+        return full
 
     def objective(z: np.ndarray) -> float:
         w = to_weights(z)
         scores = evaluate(data, w[None, :].astype(np.float32))[0]
         t = int(np.argmax(scores))
-        history.append({"step": len(history), "val_dice": float(scores[t]), "weights": w.tolist()})
-        if scores[t] > best["score"]:
-            best.update(score=float(scores[t]), w=w, t=t)
+        history.append({"step": len(history), "val_dice": float(scores[t]), "weights": w.tolist(), "phase": "nelder-mead"})
+        if scores[t] > refined["score"]:
+            refined.update(score=float(scores[t]), w=w, t=t)
         return -float(scores[t])
 
-    simplex = np.vstack([start] + [start + 0.25 * np.eye(m)[i] for i in range(m)])
-    minimize(objective, start, method="Nelder-Mead",
-             options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6})
-    # Nelder-Mead rarely lands exactly on zero: drop members whose small weight does not help.
-    weights, score, t = best["w"], best["score"], best["t"]
-    for i in np.argsort(weights):
-        if weights[i] == 0 or weights[i] > 0.1 or np.count_nonzero(weights) == 1:
-            continue
-        trial = weights.copy()
-        trial[i] = 0
-        trial /= trial.sum()
-        scores = evaluate(data, trial[None, :].astype(np.float32))[0]
-        if scores.max() >= score:
-            weights, score, t = trial, float(scores.max()), int(np.argmax(scores))
-    return SearchResult(Candidate("optimize", weights, float(data.thresholds[t]), score, 3), history)
+    z0 = greedy.best.weights[active]
+    simplex = np.vstack([z0] + [z0 + 0.25 * np.eye(len(active))[i] for i in range(len(active))])
+    minimize(objective, z0, method="Nelder-Mead",
+             options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6})  # fmt: skip
+    if refined["score"] > best["score"] + tolerance:
+        best = refined
+    return SearchResult(Candidate("optimize", best["w"], float(data.thresholds[best["t"]]), best["score"], 3), history)
 
 
 def baselines(data: Compact) -> list[Candidate]:

@@ -34,16 +34,16 @@ def validate_data_config(data: DictConfig) -> None:
     """Types and ranges, with the key named, before anything is read."""
     if OmegaConf.is_missing(data, "root"):
         raise SegxError("data.root is not set; pass data.root=PATH (a folder with train_images/ and train_masks/)")
-    require_choice(data, "kind", ["synthetic", "folder"])
-    require_int(data, "image_size", 32, 4096)
-    require_float(data, "val_fraction", 0.0, 1.0)
-    require_float(data, "test_fraction", 0.0, 1.0)
-    require_choice(data, "resize_mode", ["resize", "pad"])
-    require_int(data, "max_pixels", 1)
-    require_int(data, "split_seed", 0)
+    require_choice(data, "kind", ["synthetic", "folder"], prefix="data.")
+    require_int(data, "image_size", 32, 4096, prefix="data.")
+    require_float(data, "val_fraction", 0.0, 1.0, prefix="data.")
+    require_float(data, "test_fraction", 0.0, 1.0, prefix="data.")
+    require_choice(data, "resize_mode", ["resize", "pad"], prefix="data.")
+    require_int(data, "max_pixels", 1, prefix="data.")
+    require_int(data, "split_seed", 0, prefix="data.")
     if data.kind == "synthetic":
-        require_int(data, "n_images", 4)
-        require_int(data, "source_size", 16, 4096)
+        require_int(data, "n_images", 4, prefix="data.")
+        require_int(data, "source_size", 16, 4096, prefix="data.")
 
 
 def read_groups(csv_path: str, column: str) -> dict[str, str]:

@@ -1,0 +1,58 @@
+# segx: run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Keras, TensorFlow and matplotlib write caches under $HOME; keep them inside the project.
+export KERAS_HOME ?= $(CURDIR)/outputs/.keras
+export MPLCONFIGDIR ?= $(CURDIR)/outputs/.matplotlib
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install ensemble demo train ui test test-slow test-all bench bench-quick lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install segx with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+ensemble: install  ## train the default members on synthetic data if missing, search the ensemble, print the table
+	$(PY) -m segx.ensemble ensemble.train_missing=true $(ARGS)
+
+demo: ensemble  ## same as `make ensemble`
+
+train: install  ## train one member: make train ARGS="backbone=resnet34"
+	$(PY) -m segx.train $(ARGS)
+
+ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+test: install  ## fast tests (real TF models, real MLflow store in tmp)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install  ## slow tests only (every backbone builds, benchmark smoke test)
+	$(PY) -m pytest -m slow -q
+
+test-all: install  ## every test
+	$(PY) -m pytest -q
+
+bench: install  ## the DSB2018 study (about an hour on 2 CPU cores): experiments/dsb2018/RESULTS.md
+	$(PY) -m segx.bench $(ARGS)
+
+bench-quick: install  ## every benchmark stage on a small subset (minutes)
+	$(PY) -m segx.bench profile=quick $(ARGS)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check segx tests experiments
+
+format: install
+	$(VENV)/bin/ruff format segx tests experiments
+
+clean:  ## remove outputs/ (MLflow store, splits, checkpoints) and generated data
+	rm -rf outputs/* data/synthetic multirun

@@ -1,0 +1,123 @@
+"""Round trip on a real store: two tiny members -> ensemble -> predict from the record alone."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from segx import tracking
+from segx.errors import SegxError
+from tests.conftest import compose_config, store_overrides
+
+
+def test_ensemble_run_records_members_weights_and_reports(ensemble_record, member_store):
+    out, runs = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(ensemble_record["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["segx.role"] == "ensemble"
+    record = json.loads(tracking.download(client, run.info.run_id, "ensemble.json", out / "dl").read_text())
+    assert {m["run_id"] for m in record["members"]} == set(runs.values())
+    assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
+    assert record["data_fingerprint"] and record["git_sha"] and 0 <= record["threshold"] <= 1
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
+    assert {"tables/test_per_case.csv", "tables/test_summary.csv", "tables/val_summary.csv"} <= names
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/search.png", "plots/test_cases.png"}
+    assert "test/dice" in run.data.metrics and "val/dice" in run.data.metrics
+
+
+def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_store, synthetic_root, tmp_path):
+    import mlflow
+
+    from segx.data.folder import discover_cases, load_cases
+    from segx.predict import load_ensemble, run_predict
+    from segx.probs import binarize, combine, load_cached
+
+    out, runs = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    run_id = ensemble_record["run_id"]
+    record, predictor = load_ensemble(client, run_id, tmp_path / "rebuild")
+    # Rebuilt members reproduce the cached validation probabilities used in the search, exactly.
+    cached = [load_cached(tracking.download(client, m["run_id"], "predictions/val.npz", tmp_path / m["run_id"]), tmp_path / m["run_id"]) for m in record["members"]]
+    stems = cached[0].stems
+    data = load_cases([c for c in discover_cases(synthetic_root) if c.stem in stems], 64)
+    assert data.stems == stems
+    score, probs = predictor.score_model_size(data.images)
+    searched = binarize(combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"])
+    assert np.array_equal(binarize(score, record["threshold"]), searched)
+
+    # The CLI writes one mask per input at the input's own size, and never overwrites.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = cv2.imread(str(synthetic_root / "train_images" / "case_0000.png"))
+    cv2.imwrite(str(inputs / "big.png"), cv2.resize(image, (96, 80)))
+    cv2.imwrite(str(inputs / "small.png"), image)
+    cfg = compose_config("predict", [*store_overrides(out), f"ensemble_run_id={run_id}", f"input_dir={inputs}", f"output_dir={tmp_path / 'pred'}"])
+    assert run_predict(cfg) == 2
+    mask = cv2.imread(str(tmp_path / "pred" / "masks" / "big.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
+    assert (tmp_path / "pred" / "uncertainty" / "small.png").exists()
+    with pytest.raises(SegxError, match="is not empty"):
+        run_predict(cfg)
+
+    # The pyfunc model gives the same masks without segx's CLI.
+    model = mlflow.pyfunc.load_model(_pyfunc_uri(client, run_id))
+    batch = np.stack([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)])
+    masks = model.predict(batch)
+    expected = cv2.imread(str(tmp_path / "pred" / "masks" / "small.png"), cv2.IMREAD_UNCHANGED) > 0
+    assert masks.shape == (1, 64, 64) and np.array_equal(masks[0].astype(bool), expected)
+
+
+def _pyfunc_uri(client, run_id):
+    return client.get_run(run_id).data.tags["segx.pyfunc_uri"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["ensemble.run_ids=[doesnotexist]"], "run 'doesnotexist' does not exist"),
+        (["ensemble.members=[vgg16]"], "no FINISHED member run with backbone 'vgg16'"),
+        (["ensemble.members=[]"], "no members given"),
+        (["ensemble.search=gird"], "ensemble.search='gird' is not valid; did you mean 'grid'"),
+    ],
+)
+def test_ensemble_bad_input_is_one_line_and_records_nothing(member_store, overrides, message):
+    from segx.ensemble import build_ensemble
+
+    out, _ = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("segx").experiment_id
+    before = len(tracking.find_runs(client, exp, "ensemble", status=None))
+    cfg = compose_config("ensemble", [*store_overrides(out), *overrides])
+    with pytest.raises(SegxError, match=message):
+        build_ensemble(cfg)
+    assert len(tracking.find_runs(client, exp, "ensemble", status=None)) == before
+
+
+def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_root, tmp_path):
+    from segx.ensemble import build_ensemble
+    from segx.train import train_member
+    from tests.conftest import tiny_train_overrides
+
+    out, runs = member_store
+    cfg = compose_config("train", [*tiny_train_overrides(out, synthetic_root, "resnet18"), "data.split_seed=7", "trainer.epochs=1", "mlflow.experiment_name=other"])
+    train_member(cfg)
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    other = tracking.find_runs(client, client.get_experiment_by_name("other").experiment_id, "member")[0].info.run_id
+    cfg = compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{runs['mobilenetv2']},{other}]"])
+    with pytest.raises(SegxError, match=f"members {runs['mobilenetv2']} .* and {other} .* different splits"):
+        build_ensemble(cfg)
+
+
+def test_hand_written_record_with_bad_weights_is_refused():
+    from segx.record import validate_record
+
+    record = {"format": "segx-ensemble", "image_size": 64, "threshold": 0.5,
+              "members": [{"run_id": "a", "backbone": "resnet18", "weight": 0.7}, {"run_id": "b", "backbone": "vgg16", "weight": 0.7}]}  # fmt: skip
+    with pytest.raises(SegxError, match="weights sum to 1.400000, not 1"):
+        validate_record(record)
+    record["members"] = []
+    with pytest.raises(SegxError, match="'members' is empty"):
+        validate_record(record)

@@ -1,0 +1,131 @@
+"""Real 1-epoch trainings at 64 px into a real SQLite MLflow store in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from segx import tracking
+from segx.errors import SegxError
+from segx.train import train_member
+from tests.conftest import ROOT, compose_config, tiny_train_overrides
+
+
+def member_runs(out, status=None):
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("segx")
+    if exp is None:
+        return client, []
+    return client, tracking.find_runs(client, exp.experiment_id, "member", status=status)
+
+
+def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
+    out, runs = member_store
+    client, finished = member_runs(out, "FINISHED")
+    run = client.get_run(runs["resnet18"])
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["backbone.name"] == "resnet18" and params["trainer.epochs"] == "2"
+    assert params["data.image_size"] == "64" and "trainer.optimizer._target_" in params
+    assert tags["segx.role"] == "member" and tags["segx.backbone"] == "resnet18"
+    assert tags["segx.arch"] == "unet" and len(tags["segx.data_fingerprint"]) == 16
+    assert tags["segx.git_sha"] and tags["segx.pkg.tensorflow"].startswith("2.")
+    for key in ("train/loss", "val/dice", "val/iou"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key  # one point per epoch
+    assert 0.0 <= run.data.metrics["val/dice"] <= 1.0
+    artifacts = {a.path for top in ("", "model", "predictions", "plots", "split") for a in client.list_artifacts(run.info.run_id, top or None)}
+    for path in ("config.yaml", "augmentation.json", "model/weights.h5", "model/spec.json", "model/model.keras",
+                 "predictions/val.npz", "predictions/test.npz", "plots/curves.png", "plots/val_cases.png"):  # fmt: skip
+        assert path in artifacts, path
+    # Every member of the ensemble saw the same validation cases.
+    fingerprints = {client.get_run(r).data.tags["segx.data_fingerprint"] for r in runs.values()}
+    assert len(fingerprints) == 1
+
+
+def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, tmp_path):
+    import segx.backend  # noqa: F401
+    from segx.augment import load_augmentation
+    from segx.models import load_keras_model, load_member, predict_probs
+    from segx.probs import load_cached, quantize
+
+    out, runs = member_store
+    client, _ = member_runs(out)
+    run_id = runs["resnet18"]
+    folder = tracking.download_member_model(client, run_id, tmp_path / "m")
+    cached = load_cached(tracking.download(client, run_id, "predictions/test.npz", tmp_path), tmp_path)
+    model = load_member(folder)
+    probs = quantize(predict_probs(model, cached.previews, "resnet18"))
+    assert np.array_equal(probs, cached.probs[: len(cached.previews)])
+    keras_file = tracking.download(client, run_id, "model/model.keras", tmp_path / "k")
+    assert load_keras_model(keras_file).count_params() == model.count_params()
+    assert load_augmentation(tracking.download(client, run_id, "augmentation.json", tmp_path)).transforms
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.image_size=80", r"data.image_size=80 does not suit arch=unet: it needs a multiple of 32"),
+        ("trainer.epochs=-1", r"trainer.epochs=-1 is out of range"),
+        ("trainer.batch_size=abc", r"trainer.batch_size='abc' must be an integer"),
+        ("data.val_fraction=1.5", r"data.val_fraction=1.5 is out of range"),
+        ("data=folder", r"data.root is not set; pass data.root=PATH"),
+        ("trainer.optimizer._target_=os.system", r"trainer.optimizer._target_='os.system' is not allowed"),
+    ],
+)
+def test_bad_config_fails_before_any_run_is_created(tmp_path, synthetic_root, override, message):
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root), override]
+    if override == "data=folder":  # the group must come first, and without a root
+        overrides = [override] + [o for o in overrides if not o.startswith(("data.root", "data.n_images", "data.source_size"))]
+    cfg = compose_config("train", overrides)
+    with pytest.raises(SegxError, match=message):
+        train_member(cfg)
+    _, runs = member_runs(tmp_path)
+    assert runs == []  # nothing recorded, nothing left RUNNING
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_unknown_backbone_is_one_line_with_suggestion():
+    result = run_cli("segx.train", "backbone=resnet43")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "segx: error: unknown backbone 'resnet43'; did you mean 'resnet34'? (see conf/backbone/)"
+    ]
+
+
+def test_cli_missing_data_folder_is_one_line(tmp_path):
+    result = run_cli("segx.train", "data=folder", f"data.root={tmp_path}/nope", f"paths.output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"segx: error: data folder {tmp_path}/nope does not exist; set data.root=PATH to your data"
+    ]
+
+
+def test_cli_missing_mask_is_one_line(tmp_path, synthetic_root):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    (data / "GENERATOR.json").unlink()
+    (data / "train_masks" / "case_0003.png").unlink()
+    result = run_cli("segx.train", "data=folder", f"data.root={data}", "data.image_size=64", f"paths.output_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "case_0003.png: no mask" in lines[0]
+
+
+def test_multirun_trains_two_backbones_and_summarises(tmp_path, synthetic_root):
+    overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone=")]
+    result = run_cli("segx.train", "-m", "backbone=resnet18,mobilenetv2", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 finished, 0 failed" in result.stdout
+    _, runs = member_runs(tmp_path, "FINISHED")
+    assert sorted(r.data.tags["segx.backbone"] for r in runs) == ["mobilenetv2", "resnet18"]
