@@ -93,6 +93,23 @@ def build_model(
     return model
 
 
+def set_bn_momentum(model, momentum: float | None) -> int:
+    """Set every BatchNormalization layer's moving-average momentum; returns how many.
+
+    Encoders ship with 0.99-0.999, tuned for ImageNet-length training. On a few hundred
+    steps the moving statistics then lag far behind the weights, and inference-mode
+    predictions (validation, deployment) collapse even while training Dice is high.
+    """
+    if momentum is None:
+        return 0
+    count = 0
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            count += 1
+    return count
+
+
 def load_encoder_weights(model, path: Path) -> int:
     """Load weights by layer name; returns how many layers changed (error if none did)."""
     before = [w.numpy().copy() for w in model.weights]

@@ -43,6 +43,8 @@ def validate_config(cfg: DictConfig) -> None:
     require_int(cfg, "trainer.batch_size", 1)
     require_int(cfg, "trainer.early_stopping.patience", 0)
     require_float(cfg, "trainer.early_stopping.min_delta", 0.0, 1.0)
+    if cfg.trainer.bn_momentum is not None:
+        require_float(cfg, "trainer.bn_momentum", 0.0, 1.0)
     for key, weight in cfg.trainer.loss.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise SegxError(f"trainer.loss.{key}={weight!r} must be a non-negative number")
@@ -169,6 +171,7 @@ def train_member(cfg: DictConfig) -> float:
             encoder_freeze=bool(cfg.backbone.encoder_freeze),
             **OmegaConf.to_container(cfg.arch.options, resolve=True),
         )
+        models.set_bn_momentum(model, cfg.trainer.bn_momentum)
         optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
         models.compile_model(model, optimizer, OmegaConf.to_container(cfg.trainer.loss, resolve=True))
         extra = []

@@ -66,8 +66,10 @@ def _check_header(path: Path, max_pixels: int) -> tuple[int, int]:
 
 def _decode(path: Path, max_pixels: int) -> np.ndarray:
     width, height = _check_header(path, max_pixels)
-    data = np.fromfile(path, dtype=np.uint8)
-    array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except (cv2.error, OSError, ValueError):
+        array = None
     if array is None and path.suffix.lower() in (".tif", ".tiff"):
         try:
             with Image.open(path) as im:

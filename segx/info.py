@@ -1,0 +1,67 @@
+"""What produced a run, and the command that reproduces it.
+
+    python -m segx.info run_id=<id>
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from segx.errors import SegxError
+
+
+def describe(client, run_id: str) -> str:
+    from segx import tracking
+
+    run = tracking.get_run(client, run_id, need_finished=False)
+    tags, params = run.data.tags, run.data.params
+    lines = [
+        f"run {run_id}  name {run.info.run_name}  status {run.info.status}",
+        f"  role: {tags.get('segx.role', '?')}  experiment id: {run.info.experiment_id}",
+        f"  segx {tags.get('segx.version', '?')}  git {tags.get('segx.git_sha', '?')}"
+        + ("  (uncommitted changes at the time)" if tags.get("segx.git_dirty") == "true" else ""),
+        f"  data fingerprint: {tags.get('segx.data_fingerprint', '?')}",
+    ]
+    versions = {k.removeprefix("segx.pkg."): v for k, v in tags.items() if k.startswith("segx.pkg.")}
+    if versions:
+        lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    if tags.get("segx.role") == "member":
+        lines.append(f"  member: backbone {tags.get('segx.backbone')}  arch {tags.get('segx.arch')}  "
+                     f"best val/dice {run.data.metrics.get('best/val_dice', float('nan')):.4f}")  # fmt: skip
+    if tags.get("segx.role") == "ensemble":
+        lines.append(f"  members: {tags.get('segx.members', '')}")
+    if tags.get("segx.failure"):
+        lines.append(f"  failure: {tags['segx.failure']}")
+    if tags.get("segx.command"):
+        lines.append(f"  command as typed: {tags['segx.command']}")
+    if tags.get("segx.role") == "member" and params:
+        sha = tags.get("segx.git_sha", "")
+        keys = ("data.kind", "data.root", "data.image_size", "data.split_seed", "data.val_fraction", "data.test_fraction",
+                "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
+        overrides = [f"{k}={params[k]}" for k in keys if k in params]
+        overrides.insert(0, f"data={params.get('data.kind', 'synthetic')}")
+        lines.append("  reproduce (the full resolved config is the run's config.yaml artifact):")
+        if sha and sha != "unknown":
+            lines.append(f"    git checkout {sha}")
+        lines.append("    python -m segx.train " + " ".join(shlex.quote(o) for o in overrides))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    from segx.config import exit_on_error
+
+    try:
+        if "run_id" not in args:
+            raise SegxError("usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]")
+        from segx import tracking
+
+        client = tracking.connect(args.get("mlflow.tracking_uri", "sqlite:///outputs/mlflow.db"))
+        print(describe(client, args["run_id"]))
+    except SegxError as exc:
+        exit_on_error(exc)
+
+
+if __name__ == "__main__":
+    main()
