@@ -58,7 +58,9 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
 
 
 def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int, overlays: bool,
-                   uncertainty: bool, save_probabilities: bool) -> int:  # fmt: skip
+                   uncertainty: bool, save_probabilities: bool, on_batch=None) -> int:  # fmt: skip
+    """Write masks (and extras) for every image in ``input_dir``; ``on_batch(n_done)`` is
+    called after each batch (the benchmark samples memory there)."""
     import cv2
     from tqdm.auto import tqdm
 
@@ -99,6 +101,8 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
                     cv2.imwrite(str(safe_output_path(output_dir / "probabilities", stem)),
                                 np.clip(np.rint(pred.probability * 255), 0, 255).astype(np.uint8))
             bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(start + len(chunk))
     return len(items)
 
 

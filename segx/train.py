@@ -85,7 +85,8 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str) -> s
         for status in ("KILLED", "FAILED", "RUNNING"):
             runs = tracking.find_runs(client, experiment, "member", status, {"segx.config_hash": identity})
             for run in runs:
-                if _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
+                state = _checkpoint_dir(cfg, run.info.run_id) / "state.json"
+                if state.exists() and not _owner_alive(state):
                     return run.info.run_id
         return None
     run = tracking.get_run(client, str(cfg.resume), need_finished=False)
@@ -103,6 +104,20 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str) -> s
             "it died before its first epoch ended: start a new run"
         )
     return run.info.run_id
+
+
+def _owner_alive(state: Path) -> bool:
+    """Is the process that wrote this checkpoint still running here (a parallel member)?"""
+    import socket
+
+    try:
+        data = json.loads(state.read_text())
+        if data.get("host") != socket.gethostname() or not data.get("pid"):
+            return False
+        os.kill(int(data["pid"]), 0)
+        return int(data["pid"]) != os.getpid()
+    except (OSError, ValueError):
+        return False
 
 
 def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from segx.config import exit_on_error
 from segx.data.folder import discover_cases, list_images
-from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask, read_size
+from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask
 from segx.errors import SegxError
 
 

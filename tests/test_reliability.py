@@ -1,0 +1,158 @@
+"""Faults: interrupted training resumes, NaN stops cleanly, one failed member does not stop a
+sweep, unreachable stores fail fast, parallel writers share SQLite, runs are reproducible."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from segx import tracking
+from segx.errors import SegxError
+from tests.conftest import ROOT, compose_config, tiny_train_overrides
+
+
+def cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)  # fmt: skip
+
+
+def runs_in(out: Path, experiment="segx", status=None):
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else tracking.find_runs(client, exp.experiment_id, "member", status=status))
+
+
+def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
+    overrides = tiny_train_overrides(tmp_path, synthetic_root, epochs=6)
+    proc = cli(["segx.train", *overrides])
+    deadline = time.time() + 300
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "checkpoints").glob("*/state.json"))
+        if found and json.loads(found[0].read_text())["next_epoch"] >= 1:
+            state = found[0]
+            break
+        time.sleep(0.1)
+    assert state is not None, "training never checkpointed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_id = state.parent.name
+    killed_at = json.loads(state.read_text())["next_epoch"]
+    assert killed_at < 6, "training finished before it could be killed"
+    client, _ = runs_in(tmp_path)
+    assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL cannot be caught
+
+    from segx.train import train_member
+
+    cfg = compose_config("train", [*overrides, f"resume={run_id}"])
+    train_member(cfg)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["segx.resumed"] == "true"
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "val/dice")})
+    assert steps == list(range(6))  # epochs before and after the kill, in one run
+    assert json.loads(state.read_text())["next_epoch"] == 6
+    names = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/weights.h5", "model/spec.json"} <= names
+    _, all_runs = runs_in(tmp_path)
+    assert len(all_runs) == 1  # no second run was started
+
+    with pytest.raises(SegxError, match="already FINISHED"):
+        train_member(cfg)
+
+
+def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root):
+    from segx.train import train_member
+    from segx.training import TrainingDiverged
+
+    # An absurd learning rate: the weights overflow within a few steps.
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null",
+                 "trainer.optimizer.learning_rate=1e30"]  # fmt: skip
+    cfg = compose_config("train", overrides)
+    with pytest.raises(TrainingDiverged, match="loss became nan|loss became inf"):
+        train_member(cfg)
+    client, runs = runs_in(tmp_path, status=None)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged" in run.data.tags["segx.failure"]
+    state = json.loads((tmp_path / "checkpoints" / run.info.run_id / "state.json").read_text())
+    assert state["failure"]
+
+
+def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
+    overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone")]
+    # PSPNet cannot take 64 px inputs: that job fails, the unet job must still run.
+    proc = cli(["segx.train", "-m", "arch=pspnet,unet", "backbone=resnet18", *overrides])
+    out, err = proc.communicate(timeout=600)
+    assert "1 finished, 1 failed" in out, out + err
+    assert "pspnet" in err and "multiple of 48" in err
+    _, runs = runs_in(tmp_path, status="FINISHED")
+    assert [r.data.tags["segx.arch"] for r in runs] == ["unet"]
+
+
+def test_unreachable_tracking_server_fails_fast_with_clear_error():
+    started = time.time()
+    with pytest.raises(SegxError, match=r"cannot reach MLflow at mlflow.tracking_uri=http://127.0.0.1:9"):
+        tracking.connect("http://127.0.0.1:9")
+    assert time.time() - started < 60  # a bound against hanging, not a speed target
+
+
+def test_two_processes_write_to_one_sqlite_store(tmp_path, synthetic_root):
+    procs = [cli(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, b)]) for b in ("resnet18", "mobilenetv2")]
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    _, runs = runs_in(tmp_path, status="FINISHED")
+    assert sorted(r.data.tags["segx.backbone"] for r in runs) == ["mobilenetv2", "resnet18"]
+
+
+def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synthetic_root):
+    from segx.train import train_member
+
+    scores, splits = [], []
+    for i in range(2):
+        out = tmp_path / f"r{i}"
+        cfg = compose_config("train", tiny_train_overrides(out, synthetic_root, epochs=2))
+        scores.append(train_member(cfg))
+        splits.append(sorted(p.read_text() for p in (out / "splits").glob("*.json")))
+    assert splits[0] == splits[1]
+    assert abs(scores[0] - scores[1]) <= 1e-4
+
+
+def test_info_prints_provenance_and_reproduce_command(member_store):
+    out, runs = member_store
+    result = subprocess.run([sys.executable, "-m", "segx.info", f"run_id={runs['resnet18']}",
+                             f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "git " in result.stdout and "tensorflow 2." in result.stdout
+    assert "python -m segx.train data=synthetic" in result.stdout and "backbone.name=resnet18" in result.stdout
+
+
+def test_data_check_reports_every_problem(tmp_path, synthetic_root):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(synthetic_root, data)
+    (data / "train_masks" / "case_0001.png").unlink()
+    (data / "train_images" / "case_0002.png").write_bytes(b"garbage")
+    result = subprocess.run([sys.executable, "-m", "segx.data.check", f"data.root={data}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "case_0001.png: no matching mask" in result.stdout
+    assert "case_0002.png: not a readable image" in result.stdout
+    assert "2 problem(s)" in result.stdout
+
+
+def test_output_names_cannot_escape_the_output_folder(tmp_path):
+    from segx.predict import safe_output_path
+
+    assert safe_output_path(tmp_path, "case_1") == (tmp_path / "case_1.png").resolve()
+    for stem in ("..", "../evil", "a/b", ""):
+        with pytest.raises(SegxError, match="rename the input"):
+            safe_output_path(tmp_path, stem)
