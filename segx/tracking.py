@@ -54,7 +54,28 @@ def connect(tracking_uri: str, retries: int = 5) -> MlflowClient:
         db.parent.mkdir(parents=True, exist_ok=True)
         tracking_uri = "sqlite:///" + str(db.resolve())
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    # MLflow creates and migrates a new SQLite schema on first use; two processes doing it at
+    # once collide ("table _alembic_tmp_... already exists"). Serialise that first contact.
+    with _file_lock(db.with_name(db.name + ".lock") if db is not None else None):
+        return _check(MlflowClient(tracking_uri), tracking_uri, retries)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check(client: MlflowClient, tracking_uri: str, retries: int) -> MlflowClient:
     for attempt in range(retries):
         try:
             client.search_experiments(max_results=1)
@@ -86,7 +107,10 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created meanwhile by a parallel member
-        return client.get_experiment_by_name(name).experiment_id
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class _Interrupted(BaseException):

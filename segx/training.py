@@ -135,6 +135,11 @@ class MemberCallback(keras.callbacks.Callback):
         if self.state.failure:
             return  # weights are already bad: keep the last good checkpoint as it is
         probs = predict_probs(self.model, self.val_images, self.backbone)
+        if not np.isfinite(probs).all():
+            # Losses clip their inputs, so exploding weights can leave the loss finite.
+            self.state.failure = f"the model's outputs became NaN/inf at epoch {epoch + 1}; lower the learning rate"
+            self.model.stop_training = True
+            return
         pred = probs >= 0.5
         val_dice = float(dice_per_case(pred, self.val_masks).mean())
         val_iou = float(iou_per_case(pred, self.val_masks).mean())
