@@ -33,8 +33,7 @@ def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000
         try:
             cases = discover_cases(root, images_dir, masks_dir)
         except SegxError as exc:
-            problems.append(str(exc))
-            cases = _loose_pairs(root, images_dir, masks_dir, problems)
+            cases = _loose_pairs(root, images_dir, masks_dir, problems, exc)
         sizes, fg, empty = Counter(), [], 0
         for case in cases:
             try:
@@ -62,8 +61,9 @@ def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000
     return summary, problems
 
 
-def _loose_pairs(root: Path, images_dir: str, masks_dir: str, problems: list[str]):
-    """Whatever pairs exist, so the rest of the folder is still checked after a pairing error."""
+def _loose_pairs(root: Path, images_dir: str, masks_dir: str, problems: list[str], error: SegxError):
+    """Whatever pairs exist, so the rest of the folder is still checked after a pairing error;
+    every unpaired file is listed (``error`` is reported when the problem is not pairing)."""
     from segx.data.folder import Case
 
     try:
@@ -72,11 +72,12 @@ def _loose_pairs(root: Path, images_dir: str, masks_dir: str, problems: list[str
     except SegxError as exc:
         problems.append(str(exc))
         return []
-    for stem in sorted(set(images) ^ set(masks)):
+    unpaired = sorted(set(images) ^ set(masks))
+    if not unpaired or not images or not masks:
+        problems.append(str(error))
+    for stem in unpaired if images and masks else []:
         where = images.get(stem) or masks.get(stem)
-        msg = f"{where}: no matching {'mask' if stem in images else 'image'}"
-        if not any(msg in p for p in problems):
-            problems.append(msg)
+        problems.append(f"{where}: no matching {'mask' if stem in images else 'image'}")
     return [Case(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
 
 
