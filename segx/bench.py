@@ -78,9 +78,11 @@ def subset_folder(root: Path, n: int | None, work: Path) -> Path:
         return root
     meta = pd.read_csv(root / "metadata.csv")
     rng = np.random.default_rng(0)
-    picked = meta.groupby("appearance", group_keys=False).apply(
-        lambda g: g.iloc[rng.permutation(len(g))[: max(2, round(n * len(g) / len(meta)))]]
-    )
+    parts = []
+    for _, group in meta.groupby("appearance"):
+        keep = max(2, round(n * len(group) / len(meta)))
+        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
+    picked = pd.concat(parts)
     target = work / f"subset-{n}"
     for sub in ("train_images", "train_masks"):
         (target / sub).mkdir(parents=True, exist_ok=True)

@@ -238,8 +238,8 @@ def count_flops(model, image_size: int) -> float:
 
     spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32)
     concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-    _, graph = convert_variables_to_constants_v2_as_graph(concrete)
+    frozen, _ = convert_variables_to_constants_v2_as_graph(concrete)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
-    info = tf.compat.v1.profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
+    info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
     return float(info.total_float_ops)

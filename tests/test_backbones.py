@@ -1,0 +1,61 @@
+"""Every backbone in conf/backbone/ builds with every arch (slow: one graph per network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segx.config import group_options
+
+SIZES = {"unet": 64, "fpn": 64, "linknet": 64, "pspnet": 48}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", group_options("backbone"))
+def test_backbone_builds_and_predicts(backbone):
+    from segx.models import build_model, clear_session, predict_probs
+
+    clear_session()
+    model = build_model("unet", backbone, 64)
+    probs = predict_probs(model, np.zeros((1, 64, 64, 3), np.uint8), backbone)
+    assert probs.shape == (1, 64, 64) and np.isfinite(probs).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", group_options("arch"))
+def test_every_arch_builds(arch):
+    from segx.models import build_model, clear_session
+
+    clear_session()
+    size = SIZES[arch]
+    model = build_model(arch, "resnet18", size)
+    assert model.output_shape == (None, size, size, 1)
+
+
+def test_wrong_size_for_arch_names_the_fix():
+    from segx.errors import SegxError
+    from segx.models import check_model_options
+
+    with pytest.raises(SegxError, match=r"data.image_size=64 does not suit arch=pspnet: it needs a multiple of 48; use data.image_size=48 or 96"):
+        check_model_options("pspnet", "resnet18", 64)
+    with pytest.raises(SegxError, match=r"unknown segmentation-models encoder 'resnet19'; did you mean 'resnet18'"):
+        check_model_options("unet", "resnet19", 64)
+
+
+def test_local_encoder_weights_file_is_loaded(tmp_path):
+    from segx.models import build_model, clear_session
+
+    clear_session()
+    donor = build_model("unet", "mobilenetv2", 64)
+    donor.save_weights(str(tmp_path / "enc.h5"))
+    clear_session()
+    model = build_model("unet", "mobilenetv2", 64, encoder_weights=str(tmp_path / "enc.h5"))
+    assert all(np.array_equal(a, b) for a, b in zip(donor.get_weights(), model.get_weights(), strict=True))
+
+
+def test_missing_local_weights_file_is_one_line():
+    from segx.errors import SegxError
+    from segx.models import build_model
+
+    with pytest.raises(SegxError, match="backbone.encoder_weights=/nope.h5: no such file"):
+        build_model("unet", "resnet18", 64, encoder_weights="/nope.h5")
