@@ -6,9 +6,13 @@ cases, for weights on the simplex and thresholds from a fixed list.
 Speed comes from one exact reduction: for weights on the simplex the combined score of a
 pixel lies between the smallest and the largest member probability, so a pixel on which every
 member is below the lowest threshold (or above the highest) is decided for every candidate.
-Those pixels are counted once; only the rest (typically a few per cent, near boundaries and
-where members disagree) are kept, as ``uint8 (M, K)``, and every candidate is scored on them
-with the same float32 arithmetic as :func:`segx.probs.combine`, so scores are exact.
+Those pixels are counted once; only the rest (typically 5-20 per cent, near boundaries and
+where members disagree) are kept, as ``uint8 (M, K)``. Grid points, greedy bags and equal
+weights are fractions k_m / D, so their scores ``sum_m k_m p_m`` are exact integers binned by a
+lookup table; arbitrary weights (Nelder-Mead) use the float32 arithmetic of
+:func:`segx.probs.combine`. Per-case counts per threshold come from one ``bincount`` per block of
+candidates. The validation Dice recorded for the chosen ensemble is always recomputed through
+:func:`segx.probs.combine`, the path prediction uses.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Compact:
         return self.probs.shape[1] / total if total else 0.0
 
     n_pixels: int = 0
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def compact(
@@ -105,41 +110,101 @@ def compact(
     )
 
 
-def evaluate(data: Compact, weights: np.ndarray) -> np.ndarray:
+def _histogram_base(data: Compact) -> np.ndarray:
+    """Per pixel (segment, truth) part of the histogram index, bins leave room between."""
+    n_thr = len(data.thresholds)
+    return (data.segment.astype(np.int64) * (n_thr + 1)) * 2 + data.truth.astype(np.int64)
+
+
+def _offsets(data: Compact, c: int) -> np.ndarray:
+    """(c, K) int64 histogram index without the bins: pixel base plus a block per candidate.
+
+    Cached on ``data``: the greedy search reuses it at every step.
+    """
+    key = ("offsets", c)
+    if key not in data.cache:
+        size = len(data.cases) * (len(data.thresholds) + 1) * 2
+        data.cache.clear()
+        data.cache[key] = _histogram_base(data)[None, :] + (np.arange(c, dtype=np.int64) * size)[:, None]
+    return data.cache[key]
+
+
+def _dice_from_bins(data: Compact, bins2: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+    """Mean per-case Dice (C, T) from per-pixel threshold bins (times 2), shape (C, K)."""
+    c = len(bins2)
+    n_thr, n_seg = len(data.thresholds), len(data.cases)
+    size = n_seg * (n_thr + 1) * 2
+    index = _offsets(data, c) + bins2
+    hist = np.bincount(index.ravel(), minlength=c * size).reshape(c, n_seg, n_thr + 1, 2)
+    # Pixels reaching threshold j are those in bins above j: reverse cumulative sums.
+    reach = np.cumsum(hist[:, :, ::-1, :], axis=2)[:, :, ::-1, :][:, :, 1:, :]
+    total_tp = np.broadcast_to(data.fixed_tp[None, :, None], (c, len(data.fixed_tp), n_thr)).copy()
+    total_pp = np.broadcast_to(data.fixed_pp[None, :, None], total_tp.shape).copy()
+    total_tp[:, data.cases, :] += reach[..., 1]
+    total_pp[:, data.cases, :] += reach.sum(axis=3)
+    dice = dice_counts(total_tp, total_pp, np.broadcast_to(data.true_sum[None, :, None], total_tp.shape))
+    return dice.mean(axis=1)
+
+
+def _int_lut(data: Compact, denominator: int) -> np.ndarray:
+    """Threshold bin (times 2) for every integer score 0..255*D of a D-denominator weighting."""
+    cuts = np.asarray(data.thresholds, np.float64) * 255.0 * denominator
+    return (np.searchsorted(cuts, np.arange(255 * denominator + 1), side="right") * 2).astype(np.uint8)
+
+
+def evaluate(data: Compact, weights: np.ndarray, denominator: int | None = None) -> np.ndarray:
     """Mean per-case Dice for each candidate and threshold: float64 (C, T).
 
-    weights: (C, M) rows on the simplex.
+    weights: (C, M) rows on the simplex. With ``denominator`` D, every weight times D must be a
+    whole number (grid points, greedy bags, equal weights): scores are then exact integers
+    ``sum_m k_m p_m`` and a lookup table turns them into threshold bins, several times faster
+    than the float path used for arbitrary weights (which mirrors :func:`segx.probs.combine`).
     """
-    weights = np.atleast_2d(np.asarray(weights, np.float32))
-    n_cand, n_thr = len(weights), len(data.thresholds)
-    n_seg = len(data.cases)
-    cuts = threshold_value(data.thresholds).astype(np.float32)
-    out = np.empty((n_cand, n_thr))
-    # Blocks keep the (C, K) float32 score within ~64 MB.
-    block = max(1, int(16_000_000 // max(1, data.probs.shape[1])))
-    for start in range(0, n_cand, block):
-        w = weights[start : start + block]
-        c = len(w)
-        score = np.zeros((c, data.probs.shape[1]), np.float32)
-        for m in range(data.n_members):  # same order and precision as probs.combine
-            if np.any(w[:, m]):
-                score += w[:, m : m + 1] * data.probs[m].astype(np.float32)[None, :]
-        # Number of thresholds each score reaches: bin b means score >= cuts[:b].
-        bins = np.searchsorted(cuts, score, side="right")
-        index = (np.arange(c)[:, None] * n_seg + data.segment[None, :]) * (n_thr + 1) + bins
-        size = c * n_seg * (n_thr + 1)
-        all_hist = np.bincount(index.ravel(), minlength=size).reshape(c, n_seg, n_thr + 1)
-        tp_hist = np.bincount(index[:, data.truth].ravel(), minlength=size).reshape(c, n_seg, n_thr + 1)
-        # counts reaching threshold j = sum of bins > j
-        pp = np.cumsum(all_hist[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:]
-        tp = np.cumsum(tp_hist[:, :, ::-1], axis=2)[:, :, ::-1][:, :, 1:]
-        total_tp = np.broadcast_to(data.fixed_tp[None, :, None], (c, len(data.fixed_tp), n_thr)).copy()
-        total_pp = np.broadcast_to(data.fixed_pp[None, :, None], total_tp.shape).copy()
-        total_tp[:, data.cases, :] += tp
-        total_pp[:, data.cases, :] += pp
-        dice = dice_counts(total_tp, total_pp, np.broadcast_to(data.true_sum[None, :, None], total_tp.shape))
-        out[start : start + c] = dice.mean(axis=1)
+    weights = np.atleast_2d(np.asarray(weights, np.float64))
+    counts = None
+    if denominator is not None:
+        counts = np.rint(weights * denominator)
+        if not np.allclose(counts, weights * denominator, atol=1e-6):
+            raise ValueError("weights are not multiples of 1/denominator")
+        counts = counts.astype(np.int32)
+    k = data.probs.shape[1]
+    block = max(1, int(8_000_000 // max(1, k)))
+    out = np.empty((len(weights), len(data.thresholds)))
+    lut = _int_lut(data, denominator) if counts is not None else None
+    cuts32 = threshold_value(data.thresholds).astype(np.float32)
+    for start in range(0, len(weights), block):
+        stop = min(len(weights), start + block)
+        if counts is not None:
+            score = np.zeros((stop - start, k), np.int32)
+            for m in range(data.n_members):
+                for row in np.flatnonzero(counts[start:stop, m]):
+                    score[row] += counts[start + row, m] * data.probs[m].astype(np.int32)
+            bins2 = lut[score]
+        else:
+            w = weights[start:stop].astype(np.float32)
+            score = np.zeros((stop - start, k), np.float32)
+            for m in range(data.n_members):  # same order and precision as probs.combine
+                if np.any(w[:, m]):
+                    score += w[:, m : m + 1] * data.probs[m].astype(np.float32)[None, :]
+            bins2 = np.searchsorted(cuts32, score, side="right") * 2
+        out[start:stop] = _dice_from_bins(data, bins2)
     return out
+
+
+def evaluate_additions(data: Compact, bag: np.ndarray) -> np.ndarray:
+    """Dice (M, T) of the bag (member counts) plus one more copy of each member in turn.
+
+    The greedy step: the bag's integer sum is computed once and each candidate adds one
+    member's probabilities to it, so a step costs about one pass per member.
+    """
+    bag = np.asarray(bag, np.int64)
+    denominator = int(bag.sum()) + 1
+    base_sum = np.zeros(data.probs.shape[1], np.uint16 if 255 * denominator < 65536 else np.int32)
+    for m in np.flatnonzero(bag):
+        base_sum += (int(bag[m]) * data.probs[m].astype(base_sum.dtype))
+    lut = _int_lut(data, denominator)
+    bins2 = np.stack([lut[base_sum + data.probs[m]] for m in range(data.n_members)])
+    return _dice_from_bins(data, bins2)
 
 
 @dataclass
@@ -157,8 +222,8 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)  # one row per evaluated step
 
 
-def _best(data: Compact, weights: np.ndarray) -> tuple[int, int, np.ndarray]:
-    scores = evaluate(data, weights)
+def _best(data: Compact, weights: np.ndarray, denominator: int | None = None) -> tuple[int, int, np.ndarray]:
+    scores = evaluate(data, weights, denominator)
     flat = int(np.argmax(scores))
     return flat // scores.shape[1], flat % scores.shape[1], scores
 
@@ -182,8 +247,8 @@ def simplex_grid(n_members: int, step: float) -> np.ndarray:
 
 
 def search_grid(data: Compact, step: float = 0.1) -> SearchResult:
-    grid = simplex_grid(data.n_members, step).astype(np.float32)
-    c, t, scores = _best(data, grid)
+    grid = simplex_grid(data.n_members, step)
+    c, t, scores = _best(data, grid, round(1 / step))
     history = [
         {"step": i, "val_dice": float(scores[i].max()), "weights": grid[i].tolist()}
         for i in range(len(grid))
@@ -201,15 +266,16 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5) -> Sear
     """
     m = data.n_members
     counts = np.zeros(m)
-    singles = np.eye(m, dtype=np.float32)
-    c, t, scores = _best(data, singles)
+    singles = np.eye(m)
+    c, t, scores = _best(data, singles, 1)
     counts[c] = 1
     best_counts, best_score, best_t = counts.copy(), float(scores[c, t]), t
     history = [{"step": 0, "val_dice": best_score, "weights": (counts / counts.sum()).tolist()}]
     stale = 0
     for step in range(1, max_steps + 1):
-        trials = (counts[None, :] + np.eye(m)) / (counts.sum() + 1)
-        c, t, scores = _best(data, trials.astype(np.float32))
+        scores = evaluate_additions(data, counts)
+        flat = int(np.argmax(scores))
+        c, t = flat // scores.shape[1], flat % scores.shape[1]
         counts[c] += 1
         score = float(scores[c, t])
         history.append({"step": step, "val_dice": score, "weights": (counts / counts.sum()).tolist()})
@@ -271,8 +337,8 @@ def search_optimize(data: Compact, max_evals: int = 300, tolerance: float = 1e-3
 def baselines(data: Compact) -> list[Candidate]:
     """Each single member and equal weights, each at its best threshold."""
     m = data.n_members
-    rows = np.vstack([np.eye(m), np.full((1, m), 1.0 / m)]).astype(np.float32)
-    scores = evaluate(data, rows)
+    rows = np.vstack([np.eye(m), np.full((1, m), 1.0 / m)])
+    scores = np.vstack([evaluate(data, rows[:m], 1), evaluate(data, rows[m:], m)])
     out = []
     for i in range(m + 1):
         t = int(np.argmax(scores[i]))
