@@ -95,6 +95,49 @@ def check_group_choices(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
                 raise SegxError(f"unknown {key} '{v}';{hint} (see conf/{key}/)")
 
 
+def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail fast, in one line with a suggestion, on ``a.b=value`` naming no config key.
+
+    Composes the config with the group choices given on the command line (Hydra's own error
+    for an unknown key spans several lines and hides the closest valid name).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    choices, keys = [], []
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "~", "+", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        if key in groups:
+            if "," not in value:
+                choices.append(arg)
+        elif "." in key or key.isidentifier():
+            keys.append(key)
+    if not keys:
+        return
+    if GlobalHydra.instance().is_initialized():
+        return  # inside a running Hydra app: Hydra has already composed the config
+    try:
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except Exception:  # noqa: BLE001 - leave the full diagnosis to Hydra itself
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for key in keys:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if isinstance(parent, DictConfig) and (leaf in parent or parent_key.endswith("options")):
+            continue
+        if not isinstance(parent, DictConfig):
+            raise SegxError(f"unknown config key '{key}': '{parent_key}' is not a section; check the spelling")
+        hint = suggest(leaf, list(parent.keys()))
+        hint = f" did you mean '{(parent_key + '.') if parent_key else ''}{hint.split(chr(39))[1]}'?" if hint else ""
+        raise SegxError(f"unknown config key '{key}';{hint or ' see conf/ for the keys'} (add a new key with +{key}=...)")
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 

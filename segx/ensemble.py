@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 import segx
 from segx.config import (
     check_group_choices,
+    check_override_keys,
     exit_on_error,
     require_choice,
     require_float,
@@ -457,6 +458,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys("ensemble", sys.argv[1:])
     except SegxError as exc:
         exit_on_error(exc)
     _hydra_main()

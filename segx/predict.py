@@ -57,6 +57,23 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
     return record, EnsemblePredictor(record, model_paths, tta)
 
 
+def check_inputs(input_dir: Path, output_dir: Path) -> dict[str, Path]:
+    """The images to predict, by stem; every header is read first, so a corrupt file fails
+    the command before any model is loaded or anything is written."""
+    from segx.data.folder import list_images
+    from segx.data.io import read_size
+
+    if not input_dir.is_dir():
+        raise SegxError(f"input_dir={input_dir} does not exist; point it at a folder of images")
+    files = list_images(input_dir)
+    if not files:
+        raise SegxError(f"input_dir={input_dir} holds no images (.png .jpg .tif); add some")
+    for stem, path in files.items():
+        safe_output_path(output_dir, stem)
+        read_size(path)
+    return files
+
+
 def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int, overlays: bool,
                    uncertainty: bool, save_probabilities: bool, on_batch=None) -> int:  # fmt: skip
     """Write masks (and extras) for every image in ``input_dir``; ``on_batch(n_done)`` is
@@ -64,22 +81,10 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
     import cv2
     from tqdm.auto import tqdm
 
-    from segx.data.folder import list_images
     from segx.data.io import read_image
     from segx.plots import overlay
 
-    if not input_dir.is_dir():
-        raise SegxError(f"input_dir={input_dir} does not exist; point it at a folder of images")
-    files = list_images(input_dir)
-    if not files:
-        raise SegxError(f"input_dir={input_dir} holds no images (.png .jpg .tif); add some")
-    for stem in files:
-        safe_output_path(output_dir, stem)
-    # Read every header first: a corrupt file fails the command before anything is written.
-    from segx.data.io import read_size
-
-    for path in files.values():
-        read_size(path)
+    files = check_inputs(input_dir, output_dir)
     folders = {"masks": True, "overlays": overlays, "uncertainty": uncertainty, "probabilities": save_probabilities}
     for name, wanted in folders.items():
         if wanted:
@@ -116,8 +121,7 @@ def run_predict(cfg: DictConfig) -> int:
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     if output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite:
         raise SegxError(f"output_dir={output_dir} is not empty; choose a new folder or pass overwrite=true")
-    if not input_dir.is_dir():
-        raise SegxError(f"input_dir={input_dir} does not exist; point it at a folder of images")
+    check_inputs(input_dir, output_dir)
     from segx import tracking
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.config import (
     check_group_choices,
+    check_override_keys,
     checked_container,
     exit_on_error,
     instantiate,
@@ -321,6 +322,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_group_choices(sys.argv[1:])
+        check_override_keys("train", sys.argv[1:])
     except SegxError as exc:
         exit_on_error(exc)
     _hydra_main()

@@ -78,5 +78,6 @@ def ensemble_record(member_store):
     from segx.ensemble import build_ensemble
 
     out, runs = member_store
-    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]"])
+    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
+                                      "ensemble.register_name=segx-test-ensemble"])  # fmt: skip
     return build_ensemble(cfg)

@@ -26,6 +26,8 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     assert {"tables/test_per_case.csv", "tables/test_summary.csv", "tables/val_summary.csv"} <= names
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/search.png", "plots/test_cases.png"}
     assert "test/dice" in run.data.metrics and "val/dice" in run.data.metrics
+    versions = client.search_model_versions("name='segx-test-ensemble'")
+    assert [v.run_id for v in versions] == [run.info.run_id]  # registered in the model registry
 
 
 def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_store, synthetic_root, tmp_path):
@@ -47,6 +49,10 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     score, probs = predictor.score_model_size(data.images)
     searched = binarize(combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"])
     assert np.array_equal(binarize(score, record["threshold"]), searched)
+    # ... and so the recorded validation Dice, exactly.
+    from segx.metrics import dice_per_case
+
+    assert dice_per_case(binarize(score, record["threshold"]), cached[0].masks).mean() == record["val_dice"]
 
     # The CLI writes one mask per input at the input's own size, and never overwrites.
     inputs = tmp_path / "inputs"
@@ -68,6 +74,24 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     masks = model.predict(batch)
     expected = cv2.imread(str(tmp_path / "pred" / "masks" / "small.png"), cv2.IMREAD_UNCHANGED) > 0
     assert masks.shape == (1, 64, 64) and np.array_equal(masks[0].astype(bool), expected)
+
+
+@pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
+def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member_store, tmp_path, case):
+    from segx.predict import run_predict
+
+    out, _ = member_store
+    inputs = tmp_path / "in"
+    if case != "missing":
+        inputs.mkdir()
+    if case == "corrupt":
+        (inputs / "scan.png").write_bytes(b"\x89PNG broken")
+    cfg = compose_config("predict", [*store_overrides(out), f"ensemble_run_id={ensemble_record['run_id']}",
+                                     f"input_dir={inputs}", f"output_dir={tmp_path / 'pred'}"])  # fmt: skip
+    message = {"empty": "holds no images", "corrupt": r"scan\.png: not a readable image", "missing": "does not exist"}[case]
+    with pytest.raises(SegxError, match=message):
+        run_predict(cfg)
+    assert not (tmp_path / "pred").exists()
 
 
 def _pyfunc_uri(client, run_id):

@@ -158,3 +158,25 @@ def test_output_names_cannot_escape_the_output_folder(tmp_path):
     for stem in ("..", "../evil", "a/b", ""):
         with pytest.raises(SegxError, match="rename the input"):
             safe_output_path(tmp_path, stem)
+
+
+def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic_root):
+    overrides = tiny_train_overrides(tmp_path, synthetic_root, epochs=5)
+    proc = cli(["segx.train", *overrides])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((tmp_path / "checkpoints").glob("*/state.json")):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    client, runs = runs_in(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    run_id = runs[0].info.run_id
+
+    from segx.train import train_member
+
+    train_member(compose_config("train", [*overrides, "resume=auto"]))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    _, runs = runs_in(tmp_path)
+    assert len(runs) == 1  # continued, not restarted
