@@ -15,28 +15,31 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-# MLflow nags about type hints on predict(); segx validates inputs itself.
-warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+# MLflow warns at class creation, through its own 'once' filter, that predict() has no type
+# hints. Untyped is deliberate (typed inputs get converted; segx checks images itself), so the
+# warning display is muted for that moment only.
+_show_warning = warnings.showwarning
+warnings.showwarning = lambda *args, **kwargs: None
+try:
 
+    class SegxEnsembleModel(PythonModel):
+        def load_context(self, context):
+            from segx.predictor import EnsemblePredictor
 
-class SegxEnsembleModel(PythonModel):
-    def load_context(self, context):
-        from segx.predictor import EnsemblePredictor
+            with open(context.artifacts["record"]) as fh:
+                record = json.load(fh)
+            paths = [context.artifacts[f"member{i}"] for i in range(len(record["members"]))]
+            self.predictor = EnsemblePredictor(record, paths)
 
-        with open(context.artifacts["record"]) as fh:
-            record = json.load(fh)
-        paths = [context.artifacts[f"member{i}"] for i in range(len(record["members"]))]
-        self.predictor = EnsemblePredictor(record, paths)
-
-    def predict(self, context, model_input, params=None):
-        """Masks as uint8 {0, 1}: an array (N, H, W) for an array input, else a list."""
-        if isinstance(model_input, np.ndarray) and model_input.ndim in (3, 4):
-            images = list(model_input) if model_input.ndim == 4 or model_input.dtype != object else list(model_input)
+        def predict(self, context, model_input, params=None):
+            """Masks as uint8 {0, 1}: an array (N, H, W) for an array input (N, H, W[, 3]),
+            a list for a list of images of any sizes."""
+            images = [np.asarray(im) for im in model_input]
             masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
-            return np.stack(masks)
-        images = [np.asarray(im) for im in model_input]
-        return [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+            return np.stack(masks) if isinstance(model_input, np.ndarray) else masks
 
+finally:
+    warnings.showwarning = _show_warning
 
 mlflow.models.set_model(SegxEnsembleModel())
 
@@ -62,10 +65,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
         "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
     ) if versions.get(name, "missing") != "missing"]  # fmt: skip
     package_dir = Path(__file__).resolve().parent
-    import warnings
-
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict": we validate ourselves
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="pyfunc",
             python_model=str(Path(__file__).resolve()),
