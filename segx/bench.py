@@ -132,9 +132,8 @@ class Study:
 
     # --- stage 1 ---------------------------------------------------------------------------------
     def accuracy(self) -> dict:
-        from hydra import compose
-
         from segx import tracking
+        from segx.config import compose
         from segx.ensemble import build_ensemble
         from segx.models import clear_session
         from segx.train import config_identity, train_member
@@ -223,12 +222,11 @@ class Study:
 
     # --- stage 2 ---------------------------------------------------------------------------------
     def throughput(self) -> dict:
-        from hydra import compose
-
         import segx.backend  # noqa: F401
         from segx import models
         from segx.augment import SeededAugmenter, build_augmentation
         from segx.backend import tf
+        from segx.config import compose
         from segx.data.prepare import prepare
         from segx.training import make_train_dataset
 

@@ -129,13 +129,26 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path = 
     for key in keys:
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        if isinstance(parent, DictConfig) and (leaf in parent or parent_key.endswith("options")):
+        if isinstance(parent, DictConfig) and (leaf in parent.keys() or parent_key.endswith("options")):
             continue
         if not isinstance(parent, DictConfig):
             raise SegxError(f"unknown config key '{key}': '{parent_key}' is not a section; check the spelling")
         hint = suggest(leaf, list(parent.keys()))
         hint = f" did you mean '{(parent_key + '.') if parent_key else ''}{hint.split(chr(39))[1]}'?" if hint else ""
         raise SegxError(f"unknown config key '{key}';{hint or ' see conf/ for the keys'} (add a new key with +{key}=...)")
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose a segx config from Python: inside a running Hydra app (reusing its search
+    path) or outside one (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=list(overrides))
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

@@ -416,9 +416,8 @@ def _print_report(record, members, val_table, summary, found) -> None:
 
 def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     """Train each backbone of ``ensemble.members`` that has no finished run yet (first use)."""
-    from hydra import compose
-
     from segx import tracking
+    from segx.config import compose
 
     runs = tracking.find_runs(client, experiment, "member")
     have = {r.data.tags.get("segx.backbone") for r in runs}
@@ -437,7 +436,6 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     ]
     print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
     for backbone in missing:
-        # compose() works inside this Hydra app: it reuses the app's config search path.
         train_cfg = compose("train", overrides=[*overrides, f"backbone={backbone}"])
         try:
             train_member(train_cfg)

@@ -68,3 +68,14 @@ def test_every_backbone_file_names_a_known_encoder():
     for option in group_options("backbone"):
         assert option in known, f"conf/backbone/{option}.yaml is not a segmentation-models encoder"
     assert (CONF_DIR / "backbone" / "resnet34.yaml").exists()
+
+
+def test_unknown_config_key_suggests_closest():
+    from segx.config import check_override_keys
+
+    with pytest.raises(SegxError, match=r"unknown config key 'trainer.epochz'; did you mean 'trainer.epochs'\?"):
+        check_override_keys("train", ["trainer.epochz=3"])
+    with pytest.raises(SegxError, match=r"unknown config key 'ensemble.serch'; did you mean 'ensemble.search'\?"):
+        check_override_keys("ensemble", ["ensemble.serch=grid"])
+    # Valid keys, group choices that add keys, and +new keys pass.
+    check_override_keys("train", ["data=folder", "data.root=/x", "trainer.epochs=3", "+trainer.extra=1", "arch.options.decoder_filters=[8]"])
