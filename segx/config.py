@@ -188,6 +188,17 @@ def require_choice(cfg: DictConfig, key: str, choices: Iterable[str], prefix: st
     return value
 
 
+def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Checks every entry point runs on its command line before Hydra starts: unknown group
+    options and config keys become one line with a suggestion and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_group_choices(argv)
+        check_override_keys(config_name, argv)
+    except SegxError as exc:
+        exit_on_error(exc)
+
+
 def exit_on_error(exc: SegxError) -> None:
     print(f"segx: error: {exc}", file=sys.stderr)
     sys.exit(2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import segx
 from segx.config import (
-    check_group_choices,
-    check_override_keys,
     exit_on_error,
+    preflight,
     require_choice,
     require_float,
     require_int,
@@ -454,11 +452,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        check_group_choices(sys.argv[1:])
-        check_override_keys("ensemble", sys.argv[1:])
-    except SegxError as exc:
-        exit_on_error(exc)
+    preflight("ensemble")
     _hydra_main()
 
 

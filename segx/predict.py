@@ -18,7 +18,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from segx.config import exit_on_error, require_int
+from segx.config import exit_on_error, preflight, require_int
 from segx.errors import SegxError
 
 
@@ -143,6 +143,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    preflight("predict")
     _hydra_main()
 
 

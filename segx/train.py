@@ -22,11 +22,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segx.config import (
-    check_group_choices,
-    check_override_keys,
     checked_container,
     exit_on_error,
     instantiate,
+    preflight,
     require_choice,
     require_float,
     require_int,
@@ -320,11 +319,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        check_group_choices(sys.argv[1:])
-        check_override_keys("train", sys.argv[1:])
-    except SegxError as exc:
-        exit_on_error(exc)
+    preflight("train")
     _hydra_main()
 
 
