@@ -173,6 +173,7 @@ class Study:
         folder = Path(tempfile.mkdtemp(prefix="segx-bench-"))
         per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
         val = pd.read_csv(tracking.download(client, record["run_id"], "tables/val_summary.csv", folder))
+        per_case = pd.concat([per_case, self.forced_postprocess(client, record, folder)], ignore_index=True)
         meta = pd.read_csv(data_root / "metadata.csv")[["stem", "appearance"]]
         per_case = per_case.merge(meta, on="stem", how="left")
         per_case.to_csv(self.results / "test_per_case.csv", index=False)
@@ -197,6 +198,20 @@ class Study:
             "chosen": record["search"]["chosen"], "val_table": val.to_dict(orient="records"),
             "test_table": table, "image_size": int(self.profile.image_size), "data_root": str(data_root),
         }  # fmt: skip
+
+    def forced_postprocess(self, client, record: dict, folder: Path) -> pd.DataFrame:
+        """Test rows for the ensemble with the best post-processing other than none, as chosen on
+        validation, applied even if validation rejected it: post-processing on vs off."""
+        from segx.ensemble import _member_from_run, _test_table, choose_postprocess
+
+        members = [_member_from_run(client, client.get_run(m["run_id"]), folder / "cache") for m in record["members"]]
+        weights = [m["weight"] for m in record["members"]]
+        _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)
+        post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
+        rows, _ = _test_table(members, weights, record["threshold"], post)
+        rows = rows[rows.method == "ensemble"].copy()
+        rows["method"] = f"ensemble + {post.describe()} (forced on; val Dice {val_dice:.4f})"
+        return rows
 
     def plot_accuracy(self, table: pd.DataFrame) -> None:
         import matplotlib
