@@ -39,26 +39,27 @@ print(json.dumps({{"img_s": steps * 8 / (time.perf_counter() - t0)}}))
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--backbones", default="resnet18,efficientnetb0")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    results = {True: [], False: []}
-    for _ in range(2):
-        for deterministic in (True, False):
-            code = CHILD.format(root=str(ROOT), deterministic=deterministic, backbone=args.backbone, size=args.size, steps=args.steps)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            results[deterministic].append(json.loads(out.stdout.strip().splitlines()[-1])["img_s"])
-            print(f"deterministic={deterministic}: {results[deterministic][-1]:.1f} img/s", flush=True)
-    on, off = max(results[True]), max(results[False])
+    rows = []
+    for backbone in args.backbones.split(","):
+        results = {True: [], False: []}
+        for _ in range(2):
+            for deterministic in (True, False):
+                code = CHILD.format(root=str(ROOT), deterministic=deterministic, backbone=backbone, size=args.size, steps=args.steps)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                results[deterministic].append(json.loads(out.stdout.strip().splitlines()[-1])["img_s"])
+                print(f"{backbone} deterministic={deterministic}: {results[deterministic][-1]:.1f} img/s", flush=True)
+        on, off = max(results[True]), max(results[False])
+        rows.append(f"| {backbone} | {on:.1f} | {off:.1f} | {on / off:.3f} |")
     OUT.mkdir(parents=True, exist_ok=True)
     text = (
         "# Cost of TF op determinism\n\n"
-        f"`python experiments/determinism_cost.py --backbone {args.backbone} --size {args.size} --steps {args.steps}`: "
-        f"Unet-{args.backbone}, batch 8, {args.size} px, tensors in memory, best of 2 alternating runs each.\n\n"
-        "| trainer.deterministic | train img/s |\n|---|---|\n"
-        f"| true | {on:.1f} |\n| false | {off:.1f} |\n\n"
-        f"Deterministic / non-deterministic speed: {on / off:.3f}.\n"
+        f"`python experiments/determinism_cost.py --backbones {args.backbones} --size {args.size} --steps {args.steps}`: "
+        f"Unet, batch 8, {args.size} px, tensors in memory, best of 2 alternating runs each, one process per run.\n\n"
+        "| backbone | deterministic img/s | non-deterministic img/s | ratio |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     (OUT / "RESULTS.md").write_text(text)
     print(text)

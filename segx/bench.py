@@ -252,6 +252,8 @@ class Study:
         pipeline = build_augmentation(train_cfg.augment.transforms)
         bs, steps, size = int(self.profile.batch_size), int(self.profile.throughput_steps), int(self.profile.image_size)
         rows = []
+        # As members train by default (trainer.deterministic=true); process-wide once set.
+        models.set_determinism(0, True)
         for backbone in self.profile.members:
             models.clear_session()
             model = models.build_model("unet", backbone, size)
@@ -265,7 +267,7 @@ class Study:
             timings = {"pipeline": [], "in_memory": []}
             for ds in (real, memory):
                 model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
-            for _ in range(2):  # alternate, so drift on a noisy machine hits both alike
+            for _ in range(3):  # alternate, so drift on a noisy machine hits both alike
                 for name, ds in (("pipeline", real), ("in_memory", memory)):
                     t0 = time.perf_counter()
                     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -483,7 +485,7 @@ def write_report(results: Path, profile) -> None:
     if thr:
         lines += ["## 2. Training throughput: real input pipeline vs tensors already in memory", "",
                   f"Same model, same step; the pipeline decodes nothing (images are held in memory at model size) but runs "
-                  f"`augment={thr['augment']}` and the encoder's preprocessing in tf.data worker threads. Median of 2 alternating timings of {thr['steps']} steps.", "",
+                  f"`augment={thr['augment']}` and the encoder's preprocessing in tf.data worker threads. Median of 3 alternating timings of {thr['steps']} steps, TF op determinism on (the training default).", "",
                   "| member | pipeline img/s | in-memory img/s | pipeline / in-memory | pipeline alone img/s | inference img/s |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for r in thr["rows"]:

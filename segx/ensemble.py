@@ -237,7 +237,7 @@ def run_search(cfg: DictConfig, members: list[Member]) -> dict:
     if e.search == "grid":
         result = search.search_grid(data, float(e.grid_step))
     elif e.search == "greedy":
-        result = search.search_greedy(data, int(e.greedy_steps))
+        result = search.search_greedy(data, int(e.greedy_steps), int(e.greedy_patience), float(e.greedy_min_gain))
     else:
         result = search.search_optimize(data, max_evals=int(e.optimize_evals), tolerance=float(e.tolerance))
     seconds = time.perf_counter() - t0

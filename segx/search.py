@@ -259,10 +259,13 @@ def search_grid(data: Compact, step: float = 0.1) -> SearchResult:
     )
 
 
-def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5) -> SearchResult:
+def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5, min_gain: float = 1e-4) -> SearchResult:
     """Caruana et al. (2004) forward selection with replacement, from the best single member.
 
     Weights are how often each member was picked; a member that never helps keeps weight 0.
+    Stops after ``patience`` picks in a row that do not beat the best bag by more than
+    ``min_gain`` (default a tenth of the ensemble's simplicity tolerance: later picks only
+    fine-tune weights by amounts the selection would ignore anyway).
     """
     m = data.n_members
     counts = np.zeros(m)
@@ -279,9 +282,11 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5) -> Sear
         counts[c] += 1
         score = float(scores[c, t])
         history.append({"step": step, "val_dice": score, "weights": (counts / counts.sum()).tolist()})
-        if score > best_score + 1e-12:
+        if score > best_score + min_gain:
             best_counts, best_score, best_t, stale = counts.copy(), score, t, 0
         else:
+            if score > best_score:  # keep the best bag, but a gain this small buys no patience
+                best_counts, best_score, best_t = counts.copy(), score, t
             stale += 1
             if stale >= patience:
                 break
