@@ -63,6 +63,8 @@ def instantiate(node: Any, key: str) -> Any:
     from hydra.utils import instantiate as hydra_instantiate
 
     plain = checked_container(node, key)
+    if "tf_keras." in str(plain):
+        import segx.backend  # noqa: F401  (TF's environment and log levels come first)
     try:
         return hydra_instantiate(plain, _convert_="all")
     except InstantiationException as exc:

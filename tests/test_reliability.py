@@ -71,9 +71,10 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
     from segx.train import train_member
     from segx.training import TrainingDiverged
 
-    # An absurd learning rate: the weights overflow within a few steps.
-    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null",
-                 "trainer.optimizer.learning_rate=1e30"]  # fmt: skip
+    # A sane learning rate for epoch 1 (2 steps), then an infinite one: epoch 2 diverges.
+    schedule = ("trainer.optimizer.learning_rate={_target_:tf_keras.optimizers.schedules.PiecewiseConstantDecay,"
+                "boundaries:[2],values:[0.001,inf]}")  # fmt: skip
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null", schedule]
     cfg = compose_config("train", overrides)
     with pytest.raises(TrainingDiverged, match="loss became nan|loss became inf|outputs became NaN"):
         train_member(cfg)
@@ -83,9 +84,9 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
     assert run.info.status == "FAILED"
     assert "TrainingDiverged" in run.data.tags["segx.failure"]
     state = json.loads((tmp_path / "checkpoints" / run.info.run_id / "state.json").read_text())
-    assert state["failure"]
-    # Nothing from the diverged epochs was checkpointed as 'last good'.
-    assert state["next_epoch"] < 3
+    assert state["failure"] and "epoch 2" in state["failure"]
+    assert state["next_epoch"] == 1  # the checkpoint of the good first epoch is what remains
+    assert (tmp_path / "checkpoints" / run.info.run_id / "best.weights.h5").exists()
 
 
 def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
