@@ -19,6 +19,8 @@ from segx.errors import SegxError, look_up_option
 ARCHS = {"unet": "Unet", "fpn": "FPN", "linknet": "Linknet", "pspnet": "PSPNet"}
 # Encoders downsample 5 times (32); PSPNet pools a 1/8 feature map at 1, 2, 3 and 6 bins.
 SIZE_MULTIPLE = {"unet": 32, "fpn": 32, "linknet": 32, "pspnet": 48}
+# Keras' Inception stems refuse inputs below 75 px.
+MIN_SIZE = {"inceptionv3": 75, "inceptionresnetv2": 75}
 LOSSES: Mapping[str, Callable] = {
     "dice": lambda: sm.losses.DiceLoss(),
     "bce": lambda: sm.losses.BinaryCELoss(),
@@ -38,6 +40,13 @@ def check_model_options(arch: str, backbone: str, image_size: int) -> None:
     look_up_option(arch, ARCHS, "arch", "conf/arch/")
     look_up_option(backbone, backbone_names(), "segmentation-models encoder", "backbone.name")
     multiple = SIZE_MULTIPLE[arch]
+    smallest = MIN_SIZE.get(backbone, 0)
+    if image_size < smallest:
+        fit = -(-smallest // multiple) * multiple
+        raise SegxError(
+            f"data.image_size={image_size} is too small for backbone={backbone} (needs >= {smallest}); "
+            f"use data.image_size={fit}"
+        )
     if image_size % multiple:
         lower = max(multiple, image_size - image_size % multiple)
         raise SegxError(

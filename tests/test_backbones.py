@@ -13,12 +13,13 @@ SIZES = {"unet": 64, "fpn": 64, "linknet": 64, "pspnet": 48}
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", group_options("backbone"))
 def test_backbone_builds_and_predicts(backbone):
-    from segx.models import build_model, clear_session, predict_probs
+    from segx.models import MIN_SIZE, build_model, clear_session, predict_probs
 
     clear_session()
-    model = build_model("unet", backbone, 64)
-    probs = predict_probs(model, np.zeros((1, 64, 64, 3), np.uint8), backbone)
-    assert probs.shape == (1, 64, 64) and np.isfinite(probs).all()
+    size = 96 if MIN_SIZE.get(backbone, 0) > 64 else 64
+    model = build_model("unet", backbone, size)
+    probs = predict_probs(model, np.zeros((1, size, size, 3), np.uint8), backbone)
+    assert probs.shape == (1, size, size) and np.isfinite(probs).all()
 
 
 @pytest.mark.slow
@@ -38,6 +39,8 @@ def test_wrong_size_for_arch_names_the_fix():
 
     with pytest.raises(SegxError, match=r"data.image_size=64 does not suit arch=pspnet: it needs a multiple of 48; use data.image_size=48 or 96"):
         check_model_options("pspnet", "resnet18", 64)
+    with pytest.raises(SegxError, match=r"too small for backbone=inceptionv3 \(needs >= 75\); use data.image_size=96"):
+        check_model_options("unet", "inceptionv3", 64)
     with pytest.raises(SegxError, match=r"unknown segmentation-models encoder 'resnet19'; did you mean 'resnet18'"):
         check_model_options("unet", "resnet19", 64)
 
