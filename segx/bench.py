@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from segx.config import exit_on_error
+from segx.config import exit_on_error, preflight
 from segx.errors import SegxError
 
 log = logging.getLogger("segx.bench")
@@ -113,8 +113,7 @@ class Study:
         print(f"segx bench: stage '{stage}' done -> {self.results / (stage + '.json')}", flush=True)
 
     def load(self, stage: str) -> dict | None:
-        path = self.results / f"{stage}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return load_stage(self.results, stage)
 
     def train_overrides(self, data_root: Path) -> list[str]:
         p, cfg = self.profile, self.cfg
@@ -439,11 +438,17 @@ def _fmt(v, digits=4):
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def load_stage(results: Path, stage: str) -> dict | None:
+    """A stage's saved results, or None if it has not run (or failed)."""
+    path = results / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def write_report(results: Path, profile) -> None:
     """RESULTS.md from the stage files present."""
+
     def load(stage):
-        path = results / f"{stage}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return load_stage(results, stage)
 
     env = load("machine") or {}
     lines = [f"# DSB2018 nuclei: segx study ({profile.name} profile)", "",
@@ -583,6 +588,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    preflight("bench")
     _hydra_main()
 
 

@@ -170,7 +170,7 @@ def check_compatible(members: list[Member]) -> None:
             raise SegxError(f"members {ref.run_id} and {m.run_id} have different test cases; retrain on one split")
 
 
-def _test_table(members: list[Member], weights, threshold, post, pre_pp: bool = True):
+def _test_table(members: list[Member], weights, threshold, post):
     """Per-case test metrics for each method: a long DataFrame."""
     from segx.metrics import case_metrics
     from segx.postprocess import PostProcess, apply

@@ -75,7 +75,7 @@ def check_inputs(input_dir: Path, output_dir: Path) -> dict[str, Path]:
 
 
 def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int, overlays: bool,
-                   uncertainty: bool, save_probabilities: bool, on_batch=None) -> int:  # fmt: skip
+                   uncertainty: bool, save_probabilities: bool, on_batch=None, files=None) -> int:  # fmt: skip
     """Write masks (and extras) for every image in ``input_dir``; ``on_batch(n_done)`` is
     called after each batch (the benchmark samples memory there)."""
     import cv2
@@ -84,7 +84,7 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
     from segx.data.io import read_image
     from segx.plots import overlay
 
-    files = check_inputs(input_dir, output_dir)
+    files = files if files is not None else check_inputs(input_dir, output_dir)
     folders = {"masks": True, "overlays": overlays, "uncertainty": uncertainty, "probabilities": save_probabilities}
     for name, wanted in folders.items():
         if wanted:
@@ -121,14 +121,14 @@ def run_predict(cfg: DictConfig) -> int:
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     if output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite:
         raise SegxError(f"output_dir={output_dir} is not empty; choose a new folder or pass overwrite=true")
-    check_inputs(input_dir, output_dir)
+    files = check_inputs(input_dir, output_dir)  # before any model is downloaded or loaded
     from segx import tracking
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / str(cfg.ensemble_run_id)
     record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta)
     n = predict_folder(predictor, input_dir, output_dir, int(cfg.batch_size), bool(cfg.overlays),
-                       bool(cfg.uncertainty), bool(cfg.save_probabilities))  # fmt: skip
+                       bool(cfg.uncertainty), bool(cfg.save_probabilities), files=files)  # fmt: skip
     (output_dir / "ensemble.json").write_text(json.dumps({**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id)}, indent=2))
     print(f"segx: wrote {n} masks to {output_dir / 'masks'}", flush=True)
     return n
