@@ -1,26 +1,31 @@
-"""What TF op determinism costs in training speed on this machine (issue: reproducibility).
+"""What TF op determinism (`trainer.deterministic=true`) costs in training speed on this machine.
 
-    python experiments/determinism_cost.py [--backbone resnet18] [--size 96] [--steps 30]
+    python experiments/determinism_cost.py [--backbones resnet18,efficientnetb0] [--size 96]
+                                            [--steps 20] [--repeats 5]
 
-Op determinism is process-wide once enabled, so each setting runs in its own subprocess, twice,
-alternating. Prints a table and writes experiments/determinism_cost/RESULTS.md.
+Op determinism is process-wide once enabled, so every timing runs in a fresh subprocess. The two
+settings alternate (on, off, on, off, ...) so that drift in the machine's load hits both alike;
+each pair gives one ratio, and the table reports the median ratio with its range over pairs, next
+to the median and range of each setting's images per second. Writes
+experiments/determinism_cost/results.json (every timing) and RESULTS.md (the table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "determinism_cost"
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys, time
+import json, time
 import numpy as np
-sys.path.insert(0, {root!r})
 from segx import models
 deterministic, backbone, size, steps = {deterministic}, {backbone!r}, {size}, {steps}
 models.set_determinism(0, deterministic)
@@ -30,36 +35,59 @@ rng = np.random.default_rng(0)
 x = rng.random((8, size, size, 3), np.float32) * 255
 y = (rng.random((8, size, size, 1)) > 0.7).astype(np.float32)
 ds = models.tf.data.Dataset.from_tensors((x, y)).repeat()
-model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
+model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # graph building and warm-up
 t0 = time.perf_counter()
 model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
 print(json.dumps({{"img_s": steps * 8 / (time.perf_counter() - t0)}}))
 """
 
 
+def time_one(backbone: str, deterministic: bool, size: int, steps: int) -> float:
+    code = CHILD.format(deterministic=deterministic, backbone=backbone, size=size, steps=steps)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["img_s"]
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbones", default="resnet18,efficientnetb0")
     parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating (on, off) pairs per backbone")
     args = parser.parse_args()
-    rows = []
+    started = time.strftime("%Y-%m-%d %H:%M")
+    results: dict[str, dict[str, list[float]]] = {}
     for backbone in args.backbones.split(","):
-        results = {True: [], False: []}
-        for _ in range(2):
-            for deterministic in (True, False):
-                code = CHILD.format(root=str(ROOT), deterministic=deterministic, backbone=backbone, size=args.size, steps=args.steps)
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                results[deterministic].append(json.loads(out.stdout.strip().splitlines()[-1])["img_s"])
-                print(f"{backbone} deterministic={deterministic}: {results[deterministic][-1]:.1f} img/s", flush=True)
-        on, off = max(results[True]), max(results[False])
-        rows.append(f"| {backbone} | {on:.1f} | {off:.1f} | {on / off:.3f} |")
+        on, off = [], []
+        for pair in range(args.repeats):
+            # Alternate which setting goes first, so neither always runs on a warmer machine.
+            order = (True, False) if pair % 2 == 0 else (False, True)
+            for deterministic in order:
+                value = time_one(backbone, deterministic, args.size, args.steps)
+                (on if deterministic else off).append(value)
+                print(f"{backbone} deterministic={deterministic}: {value:.1f} img/s", flush=True)
+        results[backbone] = {"deterministic": on, "non_deterministic": off}
     OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps({"args": vars(args), "started": started, "img_s": results}, indent=1))
+    rows = []
+    for backbone, r in results.items():
+        ratios = [a / b for a, b in zip(r["deterministic"], r["non_deterministic"], strict=True)]
+        rows.append(f"| {backbone} | {spread(r['deterministic'])} | {spread(r['non_deterministic'])} | {spread(ratios, 3)} |")
     text = (
         "# Cost of TF op determinism\n\n"
-        f"`python experiments/determinism_cost.py --backbones {args.backbones} --size {args.size} --steps {args.steps}`: "
-        f"Unet, batch 8, {args.size} px, tensors in memory, best of 2 alternating runs each, one process per run.\n\n"
-        "| backbone | deterministic img/s | non-deterministic img/s | ratio |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"`python experiments/determinism_cost.py --backbones {args.backbones} --size {args.size} "
+        f"--steps {args.steps} --repeats {args.repeats}` ({started}): Unet, batch 8, {args.size} px, "
+        f"tensors in memory, {args.steps} timed steps after 3 warm-up steps, one fresh process per "
+        f"timing, {args.repeats} alternating pairs per backbone. Median (min-max) over the timings; the "
+        "ratio is deterministic / non-deterministic within each pair (below 1: determinism is slower).\n\n"
+        "| backbone | deterministic img/s | non-deterministic img/s | ratio |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
     )
     (OUT / "RESULTS.md").write_text(text)
     print(text)

@@ -13,13 +13,19 @@ SIZES = {"unet": 64, "fpn": 64, "linknet": 64, "pspnet": 48}
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", group_options("backbone"))
 def test_backbone_builds_and_predicts(backbone):
-    from segx.models import MIN_SIZE, build_model, clear_session, predict_probs
+    from segx.models import MIN_SIZE, build_model, clear_session, predict_probs, preprocessing
 
     clear_session()
     size = 96 if MIN_SIZE.get(backbone, 0) > 64 else 64
     model = build_model("unet", backbone, size)
-    probs = predict_probs(model, np.zeros((1, size, size, 3), np.uint8), backbone)
-    assert probs.shape == (1, size, size) and np.isfinite(probs).all()
+    assert model.output_shape == (None, size, size, 1)
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    probs = predict_probs(model, images, backbone)
+    # segx's compiled inference path gives what Keras itself computes on the encoder's
+    # preprocessing, for each image (not a preallocated array left unfilled).
+    expected = model.predict(preprocessing(backbone)(images.astype(np.float32)), verbose=0)[..., 0]
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert ((probs >= 0) & (probs <= 1)).all() and not np.array_equal(probs[0], probs[1])
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ from tests.conftest import ROOT, compose_config
 DATASET = ROOT.parent / "shared" / "datasets" / "dsb2018_nuclei"
 
 
+# Slow (trains a member and times every stage): `make test-slow` runs it, as the Makefile says.
+@pytest.mark.slow
 @pytest.mark.skipif(not DATASET.is_dir(), reason="the shared DSB2018 dataset is not beside the project")
 def test_bench_quick_runs_every_stage(tmp_path):
     from segx.bench import run_study

@@ -28,10 +28,23 @@ def test_every_group_option_composes(group, option, tmp_path):
         build_augmentation(cfg.augment.transforms)
 
 
-@pytest.mark.parametrize("name", ["ensemble", "predict"])
-def test_other_entry_configs_compose(name):
-    cfg = compose_config(name, [])
-    assert "mlflow" in cfg
+def test_every_entry_config_composes_resolves_and_validates():
+    from segx.data.prepare import validate_data_config
+    from segx.ensemble import validate_config as validate_ensemble
+    from segx.train import validate_config as validate_train
+
+    entries = {p.stem for p in CONF_DIR.glob("*.yaml")}
+    assert entries == {"train", "ensemble", "predict", "check", "bench"}  # a new one needs a line here
+    validate_train(compose_config("train", []))
+    validate_ensemble(compose_config("ensemble", []))
+    validate_data_config(compose_config("check", ["data.root=/somewhere"]).data)
+    bench = OmegaConf.to_container(compose_config("bench", []), resolve=True)
+    assert bench["mlflow"]["experiment_name"] == bench["profile"]["experiment_name"] != "segx"
+    predict = compose_config("predict", [])
+    missing = [k for k in ("ensemble_run_id", "input_dir", "output_dir") if OmegaConf.is_missing(predict, k)]
+    assert missing == ["ensemble_run_id", "input_dir", "output_dir"]  # the user must give them
+    for name in entries - {"predict"}:
+        OmegaConf.to_container(compose_config(name, ["data.root=/somewhere"] if name == "check" else []), resolve=True)
 
 
 def test_unknown_backbone_suggests_closest():

@@ -20,6 +20,10 @@ KINDS = ["png8", "png16", "gray", "rgba", "jpg", "tif", "zero", "junk", "truncat
          "giant", "symlink", "broken_link", "hidden", "dup_ext", "odd_mask_values", "empty_mask"]  # fmt: skip
 
 
+# Kinds whose image file cannot be read: the loader must refuse them, naming that file.
+BAD_IMAGE = {"zero", "junk", "truncated", "text", "giant", "broken_link"}
+
+
 def giant_png(width=100_000, height=100_000) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -97,13 +101,23 @@ def test_any_folder_loads_correctly_or_names_the_bad_file(tmp_path_factory, kind
     (root / "train_masks").mkdir()
     for i, kind in enumerate(kinds):
         write_case(root, i, kind, *sizes[i])
+    # The file the error must name: discovery fails on the first duplicated stem, loading on
+    # the first unreadable image (cases load in stem order).
+    duplicated = [i for i, k in enumerate(kinds) if k == "dup_ext"]
+    unreadable = [i for i, k in enumerate(kinds) if k in BAD_IMAGE]
     try:
         data = load_cases(discover_cases(root), 32)
     except SegxError as exc:
         message = str(exc)
         assert "\n" not in message
-        assert str(root) in message, message  # names the file (or folder) at fault
+        if duplicated:
+            expected = f"{root}/train_images/c{duplicated[0]}.tif: stem 'c{duplicated[0]}'"
+        else:
+            assert unreadable, f"a folder of good files was refused: {message}"
+            expected = f"{root}/train_images/c{unreadable[0]}.png: "
+        assert message.startswith(expected), (message, expected)
         return
+    assert not duplicated and not unreadable, f"loaded a folder with bad files: {kinds}"
     # Loaded: every case must carry its own image and its own mask, never a neighbour's.
     for k, stem in enumerate(data.stems):
         i = int(stem[1:])

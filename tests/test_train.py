@@ -37,7 +37,11 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     for key in ("train/loss", "val/dice", "val/iou"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [0, 1], key  # one point per epoch
-    assert 0.0 <= run.data.metrics["val/dice"] <= 1.0
+    # The best epoch's weights are restored: the Dice of the cached validation probabilities
+    # (what the ensemble searches on) is the best per-epoch val/dice, not the last epoch's.
+    curve = [m.value for m in client.get_metric_history(run.info.run_id, "val/dice")]
+    assert run.data.metrics["best/val_dice"] == max(curve)
+    assert run.data.metrics["final/val_dice"] == pytest.approx(max(curve), abs=1e-9)
     artifacts = {a.path for top in ("", "model", "predictions", "plots", "split") for a in client.list_artifacts(run.info.run_id, top or None)}
     for path in ("config.yaml", "augmentation.json", "model/weights.h5", "model/spec.json", "model/model.keras",
                  "predictions/val.npz", "predictions/test.npz", "plots/curves.png", "plots/val_cases.png"):  # fmt: skip
