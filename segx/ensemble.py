@@ -15,7 +15,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -24,9 +24,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 import segx
+from segx import cli
 from segx.config import (
-    exit_on_error,
-    preflight,
     require_choice,
     require_float,
     require_int,
@@ -34,7 +33,6 @@ from segx.config import (
 from segx.errors import SegxError
 
 log = logging.getLogger("segx.ensemble")
-RECORD_VERSION = 1
 
 
 @dataclass
@@ -47,6 +45,8 @@ class Member:
     resize_mode: str
     val: object  # segx.probs.Cached
     test: object | None
+    # split / images / masks / settings parts of the fingerprint (empty for runs of older segx)
+    fingerprint_parts: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -69,8 +69,32 @@ def validate_config(cfg: DictConfig) -> None:
         require_float(cfg, "ensemble.thresholds.step", 0.0, 1.0, high_open=False)
         if e.thresholds.stop < e.thresholds.start or e.thresholds.step <= 0:
             raise SegxError("ensemble.thresholds needs start <= stop and step > 0")
+    require_int(cfg, "ensemble.greedy_patience", 0)
+    require_float(cfg, "ensemble.greedy_min_gain", 0.0, 1.0)
+    require_int(cfg, "ensemble.optimize_evals", 1)
+    if e.postprocess:
+        for i, size in enumerate(e.postprocess_min_sizes or []):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise SegxError(f"ensemble.postprocess_min_sizes[{i}]={size!r} must be a whole number of pixels >= 0")
     if e.select == "list" and not e.run_ids and not e.members:
         raise SegxError("no members given: set ensemble.members=[resnet18,...] or ensemble.run_ids=[...]")
+    if e.train_missing:
+        # Members trained first are checked now, before the store is opened or anything created.
+        from segx.config import check_group_choices, compose
+        from segx.train import validate_config as validate_train_config
+
+        for backbone in e.members or []:
+            overrides = [*map(str, e.train_overrides), f"backbone={backbone}"]
+            check_group_choices(overrides)
+            try:
+                train_cfg = compose("train", overrides)
+            except Exception as exc:  # noqa: BLE001 - Hydra's override errors span several lines
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SegxError(f"ensemble.train_overrides={list(overrides[:-1])}: {first}") from None
+            try:
+                validate_train_config(train_cfg)
+            except SegxError as exc:
+                raise SegxError(f"ensemble.train_overrides (backbone={backbone}): {exc}") from None
 
 
 def threshold_list(cfg: DictConfig) -> list[float]:
@@ -82,17 +106,28 @@ def threshold_list(cfg: DictConfig) -> list[float]:
     return sorted({round(float(v), 4) for v in values})
 
 
-def _member_from_run(client, run, workdir: Path) -> Member:
+def _member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
+    """The member's cached probabilities under ``tta``: the ones the recorded pipeline predicts."""
     from segx import tracking
-    from segx.probs import load_cached
+    from segx.data.split import FINGERPRINT_TAGS
+    from segx.probs import cache_artifact, load_cached
 
     if run.data.tags.get(tracking.ROLE) != "member":
         raise SegxError(f"run '{run.info.run_id}' is not a segx member (tag {tracking.ROLE}); pick member runs")
     params = run.data.params
     folder = workdir / run.info.run_id
-    val = load_cached(tracking.download(client, run.info.run_id, "predictions/val.npz", folder), folder)
     try:
-        test_path = tracking.download(client, run.info.run_id, "predictions/test.npz", folder)
+        val_path = tracking.download(client, run.info.run_id, cache_artifact("val", tta), folder)
+    except SegxError:
+        if tta == "none":
+            raise
+        raise SegxError(
+            f"member {run.info.run_id} has no {tta}-TTA cache ({cache_artifact('val', tta)}; trained "
+            "before segx cached TTA probabilities); retrain it or use ensemble.tta=none"
+        ) from None
+    val = load_cached(val_path, folder)
+    try:
+        test_path = tracking.download(client, run.info.run_id, cache_artifact("test", tta), folder)
         test = load_cached(test_path, folder)
     except SegxError:
         test = None
@@ -105,41 +140,154 @@ def _member_from_run(client, run, workdir: Path) -> Member:
         resize_mode=params.get("data.resize_mode", "resize"),
         val=val,
         test=test,
+        fingerprint_parts={k: run.data.tags.get(tag, "") for k, tag in FINGERPRINT_TAGS.items()},
+    )
+
+
+def _skip_reason(run, fingerprint: str | None) -> str | None:
+    """Why ``run`` cannot be a member now (None: it can); one of a few kinds, for the report."""
+    if run.info.lifecycle_stage == "deleted":
+        return "deleted"
+    if run.info.status != "FINISHED":
+        return f"not FINISHED: {run.info.status}"
+    if fingerprint and run.data.tags.get("segx.data_fingerprint") != fingerprint:
+        return f"data fingerprint is not {fingerprint}"
+    return None
+
+
+def _id_list(ids: list[str], most: int = 5) -> str:
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more
+
+
+def _report_skipped(skipped: dict[str, list[str]]) -> None:
+    """One line per kind of run passed over, so that a smaller ensemble is never silent."""
+    import sys
+
+    for reason, ids in skipped.items():
+        runs = "run" if len(ids) == 1 else "runs"
+        print(f"segx: skipped {len(ids)} member {runs} ({reason}): {_id_list(ids)}", file=sys.stderr, flush=True)
+
+
+def _unknown_backbone(backbone: str, runs: list, experiment_name: str) -> SegxError | None:
+    """An error for a backbone that is neither trained here nor a conf/backbone file, else None."""
+    from segx.config import group_options
+    from segx.errors import suggest
+
+    configs = group_options("backbone")
+    trained = sorted({str(r.data.tags.get("segx.backbone")) for r in runs if _skip_reason(r, None) is None})
+    if backbone in configs:
+        return None
+    # A trained backbone is the likelier intent, so it is suggested before one never trained.
+    hint = suggest(backbone, trained) or suggest(backbone, configs)
+    return SegxError(
+        f"ensemble.members: unknown backbone '{backbone}' (no member run in experiment "
+        f"'{experiment_name}' and no conf/backbone/{backbone}.yaml);"
+        + (hint or f" trained here: {', '.join(trained) or 'none'}; fix the name")
     )
 
 
 def select_runs(cfg: DictConfig, client, experiment: str) -> list:
-    """The member runs named by the config, newest first where a backbone is named."""
+    """The member runs named by the config, newest first where a backbone is named.
+
+    Runs passed over (deleted, not FINISHED, another data fingerprint) are reported, one line per
+    kind. Runs named in ``ensemble.run_ids`` are used exactly: a deleted or unfinished one is
+    an error, not a skip.
+    """
     from segx import tracking
 
     e = cfg.ensemble
+    name = cfg.mlflow.experiment_name
     if e.select == "list" and e.run_ids:
         return [tracking.get_run(client, str(r)) for r in e.run_ids]
-    runs = tracking.find_runs(client, experiment, "member")
+    runs = tracking.find_runs(client, experiment, "member", status=None, deleted=True)
+    usable = [r for r in runs if _skip_reason(r, None) is None]
     fingerprint = e.data_fingerprint
+    skipped: dict[str, list[str]] = {}
     if e.select == "auto":
-        if not runs:
-            raise SegxError(f"no finished member runs in experiment '{cfg.mlflow.experiment_name}'; train some first")
-        fingerprint = fingerprint or runs[0].data.tags.get("segx.data_fingerprint")
+        if not usable:
+            raise SegxError(f"no finished member runs in experiment '{name}'; train some first")
+        fingerprint = fingerprint or usable[0].data.tags.get("segx.data_fingerprint")
         chosen, seen = [], set()
         for run in runs:  # newest first: one run per (backbone, arch)
+            reason = _skip_reason(run, fingerprint)
+            if reason:
+                skipped.setdefault(reason, []).append(run.info.run_id)
+                continue
             key = (run.data.tags.get("segx.backbone"), run.data.tags.get("segx.arch"))
-            if run.data.tags.get("segx.data_fingerprint") == fingerprint and key not in seen:
+            if key not in seen:
                 chosen.append(run)
                 seen.add(key)
+        if not chosen:
+            raise SegxError(
+                f"no finished member run in experiment '{name}' has data fingerprint "
+                f"{fingerprint}; fix ensemble.data_fingerprint or set it to null"
+            )
+        _report_skipped(skipped)
         return chosen
     chosen = []
-    for backbone in e.members:
-        matches = [r for r in runs if r.data.tags.get("segx.backbone") == str(backbone)]
-        if fingerprint:
-            matches = [r for r in matches if r.data.tags.get("segx.data_fingerprint") == fingerprint]
-        if not matches:
+    for backbone in map(str, e.members):
+        mine = [r for r in runs if r.data.tags.get("segx.backbone") == backbone]
+        if not mine:
+            unknown = _unknown_backbone(backbone, runs, name)
+            if unknown:
+                raise unknown
+        passed: dict[str, list[str]] = {}
+        pick = None
+        for run in mine:  # newest first; report only the newer runs passed over
+            reason = _skip_reason(run, fingerprint)
+            if reason is None:
+                pick = run
+                break
+            passed.setdefault(reason, []).append(run.info.run_id)
+        if pick is None:
+            why = "; ".join(f"{len(ids)} {reason}: {_id_list(ids)}" for reason, ids in passed.items())
             raise SegxError(
-                f"no FINISHED member run with backbone '{backbone}' in experiment "
-                f"'{cfg.mlflow.experiment_name}'; train it: python -m segx.train backbone={backbone}"
+                f"no FINISHED member run with backbone '{backbone}' in experiment '{name}'"
+                + (f" ({why})" if why else "")
+                + f"; train it: python -m segx.train backbone={backbone}"
             )
-        chosen.append(matches[0])
+        for reason, ids in passed.items():
+            skipped.setdefault(reason, []).extend(ids)
+        chosen.append(pick)
+    _report_skipped(skipped)
     return chosen
+
+
+def _settings_difference(a: str, b: str) -> str:
+    """'data.mask_threshold 0 vs 127' from two 'key=value ...' settings strings."""
+    da = dict(item.split("=", 1) for item in a.split())
+    db = dict(item.split("=", 1) for item in b.split())
+    keys = [k for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
+    return ", ".join(f"data.{k} {da.get(k, '?')} vs {db.get(k, '?')}" for k in keys) or f"{a} vs {b}"
+
+
+def _fingerprint_difference(a: Member, b: Member) -> str:
+    """Which part of the data differs between two members, and what to do about it."""
+    pa, pb = a.fingerprint_parts, b.fingerprint_parts
+    if not pa.get("split") or not pb.get("split"):
+        old = a if not pa.get("split") else b
+        return (
+            f"fingerprints {a.fingerprint} vs {b.fingerprint}; {old.run_id} was trained by an older "
+            "segx that did not record which part of the data differs: retrain it"
+        )
+    if pa["split"] != pb["split"]:
+        return (
+            f"different splits (split fingerprints {pa['split']} vs {pb['split']}); retrain one "
+            "with the other's data.split_file"
+        )
+    changed = [k for k in ("images", "masks") if pa.get(k) != pb.get(k)]
+    if changed:
+        return (
+            f"same split, different file contents: the {' and '.join(changed)} changed between "
+            "the trainings; retrain the older member on the current files"
+        )
+    if pa.get("settings") != pb.get("settings"):
+        return (
+            f"same files, read differently ({_settings_difference(pa['settings'], pb['settings'])}); "
+            "retrain one with the other's data settings"
+        )
+    return f"fingerprints {a.fingerprint} vs {b.fingerprint}; retrain one on the same data"
 
 
 def check_compatible(members: list[Member]) -> None:
@@ -154,8 +302,7 @@ def check_compatible(members: list[Member]) -> None:
         if m.fingerprint != ref.fingerprint:
             raise SegxError(
                 f"members {ref.run_id} ({ref.label}) and {m.run_id} ({m.label}) were trained on "
-                f"different splits or data (fingerprints {ref.fingerprint} vs {m.fingerprint}); "
-                "retrain one on the same data/split"
+                f"different data: {_fingerprint_difference(ref, m)}"
             )
         if m.val.stems != ref.val.stems:
             raise SegxError(f"members {ref.run_id} and {m.run_id} have different validation cases; retrain on one split")
@@ -174,14 +321,15 @@ def _test_table(members: list[Member], weights, threshold, post):
     """Per-case test metrics for each method: a long DataFrame."""
     from segx.metrics import case_metrics
     from segx.postprocess import PostProcess, apply
-    from segx.probs import binarize, combine
+    from segx.probs import Weights, binarize, combine
     from segx.search import majority_vote
 
     test = members[0].test
     truth = test.masks
     probs = [m.test.probs for m in members]
+    weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
     methods = {f"member:{m.label}": (lambda i=i: probs[i][:] >= 128) for i, m in enumerate(members)}
-    equal = [1.0 / len(members)] * len(members)
+    equal = Weights((1,) * len(members), len(members))
     methods["equal-weights"] = lambda: binarize(combine(probs, equal), 0.5)
     methods["majority-vote"] = lambda: majority_vote(probs)
     methods["ensemble (no post-processing)"] = lambda: binarize(combine(probs, weights), threshold)
@@ -213,10 +361,10 @@ def choose_postprocess(members, weights, threshold, min_sizes, tolerance):
     """Post-processing picked on validation only; identity unless a gain exceeds ``tolerance``."""
     from segx.metrics import dice_per_case
     from segx.postprocess import apply, candidates
-    from segx.probs import binarize, combine
+    from segx.probs import Weights, binarize, combine
 
     probs = [m.val.probs for m in members]
-    pred = binarize(combine(probs, weights), threshold)
+    pred = binarize(combine(probs, Weights.of(weights)), threshold)
     truth = members[0].val.masks
     results = [(p, float(dice_per_case(apply(pred, p), truth).mean())) for p in candidates([0, *min_sizes])]
     base = results[0][1]
@@ -245,9 +393,12 @@ def run_search(cfg: DictConfig, members: list[Member]) -> dict:
     for b, m in zip(base, members, strict=False):
         b.name = f"member:{m.label}"
     chosen = search.choose([*base, result.best], float(e.tolerance))
-    weights = [float(w) for w in chosen.weights]
-    # The reported validation Dice goes through the prediction path, bit for bit.
+    weights = chosen.weights  # segx.probs.Weights: exact counts, what the record stores
+    # The search scored the candidate in prediction's arithmetic; the prediction path itself
+    # must give the same number to the last bit.
     val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
+    if val_dice != chosen.val_dice:
+        raise RuntimeError(f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report")
     post, post_results = (
         choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), float(e.tolerance))
         if e.postprocess else (None, [])
@@ -265,9 +416,11 @@ def run_search(cfg: DictConfig, members: list[Member]) -> dict:
 
 def make_record(cfg: DictConfig, members: list[Member], found: dict) -> dict:
     from segx.provenance import git_sha
+    from segx.record import RECORD_VERSION, weight_fields
 
     sha, dirty = git_sha()
     chosen = found["chosen"]
+    per_member, weight_total = weight_fields(found["weights"])
     return {
         "format": "segx-ensemble",
         "version": RECORD_VERSION,
@@ -278,10 +431,10 @@ def make_record(cfg: DictConfig, members: list[Member], found: dict) -> dict:
         "image_size": members[0].image_size,
         "resize_mode": members[0].resize_mode,
         "members": [
-            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, "weight": w,
-             "model_artifact": "model"}
-            for m, w in zip(members, found["weights"], strict=True)
-        ],  # fmt: skip
+            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model"}
+            for m, w in zip(members, per_member, strict=True)
+        ],
+        **weight_total,
         "threshold": chosen.threshold,
         "postprocess": found["postprocess"].to_dict(),
         "tta": str(cfg.ensemble.tta),
@@ -345,7 +498,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         train_missing_members(cfg, client, experiment)
     runs = select_runs(cfg, client, experiment)
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
-    members = [_member_from_run(client, run, cache) for run in runs]
+    members = [_member_from_run(client, run, cache, str(cfg.ensemble.tta)) for run in runs]
     check_compatible(members)
     if any(m.test is None for m in members):
         raise SegxError(f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain")
@@ -442,18 +595,14 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ensemble")
+@cli.task
 def _hydra_main(cfg: DictConfig) -> float:
-    try:
-        return float(build_ensemble(cfg)["val_dice"])
-    except SegxError as exc:
-        exit_on_error(exc)
-    return float("nan")
+    """The ensemble's validation Dice, for sweepers."""
+    return float(build_ensemble(cfg)["val_dice"])
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    preflight("ensemble")
-    _hydra_main()
+    cli.run(_hydra_main, "ensemble")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from segx.errors import SegxError
+from segx.errors import SegxError, suggest
 
 
 def describe(client, run_id: str) -> str:
@@ -48,19 +48,30 @@ def describe(client, run_id: str) -> str:
     return "\n".join(lines)
 
 
+USAGE = "usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]"
+
+
+def run_info(argv: list[str]) -> None:
+    """Print :func:`describe` for the ``run_id=`` given; reads the store, never writes it."""
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("run_id", "mlflow.tracking_uri"):
+            hint = suggest(key, ["run_id", "mlflow.tracking_uri"]) if sep else ""
+            raise SegxError(f"unknown argument '{arg}';{hint} {USAGE}")
+        args[key] = value
+    if not args.get("run_id"):
+        raise SegxError(USAGE)
+    from segx import tracking
+
+    client = tracking.connect(args.get("mlflow.tracking_uri", "sqlite:///outputs/mlflow.db"), create=False)
+    print(describe(client, args["run_id"]))
+
+
 def main() -> None:
-    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
-    from segx.config import exit_on_error
+    from segx import cli
 
-    try:
-        if "run_id" not in args:
-            raise SegxError("usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]")
-        from segx import tracking
-
-        client = tracking.connect(args.get("mlflow.tracking_uri", "sqlite:///outputs/mlflow.db"))
-        print(describe(client, args["run_id"]))
-    except SegxError as exc:
-        exit_on_error(exc)
+    cli.run(lambda: run_info(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ LOSSES: Mapping[str, Callable] = {
     "jaccard": lambda: sm.losses.JaccardLoss(),
 }
 INFERENCE_BATCH = 8
+# Test-time augmentation modes of predict_probs; members cache probabilities for each of them.
+TTA_MODES = ("none", "flip")
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fixed, so cached and rebuilt predictions go through identical kernels
 
 
@@ -209,20 +211,46 @@ def preprocessing(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def predict_probs(model, images: np.ndarray, backbone: str, tta: str = "none") -> np.ndarray:
-    """Foreground probabilities float32 (N, S, S) for uint8 RGB images (N, S, S, 3)."""
+    """Foreground probabilities float32 (N, S, S) for uint8 RGB images (N, S, S, 3).
+
+    ``tta='flip'``: the mean of the plain pass and the width- and height-flipped passes, each
+    flipped back. Same code as :func:`predict_probs_modes`, so it is bit for bit what a member
+    caches at training time for the ensemble search.
+    """
+    return predict_probs_modes(model, images, backbone, (tta,))[tta]
+
+
+def predict_probs_modes(model, images: np.ndarray, backbone: str, modes=TTA_MODES) -> dict[str, np.ndarray]:
+    """``{mode: predict_probs(model, images, backbone, mode)}`` for several TTA modes at once.
+
+    The plain forward pass of each batch is run once and shared by every mode (flip TTA then
+    costs two extra passes, not three); each mode goes through the same operations, in the same
+    order, as a call for that mode alone, so the results are identical to it.
+    """
+    for mode in modes:
+        if mode not in TTA_MODES:
+            raise SegxError(f"tta='{mode}' is not valid; use one of {', '.join(TTA_MODES)}")
     prep = preprocessing(backbone)
-    out = np.zeros(images.shape[:3], np.float32)
+    out = {mode: np.zeros(images.shape[:3], np.float32) for mode in modes}
     for start in range(0, len(images), INFERENCE_BATCH):
         batch = prep(images[start : start + INFERENCE_BATCH].astype(np.float32))
-        probs = _predict(model, batch)
-        if tta == "flip":
-            probs = probs + _predict(model, batch[:, :, ::-1])[:, :, ::-1]
-            probs = probs + _predict(model, batch[:, ::-1])[:, ::-1]
-            probs = probs / 3.0
-        elif tta != "none":
-            raise SegxError(f"tta='{tta}' is not valid; use 'none' or 'flip'")
-        out[start : start + len(batch)] = probs
+        plain = _predict(model, batch)
+        for mode in modes:
+            out[mode][start : start + len(batch)] = _with_tta(model, batch, plain, mode)
     return out
+
+
+def _with_tta(model, batch: np.ndarray, plain: np.ndarray, mode: str) -> np.ndarray:
+    """One batch's probabilities under ``mode``; ``plain`` is ``_predict(model, batch)``.
+
+    Axes: ``batch`` is (N, H, W, C) and the outputs (N, H, W), so axis 2 is width and axis 1
+    height in both; each flipped pass is flipped back along the axis it was flipped on.
+    """
+    if mode == "none":
+        return plain
+    flipped_w = _predict(model, batch[:, :, ::-1])[:, :, ::-1]
+    flipped_h = _predict(model, batch[:, ::-1])[:, ::-1]
+    return (plain + flipped_w + flipped_h) / np.float32(3.0)
 
 
 def _predict(model, batch: np.ndarray) -> np.ndarray:

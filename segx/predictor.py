@@ -1,8 +1,9 @@
 """A rebuilt ensemble that predicts masks: used by ``segx.predict`` and the MLflow pyfunc model.
 
 Members predict at the recorded input size; their probabilities are quantised and combined
-exactly as in the weight search (:func:`segx.probs.combine`), thresholded, post-processed at
-that size, then brought back to each input's own size.
+with the record's integer weights in the arithmetic the weight search scored
+(:func:`segx.probs.combine`, :func:`segx.probs.binarize`), post-processed at that size, then
+brought back to each input's own size.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 from segx.data.folder import from_model_size, to_model_size
 from segx.models import load_member, predict_probs
 from segx.postprocess import PostProcess, apply
-from segx.probs import binarize, combine, quantize
-from segx.record import validate_record
+from segx.probs import Score, binarize, combine, quantize
+from segx.record import record_weights, validate_record
 
 
 @dataclass
@@ -36,14 +37,14 @@ class EnsemblePredictor:
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
         self.members = record["members"]
-        self.weights = [float(m["weight"]) for m in self.members]
+        self.weights = record_weights(record)  # exact counts over a denominator
         self.threshold = float(record["threshold"])
         self.size = int(record["image_size"])
         self.resize_mode = record.get("resize_mode", "resize")
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
         # Members with weight 0 cannot change the output: skip loading and running them.
-        self.models = [load_member(p) if w > 0 else None for p, w in zip(model_paths, self.weights, strict=True)]
+        self.models = [load_member(p) if k > 0 else None for p, k in zip(model_paths, self.weights.counts, strict=True)]
 
     def member_probs(self, images: np.ndarray) -> list[np.ndarray | None]:
         """uint8 (N, S, S) probabilities per member (None for weight 0) for uint8 (N, S, S, 3)."""
@@ -52,12 +53,12 @@ class EnsemblePredictor:
             for model, m in zip(self.models, self.members, strict=True)
         ]
 
-    def score_model_size(self, images: np.ndarray) -> tuple[np.ndarray, list]:
-        """Ensemble score float32 (N, S, S) on the 0..255 scale, and the member probabilities."""
+    def score_model_size(self, images: np.ndarray) -> tuple[Score, list]:
+        """Exact ensemble score (N, S, S) (:class:`segx.probs.Score`) and the member probabilities."""
         probs = self.member_probs(images)
-        used = [(p, w) for p, w in zip(probs, self.weights, strict=True) if p is not None]
-        score = combine([p for p, _ in used], [w for _, w in used])
-        return score, probs
+        # Members with count 0 add nothing: all members, with their counts, give the same sum.
+        filled = [np.zeros(images.shape[:3], np.uint8) if p is None else p for p in probs]
+        return combine(filled, self.weights), probs
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict uint8 RGB images of any size (H, W, 3); grayscale (H, W) is accepted too."""
@@ -65,9 +66,10 @@ class EnsemblePredictor:
         batch = np.stack([to_model_size(np.asarray(im, np.uint8), self.size, self.resize_mode, False) for im in images])
         score, probs = self.score_model_size(batch)
         masks = apply(binarize(score, self.threshold), self.post)
-        used = [(p.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights, strict=True) if p is not None]
-        mean = score / 255.0
-        spread = np.sqrt(sum(w * (p - mean) ** 2 for p, w in used) / max(sum(w for _, w in used), 1e-12))
+        # Maps for people (not masks): the exact mean score / (255 D) and the weighted spread.
+        mean = score.probability()
+        used = [(p.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights.floats, strict=True) if p is not None]
+        spread = np.sqrt(sum(w * (p - mean) ** 2 for p, w in used))
         out = []
         for i, image in enumerate(images):
             original = image.shape[:2]

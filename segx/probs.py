@@ -1,17 +1,21 @@
 """Cached member probabilities and the one way segx combines them (numpy only).
 
 A member's probabilities are stored as ``uint8 (N, S, S)`` (p * 255, rounded) in an ``.npz``
-with ``stems`` and bit-packed ground-truth ``masks``. The weight search and prediction both
-combine members with :func:`combine` on these quantised values, so a rebuilt ensemble
-reproduces the searched one bit for bit.
+with ``stems`` and bit-packed ground-truth ``masks``. Ensemble weights are whole counts over a
+denominator (:class:`Weights`), so the combined score ``sum_m k_m p_m`` is an exact integer and
+a pixel is foreground iff ``score >= ceil(t * 255 * D)`` (:func:`cut`). The weight search
+scores every candidate with this arithmetic and prediction uses :func:`combine` and
+:func:`binarize`, so a rebuilt ensemble reproduces the searched masks bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +28,159 @@ def quantize(probs: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(probs, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
-def combine(member_probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted average of uint8 probability maps -> float32 score on the 0..255 scale.
+# Scores are int32 sums ``sum_m k_m p_m <= 255 * D``; this keeps them far from overflow.
+MAX_DENOMINATOR = 1_000_000
+# Float weights that are not short decimals (1/3 written as 0.3333333333333333, the greedy
+# bag 2/7 written as a float) are read as the nearest fraction with at most this denominator
+# when that fraction is the float's value to rounding error.
+_SMALL_DENOMINATOR = 1000
 
-    Accumulates in member order in float32; callers threshold with ``score >= t * 255``.
+
+def _decimal(value: float) -> Fraction:
+    """The number as written: ``repr`` of the float, so 0.4 is 2/5 and not 0.400000000000000022."""
+    return Fraction(repr(float(value)))
+
+
+def _lcm(values) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Ensemble weights as whole counts over one denominator: ``w_m = counts[m] / denominator``.
+
+    Every weighting segx searches is a fraction (a grid point k/D, a greedy bag of D picks,
+    equal weights 1/M, Nelder-Mead rounded to thousandths), so scores are exact integers and
+    search and prediction cannot disagree on a pixel whose score sits on the threshold.
     """
+
+    counts: tuple[int, ...]
+    denominator: int
+
+    def __post_init__(self) -> None:
+        counts = tuple(int(k) for k in self.counts)
+        if not counts or any(k < 0 for k in counts) or any(int(k) != k for k in self.counts):
+            raise ValueError(f"weight counts must be non-negative integers, got {self.counts}")
+        if not 1 <= self.denominator <= MAX_DENOMINATOR or sum(counts) != self.denominator:
+            raise ValueError(f"weight counts {counts} must sum to the denominator {self.denominator} (1..{MAX_DENOMINATOR})")
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "denominator", int(self.denominator))
+
+    @property
+    def floats(self) -> list[float]:
+        """The weights as floats, for display and plots (never for scoring)."""
+        return [k / self.denominator for k in self.counts]
+
+    # A sequence of float weights for display (``len``, indexing, iteration, ``np.asarray``);
+    # scoring reads ``counts`` and ``denominator``.
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i):
+        return self.floats[i]
+
+    def __iter__(self):
+        return iter(self.floats)
+
+    @classmethod
+    def of(cls, weights: Weights | Sequence[float]) -> Weights:
+        """``weights`` as is, or floats read by :meth:`from_floats`."""
+        return weights if isinstance(weights, Weights) else cls.from_floats(weights)
+
+    @classmethod
+    def rounded(cls, weights: Sequence[float], denominator: int) -> Weights:
+        """Non-negative float weights rounded to counts over ``denominator`` that sum to it
+        exactly (largest remainder: floor each share, then give the leftover units to the
+        largest fractional parts, ties to the lower index)."""
+        w = np.asarray(weights, np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {list(w)}")
+        share = w / w.sum() * denominator
+        counts = np.floor(share).astype(np.int64)
+        left = denominator - int(counts.sum())
+        order = sorted(range(len(w)), key=lambda i: (-(share[i] - counts[i]), i))
+        for i in order[:left]:
+            counts[i] += 1
+        return cls(tuple(int(k) for k in counts), denominator)
+
+    @classmethod
+    def from_floats(cls, weights: Sequence[float]) -> Weights:
+        """Float weights (a hand-written or version-1 record, a caller's list) as counts.
+
+        1. Each weight as the decimal it prints as (0.3 is 3/10); used when they sum to 1.
+        2. Else the nearest fractions with denominators up to 1000, when each equals its float
+           to rounding error and they sum to 1 (1/3, 2/7 written as floats).
+        3. Else rounded to millionths (largest remainder), after dividing by their sum.
+        Every weighting segx itself writes is read back exactly by step 1 or 2.
+        """
+        values = [float(w) for w in weights]
+        if not values or any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {values}")
+        for fractions in (
+            [_decimal(w) for w in values],
+            [Fraction(w).limit_denominator(_SMALL_DENOMINATOR) for w in values],
+        ):
+            close = all(abs(f - Fraction(w)) <= 1e-12 * max(1.0, w) for f, w in zip(fractions, values, strict=True))
+            if close and sum(fractions) == 1:
+                denominator = _lcm(f.denominator for f in fractions)
+                if denominator <= MAX_DENOMINATOR:
+                    return cls(tuple(int(f * denominator) for f in fractions), denominator)
+        return cls.rounded(values, MAX_DENOMINATOR)
+
+
+def cut(threshold: float, denominator: int) -> int:
+    """Smallest integer score that is foreground: ``ceil(t * 255 * D)``, with ``t`` read as the
+    decimal it prints as (0.4 means 2/5), so ``score >= cut`` is exactly ``score / D >= 255 t``."""
+    t = _decimal(threshold)
+    if not 0 <= t <= 1:
+        raise ValueError(f"threshold {threshold} must be in [0, 1]")
+    return math.ceil(t * 255 * denominator)
+
+
+@dataclass
+class Score:
+    """Ensemble score: ``values`` int32 = sum_m k_m p_m over uint8 member probabilities, on the
+    0..255 * ``denominator`` scale (exact integers)."""
+
+    values: np.ndarray
+    denominator: int
+
+    def probability(self) -> np.ndarray:
+        """The weighted mean probability in [0, 1], float32 (for maps; masks use :func:`binarize`)."""
+        return (self.values / (255.0 * self.denominator)).astype(np.float32)
+
+
+def combine(member_probs: Sequence[np.ndarray], weights: Weights | Sequence[float]) -> Score:
+    """Weighted sum of uint8 probability maps in exact integer arithmetic.
+
+    ``weights``: :class:`Weights`, or floats read by :meth:`Weights.from_floats`. The search
+    scores every candidate with this same arithmetic (:mod:`segx.search`).
+    """
+    weights = Weights.of(weights)
     if len(member_probs) != len(weights):
         raise ValueError("one weight per member")
-    score = np.zeros(np.shape(member_probs[0]), np.float32)
-    for probs, weight in zip(member_probs, weights, strict=True):
-        if weight:
-            score += np.float32(weight) * np.asarray(probs, np.float32)
-    return score
+    values = np.zeros(np.shape(member_probs[0]), np.int32)
+    for probs, count in zip(member_probs, weights.counts, strict=True):
+        probs = np.asarray(probs)
+        if probs.dtype != np.uint8:
+            raise ValueError(f"member probabilities must be uint8 (quantize them), got {probs.dtype}")
+        if count:
+            values += np.int32(count) * probs.astype(np.int32)
+    return Score(values, weights.denominator)
 
 
-def threshold_value(threshold: float) -> np.float32:
-    return np.float32(threshold * 255.0)
+def binarize(score: Score, threshold: float) -> np.ndarray:
+    """Foreground where the weighted mean probability is at least ``threshold``, exactly."""
+    return score.values >= cut(threshold, score.denominator)
 
 
-def binarize(score: np.ndarray, threshold: float) -> np.ndarray:
-    return score >= threshold_value(threshold)
+def cache_artifact(role: str, tta: str = "none") -> str:
+    """Artifact path of a member's cached ``role`` ('val' or 'test') probabilities under ``tta``:
+    ``predictions/val.npz`` (no TTA), ``predictions/val_tta-flip.npz`` (flip TTA), ..."""
+    return f"predictions/{role}.npz" if tta == "none" else f"predictions/{role}_tta-{tta}.npz"
 
 
 def save_cached(

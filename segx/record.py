@@ -1,4 +1,13 @@
-"""The ``ensemble.json`` record: validation of a (possibly hand-written) record. No heavy imports."""
+"""The ``ensemble.json`` record: validation of a (possibly hand-written) record. No heavy imports.
+
+Weights. Version 2 (written since segx stores exact weights) gives each member a whole
+``weight_count`` over the record's ``weight_denominator`` (the ensemble computes
+``sum_m count_m * p_m`` in integers), plus ``weight`` = count / denominator for people to read.
+Version 1 records and hand-written records without counts give float ``weight`` only; they are
+read with :meth:`segx.probs.Weights.from_floats` (0.3 means 3/10, a float 1/3 means 1/3, other
+floats are rounded to millionths), so an old record keeps working and a grid, greedy or equal
+weighting it recorded is read back exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,28 @@ import math
 from typing import Any
 
 from segx.errors import SegxError
+from segx.probs import MAX_DENOMINATOR, Weights
 
 REQUIRED = ("members", "threshold", "image_size")
+RECORD_VERSION = 2
+_VERSIONS = (1, 2)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
 
 
 def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     """Check a record's structure; raise a one-line error naming the field and the fix."""
     if not isinstance(record, dict) or record.get("format") != "segx-ensemble":
         raise SegxError(f"{where}: not a segx ensemble record (format must be 'segx-ensemble')")
+    version = record.get("version", 1)
+    if version not in _VERSIONS:
+        raise SegxError(f"{where}: record version {version!r} is not one this segx reads ({_VERSIONS}); upgrade segx")
     for key in REQUIRED:
         if key not in record:
             raise SegxError(f"{where}: missing '{key}'; rebuild the record with python -m segx.ensemble")
@@ -25,14 +48,52 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
         if not isinstance(m, dict) or not m.get("run_id") or not m.get("backbone"):
             raise SegxError(f"{where}: members[{i}] needs 'run_id', 'backbone' and 'weight'")
         w = m.get("weight")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if not _is_number(w) or w < 0:
             raise SegxError(f"{where}: members[{i}].weight={w!r} must be a non-negative number")
         weights.append(float(w))
-    if abs(sum(weights) - 1.0) > 1e-6:
+    if "weight_denominator" in record:
+        _validate_counts(record, where)
+    elif version >= 2:
+        raise SegxError(f"{where}: version {version} record without 'weight_denominator'; rebuild it with python -m segx.ensemble")
+    elif abs(sum(weights) - 1.0) > 1e-6:
         raise SegxError(f"{where}: member weights sum to {sum(weights):.6f}, not 1; divide each by their sum")
     t = record["threshold"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+    if not _is_number(t) or not 0 <= t <= 1:
         raise SegxError(f"{where}: threshold={t!r} must be a number in [0, 1]")
     if record.get("tta", "none") not in ("none", "flip"):
         raise SegxError(f"{where}: tta={record.get('tta')!r} must be 'none' or 'flip'")
     return record
+
+
+def _validate_counts(record: dict, where: str) -> None:
+    denominator = record["weight_denominator"]
+    if not _is_count(denominator) or not 1 <= denominator <= MAX_DENOMINATOR:
+        raise SegxError(f"{where}: weight_denominator={denominator!r} must be a whole number in 1..{MAX_DENOMINATOR}")
+    counts = []
+    for i, m in enumerate(record["members"]):
+        k = m.get("weight_count")
+        if not _is_count(k) or k < 0:
+            raise SegxError(f"{where}: members[{i}].weight_count={k!r} must be a whole number >= 0 (its weight times weight_denominator)")
+        if abs(float(m["weight"]) - k / denominator) > 1e-6:
+            # The count is what the ensemble computes with; a weight edited alone would be ignored.
+            raise SegxError(
+                f"{where}: members[{i}].weight={m['weight']!r} disagrees with weight_count/weight_denominator="
+                f"{k}/{denominator}; edit both (or drop weight_count and weight_denominator to give float weights)"
+            )
+        counts.append(k)
+    if sum(counts) != denominator:
+        raise SegxError(f"{where}: weight_count values sum to {sum(counts)}, not weight_denominator={denominator}; make them add up")
+
+
+def record_weights(record: dict) -> Weights:
+    """The exact weights of a validated record (see the module docstring for version 1)."""
+    members = record["members"]
+    if "weight_denominator" in record:
+        return Weights(tuple(int(m["weight_count"]) for m in members), int(record["weight_denominator"]))
+    return Weights.from_floats([float(m["weight"]) for m in members])
+
+
+def weight_fields(weights: Weights) -> tuple[list[dict], dict]:
+    """Per-member and top-level record fields for ``weights`` (what make_record writes)."""
+    per_member = [{"weight": w, "weight_count": k} for w, k in zip(weights.floats, weights.counts, strict=True)]
+    return per_member, {"weight_denominator": weights.denominator}

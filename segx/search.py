@@ -1,35 +1,38 @@
 """Ensemble weight and threshold search on cached validation probabilities (numpy only).
 
-The objective is the mean per-case Dice of ``combine(probs, w) >= t * 255`` over validation
-cases, for weights on the simplex and thresholds from a fixed list.
+The objective is the mean per-case Dice of ``binarize(combine(probs, w), t)`` over validation
+cases, for weights on the simplex and thresholds from a fixed list. Every candidate is a
+:class:`segx.probs.Weights`: whole counts k_m over a denominator D (a grid point, a greedy bag
+of D picks, equal weights, Nelder-Mead's weights rounded to thousandths). Its score
+``sum_m k_m p_m`` is an exact integer and a pixel is foreground iff the score reaches
+``ceil(t * 255 * D)``: the arithmetic of :func:`segx.probs.combine` and
+:func:`segx.probs.binarize`, so every Dice the search reports is, bit for bit, the Dice of the
+prediction path on the same cached probabilities.
 
-Speed comes from one exact reduction: for weights on the simplex the combined score of a
-pixel lies between the smallest and the largest member probability, so a pixel on which every
-member is below the lowest threshold (or above the highest) is decided for every candidate.
-Those pixels are counted once; only the rest (typically 5-20 per cent, near boundaries and
-where members disagree) are kept, as ``uint8 (M, K)``. Grid points, greedy bags and equal
-weights are fractions k_m / D, so their scores ``sum_m k_m p_m`` are exact integers binned by a
-lookup table; arbitrary weights (Nelder-Mead) use the float32 arithmetic of
-:func:`segx.probs.combine`. Per-case counts per threshold come from one ``bincount`` per block of
-candidates. The validation Dice recorded for the chosen ensemble is always recomputed through
-:func:`segx.probs.combine`, the path prediction uses.
+Speed comes from one exact reduction: for weights on the simplex the score divided by D lies
+between the smallest and the largest member probability, so a pixel on which every member is
+below the lowest threshold (or at or above the highest) is decided for every candidate. Those
+pixels are counted once; only the rest (typically 5-20 per cent, near boundaries and where
+members disagree) are kept, as ``uint8 (M, K)``. A lookup table turns integer scores into
+threshold bins, and one ``bincount`` per pair of candidates counts pixels per (case, truth,
+bin of the first, bin of the second).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from segx.errors import SegxError
 from segx.metrics import dice_counts, dice_per_case
-from segx.probs import binarize, combine, threshold_value
+from segx.probs import Weights, binarize, combine, cut
 
-# A float32 weighted average can exceed its largest input by a few ulps; keep a margin.
-_MARGIN = 1e-3
+# Nelder-Mead's continuous weights are rounded to counts over this denominator before scoring.
+OPTIMIZE_DENOMINATOR = 1000
 
 
 @dataclass
@@ -37,7 +40,8 @@ class Compact:
     """Validation data reduced to the pixels a candidate can still change.
 
     probs: uint8 (M, K); truth: bool (K,); segment: int (K,) index into ``cases`` (sorted);
-    cases: (S,) case index of each segment; fixed_tp, fixed_pp, true_sum: int64 (N,).
+    cases: (S,) case index of each segment; fixed_tp, fixed_pp, true_sum: int64 (N,);
+    thresholds: sorted float64 (T,).
     """
 
     probs: np.ndarray
@@ -70,11 +74,16 @@ def compact(
 ) -> Compact:
     """Reduce members' uint8 (N, H, W) maps (memory-mapped is fine) and truth (N, H, W).
 
-    Reads ``chunk`` cases at a time, so memory stays bounded by the kept pixels.
+    Reads ``chunk`` cases at a time, so memory stays bounded by the kept pixels. Exact: a
+    candidate's score over D lies in [lo, hi] (the members' smallest and largest probability),
+    so ``hi < 255 t_min`` is background and ``lo >= 255 t_max`` foreground for every candidate
+    and threshold, with the thresholds read as :func:`segx.probs.cut` reads them.
     """
-    thresholds = np.asarray(sorted(thresholds), np.float64)
-    low = float(threshold_value(thresholds[0])) - _MARGIN
-    high = float(threshold_value(thresholds[-1])) + _MARGIN
+    thresholds = np.asarray(sorted(float(t) for t in thresholds), np.float64)
+    if not len(thresholds):
+        raise SegxError("the threshold list is empty; set ensemble.thresholds or ensemble.threshold")
+    low = cut(thresholds[0], 1)  # smallest uint8 probability that reaches the lowest threshold
+    high = cut(thresholds[-1], 1)  # every probability at least this reaches every threshold
     n = len(truth)
     fixed_tp = np.zeros(n, np.int64)
     fixed_pp = np.zeros(n, np.int64)
@@ -82,21 +91,28 @@ def compact(
     kept_probs, kept_truth, kept_case = [], [], []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        stack = np.stack([np.asarray(p[start:stop]).reshape(stop - start, -1) for p in member_probs])
+        maps = [np.asarray(p[start:stop], np.uint8).reshape(-1) for p in member_probs]
         gt = np.asarray(truth[start:stop], bool).reshape(stop - start, -1)
-        lo, hi = stack.min(axis=0), stack.max(axis=0)
-        positive = lo > high  # above every threshold for every convex combination
-        uncertain = (hi >= low) & ~positive
-        fixed_pp[start:stop] = positive.sum(axis=1)
-        fixed_tp[start:stop] = (positive & gt).sum(axis=1)
-        true_sum[start:stop] = gt.sum(axis=1)
-        rows, cols = np.nonzero(uncertain)
-        kept_probs.append(stack[:, rows, cols])
-        kept_truth.append(gt[rows, cols])
-        kept_case.append(rows + start)
-    probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((len(member_probs), 0), np.uint8)
+        lo, hi = maps[0].copy(), maps[0].copy()
+        for m in maps[1:]:
+            np.minimum(lo, m, out=lo)
+            np.maximum(hi, m, out=hi)
+        positive = (lo >= high).reshape(gt.shape)
+        uncertain = (hi >= low) & (lo < high)
+        fixed_pp[start:stop] = np.count_nonzero(positive, axis=1)
+        fixed_tp[start:stop] = np.count_nonzero(positive & gt, axis=1)
+        true_sum[start:stop] = np.count_nonzero(gt, axis=1)
+        flat = np.flatnonzero(uncertain)
+        kept_probs.append(np.stack([m[flat] for m in maps]))
+        kept_truth.append(gt.reshape(-1)[flat])
+        kept_case.append(flat // gt.shape[1] + start)
+    m = len(member_probs)
+    probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((m, 0), np.uint8)
     case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
-    cases, segment = np.unique(case_of_pixel, return_inverse=True)
+    # Pixels come in case order: a segment starts wherever the case changes.
+    starts = np.ones(len(case_of_pixel), bool)
+    starts[1:] = case_of_pixel[1:] != case_of_pixel[:-1]
+    cases, segment = case_of_pixel[starts], np.cumsum(starts) - 1
     return Compact(
         probs=probs,
         truth=np.concatenate(kept_truth) if kept_truth else np.zeros(0, bool),
@@ -110,84 +126,135 @@ def compact(
     )
 
 
-def _histogram_base(data: Compact) -> np.ndarray:
-    """Per pixel (segment, truth) part of the histogram index, bins leave room between."""
-    n_thr = len(data.thresholds)
-    return (data.segment.astype(np.int64) * (n_thr + 1)) * 2 + data.truth.astype(np.int64)
+def bin_table(thresholds: Sequence[float], denominator: int) -> np.ndarray:
+    """For every integer score 0..255*D, how many of the (sorted) thresholds it reaches."""
+    cuts = [cut(t, denominator) for t in thresholds]
+    dtype = np.uint8 if len(cuts) < 256 else np.uint16
+    return np.searchsorted(cuts, np.arange(255 * denominator + 1), side="right").astype(dtype)
 
 
-def _offsets(data: Compact, c: int) -> np.ndarray:
-    """(c, K) int64 histogram index without the bins: pixel base plus a block per candidate.
+def _score_dtype(denominator: int):
+    return np.uint16 if 255 * denominator <= np.iinfo(np.uint16).max else np.int32
 
-    Cached on ``data``: the greedy search reuses it at every step.
-    """
-    key = ("offsets", c)
+
+def _member_probs(data: Compact, dtype) -> np.ndarray:
+    """The kept probabilities widened to the score dtype once, not per candidate."""
+    key = ("probs", np.dtype(dtype).str)
     if key not in data.cache:
-        size = len(data.cases) * (len(data.thresholds) + 1) * 2
-        data.cache.clear()
-        data.cache[key] = _histogram_base(data)[None, :] + (np.arange(c, dtype=np.int64) * size)[:, None]
+        data.cache[key] = data.probs.astype(dtype)
     return data.cache[key]
 
 
-def _dice_from_bins(data: Compact, bins2: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-    """Mean per-case Dice (C, T) from per-pixel threshold bins (times 2), shape (C, K)."""
-    c = len(bins2)
-    n_thr, n_seg = len(data.thresholds), len(data.cases)
-    size = n_seg * (n_thr + 1) * 2
-    index = _offsets(data, c) + bins2
-    hist = np.bincount(index.ravel(), minlength=c * size).reshape(c, n_seg, n_thr + 1, 2)
+def _group_base(data: Compact, width: int) -> np.ndarray:
+    """Per pixel (case segment, truth) histogram offset with ``width`` bins each, as intp."""
+    key = ("base", width)
+    if key not in data.cache:
+        data.cache[key] = ((data.segment * 2 + data.truth) * width).astype(np.intp)
+    return data.cache[key]
+
+
+def _pack(data: Compact) -> int:
+    """How many candidates share one ``bincount``: their joint bin codes fit in a uint8 and
+    the joint table (per case segment and truth) stays small enough for the cache."""
+    bins = len(data.thresholds) + 1
+    groups = len(data.cases) * 2
+    pack = 1
+    while bins ** (pack + 1) <= 256 and groups * bins ** (pack + 1) <= 1 << 20 and pack < 8:
+        pack += 1
+    return pack
+
+
+def _histograms(data: Compact, scores: Iterable[np.ndarray], table: np.ndarray) -> np.ndarray:
+    """Pixel counts (C, S, 2, T+1) per candidate, case segment, truth and threshold bin.
+
+    ``scores``: one integer score array (K,) per candidate, consumed lazily. Several candidates
+    share one ``bincount`` over their joint bin codes (2 with the default 9 thresholds, 8 with
+    one), which divides the passes over the pixels.
+    """
+    bins = len(data.thresholds) + 1
+    groups = len(data.cases) * 2
+    pack = _pack(data)
+    # Table i gives bin * bins**i, so a sum of lookups is the joint code (mixed radix).
+    tables = [table] if pack == 1 else [(table * bins**i).astype(np.uint8) for i in range(pack)]
+    out = []
+    scores = iter(scores)
+    while batch := list(itertools.islice(scores, pack)):
+        code = np.take(tables[0], batch[0])
+        for i, score in enumerate(batch[1:], start=1):
+            code += np.take(tables[i], score)
+        width = bins ** len(batch)
+        hist = np.bincount(_group_base(data, width) + code, minlength=groups * width)
+        # Joint axes (..., bin of candidate n-1, ..., bin of candidate 0): sum out the others.
+        hist = hist.reshape(-1, 2, *([bins] * len(batch)))
+        axes = list(range(2, 2 + len(batch)))
+        for i in range(len(batch)):
+            keep = 2 + len(batch) - 1 - i
+            out.append(hist.sum(axis=tuple(a for a in axes if a != keep)) if len(batch) > 1 else hist)
+    shape = (len(data.cases), 2, bins)
+    return np.stack(out) if out else np.zeros((0, *shape), np.int64)
+
+
+def _mean_dice(data: Compact, hist: np.ndarray) -> np.ndarray:
+    """Mean per-case Dice (C, T) from histograms (C, S, 2, T+1).
+
+    Per-case Dice is laid out (C, T, N) and averaged over its last, contiguous axis: numpy then
+    sums each row exactly as ``dice_per_case(...).mean()`` sums a 1-D array, so the result is
+    the prediction path's number to the last bit.
+    """
+    c, n_thr = len(hist), len(data.thresholds)
     # Pixels reaching threshold j are those in bins above j: reverse cumulative sums.
-    reach = np.cumsum(hist[:, :, ::-1, :], axis=2)[:, :, ::-1, :][:, :, 1:, :]
-    total_tp = np.broadcast_to(data.fixed_tp[None, :, None], (c, len(data.fixed_tp), n_thr)).copy()
-    total_pp = np.broadcast_to(data.fixed_pp[None, :, None], total_tp.shape).copy()
-    total_tp[:, data.cases, :] += reach[..., 1]
-    total_pp[:, data.cases, :] += reach.sum(axis=3)
-    dice = dice_counts(total_tp, total_pp, np.broadcast_to(data.true_sum[None, :, None], total_tp.shape))
-    return dice.mean(axis=1)
+    reach = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]  # (C, S, 2, T)
+    tp = np.empty((c, n_thr, len(data.fixed_tp)), np.int64)
+    pp = np.empty_like(tp)
+    tp[:] = data.fixed_tp
+    pp[:] = data.fixed_pp
+    tp[:, :, data.cases] += reach[:, :, 1, :].transpose(0, 2, 1)
+    pp[:, :, data.cases] += reach.sum(axis=2).transpose(0, 2, 1)
+    dice = dice_counts(tp, pp, np.broadcast_to(data.true_sum, tp.shape))
+    return dice.mean(axis=-1)
 
 
-def _int_lut(data: Compact, denominator: int) -> np.ndarray:
-    """Threshold bin (times 2) for every integer score 0..255*D of a D-denominator weighting."""
-    cuts = np.asarray(data.thresholds, np.float64) * 255.0 * denominator
-    return (np.searchsorted(cuts, np.arange(255 * denominator + 1), side="right") * 2).astype(np.uint8)
+def _weighted_scores(data: Compact, counts: np.ndarray, dtype) -> Iterator[np.ndarray]:
+    """Integer scores ``sum_m k_m p_m`` (K,) for each row of counts, one at a time.
+
+    Rows sharing leading counts (a grid in lexicographic order) reuse the partial sums.
+    """
+    probs = _member_probs(data, dtype)
+    k = probs.shape[1]
+    partial = [np.zeros(k, dtype)]
+    previous: tuple = ()
+    for row in counts:
+        row = tuple(int(v) for v in row)
+        same = 0
+        while same < min(len(previous), len(row)) - 1 and previous[same] == row[same]:
+            same += 1
+        del partial[same + 1 :]
+        for m in range(same, len(row) - 1):
+            partial.append(partial[m] if row[m] == 0 else partial[m] + probs[m] * dtype(row[m]))
+        last = row[-1]
+        yield partial[-1] if last == 0 else partial[-1] + probs[-1] * dtype(last)
+        previous = row
 
 
-def evaluate(data: Compact, weights: np.ndarray, denominator: int | None = None) -> np.ndarray:
+def evaluate(data: Compact, counts: np.ndarray, denominator: int) -> np.ndarray:
     """Mean per-case Dice for each candidate and threshold: float64 (C, T).
 
-    weights: (C, M) rows on the simplex. With ``denominator`` D, every weight times D must be a
-    whole number (grid points, greedy bags, equal weights): scores are then exact integers
-    ``sum_m k_m p_m`` and a lookup table turns them into threshold bins, several times faster
-    than the float path used for arbitrary weights (which mirrors :func:`segx.probs.combine`).
+    counts: (C, M) non-negative integers, each row summing to ``denominator``: the weights
+    counts / denominator, scored as :func:`segx.probs.combine` and :func:`segx.probs.binarize`.
     """
-    weights = np.atleast_2d(np.asarray(weights, np.float64))
-    counts = None
-    if denominator is not None:
-        counts = np.rint(weights * denominator)
-        if not np.allclose(counts, weights * denominator, atol=1e-6):
-            raise ValueError("weights are not multiples of 1/denominator")
-        counts = counts.astype(np.int32)
-    k = data.probs.shape[1]
-    block = max(1, int(8_000_000 // max(1, k)))
-    out = np.empty((len(weights), len(data.thresholds)))
-    lut = _int_lut(data, denominator) if counts is not None else None
-    cuts32 = threshold_value(data.thresholds).astype(np.float32)
-    for start in range(0, len(weights), block):
-        stop = min(len(weights), start + block)
-        if counts is not None:
-            score = np.zeros((stop - start, k), np.int32)
-            for m in range(data.n_members):
-                for row in np.flatnonzero(counts[start:stop, m]):
-                    score[row] += counts[start + row, m] * data.probs[m].astype(np.int32)
-            bins2 = lut[score]
-        else:
-            w = weights[start:stop].astype(np.float32)
-            score = np.zeros((stop - start, k), np.float32)
-            for m in range(data.n_members):  # same order and precision as probs.combine
-                if np.any(w[:, m]):
-                    score += w[:, m : m + 1] * data.probs[m].astype(np.float32)[None, :]
-            bins2 = np.searchsorted(cuts32, score, side="right") * 2
-        out[start:stop] = _dice_from_bins(data, bins2)
+    counts = np.atleast_2d(np.asarray(counts))
+    if counts.shape[1:] != (data.n_members,) or not np.all(counts.astype(np.int64).sum(axis=1) == denominator):
+        raise ValueError(f"each row of counts must have {data.n_members} entries summing to {denominator}")
+    if np.any(counts < 0) or not np.all(np.asarray(counts, np.int64) == counts):
+        raise ValueError("counts must be non-negative integers")
+    counts = counts.astype(np.int64)
+    table = bin_table(data.thresholds, denominator)
+    dtype = _score_dtype(denominator)
+    out = np.empty((len(counts), len(data.thresholds)))
+    block = 64  # candidates per histogram batch: bounds the memory of the histograms
+    for start in range(0, len(counts), block):
+        rows = counts[start : start + block]
+        out[start : start + len(rows)] = _mean_dice(data, _histograms(data, _weighted_scores(data, rows, dtype), table))
     return out
 
 
@@ -199,18 +266,20 @@ def evaluate_additions(data: Compact, bag: np.ndarray) -> np.ndarray:
     """
     bag = np.asarray(bag, np.int64)
     denominator = int(bag.sum()) + 1
-    base_sum = np.zeros(data.probs.shape[1], np.uint16 if 255 * denominator < 65536 else np.int32)
+    dtype = _score_dtype(denominator)
+    probs = _member_probs(data, dtype)
+    base = np.zeros(probs.shape[1], dtype)
     for m in np.flatnonzero(bag):
-        base_sum += (int(bag[m]) * data.probs[m].astype(base_sum.dtype))
-    lut = _int_lut(data, denominator)
-    bins2 = np.stack([lut[base_sum + data.probs[m]] for m in range(data.n_members)])
-    return _dice_from_bins(data, bins2)
+        base += probs[m] * dtype(bag[m])
+    table = bin_table(data.thresholds, denominator)
+    scores = (base + probs[m] for m in range(data.n_members))
+    return _mean_dice(data, _histograms(data, scores, table))
 
 
 @dataclass
 class Candidate:
     name: str
-    weights: np.ndarray
+    weights: Weights
     threshold: float
     val_dice: float
     complexity: int  # smaller is simpler: members used, with 'equal weights' simpler than searched
@@ -219,17 +288,28 @@ class Candidate:
 @dataclass
 class SearchResult:
     best: Candidate
-    history: list[dict] = field(default_factory=list)  # one row per evaluated step
+    history: list[dict] = field(default_factory=list)  # one row per evaluated candidate
 
 
-def _best(data: Compact, weights: np.ndarray, denominator: int | None = None) -> tuple[int, int, np.ndarray]:
-    scores = evaluate(data, weights, denominator)
-    flat = int(np.argmax(scores))
-    return flat // scores.shape[1], flat % scores.shape[1], scores
+def _row(step: int, weights: Weights, threshold: float, val_dice: float, **extra) -> dict:
+    """One history row: enough to replay the candidate through the prediction path."""
+    return {"step": step, "val_dice": val_dice, "threshold": threshold, "weights": weights.floats,
+            "counts": list(weights.counts), "denominator": weights.denominator, **extra}  # fmt: skip
 
 
-def simplex_grid(n_members: int, step: float) -> np.ndarray:
-    """All weight vectors with entries in multiples of ``step`` that sum to one."""
+def simplex_counts(n_members: int, parts: int) -> np.ndarray:
+    """All count vectors of ``n_members`` non-negative integers summing to ``parts``, in
+    lexicographic order: int64 (C, M)."""
+    rows = []
+    for cuts in itertools.combinations(range(parts + n_members - 1), n_members - 1):
+        edges = (-1, *cuts, parts + n_members - 1)
+        rows.append([edges[i + 1] - edges[i] - 1 for i in range(n_members)])
+    return np.asarray(rows, np.int64).reshape(-1, n_members)
+
+
+def grid_parts(n_members: int, step: float) -> int:
+    """The denominator of a grid at ``step`` (10 for 0.1), refusing steps that do not divide 1
+    and grids too large to search."""
     parts = round(1 / step)
     if not math.isclose(parts * step, 1.0, abs_tol=1e-9):
         raise SegxError(f"ensemble.grid_step={step} must divide 1 (e.g. 0.1, 0.05, 0.25)")
@@ -239,24 +319,27 @@ def simplex_grid(n_members: int, step: float) -> np.ndarray:
             f"ensemble.grid_step={step} with {n_members} members gives {count} candidates; use a "
             "larger step or ensemble.search=greedy"
         )
-    rows = []
-    for cuts in itertools.combinations(range(parts + n_members - 1), n_members - 1):
-        edges = (-1, *cuts, parts + n_members - 1)
-        rows.append([edges[i + 1] - edges[i] - 1 for i in range(n_members)])
-    return np.asarray(rows, np.float64) / parts
+    return parts
+
+
+def simplex_grid(n_members: int, step: float) -> np.ndarray:
+    """All weight vectors with entries in multiples of ``step`` that sum to one (floats)."""
+    parts = grid_parts(n_members, step)
+    return simplex_counts(n_members, parts) / parts
 
 
 def search_grid(data: Compact, step: float = 0.1) -> SearchResult:
-    grid = simplex_grid(data.n_members, step)
-    c, t, scores = _best(data, grid, round(1 / step))
-    history = [
-        {"step": i, "val_dice": float(scores[i].max()), "weights": grid[i].tolist()}
-        for i in range(len(grid))
-    ]
-    return SearchResult(
-        Candidate("grid", grid[c].astype(np.float64), float(data.thresholds[t]), float(scores[c, t]), 3),
-        history,
-    )
+    parts = grid_parts(data.n_members, step)
+    grid = simplex_counts(data.n_members, parts)
+    scores = evaluate(data, grid, parts)
+    history = []
+    for i, row in enumerate(grid):
+        t = int(np.argmax(scores[i]))
+        history.append(_row(i, Weights(tuple(row), parts), float(data.thresholds[t]), float(scores[i, t])))
+    flat = int(np.argmax(scores))
+    c, t = divmod(flat, scores.shape[1])
+    best = Candidate("grid", Weights(tuple(grid[c]), parts), float(data.thresholds[t]), float(scores[c, t]), 3)
+    return SearchResult(best, history)
 
 
 def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5, min_gain: float = 1e-4) -> SearchResult:
@@ -268,20 +351,19 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5, min_gai
     fine-tune weights by amounts the selection would ignore anyway).
     """
     m = data.n_members
-    counts = np.zeros(m)
-    singles = np.eye(m)
-    c, t, scores = _best(data, singles, 1)
+    counts = np.zeros(m, np.int64)
+    scores = evaluate(data, np.eye(m, dtype=np.int64), 1)
+    c, t = divmod(int(np.argmax(scores)), scores.shape[1])
     counts[c] = 1
     best_counts, best_score, best_t = counts.copy(), float(scores[c, t]), t
-    history = [{"step": 0, "val_dice": best_score, "weights": (counts / counts.sum()).tolist()}]
+    history = [_row(0, Weights(tuple(counts), 1), float(data.thresholds[t]), best_score)]
     stale = 0
     for step in range(1, max_steps + 1):
         scores = evaluate_additions(data, counts)
-        flat = int(np.argmax(scores))
-        c, t = flat // scores.shape[1], flat % scores.shape[1]
+        c, t = divmod(int(np.argmax(scores)), scores.shape[1])
         counts[c] += 1
         score = float(scores[c, t])
-        history.append({"step": step, "val_dice": score, "weights": (counts / counts.sum()).tolist()})
+        history.append(_row(step, Weights(tuple(counts), int(counts.sum())), float(data.thresholds[t]), score))
         if score > best_score + min_gain:
             best_counts, best_score, best_t, stale = counts.copy(), score, t, 0
         else:
@@ -290,10 +372,8 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5, min_gai
             stale += 1
             if stale >= patience:
                 break
-    weights = best_counts / best_counts.sum()
-    return SearchResult(
-        Candidate("greedy", weights, float(data.thresholds[best_t]), best_score, 3), history
-    )
+    weights = Weights(tuple(best_counts), int(best_counts.sum()))
+    return SearchResult(Candidate("greedy", weights, float(data.thresholds[best_t]), best_score, 3), history)
 
 
 def search_optimize(data: Compact, max_evals: int = 300, tolerance: float = 1e-3) -> SearchResult:
@@ -301,54 +381,59 @@ def search_optimize(data: Compact, max_evals: int = 300, tolerance: float = 1e-3
 
     Selection decides who is in (a member greedy never picks keeps weight 0: continuous
     optimisers otherwise keep a sliver of a useless member that fits validation noise);
-    Nelder-Mead then moves the weights continuously, on w = |z| / sum|z|. The objective is
-    piecewise constant, so the simplex starts wide (0.25) and the best point seen is kept;
-    it replaces the greedy weights only if it gains more than ``tolerance``.
+    Nelder-Mead then moves the weights continuously, on w = |z| / sum|z|, each point rounded to
+    counts over ``OPTIMIZE_DENOMINATOR`` and scored exactly as prediction will score it. The
+    objective is piecewise constant, so the simplex starts wide (0.25) and the best point seen
+    is kept; it replaces the greedy weights only if it gains more than ``tolerance``.
     """
     from scipy.optimize import minimize
 
     greedy = search_greedy(data)
-    active = np.flatnonzero(greedy.best.weights > 0)
+    active = np.flatnonzero(greedy.best.weights.counts)
     history: list[dict] = [dict(h, phase="greedy") for h in greedy.history]
-    best = {"score": greedy.best.val_dice, "w": greedy.best.weights, "t": int(np.argmin(np.abs(data.thresholds - greedy.best.threshold)))}
+    best = greedy.best
     if len(active) < 2:
-        return SearchResult(Candidate("optimize", best["w"], greedy.best.threshold, best["score"], 3), history)
-    refined = {"score": -1.0, "w": best["w"], "t": 0}
+        return SearchResult(Candidate("optimize", best.weights, best.threshold, best.val_dice, 3), history)
+    refined: dict = {"score": -1.0}
+    seen: dict[tuple, np.ndarray] = {}
 
-    def to_weights(z: np.ndarray) -> np.ndarray:
+    def to_weights(z: np.ndarray) -> Weights:
         z = np.abs(z)
         full = np.zeros(data.n_members)
         full[active] = z / z.sum() if z.sum() > 0 else 1.0 / len(active)
-        return full
+        return Weights.rounded(full, OPTIMIZE_DENOMINATOR)
 
     def objective(z: np.ndarray) -> float:
         w = to_weights(z)
-        scores = evaluate(data, w[None, :].astype(np.float32))[0]
+        if w.counts not in seen:  # rounding maps nearby points to one candidate
+            seen[w.counts] = evaluate(data, np.asarray([w.counts]), w.denominator)[0]
+        scores = seen[w.counts]
         t = int(np.argmax(scores))
-        history.append({"step": len(history), "val_dice": float(scores[t]), "weights": w.tolist(), "phase": "nelder-mead"})
+        history.append(_row(len(history), w, float(data.thresholds[t]), float(scores[t]), phase="nelder-mead"))
         if scores[t] > refined["score"]:
             refined.update(score=float(scores[t]), w=w, t=t)
         return -float(scores[t])
 
-    z0 = greedy.best.weights[active]
+    z0 = np.asarray(greedy.best.weights.floats)[active]
     simplex = np.vstack([z0] + [z0 + 0.25 * np.eye(len(active))[i] for i in range(len(active))])
     minimize(objective, z0, method="Nelder-Mead",
              options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6})  # fmt: skip
-    if refined["score"] > best["score"] + tolerance:
-        best = refined
-    return SearchResult(Candidate("optimize", best["w"], float(data.thresholds[best["t"]]), best["score"], 3), history)
+    if refined["score"] > best.val_dice + tolerance:
+        best = Candidate("optimize", refined["w"], float(data.thresholds[refined["t"]]), refined["score"], 3)
+    return SearchResult(Candidate("optimize", best.weights, best.threshold, best.val_dice, 3), history)
 
 
 def baselines(data: Compact) -> list[Candidate]:
     """Each single member and equal weights, each at its best threshold."""
     m = data.n_members
-    rows = np.vstack([np.eye(m), np.full((1, m), 1.0 / m)])
-    scores = np.vstack([evaluate(data, rows[:m], 1), evaluate(data, rows[m:], m)])
+    rows = [Weights(tuple(int(i == j) for j in range(m)), 1) for i in range(m)]
+    rows.append(Weights((1,) * m, m))
+    scores = np.vstack([evaluate(data, np.eye(m, dtype=np.int64), 1), evaluate(data, np.ones((1, m), np.int64), m)])
     out = []
-    for i in range(m + 1):
+    for i, weights in enumerate(rows):
         t = int(np.argmax(scores[i]))
         name = f"member{i}" if i < m else "equal"
-        out.append(Candidate(name, rows[i].astype(np.float64), float(data.thresholds[t]), float(scores[i, t]), 1 if i < m else 2))
+        out.append(Candidate(name, weights, float(data.thresholds[t]), float(scores[i, t]), 1 if i < m else 2))
     return out
 
 
@@ -361,6 +446,7 @@ def choose(candidates: Sequence[Candidate], tolerance: float) -> Candidate:
 
 def exact_dice(member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32) -> np.ndarray:
     """Per-case Dice of one weighting through :func:`segx.probs.combine` (the predict path)."""
+    weights = Weights.of(weights)
     out = []
     for start in range(0, len(truth), chunk):
         score = combine([np.asarray(p[start : start + chunk]) for p in member_probs], weights)

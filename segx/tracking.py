@@ -3,16 +3,24 @@ their real status, logging, and finding member runs. No TensorFlow here.
 
 Default store: SQLite at ``outputs/mlflow.db`` with artifacts under ``outputs/mlartifacts``
 (MLflow 3 refuses a bare ``./mlruns`` file store). A remote ``http(s)://`` URI works the same.
+
+A store is checked before any work: an SQLite store must be an MLflow database (by its header
+and tables, read without writing), writable for commands that write, and not locked by another
+process for longer than ``SEGX_STORE_TIMEOUT`` seconds (default 20). Commands that only read
+(``connect(..., create=False)``) never create, migrate or write a store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
-import signal
+import sqlite3
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,7 @@ os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
 import logging  # noqa: E402
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -40,56 +48,232 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+# How long a store locked by another process is waited for, at start, before saying so.
+STORE_TIMEOUT_S = float(os.environ.get("SEGX_STORE_TIMEOUT", "20"))
+_SERVER_SCHEMES = ("http", "https", "databricks")
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow serves itself
+_USE = "use sqlite:///PATH/mlflow.db (a local store) or http(s)://HOST:PORT (an MLflow server)"
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def connect(tracking_uri: str, retries: int = 5) -> MlflowClient:
-    """Point MLflow at ``tracking_uri`` and check it answers, within seconds.
+def connect(tracking_uri: str, create: bool = True, timeout: float | None = None) -> MlflowClient:
+    """Point MLflow at ``tracking_uri`` after checking the store, and check it answers.
 
-    Retries briefly on SQLite 'database is locked' (parallel members creating the schema).
+    ``create=True`` (commands that write): a missing SQLite store is created; an existing one
+    must be writable. ``create=False`` (commands that only read): nothing is created, migrated or
+    written; a missing file or one that is not an MLflow database is refused. A store locked by
+    another process is waited for up to ``timeout`` seconds (``SEGX_STORE_TIMEOUT``) in all.
+    Every failure is a :class:`SegxError` naming the store and the fix.
     """
+    deadline = time.monotonic() + (STORE_TIMEOUT_S if timeout is None else timeout)
+    shown = tracking_uri
     db = _sqlite_path(tracking_uri)
-    if db is not None:
+    if db is None:
+        _check_scheme(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        return _open(tracking_uri, shown, deadline, None)
+    db = Path(os.path.abspath(db.expanduser()))
+    _check_sqlite(db, shown, create, deadline)
+    tracking_uri = "sqlite:///" + str(db)
+    if create:
         db.parent.mkdir(parents=True, exist_ok=True)
-        tracking_uri = "sqlite:///" + str(db.resolve())
     mlflow.set_tracking_uri(tracking_uri)
     # MLflow creates and migrates a new SQLite schema on first use; two processes doing it at
     # once collide ("table _alembic_tmp_... already exists"). Serialise that first contact.
-    with _file_lock(db.with_name(db.name + ".lock") if db is not None else None):
-        return _check(MlflowClient(tracking_uri), tracking_uri, retries)
+    with _file_lock(db.with_name(db.name + ".lock") if create else None, deadline, db):
+        return _open(tracking_uri, shown, deadline, db)
+
+
+def _check_scheme(uri: str) -> None:
+    """Refuse, in one line, a URI that names no store segx can use (before MLflow guesses)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in _SERVER_SCHEMES or uri == "databricks" or scheme.split("+")[0] in _DATABASE_SCHEMES:
+        return
+    allow_files = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+    if scheme == "file" and allow_files:
+        return
+    if scheme and scheme != "file":
+        raise SegxError(f"mlflow.tracking_uri={uri}: segx cannot use a '{scheme}://' store; {_USE}")
+    path = Path(uri[len("file://") :] if scheme == "file" else uri).expanduser()
+    if path.is_file() and _header(path) == SQLITE_HEADER:
+        raise SegxError(f"mlflow.tracking_uri={uri} is an SQLite file given as a path; write it as sqlite:///{path.absolute()}")
+    what = ("a file that is not an SQLite database" if path.is_file() else
+            "a folder (MLflow 3 no longer serves folder stores)" if path.is_dir() else
+            "a path, not a store URI")  # fmt: skip
+    raise SegxError(f"mlflow.tracking_uri={uri} is {what}; {_USE}")
+
+
+def _header(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise SegxError(f"cannot read the MLflow store {path} ({exc.strerror}); check its permissions") from None
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _locked(db: Path) -> SegxError:
+    return SegxError(
+        f"the MLflow store {db} is locked by another process; wait for it to finish or stop it "
+        "(an open sqlite3 shell, a stuck segx run), or raise SEGX_STORE_TIMEOUT"
+    )
+
+
+def _read_only(db: Path, what: Path) -> SegxError:
+    return SegxError(
+        f"the MLflow store {db} is read-only ({what} cannot be written); make it writable, or "
+        "point mlflow.tracking_uri (and paths.output_dir) at a writable copy"
+    )
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.05, deadline - time.monotonic())
+
+
+def _check_sqlite(db: Path, shown: str, create: bool, deadline: float) -> None:
+    """Refuse a path that is not a usable MLflow SQLite store, without writing anything."""
+    if db.is_dir():
+        raise SegxError(f"mlflow.tracking_uri={shown} is a folder, not an SQLite file; use e.g. sqlite:///{db}/mlflow.db")
+    if not db.exists():
+        if not create:
+            raise SegxError(f"no MLflow store at {db}; check mlflow.tracking_uri or train first")
+        parent = _existing_parent(db.parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise SegxError(f"cannot create the MLflow store {db}: {parent} is not writable; choose a writable mlflow.tracking_uri")
+        return
+    header = _header(db)
+    if header and header != SQLITE_HEADER:
+        raise SegxError(
+            f"{db} is not an SQLite database (mlflow.tracking_uri={shown}); point mlflow.tracking_uri "
+            "at an MLflow store, e.g. sqlite:///outputs/mlflow.db"
+        )
+    tables, revision = _read_schema(db, deadline)
+    if not tables:
+        if not create:
+            raise SegxError(f"no MLflow store at {db} (an empty database); check mlflow.tracking_uri or train first")
+    elif not {"experiments", "runs", "alembic_version"} <= tables:
+        raise SegxError(
+            f"{db} is an SQLite database of another application, not an MLflow store; point "
+            "mlflow.tracking_uri at an MLflow store, e.g. sqlite:///outputs/mlflow.db"
+        )
+    else:
+        expected = _schema_head()
+        if expected and revision != expected:
+            raise SegxError(
+                f"the MLflow store {db} has schema {revision}, this MLflow needs {expected}; use the "
+                f"MLflow version that wrote it, or back it up and run: mlflow db upgrade sqlite:///{db}"
+            )
+    if create:
+        _check_writable(db, deadline)
+
+
+def _read_schema(db: Path, deadline: float) -> tuple[set[str], str | None]:
+    """Table names and alembic revision, through a read-only connection (nothing is created)."""
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=_remaining(deadline))
+    except sqlite3.Error as exc:
+        raise SegxError(f"cannot open the MLflow store {db} ({exc}); check the path and its permissions") from None
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        revision = None
+        if "alembic_version" in tables:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = row[0] if row else None
+        return tables, revision
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise _locked(db) from None
+        raise SegxError(f"cannot read the MLflow store {db} ({exc}); it may be damaged: restore a backup") from None
+    except sqlite3.DatabaseError as exc:
+        raise SegxError(f"{db} is not a readable SQLite database ({exc}); point mlflow.tracking_uri at an MLflow store") from None
+    finally:
+        con.close()
+
+
+def _schema_head() -> str | None:
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return _get_latest_schema_revision()
+    except Exception:  # noqa: BLE001 - a private helper: without it MLflow checks the schema itself
+        return None
+
+
+def _check_writable(db: Path, deadline: float) -> None:
+    """The store and its folder (SQLite writes its journal there) take a write, now: a cheap
+    write transaction is begun and rolled back. Waits for another writer until ``deadline``."""
+    for path, mode in ((db, os.W_OK), (db.parent, os.W_OK | os.X_OK)):
+        if not os.access(path, mode):  # also true for root on an immutable file or a ro mount
+            raise _read_only(db, path)
+    con = sqlite3.connect(str(db), timeout=_remaining(deadline), isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise _locked(db) from None
+        if "readonly" in str(exc) or "read-only" in str(exc):
+            raise _read_only(db, db) from None
+        raise SegxError(f"cannot write the MLflow store {db} ({exc}); check it and its folder") from None
+    finally:
+        con.close()
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path | None) -> Iterator[None]:
+def _file_lock(path: Path | None, deadline: float, db: Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
     import fcntl
 
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        handle = open(path, "a")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        raise _read_only(db, path) if exc.errno in (1, 13, 30) else SegxError(
+            f"cannot create {path} ({exc.strerror}); check the folder of mlflow.tracking_uri") from None
+    with handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise _locked(db) from None
+                time.sleep(0.1)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check(client: MlflowClient, tracking_uri: str, retries: int) -> MlflowClient:
-    for attempt in range(retries):
+def _open(tracking_uri: str, shown: str, deadline: float, db: Path | None) -> MlflowClient:
+    """A client that has answered one query; 'database is locked' is retried until ``deadline``
+    (the client itself is created inside the loop: MLflow inspects the schema when it is)."""
+    while True:
         try:
+            client = MlflowClient(tracking_uri)
             client.search_experiments(max_results=1)
             return client
         except Exception as exc:  # noqa: BLE001 - report any failure as one line
-            text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            if "locked" in text and attempt < retries - 1:
-                time.sleep(0.5 + attempt)
-                continue
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if "locked" in text:
+                if time.monotonic() < deadline:
+                    time.sleep(0.25)
+                    continue
+                raise _locked(db or Path(shown)) from None
             raise SegxError(
-                f"cannot reach MLflow at mlflow.tracking_uri={tracking_uri} ({text}); start the "
+                f"cannot reach MLflow at mlflow.tracking_uri={shown} ({text}); start the "
                 "server or use the default sqlite:///outputs/mlflow.db"
             ) from None
-    raise AssertionError("unreachable")
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
@@ -98,10 +282,12 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise SegxError(f"MLflow experiment '{name}' is deleted; restore it or choose mlflow.experiment_name")
+        _check_artifacts_writable(found.artifact_location, name)
         return found.experiment_id
     location = None
     if artifact_root and "://" not in artifact_root:
         root = Path(artifact_root).resolve()
+        _check_artifacts_writable(str(root), name)
         root.mkdir(parents=True, exist_ok=True)
         location = (root / name).as_uri()
     try:
@@ -113,44 +299,117 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         return found.experiment_id
 
 
-class _Interrupted(BaseException):
-    """SIGTERM turned into an exception so that the run is ended KILLED, not left RUNNING."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    def handler(signum, frame):
-        raise _Interrupted(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
+def _check_artifacts_writable(location: str | None, experiment: str) -> None:
+    """Commands that log need the experiment's local artifact folder writable: say so now,
+    not after the work (a remote artifact store is checked by its server)."""
+    if not location:
         return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if location.startswith("file:"):
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        path = Path(local_file_uri_to_path(location))
+    elif "://" in location or ":/" in location:
+        return
+    else:
+        path = Path(location)
+    existing = _existing_parent(path.absolute())
+    if not os.access(existing, os.W_OK | os.X_OK) or (existing.is_file()):
+        where = "" if existing == path.absolute() else f" ({existing})"
+        raise SegxError(
+            f"the artifact folder {path} of MLflow experiment '{experiment}' is not writable{where}; "
+            "make it writable, or use a new mlflow.experiment_name with a writable mlflow.artifact_root"
+        )
+
+
+# The final status of a run is written within this many seconds, on fresh clients if need be.
+_END_RUN_TIMEOUT_S = 30.0
 
 
 @contextlib.contextmanager
 def run_scope(client: MlflowClient, run_id: str) -> Iterator[str]:
-    """End ``run_id`` FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED on any error."""
-    status = "FAILED"
-    try:
-        with _sigterm_as_exception():
+    """End ``run_id`` FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED on any error.
+
+    A signal inside the block raises (``segx.cli.Interrupted``); one that a library swallowed
+    is still seen here (the signal count moved), so the run ends KILLED and the signal is
+    raised again. The final status is written with signals held back, and retried on a fresh
+    client if the interrupted write left the old connection holding the database lock.
+    """
+    from segx import cli
+
+    mark = cli.signal_count()
+    status, failure = "FAILED", None
+    with cli.signals_raise():
+        try:
             yield run_id
-        status = "FINISHED"
-    except (KeyboardInterrupt, _Interrupted):
-        status = "KILLED"
-        raise
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            client.set_tag(run_id, "segx.failure", f"{type(exc).__name__}: {exc}"[:5000])
-        raise
-    finally:
-        with contextlib.suppress(Exception):
+            status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGINT as cli.Interrupted
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            failure = f"{type(exc).__name__}: {exc}"[:5000]
+            raise
+        finally:
+            with cli.signals_deferred():
+                if cli.signal_since(mark) is not None or cli.pending_signal() is not None:
+                    status, failure = "KILLED", None
+                if status == "KILLED":
+                    _release_interrupted_connections(sys.exc_info()[1])
+                if _end_run(client, run_id, status, failure) and status == "KILLED":
+                    cli.note_killed(run_id)
+    if status == "KILLED":  # the block ended normally: a library swallowed the signal
+        raise cli.Interrupted(cli.signal_since(mark) or 2)
+
+
+def _release_interrupted_connections(exc: BaseException | None) -> None:
+    """A signal inside an SQLite statement can leave its connection open with the statement
+    unfinished (SQLAlchemy does not clean up after a KeyboardInterrupt); that connection keeps
+    a lock which makes every later write in this process wait and fail. Drop the references the
+    interrupted frames hold and close any SQLite connection to the store that is still open:
+    between MLflow calls (NullPool) none should be."""
+    pending, seen = [exc], set()
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        traceback.clear_frames(item.__traceback__)
+        pending += [item.__context__, item.__cause__]
+    gc.collect()
+    db = _sqlite_path(mlflow.get_tracking_uri())
+    if db is None:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, sqlite3.Connection):
+            with contextlib.suppress(Exception):
+                if any(row[2] == str(db) for row in obj.execute("PRAGMA database_list")):
+                    obj.close()
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None) -> bool:
+    """Write the run's final status within ``_END_RUN_TIMEOUT_S``; never leave it RUNNING
+    silently. True once written."""
+    deadline = time.monotonic() + _END_RUN_TIMEOUT_S
+    uri = mlflow.get_tracking_uri()
+    error: Exception | None = None
+    while True:
+        try:
+            if failure:
+                client.set_tag(run_id, "segx.failure", failure)
+                failure = None
             client.set_terminated(run_id, status)
+            return True
+        except Exception as exc:  # noqa: BLE001 - retried, then reported in one line
+            error = exc
+        if time.monotonic() >= deadline:
+            break
+        gc.collect()  # closes a connection an interrupted write left open (it holds the lock)
+        time.sleep(0.2)
+        with contextlib.suppress(Exception):
+            client = MlflowClient(uri)
+    text = str(error).strip().splitlines()[0][:200] if error and str(error).strip() else type(error).__name__
+    print(f"segx: warning: could not mark MLflow run {run_id} {status} in {uri} ({text}); it "
+          "still shows RUNNING: delete it in the MLflow UI or resume it", file=sys.stderr, flush=True)  # fmt: skip
+    return False
 
 
 def start_run(
@@ -247,15 +506,23 @@ def find_runs(
     role: str,
     status: str | None = "FINISHED",
     tags: Mapping[str, str] | None = None,
+    deleted: bool = False,
 ) -> list:
-    """Runs of ``role`` in ``experiment`` (newest first), filtered by exact tag values."""
+    """Runs of ``role`` in ``experiment`` (newest first), filtered by exact tag values.
+
+    ``deleted=True`` includes deleted runs too (to report what was passed over).
+    """
     clauses = [f"tags.`{ROLE}` = '{role}'"]
     if status:
         clauses.append(f"attributes.status = '{status}'")
     for key, value in (tags or {}).items():
         clauses.append(f"tags.`{key}` = '{value}'")
     return client.search_runs(
-        [experiment], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=5000
+        [experiment],
+        " and ".join(clauses),
+        run_view_type=ViewType.ALL if deleted else ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"],
+        max_results=5000,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -21,16 +22,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from segx import cli
 from segx.config import (
+    check_no_stray_targets,
     checked_container,
-    exit_on_error,
     instantiate,
-    preflight,
     require_choice,
     require_float,
     require_int,
 )
-from segx.errors import SegxError
+from segx.errors import SegxError, look_up_option
 
 log = logging.getLogger("segx.train")
 # Keys that do not change what is trained: left out of the resume identity.
@@ -38,8 +39,10 @@ NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose")
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Cheap checks that name the key, before data or models are touched."""
-    require_int(cfg, "seed", 0)
+    """Cheap checks that name the key, before data or models are touched, a run is created or
+    a file is written. Every ``_target_`` segx will build is checked here by what it resolves to."""
+    # TF and NumPy's legacy seeding take 32-bit unsigned seeds.
+    require_int(cfg, "seed", 0, 2**32 - 1)
     require_int(cfg, "trainer.epochs", 1)
     require_int(cfg, "trainer.batch_size", 1)
     require_int(cfg, "trainer.early_stopping.patience", 0)
@@ -47,15 +50,30 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.bn_momentum is not None:
         require_float(cfg, "trainer.bn_momentum", 0.0, 1.0)
     for key, weight in cfg.trainer.loss.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise SegxError(f"trainer.loss.{key}={weight!r} must be a non-negative number")
+        bad = isinstance(weight, bool) or not isinstance(weight, (int, float))
+        if bad or not math.isfinite(weight) or weight < 0:
+            raise SegxError(f"trainer.loss.{key}={weight!r} must be a finite number >= 0; e.g. trainer.loss.{key}=1.0")
+    if not any(cfg.trainer.loss.values()):
+        raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
     if cfg.trainer.verbose != "auto":
         require_int(cfg, "trainer.verbose", 0, 2)
     require_choice(cfg, "arch.name", ["unet", "fpn", "linknet", "pspnet"])
+    from segx.data.prepare import validate_data_config
+
+    validate_data_config(cfg.data)
+    # The same nodes train_member builds (the optimizer after the run is created), and no
+    # `_target_` anywhere else: nothing would build it there.
+    if cfg.trainer.optimizer is None:
+        raise SegxError("trainer.optimizer is null; give one, e.g. trainer.optimizer._target_=tf_keras.optimizers.Adam")
     checked_container(cfg.trainer.optimizer, "trainer.optimizer")
     if cfg.trainer.lr_schedule is not None:
         checked_container(cfg.trainer.lr_schedule, "trainer.lr_schedule")
     checked_container(cfg.augment.transforms, "augment.transforms")
+    check_no_stray_targets(cfg)
+    from segx.models import LOSSES  # TensorFlow is imported by now (the optimizer's check)
+
+    for key in cfg.trainer.loss:
+        look_up_option(str(key), LOSSES, "loss", "trainer.loss")
 
 
 def config_identity(cfg: DictConfig) -> str:
@@ -76,15 +94,17 @@ def _progress(desc: str):
     return lambda items: tqdm(items, desc=desc, unit="img", leave=False, disable=None)
 
 
-def _resume_target(cfg: DictConfig, client, experiment: str, identity: str) -> str | None:
-    """The run ID to continue, or None for a fresh run."""
+def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data_fingerprint: str) -> str | None:
+    """The run ID to continue, or None for a fresh run. Only a run of the same config on the
+    same data (same file contents) is continued: its earlier epochs saw that data."""
     from segx import tracking
 
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
+        same = {"segx.config_hash": identity, "segx.data_fingerprint": data_fingerprint}
         for status in ("KILLED", "FAILED", "RUNNING"):
-            runs = tracking.find_runs(client, experiment, "member", status, {"segx.config_hash": identity})
+            runs = tracking.find_runs(client, experiment, "member", status, same)
             for run in runs:
                 state = _checkpoint_dir(cfg, run.info.run_id) / "state.json"
                 if state.exists() and not _owner_alive(state):
@@ -98,6 +118,12 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str) -> s
         raise SegxError(
             f"resume={cfg.resume}: the run was started with another config (hash {recorded}, now "
             f"{identity}); repeat its overrides (see python -m segx.info run_id={cfg.resume})"
+        )
+    recorded = run.data.tags.get("segx.data_fingerprint")
+    if recorded and recorded != data_fingerprint:
+        raise SegxError(
+            f"resume={cfg.resume}: the data changed since that run started (fingerprint {recorded}, "
+            f"now {data_fingerprint}); start a new run, or restore the data it was trained on"
         )
     if not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
         raise SegxError(
@@ -143,7 +169,7 @@ def train_member(cfg: DictConfig) -> float:
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
     identity = config_identity(cfg)
-    resume_id = _resume_target(cfg, client, experiment, identity)
+    resume_id = _resume_target(cfg, client, experiment, identity, prepared.fingerprint)
 
     from segx import models, provenance  # TensorFlow is imported here, after every cheap check
 
@@ -152,7 +178,7 @@ def train_member(cfg: DictConfig) -> float:
         tracking.ROLE: "member",
         "segx.backbone": backbone,
         "segx.arch": arch,
-        "segx.data_fingerprint": prepared.fingerprint,
+        **prepared.fingerprint_tags,  # segx.data_fingerprint and its parts (split, files)
         "segx.config_hash": identity,
         "segx.command": provenance.command_line(),
         **provenance.provenance_tags(),
@@ -235,7 +261,7 @@ def _log_outputs(client, run_id, model, spec, train, val, test, history) -> None
     """Model, cached probabilities, final metrics and figures, as artifacts of the run."""
     from segx import models, plots, tracking
     from segx.metrics import case_metrics
-    from segx.probs import quantize, save_cached
+    from segx.probs import cache_artifact, quantize, save_cached
 
     backbone = spec["backbone"]
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
@@ -246,8 +272,12 @@ def _log_outputs(client, run_id, model, spec, train, val, test, history) -> None
         for role, part in (("val", val), ("test", test)):
             if not part.stems:
                 continue
-            probs = quantize(models.predict_probs(model, part.images, backbone))
-            save_cached(tmp / "predictions" / f"{role}.npz", part.stems, probs, part.masks, part.images[:8])
+            # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
+            # threshold and post-processing on the probabilities segx.predict will compute.
+            by_mode = models.predict_probs_modes(model, part.images, backbone, models.TTA_MODES)
+            for mode, mode_probs in by_mode.items():
+                save_cached(tmp / cache_artifact(role, mode), part.stems, quantize(mode_probs), part.masks, part.images[:8])
+            probs = quantize(by_mode["none"])  # the member's own metrics and figure: no TTA
             scores = case_metrics(probs >= 128, part.masks, with_hd95=(role == "test"))
             final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
             if role == "val":
@@ -289,27 +319,31 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float:
-    multirun = _is_multirun()
+def _sweep_job(cfg: DictConfig) -> float:
+    """One member of a multirun: a failure is reported and the sweep goes on; a signal stops it."""
     name = f"{cfg.backbone.name}-{cfg.arch.name}"
+    mark = cli.signal_count()
     try:
         score = train_member(cfg)
-        if multirun:
-            _record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": score})
-        return score
-    except (SegxError, Exception) as exc:
-        if not multirun:
-            if isinstance(exc, SegxError):
-                exit_on_error(exc)
-            raise
-        # One failed member must not stop the sweep: report it and let Hydra go on.
+    except Exception as exc:
+        if cli.signal_since(mark) is not None:
+            raise  # a library turned Ctrl-C/SIGTERM into an error: stop the sweep, not this job
         reason = str(exc) if isinstance(exc, SegxError) else f"{type(exc).__name__}: {exc}"
         print(f"segx: error: {name}: {reason}", file=sys.stderr, flush=True)
         if not isinstance(exc, SegxError):
             traceback.print_exc()
         _record_sweep_result(cfg, {"member": name, "status": "FAILED", "error": reason[:500]})
         return float("nan")
+    _record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": score})
+    return score
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@cli.task
+def _hydra_main(cfg: DictConfig) -> float:
+    """The best validation Dice, for sweepers."""
+    try:
+        return _sweep_job(cfg) if _is_multirun() else train_member(cfg)
     finally:
         if "segx.backend" in sys.modules:
             from segx.models import clear_session
@@ -318,9 +352,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    preflight("train")
-    _hydra_main()
+    cli.run(_hydra_main, "train")
 
 
 if __name__ == "__main__":

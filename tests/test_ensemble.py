@@ -155,16 +155,3 @@ def test_select_auto_takes_every_finished_member_of_the_split(member_store, ense
     record = build_ensemble(cfg)
     assert {m["run_id"] for m in record["members"]} == set(runs.values())
     assert record["data_fingerprint"] == ensemble_record["data_fingerprint"]
-
-
-def test_flip_tta_predicts_same_shapes(member_store, ensemble_record, synthetic_root, tmp_path):
-    from segx.data.io import read_image
-    from segx.predict import load_ensemble
-
-    out, _ = member_store
-    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    _, predictor = load_ensemble(client, ensemble_record["run_id"], tmp_path / "m", tta="flip")
-    image = read_image(synthetic_root / "train_images" / "case_0001.png")
-    (pred,) = predictor.predict([image[:50, :60]])
-    assert pred.mask.shape == (50, 60) and pred.uncertainty.shape == (50, 60)
-    assert 0 <= pred.uncertainty.min() and pred.uncertainty.max() <= 0.5

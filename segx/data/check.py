@@ -17,7 +17,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from segx.config import exit_on_error
+from segx import cli
 from segx.data.folder import discover_cases, list_images
 from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask
 from segx.errors import SegxError
@@ -97,28 +97,31 @@ def print_report(summary: dict, problems: list[str]) -> None:
         print("no problems found")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        from segx.data.prepare import validate_data_config
-        from segx.data.synthetic import generate
+def run_check(cfg: DictConfig) -> list[str]:
+    """Check the configured data folder, print the report; return the problems found."""
+    from segx.data.prepare import validate_data_config
+    from segx.data.synthetic import generate
 
-        validate_data_config(cfg.data)
-        root = Path(str(cfg.data.root))
-        if cfg.data.kind == "synthetic":
-            generate(root, int(cfg.data.n_images), int(cfg.data.source_size), int(cfg.data.generator_seed))
-        if not root.is_dir():
-            raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
-        summary, problems = check_folder(root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels))
-    except SegxError as exc:
-        exit_on_error(exc)
+    validate_data_config(cfg.data)
+    root = Path(str(cfg.data.root))
+    if cfg.data.kind == "synthetic":
+        generate(root, int(cfg.data.n_images), int(cfg.data.source_size), int(cfg.data.generator_seed))
+    if not root.is_dir():
+        raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
+    summary, problems = check_folder(root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels))
     print_report(summary, problems)
-    if problems:
-        sys.exit(2)
+    return problems
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
+@cli.task
+def _hydra_main(cfg: DictConfig) -> None:
+    if run_check(cfg):
+        sys.exit(2)  # every problem is listed above, one line each
 
 
 def main() -> None:
-    _hydra_main()
+    cli.run(_hydra_main, "check")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ ignored; everything else must pair up exactly.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segx.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image, read_mask
+from segx.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image, read_mask, shown
 from segx.errors import SegxError
 
 
@@ -31,13 +32,15 @@ class Dataset:
     """Cases loaded at model size.
 
     images: uint8 (N, S, S, 3) RGB; masks: uint8 (N, S, S) in {0, 1};
-    original_sizes: (height, width) per case before resizing.
+    original_sizes: (height, width) per case before resizing;
+    digests: (image file hash, mask file hash or '') per case, for the data fingerprint.
     """
 
     stems: list[str]
     images: np.ndarray
     masks: np.ndarray
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    digests: list[tuple[str, str]] = field(default_factory=list)
 
     def subset(self, stems: Sequence[str]) -> Dataset:
         index = {s: i for i, s in enumerate(self.stems)}
@@ -53,13 +56,27 @@ class Dataset:
             self.images[rows],
             self.masks[rows],
             [self.original_sizes[r] for r in rows],
+            [self.digests[r] for r in rows] if self.digests else [],
         )
 
 
 def list_images(folder: Path) -> dict[str, Path]:
-    """Image files in ``folder`` by stem; raises on duplicate stems."""
+    """Image files in ``folder`` by stem; raises on duplicate stems.
+
+    Names may hold bytes that are not UTF-8 (kept as Python's surrogate escapes, so the same
+    bytes name the outputs). A pipe or device named like an image is refused: opening it would
+    block for ever. A broken link is kept, so that reading it names it.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except NotADirectoryError:
+        raise SegxError(f"{shown(folder)} is a file, not a folder; give the folder that holds the images") from None
+    except FileNotFoundError:
+        raise SegxError(f"{shown(folder)} does not exist; give a folder of images") from None
+    except OSError as exc:
+        raise SegxError(f"{shown(folder)}: cannot list it ({exc.strerror}); check its permissions") from None
     found: dict[str, Path] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         path = Path(entry.path)
@@ -67,10 +84,12 @@ def list_images(folder: Path) -> dict[str, Path]:
             continue
         if path.is_dir():
             continue
+        if path.exists() and not path.is_file():
+            raise SegxError(f"{shown(path)}: not a regular file (a pipe or device); remove it")
         stem = path.stem
         if stem in found:
             raise SegxError(
-                f"{path}: stem '{stem}' also used by {found[stem].name}; "
+                f"{shown(path)}: stem '{shown(stem)}' also used by {shown(found[stem].name)}; "
                 "rename one so that each image has one mask"
             )
         found[stem] = path
@@ -151,27 +170,33 @@ def load_cases(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable | None = None,
 ) -> Dataset:
-    """Read, check and resize every case. Raises on the first bad file."""
+    """Read, check and resize every case. Raises on the first bad file.
+
+    Each file's bytes are hashed as they are read (not read twice), for the data fingerprint.
+    """
     if not cases:
         raise SegxError("the dataset is empty; add image/mask pairs")
     n = len(cases)
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     masks = np.zeros((n, image_size, image_size), np.uint8)
     sizes: list[tuple[int, int]] = []
+    digests: list[tuple[str, str]] = []
     iterator = progress(cases) if progress else cases
     for i, case in enumerate(iterator):
-        image = read_image(case.image, max_pixels)
+        image_hash, mask_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+        image = read_image(case.image, max_pixels, image_hash)
         sizes.append(image.shape[:2])
         images[i] = to_model_size(image, image_size, resize_mode, is_mask=False)
         if case.mask is not None:
-            mask = read_mask(case.mask, mask_threshold, max_pixels)
+            mask = read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
             if mask.shape != image.shape[:2]:
                 raise SegxError(
                     f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                     f"{image.shape[1]}x{image.shape[0]}; export both at the same size"
                 )
             masks[i] = to_model_size(mask, image_size, resize_mode, is_mask=True)
-    return Dataset([c.stem for c in cases], images, masks, sizes)
+        digests.append((image_hash.hexdigest(), mask_hash.hexdigest() if case.mask else ""))
+    return Dataset([c.stem for c in cases], images, masks, sizes, digests)
 
 
 def check_foreground(dataset: Dataset, where: str) -> None:

@@ -6,15 +6,22 @@ Used by every entry point that reads data (train, check, bench) so they agree ex
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from segx.config import require_choice, require_float, require_int
 from segx.data.folder import Dataset, check_foreground, discover_cases, load_cases
-from segx.data.split import default_split_path, fingerprint, load_or_create_split
+from segx.data.split import (
+    FINGERPRINT_TAGS,
+    default_split_path,
+    fingerprint_parts,
+    load_or_create_split,
+    unlisted_cases,
+)
 from segx.data.synthetic import generate
 from segx.errors import SegxError
 
@@ -23,17 +30,30 @@ from segx.errors import SegxError
 class Prepared:
     dataset: Dataset              # every case (train folder and test folder) at model size
     split: dict[str, list[str]]   # stems per role
-    fingerprint: str
+    fingerprint: str              # segx.data.split.fingerprint: split + file contents + settings
     split_path: Path
+    fingerprint_parts: dict[str, str] = field(default_factory=dict)
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
+
+    @property
+    def fingerprint_tags(self) -> dict[str, str]:
+        """MLflow tags of a member: the fingerprint and its parts, so mismatches can be explained."""
+        parts = self.fingerprint_parts or {"data": self.fingerprint}
+        return {FINGERPRINT_TAGS[k]: v for k, v in parts.items()}
 
 
 def validate_data_config(data: DictConfig) -> None:
     """Types and ranges, with the key named, before anything is read."""
     if OmegaConf.is_missing(data, "root"):
         raise SegxError("data.root is not set; pass data.root=PATH (a folder with train_images/ and train_masks/)")
+    if data.root is None or not str(data.root).strip():
+        # Path('') is the working directory: an empty root would silently read (or generate into) it.
+        raise SegxError(
+            f"data.root={data.root!r} is empty; pass data.root=PATH (a folder with train_images/ and "
+            "train_masks/; data.root=. for the working directory)"
+        )
     require_choice(data, "kind", ["synthetic", "folder"], prefix="data.")
     require_int(data, "image_size", 32, 4096, prefix="data.")
     require_float(data, "val_fraction", 0.0, 1.0, prefix="data.")
@@ -41,9 +61,11 @@ def validate_data_config(data: DictConfig) -> None:
     require_choice(data, "resize_mode", ["resize", "pad"], prefix="data.")
     require_int(data, "max_pixels", 1, prefix="data.")
     require_int(data, "split_seed", 0, prefix="data.")
+    require_float(data, "mask_threshold", 0.0, 65535.0, high_open=False, prefix="data.")
     if data.kind == "synthetic":
         require_int(data, "n_images", 4, prefix="data.")
         require_int(data, "source_size", 16, 4096, prefix="data.")
+        require_int(data, "generator_seed", 0, prefix="data.")
 
 
 def read_groups(csv_path: str, column: str) -> dict[str, str]:
@@ -96,4 +118,30 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None)
     split = load_or_create_split(
         split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
     )
-    return Prepared(dataset, split, fingerprint(split, int(data.image_size)), split_path)
+    warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
+    parts = fingerprint_parts(
+        split,
+        int(data.image_size),
+        dict(zip(dataset.stems, dataset.digests, strict=True)),
+        str(data.resize_mode),
+        float(data.mask_threshold),
+    )
+    return Prepared(dataset, split, parts["data"], split_path, parts)
+
+
+def warn_unlisted(split_path: Path, root: Path, unlisted: list[str]) -> None:
+    """Pairs added after the split was written are left out: say so (the file stays as it is).
+
+    A warning, not an error: a fixed split is what lets later members ensemble with earlier
+    ones (nnU-Net likewise trains on its splits_final.json as written).
+    """
+    if not unlisted:
+        return
+    print(
+        f"segx: warning: {root} holds {len(unlisted)} case(s) that the split {split_path} does "
+        f"not list (e.g. '{unlisted[0]}'); they are not used for training, validation or test. "
+        f"To use them, set data.split_file to a new path (or delete {split_path}) to make a new "
+        "split; members trained on the old split will not ensemble with the new ones",
+        file=sys.stderr,
+        flush=True,
+    )

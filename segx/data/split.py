@@ -15,17 +15,71 @@ from segx.errors import SegxError
 SPLITS = ("train", "val", "test")
 
 
-def fingerprint(split: Mapping[str, Sequence[str]], image_size: int | None = None) -> str:
-    """16-hex-digit hash of the split's case lists (and the model input size, if given).
+# MLflow tags of a member run, one per part of its data fingerprint, so that ``segx.ensemble``
+# can say *why* two members differ instead of only that they do.
+FINGERPRINT_TAGS = {
+    "data": "segx.data_fingerprint",  # all of the below: what members must share
+    "split": "segx.split_fingerprint",  # case names per role
+    "images": "segx.images_fingerprint",  # bytes of those cases' image files
+    "masks": "segx.masks_fingerprint",  # bytes of their mask files
+    "settings": "segx.data_settings",  # how files become model inputs (plain text)
+}
+
+
+def _hash(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_parts(
+    split: Mapping[str, Sequence[str]],
+    image_size: int | None = None,
+    digests: Mapping[str, tuple[str, str]] | None = None,
+    resize_mode: str | None = None,
+    mask_threshold: float | None = None,
+) -> dict[str, str]:
+    """The data fingerprint and its parts (keys of :data:`FINGERPRINT_TAGS`).
+
+    ``digests[stem] = (image file hash, mask file hash)`` as recorded by ``load_cases``; only
+    the cases the split lists count, so pairs the split does not know leave it unchanged (they
+    are not used). Without ``digests`` only names are hashed (images/masks parts are empty).
+    """
+    stems = sorted({s for k in SPLITS for s in split[k]})
+    parts = {"split": _hash({k: list(split[k]) for k in SPLITS}), "images": "", "masks": ""}
+    if digests is not None:
+        missing = ("", "")
+        parts["images"] = _hash([[s, digests.get(s, missing)[0]] for s in stems])
+        parts["masks"] = _hash([[s, digests.get(s, missing)[1]] for s in stems])
+    settings = []
+    if image_size is not None:
+        settings.append(f"image_size={int(image_size)}")
+    if resize_mode is not None:
+        settings.append(f"resize_mode={resize_mode}")
+    if mask_threshold is not None:
+        settings.append(f"mask_threshold={float(mask_threshold):g}")
+    parts["settings"] = " ".join(settings)
+    parts["data"] = _hash(parts)
+    return parts
+
+
+def fingerprint(
+    split: Mapping[str, Sequence[str]],
+    image_size: int | None = None,
+    digests: Mapping[str, tuple[str, str]] | None = None,
+    resize_mode: str | None = None,
+    mask_threshold: float | None = None,
+) -> str:
+    """16-hex-digit hash of the split, the bytes of its files and how they are read.
 
     Two members may be ensembled only when their fingerprints are equal: same cases in the
-    same roles, predicted at the same size.
+    same roles, same image and mask file contents, read and resized the same way.
     """
-    payload = {k: list(split[k]) for k in SPLITS}
-    if image_size is not None:
-        payload["image_size"] = int(image_size)
-    blob = json.dumps(payload, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return fingerprint_parts(split, image_size, digests, resize_mode, mask_threshold)["data"]
+
+
+def unlisted_cases(split: Mapping[str, Sequence[str]], stems: Sequence[str]) -> list[str]:
+    """Cases of the data folder that the split does not list (added after it was written)."""
+    listed = {s for k in SPLITS for s in split[k]}
+    return [s for s in stems if s not in listed]
 
 
 def make_split(
@@ -87,8 +141,9 @@ def load_or_create_split(
 ) -> dict[str, list[str]]:
     """Read the split at ``path``; create it there first if it does not exist.
 
-    An existing file is never rewritten: it is the record every member shares. If it no longer
-    matches the data folder, that is an error, not a silent re-split.
+    An existing file is never rewritten: it is the record every member shares. If it names a
+    case the data folder lacks, that is an error, not a silent re-split; cases the folder has
+    and the file does not list are left out (see :func:`unlisted_cases`; ``prepare`` warns).
     """
     path = Path(path)
     if path.exists():

@@ -1,0 +1,260 @@
+"""The one wrapper every command runs in: logging, the pre-Hydra checks, and how a command ends.
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+    @cli.task
+    def _hydra_main(cfg): return run_predict(cfg)
+
+    def main() -> None:
+        cli.run(_hydra_main, "predict")
+
+How a command ends, whatever it is:
+
+* a :class:`SegxError` (bad input, config or store): ``segx: error: <one line>`` on stderr, exit 2;
+* SIGINT (Ctrl-C) or SIGTERM: one line on stderr, exit 130 or 143 (128 + the signal);
+* any other exception is a bug in segx or a library: its traceback is the useful report.
+
+Signals are turned into :class:`Interrupted`, a ``KeyboardInterrupt``, so ``except Exception`` in
+a library does not catch it. Some library code still swallows it (a handler that catches
+everything, a finaliser, ``contextlib.suppress(BaseException)``), so every signal is also
+counted here: ``tracking.run_scope`` and this wrapper look at the count when they end, and an
+interrupted command never ends FINISHED or exits 0. No MLflow, TensorFlow or Hydra is imported
+at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from segx.errors import SegxError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []  # every SIGINT/SIGTERM this process got, in order
+_defer = 0  # > 0 while a final status is written: signals are counted, not raised
+_done = False  # the command has finished or is exiting: a signal now only exits
+_killed_runs: list[str] = []  # runs ended KILLED, for the one-line message
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM raised as an exception, so that runs end KILLED and the command exits
+    with 128 + the signal number. A ``KeyboardInterrupt``: code that handles Ctrl-C handles it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_count() -> int:
+    """How many SIGINT/SIGTERM this process has received; compare two counts to see whether
+    a signal arrived in between, even one that some library swallowed."""
+    return len(_received)
+
+
+def signal_since(mark: int) -> int | None:
+    """The first signal received after :func:`signal_count` returned ``mark``, or None."""
+    return _received[mark] if len(_received) > mark else None
+
+
+def note_killed(run_id: str) -> None:
+    _killed_runs.append(run_id)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    return record.name.startswith("segx")
+
+
+def _silence_libraries() -> None:
+    """After a signal, libraries log what it broke (interrupted queries, cursors that no longer
+    close) with tracebacks: the command is ending and says so in one line, so only segx speaks."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if _quiet not in handler.filters:
+                handler.addFilter(_quiet)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    if len(_received) == 1:
+        _silence_libraries()
+    if _done:
+        # The command's work is over (or it is already exiting): leave now, with the code of the
+        # first signal, without waiting on the interpreter's teardown.
+        _write_stderr(_interrupted_line(_received[0]))
+        os._exit(128 + _received[0])
+    if _defer:
+        return  # counted; raised when the protected section ends
+    raise Interrupted(signum)
+
+
+def _unraisable(info: Any) -> None:
+    """A signal raised inside a finaliser or a weakref callback (garbage collection runs them
+    anywhere) is swallowed by Python with a traceback. Print nothing, and raise the signal
+    again in the code that runs next: a timer signal shortly after, outside the finaliser."""
+    if isinstance(info.exc_value, Interrupted):
+        if not _done and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+        return
+    sys.__unraisablehook__(info)
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _received and not _done and not _defer:
+        raise Interrupted(_received[0])
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM raise :class:`Interrupted` (and are counted) inside this block.
+
+    A no-op outside the main thread (Python runs handlers there only) and when the handlers are
+    already installed (the command line wrapper installs them for the whole process).
+    """
+    if not _main_thread() or all(signal.getsignal(s) is _on_signal for s in SIGNALS):
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A section no signal may cut short (a run's final status write): SIGINT/SIGTERM are
+    blocked for this thread and, if another thread takes one (Python then runs the handler in
+    the main thread all the same), only counted. One that arrived meanwhile is raised at the end."""
+    global _defer
+    mark = signal_count()
+    blocked = _main_thread() and hasattr(signal, "pthread_sigmask")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if blocked else None
+    _defer += 1
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # pending ones are handled now
+        _defer -= 1
+    if not _defer and signal_since(mark) is not None and sys.exc_info()[0] is None:
+        raise Interrupted(signal_since(mark))
+
+
+def pending_signal() -> int | None:
+    """A SIGINT/SIGTERM that is blocked and waiting (inside :func:`signals_deferred`)."""
+    if not hasattr(signal, "sigpending"):
+        return None
+    waiting = signal.sigpending()
+    return next((int(s) for s in SIGNALS if s in waiting), None)
+
+
+def _write_stderr(text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, (text + "\n").encode(errors="replace"))
+
+
+def _interrupted_line(signum: int) -> str:
+    name = signal.Signals(signum).name
+    runs = ", ".join(dict.fromkeys(_killed_runs))
+    ended = f"; MLflow run {runs} ended KILLED" if runs else ""
+    return f"segx: interrupted by {name}{ended}"
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _exit_interrupted(signum: int) -> None:
+    global _done
+    _done = True  # a second Ctrl-C from here on exits at once
+    _flush()
+    _write_stderr(_interrupted_line(signum))
+    sys.exit(128 + signum)
+
+
+def exit_on_error(exc: SegxError) -> None:
+    global _done
+    _done = True
+    _flush()
+    print(f"segx: error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def reported(mark: int = 0) -> Iterator[None]:
+    """End the command as the module docstring says. A signal received since ``mark`` wins
+    over any error: libraries sometimes turn a signal into an error of their own."""
+    try:
+        yield
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None) or signal_since(mark) or signal.SIGINT
+        _exit_interrupted(int(signum))
+    except SegxError as exc:
+        if signal_since(mark) is not None:
+            _exit_interrupted(signal_since(mark))
+        exit_on_error(exc)
+    except Exception:
+        if signal_since(mark) is not None:
+            _exit_interrupted(signal_since(mark))
+        raise
+    if signal_since(mark) is not None:  # a library swallowed it: the command did not finish
+        _exit_interrupted(signal_since(mark))
+
+
+def task(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Decorate a Hydra task (under ``@hydra.main``): its errors and signals end the command as
+    described above, before Hydra's own handler can print a traceback. Its return value (the
+    metric a sweeper optimises) passes through."""
+
+    @functools.wraps(function)
+    def wrapped(cfg: Any) -> Any:
+        with reported():
+            return function(cfg)
+
+    return wrapped
+
+
+def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Checks run on the command line before Hydra starts: an unknown group option or config
+    key becomes one line with a suggestion (Hydra's own messages span many lines)."""
+    from segx.config import check_group_choices, check_override_keys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_group_choices(argv)
+    check_override_keys(config_name, argv)
+
+
+def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
+    """Run one command: ``entry()`` is a ``@hydra.main`` function (then ``config_name`` names
+    its config, for the pre-Hydra checks) or a plain function for commands without Hydra."""
+    global _done
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for s in SIGNALS:  # for the whole process: no moment when a signal gets Python's default
+        signal.signal(s, _on_signal)
+    sys.unraisablehook = _unraisable
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _on_alarm)
+    with reported():
+        if config_name is not None:
+            preflight(config_name)
+        result = entry()
+    _flush()
+    # Done: from here a signal exits at once with 128 + its number, not 0 after the teardown.
+    _done = True
+    return result
