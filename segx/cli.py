@@ -37,8 +37,9 @@ from segx.errors import SegxError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # every SIGINT/SIGTERM this process got, in order
+_raising = 0  # > 0 while work runs that a signal must stop by an exception (see _on_signal)
 _defer = 0  # > 0 while a final status is written: signals are counted, not raised
-_done = False  # the command has finished or is exiting: a signal now only exits
+_exiting = False  # the command is ending: one more signal ends it at once
 _killed_runs: list[str] = []  # runs ended KILLED, for the one-line message
 
 
@@ -80,15 +81,19 @@ def _silence_libraries() -> None:
                 handler.addFilter(_quiet)
 
 
+def _exit_now() -> None:
+    _write_stderr(_interrupted_line(_received[0]))
+    os._exit(128 + _received[0])
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     _received.append(signum)
     if len(_received) == 1:
         _silence_libraries()
-    if _done:
-        # The command's work is over (or it is already exiting): leave now, with the code of the
-        # first signal, without waiting on the interpreter's teardown.
-        _write_stderr(_interrupted_line(_received[0]))
-        os._exit(128 + _received[0])
+    if _exiting or not _raising:
+        # Before the work starts (imports), after it ended (the interpreter's teardown) or on a
+        # second signal while exiting: nothing to clean up, leave now with the first signal's code.
+        _exit_now()
     if _defer:
         return  # counted; raised when the protected section ends
     raise Interrupted(signum)
@@ -99,15 +104,27 @@ def _unraisable(info: Any) -> None:
     anywhere) is swallowed by Python with a traceback. Print nothing, and raise the signal
     again in the code that runs next: a timer signal shortly after, outside the finaliser."""
     if isinstance(info.exc_value, Interrupted):
-        if not _done and hasattr(signal, "setitimer"):
+        if _raising and not _exiting:
             signal.setitimer(signal.ITIMER_REAL, 0.02)
         return
     sys.__unraisablehook__(info)
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
-    if _received and not _done and not _defer:
+    if _received and _raising and not _exiting and not _defer:
         raise Interrupted(_received[0])
+
+
+def install() -> None:
+    """Handle SIGINT/SIGTERM the segx way for the whole process (command line only: a library
+    user keeps their own handlers, and :func:`signals_raise` sets them for a run's duration)."""
+    if not _main_thread():
+        return
+    for s in SIGNALS:
+        signal.signal(s, _on_signal)
+    if hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, _on_alarm)
+        sys.unraisablehook = _unraisable
 
 
 def _main_thread() -> bool:
@@ -118,16 +135,22 @@ def _main_thread() -> bool:
 def signals_raise() -> Iterator[None]:
     """SIGINT/SIGTERM raise :class:`Interrupted` (and are counted) inside this block.
 
-    A no-op outside the main thread (Python runs handlers there only) and when the handlers are
-    already installed (the command line wrapper installs them for the whole process).
+    Installs the handlers for the block's duration if they are not installed already (a
+    library call, e.g. from a notebook or a test); a no-op outside the main thread, where
+    Python never runs signal handlers.
     """
-    if not _main_thread() or all(signal.getsignal(s) is _on_signal for s in SIGNALS):
+    global _raising
+    if not _main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+    previous = {}
+    if not all(signal.getsignal(s) is _on_signal for s in SIGNALS):
+        previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
+    _raising += 1
     try:
         yield
     finally:
+        _raising -= 1
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -179,16 +202,16 @@ def _flush() -> None:
 
 
 def _exit_interrupted(signum: int) -> None:
-    global _done
-    _done = True  # a second Ctrl-C from here on exits at once
+    global _exiting
+    _exiting = True  # a second Ctrl-C from here on exits at once
     _flush()
     _write_stderr(_interrupted_line(signum))
     sys.exit(128 + signum)
 
 
 def exit_on_error(exc: SegxError) -> None:
-    global _done
-    _done = True
+    global _exiting
+    _exiting = True
     _flush()
     print(f"segx: error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -238,23 +261,40 @@ def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     check_group_choices(argv)
     check_override_keys(config_name, argv)
+    _check_output_dir(config_name, argv)
+
+
+def _check_output_dir(config_name: str, argv: Sequence[str]) -> None:
+    """Hydra creates its run folder under ``paths.output_dir`` before segx code runs; where it
+    cannot, Hydra prints its own traceback. Say it in one line instead (segx writes its store,
+    splits and caches there too)."""
+    from pathlib import Path
+
+    from segx.config import compose
+
+    overrides = [a for a in argv if "=" in a and not a.startswith(("-", "hydra"))]
+    try:
+        folder = Path(str(compose(config_name, overrides).paths.output_dir)).absolute()
+    except Exception:  # noqa: BLE001 - a sweep or a bad override: Hydra reports those itself
+        return
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" ({existing} is not)"
+        raise SegxError(f"paths.output_dir={folder} is not a writable folder{where}; choose one, "
+                        "e.g. paths.output_dir=/tmp/segx-outputs")  # fmt: skip
 
 
 def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
     """Run one command: ``entry()`` is a ``@hydra.main`` function (then ``config_name`` names
     its config, for the pre-Hydra checks) or a plain function for commands without Hydra."""
-    global _done
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for s in SIGNALS:  # for the whole process: no moment when a signal gets Python's default
-        signal.signal(s, _on_signal)
-    sys.unraisablehook = _unraisable
-    if hasattr(signal, "SIGALRM"):
-        signal.signal(signal.SIGALRM, _on_alarm)
-    with reported():
+    install()
+    with reported(), signals_raise():
         if config_name is not None:
             preflight(config_name)
         result = entry()
     _flush()
-    # Done: from here a signal exits at once with 128 + its number, not 0 after the teardown.
-    _done = True
+    # From here (the interpreter's teardown) a signal exits at once with 128 + its number.
     return result

@@ -14,8 +14,8 @@ between the smallest and the largest member probability, so a pixel on which eve
 below the lowest threshold (or at or above the highest) is decided for every candidate. Those
 pixels are counted once; only the rest (typically 5-20 per cent, near boundaries and where
 members disagree) are kept, as ``uint8 (M, K)``. A lookup table turns integer scores into
-threshold bins, and one ``bincount`` per pair of candidates counts pixels per (case, truth,
-bin of the first, bin of the second).
+threshold bins, and one ``bincount`` per batch of candidates (2 with 9 thresholds, up to 8
+with fewer) counts pixels per (case, truth, joint bins of the batch).
 """
 
 from __future__ import annotations

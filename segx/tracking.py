@@ -77,14 +77,16 @@ def connect(tracking_uri: str, create: bool = True, timeout: float | None = None
         mlflow.set_tracking_uri(tracking_uri)
         return _open(tracking_uri, shown, deadline, None)
     db = Path(os.path.abspath(db.expanduser()))
-    _check_sqlite(db, shown, create, deadline)
+    _check_sqlite_file(db, shown, create)
     tracking_uri = "sqlite:///" + str(db)
     if create:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
     # MLflow creates and migrates a new SQLite schema on first use; two processes doing it at
-    # once collide ("table _alembic_tmp_... already exists"). Serialise that first contact.
+    # once collide ("table _alembic_tmp_... already exists"), and a schema half created by
+    # another process is no store yet. Serialise that first contact, the schema check included.
     with _file_lock(db.with_name(db.name + ".lock") if create else None, deadline, db):
+        _check_sqlite_schema(db, create, deadline)
         return _open(tracking_uri, shown, deadline, db)
 
 
@@ -129,9 +131,10 @@ def _locked(db: Path) -> SegxError:
 
 
 def _read_only(db: Path, what: Path) -> SegxError:
+    where = "" if what == db else f" (its folder {what} cannot be written)"
     return SegxError(
-        f"the MLflow store {db} is read-only ({what} cannot be written); make it writable, or "
-        "point mlflow.tracking_uri (and paths.output_dir) at a writable copy"
+        f"the MLflow store {db} is read-only{where}; make it writable, or point "
+        "mlflow.tracking_uri (and paths.output_dir) at a writable copy"
     )
 
 
@@ -139,8 +142,9 @@ def _remaining(deadline: float) -> float:
     return max(0.05, deadline - time.monotonic())
 
 
-def _check_sqlite(db: Path, shown: str, create: bool, deadline: float) -> None:
-    """Refuse a path that is not a usable MLflow SQLite store, without writing anything."""
+def _check_sqlite_file(db: Path, shown: str, create: bool) -> None:
+    """Refuse a path that cannot hold an MLflow SQLite store (a folder, a missing file for a
+    reading command, a file that is not SQLite), without writing anything."""
     if db.is_dir():
         raise SegxError(f"mlflow.tracking_uri={shown} is a folder, not an SQLite file; use e.g. sqlite:///{db}/mlflow.db")
     if not db.exists():
@@ -156,6 +160,13 @@ def _check_sqlite(db: Path, shown: str, create: bool, deadline: float) -> None:
             f"{db} is not an SQLite database (mlflow.tracking_uri={shown}); point mlflow.tracking_uri "
             "at an MLflow store, e.g. sqlite:///outputs/mlflow.db"
         )
+
+
+def _check_sqlite_schema(db: Path, create: bool, deadline: float) -> None:
+    """An existing SQLite file must be an MLflow store of this MLflow's schema (read through a
+    read-only connection), and writable when ``create``; a new one is left to MLflow."""
+    if not db.exists():
+        return
     tables, revision = _read_schema(db, deadline)
     if not tables:
         if not create:
@@ -238,7 +249,7 @@ def _file_lock(path: Path | None, deadline: float, db: Path | None) -> Iterator[
     try:
         handle = open(path, "a")  # noqa: SIM115 - held for the whole block
     except OSError as exc:
-        raise _read_only(db, path) if exc.errno in (1, 13, 30) else SegxError(
+        raise _read_only(db, path.parent) if exc.errno in (1, 13, 30) else SegxError(
             f"cannot create {path} ({exc.strerror}); check the folder of mlflow.tracking_uri") from None
     with handle:
         while True:

@@ -1,0 +1,320 @@
+"""Store faults and signals end a command in one line, before any work, and never leave a run
+RUNNING: a locked, read-only or non-SQLite store; read-only commands that must not create a
+store; SIGINT/SIGTERM at random points of an ensemble (its MLflow logging included), in the
+first epoch of training and during prediction. Real stores, real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from segx import tracking
+from segx.errors import SegxError
+from tests.conftest import ROOT, store_overrides, tiny_train_overrides
+
+# A store locked by another process is waited for this long before the one-line error.
+LOCK_WAIT_S = 2
+
+
+def start(args: list[str], **env: str) -> subprocess.Popen:
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", SEGX_STORE_TIMEOUT=str(LOCK_WAIT_S), **env)
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=environment)  # fmt: skip
+
+
+def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    proc = start(args, **env)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(result, *names: str) -> str:
+    lines = error_lines(result)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("segx: error: "), result.stderr[-3000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A private copy of a store: the database copied, the (read-only here) member artifacts
+    hard-linked, and the experiment's artifact location moved to the copy."""
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "mlflow.db", dst / "mlflow.db")
+    shutil.copytree(src / "mlartifacts", dst / "mlartifacts", copy_function=os.link)
+    with contextlib.closing(sqlite3.connect(dst / "mlflow.db")) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
+    return dst
+
+
+def statuses(store: Path, role: str) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
+        rows = con.execute("SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                           "WHERE t.key = 'segx.role' AND t.value = ? ORDER BY r.start_time", (role,)).fetchall()  # fmt: skip
+    return [r[0] for r in rows]
+
+
+def ensemble_args(store: Path) -> list[str]:
+    return ["segx.ensemble", *store_overrides(store), "ensemble.members=[resnet18,mobilenetv2]"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
+
+
+@contextlib.contextmanager
+def exclusive_lock(db: Path):
+    """Another connection holds the database's exclusive lock (no one else can read or write)."""
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` cannot be written, even by root: the immutable attribute (root ignores modes)."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr +i here: no way to make a file read-only for root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+# --- store errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["ensemble", "info"])
+def test_locked_store_gives_one_line_naming_it_within_the_wait(tmp_path, member_store, command):
+    store = copy_store(member_store[0], tmp_path / "store")
+    args = (ensemble_args(store) if command == "ensemble" else
+            ["segx.info", f"run_id={member_store[1]['resnet18']}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"])  # fmt: skip
+    with exclusive_lock(store / "mlflow.db"):
+        started = time.monotonic()
+        result = run(args)
+        elapsed = time.monotonic() - started
+    line = assert_one_line_error(result, str(store / "mlflow.db"), "locked")
+    assert "SEGX_STORE_TIMEOUT" in line
+    assert elapsed < LOCK_WAIT_S + 30  # waited about LOCK_WAIT_S, not MLflow's retries
+    assert "ensembling" not in result.stdout
+    assert statuses(store, "ensemble") == []
+
+
+def test_a_lock_released_within_the_wait_is_waited_for(tmp_path, member_store):
+    store = copy_store(member_store[0], tmp_path / "store")
+    con = sqlite3.connect(store / "mlflow.db", isolation_level=None, check_same_thread=False)
+    con.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.5, lambda: (con.execute("ROLLBACK"), con.close()))
+    release.start()
+    try:
+        client = tracking.connect(f"sqlite:///{store}/mlflow.db", timeout=30)
+        assert client.get_experiment_by_name("segx") is not None
+    finally:
+        release.join()
+
+
+@pytest.mark.parametrize("which", ["database", "store-folder", "output-folder", "artifacts"])
+def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_store, which):
+    store = copy_store(member_store[0], tmp_path / "store")
+    target = {"database": store / "mlflow.db", "store-folder": store, "output-folder": store,
+              "artifacts": store / "mlartifacts" / "segx"}[which]  # fmt: skip
+    args = ensemble_args(store)
+    if which == "store-folder":  # Hydra and segx write elsewhere: only the store is read-only
+        args.append(f"paths.output_dir={tmp_path / 'out'}")
+    with read_only(target):
+        result = run(args)
+    line = assert_one_line_error(result, str(target))
+    assert any(words in line for words in ("read-only", "not writable", "not a writable folder")), line
+    assert "Validation" not in result.stdout  # refused before the search, not after it
+    assert statuses(store, "ensemble") == []
+
+
+@pytest.mark.parametrize("form", ["path", "sqlite"])
+def test_a_store_that_is_not_sqlite_is_refused_and_left_alone(tmp_path, member_store, form):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    uri = str(notes) if form == "path" else f"sqlite:///{notes}"
+    result = run(["segx.ensemble", f"paths.output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}"])
+    assert_one_line_error(result, str(notes), "not an SQLite database")
+    assert notes.read_text() == "not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == ["notes.txt"]
+
+
+@pytest.fixture
+def other_application_db(tmp_path) -> Path:
+    """An SQLite file that belongs to something else (no MLflow tables)."""
+    db = tmp_path / "elsewhere" / "notes.db"
+    db.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        con.execute("INSERT INTO notes (text) VALUES ('keep me')")
+    return db
+
+
+@pytest.mark.parametrize("command", ["predict", "info"])
+@pytest.mark.parametrize("store", ["missing", "other-application"])
+def test_read_only_commands_never_create_or_change_a_store(tmp_path, synthetic_root, other_application_db, command, store):
+    db = other_application_db if store == "other-application" else tmp_path / "typo" / "sub" / "mlflow.db"
+    watched = tmp_path / "elsewhere"
+    before = snapshot(watched)
+    uri = f"mlflow.tracking_uri=sqlite:///{db}"
+    args = (["segx.predict", "ensemble_run_id=0123456789abcdef", f"input_dir={synthetic_root / 'train_images'}",
+             f"output_dir={tmp_path / 'masks'}", f"paths.output_dir={tmp_path / 'work'}", uri]
+            if command == "predict" else ["segx.info", "run_id=0123456789abcdef", uri])  # fmt: skip
+    result = run(args)
+    line = assert_one_line_error(result, str(db))
+    assert ("no MLflow store" in line) if store == "missing" else ("another application" in line)
+    assert not (tmp_path / "typo").exists()  # no folder, no database for a mistyped path
+    assert snapshot(watched) == before  # byte for byte, and no journal or lock file beside it
+    with contextlib.closing(sqlite3.connect(other_application_db)) as con:
+        assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["notes"]
+
+
+def test_connect_read_only_refuses_an_empty_database_without_touching_it(tmp_path):
+    db = tmp_path / "empty.db"
+    db.write_bytes(b"")
+    with pytest.raises(SegxError, match="no MLflow store at .*empty.db"):
+        tracking.connect(f"sqlite:///{db}", create=False)
+    assert db.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+# --- signals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_a_library_swallows_still_ends_the_run_killed(tmp_path, sig):
+    from segx.cli import Interrupted
+
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = tracking.experiment_id(client, "segx", str(tmp_path / "mlartifacts"))
+    run_id = tracking.start_run(client, experiment, "swallowed", {})
+    with pytest.raises(Interrupted) as raised, tracking.run_scope(client, run_id):
+        try:  # library code that catches everything, as some of MLflow's and SQLAlchemy's does
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001
+            pass
+        tracking.log_metrics(client, run_id, {"after": 1.0})
+    assert raised.value.signum == sig
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handlers are back
+
+
+def _signal_the_ensemble(tmp_path: Path, member_store, tries: int, seed: int) -> None:
+    """Send SIGINT/SIGTERM at random moments of the ensemble (search, tables, plots, MLflow
+    logging, the pyfunc model, the report); every try must end with no run RUNNING and a
+    non-zero exit (128 + the signal) unless the command had finished first."""
+    store = copy_store(member_store[0], tmp_path / "store")
+    artifacts = store / "mlartifacts" / "segx"
+
+    def drop_new_artifacts(keep: set[Path]) -> None:  # each ensemble logs ~100 MB of models
+        for path in [*artifacts.iterdir(), *(artifacts / "models").glob("*")]:
+            if path not in keep and path.name != "models":
+                shutil.rmtree(path)
+
+    keep = {*artifacts.iterdir(), *(artifacts / "models").glob("*")}
+    baseline = start(ensemble_args(store))
+    baseline.stdout.readline()  # "segx: ensembling ...": the members are selected and loaded
+    first_line = time.monotonic()
+    out, err = baseline.communicate(timeout=300)
+    assert baseline.returncode == 0, err[-3000:]
+    work = time.monotonic() - first_line  # search to exit: where the signals go
+    drop_new_artifacts(keep)
+
+    rng = random.Random(seed)
+    interrupted = 0
+    for attempt in range(tries):
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        proc = start(ensemble_args(store))
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.0, work * 0.9))
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        found = statuses(store, "ensemble")
+        what = f"try {attempt}: {sig.name} -> exit {proc.returncode}, runs {found}\n{err[-3000:]}"
+        assert "RUNNING" not in found, what
+        lines = [line for line in err.splitlines() if line.strip()]
+        if proc.returncode == 128 + sig:
+            interrupted += 1
+            assert len(lines) == 1 and lines[0].startswith(f"segx: interrupted by {sig.name}"), what
+        else:
+            # The signal came after the work: the run is FINISHED and the process had exited (0)
+            # or was in the interpreter's teardown, where the signal's default action ends it.
+            assert proc.returncode in (0, -sig) and found[-1:] == ["FINISHED"], what
+            assert not lines, what
+        drop_new_artifacts(keep)
+    assert interrupted >= tries // 3, f"only {interrupted} of {tries} signals landed before the end"
+
+
+def test_signals_during_the_ensemble_never_leave_a_run_running(tmp_path, member_store):
+    _signal_the_ensemble(tmp_path, member_store, tries=6, seed=8)
+
+
+@pytest.mark.slow
+def test_signals_during_the_ensemble_never_leave_a_run_running_20_tries(tmp_path, member_store):
+    _signal_the_ensemble(tmp_path, member_store, tries=20, seed=20)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_the_first_epoch_ends_the_run_killed_in_one_line(tmp_path, synthetic_root, sig):
+    proc = start(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, epochs=4)])
+    deadline = time.monotonic() + 300
+    checkpoints = tmp_path / "checkpoints"
+    while proc.poll() is None and time.monotonic() < deadline and not any(checkpoints.glob("*")):
+        time.sleep(0.05)  # the run's checkpoint folder appears as fitting starts
+    time.sleep(0.3)
+    assert not any(checkpoints.glob("*/state.json")), "the first epoch ended before the signal"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"segx: interrupted by {sig.name}"), err[-3000:]
+    run_id = next(checkpoints.iterdir()).name
+    assert run_id in lines[0] and "KILLED" in lines[0]
+    assert statuses(tmp_path, "member") == ["KILLED"]
+
+
+def test_sigterm_during_prediction_exits_143_in_one_line(tmp_path, member_store, ensemble_record, synthetic_root):
+    out, _ = member_store
+    proc = start(["segx.predict", *store_overrides(out), f"ensemble_run_id={ensemble_record['run_id']}",
+                  f"input_dir={synthetic_root / 'train_images'}", f"output_dir={tmp_path / 'masks'}",
+                  f"paths.output_dir={tmp_path / 'work'}"])  # fmt: skip
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (tmp_path / "work" / "cache").exists():
+        time.sleep(0.05)  # members are being downloaded: the models load next
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143, err[-3000:]
+    assert lines == ["segx: interrupted by SIGTERM"], err[-3000:]
