@@ -17,18 +17,16 @@ the range of wall-clock seconds, and of the speed-up of each repeat's pair. segx
 the compaction pass. Besides greedy (the default search) against the naive grid, the table
 gives grid against grid: segx's grid at step 0.1 at threshold 0.5 only, the very candidates
 the naive grid scores, and at the 9 thresholds segx searches by default. Every segx Dice is
-checked against the prediction path (``segx.search.exact_dice``) and must be equal to the bit.
+checked against the prediction path (``segx.ensembling.search.exact_dice``) and must be equal to the bit.
 Writes experiments/search_benchmark/RESULTS.md and results.csv (one row per timed run).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import platform
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -37,9 +35,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from segx import search  # noqa: E402
-from segx.probs import quantize  # noqa: E402
+from segx.ensembling import search
+from segx.ensembling.probs import quantize
+from segx.ensembling.search import naive_grid
 
 OUT = Path(__file__).resolve().parent / "search_benchmark"
 
@@ -71,26 +69,6 @@ def simulate(n_members: int, n_images: int, size: int, seed: int = 0) -> tuple[l
             probs[i] = quantize(1 / (1 + np.exp(-logit)))
         members.append(probs)
     return members, truth
-
-
-def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
-    """The tutorial way: loop over weight combinations, recompute everything each time."""
-    n_members = probs_float.shape[0]
-    best_dice, best_w = -1.0, None
-    values = np.round(np.arange(0, 1 + step / 2, step), 10)
-    evaluated = 0
-    for w in itertools.product(values, repeat=n_members):
-        if abs(sum(w) - 1.0) > 1e-9:
-            continue
-        evaluated += 1
-        avg = np.tensordot(np.array(w, np.float64), probs_float, axes=(0, 0))
-        pred = avg >= 0.5
-        inter = (pred & truth).sum(axis=(1, 2))
-        denom = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
-        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean()
-        if dice > best_dice:
-            best_dice, best_w = float(dice), w
-    return best_dice, best_w, evaluated
 
 
 def _timed(fn):

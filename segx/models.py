@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segx.backend import keras, sm, tf
+from segx.config import TTA_MODES
 from segx.errors import SegxError, look_up_option
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "linknet": "Linknet", "pspnet": "PSPNet"}
@@ -29,7 +30,6 @@ LOSSES: Mapping[str, Callable] = {
 }
 INFERENCE_BATCH = 8
 # Test-time augmentation modes of predict_probs; members cache probabilities for each of them.
-TTA_MODES = ("none", "flip")
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fixed, so cached and rebuilt predictions go through identical kernels
 
 

@@ -58,7 +58,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def member_store(tmp_path_factory, synthetic_root):
     """Two tiny trained members in one store: (output_dir, {backbone: run_id})."""
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     out = tmp_path_factory.mktemp("store")
     runs = {}

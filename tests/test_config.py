@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from segx.config import CONF_DIR, check_group_choices, checked_container, group_options
+from segx.config import CONF_DIR, check_group_choices, group_options
 from segx.errors import SegxError
+from segx.objects import checked_container
 from tests.conftest import compose_config
 
 GROUPS = ["data", "augment", "backbone", "arch", "trainer", "mlflow", "experiment"]
@@ -23,7 +24,7 @@ def test_every_group_option_composes(group, option, tmp_path):
     if group == "backbone":
         assert cfg.backbone.name == option  # the file name is the command-line word
     if group == "augment":
-        from segx.augment import build_augmentation
+        from segx.training.augment import build_augmentation
 
         build_augmentation(cfg.augment.transforms)
 
@@ -31,7 +32,7 @@ def test_every_group_option_composes(group, option, tmp_path):
 def test_every_entry_config_composes_resolves_and_validates():
     from segx.data.prepare import validate_data_config
     from segx.ensemble import validate_config as validate_ensemble
-    from segx.train import validate_config as validate_train
+    from segx.training.member import validate_config as validate_train
 
     entries = {p.stem for p in CONF_DIR.glob("*.yaml")}
     assert entries == {"train", "ensemble", "predict", "check", "bench"}  # a new one needs a line here

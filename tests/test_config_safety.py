@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from segx.config import checked_container, instantiate
 from segx.errors import SegxError
-from segx.train import train_member, validate_config
+from segx.objects import checked_container, instantiate
+from segx.training.member import train_member, validate_config
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
@@ -110,7 +110,7 @@ def test_function_target_on_the_command_line_exits_2_with_one_line(tmp_path, syn
         ("trainer.lr_schedule", "tf_keras.optimizers.schedules.ExponentialDecay",
          "not a callback class; a schedule goes in trainer.optimizer.learning_rate"),
         # segx's own Keras callback is a Callback subclass, but segx never builds its classes from YAML
-        ("trainer.lr_schedule", "segx.training.MemberCallback", "is not allowed; segx builds only a callback class"),
+        ("trainer.lr_schedule", "segx.training.fit.MemberCallback", "is not allowed; segx builds only a callback class"),
         ("trainer.lr_schedule", "tf_keras.callbacks.RemoteMonitor", "is not allowed: it posts training logs to a URL"),
         ("trainer.lr_schedule", "tf_keras.callbacks.LambdaCallback", "is not allowed"),
         ("augment.transforms[0]", "tf_keras.optimizers.Adam", "is an optimizer class, not an albumentations transform"),
@@ -199,8 +199,8 @@ def test_default_callback_and_compose_with_nested_transforms_build():
     import albumentations as A
     import numpy as np
 
-    from segx.augment import build_augmentation
     from segx.backend import keras
+    from segx.training.augment import build_augmentation
 
     cfg = compose_config("train", [])
     callback = instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule")

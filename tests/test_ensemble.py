@@ -34,8 +34,9 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     import mlflow
 
     from segx.data.folder import discover_cases, load_cases
-    from segx.predict import load_ensemble, run_predict
-    from segx.probs import binarize, combine, load_cached
+    from segx.ensembling.probs import binarize, combine, load_cached
+    from segx.inference.predictor import load_ensemble
+    from segx.predict import run_predict
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -50,7 +51,7 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     searched = binarize(combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"])
     assert np.array_equal(binarize(score, record["threshold"]), searched)
     # ... and so the recorded validation Dice, exactly.
-    from segx.metrics import dice_per_case
+    from segx.evaluation.metrics import dice_per_case
 
     assert dice_per_case(binarize(score, record["threshold"]), cached[0].masks).mean() == record["val_dice"]
 
@@ -122,7 +123,7 @@ def test_ensemble_bad_input_is_one_line_and_records_nothing(member_store, overri
 
 def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_root, tmp_path):
     from segx.ensemble import build_ensemble
-    from segx.train import train_member
+    from segx.training.member import train_member
     from tests.conftest import tiny_train_overrides
 
     out, runs = member_store
@@ -136,7 +137,7 @@ def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_r
 
 
 def test_hand_written_record_with_bad_weights_is_refused():
-    from segx.record import validate_record
+    from segx.ensembling.record import validate_record
 
     record = {"format": "segx-ensemble", "image_size": 64, "threshold": 0.5,
               "members": [{"run_id": "a", "backbone": "resnet18", "weight": 0.7}, {"run_id": "b", "backbone": "vgg16", "weight": 0.7}]}  # fmt: skip

@@ -91,7 +91,7 @@ def test_pairs_the_split_does_not_list_are_reported_and_the_split_kept(synthetic
 @pytest.fixture(scope="module")
 def retrained_store(tmp_path_factory, synthetic_root):
     """Two resnet18 members on the same split: before and after inverting every training mask."""
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     base = tmp_path_factory.mktemp("retrained")
     out, root, split_file = base / "out", copy_data(synthetic_root, base / "data"), base / "split.json"
@@ -137,34 +137,31 @@ def test_misspelt_member_backbone_suggests_the_trained_one(retrained_store):
 
 
 def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained_store, capsys):
-    from segx.ensemble import select_runs
+    from segx.ensembling.members import select_runs
 
     out, (old, new) = retrained_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("segx").experiment_id
-    auto = compose_config("ensemble", [*store_overrides(out), "ensemble.select=auto"])
     # The newest member sets the fingerprint; the older one, trained on other masks, is skipped.
-    assert [r.info.run_id for r in select_runs(auto, client, exp)] == [new]
+    assert [r.info.run_id for r in select_runs(client, exp, "segx", "auto")] == [new]
     err = capsys.readouterr().err
     assert "segx: skipped 1 member run (data fingerprint is not " in err and old in err
     client.delete_run(new)
     try:
-        assert [r.info.run_id for r in select_runs(auto, client, exp)] == [old]
+        assert [r.info.run_id for r in select_runs(client, exp, "segx", "auto")] == [old]
         assert f"segx: skipped 1 member run (deleted): {new}" in capsys.readouterr().err
         # By backbone: the newest run of it was deleted, so the older one is used, and said so.
-        listed = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18]"])
-        assert [r.info.run_id for r in select_runs(listed, client, exp)] == [old]
+        assert [r.info.run_id for r in select_runs(client, exp, "segx", "list", backbones=["resnet18"])] == [old]
         assert f"segx: skipped 1 member run (deleted): {new}" in capsys.readouterr().err
         # Named by run ID: a deleted run is an error, not a skip.
-        exact = compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{new}]"])
         with pytest.raises(SegxError, match=f"run '{new}' is deleted"):
-            select_runs(exact, client, exp)
+            select_runs(client, exp, "segx", "list", run_ids=[new])
     finally:
         client.restore_run(new)
 
 
 def test_resume_refuses_a_run_whose_data_changed(retrained_store, tmp_path):
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     out, (old, _new) = retrained_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from segx.data.folder import from_model_size, to_model_size
-from segx.metrics import dice_per_case
-from segx.postprocess import PostProcess, apply, apply_one, candidates
+from segx.evaluation.metrics import dice_per_case
+from segx.inference.postprocess import PostProcess, apply, apply_one, candidates
 
 
 def blobs() -> np.ndarray:

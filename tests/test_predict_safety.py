@@ -219,7 +219,8 @@ def test_bad_input_is_one_line_before_any_model_loads(member_store, ensemble_rec
 
 def test_batches_are_bounded_by_input_pixels(member_store, ensemble_record, synthetic_root, tmp_path):
     from segx import tracking
-    from segx.predict import load_ensemble, predict_folder
+    from segx.inference.folder import predict_folder
+    from segx.inference.predictor import load_ensemble
 
     out, _ = member_store
     inputs = _scans(tmp_path / "in", synthetic_root, 5)

@@ -49,7 +49,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     client, _ = runs_in(tmp_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL cannot be caught
 
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     cfg = compose_config("train", [*overrides, f"resume={run_id}"])
     train_member(cfg)
@@ -68,8 +68,8 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
 
 
 def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root):
-    from segx.train import train_member
-    from segx.training import TrainingDiverged
+    from segx.training.fit import TrainingDiverged
+    from segx.training.member import train_member
 
     # A sane learning rate for epoch 1 (2 steps), then an infinite one: epoch 2 diverges.
     schedule = ("trainer.optimizer.learning_rate={_target_:tf_keras.optimizers.schedules.PiecewiseConstantDecay,"
@@ -117,7 +117,7 @@ def test_two_processes_write_to_one_sqlite_store(tmp_path, synthetic_root):
 
 
 def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synthetic_root):
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     scores, splits, curves = [], [], []
     for i in range(2):
@@ -158,7 +158,7 @@ def test_data_check_reports_every_problem(tmp_path, synthetic_root):
 
 
 def test_output_names_cannot_escape_the_output_folder(tmp_path):
-    from segx.predict import safe_output_path
+    from segx.inference.folder import safe_output_path
 
     assert safe_output_path(tmp_path, "case_1") == (tmp_path / "case_1.png").resolve()
     for stem in ("..", "../evil", "a/b", ""):
@@ -180,7 +180,7 @@ def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     run_id = runs[0].info.run_id
 
-    from segx.train import train_member
+    from segx.training.member import train_member
 
     train_member(compose_config("train", [*overrides, "resume=auto"]))
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from segx import search
-from segx.probs import Weights, quantize
+from segx.ensembling import search
+from segx.ensembling.probs import Weights, quantize
 
 
 def disks(rng, n=30, size=48):
@@ -38,7 +38,7 @@ def problem():
 def test_each_method_finds_the_known_best(problem, method):
     probs, truth = problem
     data = search.compact(probs, truth, [0.4, 0.45, 0.5, 0.55, 0.6])
-    result = search.SEARCHES[method](data)
+    result = getattr(search, f"search_{method}")(data)
     w = result.best.weights
     assert w[1] == 0.0, "the useless member must get weight 0"
     assert w[0] == pytest.approx(0.5, abs=0.1) and w[2] == pytest.approx(0.5, abs=0.1)
@@ -80,6 +80,6 @@ def test_choose_prefers_simpler_within_tolerance():
 
 
 def test_search_imports_no_tensorflow():
-    code = "import segx.search, segx.ensemble, segx.probs, sys; print('tensorflow' in sys.modules)"
+    code = "import segx.ensembling.search, segx.ensemble, segx.ensembling.probs, sys; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

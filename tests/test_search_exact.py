@@ -1,7 +1,7 @@
 """Every Dice the weight search reports equals the prediction path's Dice, bit for bit.
 
-The prediction path is ``segx.probs.combine`` + ``segx.probs.binarize`` +
-``segx.metrics.dice_per_case(...).mean()`` with the weights as a record holds them. The data
+The prediction path is ``segx.ensembling.probs.combine`` + ``segx.ensembling.probs.binarize`` +
+``segx.evaluation.metrics.dice_per_case(...).mean()`` with the weights as a record holds them. The data
 are built so that many weighted sums land exactly on ``t * 255 * D`` (probabilities in
 multiples of 51 = 255 / 5), where float arithmetic and exact arithmetic disagree.
 """
@@ -14,11 +14,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from segx import search
+from segx.ensembling import search
+from segx.ensembling.probs import Weights, binarize, combine, cut
+from segx.ensembling.record import record_weights, validate_record, weight_fields
 from segx.errors import SegxError
-from segx.metrics import dice_per_case
-from segx.probs import Weights, binarize, combine, cut
-from segx.record import record_weights, validate_record, weight_fields
+from segx.evaluation.metrics import dice_per_case
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # More than 15 thresholds: the single-candidate histogram path instead of the paired one.
@@ -170,7 +170,7 @@ def test_rounding_to_a_denominator_keeps_the_sum():
 
 def _hand_members(n_members: int, seed: int):
     from segx.ensemble import Member
-    from segx.probs import Cached
+    from segx.ensembling.probs import Cached
 
     members, truth = tie_data(n_members, seed=seed)
     stems = [f"case{i}" for i in range(len(truth))]
@@ -183,19 +183,21 @@ def _hand_members(n_members: int, seed: int):
 
 @pytest.mark.parametrize("method", ["grid", "greedy", "optimize"])
 def test_run_search_reports_and_records_prediction_numbers(method):
-    from segx.ensemble import make_record, run_search
+    from segx.ensemble import search_settings, threshold_list
+    from segx.ensembling.choose import run_search
+    from segx.ensembling.record import make_record
     from tests.conftest import compose_config
 
     members, probs, truth = _hand_members(3, seed=17)
     cfg = compose_config("ensemble", [f"ensemble.search={method}", "ensemble.postprocess=false",
                                       "ensemble.tolerance=0.0", "ensemble.optimize_evals=30"])  # fmt: skip
-    found = run_search(cfg, members)
+    found = run_search(members, search_settings(cfg))
     for candidate in [*found["baselines"], found["searched"].best, found["chosen"]]:
         assert predicted_dice(probs, truth, candidate.weights, candidate.threshold) == candidate.val_dice, candidate
     check_rows(probs, truth, found["searched"].history)
     assert found["val_dice"] == found["chosen"].val_dice
     # The record holds the exact counts; read back, they predict the recorded Dice.
-    record = validate_record(json.loads(json.dumps(make_record(cfg, members, found))))
+    record = validate_record(json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg)))))
     assert record["version"] == 2
     weights, chosen = record_weights(record), found["chosen"].weights
     assert [Fraction(k, weights.denominator) for k in weights.counts] == [Fraction(k, chosen.denominator) for k in chosen.counts]
@@ -288,8 +290,8 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
     of the cached validation probabilities, on thresholds where scores tie."""
     from segx import tracking
     from segx.data.folder import discover_cases, load_cases
-    from segx.predict import load_ensemble
-    from segx.probs import load_cached
+    from segx.ensembling.probs import load_cached
+    from segx.inference.predictor import load_ensemble
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")

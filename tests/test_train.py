@@ -11,7 +11,7 @@ import pytest
 
 from segx import tracking
 from segx.errors import SegxError
-from segx.train import train_member
+from segx.training.member import train_member
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
@@ -53,9 +53,9 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
 
 def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, tmp_path):
     import segx.backend  # noqa: F401
-    from segx.augment import load_augmentation
+    from segx.ensembling.probs import load_cached, quantize
     from segx.models import load_keras_model, load_member, predict_probs
-    from segx.probs import load_cached, quantize
+    from segx.training.augment import load_augmentation
 
     out, runs = member_store
     client, _ = member_runs(out)

@@ -38,8 +38,8 @@ def random_net():
 
 
 def test_flip_tta_is_the_mean_of_passes_flipped_back(random_net):
+    from segx.ensembling.probs import quantize
     from segx.models import predict_probs, preprocessing
-    from segx.probs import quantize
 
     images = _asymmetric_images(3)
     x = preprocessing("resnet18")(images.astype(np.float32))
@@ -91,9 +91,9 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
     member_store, synthetic_root, tmp_path, capsys
 ):
     from segx.ensemble import build_ensemble
-    from segx.metrics import dice_per_case
-    from segx.predict import load_ensemble
-    from segx.probs import cache_artifact, load_cached
+    from segx.ensembling.probs import cache_artifact, load_cached
+    from segx.evaluation.metrics import dice_per_case
+    from segx.inference.predictor import load_ensemble
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -147,8 +147,9 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
 
 def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_path):
     """A member logged before flip caches existed: one line naming it and the two ways out."""
-    from segx.ensemble import _member_from_run, build_ensemble
-    from segx.probs import cache_artifact
+    from segx.ensemble import build_ensemble
+    from segx.ensembling.members import member_from_run
+    from segx.ensembling.probs import cache_artifact
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -166,7 +167,7 @@ def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_pat
     old = client.get_run(old.info.run_id)
 
     assert (
-        _member_from_run(client, old, tmp_path / "c").val.probs.shape[-1] == SIZE
+        member_from_run(client, old, tmp_path / "c").val.probs.shape[-1] == SIZE
     )  # tta=none still works
     cfg = compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{runs['mobilenetv2']},{old.info.run_id}]",
                                       "ensemble.tta=flip"])  # fmt: skip

@@ -24,7 +24,7 @@ try:
 
     class SegxEnsembleModel(PythonModel):
         def load_context(self, context):
-            from segx.predictor import EnsemblePredictor
+            from segx.inference.predictor import EnsemblePredictor
 
             with open(context.artifacts["record"]) as fh:
                 record = json.load(fh)
@@ -50,7 +50,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     from pathlib import Path
 
     from segx import tracking
-    from segx.provenance import package_versions
+    from segx.tracking.provenance import package_versions
 
     tmp = Path(tempfile.mkdtemp(prefix="segx-pyfunc-"))
     (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
@@ -64,7 +64,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
         "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
         "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
     ) if versions.get(name, "missing") != "missing"]  # fmt: skip
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # the whole segx package travels with the model
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="pyfunc",

@@ -1,10 +1,11 @@
-"""The ``ensemble.json`` record: validation of a (possibly hand-written) record. No heavy imports.
+"""The ``ensemble.json`` record: written (:func:`make_record`) and validated (:func:`validate_record`,
+also for hand-written records) here, in one place. No heavy imports.
 
 Weights. Version 2 (written since segx stores exact weights) gives each member a whole
 ``weight_count`` over the record's ``weight_denominator`` (the ensemble computes
 ``sum_m count_m * p_m`` in integers), plus ``weight`` = count / denominator for people to read.
 Version 1 records and hand-written records without counts give float ``weight`` only; they are
-read with :meth:`segx.probs.Weights.from_floats` (0.3 means 3/10, a float 1/3 means 1/3, other
+read with :meth:`segx.ensembling.probs.Weights.from_floats` (0.3 means 3/10, a float 1/3 means 1/3, other
 floats are rounded to millionths), so an old record keeps working and a grid, greedy or equal
 weighting it recorded is read back exactly.
 """
@@ -12,10 +13,12 @@ weighting it recorded is read back exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+from segx.config import TTA_MODES
+from segx.ensembling.probs import MAX_DENOMINATOR, Weights
 from segx.errors import SegxError
-from segx.probs import MAX_DENOMINATOR, Weights
 
 REQUIRED = ("members", "threshold", "image_size")
 RECORD_VERSION = 2
@@ -60,7 +63,7 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     t = record["threshold"]
     if not _is_number(t) or not 0 <= t <= 1:
         raise SegxError(f"{where}: threshold={t!r} must be a number in [0, 1]")
-    if record.get("tta", "none") not in ("none", "flip"):
+    if record.get("tta", "none") not in TTA_MODES:
         raise SegxError(f"{where}: tta={record.get('tta')!r} must be 'none' or 'flip'")
     return record
 
@@ -97,3 +100,38 @@ def weight_fields(weights: Weights) -> tuple[list[dict], dict]:
     """Per-member and top-level record fields for ``weights`` (what make_record writes)."""
     per_member = [{"weight": w, "weight_count": k} for w, k in zip(weights.floats, weights.counts, strict=True)]
     return per_member, {"weight_denominator": weights.denominator}
+
+
+def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance: float, thresholds: Sequence[float]) -> dict:
+    """The ``ensemble.json`` of a chosen ensemble (``found``: what run_search returned)."""
+    import segx
+    from segx.tracking.provenance import git_sha
+
+    sha, dirty = git_sha()
+    chosen = found["chosen"]
+    per_member, weight_total = weight_fields(found["weights"])
+    return {
+        "format": "segx-ensemble",
+        "version": RECORD_VERSION,
+        "segx_version": segx.__version__,
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "data_fingerprint": members[0].fingerprint,
+        "image_size": members[0].image_size,
+        "resize_mode": members[0].resize_mode,
+        "members": [
+            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model"}
+            for m, w in zip(members, per_member, strict=True)
+        ],
+        **weight_total,
+        "threshold": chosen.threshold,
+        "postprocess": found["postprocess"].to_dict(),
+        "tta": str(tta),
+        "search": {
+            "method": str(method),
+            "chosen": chosen.name,
+            "tolerance": float(tolerance),
+            "thresholds": [float(t) for t in thresholds],
+        },
+        "val_dice": found["val_dice"],
+    }

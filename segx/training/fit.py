@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from segx.augment import SeededAugmenter
 from segx.backend import keras, tf
-from segx.metrics import dice_per_case, iou_per_case
+from segx.evaluation.metrics import dice_per_case, iou_per_case
 from segx.models import predict_probs, preprocessing
+from segx.training.augment import SeededAugmenter
 
 
 def epoch_plan(n_cases: int, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

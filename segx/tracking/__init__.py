@@ -38,7 +38,7 @@ os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
 import logging  # noqa: E402
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -472,10 +472,6 @@ def log_artifact(client: MlflowClient, run_id: str, path: str | os.PathLike, art
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
-    client.log_text(run_id, text, artifact_file)
-
-
 def get_run(client: MlflowClient, run_id: str, need_finished: bool = True):
     try:
         run = client.get_run(run_id)
@@ -537,5 +533,3 @@ def find_runs(
     )
 
 
-def run_status_names() -> list[str]:
-    return [RunStatus.to_string(s) for s in RunStatus.all_status()]

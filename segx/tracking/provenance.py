@@ -11,7 +11,7 @@ from pathlib import Path
 
 import segx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # segx/tracking/provenance.py -> the repository
 PACKAGES = (
     "tensorflow", "tf-keras", "segmentation-models", "hydra-core", "omegaconf", "mlflow",
     "albumentations", "opencv-python-headless", "numpy", "pandas", "scipy",

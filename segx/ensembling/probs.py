@@ -157,7 +157,7 @@ def combine(member_probs: Sequence[np.ndarray], weights: Weights | Sequence[floa
     """Weighted sum of uint8 probability maps in exact integer arithmetic.
 
     ``weights``: :class:`Weights`, or floats read by :meth:`Weights.from_floats`. The search
-    scores every candidate with this same arithmetic (:mod:`segx.search`).
+    scores every candidate with this same arithmetic (:mod:`segx.ensembling.search`).
     """
     weights = Weights.of(weights)
     if len(member_probs) != len(weights):

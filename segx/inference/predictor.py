@@ -2,23 +2,27 @@
 
 Members predict at the recorded input size; their probabilities are quantised and combined
 with the record's integer weights in the arithmetic the weight search scored
-(:func:`segx.probs.combine`, :func:`segx.probs.binarize`), post-processed at that size, then
+(:func:`segx.ensembling.probs.combine`, :func:`segx.ensembling.probs.binarize`), post-processed at that size, then
 brought back to each input's own size.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from segx.data.folder import from_model_size, to_model_size
+from segx.ensembling.probs import Score, binarize, combine, quantize
+from segx.ensembling.record import record_weights, validate_record
+from segx.errors import SegxError
+from segx.inference.postprocess import PostProcess, apply
 from segx.models import load_member, predict_probs
-from segx.postprocess import PostProcess, apply
-from segx.probs import Score, binarize, combine, quantize
-from segx.record import record_weights, validate_record
 
 
 @dataclass
@@ -54,7 +58,7 @@ class EnsemblePredictor:
         ]
 
     def score_model_size(self, images: np.ndarray) -> tuple[Score, list]:
-        """Exact ensemble score (N, S, S) (:class:`segx.probs.Score`) and the member probabilities."""
+        """Exact ensemble score (N, S, S) (:class:`segx.ensembling.probs.Score`) and the member probabilities."""
         probs = self.member_probs(images)
         # Members with count 0 add nothing: all members, with their counts, give the same sum.
         filled = [np.zeros(images.shape[:3], np.uint8) if p is None else p for p in probs]
@@ -80,3 +84,32 @@ class EnsemblePredictor:
                 uncertainty=np.clip(from_model_size(spread[i].astype(np.float32), original, self.resize_mode), 0, 0.5),
             ))  # fmt: skip
         return out
+
+
+def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
+    """(record, EnsemblePredictor) for an ensemble run, with its members downloaded."""
+    from segx import tracking
+    from segx.ensembling.record import validate_record
+
+    run = tracking.get_run(client, run_id)
+    if run.data.tags.get(tracking.ROLE) != "ensemble":
+        raise SegxError(f"run '{run_id}' is not a segx ensemble (tag {tracking.ROLE}); give an ensemble run ID")
+    path = tracking.download(client, run_id, "ensemble.json", workdir)
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError:
+        raise SegxError(f"run '{run_id}': ensemble.json is not valid JSON; rebuild the ensemble") from None
+    validate_record(record, f"run {run_id} ensemble.json")
+    model_paths = []
+    for i, member in enumerate(record["members"]):
+        tracking.get_run(client, member["run_id"])  # exists, not deleted, FINISHED
+        model_paths.append(
+            tracking.download_member_model(client, member["run_id"], workdir / f"m{i}", member.get("model_artifact", "model"))
+        )
+    recorded = record.get("tta", "none")
+    if tta not in (None, recorded):
+        # Weights, threshold and post-processing were chosen on the recorded pipeline's
+        # probabilities; another TTA runs, but the record's Dice no longer describes it.
+        print(f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
+              f"tta={tta} (drop the tta override to predict as tuned)", file=sys.stderr, flush=True)  # fmt: skip
+    return record, EnsemblePredictor(record, model_paths, tta)

@@ -10,7 +10,7 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 
-from segx.config import instantiate
+from segx.objects import instantiate
 
 
 def build_augmentation(transforms: Sequence | None, key: str = "augment.transforms") -> A.Compose:

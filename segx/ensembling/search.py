@@ -2,11 +2,11 @@
 
 The objective is the mean per-case Dice of ``binarize(combine(probs, w), t)`` over validation
 cases, for weights on the simplex and thresholds from a fixed list. Every candidate is a
-:class:`segx.probs.Weights`: whole counts k_m over a denominator D (a grid point, a greedy bag
+:class:`segx.ensembling.probs.Weights`: whole counts k_m over a denominator D (a grid point, a greedy bag
 of D picks, equal weights, Nelder-Mead's weights rounded to thousandths). Its score
 ``sum_m k_m p_m`` is an exact integer and a pixel is foreground iff the score reaches
-``ceil(t * 255 * D)``: the arithmetic of :func:`segx.probs.combine` and
-:func:`segx.probs.binarize`, so every Dice the search reports is, bit for bit, the Dice of the
+``ceil(t * 255 * D)``: the arithmetic of :func:`segx.ensembling.probs.combine` and
+:func:`segx.ensembling.probs.binarize`, so every Dice the search reports is, bit for bit, the Dice of the
 prediction path on the same cached probabilities.
 
 Speed comes from one exact reduction: for weights on the simplex the score divided by D lies
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.errors import SegxError
-from segx.metrics import dice_counts, dice_per_case
-from segx.probs import Weights, binarize, combine, cut
+from segx.evaluation.metrics import dice_counts, dice_per_case
 
 # Nelder-Mead's continuous weights are rounded to counts over this denominator before scoring.
 OPTIMIZE_DENOMINATOR = 1000
@@ -77,7 +77,7 @@ def compact(
     Reads ``chunk`` cases at a time, so memory stays bounded by the kept pixels. Exact: a
     candidate's score over D lies in [lo, hi] (the members' smallest and largest probability),
     so ``hi < 255 t_min`` is background and ``lo >= 255 t_max`` foreground for every candidate
-    and threshold, with the thresholds read as :func:`segx.probs.cut` reads them.
+    and threshold, with the thresholds read as :func:`segx.ensembling.probs.cut` reads them.
     """
     thresholds = np.asarray(sorted(float(t) for t in thresholds), np.float64)
     if not len(thresholds):
@@ -240,7 +240,7 @@ def evaluate(data: Compact, counts: np.ndarray, denominator: int) -> np.ndarray:
     """Mean per-case Dice for each candidate and threshold: float64 (C, T).
 
     counts: (C, M) non-negative integers, each row summing to ``denominator``: the weights
-    counts / denominator, scored as :func:`segx.probs.combine` and :func:`segx.probs.binarize`.
+    counts / denominator, scored as :func:`segx.ensembling.probs.combine` and :func:`segx.ensembling.probs.binarize`.
     """
     counts = np.atleast_2d(np.asarray(counts))
     if counts.shape[1:] != (data.n_members,) or not np.all(counts.astype(np.int64).sum(axis=1) == denominator):
@@ -445,7 +445,7 @@ def choose(candidates: Sequence[Candidate], tolerance: float) -> Candidate:
 
 
 def exact_dice(member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32) -> np.ndarray:
-    """Per-case Dice of one weighting through :func:`segx.probs.combine` (the predict path)."""
+    """Per-case Dice of one weighting through :func:`segx.ensembling.probs.combine` (the predict path)."""
     weights = Weights.of(weights)
     out = []
     for start in range(0, len(truth), chunk):
@@ -460,4 +460,25 @@ def majority_vote(member_probs: Sequence[np.ndarray], start: int = 0, stop: int 
     return votes * 2 > len(member_probs)
 
 
-SEARCHES = {"grid": search_grid, "greedy": search_greedy, "optimize": search_optimize}
+def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
+    """The reference the benchmarks compare :func:`search_grid` with: the tutorial way, a loop
+    over weight combinations that recomputes everything each time, at threshold 0.5.
+
+    probs_float: float (M, N, H, W) in [0, 1]; truth: bool (N, H, W). Returns (best mean Dice,
+    its weights, how many combinations were evaluated)."""
+    n_members = probs_float.shape[0]
+    best_dice, best_w = -1.0, None
+    values = np.round(np.arange(0, 1 + step / 2, step), 10)
+    evaluated = 0
+    for w in itertools.product(values, repeat=n_members):
+        if abs(sum(w) - 1.0) > 1e-9:
+            continue
+        evaluated += 1
+        avg = np.tensordot(np.array(w, np.float64), probs_float, axes=(0, 0))
+        pred = avg >= 0.5
+        inter = (pred & truth).sum(axis=(1, 2))
+        denom = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean()
+        if dice > best_dice:
+            best_dice, best_w = float(dice), w
+    return best_dice, best_w, evaluated

@@ -1,0 +1,422 @@
+"""The stages of the DSB2018 study, each a method of :class:`Study` that returns the numbers it
+measured (saved to ``<results_dir>/<stage>.json`` by the caller): accuracy (members and the
+ensemble on the test split), training throughput, compute efficiency, ensemble inference, and
+the search on real cached probabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from segx.benchmark.report import load_stage, write_report
+from segx.config import TTA_MODES
+from segx.errors import SegxError
+
+STAGES = ("accuracy", "throughput", "efficiency", "inference", "search")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from segx.tracking.provenance import package_versions
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **package_versions()}
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MiB."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_dataset(root: Path) -> None:
+    from segx.data.folder import discover_cases
+
+    if not root.is_dir():
+        raise SegxError(f"benchmark dataset {root} does not exist; set dataset=PATH (see ../shared/datasets/README.md)")
+    discover_cases(root)  # raises with the layout problem named
+    if not (root / "metadata.csv").is_file():
+        raise SegxError(f"{root}/metadata.csv is missing; the study needs its 'appearance' column")
+
+
+def subset_folder(root: Path, n: int | None, work: Path) -> Path:
+    """``root`` itself, or a folder of symlinks to a stratified subset of ``n`` cases."""
+    if not n:
+        return root
+    meta = pd.read_csv(root / "metadata.csv")
+    rng = np.random.default_rng(0)
+    parts = []
+    for _, group in meta.groupby("appearance"):
+        keep = max(2, round(n * len(group) / len(meta)))
+        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
+    picked = pd.concat(parts)
+    target = work / f"subset-{n}"
+    for sub in ("train_images", "train_masks"):
+        (target / sub).mkdir(parents=True, exist_ok=True)
+    for stem in picked["stem"]:
+        for sub in ("train_images", "train_masks"):
+            link = target / sub / f"{stem}.png"
+            if not link.exists():
+                link.symlink_to((root / sub / f"{stem}.png").resolve())
+    picked.to_csv(target / "metadata.csv", index=False)
+    return target
+
+
+class Study:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.profile = cfg.profile
+        self.results = Path(str(self.profile.results_dir))
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.work = Path(cfg.paths.output_dir) / "bench"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.dataset = Path(str(cfg.dataset))
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def save(self, stage: str, payload: dict) -> None:
+        payload = {"stage": stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+        (self.results / f"{stage}.json").write_text(json.dumps(payload, indent=1, default=float))
+        write_report(self.results, self.profile)
+        print(f"segx bench: stage '{stage}' done -> {self.results / (stage + '.json')}", flush=True)
+
+    def load(self, stage: str) -> dict | None:
+        return load_stage(self.results, stage)
+
+    def train_overrides(self, data_root: Path) -> list[str]:
+        p, cfg = self.profile, self.cfg
+        return [
+            "experiment=dsb2018",
+            f"data.root={data_root}",
+            f"data.image_size={p.image_size}",
+            f"trainer.epochs={p.epochs}",
+            f"trainer.batch_size={p.batch_size}",
+            f"paths.output_dir={cfg.paths.output_dir}",
+            f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+            f"mlflow.artifact_root={cfg.mlflow.artifact_root}",
+            f"mlflow.experiment_name={cfg.mlflow.experiment_name}",
+        ]
+
+    # --- stage 1 ---------------------------------------------------------------------------------
+    def accuracy(self) -> dict:
+        from segx import tracking
+        from segx.config import compose
+        from segx.ensemble import build_ensemble
+        from segx.models import clear_session
+        from segx.training.member import config_identity, train_member
+
+        data_root = subset_folder(self.dataset, self.profile.max_cases, self.work)
+        client = tracking.connect(str(self.cfg.mlflow.tracking_uri))
+        experiment = tracking.experiment_id(client, str(self.cfg.mlflow.experiment_name), self.cfg.mlflow.artifact_root)
+        members = []
+        for backbone in self.profile.members:
+            train_cfg = compose("train", overrides=[*self.train_overrides(data_root), f"backbone={backbone}"])
+            identity = config_identity(train_cfg)
+            done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+            if done and self.cfg.reuse_members:
+                run = done[0]
+                print(f"segx bench: reusing {backbone} member {run.info.run_id}", flush=True)
+            else:
+                started = time.perf_counter()
+                train_member(train_cfg)
+                clear_session()
+                run = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})[0]
+                tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": time.perf_counter() - started})
+            run = client.get_run(run.info.run_id)
+            history = client.get_metric_history(run.info.run_id, "val/dice")
+            members.append({
+                "backbone": backbone, "run_id": run.info.run_id,
+                "best_val_dice": run.data.metrics.get("best/val_dice"),
+                "epochs_run": len(history),
+                "train_seconds": run.data.metrics.get("bench/train_seconds"),
+            })  # fmt: skip
+        ens_cfg = compose("ensemble", overrides=[
+            f"paths.output_dir={self.cfg.paths.output_dir}",
+            f"mlflow.tracking_uri={self.cfg.mlflow.tracking_uri}",
+            f"mlflow.experiment_name={self.cfg.mlflow.experiment_name}",
+            "ensemble.run_ids=[" + ",".join(m["run_id"] for m in members) + "]",
+        ])  # fmt: skip
+        record = build_ensemble(ens_cfg)
+        folder = Path(tempfile.mkdtemp(prefix="segx-bench-"))
+        per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
+        val = pd.read_csv(tracking.download(client, record["run_id"], "tables/val_summary.csv", folder))
+        per_case = pd.concat([per_case, self.forced_postprocess(client, record, folder)], ignore_index=True)
+        meta = pd.read_csv(data_root / "metadata.csv")[["stem", "appearance"]]
+        per_case = per_case.merge(meta, on="stem", how="left")
+        per_case.to_csv(self.results / "test_per_case.csv", index=False)
+        table = []
+        for method, g in per_case.groupby("method", sort=False):
+            row = {"method": method, "cases": len(g)}
+            for metric in ("dice", "iou", "hd95"):
+                row[f"{metric}_mean"] = g[metric].mean()
+                row[f"{metric}_median"] = g[metric].median()
+                row[f"{metric}_q25"] = g[metric].quantile(0.25)
+                row[f"{metric}_q75"] = g[metric].quantile(0.75)
+            for appearance, ga in g.groupby("appearance"):
+                row[f"dice_{appearance}"] = ga["dice"].mean()
+                row[f"n_{appearance}"] = len(ga)
+            table.append(row)
+        pd.DataFrame(table).to_csv(self.results / "test_summary.csv", index=False)
+        self.plot_accuracy(pd.DataFrame(table))
+        return {
+            "members": members, "ensemble_run_id": record["run_id"],
+            "weights": {m["backbone"]: m["weight"] for m in record["members"]},
+            "threshold": record["threshold"], "postprocess": record["postprocess"],
+            "chosen": record["search"]["chosen"], "val_table": val.to_dict(orient="records"),
+            "test_table": table, "image_size": int(self.profile.image_size), "data_root": str(data_root),
+        }  # fmt: skip
+
+    def forced_postprocess(self, client, record: dict, folder: Path) -> pd.DataFrame:
+        """Test rows for the ensemble with the best post-processing other than none, as chosen on
+        validation, applied even if validation rejected it: post-processing on vs off."""
+        from segx.ensembling.choose import choose_postprocess
+        from segx.ensembling.members import member_from_run
+        from segx.ensembling.record import record_weights
+        from segx.evaluation.report import test_table
+
+        members = [member_from_run(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
+                   for m in record["members"]]  # fmt: skip
+        weights = record_weights(record)  # the exact counts, as prediction uses them
+        _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)
+        post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
+        rows, _ = test_table(members, weights, record["threshold"], post)
+        rows = rows[rows.method == "ensemble"].copy()
+        rows["method"] = f"ensemble + {post.describe()} (forced on; val Dice {val_dice:.4f})"
+        return rows
+
+    def plot_accuracy(self, table: pd.DataFrame) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = [c for c in table.columns if c.startswith("dice_") and c not in ("dice_mean", "dice_median", "dice_q25", "dice_q75")]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(table))
+        width = 0.8 / (1 + len(cols))
+        ax.bar(x, table["dice_mean"], width, label="all")
+        for i, c in enumerate(cols):
+            ax.bar(x + (i + 1) * width, table[c], width, label=c.removeprefix("dice_"))
+        ax.set_xticks(x + width * len(cols) / 2, table["method"], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("test Dice (mean per case)")
+        ax.set_ylim(max(0, float(table["dice_mean"].min()) - 0.15), 1)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.results / "accuracy.png", dpi=100)
+        plt.close(fig)
+
+    # --- stage 2 ---------------------------------------------------------------------------------
+    def throughput(self) -> dict:
+        import segx.backend  # noqa: F401
+        from segx import models
+        from segx.backend import tf
+        from segx.config import compose
+        from segx.data.prepare import prepare
+        from segx.training.augment import SeededAugmenter, build_augmentation
+        from segx.training.fit import make_train_dataset
+
+        data_root = subset_folder(self.dataset, self.profile.max_cases, self.work)
+        train_cfg = compose("train", overrides=self.train_overrides(data_root))
+        prepared = prepare(train_cfg.data, train_cfg.paths.output_dir)
+        train = prepared.part("train")
+        pipeline = build_augmentation(train_cfg.augment.transforms)
+        bs, steps, size = int(self.profile.batch_size), int(self.profile.throughput_steps), int(self.profile.image_size)
+        rows = []
+        # As members train by default (trainer.deterministic=true); process-wide once set.
+        models.set_determinism(0, True)
+        for backbone in self.profile.members:
+            models.clear_session()
+            model = models.build_model("unet", backbone, size)
+            models.set_bn_momentum(model, 0.9)
+            models.compile_model(model, models.keras.optimizers.Adam(1e-3), {"dice": 1, "bce": 1})
+            real, _ = make_train_dataset(train.images, train.masks, SeededAugmenter(pipeline), backbone, bs, 0, epochs=1000)
+            prep = models.preprocessing(backbone)
+            x = prep(train.images[:bs].astype(np.float32)).astype(np.float32)
+            y = train.masks[:bs, :, :, None].astype(np.float32)
+            memory = tf.data.Dataset.from_tensors((x, y)).repeat()
+            timings = {"pipeline": [], "in_memory": []}
+            for ds in (real, memory):
+                model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace and warm up
+            for _ in range(3):  # alternate, so drift on a noisy machine hits both alike
+                for name, ds in (("pipeline", real), ("in_memory", memory)):
+                    t0 = time.perf_counter()
+                    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+                    timings[name].append(steps * bs / (time.perf_counter() - t0))
+            # Inference throughput of the same network (model(x), batch 8, no augmentation).
+            batch = train.images[:8]
+            models.predict_probs(model, batch, backbone)
+            t0 = time.perf_counter()
+            reps = max(3, steps // 2)
+            for _ in range(reps):
+                models.predict_probs(model, batch, backbone)
+            infer = reps * len(batch) / (time.perf_counter() - t0)
+            # And the input pipeline alone, with no model: can it outrun the model?
+            t0 = time.perf_counter()
+            for _ in real.take(steps):
+                pass
+            pipe_only = steps * bs / (time.perf_counter() - t0)
+            rows.append({
+                "backbone": backbone, "batch": bs, "image_size": size,
+                "train_img_s_pipeline": float(np.median(timings["pipeline"])),
+                "train_img_s_in_memory": float(np.median(timings["in_memory"])),
+                "pipeline_over_memory": float(np.median(timings["pipeline"]) / np.median(timings["in_memory"])),
+                "pipeline_alone_img_s": pipe_only, "infer_img_s": infer,
+            })  # fmt: skip
+            print(f"segx bench: {backbone}: {rows[-1]}", flush=True)
+        return {"rows": rows, "augment": "strong", "steps": steps}
+
+    # --- stage 3 ---------------------------------------------------------------------------------
+    def efficiency(self) -> dict:
+        import segx.backend  # noqa: F401
+        from segx import models
+        from segx.backend import tf
+
+        size = int(self.profile.image_size)
+        throughput = self.load("throughput")
+        if not throughput:
+            raise SegxError("the efficiency stage needs the throughput stage's results; run stages='[throughput,efficiency]'")
+        row = throughput["rows"][0]
+        models.clear_session()
+        model = models.build_model("unet", row["backbone"], size)
+        forward = models.count_flops(model, size)
+        n = 2048
+        a = tf.random.normal((n, n))
+        b = tf.random.normal((n, n))
+        tf.matmul(a, b).numpy()
+        t0 = time.perf_counter()
+        reps = 10
+        for _ in range(reps):
+            c = tf.matmul(a, b)
+        c.numpy()
+        tf_peak = 2 * n**3 * reps / (time.perf_counter() - t0)
+        an, bn = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+        an @ bn
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            an @ bn
+        np_peak = 2 * n**3 * reps / (time.perf_counter() - t0)
+        peak = max(tf_peak, np_peak)
+        train_flops = 3 * forward  # forward + backward (about twice the forward)
+        return {
+            "backbone": row["backbone"], "image_size": size, "forward_gflop_per_image": forward / 1e9,
+            "matmul_gflops_tf": tf_peak / 1e9, "matmul_gflops_numpy": np_peak / 1e9,
+            "train_gflops_achieved": train_flops * row["train_img_s_in_memory"] / 1e9,
+            "train_fraction_of_peak": train_flops * row["train_img_s_in_memory"] / peak,
+            "train_fraction_of_peak_pipeline": train_flops * row["train_img_s_pipeline"] / peak,
+            "infer_gflops_achieved": forward * row["infer_img_s"] / 1e9,
+            "infer_fraction_of_peak": forward * row["infer_img_s"] / peak,
+        }  # fmt: skip
+
+    # --- stage 4 ---------------------------------------------------------------------------------
+    def inference(self) -> dict:
+        from segx import tracking
+        from segx.data.folder import discover_cases
+        from segx.data.io import read_image
+        from segx.inference.folder import predict_folder
+        from segx.inference.predictor import EnsemblePredictor, load_ensemble
+
+        accuracy = self.load("accuracy")
+        if not accuracy:
+            raise SegxError("the inference stage needs the accuracy stage's ensemble; run it first")
+        client = tracking.connect(str(self.cfg.mlflow.tracking_uri))
+        work = self.work / "inference"
+        record, ensemble = load_ensemble(client, accuracy["ensemble_run_id"], work / "models")
+        # Time every member, even those the search gave weight 0, so the sum is the full cost.
+        full = {**record, "members": [dict(m, weight=1.0 / len(record["members"])) for m in record["members"]]}
+        model_dirs = [work / "models" / f"m{i}" for i in range(len(record["members"]))]
+        ensemble = EnsemblePredictor(full, model_dirs)
+        singles = [EnsemblePredictor({**record, "members": [dict(m, weight=1.0)]}, [d]) for m, d in zip(record["members"], model_dirs, strict=True)]
+        cases = discover_cases(self.dataset)[: int(self.profile.inference_timing_images)]
+        images = [read_image(c.image) for c in cases]
+        rows = {}
+        for tta in TTA_MODES:
+            for p in (ensemble, *singles):
+                p.tta = tta
+            timings = {}
+            for name, predictor in (("ensemble", ensemble), *((f"member{i}", s) for i, s in enumerate(singles))):
+                predictor.predict(images[:8])  # warm up
+                t0 = time.perf_counter()
+                for start in range(0, len(images), 8):
+                    predictor.predict(images[start : start + 8])
+                timings[name] = time.perf_counter() - t0
+            member_sum = sum(v for k, v in timings.items() if k.startswith("member"))
+            rows[tta] = {
+                "ensemble_img_s": len(images) / timings["ensemble"],
+                "members_img_s": {k: len(images) / v for k, v in timings.items() if k != "ensemble"},
+                "sum_of_members_s": member_sum, "ensemble_s": timings["ensemble"],
+                "overhead": timings["ensemble"] / member_sum - 1,
+            }  # fmt: skip
+        # Streaming memory: a folder of N images (symlinks cycling the dataset), predicted in batches.
+        folder = work / f"folder-{self.profile.inference_images}"
+        folder.mkdir(parents=True, exist_ok=True)
+        every = discover_cases(self.dataset)
+        for i in range(int(self.profile.inference_images)):
+            link = folder / f"img{i:05d}.png"
+            if not link.exists():
+                link.symlink_to(every[i % len(every)].image.resolve())
+        out_dir = Path(tempfile.mkdtemp(prefix="segx-bench-pred-"))
+        samples = []
+        ensemble.tta = record.get("tta", "none")
+        t0 = time.perf_counter()
+        n = predict_folder(ensemble, folder, out_dir, 8, overlays=False, uncertainty=True, save_probabilities=False,
+                           on_batch=lambda done: samples.append((done, rss_mb())))  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        marks = {}
+        for frac in (0.1, 0.5, 1.0):
+            target = frac * n
+            marks[f"rss_mb_at_{int(frac * 100)}pct"] = next(r for d, r in samples if d >= target)
+        return {"timing_images": len(images), "tta": rows, "folder_images": n, "folder_seconds": elapsed,
+                "folder_img_s": n / elapsed, **marks}  # fmt: skip
+
+    # --- stage 5 ---------------------------------------------------------------------------------
+    def search(self) -> dict:
+        from segx import tracking
+        from segx.ensembling import search
+        from segx.ensembling.probs import load_cached
+
+        accuracy = self.load("accuracy")
+        if not accuracy:
+            raise SegxError("the search stage needs the accuracy stage's members; run it first")
+        client = tracking.connect(str(self.cfg.mlflow.tracking_uri))
+        cached = []
+        for m in accuracy["members"]:
+            folder = self.work / "search" / m["run_id"]
+            cached.append(load_cached(tracking.download(client, m["run_id"], "predictions/val.npz", folder), folder))
+        probs, truth = [c.probs for c in cached], cached[0].masks
+        thresholds = [round(0.3 + 0.05 * i, 2) for i in range(9)]
+        out = {"cases": len(truth), "size": int(truth.shape[-1]), "members": len(probs)}
+        t0 = time.perf_counter()
+        data = search.compact(probs, truth, thresholds)
+        out["compact_s"] = time.perf_counter() - t0
+        out["kept_pixel_fraction"] = data.kept_fraction
+        for name, fn in (("greedy", search.search_greedy), ("grid", lambda d: search.search_grid(d, 0.1)),
+                         ("optimize", search.search_optimize)):  # fmt: skip
+            t0 = time.perf_counter()
+            result = fn(data)
+            out[f"{name}_s"] = time.perf_counter() - t0 + out["compact_s"]
+            out[f"{name}_dice"] = result.best.val_dice
+        t0 = time.perf_counter()
+        dice, _, combos = search.naive_grid(np.stack([np.asarray(p, np.float32) / 255 for p in probs]), truth)
+        out["naive_s"], out["naive_dice"], out["naive_combos"] = time.perf_counter() - t0, dice, combos
+        out["speedup_greedy"] = out["naive_s"] / out["greedy_s"]
+        out["speedup_grid"] = out["naive_s"] / out["grid_s"]
+        return out

@@ -1,0 +1,85 @@
+"""Choosing the ensemble on validation: run the search, compare it with every member and equal
+weights (the simplest within the tolerance wins), pick post-processing, and check that the
+prediction path scores the choice exactly as the search did. numpy only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from segx.ensembling.members import Member
+
+
+def choose_postprocess(members, weights, threshold, min_sizes, tolerance):
+    """Post-processing picked on validation only; identity unless a gain exceeds ``tolerance``."""
+    from segx.ensembling.probs import Weights, binarize, combine
+    from segx.evaluation.metrics import dice_per_case
+    from segx.inference.postprocess import apply, candidates
+
+    probs = [m.val.probs for m in members]
+    pred = binarize(combine(probs, Weights.of(weights)), threshold)
+    truth = members[0].val.masks
+    results = [(p, float(dice_per_case(apply(pred, p), truth).mean())) for p in candidates([0, *min_sizes])]
+    base = results[0][1]
+    best = max(results, key=lambda r: r[1])
+    chosen = best if best[1] > base + tolerance else results[0]
+    return chosen[0], results
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How to search (the ``ensemble`` config section, as plain values)."""
+
+    method: str = "greedy"  # one of SEARCH_METHODS
+    thresholds: tuple[float, ...] = (0.5,)
+    grid_step: float = 0.1
+    greedy_steps: int = 25
+    greedy_patience: int = 5
+    greedy_min_gain: float = 1e-4
+    optimize_evals: int = 300
+    tolerance: float = 1e-3  # the simpler candidate wins unless the gain exceeds this
+    postprocess: bool = True
+    postprocess_min_sizes: tuple[int, ...] = (10, 20, 50, 100)
+
+
+def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
+    """Weights, threshold and post-processing chosen on the members' validation probabilities;
+    returns everything the record and the report need."""
+    from segx.ensembling import search
+
+    e = settings
+    probs = [m.val.probs for m in members]
+    truth = members[0].val.masks
+    t0 = time.perf_counter()
+    data = search.compact(probs, truth, list(e.thresholds))
+    run = {
+        "grid": lambda: search.search_grid(data, e.grid_step),
+        "greedy": lambda: search.search_greedy(data, e.greedy_steps, e.greedy_patience, e.greedy_min_gain),
+        "optimize": lambda: search.search_optimize(data, max_evals=e.optimize_evals, tolerance=e.tolerance),
+    }
+    result = run[e.method]()
+    seconds = time.perf_counter() - t0
+    base = search.baselines(data)
+    for b, m in zip(base, members, strict=False):
+        b.name = f"member:{m.label}"
+    chosen = search.choose([*base, result.best], e.tolerance)
+    weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
+    # The search scored the candidate in prediction's arithmetic; the prediction path itself
+    # must give the same number to the last bit.
+    val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
+    if val_dice != chosen.val_dice:
+        raise RuntimeError(f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report")
+    post, post_results = (
+        choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance)
+        if e.postprocess else (None, [])
+    )
+    from segx.inference.postprocess import PostProcess
+
+    post = post or PostProcess()
+    majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
+    return {
+        "chosen": chosen, "searched": result, "baselines": base, "weights": weights,
+        "val_dice": val_dice, "postprocess": post, "postprocess_results": post_results,
+        "majority_val_dice": majority, "search_seconds": seconds, "kept_fraction": data.kept_fraction,
+    }  # fmt: skip

@@ -1,0 +1,1 @@
+"""Scoring and reporting: per-case metrics, report tables and figures."""

@@ -1,0 +1,350 @@
+"""Predicting a folder of images with an :class:`~segx.inference.predictor.EnsemblePredictor`
+(``python -m segx.predict`` is the command; this is the library).
+
+Writes ``masks/<stem>.png`` (0/255, at each input's own size), optionally
+``overlays/<stem>.png``, ``uncertainty/<stem>.png`` and ``probabilities/<stem>.png``, the
+ensemble's record ``ensemble.json`` and ``segx-manifest.json``, the list of every file written.
+
+How the user's files are kept safe:
+
+- ``output_dir`` may not be, contain or lie inside ``input_dir`` (real paths compared, links
+  followed; for a folder not made yet, its nearest existing parent), whatever ``overwrite`` says.
+- A non-empty ``output_dir`` is refused unless ``overwrite=true``, and even then only when it is
+  an earlier segx prediction (it holds ``segx-manifest.json``). Overwriting removes exactly the
+  files that manifest lists, so no stale mask is left beside the new ones and a file segx did not
+  write is never touched (one that a new output would replace is refused up front).
+- Every input is checked before any model is loaded: listing, header, size limit, content
+  matching the extension (a JPEG named ``.png``), and the PNG/JPEG end marker (truncation).
+  Decoding every input up front as well was measured at 1-16 ms per 256-1024 px image but
+  0.2-0.5 s per 4096 px one, doubling the run for large scans, so it is not done; instead:
+- The run writes into ``output_dir/.segx-partial-<pid>-*`` and only moves its files into place
+  once every input has been predicted. A failure before that (an input that fails to decode,
+  Ctrl-C, a full disk) removes the partial folder, and ``output_dir`` if this run created it:
+  the folder is exactly as before and the same command can be rerun. A partial folder left by
+  a killed process is removed by the next run.
+- Moving into place: the manifest is first rewritten to list old and new files, then each file
+  is renamed over its final name (atomic: a reader sees the old file or the new one), then old
+  files the new run did not write are removed and the manifest is rewritten with the new list.
+  A crash at any point leaves a folder whose manifest lists every segx file in it, so
+  ``overwrite=true`` can always replace it.
+
+Images are read in batches bounded by count (``batch_size``) and by total input pixels
+(``batch_pixels``; a larger image goes alone), so memory stays flat however many and however
+large the inputs. File names that are not valid UTF-8 are read and written with the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from segx.data.io import shown
+from segx.errors import SegxError
+
+MANIFEST = "segx-manifest.json"
+
+
+RECORD = "ensemble.json"
+
+
+OUTPUT_FOLDERS = ("masks", "overlays", "uncertainty", "probabilities")
+
+
+PARTIAL_PREFIX = ".segx-partial-"
+
+
+_PARTIAL = re.compile(re.escape(PARTIAL_PREFIX) + r"(\d+)-")
+
+
+DEFAULT_BATCH_PIXELS = 16_000_000
+
+
+class InputImage(NamedTuple):
+    path: Path
+    pixels: int  # width x height from the header: what a batch's memory budget counts
+
+
+def safe_output_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """``folder/stem.suffix``, refusing names that would land outside ``folder``."""
+    if not stem or "/" in stem or "\\" in stem or stem in (".", "..") or "\x00" in stem:
+        raise SegxError(f"input name '{shown(stem)}' cannot be used as an output file name; rename the input")
+    path = (folder / f"{stem}{suffix}").resolve()
+    if path.parent != folder.resolve():
+        raise SegxError(f"input name '{shown(stem)}' would write outside {shown(folder)}; rename the input")
+    return path
+
+
+def check_inputs(input_dir: Path, output_dir: Path, max_pixels: int | None = None,
+                 limit_key: str = "max_pixels") -> dict[str, InputImage]:  # fmt: skip
+    """The images to predict, by stem. Every file's header, format and end marker is checked
+    here, so a bad file fails the command before any model is loaded or anything is written."""
+    from segx.data.folder import list_images
+    from segx.data.io import DEFAULT_MAX_PIXELS, read_size
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if not input_dir.exists():
+        raise SegxError(f"input_dir={shown(input_dir)} does not exist; point it at a folder of images")
+    if not input_dir.is_dir():
+        raise SegxError(f"input_dir={shown(input_dir)} is a file, not a folder; point input_dir at the "
+                        f"folder that holds it ({shown(input_dir.parent)})")  # fmt: skip
+    files = list_images(input_dir)
+    if not files:
+        raise SegxError(f"input_dir={shown(input_dir)} holds no images (.png .jpg .tif); add some")
+    checked = {}
+    for stem, path in files.items():
+        safe_output_path(output_dir, stem)
+        width, height = read_size(path, max_pixels, limit_key=limit_key)
+        checked[stem] = InputImage(path, width * height)
+    return checked
+
+
+def _real(path: Path) -> Path:
+    # realpath follows every link of the part that exists and appends the rest as written.
+    return Path(os.path.realpath(path))
+
+
+def check_output_location(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that is, contains or lies inside ``input_dir``: writing or
+    overwriting there could replace the scans being predicted."""
+    source, target = _real(input_dir), _real(output_dir)
+    fix = "choose an output_dir outside the input folder"
+    if target == source:
+        raise SegxError(f"output_dir={shown(output_dir)} is the input folder ({shown(source)}); {fix}")
+    if target.is_relative_to(source):
+        raise SegxError(f"output_dir={shown(output_dir)} lies inside input_dir ({shown(source)}); {fix}")
+    if source.is_relative_to(target):
+        raise SegxError(f"output_dir={shown(output_dir)} contains input_dir ({shown(source)}); {fix}")
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise SegxError(f"output_dir={shown(output_dir)} is a broken link; remove it or give another folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SegxError(f"output_dir={shown(output_dir)} is a file, not a folder; give a folder")
+
+
+def _own_file(rel: object) -> bool:
+    """Whether a manifest entry names a file segx may write: ``ensemble.json`` or
+    ``<output folder>/<name>``. A hand-edited manifest cannot make segx delete anything else."""
+    if rel == RECORD:
+        return True
+    if not isinstance(rel, str) or "\\" in rel or "\x00" in rel:
+        return False
+    parts = rel.split("/")
+    return len(parts) == 2 and parts[0] in OUTPUT_FOLDERS and parts[1] not in ("", ".", "..")
+
+
+def read_manifest(output_dir: Path) -> list[str] | None:
+    """The files an earlier segx prediction wrote into ``output_dir``; None when it holds none."""
+    path = output_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != "segx-prediction" or not isinstance(files, list):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, OSError):
+        raise SegxError(f"{shown(path)} is not a readable segx manifest; remove the earlier "
+                        "prediction by hand or choose a new output_dir") from None  # fmt: skip
+    return [f for f in files if _own_file(f)]
+
+
+def _is_partial(name: str) -> bool:
+    return _PARTIAL.match(name) is not None
+
+
+def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
+                     planned: Iterable[str] = ()) -> list[str]:  # fmt: skip
+    """Refuse an output location that could lose a file that is not segx's own output; return
+    the files of the earlier prediction that ``overwrite=true`` replaces ([] for a new folder).
+    ``planned``: the files this run will write, relative to ``output_dir``."""
+    check_output_location(input_dir, output_dir)
+    if not output_dir.exists():
+        return []
+    try:
+        entries = list(os.scandir(output_dir))
+    except OSError as exc:
+        raise SegxError(f"cannot read output_dir={shown(output_dir)} ({exc.strerror}); check its permissions") from None
+    content = []
+    for entry in entries:
+        if _is_partial(entry.name):
+            continue  # a run in progress or a killed one's leftovers: segx's, removed when stale
+        if entry.name in OUTPUT_FOLDERS and entry.is_dir(follow_symlinks=False) and not any(os.scandir(entry.path)):
+            continue  # an empty output folder (older versions left them after a crash)
+        content.append(entry.name)
+    if not content:
+        return []
+    old = read_manifest(output_dir)
+    if not overwrite:
+        what = "an earlier segx prediction" if old is not None else "files"
+        raise SegxError(f"output_dir={shown(output_dir)} is not empty (it holds {what}); choose a new folder "
+                        "or pass overwrite=true to replace a segx prediction")  # fmt: skip
+    if old is None:
+        raise SegxError(f"output_dir={shown(output_dir)} is not empty and is not a segx prediction folder "
+                        f"(no {MANIFEST}); overwrite=true replaces only segx's own output: choose a new "
+                        "or empty folder")  # fmt: skip
+    for name in OUTPUT_FOLDERS:
+        sub = output_dir / name
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            raise SegxError(f"{shown(sub)} is a link or a file, not segx's output folder; move it away")
+    known = set(old)
+    for rel in planned:
+        if rel not in known and os.path.lexists(output_dir / rel):
+            raise SegxError(f"{shown(output_dir / rel)} was not written by segx and would be replaced; "
+                            "move it away or choose a new output_dir")  # fmt: skip
+    return old
+
+
+def _remove_stale_partials(output_dir: Path) -> None:
+    """Partial folders whose process no longer runs (killed before it could clean up)."""
+    for entry in os.scandir(output_dir):
+        match = _PARTIAL.match(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # still running (or another user's process): leave it
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (PermissionError, OverflowError, OSError):
+            continue
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic: a temporary name in the same folder, then renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_manifest(output_dir: Path, files: Iterable[str], complete: bool) -> None:
+    manifest = {"format": "segx-prediction", "complete": complete, "files": sorted(set(files))}
+    # ensure_ascii keeps a name that is not UTF-8 (a surrogate escape) as \udcXX, read back as is.
+    _write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _commit(stage: Path, output_dir: Path, new: list[str], old: list[str]) -> None:
+    """Move the staged files into ``output_dir`` and remove the earlier prediction's others.
+    The manifest lists every segx file present at each step (see the module docstring)."""
+    _write_manifest(output_dir, [*old, *new], complete=False)
+    for rel in new:
+        target = output_dir / rel
+        target.parent.mkdir(exist_ok=True)
+        os.replace(stage / rel, target)
+    for rel in set(old) - set(new):
+        target = output_dir / rel
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+    used = {rel.split("/")[0] for rel in new}
+    for name in OUTPUT_FOLDERS:
+        sub = output_dir / name
+        if name not in used and sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
+            sub.rmdir()
+    _write_manifest(output_dir, new, complete=True)
+
+
+def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels: int) -> Iterator[list]:
+    """Consecutive batches of at most ``batch_size`` images and ``batch_pixels`` input pixels
+    (an image over the budget goes alone)."""
+    batch, pixels = [], 0
+    for item in items:
+        if batch and (len(batch) >= batch_size or pixels + item[1].pixels > batch_pixels):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(item)
+        pixels += item[1].pixels
+    if batch:
+        yield batch
+
+
+def planned_files(stems: Iterable[str], overlays: bool, uncertainty: bool, save_probabilities: bool,
+                  record: bool = True) -> list[str]:  # fmt: skip
+    """The files a prediction writes, relative to ``output_dir``."""
+    folders = [name for name, wanted in zip(OUTPUT_FOLDERS, (True, overlays, uncertainty, save_probabilities), strict=True) if wanted]
+    return [f"{name}/{stem}.png" for name in folders for stem in stems] + ([RECORD] if record else [])
+
+
+def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int, overlays: bool,
+                   uncertainty: bool, save_probabilities: bool, on_batch=None, files=None, *,
+                   record: dict | None = None, overwrite: bool = False, max_pixels: int | None = None,
+                   batch_pixels: int = DEFAULT_BATCH_PIXELS) -> int:  # fmt: skip
+    """Write masks (and extras, and ``record`` as ``ensemble.json``) for every image in
+    ``input_dir``, staged and then moved into ``output_dir`` (module docstring);
+    ``on_batch(n_done)`` is called after each batch (the benchmark samples memory there)."""
+    from tqdm.auto import tqdm
+
+    files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
+    new = planned_files(files, overlays, uncertainty, save_probabilities, record is not None)
+    old = check_output_dir(input_dir, output_dir, overwrite, new)
+    created = [p for p in (output_dir, *output_dir.parents) if not os.path.lexists(p)]
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(output_dir)
+        stage = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=output_dir))
+    except OSError as exc:
+        raise SegxError(f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); "
+                        "choose a writable folder") from None  # fmt: skip
+    try:
+        items = list(files.items())
+        with tqdm(total=len(items), desc="predicting", unit="img", disable=None) as bar:
+            done = 0
+            for batch in _batches(items, batch_size, batch_pixels):
+                _predict_batch(predictor, batch, stage, overlays, uncertainty, save_probabilities, max_pixels)
+                done += len(batch)
+                bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch(done)
+        if record is not None:
+            _write_text(stage / RECORD, json.dumps(record, indent=2))
+        # Someone may have written into output_dir meanwhile: check again just before moving.
+        old = check_output_dir(input_dir, output_dir, overwrite, new)
+        _commit(stage, output_dir, new, old)
+    except BaseException as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # innermost first: only the folders this run made, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):  # a full disk, a folder made read-only meanwhile
+            raise SegxError(f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
+                            "free space or fix permissions and run again") from None  # fmt: skip
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return len(items)
+
+
+def _predict_batch(predictor, batch, stage: Path, overlays: bool, uncertainty: bool,
+                   save_probabilities: bool, max_pixels: int | None) -> None:  # fmt: skip
+    import cv2
+
+    from segx.data.io import DEFAULT_MAX_PIXELS, read_image, write_png
+    from segx.evaluation.plots import overlay
+
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    images = [read_image(item.path, limit, limit_key="max_pixels") for _, item in batch]
+    predictions = predictor.predict(images)
+    for i, (stem, _) in enumerate(batch):
+        image, pred = images[i], predictions[i]
+        outputs = {"masks": pred.mask.astype(np.uint8) * 255}
+        if overlays:
+            outputs["overlays"] = cv2.cvtColor(overlay(image, pred.mask), cv2.COLOR_RGB2BGR)
+        if uncertainty:
+            outputs["uncertainty"] = np.clip(pred.uncertainty * 510, 0, 255).astype(np.uint8)
+        if save_probabilities:
+            outputs["probabilities"] = np.clip(np.rint(pred.probability * 255), 0, 255).astype(np.uint8)
+        for name, array in outputs.items():
+            (stage / name).mkdir(exist_ok=True)
+            write_png(safe_output_path(stage / name, stem), array)
+        images[i] = predictions[i] = None  # this image's full-size arrays can go now

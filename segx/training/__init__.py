@@ -1,0 +1,1 @@
+"""Training one member: the fit loop, augmentation, the member run, and sweep summaries."""

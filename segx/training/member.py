@@ -1,0 +1,296 @@
+"""One member, start to end: check its config, read the data, train, and record everything
+in its MLflow run (params, curves, model, cached probabilities, figures), resuming an
+interrupted run when asked. Called by ``python -m segx.train`` and by ``segx.ensemble`` when
+members are missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from segx.config import ARCHS, require_choice, require_float, require_int
+from segx.errors import SegxError, look_up_option
+from segx.objects import check_no_stray_targets, checked_container, instantiate
+
+log = logging.getLogger("segx.train")
+
+
+# Keys that do not change what is trained: left out of the resume identity.
+NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks that name the key, before data or models are touched, a run is created or
+    a file is written. Every ``_target_`` segx will build is checked here by what it resolves to."""
+    # TF and NumPy's legacy seeding take 32-bit unsigned seeds.
+    require_int(cfg, "seed", 0, 2**32 - 1)
+    require_int(cfg, "trainer.epochs", 1)
+    require_int(cfg, "trainer.batch_size", 1)
+    require_int(cfg, "trainer.early_stopping.patience", 0)
+    require_float(cfg, "trainer.early_stopping.min_delta", 0.0, 1.0)
+    if cfg.trainer.bn_momentum is not None:
+        require_float(cfg, "trainer.bn_momentum", 0.0, 1.0)
+    for key, weight in cfg.trainer.loss.items():
+        bad = isinstance(weight, bool) or not isinstance(weight, (int, float))
+        if bad or not math.isfinite(weight) or weight < 0:
+            raise SegxError(f"trainer.loss.{key}={weight!r} must be a finite number >= 0; e.g. trainer.loss.{key}=1.0")
+    if not any(cfg.trainer.loss.values()):
+        raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
+    if cfg.trainer.verbose != "auto":
+        require_int(cfg, "trainer.verbose", 0, 2)
+    require_choice(cfg, "arch.name", ARCHS)
+    from segx.data.prepare import validate_data_config
+
+    validate_data_config(cfg.data)
+    # The same nodes train_member builds (the optimizer after the run is created), and no
+    # `_target_` anywhere else: nothing would build it there.
+    if cfg.trainer.optimizer is None:
+        raise SegxError("trainer.optimizer is null; give one, e.g. trainer.optimizer._target_=tf_keras.optimizers.Adam")
+    checked_container(cfg.trainer.optimizer, "trainer.optimizer")
+    if cfg.trainer.lr_schedule is not None:
+        checked_container(cfg.trainer.lr_schedule, "trainer.lr_schedule")
+    checked_container(cfg.augment.transforms, "augment.transforms")
+    check_no_stray_targets(cfg)
+    from segx.models import LOSSES  # TensorFlow is imported by now (the optimizer's check)
+
+    for key in cfg.trainer.loss:
+        look_up_option(str(key), LOSSES, "loss", "trainer.loss")
+
+
+def config_identity(cfg: DictConfig) -> str:
+    """Hash of everything that determines the trained member (for resume=auto)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        parent, _, leaf = key.rpartition(".")
+        node = plain
+        for part in filter(None, parent.split(".")):
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="img", leave=False, disable=None)
+
+
+def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data_fingerprint: str) -> str | None:
+    """The run ID to continue, or None for a fresh run. Only a run of the same config on the
+    same data (same file contents) is continued: its earlier epochs saw that data."""
+    from segx import tracking
+
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        same = {"segx.config_hash": identity, "segx.data_fingerprint": data_fingerprint}
+        for status in ("KILLED", "FAILED", "RUNNING"):
+            runs = tracking.find_runs(client, experiment, "member", status, same)
+            for run in runs:
+                state = _checkpoint_dir(cfg, run.info.run_id) / "state.json"
+                if state.exists() and not _owner_alive(state):
+                    return run.info.run_id
+        return None
+    run = tracking.get_run(client, str(cfg.resume), need_finished=False)
+    if run.info.status == "FINISHED":
+        raise SegxError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
+    recorded = run.data.tags.get("segx.config_hash")
+    if recorded and recorded != identity:
+        raise SegxError(
+            f"resume={cfg.resume}: the run was started with another config (hash {recorded}, now "
+            f"{identity}); repeat its overrides (see python -m segx.info run_id={cfg.resume})"
+        )
+    recorded = run.data.tags.get("segx.data_fingerprint")
+    if recorded and recorded != data_fingerprint:
+        raise SegxError(
+            f"resume={cfg.resume}: the data changed since that run started (fingerprint {recorded}, "
+            f"now {data_fingerprint}); start a new run, or restore the data it was trained on"
+        )
+    if not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
+        raise SegxError(
+            f"resume={cfg.resume}: no checkpoint in {_checkpoint_dir(cfg, run.info.run_id)}; "
+            "it died before its first epoch ended: start a new run"
+        )
+    return run.info.run_id
+
+
+def _owner_alive(state: Path) -> bool:
+    """Is the process that wrote this checkpoint still running here (a parallel member)?"""
+    import socket
+
+    try:
+        data = json.loads(state.read_text())
+        if data.get("host") != socket.gethostname() or not data.get("pid"):
+            return False
+        os.kill(int(data["pid"]), 0)
+        return int(data["pid"]) != os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
+    return Path(cfg.paths.output_dir) / "checkpoints" / run_id
+
+
+def train_member(cfg: DictConfig) -> float:
+    """Train the member described by ``cfg``; return its best validation Dice."""
+    validate_config(cfg)
+    from segx.data.prepare import prepare
+    from segx.models import check_model_options
+    from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
+
+    # Every cheap check comes before a single image is read: sizes against the arch, the
+    # backbone's options, the augmentation pipeline.
+    backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), int(cfg.data.image_size)
+    check_model_options(arch, backbone, size)
+    pipeline = build_augmentation(cfg.augment.transforms)
+    prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"))
+    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
+
+    from segx import tracking
+
+    client = tracking.connect(str(cfg.mlflow.tracking_uri))
+    experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
+    identity = config_identity(cfg)
+    resume_id = _resume_target(cfg, client, experiment, identity, prepared.fingerprint)
+
+    from segx import models
+    from segx.tracking import provenance  # TensorFlow is imported here, after every cheap check
+
+    run_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
+    tags = {
+        tracking.ROLE: "member",
+        "segx.backbone": backbone,
+        "segx.arch": arch,
+        **prepared.fingerprint_tags,  # segx.data_fingerprint and its parts (split, files)
+        "segx.config_hash": identity,
+        "segx.command": provenance.command_line(),
+        **provenance.provenance_tags(),
+    }
+    if resume_id:
+        run_id = resume_id
+        tracking.reopen_run(client, run_id)
+        tracking.set_tags(client, run_id, {"segx.resumed": "true"})
+        log.info("resuming run %s", run_id)
+    else:
+        run_id = tracking.start_run(client, experiment, run_name, tags)
+    print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
+    folder = _checkpoint_dir(cfg, run_id)
+    with tracking.run_scope(client, run_id):
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tracking.log_params(client, run_id, tracking.flatten(resolved))
+        tracking.log_params(client, run_id, {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)})
+        with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            save_augmentation(pipeline, tmp / "augmentation.json")
+            tracking.log_artifact(client, run_id, tmp / "config.yaml")
+            tracking.log_artifact(client, run_id, tmp / "augmentation.json")
+            tracking.log_artifact(client, run_id, prepared.split_path, "split")
+
+        models.set_determinism(int(cfg.seed), bool(cfg.trainer.deterministic))
+        model = models.build_model(
+            arch,
+            backbone,
+            size,
+            encoder_weights=cfg.backbone.encoder_weights,
+            encoder_freeze=bool(cfg.backbone.encoder_freeze),
+            **OmegaConf.to_container(cfg.arch.options, resolve=True),
+        )
+        models.set_bn_momentum(model, cfg.trainer.bn_momentum)
+        optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
+        models.compile_model(model, optimizer, OmegaConf.to_container(cfg.trainer.loss, resolve=True))
+        extra = []
+        if cfg.trainer.lr_schedule is not None:
+            extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
+        history: dict[str, list[float]] = {}
+
+        def log_epoch(metrics: dict, step: int) -> None:
+            tracking.log_metrics(client, run_id, metrics, step)
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+
+        from segx.training.fit import fit_member
+
+        verbose = cfg.trainer.verbose
+        if verbose == "auto":
+            verbose = 1 if sys.stdout.isatty() else 2
+        state = fit_member(
+            model,
+            train.images,
+            train.masks,
+            val.images,
+            val.masks,
+            SeededAugmenter(pipeline),
+            backbone,
+            folder,
+            epochs=int(cfg.trainer.epochs),
+            batch_size=int(cfg.trainer.batch_size),
+            seed=int(cfg.seed),
+            patience=int(cfg.trainer.early_stopping.patience),
+            min_delta=float(cfg.trainer.early_stopping.min_delta),
+            extra_callbacks=extra,
+            log_fn=log_epoch,
+            verbose=int(verbose),
+        )
+        spec = {"arch": arch, "backbone": backbone, "image_size": size,
+                "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
+        _log_outputs(client, run_id, model, spec, train, val, test, history)
+        tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
+        print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
+        return float(state.best_dice)
+
+
+def _log_outputs(client, run_id, model, spec, train, val, test, history) -> None:
+    """Model, cached probabilities, final metrics and figures, as artifacts of the run."""
+    from segx import models, tracking
+    from segx.ensembling.probs import cache_artifact, quantize, save_cached
+    from segx.evaluation import plots
+    from segx.evaluation.metrics import case_metrics
+
+    backbone = spec["backbone"]
+    with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+        tmp = Path(tmp)
+        models.save_member(model, tmp / "model", spec)
+        tracking.log_artifact(client, run_id, tmp / "model", "model")
+        final = {}
+        for role, part in (("val", val), ("test", test)):
+            if not part.stems:
+                continue
+            # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
+            # threshold and post-processing on the probabilities segx.predict will compute.
+            by_mode = models.predict_probs_modes(model, part.images, backbone, models.TTA_MODES)
+            for mode, mode_probs in by_mode.items():
+                save_cached(tmp / cache_artifact(role, mode), part.stems, quantize(mode_probs), part.masks, part.images[:8])
+            probs = quantize(by_mode["none"])  # the member's own metrics and figure: no TTA
+            scores = case_metrics(probs >= 128, part.masks, with_hd95=(role == "test"))
+            final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
+            if role == "val":
+                plots.plot_cases(
+                    part.images, part.masks, {"prediction": probs >= 128}, part.stems,
+                    tmp / "plots" / "val_cases.png", {"prediction": scores["dice"]},
+                )
+        tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
+        if history:
+            full = _history_from_store(client, run_id) or history
+            plots.plot_curves(full, tmp / "plots" / "curves.png")
+        tracking.log_artifact(client, run_id, tmp / "plots", "plots")
+        tracking.log_metrics(client, run_id, final)
+
+
+def _history_from_store(client, run_id) -> dict[str, list[float]]:
+    """Whole per-epoch history (a resumed run holds epochs from before the interruption)."""
+    out = {}
+    for key in ("train/loss", "val/dice", "val/iou", "train/dice"):
+        values = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if values:
+            out[key] = [m.value for m in values]
+    return out
