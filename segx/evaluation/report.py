@@ -36,8 +36,10 @@ def test_table(members: list[Member], weights, threshold, post):
         pred = make()
         preds[name] = pred
         scores = case_metrics(pred, truth)
+        # Only the ensemble's threshold was chosen (on validation); the others are at 0.5.
+        at = threshold if name.startswith("ensemble") else 0.5
         for i, stem in enumerate(test.stems):
-            rows.append({"method": name, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
+            rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
     return pd.DataFrame(rows), preds
 
 
@@ -45,6 +47,7 @@ def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
     order = list(dict.fromkeys(per_case["method"]))
     g = per_case.groupby("method", sort=False)
     table = pd.DataFrame({
+        "threshold": g["threshold"].first(),
         "dice_mean": g["dice"].mean(), "dice_median": g["dice"].median(), "dice_std": g["dice"].std(ddof=0),
         "iou_mean": g["iou"].mean(), "hd95_mean": g["hd95"].mean(), "hd95_median": g["hd95"].median(),
         "cases": g["dice"].size(),

@@ -1,0 +1,59 @@
+"""check_compatible: every way two members can disagree is refused in one line naming both runs
+(the fingerprint branch is covered with real trainings in test_fingerprint.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from segx.ensembling.members import Member, check_compatible
+from segx.ensembling.probs import Cached
+from segx.errors import SegxError
+
+
+def cached(stems=("a", "b", "c"), size=8, seed=0) -> Cached:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(stems), size, size), bool)
+    masks[:, : size // 2] = True
+    probs = rng.integers(0, 256, (len(stems), size, size), dtype=np.uint8)
+    return Cached(list(stems), probs, masks, np.zeros((0, size, size, 3), np.uint8))
+
+
+def member(run_id: str, seed: int = 0, **changes) -> Member:
+    base = Member(run_id=run_id, backbone="resnet18", arch="unet", fingerprint="f" * 16, image_size=8,
+                  resize_mode="resize", val=cached(seed=seed), test=cached(("t1", "t2"), seed=seed + 1))  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def test_members_that_agree_pass_and_different_predictions_are_fine():
+    check_compatible([member("r1", seed=0), member("r2", seed=5)])  # other probabilities, same truth
+
+
+@pytest.mark.parametrize(
+    "other,message",
+    [
+        (lambda: member("r1"), r"member run 'r1' is listed twice"),
+        (lambda: member("r2", val=cached(("a", "b", "d"))), r"members r1 and r2 have different validation cases"),
+        (lambda: member("r2", val=cached(size=16)), r"members r1 and r2 predict at different sizes \(8, 8\) vs \(16, 16\)"),
+        (lambda: member("r2", test=cached(("t1", "t3"))), r"members r1 and r2 have different test cases"),
+        (lambda: member("r2", test=None), r"members r1 and r2 have different test cases"),
+    ],
+)
+def test_each_disagreement_is_refused_naming_both_runs(other, message):
+    with pytest.raises(SegxError, match=message) as info:
+        check_compatible([member("r1"), other()])
+    assert "\n" not in str(info.value)
+
+
+def test_same_cases_with_other_ground_truth_are_refused():
+    flipped = cached()
+    flipped.masks[:] = ~flipped.masks
+    with pytest.raises(SegxError, match=r"members r1 and r2 disagree on validation ground truth"):
+        check_compatible([member("r1"), member("r2", val=flipped)])
+
+
+def test_no_members_is_refused():
+    with pytest.raises(SegxError, match="the ensemble has no members"):
+        check_compatible([])
