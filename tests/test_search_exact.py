@@ -169,7 +169,7 @@ def test_rounding_to_a_denominator_keeps_the_sum():
 
 
 def _hand_members(n_members: int, seed: int):
-    from segx.ensemble import Member
+    from segx.ensembling.members import Member
     from segx.ensembling.probs import Cached
 
     members, truth = tie_data(n_members, seed=seed)
