@@ -33,6 +33,9 @@ def markdown(table) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--report-only"]:
+        write_report()
+        return
     with tempfile.TemporaryDirectory(prefix="segx-demo-") as tmp:
         store = Path(tmp)
         command = [sys.executable, "-m", "segx.ensemble", "ensemble.train_missing=true",
@@ -50,17 +53,25 @@ def main() -> None:
             summary = next(store.rglob(f"{run_id}/**/tables/test_summary.csv"))
         OUT.mkdir(parents=True, exist_ok=True)
         shutil.copy(summary, OUT / "test_summary.csv")
-    import pandas as pd
-
-    table = pd.read_csv(OUT / "test_summary.csv", index_col=0)
-    facts = {"seconds": round(seconds, 1), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    facts = {"seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
+             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
              "python": platform.python_version(), "command": "make ensemble (python -m segx.ensemble ensemble.train_missing=true)"}  # fmt: skip
     (OUT / "run.json").write_text(json.dumps(facts, indent=1))
+    write_report()
+
+
+def write_report() -> None:
+    """RESULTS.md from run.json and test_summary.csv (``--report-only`` rewrites it)."""
+    import pandas as pd
+
+    facts = json.loads((OUT / "run.json").read_text())
+    table = pd.read_csv(OUT / "test_summary.csv", index_col=0)
+    minutes, secs = divmod(round(facts["seconds"]), 60)
     best_member = table[table.index.str.startswith("member:")]["dice_mean"].max()
     text = (
         "# `make ensemble` on the embedded synthetic data, from an empty store\n\n"
-        f"`python experiments/demo.py` ({time.strftime('%Y-%m-%d')}, {facts['machine']}): "
-        f"{seconds / 60:.0f} min {seconds % 60:.0f} s wall time, install excluded, "
+        f"`python experiments/demo.py` ({facts.get('date', '')}, {facts['machine']}): "
+        f"{minutes} min {secs} s wall time ({facts['seconds']} s), install excluded, "
         "training the three default members and searching the ensemble.\n\n"
         f"Best member test Dice {best_member:.4f}; ensemble {table.loc['ensemble', 'dice_mean']:.4f}; "
         f"equal weights {table.loc['equal-weights', 'dice_mean']:.4f}.\n\n"
@@ -69,7 +80,6 @@ def main() -> None:
     )
     (OUT / "RESULTS.md").write_text(text)
     print(text)
-
 
 if __name__ == "__main__":
     main()

@@ -35,9 +35,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from segx.benchmark.naive import naive_grid
 from segx.ensembling import search
 from segx.ensembling.probs import quantize
-from segx.ensembling.search import naive_grid
 
 OUT = Path(__file__).resolve().parent / "search_benchmark"
 

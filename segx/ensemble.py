@@ -26,7 +26,13 @@ from segx.ensembling.choose import SearchSettings, run_search
 from segx.ensembling.members import check_compatible, member_from_run, select_runs
 from segx.ensembling.record import make_record
 from segx.errors import SegxError
-from segx.evaluation.report import plot_ensemble, print_report, summarise, test_table, val_table
+from segx.evaluation.report import (
+    plot_ensemble,
+    print_report,
+    score_test_split,
+    summarise,
+    val_table,
+)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -104,7 +110,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         train_missing_members(cfg, client, experiment)
     e = cfg.ensemble
     runs = select_runs(client, experiment, str(cfg.mlflow.experiment_name), str(e.select),
-                       [str(r) for r in e.run_ids or []], [str(b) for b in e.members], e.data_fingerprint)  # fmt: skip
+                       [str(r) for r in e.run_ids or []], [str(b) for b in e.members or []], e.data_fingerprint)  # fmt: skip
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
     members = [member_from_run(client, run, cache, str(e.tta)) for run in runs]
     check_compatible(members)
@@ -113,7 +119,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     print(f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members), flush=True)
     found = run_search(members, search_settings(cfg))
     record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg))
-    per_case, preds = test_table(members, found["weights"], record["threshold"], found["postprocess"])
+    per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"])
     summary = summarise(per_case)
     validation = val_table(members, found)
 
@@ -168,7 +174,7 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
 
     runs = tracking.find_runs(client, experiment, "member")
     have = {r.data.tags.get("segx.backbone") for r in runs}
-    missing = [b for b in cfg.ensemble.members if b not in have]
+    missing = [b for b in cfg.ensemble.members or [] if b not in have]
     if not missing:
         return
     from segx.models import clear_session

@@ -29,7 +29,6 @@ LOSSES: Mapping[str, Callable] = {
     "jaccard": lambda: sm.losses.JaccardLoss(),
 }
 INFERENCE_BATCH = 8
-# Test-time augmentation modes of predict_probs; members cache probabilities for each of them.
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fixed, so cached and rebuilt predictions go through identical kernels
 
 

@@ -156,3 +156,14 @@ def test_select_auto_takes_every_finished_member_of_the_split(member_store, ense
     record = build_ensemble(cfg)
     assert {m["run_id"] for m in record["members"]} == set(runs.values())
     assert record["data_fingerprint"] == ensemble_record["data_fingerprint"]
+
+
+def test_exact_run_ids_need_no_member_list(member_store):
+    from segx.ensemble import build_ensemble
+
+    out, runs = member_store
+    ids = sorted(runs.values())
+    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=null", f"ensemble.run_ids=[{','.join(ids)}]",
+                                      "ensemble.search=grid", "ensemble.grid_step=0.5"])  # fmt: skip
+    record = build_ensemble(cfg)
+    assert sorted(m["run_id"] for m in record["members"]) == ids

@@ -64,11 +64,12 @@ def test_compact_evaluation_equals_brute_force(problem):
                 assert scores[i, j] == brute
 
 
-def test_simplex_grid_and_bad_step():
-    grid = search.simplex_grid(3, 0.25)
-    assert len(grid) == 15 and np.allclose(grid.sum(axis=1), 1)
+def test_simplex_counts_and_bad_step():
+    counts = search.simplex_counts(3, search.grid_parts(3, 0.25))
+    assert counts.shape == (15, 3) and (counts.sum(axis=1) == 4).all()
+    assert len({tuple(r) for r in counts}) == 15 and counts.min() == 0
     with pytest.raises(search.SegxError, match="must divide 1"):
-        search.simplex_grid(3, 0.3)
+        search.grid_parts(3, 0.3)
 
 
 def test_choose_prefers_simpler_within_tolerance():

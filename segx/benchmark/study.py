@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from segx.benchmark.naive import naive_grid
 from segx.benchmark.report import load_stage, write_report
 from segx.config import TTA_MODES
 from segx.errors import SegxError
@@ -190,14 +191,14 @@ class Study:
         from segx.ensembling.choose import choose_postprocess
         from segx.ensembling.members import member_from_run
         from segx.ensembling.record import record_weights
-        from segx.evaluation.report import test_table
+        from segx.evaluation.report import score_test_split
 
         members = [member_from_run(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
                    for m in record["members"]]  # fmt: skip
         weights = record_weights(record)  # the exact counts, as prediction uses them
         _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)
         post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
-        rows, _ = test_table(members, weights, record["threshold"], post)
+        rows, _ = score_test_split(members, weights, record["threshold"], post)
         rows = rows[rows.method == "ensemble"].copy()
         rows["method"] = f"ensemble + {post.describe()} (forced on; val Dice {val_dice:.4f})"
         return rows
@@ -415,7 +416,7 @@ class Study:
             out[f"{name}_s"] = time.perf_counter() - t0 + out["compact_s"]
             out[f"{name}_dice"] = result.best.val_dice
         t0 = time.perf_counter()
-        dice, _, combos = search.naive_grid(np.stack([np.asarray(p, np.float32) / 255 for p in probs]), truth)
+        dice, _, combos = naive_grid(np.stack([np.asarray(p, np.float32) / 255 for p in probs]), truth)
         out["naive_s"], out["naive_dice"], out["naive_combos"] = time.perf_counter() - t0, dice, combos
         out["speedup_greedy"] = out["naive_s"] / out["greedy_s"]
         out["speedup_grid"] = out["naive_s"] / out["grid_s"]

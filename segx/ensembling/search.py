@@ -322,12 +322,6 @@ def grid_parts(n_members: int, step: float) -> int:
     return parts
 
 
-def simplex_grid(n_members: int, step: float) -> np.ndarray:
-    """All weight vectors with entries in multiples of ``step`` that sum to one (floats)."""
-    parts = grid_parts(n_members, step)
-    return simplex_counts(n_members, parts) / parts
-
-
 def search_grid(data: Compact, step: float = 0.1) -> SearchResult:
     parts = grid_parts(data.n_members, step)
     grid = simplex_counts(data.n_members, parts)
@@ -460,25 +454,3 @@ def majority_vote(member_probs: Sequence[np.ndarray], start: int = 0, stop: int 
     return votes * 2 > len(member_probs)
 
 
-def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
-    """The reference the benchmarks compare :func:`search_grid` with: the tutorial way, a loop
-    over weight combinations that recomputes everything each time, at threshold 0.5.
-
-    probs_float: float (M, N, H, W) in [0, 1]; truth: bool (N, H, W). Returns (best mean Dice,
-    its weights, how many combinations were evaluated)."""
-    n_members = probs_float.shape[0]
-    best_dice, best_w = -1.0, None
-    values = np.round(np.arange(0, 1 + step / 2, step), 10)
-    evaluated = 0
-    for w in itertools.product(values, repeat=n_members):
-        if abs(sum(w) - 1.0) > 1e-9:
-            continue
-        evaluated += 1
-        avg = np.tensordot(np.array(w, np.float64), probs_float, axes=(0, 0))
-        pred = avg >= 0.5
-        inter = (pred & truth).sum(axis=(1, 2))
-        denom = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
-        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean()
-        if dice > best_dice:
-            best_dice, best_w = float(dice), w
-    return best_dice, best_w, evaluated

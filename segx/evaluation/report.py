@@ -12,7 +12,7 @@ import pandas as pd
 from segx.ensembling.members import Member
 
 
-def test_table(members: list[Member], weights, threshold, post):
+def score_test_split(members: list[Member], weights, threshold, post):
     """Per-case test metrics for each method: a long DataFrame."""
     from segx.ensembling.probs import Weights, binarize, combine
     from segx.ensembling.search import majority_vote

@@ -89,7 +89,6 @@ class EnsemblePredictor:
 def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
     """(record, EnsemblePredictor) for an ensemble run, with its members downloaded."""
     from segx import tracking
-    from segx.ensembling.record import validate_record
 
     run = tracking.get_run(client, run_id)
     if run.data.tags.get(tracking.ROLE) != "ensemble":

@@ -1,0 +1,31 @@
+"""The reference the search benchmarks compare segx with: a tutorial-style weight grid."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
+    """The reference the benchmarks compare :func:`search_grid` with: the tutorial way, a loop
+    over weight combinations that recomputes everything each time, at threshold 0.5.
+
+    probs_float: float (M, N, H, W) in [0, 1]; truth: bool (N, H, W). Returns (best mean Dice,
+    its weights, how many combinations were evaluated)."""
+    n_members = probs_float.shape[0]
+    best_dice, best_w = -1.0, None
+    values = np.round(np.arange(0, 1 + step / 2, step), 10)
+    evaluated = 0
+    for w in itertools.product(values, repeat=n_members):
+        if abs(sum(w) - 1.0) > 1e-9:
+            continue
+        evaluated += 1
+        avg = np.tensordot(np.array(w, np.float64), probs_float, axes=(0, 0))
+        pred = avg >= 0.5
+        inter = (pred & truth).sum(axis=(1, 2))
+        denom = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+        dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean()
+        if dice > best_dice:
+            best_dice, best_w = float(dice), w
+    return best_dice, best_w, evaluated
