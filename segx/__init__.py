@@ -2,7 +2,7 @@
 
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if sys.argv[:1] == ["-m"]:
     # `python -m segx.<command>` (Python sets argv[0] to "-m" while it locates the module):

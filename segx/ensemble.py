@@ -119,7 +119,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     print(f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members), flush=True)
     found = run_search(members, search_settings(cfg))
     record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg))
-    per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"])
+    per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"], members[0].pixel_spacing)
     summary = summarise(per_case)
     validation = val_table(members, found)
 

@@ -36,8 +36,8 @@ def backbone_names() -> list[str]:
     return list(sm.Backbones.models_names())
 
 
-def check_model_options(arch: str, backbone: str, image_size: int) -> None:
-    """Validate names and input size before anything heavy is built."""
+def check_model_options(arch: str, backbone: str, image_size: int, key: str = "data.image_size") -> None:
+    """Validate names and input size (the setting ``key``) before anything heavy is built."""
     look_up_option(arch, ARCHS, "arch", "conf/arch/")
     look_up_option(backbone, backbone_names(), "segmentation-models encoder", "backbone.name")
     multiple = SIZE_MULTIPLE[arch]
@@ -45,14 +45,14 @@ def check_model_options(arch: str, backbone: str, image_size: int) -> None:
     if image_size < smallest:
         fit = -(-smallest // multiple) * multiple
         raise SegxError(
-            f"data.image_size={image_size} is too small for backbone={backbone} (needs >= {smallest}); "
-            f"use data.image_size={fit}"
+            f"{key}={image_size} is too small for backbone={backbone} (needs >= {smallest}); "
+            f"use {key}={fit}"
         )
     if image_size % multiple:
         lower = max(multiple, image_size - image_size % multiple)
         raise SegxError(
-            f"data.image_size={image_size} does not suit arch={arch}: it needs a multiple of "
-            f"{multiple}; use data.image_size={lower} or {lower + multiple}"
+            f"{key}={image_size} does not suit arch={arch}: it needs a multiple of "
+            f"{multiple}; use {key}={lower} or {lower + multiple}"
         )
 
 

@@ -18,6 +18,7 @@ from segx.ensembling import search
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.ensembling.record import record_weights, validate_record, weight_fields
 from segx.errors import SegxError
+from segx.data.ragged import Ragged
 from segx.evaluation.metrics import dice_per_case
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -175,8 +176,8 @@ def _hand_members(n_members: int, seed: int):
     members, truth = tie_data(n_members, seed=seed)
     stems = [f"case{i}" for i in range(len(truth))]
     return [
-        Member(run_id=f"run{i}", backbone=f"b{i}", arch="unet", fingerprint="f", image_size=16,
-               resize_mode="resize", val=Cached(stems, p, truth, np.zeros((0,), np.uint8)), test=None)
+        Member(run_id=f"run{i}", backbone=f"b{i}", arch="unet", fingerprint="f",
+               view={"mode": "resize", "size": 16}, val=Cached(stems, Ragged.of(p), Ragged.of(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8))), test=None)
         for i, p in enumerate(members)
     ], members, truth  # fmt: skip
 
@@ -198,7 +199,7 @@ def test_run_search_reports_and_records_prediction_numbers(method):
     assert found["val_dice"] == found["chosen"].val_dice
     # The record holds the exact counts; read back, they predict the recorded Dice.
     record = validate_record(json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg)))))
-    assert record["version"] == 2
+    assert record["version"] == 3
     weights, chosen = record_weights(record), found["chosen"].weights
     assert [Fraction(k, weights.denominator) for k in weights.counts] == [Fraction(k, chosen.denominator) for k in chosen.counts]
     assert predicted_dice(probs, truth, weights, record["threshold"]) == record["val_dice"]
@@ -239,8 +240,8 @@ def test_version_2_record_counts_are_validated():
     del bad["weight_denominator"]
     with pytest.raises(SegxError, match="version 2 record without 'weight_denominator'"):
         validate_record(bad)
-    bad["version"] = 3
-    with pytest.raises(SegxError, match="record version 3 is not one this segx reads"):
+    bad["version"] = 4
+    with pytest.raises(SegxError, match="record version 4 is not one this segx reads"):
         validate_record(bad)
 
 
@@ -259,8 +260,8 @@ def _ensemble_run(client, record: dict, folder) -> str:
 
 def _float32_flips(probs, weights: Weights, threshold: float) -> int:
     """Pixels where the old float32 arithmetic decides differently from the exact one."""
-    old = sum(np.float32(w) * p.astype(np.float32) for w, p in zip(weights.floats, probs, strict=True))
-    return int(np.count_nonzero((old >= np.float32(threshold * 255.0)) != binarize(combine(probs, weights), threshold)))
+    old = sum(np.float32(w) * p.flat.astype(np.float32) for w, p in zip(weights.floats, probs, strict=True))
+    return int(np.count_nonzero((old >= np.float32(threshold * 255.0)) != binarize(combine(probs, weights), threshold).flat))
 
 
 def _tie_case(probs, denominators) -> tuple[Weights, list[float]]:
@@ -273,7 +274,7 @@ def _tie_case(probs, denominators) -> tuple[Weights, list[float]]:
             if Fraction(k, d).denominator & (Fraction(k, d).denominator - 1) == 0:
                 continue  # dyadic: exact in float32 too
             ties = []
-            for s in np.unique(combine(probs, weights).values):
+            for s in np.unique(combine(probs, weights).values.flat):
                 t = Fraction(int(s), 255 * d)
                 if 0 < t < 1 and len(repr(float(t))) <= 6 and Fraction(repr(float(t))) == t:
                     ties.append(float(t))
@@ -289,7 +290,8 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
     1/3, 2/3) through a rebuilt EnsemblePredictor: its masks and Dice equal the search's scoring
     of the cached validation probabilities, on thresholds where scores tie."""
     from segx import tracking
-    from segx.data.folder import discover_cases, load_cases
+    from segx.data.folder import discover_cases
+    from segx.data.io import read_image
     from segx.ensembling.probs import load_cached
     from segx.inference.predictor import load_ensemble
 
@@ -297,7 +299,7 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     ids = [runs["resnet18"], runs["mobilenetv2"]]
     cached = [load_cached(tracking.download(client, r, "predictions/val.npz", tmp_path / r), tmp_path / r) for r in ids]
-    probs, truth = [c.probs[:] for c in cached], cached[0].masks
+    probs, truth = [c.probs for c in cached], cached[0].masks
     # Version 1 records hold decimals (tenths, twentieths, hundredths); version 2 any counts.
     weights, thresholds = _tie_case(probs, (10, 20, 100) if version == 1 else (3, 7, 30, 70, 10, 20, 100))
     members = [{"run_id": r, "backbone": b, "arch": "unet"} for r, b in zip(ids, ["resnet18", "mobilenetv2"], strict=True)]
@@ -317,10 +319,10 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
         Fraction(k, weights.denominator) for k in weights.counts
     ]
     stems = cached[0].stems
-    cases = load_cases([c for c in discover_cases(synthetic_root) if c.stem in stems], 64)
-    assert cases.stems == stems
-    score, member_probs = predictor.score_model_size(cases.images)
-    assert all(np.array_equal(a, b) for a, b in zip(member_probs, probs, strict=True))  # same inputs
+    files = {c.stem: c.image for c in discover_cases(synthetic_root)}
+    images = [read_image(files[stem]) for stem in stems]  # each at its own size, as a user gives them
+    score, member_probs = predictor.score(images)
+    assert all(np.array_equal(a.flat, b.flat) for a, b in zip(member_probs, probs, strict=True))  # same inputs
     data = search.compact(probs, truth, thresholds)
     scored = search.evaluate(data, [weights.counts], weights.denominator)[0]
     flips = 0
@@ -328,7 +330,7 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
         masks = binarize(score, t)
         assert dice_per_case(masks, truth).mean() == scored[j], t
         flips += _float32_flips(probs, weights, t)
-    # The recorded threshold through predict() itself (model size in, so no resizing).
-    (first,) = predictor.predict([cases.images[0]])
+    # The recorded threshold through predict() itself, on one image alone.
+    (first,) = predictor.predict([images[0]])
     assert np.array_equal(first.mask, binarize(score, thresholds[0])[0])
     assert flips > 0  # float32 arithmetic (the old predictor) fails these thresholds

@@ -31,14 +31,15 @@ class Case:
 class Dataset:
     """Cases loaded at model size.
 
-    images: uint8 (N, S, S, 3) RGB; masks: uint8 (N, S, S) in {0, 1};
+    images: uint8 (N, S, S, 3) RGB; masks: uint8 (N, S, S) in {0, 1} (None in patch mode, which
+    reads patches from the on-disk cache: :mod:`segx.data.decoded`);
     original_sizes: (height, width) per case before resizing;
     digests: (image file hash, mask file hash or '') per case, for the data fingerprint.
     """
 
     stems: list[str]
-    images: np.ndarray
-    masks: np.ndarray
+    images: np.ndarray | None
+    masks: np.ndarray | None
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     digests: list[tuple[str, str]] = field(default_factory=list)
 
@@ -53,8 +54,8 @@ class Dataset:
         rows = [index[s] for s in stems]
         return Dataset(
             list(stems),
-            self.images[rows],
-            self.masks[rows],
+            None if self.images is None else self.images[rows],
+            None if self.masks is None else self.masks[rows],
             [self.original_sizes[r] for r in rows],
             [self.digests[r] for r in rows] if self.digests else [],
         )
@@ -150,6 +151,20 @@ def to_model_size(array: np.ndarray, size: int, mode: str, is_mask: bool) -> np.
     else:
         interpolation = cv2.INTER_AREA if array.shape[0] > size else cv2.INTER_LINEAR
     return cv2.resize(array, (size, size), interpolation=interpolation)
+
+
+def rescale(array: np.ndarray, scale: float, is_mask: bool) -> np.ndarray:
+    """Uniformly rescale an image or mask by ``scale`` (the 2D analogue of nnU-Net's target
+    spacing): area averaging when shrinking, linear when enlarging, nearest for masks."""
+    if scale == 1:
+        return array
+    height, width = array.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if is_mask:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(array, size, interpolation=interpolation)
 
 
 def from_model_size(prob: np.ndarray, original: tuple[int, int], mode: str) -> np.ndarray:

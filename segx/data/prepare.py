@@ -11,10 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from segx.config import require_choice, require_float, require_int
-from segx.data.folder import Dataset, check_foreground, discover_cases, load_cases
+from segx.data.decoded import DecodedCase, decode_cases
+from segx.data.folder import Dataset, discover_cases, to_model_size
 from segx.data.split import (
     FINGERPRINT_TAGS,
     default_split_path,
@@ -28,14 +30,19 @@ from segx.errors import SegxError
 
 @dataclass
 class Prepared:
-    dataset: Dataset              # every case (train folder and test folder) at model size
+    dataset: Dataset              # every case; images and masks at model size in resize mode only
     split: dict[str, list[str]]   # stems per role
     fingerprint: str              # segx.data.split.fingerprint: split + file contents + settings
     split_path: Path
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
+    decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
+
+    def cases(self, role: str, scale: float = 1.0) -> list[DecodedCase]:
+        """The role's cases in the on-disk cache (memory-mapped), rescaled by ``scale``."""
+        return [self.decoded[s].scaled(scale) for s in self.split[role]]
 
     @property
     def fingerprint_tags(self) -> dict[str, str]:
@@ -55,7 +62,18 @@ def validate_data_config(data: DictConfig) -> None:
             "train_masks/; data.root=. for the working directory)"
         )
     require_choice(data, "kind", ["synthetic", "folder"], prefix="data.")
+    require_choice(data, "mode", ["resize", "patch"], prefix="data.")
     require_int(data, "image_size", 32, 4096, prefix="data.")
+    if data.mode == "patch":
+        require_int(data, "patch_size", 32, 4096, prefix="data.")
+        require_float(data, "scale", 0.01, 16.0, high_open=False, prefix="data.")
+        require_float(data, "overlap", 0.0, 1.0, prefix="data.")
+        require_float(data, "foreground_fraction", 0.0, 1.0, high_open=False, prefix="data.")
+        if not isinstance(data.pad, bool):
+            raise SegxError(f"data.pad={data.pad!r} must be true or false")
+        if data.samples_per_epoch is not None:
+            require_int(data, "samples_per_epoch", 1, prefix="data.")
+    _check_spacing(data.get("pixel_spacing"))
     require_float(data, "val_fraction", 0.0, 1.0, prefix="data.")
     require_float(data, "test_fraction", 0.0, 1.0, prefix="data.")
     require_choice(data, "resize_mode", ["resize", "pad"], prefix="data.")
@@ -66,6 +84,58 @@ def validate_data_config(data: DictConfig) -> None:
         require_int(data, "n_images", 4, prefix="data.")
         require_int(data, "source_size", 16, 4096, prefix="data.")
         require_int(data, "generator_seed", 0, prefix="data.")
+
+
+def _check_spacing(spacing) -> None:
+    if spacing is None:
+        return
+    values = list(spacing) if OmegaConf.is_list(spacing) or isinstance(spacing, (list, tuple)) else [spacing]
+    ok = len(values) in (1, 2) and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < float("inf") for v in values
+    )
+    if not ok:
+        raise SegxError(
+            f"data.pixel_spacing={spacing!r} must be null, one positive number or [row, column] pixel "
+            "sizes (e.g. data.pixel_spacing=0.5 for 0.5 um pixels)"
+        )
+
+
+def pixel_spacing(data: DictConfig):
+    """``data.pixel_spacing`` as None, a float or a (row, column) tuple (HD95 in those units)."""
+    spacing = data.get("pixel_spacing")
+    if spacing is None:
+        return None
+    if OmegaConf.is_list(spacing):
+        values = [float(v) for v in spacing]
+        return values[0] if len(values) == 1 else (values[0], values[1])
+    return float(spacing)
+
+
+def check_view(data: DictConfig, decoded: list[DecodedCase]) -> None:
+    """Patch mode against the images' sizes, once they are known (headers were read, no model
+    is built yet): a patch larger than every image without padding, a scale that leaves almost
+    nothing of an image."""
+    if data.mode != "patch":
+        return
+    scale, patch = float(data.scale), int(data.patch_size)
+    smallest = min(decoded, key=lambda c: min(c.shape))
+    side = min(smallest.shape) * scale
+    if side < 8:
+        raise SegxError(
+            f"data.scale={scale:g} shrinks {smallest.stem} ({smallest.shape[1]}x{smallest.shape[0]}) to "
+            f"{side:.1f} px; use data.scale >= {8 / min(smallest.shape):.3g} or remove the image"
+        )
+    if not data.pad:
+        small = [c for c in decoded if min(c.shape) * scale < patch]
+        if small:
+            largest = max(max(c.shape) for c in decoded)
+            hint = (f"use data.patch_size <= {int(min(small[0].shape) * scale) // 32 * 32 or 32}"
+                    if len(small) < len(decoded) else f"every image is smaller (largest side {largest} px); use a smaller data.patch_size")
+            raise SegxError(
+                f"data.pad=false but {small[0].stem} ({small[0].shape[1]}x{small[0].shape[0]} px at scale "
+                f"{scale:g}) is smaller than data.patch_size={patch} ({len(small)} such images); {hint}, "
+                "or set data.pad=true"
+            )
 
 
 def read_groups(csv_path: str, column: str) -> dict[str, str]:
@@ -93,15 +163,13 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None)
         clash = {c.stem for c in cases} & {c.stem for c in test_cases}
         if clash:
             raise SegxError(f"{root}: stem '{sorted(clash)[0]}' is in both train_images/ and test_images/; rename one")
-    dataset = load_cases(
-        cases + test_cases,
-        int(data.image_size),
-        str(data.resize_mode),
-        float(data.mask_threshold),
-        int(data.max_pixels),
-        progress,
-    )
-    check_foreground(dataset, f"{root}/train_masks")
+    all_cases = cases + test_cases
+    cache_root = Path(str(data.cache_dir)) if data.get("cache_dir") else Path(output_dir) / "cache" / "decoded"
+    decoded = decode_cases(all_cases, cache_root, float(data.mask_threshold), int(data.max_pixels), progress)
+    if not any(c.foreground_pixels for c in decoded[: len(cases)]):
+        raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or data.mask_threshold")
+    check_view(data, decoded)
+    dataset = _model_size_dataset(decoded, data)
     stems = [c.stem for c in cases]
     test_stems = [c.stem for c in test_cases] or None
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
@@ -119,14 +187,30 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None)
         split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
     )
     warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
+    # How a member sees the images (size, mode, scale) is not part of the data: members are
+    # scored at each image's own size, so members that see the data differently still combine.
     parts = fingerprint_parts(
-        split,
-        int(data.image_size),
-        dict(zip(dataset.stems, dataset.digests, strict=True)),
-        str(data.resize_mode),
-        float(data.mask_threshold),
+        split, None, dict(zip(dataset.stems, dataset.digests, strict=True)), None, float(data.mask_threshold)
     )
-    return Prepared(dataset, split, parts["data"], split_path, parts)
+    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded})
+
+
+def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig) -> Dataset:
+    """Resize mode trains on every case at the model's input size, held in memory (small: N x S x S);
+    patch mode reads patches from the on-disk cache instead and holds no images."""
+    stems = [c.stem for c in decoded]
+    sizes = [tuple(c.shape) for c in decoded]
+    digests = [c.digests for c in decoded]
+    if data.mode == "patch":
+        return Dataset(stems, None, None, sizes, digests)
+    size, how = int(data.image_size), str(data.resize_mode)
+    images = np.zeros((len(decoded), size, size, 3), np.uint8)
+    masks = np.zeros((len(decoded), size, size), np.uint8)
+    for i, case in enumerate(decoded):
+        images[i] = to_model_size(np.asarray(case.image()), size, how, is_mask=False)
+        if case.has_mask:
+            masks[i] = to_model_size(np.asarray(case.mask()), size, how, is_mask=True)
+    return Dataset(stems, images, masks, sizes, digests)
 
 
 def warn_unlisted(split_path: Path, root: Path, unlisted: list[str]) -> None:

@@ -19,12 +19,12 @@ class Member:
     backbone: str
     arch: str
     fingerprint: str
-    image_size: int
-    resize_mode: str
+    view: dict  # how it sees an image: segx.inference.view.View.to_dict()
     val: object  # segx.ensembling.probs.Cached
     test: object | None
     # split / images / masks / settings parts of the fingerprint (empty for runs of older segx)
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
+    pixel_spacing: float | tuple[float, float] | None = None  # data.pixel_spacing: HD95 units
 
     @property
     def label(self) -> str:
@@ -61,12 +61,30 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         backbone=run.data.tags.get("segx.backbone", params.get("backbone.name", "?")),
         arch=run.data.tags.get("segx.arch", params.get("arch.name", "?")),
         fingerprint=run.data.tags.get("segx.data_fingerprint", ""),
-        image_size=int(params.get("data.image_size", val.probs.shape[-1])),
-        resize_mode=params.get("data.resize_mode", "resize"),
+        view=view_of(params),
+        pixel_spacing=_spacing_of(params.get("data.pixel_spacing", "None")),
         val=val,
         test=test,
         fingerprint_parts={k: run.data.tags.get(tag, "") for k, tag in FINGERPRINT_TAGS.items()},
     )
+
+
+def _spacing_of(text: str):
+    import json
+
+    if text in ("None", "null", ""):
+        return None
+    value = json.loads(text)
+    return tuple(float(v) for v in value) if isinstance(value, list) else float(value)
+
+
+def view_of(params: dict) -> dict:
+    """A member run's view (how it sees an image) from its logged ``data.*`` params."""
+    if params.get("data.mode", "resize") == "patch":
+        return {"mode": "patch", "size": int(params["data.patch_size"]), "resize_mode": "resize",
+                "scale": float(params.get("data.scale", 1.0)), "overlap": float(params.get("data.overlap", 0.5))}  # fmt: skip
+    return {"mode": "resize", "size": int(params.get("data.image_size", 128)),
+            "resize_mode": params.get("data.resize_mode", "resize"), "scale": 1.0, "overlap": 0.5}  # fmt: skip
 
 
 def _skip_reason(run, fingerprint: str | None) -> str | None:
@@ -239,12 +257,13 @@ def check_compatible(members: list[Member]) -> None:
             )
         if m.val.stems != ref.val.stems:
             raise SegxError(f"members {ref.run_id} and {m.run_id} have different validation cases; retrain on one split")
-        if m.val.probs.shape != ref.val.probs.shape:
+        if not m.val.probs.same_shapes(ref.val.probs):
+            # Every member is scored at each image's own size, whatever its input size or mode.
             raise SegxError(
-                f"members {ref.run_id} and {m.run_id} predict at different sizes "
-                f"{ref.val.probs.shape[1:]} vs {m.val.probs.shape[1:]}; use one data.image_size"
+                f"members {ref.run_id} and {m.run_id} cached validation maps of different sizes; "
+                "retrain both on the same files"
             )
-        if not np.array_equal(m.val.masks, ref.val.masks):
+        if not np.array_equal(m.val.masks.flat, ref.val.masks.flat):
             raise SegxError(f"members {ref.run_id} and {m.run_id} disagree on validation ground truth; retrain on one dataset")
         if (m.test is None) != (ref.test is None) or (m.test is not None and m.test.stems != ref.test.stems):
             raise SegxError(f"members {ref.run_id} and {m.run_id} have different test cases; retrain on one split")

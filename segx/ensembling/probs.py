@@ -1,7 +1,8 @@
 """Cached member probabilities and the one way segx combines them (numpy only).
 
-A member's probabilities are stored as ``uint8 (N, S, S)`` (p * 255, rounded) in an ``.npz``
-with ``stems`` and bit-packed ground-truth ``masks``. Ensemble weights are whole counts over a
+A member's probabilities are stored at each case's own size (p * 255, rounded, uint8), as one
+flat array plus the case shapes (:class:`segx.data.ragged.Ragged`), in an ``.npz`` with
+``stems`` and bit-packed ground-truth ``masks`` at the same sizes. Ensemble weights are whole counts over a
 denominator (:class:`Weights`), so the combined score ``sum_m k_m p_m`` is an exact integer and
 a pixel is foreground iff ``score >= ceil(t * 255 * D)`` (:func:`cut`). The weight search
 scores every candidate with this arithmetic and prediction uses :func:`combine` and
@@ -20,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from segx.data.ragged import Ragged
 from segx.errors import SegxError
+
+# Version 2: ragged probabilities at each case's own size. Version 1 held (N, S, S) maps at the
+# network's input size, scored against resized masks; members that wrote it must be retrained.
+CACHE_FORMAT = 2
 
 
 def quantize(probs: np.ndarray) -> np.ndarray:
@@ -143,13 +149,15 @@ def cut(threshold: float, denominator: int) -> int:
 @dataclass
 class Score:
     """Ensemble score: ``values`` int32 = sum_m k_m p_m over uint8 member probabilities, on the
-    0..255 * ``denominator`` scale (exact integers)."""
+    0..255 * ``denominator`` scale (exact integers); an array, or ragged cases."""
 
-    values: np.ndarray
+    values: np.ndarray | Ragged
     denominator: int
 
-    def probability(self) -> np.ndarray:
+    def probability(self):
         """The weighted mean probability in [0, 1], float32 (for maps; masks use :func:`binarize`)."""
+        if isinstance(self.values, Ragged):
+            return self.values.like((self.values.flat / (255.0 * self.denominator)).astype(np.float32))
         return (self.values / (255.0 * self.denominator)).astype(np.float32)
 
 
@@ -162,18 +170,24 @@ def combine(member_probs: Sequence[np.ndarray], weights: Weights | Sequence[floa
     weights = Weights.of(weights)
     if len(member_probs) != len(weights):
         raise ValueError("one weight per member")
-    values = np.zeros(np.shape(member_probs[0]), np.int32)
-    for probs, count in zip(member_probs, weights.counts, strict=True):
+    ragged = isinstance(member_probs[0], Ragged)
+    if ragged and any(not isinstance(p, Ragged) or not p.same_shapes(member_probs[0]) for p in member_probs):
+        raise ValueError("members' ragged probabilities differ in case sizes")
+    flats = [p.flat if ragged else np.asarray(p) for p in member_probs]
+    values = np.zeros(np.shape(flats[0]), np.int32)
+    for probs, count in zip(flats, weights.counts, strict=True):
         probs = np.asarray(probs)
         if probs.dtype != np.uint8:
             raise ValueError(f"member probabilities must be uint8 (quantize them), got {probs.dtype}")
         if count:
             values += np.int32(count) * probs.astype(np.int32)
-    return Score(values, weights.denominator)
+    return Score(member_probs[0].like(values) if ragged else values, weights.denominator)
 
 
-def binarize(score: Score, threshold: float) -> np.ndarray:
+def binarize(score: Score, threshold: float):
     """Foreground where the weighted mean probability is at least ``threshold``, exactly."""
+    if isinstance(score.values, Ragged):
+        return score.values.like(score.values.flat >= cut(threshold, score.denominator))
     return score.values >= cut(threshold, score.denominator)
 
 
@@ -186,35 +200,42 @@ def cache_artifact(role: str, tta: str = "none") -> str:
 def save_cached(
     path: str | os.PathLike,
     stems: Sequence[str],
-    probs: np.ndarray,
-    masks: np.ndarray,
-    previews: np.ndarray | None = None,
+    probs,
+    masks,
+    previews=None,
 ) -> Path:
-    """Write ``stems``, uint8 ``probs`` (N, S, S), binary ``masks`` (N, S, S) and optionally
-    the first few input images (uint8 (k, S, S, 3), for figures) to ``path``."""
+    """Write ``stems``, uint8 ``probs`` and binary ``masks`` (both ragged cases at each case's own
+    size, or (N, H, W) arrays) and optionally the first few input images (uint8 (H, W, 3) each,
+    for figures) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    masks = np.asarray(masks, bool)
+    probs, masks = Ragged.of(probs), Ragged.of(masks)
+    if not probs.same_shapes(masks) or len(probs) != len(stems):
+        raise ValueError("one probability map and one mask per stem, of equal sizes")
+    flat_masks = np.asarray(masks.flat, bool)
+    previews = Ragged.from_list(list(previews), np.uint8) if previews is not None and len(previews) else None
     np.savez_compressed(
         path,
+        format=np.int64(CACHE_FORMAT),
         stems=np.asarray(list(stems), dtype=str),
-        probs=np.asarray(probs, np.uint8),
-        masks=np.packbits(masks, axis=-1),
-        mask_width=np.int64(masks.shape[-1]),
-        previews=np.zeros((0, *masks.shape[1:], 3), np.uint8) if previews is None else previews,
+        shapes=probs.shapes,
+        probs=np.asarray(probs.flat, np.uint8),
+        masks=np.packbits(flat_masks),
+        preview_shapes=np.zeros((0, 2), np.int64) if previews is None else previews.shapes,
+        previews=np.zeros((0, 3), np.uint8) if previews is None else previews.flat,
     )
     return path
 
 
 @dataclass
 class Cached:
-    """stems: (N,); probs: uint8 (N, S, S), memory-mapped; masks: bool (N, S, S);
-    previews: uint8 (k, S, S, 3) images of the first k cases (k may be 0)."""
+    """stems: (N,); probs: uint8 ragged cases, memory-mapped; masks: bool ragged cases of the
+    same sizes; previews: uint8 (H, W, 3) ragged images of the first k cases (k may be 0)."""
 
     stems: list[str]
-    probs: np.ndarray
-    masks: np.ndarray
-    previews: np.ndarray
+    probs: Ragged
+    masks: Ragged
+    previews: Ragged
 
 
 def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = None) -> Cached:
@@ -225,6 +246,18 @@ def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = Non
     """
     path = Path(path)
     try:
+        with np.load(path) as data:
+            version = int(data["format"]) if "format" in data.files else 1
+            if version != CACHE_FORMAT:
+                raise SegxError(
+                    f"{path}: probability cache of format {version} (segx 0.2 and later score each image at "
+                    "its own size and writes format 2); retrain this member with the current segx"
+                )
+            stems = [str(s) for s in data["stems"]]
+            shapes = data["shapes"].astype(np.int64)
+            n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
+            masks = np.unpackbits(data["masks"], count=n_pixels).astype(bool)
+            previews = Ragged(data["previews"], data["preview_shapes"])
         with zipfile.ZipFile(path) as archive:
             target = Path(workdir or path.parent)
             target.mkdir(parents=True, exist_ok=True)
@@ -235,14 +268,9 @@ def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = Non
                     while chunk := src.read(1 << 22):
                         dst.write(chunk)
                 os.replace(tmp, out)
-        with np.load(path) as data:
-            stems = [str(s) for s in data["stems"]]
-            width = int(data["mask_width"])
-            masks = np.unpackbits(data["masks"], axis=-1, count=width).astype(bool)
-            previews = data["previews"] if "previews" in data.files else np.zeros((0,), np.uint8)
         probs = np.load(out, mmap_mode="r")
+        if probs.dtype != np.uint8 or probs.shape != (n_pixels,) or len(stems) != len(shapes):
+            raise ValueError("inconsistent shapes")
+        return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise SegxError(f"{path}: not a valid segx probability cache ({type(exc).__name__}); retrain the member") from None
-    if probs.dtype != np.uint8 or probs.shape != masks.shape or len(stems) != len(probs):
-        raise SegxError(f"{path}: probability cache has inconsistent shapes; retrain the member")
-    return Cached(stems, probs, masks, previews)

@@ -20,9 +20,13 @@ from segx.config import TTA_MODES
 from segx.ensembling.probs import MAX_DENOMINATOR, Weights
 from segx.errors import SegxError
 
-REQUIRED = ("members", "threshold", "image_size")
-RECORD_VERSION = 2
-_VERSIONS = (1, 2)
+REQUIRED = ("members", "threshold")
+# Version 3: each member says how it sees an image (``view``: mode, size, scale, overlap), and
+# the record's Dice is scored at each image's own size. Versions 1 and 2 had one top-level
+# ``image_size``/``resize_mode`` shared by every member (resize mode).
+RECORD_VERSION = 3
+_VERSIONS = (1, 2, 3)
+VIEW_MODES = ("resize", "patch")
 
 
 def _is_number(value: Any) -> bool:
@@ -46,10 +50,14 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     members = record["members"]
     if not isinstance(members, list) or not members:
         raise SegxError(f"{where}: 'members' is empty; an ensemble needs at least one member run")
+    if version < 3 and "image_size" not in record:
+        raise SegxError(f"{where}: missing 'image_size'; rebuild the record with python -m segx.ensemble")
     weights = []
     for i, m in enumerate(members):
         if not isinstance(m, dict) or not m.get("run_id") or not m.get("backbone"):
             raise SegxError(f"{where}: members[{i}] needs 'run_id', 'backbone' and 'weight'")
+        if version >= 3:
+            _validate_view(m.get("view"), f"{where}: members[{i}].view")
         w = m.get("weight")
         if not _is_number(w) or w < 0:
             raise SegxError(f"{where}: members[{i}].weight={w!r} must be a non-negative number")
@@ -66,6 +74,30 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     if record.get("tta", "none") not in TTA_MODES:
         raise SegxError(f"{where}: tta={record.get('tta')!r} must be 'none' or 'flip'")
     return record
+
+
+def _validate_view(view: Any, where: str) -> None:
+    fix = "give {mode: resize|patch, size: N, ...} or rebuild the record with python -m segx.ensemble"
+    if not isinstance(view, dict) or view.get("mode") not in VIEW_MODES:
+        raise SegxError(f"{where}={view!r}: needs a 'mode' of {' or '.join(VIEW_MODES)}; {fix}")
+    size = view.get("size")
+    if not _is_count(size) or size < 1:
+        raise SegxError(f"{where}.size={size!r} must be a whole number of pixels; {fix}")
+    scale, overlap = view.get("scale", 1.0), view.get("overlap", 0.5)
+    if not _is_number(scale) or scale <= 0:
+        raise SegxError(f"{where}.scale={scale!r} must be a positive number; {fix}")
+    if not _is_number(overlap) or not 0 <= overlap < 1:
+        raise SegxError(f"{where}.overlap={overlap!r} must be in [0, 1); {fix}")
+    if view.get("resize_mode", "resize") not in ("resize", "pad"):
+        raise SegxError(f"{where}.resize_mode={view.get('resize_mode')!r} must be 'resize' or 'pad'; {fix}")
+
+
+def member_views(record: dict) -> list[dict]:
+    """How each member of a validated record sees an image (a view dict per member)."""
+    if record.get("version", 1) >= 3:
+        return [dict(m["view"]) for m in record["members"]]
+    old = {"mode": "resize", "size": int(record["image_size"]), "resize_mode": record.get("resize_mode", "resize")}
+    return [dict(old) for _ in record["members"]]
 
 
 def _validate_counts(record: dict, where: str) -> None:
@@ -117,10 +149,9 @@ def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance
         "git_sha": sha,
         "git_dirty": dirty,
         "data_fingerprint": members[0].fingerprint,
-        "image_size": members[0].image_size,
-        "resize_mode": members[0].resize_mode,
+        "scored_at": "original size",
         "members": [
-            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model"}
+            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model", "view": dict(m.view)}
             for m, w in zip(members, per_member, strict=True)
         ],
         **weight_total,

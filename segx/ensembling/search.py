@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segx.data.ragged import Ragged, per_case_count
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.errors import SegxError
 from segx.evaluation.metrics import dice_counts, dice_per_case
@@ -72,7 +73,8 @@ def compact(
     thresholds: Sequence[float],
     chunk: int = 16,
 ) -> Compact:
-    """Reduce members' uint8 (N, H, W) maps (memory-mapped is fine) and truth (N, H, W).
+    """Reduce members' uint8 maps and the truth: (N, H, W) arrays or ragged cases of any sizes
+    (:class:`segx.data.ragged.Ragged`, memory-mapped is fine).
 
     Reads ``chunk`` cases at a time, so memory stays bounded by the kept pixels. Exact: a
     candidate's score over D lies in [lo, hi] (the members' smallest and largest probability),
@@ -84,6 +86,11 @@ def compact(
         raise SegxError("the threshold list is empty; set ensemble.thresholds or ensemble.threshold")
     low = cut(thresholds[0], 1)  # smallest uint8 probability that reaches the lowest threshold
     high = cut(thresholds[-1], 1)  # every probability at least this reaches every threshold
+    member_probs = [Ragged.of(p) for p in member_probs]
+    truth = Ragged.of(truth)
+    for p in member_probs:
+        if not p.same_shapes(truth):
+            raise SegxError("member probabilities and ground truth differ in case sizes; retrain the members on one split")
     n = len(truth)
     fixed_tp = np.zeros(n, np.int64)
     fixed_pp = np.zeros(n, np.int64)
@@ -91,21 +98,23 @@ def compact(
     kept_probs, kept_truth, kept_case = [], [], []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        maps = [np.asarray(p[start:stop], np.uint8).reshape(-1) for p in member_probs]
-        gt = np.asarray(truth[start:stop], bool).reshape(stop - start, -1)
+        rows = slice(truth.offsets[start], truth.offsets[stop])
+        local = truth.offsets[start : stop + 1] - truth.offsets[start]
+        maps = [np.asarray(p.flat[rows], np.uint8) for p in member_probs]
+        gt = np.asarray(truth.flat[rows], bool)
         lo, hi = maps[0].copy(), maps[0].copy()
         for m in maps[1:]:
             np.minimum(lo, m, out=lo)
             np.maximum(hi, m, out=hi)
-        positive = (lo >= high).reshape(gt.shape)
+        positive = lo >= high
         uncertain = (hi >= low) & (lo < high)
-        fixed_pp[start:stop] = np.count_nonzero(positive, axis=1)
-        fixed_tp[start:stop] = np.count_nonzero(positive & gt, axis=1)
-        true_sum[start:stop] = np.count_nonzero(gt, axis=1)
+        fixed_pp[start:stop] = per_case_count(positive, local)
+        fixed_tp[start:stop] = per_case_count(positive & gt, local)
+        true_sum[start:stop] = per_case_count(gt, local)
         flat = np.flatnonzero(uncertain)
         kept_probs.append(np.stack([m[flat] for m in maps]))
-        kept_truth.append(gt.reshape(-1)[flat])
-        kept_case.append(flat // gt.shape[1] + start)
+        kept_truth.append(gt[flat])
+        kept_case.append(np.searchsorted(local, flat, side="right") - 1 + start)
     m = len(member_probs)
     probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((m, 0), np.uint8)
     case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
@@ -122,7 +131,7 @@ def compact(
         fixed_pp=fixed_pp,
         true_sum=true_sum,
         thresholds=thresholds,
-        n_pixels=int(np.prod(np.shape(truth))),
+        n_pixels=truth.n_pixels,
     )
 
 
@@ -441,15 +450,21 @@ def choose(candidates: Sequence[Candidate], tolerance: float) -> Candidate:
 def exact_dice(member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32) -> np.ndarray:
     """Per-case Dice of one weighting through :func:`segx.ensembling.probs.combine` (the predict path)."""
     weights = Weights.of(weights)
+    member_probs, truth = [Ragged.of(p) for p in member_probs], Ragged.of(truth)
     out = []
     for start in range(0, len(truth), chunk):
-        score = combine([np.asarray(p[start : start + chunk]) for p in member_probs], weights)
-        out.append(dice_per_case(binarize(score, threshold), np.asarray(truth[start : start + chunk])))
+        score = combine([p[start : start + chunk] for p in member_probs], weights)
+        out.append(dice_per_case(binarize(score, threshold), truth[start : start + chunk]))
     return np.concatenate(out)
 
 
 def majority_vote(member_probs: Sequence[np.ndarray], start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Strict majority of members binarised at 0.5 (ties are background): bool (n, H, W)."""
+    """Strict majority of members binarised at 0.5 (ties are background): bool, ragged cases
+    (or (n, H, W) for array inputs)."""
+    if isinstance(member_probs[0], Ragged):
+        part = [p[start:stop] for p in member_probs]
+        votes = sum((p.flat >= 128).astype(np.int16) for p in part)
+        return part[0].like(votes * 2 > len(member_probs))
     votes = sum((np.asarray(p[start:stop]) >= 128).astype(np.int16) for p in member_probs)
     return votes * 2 > len(member_probs)
 

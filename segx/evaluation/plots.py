@@ -78,6 +78,6 @@ def plot_cases(
                 title = f"{title}\nDice {scores[name][row]:.3f}".strip()
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
-        axes[row][0].text(-2, images.shape[1] // 2, stems[row], rotation=90, va="center", ha="right", fontsize=7)
+        axes[row][0].text(-2, images[row].shape[0] // 2, stems[row], rotation=90, va="center", ha="right", fontsize=7)
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     return _save(fig, path)

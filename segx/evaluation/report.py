@@ -12,8 +12,9 @@ import pandas as pd
 from segx.ensembling.members import Member
 
 
-def score_test_split(members: list[Member], weights, threshold, post):
-    """Per-case test metrics for each method: a long DataFrame."""
+def score_test_split(members: list[Member], weights, threshold, post, spacing=None):
+    """Per-case test metrics for each method, at each image's own size (HD95 in pixels, or in
+    the units of ``spacing``): a long DataFrame."""
     from segx.ensembling.probs import Weights, binarize, combine
     from segx.ensembling.search import majority_vote
     from segx.evaluation.metrics import case_metrics
@@ -23,7 +24,7 @@ def score_test_split(members: list[Member], weights, threshold, post):
     truth = test.masks
     probs = [m.test.probs for m in members]
     weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
-    methods = {f"member:{m.label}": (lambda i=i: probs[i][:] >= 128) for i, m in enumerate(members)}
+    methods = {f"member:{m.label}": (lambda i=i: probs[i].like(probs[i].flat >= 128)) for i, m in enumerate(members)}
     equal = Weights((1,) * len(members), len(members))
     methods["equal-weights"] = lambda: binarize(combine(probs, equal), 0.5)
     methods["majority-vote"] = lambda: majority_vote(probs)
@@ -35,7 +36,7 @@ def score_test_split(members: list[Member], weights, threshold, post):
             continue
         pred = make()
         preds[name] = pred
-        scores = case_metrics(pred, truth)
+        scores = case_metrics(pred, truth, spacing=spacing)
         # Only the ensemble's threshold was chosen (on validation); the others are at 0.5.
         at = threshold if name.startswith("ensemble") else 0.5
         for i, stem in enumerate(test.stems):

@@ -60,8 +60,14 @@ def apply_one(mask: np.ndarray, post: PostProcess) -> np.ndarray:
     return mask.astype(bool)
 
 
-def apply(masks: np.ndarray, post: PostProcess) -> np.ndarray:
-    """Post-process a batch (N, H, W) of boolean masks."""
+def apply(masks, post: PostProcess):
+    """Post-process a batch of boolean masks: (N, H, W), or ragged cases of any sizes."""
+    from segx.data.ragged import Ragged
+
+    if isinstance(masks, Ragged):
+        if post.is_identity:
+            return masks.like(masks.flat.astype(bool, copy=False))
+        return masks.map(lambda m: apply_one(m.astype(bool), post), bool)
     if post.is_identity:
         return masks.astype(bool)
     return np.stack([apply_one(m, post) for m in masks])

@@ -1,9 +1,10 @@
 """A rebuilt ensemble that predicts masks: used by ``segx.predict`` and the MLflow pyfunc model.
 
-Members predict at the recorded input size; their probabilities are quantised and combined
-with the record's integer weights in the arithmetic the weight search scored
-(:func:`segx.ensembling.probs.combine`, :func:`segx.ensembling.probs.binarize`), post-processed at that size, then
-brought back to each input's own size.
+Each member predicts every image at the image's own size, the way it was trained to see it
+(:mod:`segx.inference.view`: resized, or a sliding window over patches); its probabilities are
+quantised and combined with the record's integer weights in the arithmetic the weight search
+scored (:func:`segx.ensembling.probs.combine`, :func:`segx.ensembling.probs.binarize`), and
+post-processed, all at the image's own size: exactly what the members cached for the search.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from segx.data.folder import from_model_size, to_model_size
+from segx.data.ragged import Ragged
 from segx.ensembling.probs import Score, binarize, combine, quantize
-from segx.ensembling.record import record_weights, validate_record
+from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
 from segx.inference.postprocess import PostProcess, apply
-from segx.models import load_member, predict_probs
+from segx.inference.view import View, predict_cases
+from segx.models import load_member, predict_probs_modes
 
 
 @dataclass
@@ -35,55 +37,59 @@ class Prediction:
     uncertainty: np.ndarray
 
 
+def member_probs(model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str]) -> dict[str, Ragged]:
+    """``{tta mode: uint8 probabilities}`` of one member for ``images``, at each image's own size:
+    what a member caches for the search and what the ensemble predicts with."""
+    out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    for maps in predict_cases(images, view, lambda batch: predict_probs_modes(model, batch, backbone, modes)):
+        for mode in modes:
+            out[mode].append(quantize(maps[mode]))
+    return {mode: Ragged.from_list(maps, np.uint8) for mode, maps in out.items()}
+
+
 class EnsemblePredictor:
     def __init__(self, record: dict, model_paths: Sequence[str | os.PathLike], tta: str | None = None):
         self.record = validate_record(record)
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
         self.members = record["members"]
+        self.views = [View.from_dict(v) for v in member_views(record)]
         self.weights = record_weights(record)  # exact counts over a denominator
         self.threshold = float(record["threshold"])
-        self.size = int(record["image_size"])
-        self.resize_mode = record.get("resize_mode", "resize")
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
         # Members with weight 0 cannot change the output: skip loading and running them.
         self.models = [load_member(p) if k > 0 else None for p, k in zip(model_paths, self.weights.counts, strict=True)]
 
-    def member_probs(self, images: np.ndarray) -> list[np.ndarray | None]:
-        """uint8 (N, S, S) probabilities per member (None for weight 0) for uint8 (N, S, S, 3)."""
+    def member_probs(self, images: Sequence[np.ndarray]) -> list[Ragged | None]:
+        """uint8 probabilities per member at each image's own size (None for weight 0)."""
         return [
-            None if model is None else quantize(predict_probs(model, images, m["backbone"], self.tta))
-            for model, m in zip(self.models, self.members, strict=True)
+            None if model is None else member_probs(model, m["backbone"], view, images, (self.tta,))[self.tta]
+            for model, m, view in zip(self.models, self.members, self.views, strict=True)
         ]
 
-    def score_model_size(self, images: np.ndarray) -> tuple[Score, list]:
-        """Exact ensemble score (N, S, S) (:class:`segx.ensembling.probs.Score`) and the member probabilities."""
+    def score(self, images: Sequence[np.ndarray]) -> tuple[Score, list]:
+        """Exact ensemble score (ragged, :class:`segx.ensembling.probs.Score`) and the member probabilities."""
         probs = self.member_probs(images)
+        shapes = next(p for p in probs if p is not None)
         # Members with count 0 add nothing: all members, with their counts, give the same sum.
-        filled = [np.zeros(images.shape[:3], np.uint8) if p is None else p for p in probs]
+        filled = [shapes.like(np.zeros(shapes.n_pixels, np.uint8)) if p is None else p for p in probs]
         return combine(filled, self.weights), probs
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict uint8 RGB images of any size (H, W, 3); grayscale (H, W) is accepted too."""
         images = [np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3] for im in images]
-        batch = np.stack([to_model_size(np.asarray(im, np.uint8), self.size, self.resize_mode, False) for im in images])
-        score, probs = self.score_model_size(batch)
+        images = [np.asarray(im, np.uint8) for im in images]
+        score, probs = self.score(images)
         masks = apply(binarize(score, self.threshold), self.post)
         # Maps for people (not masks): the exact mean score / (255 D) and the weighted spread.
         mean = score.probability()
-        used = [(p.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights.floats, strict=True) if p is not None]
-        spread = np.sqrt(sum(w * (p - mean) ** 2 for p, w in used))
-        out = []
-        for i, image in enumerate(images):
-            original = image.shape[:2]
-            mask = from_model_size(masks[i].astype(np.float32), original, self.resize_mode) >= 0.5
-            out.append(Prediction(
-                mask=mask,
-                probability=np.clip(from_model_size(mean[i], original, self.resize_mode), 0, 1),
-                uncertainty=np.clip(from_model_size(spread[i].astype(np.float32), original, self.resize_mode), 0, 0.5),
-            ))  # fmt: skip
-        return out
+        used = [(p.flat.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights.floats, strict=True) if p is not None]
+        spread = mean.like(np.sqrt(sum(w * (p - mean.flat) ** 2 for p, w in used)).astype(np.float32))
+        return [
+            Prediction(mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(spread[i], 0, 0.5))
+            for i in range(len(images))
+        ]
 
 
 def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):

@@ -23,55 +23,73 @@ from segx.models import predict_probs, preprocessing
 from segx.training.augment import SeededAugmenter
 
 
-def epoch_plan(n_cases: int, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(case indices, per-sample seeds) for one epoch: a shuffled pass over all cases padded
-    with the first cases of the same shuffle to whole batches (BatchNorm dislikes tiny tails)."""
+def epoch_plan(
+    n_cases: int, batch_size: int, seed: int, epoch: int, samples: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(case indices, per-sample seeds) for one epoch: ``samples`` (default: one per case)
+    drawn as shuffled passes over all cases, padded with the first cases of the same shuffle to
+    whole batches (BatchNorm dislikes tiny tails)."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n_cases)
-    steps = math.ceil(n_cases / batch_size)
-    pad = steps * batch_size - n_cases
+    samples = samples or n_cases
+    passes = math.ceil(samples / n_cases)
+    order = rng.permutation(n_cases) if passes == 1 else np.concatenate([rng.permutation(n_cases) for _ in range(passes)])
+    order = order[:samples]
+    steps = math.ceil(samples / batch_size)
+    pad = steps * batch_size - samples
     order = np.concatenate([order, order[:pad]]) if pad else order
     seeds = rng.integers(0, 2**31 - 1, size=len(order))
     return order.astype(np.int64), seeds.astype(np.int64)
 
 
 def make_train_dataset(
-    images: np.ndarray,
-    masks: np.ndarray,
+    images,
+    masks: np.ndarray | None,
     augmenter: SeededAugmenter,
     backbone: str,
     batch_size: int,
     seed: int,
     epochs: int,
     initial_epoch: int = 0,
+    samples_per_epoch: int | None = None,
 ):
     """A ``tf.data.Dataset`` of (image float32 (B,S,S,3), mask float32 (B,S,S,1)) batches for
     epochs ``initial_epoch..epochs-1``, and the steps per epoch.
 
-    images: uint8 (N, S, S, 3) in memory; masks: uint8 (N, S, S) in {0, 1}. Augmentation and
-    the encoder's preprocessing run in parallel worker threads, ahead of the model.
+    ``images``: uint8 (N, S, S, 3) in memory with ``masks`` uint8 (N, S, S) in {0, 1} (resize
+    mode); or a :class:`segx.training.patches.PatchSampler` (patch mode, ``masks`` None), which
+    cuts a patch of a case from the on-disk cache, given the sample's seed and its position in
+    the batch. Augmentation and the encoder's preprocessing run in parallel worker threads,
+    ahead of the model.
     """
-    n, size = len(images), images.shape[1]
-    plans = [epoch_plan(n, batch_size, seed, e) for e in range(initial_epoch, epochs)]
+    sampler = images if masks is None else None
+    n = len(sampler) if sampler is not None else len(images)
+    size = sampler.patch if sampler is not None else images.shape[1]
+    per_epoch = samples_per_epoch or n
+    plans = [epoch_plan(n, batch_size, seed, e, per_epoch) for e in range(initial_epoch, epochs)]
     order = np.concatenate([p[0] for p in plans])
     seeds = np.concatenate([p[1] for p in plans])
+    slots = np.tile(np.arange(batch_size), len(order) // batch_size)
     prep = preprocessing(backbone)
 
-    def load(index, sample_seed):
-        image, mask = augmenter(images[index], masks[index], int(sample_seed))
+    def load(index, sample_seed, slot):
+        if sampler is not None:
+            image, mask = sampler.sample(int(index), int(sample_seed), int(slot), batch_size)
+        else:
+            image, mask = images[index], masks[index]
+        image, mask = augmenter(image, mask, int(sample_seed))
         image = prep(image.astype(np.float32)).astype(np.float32)
         return image, mask.astype(np.float32)[:, :, None]
 
-    def tf_load(index, sample_seed):
-        image, mask = tf.numpy_function(load, [index, sample_seed], [tf.float32, tf.float32])
+    def tf_load(index, sample_seed, slot):
+        image, mask = tf.numpy_function(load, [index, sample_seed, slot], [tf.float32, tf.float32])
         image.set_shape((size, size, 3))
         mask.set_shape((size, size, 1))
         return image, mask
 
-    dataset = tf.data.Dataset.from_tensor_slices((order, seeds))
+    dataset = tf.data.Dataset.from_tensor_slices((order, seeds, slots))
     dataset = dataset.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return dataset, math.ceil(n / batch_size)
+    return dataset, math.ceil(per_epoch / batch_size)
 
 
 @dataclass
@@ -175,8 +193,8 @@ class TrainingDiverged(RuntimeError):
 
 def fit_member(
     model,
-    train_images: np.ndarray,
-    train_masks: np.ndarray,
+    train_images,
+    train_masks: np.ndarray | None,
     val_images: np.ndarray,
     val_masks: np.ndarray,
     augmenter: SeededAugmenter,
@@ -190,12 +208,15 @@ def fit_member(
     extra_callbacks: Sequence = (),
     log_fn: Callable[[dict, int], None] = lambda metrics, step: None,
     verbose: int = 2,
+    samples_per_epoch: int | None = None,
 ) -> FitState:
     """Train (or continue training) ``model`` and leave it holding its best weights.
 
     ``folder`` holds the resumable state: if it has a checkpoint, training continues from the
     epoch after it, with the optimizer's state. Raises :class:`TrainingDiverged` on NaN loss
-    (the last good checkpoint stays in ``folder``).
+    (the last good checkpoint stays in ``folder``). ``train_images``/``train_masks``: arrays at
+    model size, or a patch sampler and None (see :func:`make_train_dataset`); validation each
+    epoch runs on ``val_images``/``val_masks`` at model size (fixed patches in patch mode).
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = FitState.load(folder) or FitState()
@@ -209,7 +230,7 @@ def fit_member(
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
         dataset, steps = make_train_dataset(
-            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch
+            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch, samples_per_epoch
         )
         model.fit(
             dataset,

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from segx.config import ARCHS, require_choice, require_float, require_int
@@ -24,7 +25,7 @@ log = logging.getLogger("segx.train")
 
 
 # Keys that do not change what is trained: left out of the resume identity.
-NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose")
+NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -143,14 +144,17 @@ def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
 def train_member(cfg: DictConfig) -> float:
     """Train the member described by ``cfg``; return its best validation Dice."""
     validate_config(cfg)
-    from segx.data.prepare import prepare
+    from segx.data.prepare import pixel_spacing, prepare
     from segx.models import check_model_options
     from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
 
     # Every cheap check comes before a single image is read: sizes against the arch, the
     # backbone's options, the augmentation pipeline.
-    backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), int(cfg.data.image_size)
-    check_model_options(arch, backbone, size)
+    from segx.inference.view import View
+
+    view = View.from_data_config(cfg.data)
+    backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
+    check_model_options(arch, backbone, size, "data.patch_size" if view.mode == "patch" else "data.image_size")
     pipeline = build_augmentation(cfg.augment.transforms)
     prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"))
     train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
@@ -223,12 +227,19 @@ def train_member(cfg: DictConfig) -> float:
         verbose = cfg.trainer.verbose
         if verbose == "auto":
             verbose = 1 if sys.stdout.isatty() else 2
+        if view.mode == "patch":
+            from segx.training.patches import PatchSampler, validation_patches
+
+            train_images, train_masks = PatchSampler(prepared.cases("train", view.scale), size, float(cfg.data.foreground_fraction)), None
+            val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
+        else:
+            train_images, train_masks, val_images, val_masks = train.images, train.masks, val.images, val.masks
         state = fit_member(
             model,
-            train.images,
-            train.masks,
-            val.images,
-            val.masks,
+            train_images,
+            train_masks,
+            val_images,
+            val_masks,
             SeededAugmenter(pipeline),
             backbone,
             folder,
@@ -240,42 +251,58 @@ def train_member(cfg: DictConfig) -> float:
             extra_callbacks=extra,
             log_fn=log_epoch,
             verbose=int(verbose),
+            samples_per_epoch=cfg.data.get("samples_per_epoch") if view.mode == "patch" else None,
         )
-        spec = {"arch": arch, "backbone": backbone, "image_size": size,
+        spec = {"arch": arch, "backbone": backbone, "image_size": size, "view": view.to_dict(),
                 "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
-        _log_outputs(client, run_id, model, spec, train, val, test, history)
+        spacing = pixel_spacing(cfg.data)
+        _log_outputs(client, run_id, model, spec, prepared, history, spacing)
         tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
         print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
         return float(state.best_dice)
 
 
-def _log_outputs(client, run_id, model, spec, train, val, test, history) -> None:
-    """Model, cached probabilities, final metrics and figures, as artifacts of the run."""
+def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> None:
+    """Model, cached probabilities, final metrics and figures, as artifacts of the run.
+
+    Validation and test cases are predicted whole, at each image's own size, the way the member
+    sees images (resized, or a sliding window over patches), and scored there against the
+    original masks: what the ensemble search reads and what ``segx.predict`` computes.
+    """
     from segx import models, tracking
-    from segx.ensembling.probs import cache_artifact, quantize, save_cached
+    from segx.data.ragged import Ragged
+    from segx.ensembling.probs import cache_artifact, save_cached
     from segx.evaluation import plots
     from segx.evaluation.metrics import case_metrics
+    from segx.inference.predictor import member_probs
+    from segx.inference.view import View
 
-    backbone = spec["backbone"]
+    backbone, view = spec["backbone"], View.from_dict(spec["view"])
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         models.save_member(model, tmp / "model", spec)
         tracking.log_artifact(client, run_id, tmp / "model", "model")
         final = {}
-        for role, part in (("val", val), ("test", test)):
-            if not part.stems:
+        for role in ("val", "test"):
+            cases = prepared.cases(role)
+            if not cases:
                 continue
             # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
             # threshold and post-processing on the probabilities segx.predict will compute.
-            by_mode = models.predict_probs_modes(model, part.images, backbone, models.TTA_MODES)
+            images = (np.asarray(c.image()) for c in cases)
+            by_mode = member_probs(model, backbone, view, images, models.TTA_MODES)
+            masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
+            previews = [np.asarray(c.image()) for c in cases[:4]]
+            stems = [c.stem for c in cases]
             for mode, mode_probs in by_mode.items():
-                save_cached(tmp / cache_artifact(role, mode), part.stems, quantize(mode_probs), part.masks, part.images[:8])
-            probs = quantize(by_mode["none"])  # the member's own metrics and figure: no TTA
-            scores = case_metrics(probs >= 128, part.masks, with_hd95=(role == "test"))
+                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews)
+            probs = by_mode["none"]  # the member's own metrics and figure: no TTA
+            pred = probs.like(probs.flat >= 128)
+            scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
             final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
             if role == "val":
                 plots.plot_cases(
-                    part.images, part.masks, {"prediction": probs >= 128}, part.stems,
+                    Ragged.from_list(previews, np.uint8), masks[: len(previews)], {"prediction": pred[: len(previews)]}, stems,
                     tmp / "plots" / "val_cases.png", {"prediction": scores["dice"]},
                 )
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")

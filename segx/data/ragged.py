@@ -1,0 +1,93 @@
+"""Per-case maps of different sizes in one flat array (numpy only).
+
+Scoring happens at each case's own size, so the probabilities and masks of a split are ragged:
+case ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` reshaped to ``shapes[i]``. One flat array
+(not a list of arrays) keeps combining members elementwise a single numpy operation and lets a
+cache be memory-mapped from one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+
+class Ragged:
+    """Cases ``(H_i, W_i[, C])`` stored as ``flat`` (sum of H_i * W_i rows[, C]) + ``shapes`` (N, 2)."""
+
+    def __init__(self, flat: np.ndarray, shapes: np.ndarray | Sequence[Sequence[int]]):
+        shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
+        sizes = shapes[:, 0] * shapes[:, 1]
+        offsets = np.zeros(len(shapes) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if len(flat) != offsets[-1]:
+            raise ValueError(f"flat array has {len(flat)} rows but the shapes need {offsets[-1]}")
+        self.flat, self.shapes, self.offsets = flat, shapes, offsets
+
+    @classmethod
+    def from_list(cls, arrays: Sequence[np.ndarray], dtype=None) -> Ragged:
+        """Concatenate (H_i, W_i[, C]) arrays (copied once)."""
+        arrays = [np.asarray(a, dtype) for a in arrays]
+        shapes = [a.shape[:2] for a in arrays]
+        tail = arrays[0].shape[2:] if arrays else ()
+        flat = np.concatenate([a.reshape(-1, *tail) for a in arrays]) if arrays else np.zeros((0, *tail), dtype or np.uint8)
+        return cls(flat, shapes)
+
+    @classmethod
+    def of(cls, cases) -> Ragged:
+        """``cases`` as is if ragged; an (N, H, W[, C]) array or a list of arrays otherwise."""
+        if isinstance(cases, Ragged):
+            return cases
+        if isinstance(cases, np.ndarray):
+            n, h, w = cases.shape[:3]
+            return cls(cases.reshape(n * h * w, *cases.shape[3:]), [(h, w)] * n)
+        return cls.from_list(list(cases))
+
+    def like(self, flat: np.ndarray) -> Ragged:
+        """Another map with the same case shapes (e.g. a mask computed from these probabilities)."""
+        return Ragged(flat, self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("ragged slices must be contiguous")
+            return Ragged(self.flat[self.offsets[start] : self.offsets[stop]], self.shapes[start:stop])
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        h, w = self.shapes[i]
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].reshape(int(h), int(w), *self.flat.shape[1:])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype=None) -> Ragged:
+        """Apply ``fn`` to every case (it must keep the case's height and width)."""
+        out = np.empty((len(self.flat), *self.flat.shape[1:]), dtype or self.flat.dtype)
+        result = Ragged(out, self.shapes)
+        for i, case in enumerate(self):
+            result[i][...] = fn(case)
+        return result
+
+    def case_index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """For rows ``offsets[start]:offsets[stop]``: the case each row belongs to."""
+        stop = len(self) if stop is None else stop
+        sizes = np.diff(self.offsets[start : stop + 1])
+        return np.repeat(np.arange(start, stop), sizes)
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.offsets[-1])
+
+    def same_shapes(self, other: Ragged) -> bool:
+        return np.array_equal(self.shapes, other.shapes)
+
+
+def per_case_count(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Number of true values of a flat boolean array within each case -> int64 (N,)."""
+    return np.array([np.count_nonzero(flags[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)], np.int64)
