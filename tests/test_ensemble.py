@@ -33,7 +33,8 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
 def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_store, synthetic_root, tmp_path):
     import mlflow
 
-    from segx.data.folder import discover_cases, load_cases
+    from segx.data.folder import discover_cases
+    from segx.data.io import read_image
     from segx.ensembling.probs import binarize, combine, load_cached
     from segx.inference.predictor import load_ensemble
     from segx.predict import run_predict
@@ -45,11 +46,11 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     # Rebuilt members reproduce the cached validation probabilities used in the search, exactly.
     cached = [load_cached(tracking.download(client, m["run_id"], "predictions/val.npz", tmp_path / m["run_id"]), tmp_path / m["run_id"]) for m in record["members"]]
     stems = cached[0].stems
-    data = load_cases([c for c in discover_cases(synthetic_root) if c.stem in stems], 64)
-    assert data.stems == stems
-    score, probs = predictor.score_model_size(data.images)
+    files = {c.stem: c.image for c in discover_cases(synthetic_root)}
+    images = [read_image(files[stem]) for stem in stems]  # at their own size, as a user gives them
+    score, probs = predictor.score(images)
     searched = binarize(combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"])
-    assert np.array_equal(binarize(score, record["threshold"]), searched)
+    assert np.array_equal(binarize(score, record["threshold"]).flat, searched.flat)
     # ... and so the recorded validation Dice, exactly.
     from segx.evaluation.metrics import dice_per_case
 

@@ -152,8 +152,8 @@ def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int =
         height, width = meta["shape"]
         if height * width > max_pixels:
             raise SegxError(
-                f"{shown(case.image)}: {width}x{height} pixels is more than data.max_pixels={max_pixels}; "
-                "raise data.max_pixels if the image is genuine"
+                f"{shown(case.image)}: header declares {width}x{height} pixels, over the limit of "
+                f"{max_pixels}; downscale the file or raise data.max_pixels"
             )
         return DecodedCase(case.stem, folder, (int(height), int(width)), (image_digest, mask_digest),
                            case.mask is not None, int(meta["foreground_pixels"]))  # fmt: skip
