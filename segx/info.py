@@ -29,6 +29,11 @@ def describe(client, run_id: str) -> str:
     if tags.get("segx.role") == "member":
         lines.append(f"  member: backbone {tags.get('segx.backbone')}  arch {tags.get('segx.arch')}  "
                      f"best val/dice {run.data.metrics.get('best/val_dice', float('nan')):.4f}")  # fmt: skip
+        if params:
+            from segx.ensembling.members import view_of
+            from segx.inference.view import View
+
+            lines.append(f"  sees images: {View.from_dict(view_of(params)).describe()}; scored at each image's own size")
     if tags.get("segx.role") == "ensemble":
         lines.append(f"  members: {tags.get('segx.members', '')}")
     if tags.get("segx.failure"):
@@ -37,7 +42,8 @@ def describe(client, run_id: str) -> str:
         lines.append(f"  command as typed: {tags['segx.command']}")
     if tags.get("segx.role") == "member" and params:
         sha = tags.get("segx.git_sha", "")
-        keys = ("data.kind", "data.root", "data.image_size", "data.split_seed", "data.val_fraction", "data.test_fraction",
+        keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
+                "data.split_seed", "data.val_fraction", "data.test_fraction",
                 "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
         overrides = [f"{k}={params[k]}" for k in keys if k in params]
         overrides.insert(0, f"data={params.get('data.kind', 'synthetic')}")

@@ -285,3 +285,21 @@ def test_sliding_window_memory_is_bounded_for_a_4096_image():
     assert out["none"].shape == (4096, 4096)
     assert count_windows(4096, 4096, 256, 0.5) == 31 * 31
     assert peak < 4 * full_map  # all 961 float32 windows alone would be 3.75 full maps more
+
+
+def test_post_processing_and_majority_vote_work_case_by_case_on_ragged_cases():
+    from segx.ensembling.search import majority_vote
+    from segx.inference.postprocess import PostProcess, apply, apply_one
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random(s) < 0.4 for s in [(30, 17), (8, 50), (21, 21)]]
+    post = PostProcess(min_size=5, fill_holes=True)
+    out = apply(Ragged.from_list(masks), post)
+    assert [tuple(s) for s in out.shapes] == [(30, 17), (8, 50), (21, 21)]
+    for got, mask in zip(out, masks, strict=True):
+        assert np.array_equal(got, apply_one(mask, post))
+    probs = [Ragged.from_list([rng.integers(0, 256, m.shape).astype(np.uint8) for m in masks]) for _ in range(3)]
+    votes = majority_vote(probs)
+    for i, mask in enumerate(masks):
+        expected = sum((p[i] >= 128).astype(int) for p in probs) >= 2
+        assert np.array_equal(votes[i], expected)

@@ -11,8 +11,22 @@ def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
     """The reference the benchmarks compare :func:`search_grid` with: the tutorial way, a loop
     over weight combinations that recomputes everything each time, at threshold 0.5.
 
-    probs_float: float (M, N, H, W) in [0, 1]; truth: bool (N, H, W). Returns (best mean Dice,
-    its weights, how many combinations were evaluated)."""
+    probs_float: float (M, N, H, W) in [0, 1] with truth bool (N, H, W); or, for cases of
+    different sizes, float (M, P) flat pixels with truth a :class:`segx.data.ragged.Ragged` of P
+    pixels. Returns (best mean Dice, its weights, how many combinations were evaluated)."""
+    from segx.data.ragged import Ragged
+
+    if isinstance(truth, Ragged):
+        starts = truth.offsets[:-1]
+        flat_truth = np.asarray(truth.flat, bool)
+
+        def case_sums(mask):
+            return np.add.reduceat(mask.astype(np.int64), starts)
+    else:
+        flat_truth = truth
+
+        def case_sums(mask):
+            return mask.sum(axis=(1, 2))
     n_members = probs_float.shape[0]
     best_dice, best_w = -1.0, None
     values = np.round(np.arange(0, 1 + step / 2, step), 10)
@@ -23,8 +37,8 @@ def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
         evaluated += 1
         avg = np.tensordot(np.array(w, np.float64), probs_float, axes=(0, 0))
         pred = avg >= 0.5
-        inter = (pred & truth).sum(axis=(1, 2))
-        denom = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+        inter = case_sums(pred & flat_truth)
+        denom = case_sums(pred) + case_sums(flat_truth)
         dice = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean()
         if dice > best_dice:
             best_dice, best_w = float(dice), w

@@ -43,7 +43,11 @@ def write_report(results: Path, profile) -> None:
     acc = load("accuracy")
     if acc:
         lines += ["## 1. Accuracy (test split, never seen by training or the search)", "",
-                  f"Input {acc['image_size']}x{acc['image_size']} (resized), random init (no pretraining), "
+                  f"Input {acc['image_size']}x{acc['image_size']} (resized), "
+                  + ("scored at each image's own size against the original masks, "
+                     if acc.get("scored_at") == "original size" else
+                     f"scored at the {acc['image_size']} px square against resized masks (segx 0.1), ")
+                  + "random init (no pretraining), "
                   "`augment=strong`, split 70/15/15 stratified by appearance (`data.split_seed=0`). "
                   f"Ensemble: weights {acc['weights']}, threshold {acc['threshold']}, chosen '{acc['chosen']}', "
                   f"post-processing {acc['postprocess']}; ensemble run `{acc['ensemble_run_id']}`.", "",

@@ -183,6 +183,7 @@ class Study:
             "threshold": record["threshold"], "postprocess": record["postprocess"],
             "chosen": record["search"]["chosen"], "val_table": val.to_dict(orient="records"),
             "test_table": table, "image_size": int(self.profile.image_size), "data_root": str(data_root),
+            "scored_at": "original size",
         }  # fmt: skip
 
     def forced_postprocess(self, client, record: dict, folder: Path) -> pd.DataFrame:
@@ -404,7 +405,7 @@ class Study:
             cached.append(load_cached(tracking.download(client, m["run_id"], "predictions/val.npz", folder), folder))
         probs, truth = [c.probs for c in cached], cached[0].masks
         thresholds = [round(0.3 + 0.05 * i, 2) for i in range(9)]
-        out = {"cases": len(truth), "size": int(truth.shape[-1]), "members": len(probs)}
+        out = {"cases": len(truth), "pixels": truth.n_pixels, "members": len(probs)}
         t0 = time.perf_counter()
         data = search.compact(probs, truth, thresholds)
         out["compact_s"] = time.perf_counter() - t0
@@ -416,7 +417,7 @@ class Study:
             out[f"{name}_s"] = time.perf_counter() - t0 + out["compact_s"]
             out[f"{name}_dice"] = result.best.val_dice
         t0 = time.perf_counter()
-        dice, _, combos = naive_grid(np.stack([np.asarray(p, np.float32) / 255 for p in probs]), truth)
+        dice, _, combos = naive_grid(np.stack([np.asarray(p.flat, np.float32) / 255 for p in probs]), truth)
         out["naive_s"], out["naive_dice"], out["naive_combos"] = time.perf_counter() - t0, dice, combos
         out["speedup_greedy"] = out["naive_s"] / out["greedy_s"]
         out["speedup_grid"] = out["naive_s"] / out["grid_s"]
