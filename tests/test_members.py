@@ -50,7 +50,7 @@ def test_each_disagreement_is_refused_naming_both_runs(other, message):
 
 def test_same_cases_with_other_ground_truth_are_refused():
     flipped = cached()
-    flipped.masks[:] = ~flipped.masks
+    flipped.masks.flat[:] = ~flipped.masks.flat
     with pytest.raises(SegxError, match=r"members r1 and r2 disagree on validation ground truth"):
         check_compatible([member("r1"), member("r2", val=flipped)])
 

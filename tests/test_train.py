@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -63,8 +65,13 @@ def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, 
     folder = tracking.download_member_model(client, run_id, tmp_path / "m")
     cached = load_cached(tracking.download(client, run_id, "predictions/test.npz", tmp_path), tmp_path)
     model = load_member(folder)
-    probs = quantize(predict_probs(model, cached.previews, "resnet18"))
-    assert np.array_equal(probs, cached.probs[: len(cached.previews)])
+    # The cache holds each test image at its own size: resized in, upsampled back, quantised.
+    from segx.inference.predictor import member_probs
+    from segx.inference.view import View
+
+    view = View.from_dict(json.loads((folder / "spec.json").read_text())["view"])
+    probs = member_probs(model, "resnet18", view, list(cached.previews), ("none",))["none"]
+    assert len(cached.previews) and np.array_equal(probs.flat, cached.probs[: len(cached.previews)].flat)
     keras_file = tracking.download(client, run_id, "model/model.keras", tmp_path / "k")
     assert load_keras_model(keras_file).count_params() == model.count_params()
     assert load_augmentation(tracking.download(client, run_id, "augmentation.json", tmp_path)).transforms
