@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from segx import cli
 from segx.config import SEARCH_METHODS, TTA_MODES, require_choice, require_float, require_int
 from segx.ensembling.choose import SearchSettings, run_search
-from segx.ensembling.members import check_compatible, member_from_run, select_runs
+from segx.ensembling.members import check_compatible, load_member, select_runs
 from segx.ensembling.record import make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
+    honest_gain,
     plot_ensemble,
     print_report,
     score_test_split,
@@ -43,6 +44,9 @@ def validate_config(cfg: DictConfig) -> None:
     require_float(cfg, "ensemble.tolerance", 0.0, 1.0)
     require_float(cfg, "ensemble.grid_step", 0.0, 1.0, high_open=False)
     require_int(cfg, "ensemble.greedy_steps", 1)
+    require_int(cfg, "ensemble.bootstrap", 100)
+    if not isinstance(cfg.ensemble.allow_incomplete_cv, bool):
+        raise SegxError(f"ensemble.allow_incomplete_cv={cfg.ensemble.allow_incomplete_cv!r} must be true or false")
     if e.threshold is not None:
         require_float(cfg, "ensemble.threshold", 0.0, 1.0, high_open=False)
     else:
@@ -112,7 +116,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     runs = select_runs(client, experiment, str(cfg.mlflow.experiment_name), str(e.select),
                        [str(r) for r in e.run_ids or []], [str(b) for b in e.members or []], e.data_fingerprint)  # fmt: skip
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
-    members = [member_from_run(client, run, cache, str(e.tta)) for run in runs]
+    members = [load_member(client, run, cache, str(e.tta), bool(e.get("allow_incomplete_cv", False))) for run in runs]
     check_compatible(members)
     if any(m.test is None for m in members):
         raise SegxError(f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain")
@@ -122,6 +126,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"], members[0].pixel_spacing)
     summary = summarise(per_case)
     validation = val_table(members, found)
+    gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
 
     run_name = cfg.mlflow.run_name or f"ensemble-{cfg.ensemble.search}-{len(members)}m"
     from segx.tracking.provenance import command_line, provenance_tags
@@ -158,12 +163,17 @@ def build_ensemble(cfg: DictConfig) -> dict:
             metrics[f"test/{key}/iou"] = row["iou_mean"]
             metrics[f"test/{key}/hd95"] = row["hd95_mean"]
         metrics["test/dice"] = summary.loc["ensemble", "dice_mean"]
+        metrics.update({"test/gain_vs_best_member": gain["diff"], "test/gain_ci_low": gain["low"],
+                        "test/gain_ci_high": gain["high"], "selection/optimism": gain["ensemble_optimism"],
+                        "selection/best_member_optimism": gain["best_member_optimism"]})  # fmt: skip
+        pd.DataFrame([gain]).to_csv(tmp / "tables" / "gain.csv", index=False)
+        tracking.log_artifact(client, run_id, tmp / "tables" / "gain.csv", "tables")
         tracking.log_metrics(client, run_id, metrics)
         from segx.tracking.pyfunc_model import log_pyfunc
 
         log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
     record["run_id"] = run_id
-    print_report(record, members, validation, summary, found)
+    print_report(record, members, validation, summary, found, gain)
     return record
 
 

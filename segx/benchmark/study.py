@@ -190,11 +190,11 @@ class Study:
         """Test rows for the ensemble with the best post-processing other than none, as chosen on
         validation, applied even if validation rejected it: post-processing on vs off."""
         from segx.ensembling.choose import choose_postprocess
-        from segx.ensembling.members import member_from_run
+        from segx.ensembling.members import load_member
         from segx.ensembling.record import record_weights
         from segx.evaluation.report import score_test_split
 
-        members = [member_from_run(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
+        members = [load_member(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
                    for m in record["members"]]  # fmt: skip
         weights = record_weights(record)  # the exact counts, as prediction uses them
         _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)

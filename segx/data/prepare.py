@@ -18,7 +18,11 @@ from segx.config import require_choice, require_float, require_int
 from segx.data.decoded import DecodedCase, decode_cases
 from segx.data.folder import Dataset, discover_cases, to_model_size
 from segx.data.split import (
+    CV_TAGS,
     FINGERPRINT_TAGS,
+    cv_fingerprint,
+    fold_split,
+    load_or_create_folds,
     default_split_path,
     fingerprint_parts,
     load_or_create_split,
@@ -36,6 +40,7 @@ class Prepared:
     split_path: Path
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
     decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
+    cv_tags: dict[str, str] = field(default_factory=dict)  # cross-validation: layout fingerprint, fold, folds
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
@@ -48,7 +53,7 @@ class Prepared:
     def fingerprint_tags(self) -> dict[str, str]:
         """MLflow tags of a member: the fingerprint and its parts, so mismatches can be explained."""
         parts = self.fingerprint_parts or {"data": self.fingerprint}
-        return {FINGERPRINT_TAGS[k]: v for k, v in parts.items()}
+        return {**{FINGERPRINT_TAGS[k]: v for k, v in parts.items()}, **self.cv_tags}
 
 
 def validate_data_config(data: DictConfig) -> None:
@@ -151,8 +156,24 @@ def read_groups(csv_path: str, column: str) -> dict[str, str]:
         return {row["stem"]: row[column] for row in reader}
 
 
-def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None) -> Prepared:
+def check_fold(data: DictConfig, fold) -> None:
+    """``fold`` against ``data.folds``, before anything is read."""
+    folds = data.get("folds")
+    if folds is None:
+        if fold is not None:
+            raise SegxError(f"fold={fold} but data.folds is null; set data.folds=K (e.g. 5) to cross-validate, or drop fold")
+        return
+    require_int(data, "folds", 2, prefix="data.")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise SegxError(
+            f"fold={fold!r} is not one of 0..{folds - 1} (data.folds={folds}); train one with fold=0 or "
+            f"all with -m fold={','.join(map(str, range(folds)))}"
+        )
+
+
+def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None, fold: int | None = None) -> Prepared:
     validate_data_config(data)
+    check_fold(data, fold)
     root = Path(str(data.root))
     if data.kind == "synthetic":
         generate(root, int(data.n_images), int(data.source_size), int(data.generator_seed))
@@ -173,26 +194,38 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None)
     stems = [c.stem for c in cases]
     test_stems = [c.stem for c in test_cases] or None
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
+    folds = data.get("folds")
+    name = str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data"
     split_path = Path(data.split_file) if data.split_file else default_split_path(
         Path(output_dir) / "splits",
-        str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data",
+        f"{name}-cv{folds}" if folds else name,
         stems,
-        float(data.val_fraction),
+        -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
         float(data.test_fraction),
         int(data.split_seed),
         test_stems,
         data.stratify_column if groups else None,
     )
-    split = load_or_create_split(
-        split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
-    )
+    layout = None
+    if folds:
+        layout = load_or_create_folds(
+            split_path, stems, int(folds), float(data.test_fraction), int(data.split_seed), test_stems, groups
+        )
+        split = fold_split(layout, int(fold))
+    else:
+        split = load_or_create_split(
+            split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
+        )
     warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
     # How a member sees the images (size, mode, scale) is not part of the data: members are
     # scored at each image's own size, so members that see the data differently still combine.
     parts = fingerprint_parts(
         split, None, dict(zip(dataset.stems, dataset.digests, strict=True)), None, float(data.mask_threshold)
     )
-    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded})
+    cv = {}
+    if layout is not None:
+        cv = {CV_TAGS["cv"]: cv_fingerprint(layout, parts), CV_TAGS["fold"]: str(fold), CV_TAGS["folds"]: str(folds)}
+    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv)
 
 
 def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig) -> Dataset:

@@ -24,6 +24,9 @@ FINGERPRINT_TAGS = {
     "masks": "segx.masks_fingerprint",  # bytes of their mask files
     "settings": "segx.data_settings",  # how files become model inputs (plain text)
 }
+# Cross-validation: the fold layout (test cases + every fold) and everything else but the fold,
+# shared by the K fold runs of every configuration trained on that layout.
+CV_TAGS = {"cv": "segx.cv_fingerprint", "fold": "segx.fold", "folds": "segx.folds"}
 
 
 def _hash(payload: object) -> str:
@@ -187,3 +190,96 @@ def default_split_path(
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(folder) / f"{name}-seed{seed}-{digest}.json"
+
+
+def make_folds(
+    stems: Sequence[str],
+    folds: int,
+    test_fraction: float,
+    seed: int,
+    test_stems: Sequence[str] | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> dict:
+    """A fixed test set plus ``folds`` disjoint folds of the remaining cases, stratified by
+    ``groups`` when given (each stratum is shuffled, its test share taken first, the rest dealt
+    round-robin so every fold gets its share of every stratum, as sklearn's StratifiedKFold).
+
+    Returns ``{"test": [...], "folds": [[...], ...]}``, each list sorted.
+    """
+    if not 0 <= test_fraction < 1:
+        raise SegxError(f"data.test_fraction={test_fraction} is out of range; use a fraction in [0, 1)")
+    rng = np.random.default_rng(seed)
+    strata: dict[str, list[str]] = {}
+    for stem in sorted(stems):
+        strata.setdefault(groups.get(stem, "") if groups else "", []).append(stem)
+    test: list[str] = []
+    out: list[list[str]] = [[] for _ in range(folds)]
+    start = 0
+    for name in sorted(strata):
+        members = strata[name]
+        order = [members[i] for i in rng.permutation(len(members))]
+        n_test = 0 if test_stems is not None else int(round(len(order) * test_fraction))
+        test += order[:n_test]
+        rest = order[n_test:]
+        if len(rest) < folds:
+            where = f"stratum '{name}' of data.stratify_column" if name else "the data"
+            raise SegxError(
+                f"data.folds={folds} is more than the {len(rest)} non-test cases of {where}; "
+                f"use data.folds <= {max(2, len(rest))} or add data"
+            )
+        for i, stem in enumerate(rest):
+            out[(start + i) % folds].append(stem)
+        start = (start + len(rest)) % folds  # the next stratum continues where this one ended
+    if test_stems is not None:
+        test = list(test_stems)
+    return {"test": sorted(test), "folds": [sorted(f) for f in out]}
+
+
+def fold_split(layout: Mapping, fold: int) -> dict[str, list[str]]:
+    """The train/val/test split of ``fold``: validate on fold ``fold``, train on the others."""
+    folds = layout["folds"]
+    train = sorted(s for i, f in enumerate(folds) if i != fold for s in f)
+    return {"train": train, "val": list(folds[fold]), "test": list(layout["test"])}
+
+
+def cv_fingerprint(layout: Mapping, parts: Mapping[str, str]) -> str:
+    """What every fold of every configuration on one layout shares: the layout itself, the file
+    contents and the reading settings (not which fold is held out)."""
+    return _hash({"test": list(layout["test"]), "folds": [list(f) for f in layout["folds"]],
+                  "images": parts.get("images", ""), "masks": parts.get("masks", ""),
+                  "settings": parts.get("settings", "")})  # fmt: skip
+
+
+def load_or_create_folds(
+    path: str | os.PathLike,
+    stems: Sequence[str],
+    folds: int,
+    test_fraction: float,
+    seed: int,
+    test_stems: Sequence[str] | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> dict:
+    """Read the fold layout at ``path``; create it first if missing. Never rewritten."""
+    path = Path(path)
+    if path.exists():
+        try:
+            layout = json.loads(path.read_text())
+            layout = {"test": list(layout["test"]), "folds": [list(f) for f in layout["folds"]]}
+        except (ValueError, KeyError, TypeError):
+            raise SegxError(f"{path}: not a valid fold file (needs test and folds lists); delete it to create a new one") from None
+        if len(layout["folds"]) != folds:
+            raise SegxError(
+                f"{path}: holds {len(layout['folds'])} folds but data.folds={folds}; set data.folds="
+                f"{len(layout['folds'])} or point data.split_file elsewhere"
+            )
+        known = set(stems) | set(test_stems or ())
+        unknown = [s for f in [layout["test"], *layout["folds"]] for s in f if s not in known]
+        if unknown:
+            raise SegxError(f"{path}: names case '{unknown[0]}' that is not in the data folder; point data.split_file elsewhere or delete it")
+        return layout
+    layout = make_folds(stems, folds, test_fraction, seed, test_stems, groups)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(layout, indent=1))
+    os.replace(tmp, path)
+    return layout

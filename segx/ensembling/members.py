@@ -25,10 +25,90 @@ class Member:
     # split / images / masks / settings parts of the fingerprint (empty for runs of older segx)
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
     pixel_spacing: float | tuple[float, float] | None = None  # data.pixel_spacing: HD95 units
+    # A cross-validated member: run_id is the parent run, folds its fold runs (fold order); val is
+    # then out-of-fold (every training case from the fold model that did not see it) and test
+    # the mean of the fold models. Empty for a single-split member.
+    folds: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         return f"{self.backbone}-{self.arch}"
+
+
+def load_member(client, run, workdir: Path, tta: str = "none", allow_incomplete_cv: bool = False) -> Member:
+    """A single-split member run or a cross-validated configuration (its parent run)."""
+    from segx import tracking
+    from segx.tracking import cv
+
+    if run.data.tags.get(tracking.ROLE) == cv.ROLE_CV:
+        return cv_member_from_run(client, run, workdir, tta, allow_incomplete_cv)
+    return member_from_run(client, run, workdir, tta)
+
+
+def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_incomplete: bool = False) -> Member:
+    """A cross-validated configuration as one member: out-of-fold validation probabilities
+    assembled from its fold runs' cached validation maps, test probabilities the fold mean."""
+    from segx.ensembling.probs import fold_mean
+    from segx.tracking import cv
+
+    folds = int(parent.data.tags.get("segx.folds", 0))
+    runs = cv.fold_runs(client, parent.info.experiment_id, parent.info.run_id, folds)
+    missing = [f for f in range(folds) if f not in runs]
+    if missing and (not allow_incomplete or not runs):
+        command = next((r.data.tags.get("segx.command", "") for r in runs.values()), "") or parent.data.tags.get("segx.command", "python -m segx.train ...")
+        raise cv.missing_folds_error(parent, missing, command)
+    if missing:
+        import sys
+
+        print(f"segx: warning: cross-validated member {parent.info.run_id} uses folds "
+              f"{sorted(runs)} only (missing {missing}; ensemble.allow_incomplete_cv=true)", file=sys.stderr, flush=True)  # fmt: skip
+    singles = [member_from_run(client, runs[f], workdir, tta) for f in sorted(runs)]
+    ref = singles[0]
+    for f, m in zip(sorted(runs), singles, strict=True):
+        if (m.backbone, m.arch, m.view) != (ref.backbone, ref.arch, ref.view):
+            raise SegxError(
+                f"cross-validated member {parent.info.run_id}: fold run {m.run_id} (fold {f}: {m.label}, {m.view}) "
+                f"differs from fold run {ref.run_id} ({ref.label}, {ref.view}); retrain that fold with the others' config"
+            )
+        if m.test is None or m.test.stems != ref.test.stems:
+            raise SegxError(f"cross-validated member {parent.info.run_id}: fold run {m.run_id} has other test cases; retrain it on the same fold file")
+    val = assemble_out_of_fold([m.val for m in singles], workdir / parent.info.run_id / f"oof_{tta}.npy")
+    test = type(ref.test)(ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews)
+    cv_fp = runs[sorted(runs)[0]].data.tags.get("segx.cv_fingerprint", "")
+    return Member(
+        run_id=parent.info.run_id, backbone=ref.backbone, arch=ref.arch, fingerprint=cv_fp, view=ref.view,
+        val=val, test=test, pixel_spacing=ref.pixel_spacing,
+        fingerprint_parts={**ref.fingerprint_parts, "split": cv_fp, "data": cv_fp},
+        folds=[runs[f].info.run_id for f in sorted(runs)],
+    )  # fmt: skip
+
+
+def assemble_out_of_fold(fold_vals: Sequence, path: Path):
+    """Every fold's validation cases as one cache in stem order, written to ``path`` and
+    memory-mapped (the whole training set can be larger than memory)."""
+    from segx.data.ragged import Ragged
+    from segx.ensembling.probs import Cached
+
+    where = {}
+    for k, cached in enumerate(fold_vals):
+        for i, stem in enumerate(cached.stems):
+            if stem in where:
+                raise SegxError(f"case '{stem}' is in the validation fold of two fold runs; the fold layouts differ: retrain on one fold file")
+            where[stem] = (k, i)
+    stems = sorted(where)
+    shapes = np.array([fold_vals[where[s][0]].probs.shapes[where[s][1]] for s in stems], np.int64).reshape(-1, 2)
+    n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probs = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_pixels,))
+    masks = np.zeros(n_pixels, bool)
+    out_probs, out_masks = Ragged(probs, shapes), Ragged(masks, shapes)
+    for j, stem in enumerate(stems):
+        k, i = where[stem]
+        out_probs[j][...] = fold_vals[k].probs[i]
+        out_masks[j][...] = fold_vals[k].masks[i]
+    probs.flush()
+    previews = fold_vals[0].previews
+    return Cached(stems, out_probs, out_masks, previews)
 
 
 def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
@@ -87,13 +167,29 @@ def view_of(params: dict) -> dict:
             "resize_mode": params.get("data.resize_mode", "resize"), "scale": 1.0, "overlap": 0.5}  # fmt: skip
 
 
+def _configuration(client, run, named: bool = False):
+    """The run an ensemble member stands for: a fold run stands for its cross-validated
+    configuration (the parent run); a run named by ID must be that parent, not one fold."""
+    from segx.tracking import cv
+
+    parent = run.data.tags.get(cv.PARENT_TAG)
+    if not parent:
+        return run
+    if named:
+        raise SegxError(
+            f"run '{run.info.run_id}' is fold {run.data.tags.get('segx.fold')} of the cross-validated configuration "
+            f"{parent}; give the parent run ID {parent} (the ensemble uses all its folds)"
+        )
+    return client.get_run(parent)
+
+
 def _skip_reason(run, fingerprint: str | None) -> str | None:
     """Why ``run`` cannot be a member now (None: it can); one of a few kinds, for the report."""
     if run.info.lifecycle_stage == "deleted":
         return "deleted"
     if run.info.status != "FINISHED":
         return f"not FINISHED: {run.info.status}"
-    if fingerprint and run.data.tags.get("segx.data_fingerprint") != fingerprint:
+    if fingerprint and fingerprint not in (run.data.tags.get("segx.data_fingerprint"), run.data.tags.get("segx.cv_fingerprint")):
         return f"data fingerprint is not {fingerprint}"
     return None
 
@@ -150,7 +246,7 @@ def select_runs(
 
     name = experiment_name
     if select == "list" and run_ids:
-        return [tracking.get_run(client, str(r)) for r in run_ids]
+        return [_configuration(client, tracking.get_run(client, str(r)), named=True) for r in run_ids]
     runs = tracking.find_runs(client, experiment, "member", status=None, deleted=True)
     usable = [r for r in runs if _skip_reason(r, None) is None]
     fingerprint = data_fingerprint
@@ -158,7 +254,9 @@ def select_runs(
     if select == "auto":
         if not usable:
             raise SegxError(f"no finished member runs in experiment '{name}'; train some first")
-        fingerprint = fingerprint or usable[0].data.tags.get("segx.data_fingerprint")
+        # Fold runs compare by their fold layout: each fold has its own split, hence data fingerprint.
+        first = usable[0].data.tags
+        fingerprint = fingerprint or first.get("segx.cv_fingerprint") or first.get("segx.data_fingerprint")
         chosen, seen = [], set()
         for run in runs:  # newest first: one run per (backbone, arch)
             reason = _skip_reason(run, fingerprint)
@@ -167,7 +265,7 @@ def select_runs(
                 continue
             key = (run.data.tags.get("segx.backbone"), run.data.tags.get("segx.arch"))
             if key not in seen:
-                chosen.append(run)
+                chosen.append(_configuration(client, run))
                 seen.add(key)
         if not chosen:
             raise SegxError(
@@ -200,7 +298,7 @@ def select_runs(
             )
         for reason, ids in passed.items():
             skipped.setdefault(reason, []).extend(ids)
-        chosen.append(pick)
+        chosen.append(_configuration(client, pick))
     _report_skipped(skipped)
     return chosen
 
@@ -250,6 +348,13 @@ def check_compatible(members: list[Member]) -> None:
         raise SegxError(f"member run '{next(i for i in ids if ids.count(i) > 1)}' is listed twice; list each run once")
     ref = members[0]
     for m in members[1:]:
+        if bool(m.folds) != bool(ref.folds):
+            cvm, single = (m, ref) if m.folds else (ref, m)
+            raise SegxError(
+                f"member {cvm.run_id} ({cvm.label}) is cross-validated and {single.run_id} ({single.label}) is not: "
+                "their validation cases differ (out-of-fold vs one split); train every member with the same "
+                "data.folds, or give only single-split members"
+            )
         if m.fingerprint != ref.fingerprint:
             raise SegxError(
                 f"members {ref.run_id} ({ref.label}) and {m.run_id} ({m.label}) were trained on "

@@ -191,6 +191,19 @@ def binarize(score: Score, threshold: float):
     return score.values >= cut(threshold, score.denominator)
 
 
+def fold_mean(fold_probs: Sequence[Ragged]) -> Ragged:
+    """A cross-validated member's probability: the mean of its K fold models' uint8
+    probabilities, rounded half up in integers (``(sum + K // 2) // K``), so the cached test maps
+    and the predictor's maps are the same integers."""
+    k = len(fold_probs)
+    total = np.zeros(fold_probs[0].flat.shape, np.int32)
+    for probs in fold_probs:
+        if not probs.same_shapes(fold_probs[0]):
+            raise ValueError("fold models' probabilities differ in case sizes")
+        total += probs.flat
+    return fold_probs[0].like(((total + k // 2) // k).astype(np.uint8))
+
+
 def cache_artifact(role: str, tta: str = "none") -> str:
     """Artifact path of a member's cached ``role`` ('val' or 'test') probabilities under ``tta``:
     ``predictions/val.npz`` (no TTA), ``predictions/val_tta-flip.npz`` (flip TTA), ..."""

@@ -58,6 +58,9 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
             raise SegxError(f"{where}: members[{i}] needs 'run_id', 'backbone' and 'weight'")
         if version >= 3:
             _validate_view(m.get("view"), f"{where}: members[{i}].view")
+        folds = m.get("folds")
+        if folds is not None and (not isinstance(folds, list) or not folds or not all(isinstance(f, str) and f for f in folds)):
+            raise SegxError(f"{where}: members[{i}].folds={folds!r} must list the fold run IDs of a cross-validated member")
         w = m.get("weight")
         if not _is_number(w) or w < 0:
             raise SegxError(f"{where}: members[{i}].weight={w!r} must be a non-negative number")
@@ -151,7 +154,8 @@ def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance
         "data_fingerprint": members[0].fingerprint,
         "scored_at": "original size",
         "members": [
-            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model", "view": dict(m.view)}
+            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model", "view": dict(m.view),
+             **({"folds": list(m.folds)} if m.folds else {})}
             for m, w in zip(members, per_member, strict=True)
         ],
         **weight_total,

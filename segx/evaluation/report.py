@@ -44,6 +44,43 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     return pd.DataFrame(rows), preds
 
 
+def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap over cases of mean(a) - mean(b) (a, b: per-case scores of two methods on
+    the same cases): the observed difference, a 95% percentile interval, and the share of
+    resamples in which a did not beat b."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or not len(a):
+        raise ValueError("paired scores of equal, non-zero length")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 500):  # 500 resamples at a time bounds memory on big test sets
+        stop = min(resamples, start + 500)
+        means[start:stop] = diff[rng.integers(0, len(diff), (stop - start, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(diff.mean()), "low": float(low), "high": float(high),
+            "p_not_better": float(np.mean(means <= 0)), "resamples": int(resamples), "cases": len(diff)}  # fmt: skip
+
+
+def honest_gain(per_case: pd.DataFrame, members: list[Member], found: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Is the ensemble worth its cost? The paired bootstrap of test Dice, ensemble minus the best
+    single member (best on validation, as a user would pick it without the ensemble), and the
+    selection optimism of both (validation Dice of the choice minus its test Dice)."""
+    member_rows = [b for b in found["baselines"] if b.name.startswith("member:")]
+    best = max(member_rows, key=lambda b: b.val_dice)
+    dice = per_case.pivot_table(index="stem", columns="method", values="dice", sort=False)
+    test_ensemble, test_best = dice["ensemble"], dice[best.name]
+    out = paired_bootstrap(test_ensemble.to_numpy(), test_best.to_numpy(), resamples, seed)
+    # The best member's own threshold-0.5 test Dice against its best validation Dice.
+    return {**out, "best_member": best.name, "best_member_val_dice": best.val_dice,
+            "best_member_test_dice": float(test_best.mean()), "ensemble_val_dice": found["val_dice"],
+            "ensemble_test_dice": float(test_ensemble.mean()),
+            "ensemble_optimism": found["val_dice"] - float(test_ensemble.mean()),
+            "best_member_optimism": best.val_dice - float(test_best.mean())}  # fmt: skip
+
+
 def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
     order = list(dict.fromkeys(per_case["method"]))
     g = per_case.groupby("method", sort=False)
@@ -96,7 +133,7 @@ def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict,
                    folder / "test_cases.png", scores, n=k)
 
 
-def print_report(record, members, val_table, summary, found) -> None:
+def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:
     pd.set_option("display.width", 140)
     weights = ", ".join(f"{m.label}={w:.3f}" for m, w in zip(members, found["weights"], strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
@@ -105,4 +142,13 @@ def print_report(record, members, val_table, summary, found) -> None:
           f"post-processing: {found['postprocess'].describe()}  (search {found['search_seconds']:.2f}s)")
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    if gain:
+        verdict = ("the gain is real (the whole interval is above zero)" if gain["low"] > 0 else
+                   "the ensemble is worse (the whole interval is below zero)" if gain["high"] < 0 else
+                   "not shown to be better: the interval includes zero")  # fmt: skip
+        print(f"\nEnsemble minus best member ({gain['best_member']}, best on validation), test Dice: "
+              f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
+              f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}.")
+        print(f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
+              f"best member {gain['best_member_optimism']:+.4f}")
     print(f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict ensemble_run_id={record['run_id']} input_dir=... output_dir=...)", flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from segx.data.ragged import Ragged
-from segx.ensembling.probs import Score, binarize, combine, quantize
+from segx.ensembling.probs import Score, binarize, combine, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
 from segx.inference.postprocess import PostProcess, apply
@@ -48,7 +48,11 @@ def member_probs(model, backbone: str, view: View, images: Sequence[np.ndarray],
 
 
 class EnsemblePredictor:
-    def __init__(self, record: dict, model_paths: Sequence[str | os.PathLike], tta: str | None = None):
+    """``model_paths``: per member, its model folder, or a list of folders (one per fold) for a
+    cross-validated member, which predicts as the integer-rounded mean of its fold models
+    (:func:`segx.ensembling.probs.fold_mean`), as its cached test probabilities were computed."""
+
+    def __init__(self, record: dict, model_paths: Sequence, tta: str | None = None):
         self.record = validate_record(record)
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
@@ -59,14 +63,22 @@ class EnsemblePredictor:
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
         # Members with weight 0 cannot change the output: skip loading and running them.
-        self.models = [load_member(p) if k > 0 else None for p, k in zip(model_paths, self.weights.counts, strict=True)]
+        self.models = [
+            None if k == 0 else [load_member(f) for f in p] if isinstance(p, (list, tuple)) else load_member(p)
+            for p, k in zip(model_paths, self.weights.counts, strict=True)
+        ]
 
     def member_probs(self, images: Sequence[np.ndarray]) -> list[Ragged | None]:
         """uint8 probabilities per member at each image's own size (None for weight 0)."""
-        return [
-            None if model is None else member_probs(model, m["backbone"], view, images, (self.tta,))[self.tta]
-            for model, m, view in zip(self.models, self.members, self.views, strict=True)
-        ]
+        out = []
+        for model, m, view in zip(self.models, self.members, self.views, strict=True):
+            if model is None:
+                out.append(None)
+            elif isinstance(model, list):
+                out.append(fold_mean([member_probs(f, m["backbone"], view, images, (self.tta,))[self.tta] for f in model]))
+            else:
+                out.append(member_probs(model, m["backbone"], view, images, (self.tta,))[self.tta])
+        return out
 
     def score(self, images: Sequence[np.ndarray]) -> tuple[Score, list]:
         """Exact ensemble score (ragged, :class:`segx.ensembling.probs.Score`) and the member probabilities."""
@@ -108,9 +120,15 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
     model_paths = []
     for i, member in enumerate(record["members"]):
         tracking.get_run(client, member["run_id"])  # exists, not deleted, FINISHED
-        model_paths.append(
-            tracking.download_member_model(client, member["run_id"], workdir / f"m{i}", member.get("model_artifact", "model"))
-        )
+        artifact = member.get("model_artifact", "model")
+        if member.get("folds"):  # a cross-validated member: every fold model
+            paths = []
+            for k, fold_run in enumerate(member["folds"]):
+                tracking.get_run(client, fold_run)
+                paths.append(tracking.download_member_model(client, fold_run, workdir / f"m{i}" / f"fold{k}", artifact))
+            model_paths.append(paths)
+        else:
+            model_paths.append(tracking.download_member_model(client, member["run_id"], workdir / f"m{i}", artifact))
     recorded = record.get("tta", "none")
     if tta not in (None, recorded):
         # Weights, threshold and post-processing were chosen on the recorded pipeline's

@@ -28,7 +28,11 @@ try:
 
             with open(context.artifacts["record"]) as fh:
                 record = json.load(fh)
-            paths = [context.artifacts[f"member{i}"] for i in range(len(record["members"]))]
+            paths = [
+                [context.artifacts[f"member{i}_fold{k}"] for k in range(len(m["folds"]))] if m.get("folds")
+                else context.artifacts[f"member{i}"]
+                for i, m in enumerate(record["members"])
+            ]  # fmt: skip
             self.predictor = EnsemblePredictor(record, paths)
 
         def predict(self, context, model_input, params=None):
@@ -56,9 +60,12 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
     artifacts = {"record": str(tmp / "ensemble.json")}
     for i, member in enumerate(record["members"]):
-        artifacts[f"member{i}"] = str(
-            tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", member.get("model_artifact", "model"))
-        )
+        artifact = member.get("model_artifact", "model")
+        if member.get("folds"):  # a cross-validated member travels as all its fold models
+            for k, fold_run in enumerate(member["folds"]):
+                artifacts[f"member{i}_fold{k}"] = str(tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact))
+        else:
+            artifacts[f"member{i}"] = str(tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact))
     versions = package_versions()
     requirements = [f"{name}=={versions[name]}" for name in (
         "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",

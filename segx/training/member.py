@@ -48,9 +48,10 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.verbose != "auto":
         require_int(cfg, "trainer.verbose", 0, 2)
     require_choice(cfg, "arch.name", ARCHS)
-    from segx.data.prepare import validate_data_config
+    from segx.data.prepare import check_fold, validate_data_config
 
     validate_data_config(cfg.data)
+    check_fold(cfg.data, cfg.get("fold"))
     # The same nodes train_member builds (the optimizer after the run is created), and no
     # `_target_` anywhere else: nothing would build it there.
     if cfg.trainer.optimizer is None:
@@ -66,10 +67,11 @@ def validate_config(cfg: DictConfig) -> None:
         look_up_option(str(key), LOSSES, "loss", "trainer.loss")
 
 
-def config_identity(cfg: DictConfig) -> str:
-    """Hash of everything that determines the trained member (for resume=auto)."""
+def config_identity(cfg: DictConfig, without: tuple[str, ...] = ()) -> str:
+    """Hash of everything that determines the trained member (for resume=auto); ``without``
+    leaves more keys out (``("fold",)``: the configuration shared by its folds)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_IDENTITY:
+    for key in (*NOT_IDENTITY, *without):
         parent, _, leaf = key.rpartition(".")
         node = plain
         for part in filter(None, parent.split(".")):
@@ -156,7 +158,7 @@ def train_member(cfg: DictConfig) -> float:
     backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
     check_model_options(arch, backbone, size, "data.patch_size" if view.mode == "patch" else "data.image_size")
     pipeline = build_augmentation(cfg.augment.transforms)
-    prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"))
+    prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"), cfg.get("fold"))
     train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
 
     from segx import tracking
@@ -169,7 +171,9 @@ def train_member(cfg: DictConfig) -> float:
     from segx import models
     from segx.tracking import provenance  # TensorFlow is imported here, after every cheap check
 
-    run_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
+    fold = cfg.get("fold")
+    base_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
+    run_name = base_name if fold is None else f"{base_name}-fold{fold}"
     tags = {
         tracking.ROLE: "member",
         "segx.backbone": backbone,
@@ -186,6 +190,17 @@ def train_member(cfg: DictConfig) -> float:
         log.info("resuming run %s", run_id)
     else:
         run_id = tracking.start_run(client, experiment, run_name, tags)
+    parent_id = None
+    if fold is not None:
+        from segx.tracking import cv
+
+        folds = int(cfg.data.folds)
+        parent_id = cv.parent_run(
+            client, experiment, config_identity(cfg, ("fold",)), prepared.cv_tags["segx.cv_fingerprint"], folds,
+            f"{base_name}-cv{folds}", {k: v for k, v in tags.items() if k in ("segx.backbone", "segx.arch", "segx.command")},
+            Path(cfg.paths.output_dir) / "locks",
+        )
+        tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     with tracking.run_scope(client, run_id):
@@ -259,7 +274,15 @@ def train_member(cfg: DictConfig) -> float:
         _log_outputs(client, run_id, model, spec, prepared, history, spacing)
         tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
         print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
-        return float(state.best_dice)
+    if parent_id is not None:  # after the fold's run is FINISHED, so the summary counts it
+        from segx.tracking import cv
+
+        summary = cv.update_summary(client, experiment, parent_id)
+        done = int(cfg.data.folds) - len(summary["missing"])
+        oof = summary["metrics"].get("cv/oof_dice")
+        print(f"segx: cross-validation {parent_id}: {done}/{cfg.data.folds} folds finished"
+              + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
+    return float(state.best_dice)
 
 
 def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> None:
