@@ -236,7 +236,9 @@ def select_runs(
     data_fingerprint: str | None = None,
 ) -> list:
     """Member runs: exactly ``run_ids``; else the newest usable run of each of ``backbones``
-    (``select='list'``) or of every (backbone, arch) on one data fingerprint (``'auto'``).
+    (``select='list'``) or of every configuration (config hash: members may differ in backbone,
+    arch, loss, seed, sizes) on one data fingerprint or fold layout (``'auto'``). A fold run
+    stands for its cross-validated configuration (the parent run).
 
     Runs passed over (deleted, not FINISHED, another data fingerprint) are reported, one line per
     kind. Runs named in ``run_ids`` are used exactly: a deleted or unfinished one is an error,
@@ -263,9 +265,12 @@ def select_runs(
             if reason:
                 skipped.setdefault(reason, []).append(run.info.run_id)
                 continue
-            key = (run.data.tags.get("segx.backbone"), run.data.tags.get("segx.arch"))
+            # One per configuration (backbone, arch, loss, seed, sizes...: its config hash), the
+            # newest run of each; the fold runs of a cross-validated configuration are one member.
+            conf = _configuration(client, run)
+            key = conf.data.tags.get("segx.cv_config_hash") or conf.data.tags.get("segx.config_hash") or conf.info.run_id
             if key not in seen:
-                chosen.append(_configuration(client, run))
+                chosen.append(conf)
                 seen.add(key)
         if not chosen:
             raise SegxError(
