@@ -287,13 +287,26 @@ def _open(tracking_uri: str, shown: str, deadline: float, db: Path | None) -> Ml
             ) from None
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, token
+# usage); "custom_model_development" makes it open on the runs table, as segx's runs are training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _mark_kind(client: MlflowClient, experiment) -> None:
+    if "mlflow.experimentKind" not in (experiment.tags or {}):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    """Id of experiment ``name``, created (with local artifacts under ``artifact_root``) if new."""
+    """Id of experiment ``name``, created (with local artifacts under ``artifact_root``) if new,
+    and marked as a model-training experiment for the MLflow UI."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise SegxError(f"MLflow experiment '{name}' is deleted; restore it or choose mlflow.experiment_name")
         _check_artifacts_writable(found.artifact_location, name)
+        _mark_kind(client, found)
         return found.experiment_id
     location = None
     if artifact_root and "://" not in artifact_root:
@@ -302,7 +315,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         root.mkdir(parents=True, exist_ok=True)
         location = (root / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created meanwhile by a parallel member
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -533,3 +546,17 @@ def find_runs(
     )
 
 
+
+
+def ui_urls(tracking_uri: str, base: str) -> str:
+    """Lines naming the MLflow UI address of each experiment's runs table (what ``make ui`` prints)."""
+    lines = [f"MLflow UI: {base}  (Ctrl-C stops it)"]
+    db = _sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        return lines[0] + "\n  no runs yet: train a member first (make ensemble)"
+    client = MlflowClient(tracking_uri)
+    for exp in client.search_experiments():
+        if exp.name == "Default" and not client.search_runs([exp.experiment_id], max_results=1):
+            continue
+        lines.append(f"  {exp.name}: {base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+    return "\n".join(lines)

@@ -1,0 +1,659 @@
+"""DSB2018 cross-validation benchmark (issue 11): does a cross-validated ensemble earn its keep?
+
+    python experiments/cv_ensemble.py                # the full study (about 45-60 min on 2 busy cores)
+    python experiments/cv_ensemble.py --quick        # every stage on a small subset, 1 epoch
+    python experiments/cv_ensemble.py --report-only  # rewrite RESULTS.md from results.json
+
+Two diverse configurations (resnet18 Unet, mobilenetv2 FPN) are trained on
+``../shared/datasets/dsb2018_nuclei`` with ``experiment=dsb2018`` in resize mode at 64 px for a
+fixed number of epochs (a budget that fits beside another long study on this 2-core machine),
+each in two ways:
+
+- single split: once on the plain 70/15/15 split (today's method);
+- cross-validated: ``data.folds=3 fold=0,1,2``, the same test set plus three folds of the other
+  85% (each fold model trains on two folds and validates on the third; the fold runs nest under a
+  parent run with role ``cv``).
+
+Two ensembles are then built with ``segx.ensemble.build_ensemble``: the single-split members
+(weights, threshold and post-processing searched on the 15% validation split) and the
+cross-validated members (searched on the out-of-fold probabilities of every non-test case; on test
+each member is the integer-rounded mean of its three fold models). Each ensemble run logs the
+paired bootstrap of test Dice against its best single member (best on validation) and the
+selection optimism (``tables/gain.csv``). All four rows of the summary are scored on the same test
+cases at each image's own size: the plain split and the fold layout are checked to share their
+test list (if they did not, the single-split members would be trained on a split written from the
+fold file's test list, ``data.split_file``), so the script also bootstraps the cross-validated
+ensemble against the best single-split member and the single-split ensemble, with the same
+function and seed segx uses.
+
+Every member is trained by ``python -m segx.train`` in its own process (with ``resume=auto``, so
+an interrupted member continues from its checkpoint); a FINISHED member run with the same
+``segx.config_hash`` is reused, and so is a FINISHED ensemble run of the same member runs, so a
+rerun resumes. Writes ``experiments/cv_ensemble/results.json``, ``test_per_case.csv`` and
+``RESULTS.md`` after each stage. ``--quick`` writes to ``outputs/cv_ensemble-quick/`` and its own
+MLflow experiment instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "experiments" / "cv_ensemble"
+QUICK_OUT = REPO / "outputs" / "cv_ensemble-quick"
+DATASET = "../shared/datasets/dsb2018_nuclei"  # as conf/experiment/dsb2018.yaml reads it
+CONFIGS = (("resnet18", "unet"), ("mobilenetv2", "fpn"))  # two diverse encoders and decoders
+FOLDS = 3
+SIZE = 64
+EPOCHS = 8
+PATIENCE = 0  # early stopping off: every member runs the same epochs (the best epoch is kept)
+SETTINGS = ("single", "cv")
+
+
+# --- bookkeeping ---------------------------------------------------------------------------------
+def load_results(out: Path) -> dict:
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(out: Path, results: dict) -> None:
+    """results.json (atomically) and RESULTS.md from it, after every stage."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    os.replace(tmp, out / "results.json")
+    (out / "RESULTS.md").write_text(report(results))
+
+
+def subset_folder(root: Path, n: int, work: Path) -> Path:
+    """A folder of symlinks to ``n`` cases of ``root`` (stratified by appearance), for --quick."""
+    meta = pd.read_csv(root / "metadata.csv")
+    rng = np.random.default_rng(0)
+    parts = []
+    for _, group in meta.groupby("appearance"):
+        keep = max(6, round(n * len(group) / len(meta)))  # 3 folds need >= 3 non-test cases per stratum
+        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
+    picked = pd.concat(parts)
+    target = work / f"subset-{n}"
+    for sub in ("train_images", "train_masks"):
+        (target / sub).mkdir(parents=True, exist_ok=True)
+        for stem in picked["stem"]:
+            link = target / sub / f"{stem}.png"
+            if not link.exists():
+                link.symlink_to((root / sub / f"{stem}.png").resolve())
+    picked.to_csv(target / "metadata.csv", index=False)
+    return target
+
+
+def label(backbone: str, arch: str) -> str:
+    return f"{backbone}-{arch}"
+
+
+# --- stage 0: one test set for both settings -----------------------------------------------------
+def base_overrides(args, data_root: str, backbone: str, arch: str) -> list[str]:
+    overrides = ["experiment=dsb2018", f"backbone={backbone}", f"arch={arch}", f"data.image_size={SIZE}",
+                 f"trainer.epochs={args.epochs}", f"trainer.early_stopping.patience={PATIENCE}",
+                 f"mlflow.experiment_name={args.experiment_name}"]  # fmt: skip
+    if data_root != DATASET:
+        overrides.append(f"data.root={data_root}")
+    return overrides
+
+
+def single_overrides(args, data_root: str, backbone: str, arch: str, split_file: str | None) -> list[str]:
+    extra = [f"data.split_file={split_file}"] if split_file else []
+    return [*base_overrides(args, data_root, backbone, arch), *extra]
+
+
+def fold_overrides(args, data_root: str, backbone: str, arch: str, fold: int) -> list[str]:
+    return [*base_overrides(args, data_root, backbone, arch), f"data.folds={FOLDS}", f"fold={fold}"]
+
+
+def test_sets(args, data_root: str, split_file: str | None = None) -> dict:
+    """The plain split's and the fold layout's test lists, as ``segx.train`` reads them (each file
+    is written here if it does not exist yet, exactly as the first member would write it)."""
+    from segx.config import compose
+    from segx.data.prepare import prepare
+
+    backbone, arch = CONFIGS[0]
+    plain = compose("train", single_overrides(args, data_root, backbone, arch, split_file))
+    folded = compose("train", fold_overrides(args, data_root, backbone, arch, 0))
+    p = prepare(plain.data, plain.paths.output_dir)
+    f = prepare(folded.data, folded.paths.output_dir, fold=0)
+    layout = json.loads(Path(f.split_path).read_text())
+    return {
+        "plain_split_file": str(p.split_path), "fold_file": str(f.split_path),
+        "plain_test": p.split["test"], "fold_test": list(layout["test"]),
+        "same": sorted(p.split["test"]) == sorted(layout["test"]),
+        "n_train_plain": len(p.split["train"]), "n_val_plain": len(p.split["val"]),
+        "n_test": len(layout["test"]), "fold_sizes": [len(x) for x in layout["folds"]],
+    }  # fmt: skip
+
+
+def shared_split(args, data_root: str, sets: dict) -> str:
+    """A plain split whose test list is the fold layout's (written once, never rewritten): the
+    other cases split into train/val with data.val_fraction, stratified as the experiment is."""
+    from segx.config import compose
+    from segx.data.folder import discover_cases
+    from segx.data.prepare import read_groups
+    from segx.data.split import load_or_create_split
+
+    cfg = compose("train", base_overrides(args, data_root, *CONFIGS[0]))
+    stems = [c.stem for c in discover_cases(Path(str(cfg.data.root)))]
+    test = sorted(sets["fold_test"])
+    rest = [s for s in stems if s not in set(test)]
+    groups = read_groups(cfg.data.stratify_csv, cfg.data.stratify_column) if cfg.data.stratify_csv else None
+    digest = hashlib.sha256(json.dumps([sets["fold_file"], test]).encode()).hexdigest()[:10]
+    path = Path(cfg.paths.output_dir) / "splits" / f"{cfg.data.name}-cv{FOLDS}-shared-test-{digest}.json"
+    load_or_create_split(path, rest, float(cfg.data.val_fraction), 0.0, int(cfg.data.split_seed), test, groups)
+    return str(path)
+
+
+# --- stage 1: members ----------------------------------------------------------------------------
+def train(args, client, experiment: str, name: str, overrides: list[str]) -> dict:
+    """Train one member in a fresh process (or reuse a FINISHED run of the same config)."""
+    from segx import tracking
+    from segx.config import compose
+    from segx.training.member import config_identity
+
+    identity = config_identity(compose("train", overrides))
+    entry = {"name": name, "config_hash": identity, "overrides": overrides,
+             "load_average_at_start": os.getloadavg()[0]}  # fmt: skip
+    done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+    if done:
+        run = done[0]
+        entry["reused"] = True
+        print(f"cv: reusing {name} member {run.info.run_id}", flush=True)
+    else:
+        entry["reused"] = False
+        print(f"cv: training {name}: python -m segx.train {' '.join(overrides)} resume=auto", flush=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        started = time.perf_counter()
+        rc = subprocess.run([sys.executable, "-m", "segx.train", *overrides, "resume=auto"], cwd=REPO, env=env).returncode
+        seconds = time.perf_counter() - started
+        if rc != 0:
+            return {**entry, "error": f"python -m segx.train exited {rc} after {seconds:.0f} s (see run.log)"}
+        done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+        if not done:
+            return {**entry, "error": f"training ended but no FINISHED run has segx.config_hash={identity}"}
+        run = done[0]
+        tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": seconds})
+    return {**entry, **member_numbers(client, run.info.run_id)}
+
+
+def member_numbers(client, run_id: str) -> dict:
+    """Per-member facts from its MLflow run: Dice at each image's own size, epochs, time."""
+    run = client.get_run(run_id)
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    history = sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+    stamps = [m.timestamp / 1000 for m in history]
+    return {
+        "run_id": run_id, "n_train": int(params["data.n_train"]), "n_val": int(params["data.n_val"]),
+        "n_test": int(params["data.n_test"]), "epochs_run": len(history), "best_epoch": int(metrics.get("best/epoch", 0)),
+        "parent_run_id": tags.get("segx.cv_parent"), "fold": int(tags["segx.fold"]) if "segx.fold" in tags else None,
+        # After training, whole images at their own size against the original masks, threshold 0.5.
+        "val_dice": metrics.get("final/val_dice"), "test_dice": metrics.get("final/test_dice"),
+        "train_seconds": metrics.get("bench/train_seconds"),
+        "run_seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        "epoch_seconds_median": float(statistics.median(np.diff(stamps))) if len(stamps) >= 2 else None,
+    }  # fmt: skip
+
+
+def cv_parent(client, parent_id: str) -> dict:
+    """The cross-validation summary segx logged on the parent run."""
+    run = client.get_run(parent_id)
+    m, tags = run.data.metrics, run.data.tags
+    folds = int(tags.get("segx.folds", FOLDS))
+    return {
+        "run_id": parent_id, "name": run.info.run_name, "complete": tags.get("segx.cv_complete") == "true",
+        "missing": tags.get("segx.cv_missing", ""), "fold_val_dice": [m.get(f"cv/fold{i}/val_dice") for i in range(folds)],
+        "mean_val_dice": m.get("cv/mean_val_dice"), "oof_dice": m.get("cv/oof_dice"),
+    }  # fmt: skip
+
+
+# --- stage 2: ensembles ----------------------------------------------------------------------------
+def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: Path) -> tuple[dict, pd.DataFrame]:
+    """Build (or reuse) the ensemble of ``ids``; its record, bootstrap row and per-case test table."""
+    from segx import tracking
+    from segx.config import compose
+    from segx.ensemble import build_ensemble
+
+    name = f"cvbench-{setting}-{len(ids)}m"
+    found = [r for r in tracking.find_runs(client, experiment, "ensemble", "FINISHED", {"segx.members": ",".join(ids)})
+             if r.info.run_name == name]  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix=f"cv-{setting}-", dir=work))
+    started = time.perf_counter()
+    if found:
+        run_id = found[0].info.run_id
+        print(f"cv: reusing ensemble '{setting}' {run_id}", flush=True)
+        record = json.loads(tracking.download(client, run_id, "ensemble.json", folder).read_text())
+        record["run_id"] = run_id
+    else:
+        cfg = compose("ensemble", [f"mlflow.experiment_name={args.experiment_name}", f"mlflow.run_name={name}",
+                                   f"ensemble.bootstrap={args.bootstrap}", "ensemble.run_ids=[" + ",".join(ids) + "]"])  # fmt: skip
+        record = build_ensemble(cfg)
+    seconds = time.perf_counter() - started
+    run_id = record["run_id"]
+    gain = pd.read_csv(tracking.download(client, run_id, "tables/gain.csv", folder)).iloc[0].to_dict()
+    per_case = pd.read_csv(tracking.download(client, run_id, "tables/test_per_case.csv", folder))
+    val = pd.read_csv(tracking.download(client, run_id, "tables/val_summary.csv", folder))
+    metrics = client.get_run(run_id).data.metrics
+    weights = {f"{m['backbone']}-{m['arch']}": m.get("weight") for m in record["members"]}
+    out = {
+        "run_id": run_id, "member_run_ids": ids, "reused": bool(found), "seconds": None if found else seconds,
+        "weights": weights, "threshold": record["threshold"], "postprocess": record["postprocess"],
+        "chosen": record["search"]["chosen"], "search": record["search"]["method"], "val_dice": record["val_dice"],
+        "folds_per_member": [len(m.get("folds") or []) for m in record["members"]],
+        "gain": {k: (v.item() if hasattr(v, "item") else v) for k, v in gain.items()},
+        "logged": {k: metrics.get(k) for k in ("test/gain_vs_best_member", "test/gain_ci_low", "test/gain_ci_high",
+                                               "selection/optimism", "selection/best_member_optimism")},
+        "val_table": val.to_dict(orient="records"),
+        "test_table": test_table(per_case),
+    }  # fmt: skip
+    return out, per_case.assign(setting=setting)
+
+
+def test_table(per_case: pd.DataFrame) -> list[dict]:
+    rows = []
+    for method, g in per_case.groupby("method", sort=False):
+        rows.append({"method": method, "threshold": float(g["threshold"].iloc[0]), "cases": len(g),
+                     "dice_mean": g["dice"].mean(), "dice_median": g["dice"].median(),
+                     "iou_mean": g["iou"].mean(), "hd95_mean": g["hd95"].mean()})  # fmt: skip
+    return rows
+
+
+# --- stage 3: the four rows and the cross-setting comparisons --------------------------------------
+def compare(results: dict, per_case: dict[str, pd.DataFrame], resamples: int) -> dict:
+    """(a) best single-split member, (b) single-split ensemble, (c) each cross-validated member,
+    (d) the cross-validated ensemble, and paired bootstraps of (d) against (a) and (b) on the
+    shared test cases (segx's own ``paired_bootstrap``, the seed its ensemble runs use)."""
+    from segx.evaluation.report import paired_bootstrap
+
+    single, cv = results["ensembles"]["single"], results["ensembles"]["cv"]
+    dice = {s: per_case[s].pivot_table(index="stem", columns="method", values="dice") for s in SETTINGS}
+    if sorted(dice["single"].index) != sorted(dice["cv"].index):
+        return {"error": "the two ensembles were scored on different test cases; compare only within each setting"}
+    best_single = single["gain"]["best_member"]  # best on validation, as the ensemble run picked it
+    best_cv = cv["gain"]["best_member"]
+    a = dice["single"][best_single]
+    series = {"a": a, "b": dice["single"]["ensemble"], "c_best": dice["cv"][best_cv], "d": dice["cv"]["ensemble"]}
+    series = {k: v.loc[a.index] for k, v in series.items()}
+    pairs = {"d_minus_a": ("d", "a"), "d_minus_b": ("d", "b"), "c_best_minus_a": ("c_best", "a"), "b_minus_a": ("b", "a")}
+    boot = {}
+    for key, (x, y) in pairs.items():
+        boot[key] = paired_bootstrap(series[x].to_numpy(), series[y].to_numpy(), resamples, 0)
+    return {"best_single_member": best_single, "best_cv_member": best_cv, "cases": len(a), "bootstrap": boot}
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def run(args) -> None:
+    from segx import tracking
+    from segx.benchmark.study import machine
+
+    os.chdir(REPO)  # the experiment's data.root and paths.output_dir are relative to the repo
+    out = Path(args.results_dir)
+    work = REPO / "outputs" / "bench" / ("cv-quick" if args.quick else "cv")
+    work.mkdir(parents=True, exist_ok=True)
+    data_root = DATASET
+    if args.quick:
+        data_root = str(subset_folder(REPO / DATASET, args.max_cases, work))
+    settings = {"quick": args.quick, "configs": [label(*c) for c in CONFIGS], "size": SIZE, "folds": FOLDS,
+                "epochs": args.epochs, "patience": PATIENCE, "data_root": data_root,
+                "experiment_name": args.experiment_name, "bootstrap": args.bootstrap}  # fmt: skip
+    results = load_results(out)
+    if results.get("settings") != settings:
+        results = {"settings": settings}
+    results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results.pop("finished", None)
+    results["machine"] = machine()
+    results.setdefault("members", {})
+    results.setdefault("cv_parents", {})
+    results.setdefault("ensembles", {})
+    t0 = time.perf_counter()
+
+    sets = test_sets(args, data_root)
+    split_file = None
+    if not sets["same"]:
+        split_file = shared_split(args, data_root, sets)
+        print(f"cv: the plain split's test list differs from the fold layout's; single-split members use {split_file}", flush=True)
+        sets = {**test_sets(args, data_root, split_file), "shared_split_file": split_file, "default_split_differed": True}
+    results["test_sets"] = {k: v for k, v in sets.items() if k not in ("plain_test", "fold_test")}
+    save_results(out, results)
+    print(f"cv: test set: {sets['n_test']} cases, the same in the plain split and the fold layout: {sets['same']}", flush=True)
+
+    client = tracking.connect("sqlite:///outputs/mlflow.db")
+    experiment = tracking.experiment_id(client, args.experiment_name, "outputs/mlartifacts")
+    per_case: dict[str, pd.DataFrame] = {}
+
+    def build(setting: str, ids: list[str]) -> None:
+        entry, table = ensemble(args, client, experiment, setting, ids, work)
+        results["ensembles"][setting] = entry
+        per_case[setting] = table
+        pd.concat(per_case.values(), ignore_index=True).to_csv(out / "test_per_case.csv", index=False)
+        save_results(out, results)
+        g = entry["gain"]
+        print(f"cv: {setting} ensemble {entry['run_id']}: test Dice {g['ensemble_test_dice']:.4f} vs best member "
+              f"{g['best_member']} {g['best_member_test_dice']:.4f}: {g['diff']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}], "
+              f"optimism {g['ensemble_optimism']:+.4f}", flush=True)  # fmt: skip
+
+    # Stage 1: single-split members, then today's ensemble of them.
+    for backbone, arch in CONFIGS:
+        name = f"single:{label(backbone, arch)}"
+        entry = train(args, client, experiment, name, single_overrides(args, data_root, backbone, arch, split_file))
+        results["members"][name] = entry
+        results["stage_seconds"] = {**results.get("stage_seconds", {}), name: time.perf_counter() - t0}
+        save_results(out, results)
+        status = entry.get("error") or f"test Dice {entry['test_dice']:.4f}"
+        print(f"cv: member {name}: {status}", flush=True)
+    singles = [results["members"][f"single:{label(*c)}"] for c in CONFIGS]
+    if all("run_id" in m for m in singles):
+        build("single", [m["run_id"] for m in singles])
+    else:
+        results["ensembles"]["single"] = {"error": "members missing or failed: " + ", ".join(m["name"] for m in singles if "run_id" not in m)}
+        save_results(out, results)
+
+    # Stage 2: the cross-validated members (K fold runs each), then their ensemble.
+    parents = []
+    for backbone, arch in CONFIGS:
+        lab = label(backbone, arch)
+        folds = []
+        for fold in range(FOLDS):
+            name = f"cv:{lab}:fold{fold}"
+            entry = train(args, client, experiment, name, fold_overrides(args, data_root, backbone, arch, fold))
+            results["members"][name] = entry
+            results["stage_seconds"] = {**results.get("stage_seconds", {}), name: time.perf_counter() - t0}
+            save_results(out, results)
+            status = entry.get("error") or f"val Dice {entry['val_dice']:.4f}, test Dice {entry['test_dice']:.4f}"
+            print(f"cv: member {name}: {status}", flush=True)
+            folds.append(entry)
+        ids = {m.get("parent_run_id") for m in folds if "run_id" in m}
+        if len(ids) == 1 and all("run_id" in m for m in folds):
+            parent = cv_parent(client, ids.pop())
+            results["cv_parents"][lab] = parent
+            parents.append(parent)
+            print(f"cv: {lab} cross-validated: fold val Dice {parent['fold_val_dice']}, out-of-fold Dice {parent['oof_dice']}", flush=True)
+        else:
+            results["cv_parents"][lab] = {"error": f"folds failed or under different parents ({sorted(map(str, ids))})"}
+        save_results(out, results)
+    if len(parents) == len(CONFIGS) and all(p["complete"] for p in parents):
+        build("cv", [p["run_id"] for p in parents])
+    else:
+        results["ensembles"]["cv"] = {"error": "a cross-validated member is incomplete (see cv_parents)"}
+        save_results(out, results)
+
+    if set(per_case) == set(SETTINGS):
+        results["comparison"] = compare(results, per_case, args.bootstrap)
+    results["total_seconds"] = time.perf_counter() - t0
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save_results(out, results)
+    print((out / "RESULTS.md").read_text())
+
+
+# --- RESULTS.md ------------------------------------------------------------------------------------
+def _f(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _s(v, digits=4) -> str:
+    return "n/a" if v is None else f"{v:+.{digits}f}"
+
+
+def _ci(b: dict | None) -> str:
+    if not b:
+        return "n/a"
+    return f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]"
+
+
+def _row(table: list[dict], method: str) -> dict | None:
+    return next((r for r in table if r["method"] == method), None)
+
+
+def _val(e: dict, method: str) -> float | None:
+    row = next((r for r in e.get("val_table", []) if r["method"] == method), None)
+    return row["val_dice"] if row else None
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """The four rows of the issue: (a) best single-split member, (b) single-split ensemble,
+    (c) each cross-validated member, (d) cross-validated ensemble."""
+    rows = []
+    single, cv = results["ensembles"].get("single", {}), results["ensembles"].get("cv", {})
+    comp = results.get("comparison", {}).get("bootstrap", {})
+    if "gain" in single:
+        g = single["gain"]
+        rows.append({"row": "(a)", "what": f"best single-split member ({g['best_member'].removeprefix('member:')}, best on validation)",
+                     "networks": 1, "val": g["best_member_val_dice"], "test": g["best_member_test_dice"],
+                     "vs": "", "optimism": g["best_member_optimism"]})  # fmt: skip
+        rows.append({"row": "(b)", "what": f"single-split ensemble (chosen: {single['chosen']}, threshold {single['threshold']})",
+                     "networks": len(single["member_run_ids"]), "val": g["ensemble_val_dice"], "test": g["ensemble_test_dice"],
+                     "vs": f"{_ci(g)} vs (a)", "optimism": g["ensemble_optimism"]})  # fmt: skip
+    if "gain" in cv:
+        g = cv["gain"]
+        for r in cv["test_table"]:
+            if r["method"].startswith("member:"):
+                name = r["method"].removeprefix("member:")
+                mark = " (best on out-of-fold validation)" if r["method"] == g["best_member"] else ""
+                vs = f"{_ci(comp.get('c_best_minus_a'))} vs (a)" if r["method"] == g["best_member"] and comp else ""
+                rows.append({"row": "(c)", "what": f"cross-validated member {name}, mean of {FOLDS} folds{mark}",
+                             "networks": FOLDS, "val": _val(cv, r["method"]), "test": r["dice_mean"], "vs": vs,
+                             "optimism": (_val(cv, r["method"]) - r["dice_mean"]) if _val(cv, r["method"]) is not None else None})  # fmt: skip
+        vs = f"{_ci(g)} vs best (c)"
+        if comp:
+            vs += f"; {_ci(comp.get('d_minus_a'))} vs (a); {_ci(comp.get('d_minus_b'))} vs (b)"
+        rows.append({"row": "(d)", "what": f"cross-validated ensemble (chosen: {cv['chosen']}, threshold {cv['threshold']})",
+                     "networks": FOLDS * len(cv["member_run_ids"]), "val": g["ensemble_val_dice"], "test": g["ensemble_test_dice"],
+                     "vs": vs, "optimism": g["ensemble_optimism"]})  # fmt: skip
+    return rows
+
+
+def verdict(results: dict) -> list[str]:
+    single, cv = results["ensembles"].get("single", {}), results["ensembles"].get("cv", {})
+    if "gain" not in single or "gain" not in cv:
+        return []
+    gs, gc = single["gain"], cv["gain"]
+    comp = results.get("comparison", {}).get("bootstrap", {})
+    lines = []
+    beats = gc["low"] > 0
+    lines.append(
+        f"- **Target 1 (the cross-validated ensemble beats the best single member, lower end of the 95% interval above zero): "
+        f"{'met' if beats else 'not met'}.** Against its best member ({gc['best_member'].removeprefix('member:')}, best on "
+        f"out-of-fold validation) the cross-validated ensemble gains {_ci(gc)} test Dice over {gc['cases']} cases"
+        + (" (the whole interval is above zero)." if beats else " (the interval includes zero)." if gc["high"] >= 0 else " (a loss: the whole interval is below zero).")
+    )  # fmt: skip
+    if comp.get("d_minus_a"):
+        d = comp["d_minus_a"]
+        lines.append(
+            f"  Against the best single-split member (a), on the same test cases: {_ci(d)}"
+            + (" (above zero)." if d["low"] > 0 else " (includes zero)." if d["high"] >= 0 else " (below zero: a loss).")
+            + f" Against the single-split ensemble (b): {_ci(comp['d_minus_b'])}."
+        )  # fmt: skip
+    smaller = abs(gc["ensemble_optimism"]) < abs(gs["ensemble_optimism"])
+    lines.append(
+        f"- **Target 2 (its selection optimism is smaller than the single-split ensemble's): {'met' if smaller else 'not met'}.** "
+        f"Validation minus test Dice of the chosen ensemble: cross-validated {_s(gc['ensemble_optimism'])} "
+        f"(chosen on {int(sum(results['test_sets']['fold_sizes']))} out-of-fold cases) vs single-split "
+        f"{_s(gs['ensemble_optimism'])} (chosen on {results['test_sets']['n_val_plain']} validation cases); compared by absolute value."
+    )  # fmt: skip
+    lines.append(
+        f"- The single-split ensemble (today's method) against its best member: {_ci(gs)}"
+        + (" (above zero)." if gs["low"] > 0 else " (includes zero)." if gs["high"] >= 0 else " (below zero: a loss).")
+    )  # fmt: skip
+    return lines
+
+
+def report(results: dict) -> str:
+    s = results.get("settings", {})
+    env = results.get("machine", {})
+    quick = s.get("quick")
+    t = results.get("test_sets", {})
+    lines = [
+        "# DSB2018: does a cross-validated ensemble earn its keep? (issue 11)" + (" (--quick smoke test)" if quick else ""), "",
+        f"Reproduce: `python experiments/cv_ensemble.py{' --quick' if quick else ''}` (rewrite this file: `--report-only`). "
+        f"Started {results.get('started', '?')}, "
+        + (f"finished {results['finished']} ({_f(results.get('total_seconds', 0) / 60, 1)} min)." if results.get("finished")
+           else f"not finished (last update {results.get('updated', '?')})."),
+        "",
+        f"**Settings, chosen to fit about 45-60 min of training on 2 CPU cores shared with another long study:** data "
+        f"`{s.get('data_root')}`, `experiment=dsb2018` (stratified by appearance, `augment=strong`, batch 8), resize mode "
+        f"`data.image_size={s.get('size')}`, `trainer.epochs={s.get('epochs')}`, `trainer.early_stopping.patience={s.get('patience')}` "
+        "(off: every member runs every epoch; the best epoch on its own validation cases is kept), random init. Two diverse "
+        f"configurations: {', '.join(f'`{c}`' for c in s.get('configs', []))}. Single split: the plain 70/15/15 split. "
+        f"Cross-validated: `data.folds={s.get('folds')} fold=0..{(s.get('folds') or 1) - 1}` (the same test set, the other "
+        "85% in folds; each fold model trains on the other folds). Ensembles: `segx.ensemble` defaults (greedy search, "
+        f"thresholds 0.3-0.7, post-processing chosen on validation, {s.get('bootstrap')} paired bootstrap resamples). "
+        "**Every Dice is at each image's own size against the original masks.** These are short trainings at a small "
+        "size, so absolute Dice is below what `experiments/native_resolution` reaches; the comparison between rows is "
+        f"the point. MLflow experiment `{s.get('experiment_name')}` in `outputs/mlflow.db`.",
+        "",
+    ]  # fmt: skip
+    if env:
+        lines += [f"Machine: {env.get('cpu')}, {env.get('cores')} cores (shared with other work); TensorFlow "
+                  f"{env.get('tensorflow')}, segmentation-models {env.get('segmentation-models')}, Python {env.get('python')}.", ""]  # fmt: skip
+    if t:
+        same = t.get("same")
+        lines += [
+            f"**Test set.** {t.get('n_test')} cases. The plain split (`{t.get('plain_split_file')}`) and the fold layout "
+            f"(`{t.get('fold_file')}`) "
+            + ("list the same test cases (both draw the same stratified permutation from `data.split_seed`), "
+               if same and not t.get("default_split_differed") else "")
+            + ("differed, so the single-split members use a split written from the fold file's test list "
+               f"(`{t.get('shared_split_file')}`); " if t.get("default_split_differed") else "")
+            + ("so all four rows below are scored on the same test cases. " if same else "**the test lists differ: compare only within each setting.** ")
+            + f"Single split: {t.get('n_train_plain')} train / {t.get('n_val_plain')} validation; folds: "
+            + " / ".join(map(str, t.get("fold_sizes", []))) + " cases (each fold model trains on the other two).",
+            "",
+        ]  # fmt: skip
+
+    rows = summary_rows(results)
+    if rows:
+        lines += ["## Summary (test split)", "",
+                  "Val Dice: what the choice was made on (members: at their best threshold on validation, as the search's "
+                  "baselines; ensembles: the chosen ensemble). For the cross-validated rows it is out-of-fold (each case "
+                  "predicted by the fold model that did not see it). Test Dice: members at threshold 0.5, ensembles at the "
+                  "validation-chosen threshold and post-processing. Gain: paired bootstrap of per-case test Dice, "
+                  "95% percentile interval. Optimism = val minus test Dice.", "",
+                  "| row | what | networks | val Dice | test Dice | gain [95% CI] | optimism |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            lines.append(f"| {r['row']} | {r['what']} | {r['networks']} | {_f(r['val'])} | **{_f(r['test'])}** | {r['vs'] or '-'} | {_s(r['optimism'])} |")
+        v = verdict(results)
+        if v:
+            lines += ["", "### What the numbers show", "", *v]
+        lines.append("")
+
+    for setting, title in (("single", "Single-split ensemble (today's method)"), ("cv", "Cross-validated ensemble")):
+        e = results.get("ensembles", {}).get(setting)
+        if not e:
+            continue
+        lines += [f"## {title}", ""]
+        if "error" in e:
+            lines += [f"Not built: {e['error']}.", ""]
+            continue
+        g = e["gain"]
+        weights = ", ".join(f"{k} {v:.3f}" for k, v in e["weights"].items())
+        lines += [f"Ensemble run `{e['run_id']}`{' (reused)' if e.get('reused') else ''}; search {e['search']}, chosen "
+                  f"'{e['chosen']}' (weights {weights}), threshold {e['threshold']}, post-processing {e['postprocess']}, "
+                  f"validation Dice {_f(e['val_dice'])}. `tables/gain.csv`: ensemble minus {g['best_member']} "
+                  f"{_ci(g)} over {g['cases']} cases ({g['resamples']} resamples, share of resamples not better "
+                  f"{_f(g['p_not_better'], 3)}); selection optimism ensemble {_s(g['ensemble_optimism'])}, best member "
+                  f"{_s(g['best_member_optimism'])}.", "",
+                  "| method | threshold | Dice mean | Dice median | IoU mean | HD95 mean (px) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in e["test_table"]:
+            lines.append(f"| {r['method']} | {r['threshold']} | {_f(r['dice_mean'])} | {_f(r['dice_median'])} | "
+                         f"{_f(r['iou_mean'])} | {_f(r['hd95_mean'], 2)} |")  # fmt: skip
+        lines += ["", "Validation" + (" (out-of-fold)" if setting == "cv" else "") + ":", "",
+                  "| method | val Dice | threshold |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['method']} | {_f(r['val_dice'])} | {r['threshold']} |" for r in e["val_table"]]
+        lines.append("")
+
+    parents = results.get("cv_parents", {})
+    if parents:
+        k = s.get("folds") or FOLDS
+        lines += ["## Cross-validation per fold (parent runs)", "",
+                  "Fold val Dice: `cv/fold<i>/val_dice` (each fold model on its own held-out fold, threshold 0.5); out-of-fold: "
+                  "`cv/oof_dice` (the case-weighted mean over every non-test case). Fold test Dice: each fold model alone on "
+                  "the test set (its `final/test_dice`); fold mean on test: the cross-validated member as the ensemble scores it.", "",
+                  "| configuration | parent run | " + " | ".join(f"fold {i} val" for i in range(k))
+                  + " | mean | out-of-fold | " + " | ".join(f"fold {i} test" for i in range(k)) + " | fold mean on test |",
+                  "|---|---|" + "---|" * (2 * k + 3)]  # fmt: skip
+        cv = results.get("ensembles", {}).get("cv", {})
+        for lab, p in parents.items():
+            if "error" in p:
+                lines.append(f"| {lab} | failed: {p['error']} |" + " |" * (2 * k + 2))
+                continue
+            tests = [results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice") for i in range(k)]
+            mean_row = _row(cv.get("test_table", []), f"member:{lab}")
+            lines.append(f"| {lab} | `{p['run_id'][:8]}` | " + " | ".join(_f(v) for v in p["fold_val_dice"])
+                         + f" | {_f(p['mean_val_dice'])} | {_f(p['oof_dice'])} | " + " | ".join(_f(v) for v in tests)
+                         + f" | {_f(mean_row['dice_mean']) if mean_row else 'n/a'} |")  # fmt: skip
+        lines.append("")
+
+    members = results.get("members", {})
+    if members:
+        lines += ["## Members and training time", "",
+                  "Val/test Dice: whole images at their own size, threshold 0.5, no TTA. Train time: the whole "
+                  "`python -m segx.train` process (reading data, model, epochs, predicting validation and test with and "
+                  "without flip TTA, uploads).", "",
+                  "| member | run | train / val / test cases | epochs (best) | val Dice | test Dice | train time (s) | s/epoch (median) | load at start |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, m in members.items():
+            if "error" in m:
+                lines.append(f"| {name} | failed: {m['error']} ||||||||")
+                continue
+            lines.append(f"| {name} | `{m['run_id'][:8]}`{' (reused)' if m.get('reused') else ''} | {m['n_train']} / {m['n_val']} / {m['n_test']} | "
+                         f"{m['epochs_run']} ({m['best_epoch']}) | {_f(m['val_dice'])} | {_f(m['test_dice'])} | "
+                         f"{_f(m['train_seconds'], 0)} | {_f(m['epoch_seconds_median'], 1)} | {m['load_average_at_start']:.2f} |")  # fmt: skip
+        single_t = sum(m.get("train_seconds") or 0 for n, m in members.items() if n.startswith("single:"))
+        cv_t = sum(m.get("train_seconds") or 0 for n, m in members.items() if n.startswith("cv:"))
+        lines += ["", f"Training time: single split {_f(single_t / 60, 1)} min, cross-validated {_f(cv_t / 60, 1)} min "
+                  f"(x{_f(cv_t / single_t if single_t else None, 2)}); the cross-validated ensemble also runs "
+                  f"{FOLDS}x the networks at prediction.", ""]  # fmt: skip
+    notes = results.get("notes")
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small subset and 1 epoch: a smoke test of every stage")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default: {EPOCHS}; --quick: 1")
+    parser.add_argument("--max-cases", type=int, default=48, help="--quick: cases in the subset")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (segx's default)")
+    parser.add_argument("--results-dir", default=None,
+                        help=f"default: {OUT.relative_to(REPO)} ({QUICK_OUT.relative_to(REPO)} with --quick)")  # fmt: skip
+    parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: dsb2018-cv[-quick])")
+    args = parser.parse_args()
+    args.results_dir = args.results_dir or str(QUICK_OUT if args.quick else OUT)
+    args.experiment_name = args.experiment_name or ("dsb2018-cv-quick" if args.quick else "dsb2018-cv")
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else EPOCHS
+    if args.report_only:
+        out = Path(args.results_dir)
+        results = load_results(out)
+        if not results:
+            sys.exit(f"cv: error: {out / 'results.json'} does not exist; run the study first")
+        (out / "RESULTS.md").write_text(report(results))
+        print((out / "RESULTS.md").read_text())
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
