@@ -128,7 +128,10 @@ def build_ensemble(cfg: DictConfig) -> dict:
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
 
-    run_name = cfg.mlflow.run_name or f"ensemble-{cfg.ensemble.search}-{len(members)}m"
+    # The name says what won, not what was searched: "ensemble-equal-3m" when equal weights won.
+    chosen = found["chosen"].name
+    chosen = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
+    run_name = cfg.mlflow.run_name or f"ensemble-{chosen}-{len(members)}m"
     from segx.tracking.provenance import command_line, provenance_tags
 
     tags = {
@@ -138,11 +141,23 @@ def build_ensemble(cfg: DictConfig) -> dict:
         "segx.command": command_line(),
         **provenance_tags(),
     }
-    run_id = tracking.start_run(client, experiment, run_name, tags)
+    weights_text = ", ".join(f"{m.label}={w:.3g}" for m, w in zip(members, found["weights"], strict=True))
+    note = (f"segx ensemble of {len(members)} members ({weights_text}; threshold {record['threshold']}; "
+            f"post-processing {found['postprocess'].describe()}), chosen on validation by {cfg.ensemble.search} "
+            f"search ('{found['chosen'].name}' won). Test Dice {summary.loc['ensemble', 'dice_mean']:.4f}; ensemble "
+            f"minus best member {gain['diff']:+.4f} [95% CI {gain['low']:+.4f}, {gain['high']:+.4f}]. "
+            "Rebuild: python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...")  # fmt: skip
+    run_id = tracking.start_run(client, experiment, run_name, tags, note)
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": OmegaConf.to_container(cfg.ensemble, resolve=True)}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
+        # What was chosen, as params (searchable, comparable across ensembles in the UI).
+        tracking.log_params(client, run_id, {
+            **{f"chosen.weight.{i}.{m.label}": f"{w:.6g}" for i, (m, w) in enumerate(zip(members, found["weights"], strict=True))},
+            "chosen.threshold": str(record["threshold"]), "chosen.method": found["chosen"].name,
+            "chosen.postprocess": found["postprocess"].describe(),
+        })  # fmt: skip
         (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
         (tmp / "tables").mkdir()
         per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)

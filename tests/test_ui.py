@@ -20,3 +20,25 @@ def test_experiments_are_marked_for_model_training_and_make_ui_prints_the_runs_u
     assert "Default" not in text  # the empty default experiment is not offered
     assert "no runs yet" in tracking.ui_urls(f"sqlite:///{tmp_path}/none.db", "http://x")
     assert not (tmp_path / "none.db").exists()  # printing the URL never creates a store
+
+
+def test_runs_say_who_made_them_what_they_are_and_what_was_chosen(ensemble_record, member_store):
+    out, runs = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    member = client.get_run(runs["resnet18"])
+    for run in (member, client.get_run(ensemble_record["run_id"])):
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.name"]  # "Created by", "Source"
+        assert tags["mlflow.note.content"].startswith("segx ")  # the UI's description
+    assert "resnet18 encoder" in member.data.tags["mlflow.note.content"]
+    ensemble = client.get_run(ensemble_record["run_id"])
+    params = ensemble.data.params
+    assert params["chosen.threshold"] == str(ensemble_record["threshold"])
+    weights = {k: float(v) for k, v in params.items() if k.startswith("chosen.weight.")}
+    assert len(weights) == 2
+    for i, m in enumerate(ensemble_record["members"]):  # in member order, named by member
+        (value,) = [v for k, v in weights.items() if k.startswith(f"chosen.weight.{i}.")]
+        assert abs(value - m["weight"]) < 1e-5
+    chosen = params["chosen.method"]
+    expected = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
+    assert ensemble.info.run_name == f"ensemble-{expected}-2m"

@@ -437,9 +437,17 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
 
 
 def start_run(
-    client: MlflowClient, experiment: str, run_name: str, tags: Mapping[str, str]
+    client: MlflowClient, experiment: str, run_name: str, tags: Mapping[str, str], description: str | None = None
 ) -> str:
-    run = client.create_run(experiment, run_name=run_name, tags=dict(tags))
+    """A new run with what MLflow's fluent API would fill in (user, source, git commit: the UI's
+    "Created by" and "Source"), segx's ``tags`` and a ``description`` (the UI's run description)."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    context = resolve_tags({})
+    if "mlflow.source.name" in context and context["mlflow.source.name"] in ("-c", "-m", ""):
+        context["mlflow.source.name"] = " ".join(["python", *sys.argv])[:500]
+    extra = {"mlflow.note.content": description} if description else {}
+    run = client.create_run(experiment, run_name=run_name, tags={**context, **dict(tags), **extra})
     return run.info.run_id
 
 

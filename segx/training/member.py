@@ -189,7 +189,11 @@ def train_member(cfg: DictConfig) -> float:
         tracking.set_tags(client, run_id, {"segx.resumed": "true"})
         log.info("resuming run %s", run_id)
     else:
-        run_id = tracking.start_run(client, experiment, run_name, tags)
+        what = f"fold {fold} of {cfg.data.folds} of a cross-validated configuration" if fold is not None else "an ensemble member"
+        note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
+                f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
+                f"{view.describe()}; every final metric is at each image's own size. Command: {tags['segx.command']}")  # fmt: skip
+        run_id = tracking.start_run(client, experiment, run_name, tags, note)
     parent_id = None
     if fold is not None:
         from segx.tracking import cv
