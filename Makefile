@@ -9,7 +9,7 @@ export KERAS_HOME ?= $(CURDIR)/outputs/.keras
 export MPLCONFIGDIR ?= $(CURDIR)/outputs/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install ensemble demo train ui test test-slow test-all bench bench-quick lint format clean
+.PHONY: help install ensemble demo train ui test test-slow test-all bench bench-quick lint format clean clean-all
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,5 +55,10 @@ lint: install  ## ruff
 format: install
 	$(VENV)/bin/ruff format segx tests experiments
 
-clean:  ## remove outputs/ (MLflow store, splits, checkpoints) and generated data
-	rm -rf outputs/* data/synthetic multirun
+clean:  ## remove what segx can rebuild (decoded and probability caches, Hydra logs, generated data); keeps runs, splits, checkpoints
+	rm -rf outputs/cache outputs/hydra data/synthetic multirun
+	@echo "kept: outputs/mlflow.db, outputs/mlartifacts, outputs/splits, outputs/checkpoints (make clean-all removes them, after asking)"
+
+clean-all:  ## remove outputs/ entirely: every MLflow run, model and split (asks first)
+	@echo "This deletes every recorded run, model, split and checkpoint:"; du -sh outputs/* 2>/dev/null || true
+	@read -p "Type 'delete' to remove outputs/: " answer && [ "$$answer" = delete ] && rm -rf outputs/* data/synthetic multirun && echo removed || echo "nothing removed"

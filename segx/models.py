@@ -175,7 +175,12 @@ def save_member(model, folder: str | os.PathLike, spec: Mapping) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(folder / "weights.h5"))
     (folder / "spec.json").write_text(json.dumps(dict(spec), indent=1))
-    model.save(str(folder / "model.keras"))
+    # For deployment, not for training on: without the optimizer's state (Adam's two moments
+    # tripled the file). tf-keras' .keras format has no include_optimizer, so an uncompiled
+    # clone with the same weights is saved.
+    plain = keras.models.clone_model(model)
+    plain.set_weights(model.get_weights())
+    plain.save(str(folder / "model.keras"))
     return folder
 
 

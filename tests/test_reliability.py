@@ -57,7 +57,9 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     assert run.info.status == "FINISHED" and run.data.tags["segx.resumed"] == "true"
     steps = sorted({m.step for m in client.get_metric_history(run_id, "val/dice")})
     assert steps == list(range(6))  # epochs before and after the kill, in one run
-    assert json.loads(state.read_text())["next_epoch"] == 6
+    # Killed, the checkpoint was kept (it resumed from it); finished, it is removed: the logged
+    # model is the member, and checkpoints carry optimizer state several times its size.
+    assert not state.parent.exists()
     names = {a.path for a in client.list_artifacts(run_id, "model")}
     assert {"model/weights.h5", "model/spec.json"} <= names
     _, all_runs = runs_in(tmp_path)

@@ -74,6 +74,9 @@ def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, 
     assert len(cached.previews) and np.array_equal(probs.flat, cached.probs[: len(cached.previews)].flat)
     keras_file = tracking.download(client, run_id, "model/model.keras", tmp_path / "k")
     assert load_keras_model(keras_file).count_params() == model.count_params()
+    # Saved for deployment, without the optimizer's state: about the size of the weights alone.
+    weights = folder / "weights.h5"
+    assert keras_file.stat().st_size < 1.5 * weights.stat().st_size
     assert load_augmentation(tracking.download(client, run_id, "augmentation.json", tmp_path)).transforms
 
 

@@ -278,6 +278,11 @@ def train_member(cfg: DictConfig) -> float:
         _log_outputs(client, run_id, model, spec, prepared, history, spacing)
         tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
         print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
+    # Finished: the logged model is the member; the resumable checkpoint (weights and optimizer
+    # state, several times the model's size) is only for runs that did not finish.
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
     if parent_id is not None:  # after the fold's run is FINISHED, so the summary counts it
         from segx.tracking import cv
 
