@@ -247,10 +247,54 @@ def task(function: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(function)
     def wrapped(cfg: Any) -> Any:
-        with reported():
+        with _job_log(), reported():  # the log holds the error line too
             return function(cfg)
 
     return wrapped
+
+
+class _Tee:
+    """A text stream that also writes to a log file; everything else is the stream's own."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(Exception):
+            self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            self._log.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _job_log() -> Iterator[None]:
+    """What the job prints, also in ``<Hydra job folder>/<command>.log`` (as the Lightning-Hydra
+    template keeps a log per run); nothing if Hydra's runtime is not set (a library call)."""
+    from pathlib import Path
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        runtime = HydraConfig.get()
+        path = Path(runtime.runtime.output_dir) / f"{runtime.job.name}.log"
+        log = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 - closed below
+    except Exception:  # noqa: BLE001 - no Hydra run folder: no log file, the job runs as ever
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        log.close()
 
 
 def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
@@ -289,7 +333,10 @@ def _check_output_dir(config_name: str, argv: Sequence[str]) -> None:
 def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
     """Run one command: ``entry()`` is a ``@hydra.main`` function (then ``config_name`` names
     its config, for the pre-Hydra checks) or a plain function for commands without Hydra."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if config_name is None:
+        # Hydra commands get their logging from Hydra (conf/hydra/job_logging/segx.yaml: the
+        # console and the job's log file); configuring it here too printed --info twice.
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     install()
     with reported(), signals_raise():
         if config_name is not None:
