@@ -61,6 +61,7 @@ SIZE = 64
 EPOCHS = 8
 PATIENCE = 0  # early stopping off: every member runs the same epochs (the best epoch is kept)
 SETTINGS = ("single", "cv")
+AT_VAL = "member@val-threshold:"  # a member at the threshold of its validation Dice
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: 
     gain = pd.read_csv(tracking.download(client, run_id, "tables/gain.csv", folder)).iloc[0].to_dict()
     per_case = pd.read_csv(tracking.download(client, run_id, "tables/test_per_case.csv", folder))
     val = pd.read_csv(tracking.download(client, run_id, "tables/val_summary.csv", folder))
+    per_case = pd.concat([per_case, members_at_val_threshold(client, ids, val)], ignore_index=True)
     metrics = client.get_run(run_id).data.metrics
     weights = {f"{m['backbone']}-{m['arch']}": m.get("weight") for m in record["members"]}
     out = {
@@ -263,7 +265,38 @@ def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: 
         "val_table": val.to_dict(orient="records"),
         "test_table": test_table(per_case),
     }  # fmt: skip
+    # gain.csv's bootstrap again, against the same best member at its validation threshold.
+    from segx.evaluation.report import paired_bootstrap
+
+    dice = per_case.pivot_table(index="stem", columns="method", values="dice")
+    best_at_t = AT_VAL + out["gain"]["best_member"].removeprefix("member:")
+    out["gain_at_val_threshold"] = {
+        **paired_bootstrap(dice["ensemble"].to_numpy(), dice[best_at_t].to_numpy(), args.bootstrap, 0),
+        "best_member": best_at_t, "best_member_test_dice": float(dice[best_at_t].mean()),
+        "best_member_optimism": out["gain"]["best_member_val_dice"] - float(dice[best_at_t].mean()),
+    }  # fmt: skip
     return out, per_case.assign(setting=setting)
+
+
+def members_at_val_threshold(client, ids: list[str], val: pd.DataFrame) -> pd.DataFrame:
+    """Each member's per-case test metrics at the threshold its validation Dice was taken at (the
+    search's baselines pick each member's best threshold; segx's test rows and gain.csv score
+    members at 0.5), through segx's own combine/binarize arithmetic."""
+    from segx import tracking
+    from segx.ensembling.members import load_member
+    from segx.ensembling.probs import Weights, binarize, combine
+    from segx.evaluation.metrics import case_metrics
+
+    thresholds = dict(zip(val["method"], val["threshold"], strict=True))
+    rows = []
+    for run_id in ids:
+        m = load_member(client, tracking.get_run(client, run_id), REPO / "outputs" / "cache" / "probs")
+        t = float(thresholds[f"member:{m.label}"])
+        pred = binarize(combine([m.test.probs], Weights((1,), 1)), t)
+        scores = case_metrics(pred, m.test.masks, spacing=m.pixel_spacing)
+        for i, stem in enumerate(m.test.stems):
+            rows.append({"method": f"{AT_VAL}{m.label}", "threshold": t, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
+    return pd.DataFrame(rows)
 
 
 def test_table(per_case: pd.DataFrame) -> list[dict]:
@@ -288,14 +321,17 @@ def compare(results: dict, per_case: dict[str, pd.DataFrame], resamples: int) ->
         return {"error": "the two ensembles were scored on different test cases; compare only within each setting"}
     best_single = single["gain"]["best_member"]  # best on validation, as the ensemble run picked it
     best_cv = cv["gain"]["best_member"]
-    a = dice["single"][best_single]
-    series = {"a": a, "b": dice["single"]["ensemble"], "c_best": dice["cv"][best_cv], "d": dice["cv"]["ensemble"]}
-    series = {k: v.loc[a.index] for k, v in series.items()}
-    pairs = {"d_minus_a": ("d", "a"), "d_minus_b": ("d", "b"), "c_best_minus_a": ("c_best", "a"), "b_minus_a": ("b", "a")}
+    stems = dice["single"].index
+    series = {"a": dice["single"][best_single], "a_t": dice["single"][AT_VAL + best_single.removeprefix("member:")],
+              "b": dice["single"]["ensemble"], "c_best": dice["cv"][best_cv],
+              "c_best_t": dice["cv"][AT_VAL + best_cv.removeprefix("member:")], "d": dice["cv"]["ensemble"]}  # fmt: skip
+    series = {k: v.loc[stems] for k, v in series.items()}
+    pairs = {"d_minus_a": ("d", "a"), "d_minus_a_t": ("d", "a_t"), "d_minus_b": ("d", "b"), "b_minus_a": ("b", "a"),
+             "c_best_minus_a": ("c_best", "a"), "c_best_t_minus_a_t": ("c_best_t", "a_t")}  # fmt: skip
     boot = {}
     for key, (x, y) in pairs.items():
         boot[key] = paired_bootstrap(series[x].to_numpy(), series[y].to_numpy(), resamples, 0)
-    return {"best_single_member": best_single, "best_cv_member": best_cv, "cases": len(a), "bootstrap": boot}
+    return {"best_single_member": best_single, "best_cv_member": best_cv, "cases": len(stems), "bootstrap": boot}
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -317,7 +353,8 @@ def run(args) -> None:
     if results.get("settings") != settings:
         results = {"settings": settings}
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    results.pop("finished", None)
+    for stale in ("finished", "comparison", "total_seconds"):  # recomputed by this run
+        results.pop(stale, None)
     results["machine"] = machine()
     results.setdefault("members", {})
     results.setdefault("cv_parents", {})
@@ -428,37 +465,78 @@ def _val(e: dict, method: str) -> float | None:
     return row["val_dice"] if row else None
 
 
+def _val_threshold(e: dict, method: str) -> float | None:
+    row = next((r for r in e.get("val_table", []) if r["method"] == method), None)
+    return row["threshold"] if row else None
+
+
 def summary_rows(results: dict) -> list[dict]:
     """The four rows of the issue: (a) best single-split member, (b) single-split ensemble,
     (c) each cross-validated member, (d) cross-validated ensemble."""
     rows = []
     single, cv = results["ensembles"].get("single", {}), results["ensembles"].get("cv", {})
-    comp = results.get("comparison", {}).get("bootstrap", {})
+
+    def member_rows(e: dict, tag: str, which: str) -> list[dict]:
+        out = []
+        best = e["gain"]["best_member"]
+        for r in e["test_table"]:
+            if not r["method"].startswith("member:"):
+                continue
+            name = r["method"].removeprefix("member:")
+            if tag == "(a)" and r["method"] != best:
+                continue
+            at_t = _row(e["test_table"], AT_VAL + name)
+            val = _val(e, r["method"])
+            what = (f"best single-split member: {name} (best on validation)" if tag == "(a)" else
+                    f"cross-validated member {name}, mean of {FOLDS} folds" + (f" (best on {which})" if r["method"] == best else ""))
+            out.append({"row": tag, "what": what, "networks": 1 if tag == "(a)" else FOLDS, "val": val,
+                        "val_threshold": _val_threshold(e, r["method"]), "test_05": r["dice_mean"],
+                        "test_t": at_t["dice_mean"] if at_t else None,
+                        "optimism": val - at_t["dice_mean"] if at_t and val is not None else None})  # fmt: skip
+        return out
+
+    def ensemble_row(e: dict, tag: str, what: str) -> dict:
+        g = e["gain"]
+        return {"row": tag, "what": f"{what} (chosen: {e['chosen']}, post-processing {_post(e['postprocess'])})",
+                "networks": len(e["member_run_ids"]) * (FOLDS if tag == "(d)" else 1), "val": g["ensemble_val_dice"],
+                "val_threshold": e["threshold"], "test_05": None, "test_t": g["ensemble_test_dice"],
+                "optimism": g["ensemble_optimism"]}  # fmt: skip
+
     if "gain" in single:
-        g = single["gain"]
-        rows.append({"row": "(a)", "what": f"best single-split member ({g['best_member'].removeprefix('member:')}, best on validation)",
-                     "networks": 1, "val": g["best_member_val_dice"], "test": g["best_member_test_dice"],
-                     "vs": "", "optimism": g["best_member_optimism"]})  # fmt: skip
-        rows.append({"row": "(b)", "what": f"single-split ensemble (chosen: {single['chosen']}, threshold {single['threshold']})",
-                     "networks": len(single["member_run_ids"]), "val": g["ensemble_val_dice"], "test": g["ensemble_test_dice"],
-                     "vs": f"{_ci(g)} vs (a)", "optimism": g["ensemble_optimism"]})  # fmt: skip
+        rows += member_rows(single, "(a)", "validation")
+        rows.append(ensemble_row(single, "(b)", "single-split ensemble"))
     if "gain" in cv:
-        g = cv["gain"]
-        for r in cv["test_table"]:
-            if r["method"].startswith("member:"):
-                name = r["method"].removeprefix("member:")
-                mark = " (best on out-of-fold validation)" if r["method"] == g["best_member"] else ""
-                vs = f"{_ci(comp.get('c_best_minus_a'))} vs (a)" if r["method"] == g["best_member"] and comp else ""
-                rows.append({"row": "(c)", "what": f"cross-validated member {name}, mean of {FOLDS} folds{mark}",
-                             "networks": FOLDS, "val": _val(cv, r["method"]), "test": r["dice_mean"], "vs": vs,
-                             "optimism": (_val(cv, r["method"]) - r["dice_mean"]) if _val(cv, r["method"]) is not None else None})  # fmt: skip
-        vs = f"{_ci(g)} vs best (c)"
-        if comp:
-            vs += f"; {_ci(comp.get('d_minus_a'))} vs (a); {_ci(comp.get('d_minus_b'))} vs (b)"
-        rows.append({"row": "(d)", "what": f"cross-validated ensemble (chosen: {cv['chosen']}, threshold {cv['threshold']})",
-                     "networks": FOLDS * len(cv["member_run_ids"]), "val": g["ensemble_val_dice"], "test": g["ensemble_test_dice"],
-                     "vs": vs, "optimism": g["ensemble_optimism"]})  # fmt: skip
+        rows += member_rows(cv, "(c)", "out-of-fold validation")
+        rows.append(ensemble_row(cv, "(d)", "cross-validated ensemble"))
     return rows
+
+
+def _post(post: dict | None) -> str:
+    if not post:
+        return "none"
+    parts = [f"remove < {post['min_size']} px" if post.get("min_size") else "",
+             "fill holes" if post.get("fill_holes") else "", "keep largest" if post.get("keep_largest") else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p) or "none"
+
+
+def gain_rows(results: dict) -> list[tuple[str, dict | None, dict | None]]:
+    """(comparison, bootstrap with members at 0.5 as segx logs it, with members at their validation threshold)."""
+    single, cv = results["ensembles"].get("single", {}), results["ensembles"].get("cv", {})
+    comp = results.get("comparison", {}).get("bootstrap", {})
+    rows = []
+    if "gain" in single:
+        rows.append(("(b) single-split ensemble minus (a), its best member (`tables/gain.csv`)", single["gain"], single.get("gain_at_val_threshold")))
+    if "gain" in cv:
+        rows.append(("(d) cross-validated ensemble minus its best member (c) (`tables/gain.csv`)", cv["gain"], cv.get("gain_at_val_threshold")))
+    if comp:
+        rows += [("(d) cross-validated ensemble minus (a), the best single-split member", comp.get("d_minus_a"), comp.get("d_minus_a_t")),
+                 ("(d) cross-validated ensemble minus (b), the single-split ensemble", comp.get("d_minus_b"), comp.get("d_minus_b")),
+                 ("best (c) cross-validated member minus (a)", comp.get("c_best_minus_a"), comp.get("c_best_t_minus_a_t"))]  # fmt: skip
+    return rows
+
+
+def _sign(b: dict) -> str:
+    return "above zero" if b["low"] > 0 else "below zero: a loss" if b["high"] < 0 else "includes zero"
 
 
 def verdict(results: dict) -> list[str]:
@@ -466,32 +544,34 @@ def verdict(results: dict) -> list[str]:
     if "gain" not in single or "gain" not in cv:
         return []
     gs, gc = single["gain"], cv["gain"]
+    gct = cv.get("gain_at_val_threshold")
     comp = results.get("comparison", {}).get("bootstrap", {})
     lines = []
     beats = gc["low"] > 0
     lines.append(
-        f"- **Target 1 (the cross-validated ensemble beats the best single member, lower end of the 95% interval above zero): "
-        f"{'met' if beats else 'not met'}.** Against its best member ({gc['best_member'].removeprefix('member:')}, best on "
-        f"out-of-fold validation) the cross-validated ensemble gains {_ci(gc)} test Dice over {gc['cases']} cases"
-        + (" (the whole interval is above zero)." if beats else " (the interval includes zero)." if gc["high"] >= 0 else " (a loss: the whole interval is below zero).")
+        f"- **Target 1 (the cross-validated ensemble beats the best single member with the lower end of the 95% interval above "
+        f"zero): {'met' if beats else 'not met'} as segx logs it** (`tables/gain.csv`: {_ci(gc)} against "
+        f"{gc['best_member'].removeprefix('member:')} at threshold 0.5 over {gc['cases']} cases, {_sign(gc)})"
+        + (f"; against the same member at the threshold its out-of-fold Dice was taken at: {_ci(gct)} ({_sign(gct)})." if gct else ".")
     )  # fmt: skip
-    if comp.get("d_minus_a"):
-        d = comp["d_minus_a"]
+    if comp.get("d_minus_a") and comp.get("d_minus_a_t"):
         lines.append(
-            f"  Against the best single-split member (a), on the same test cases: {_ci(d)}"
-            + (" (above zero)." if d["low"] > 0 else " (includes zero)." if d["high"] >= 0 else " (below zero: a loss).")
-            + f" Against the single-split ensemble (b): {_ci(comp['d_minus_b'])}."
+            f"  Against the best single-split member (a), on the same test cases: {_ci(comp['d_minus_a'])} ({_sign(comp['d_minus_a'])}); "
+            f"with (a) at its validation threshold {_ci(comp['d_minus_a_t'])} ({_sign(comp['d_minus_a_t'])}). Against the "
+            f"single-split ensemble (b): {_ci(comp['d_minus_b'])} ({_sign(comp['d_minus_b'])})."
         )  # fmt: skip
     smaller = abs(gc["ensemble_optimism"]) < abs(gs["ensemble_optimism"])
     lines.append(
         f"- **Target 2 (its selection optimism is smaller than the single-split ensemble's): {'met' if smaller else 'not met'}.** "
         f"Validation minus test Dice of the chosen ensemble: cross-validated {_s(gc['ensemble_optimism'])} "
         f"(chosen on {int(sum(results['test_sets']['fold_sizes']))} out-of-fold cases) vs single-split "
-        f"{_s(gs['ensemble_optimism'])} (chosen on {results['test_sets']['n_val_plain']} validation cases); compared by absolute value."
+        f"{_s(gs['ensemble_optimism'])} (chosen on {results['test_sets']['n_val_plain']} validation cases), compared by "
+        "absolute value. This is one draw of each (one test set of this size), not an interval."
     )  # fmt: skip
+    gst = single.get("gain_at_val_threshold")
     lines.append(
-        f"- The single-split ensemble (today's method) against its best member: {_ci(gs)}"
-        + (" (above zero)." if gs["low"] > 0 else " (includes zero)." if gs["high"] >= 0 else " (below zero: a loss).")
+        f"- Today's single-split ensemble against its best member: {_ci(gs)} ({_sign(gs)})"
+        + (f"; with the member at its validation threshold {_ci(gst)} ({_sign(gst)})." if gst else ".")
     )  # fmt: skip
     return lines
 
@@ -542,15 +622,26 @@ def report(results: dict) -> str:
     rows = summary_rows(results)
     if rows:
         lines += ["## Summary (test split)", "",
-                  "Val Dice: what the choice was made on (members: at their best threshold on validation, as the search's "
-                  "baselines; ensembles: the chosen ensemble). For the cross-validated rows it is out-of-fold (each case "
-                  "predicted by the fold model that did not see it). Test Dice: members at threshold 0.5, ensembles at the "
-                  "validation-chosen threshold and post-processing. Gain: paired bootstrap of per-case test Dice, "
-                  "95% percentile interval. Optimism = val minus test Dice.", "",
-                  "| row | what | networks | val Dice | test Dice | gain [95% CI] | optimism |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "Val Dice: what each choice was made on, at the threshold shown (a member: its best threshold on "
+                  "validation, as the search's baselines take it; an ensemble: the chosen weights, threshold and "
+                  "post-processing). For (c) and (d) validation is out-of-fold: every non-test case, predicted by the fold "
+                  "model that did not see it. Test Dice at 0.5: a member as segx's test table and `tables/gain.csv` score it; "
+                  "test Dice at the val threshold: the same member at the threshold of its val Dice (for an ensemble, its "
+                  "test Dice). Optimism: val Dice minus test Dice at the same threshold.", "",
+                  "| row | what | networks | val Dice | val threshold | test Dice at 0.5 | test Dice at the val threshold | optimism |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
-            lines.append(f"| {r['row']} | {r['what']} | {r['networks']} | {_f(r['val'])} | **{_f(r['test'])}** | {r['vs'] or '-'} | {_s(r['optimism'])} |")
+            lines.append(f"| {r['row']} | {r['what']} | {r['networks']} | {_f(r['val'])} | {r['val_threshold']} | "
+                         f"{_f(r['test_05'])} | **{_f(r['test_t'])}** | {_s(r['optimism'])} |")  # fmt: skip
+        gains = gain_rows(results)
+        if gains:
+            lines += ["", "Gains in mean test Dice, paired bootstrap over test cases (95% percentile interval, "
+                      f"{s.get('bootstrap')} resamples, seed 0: `segx.evaluation.report.paired_bootstrap` as the ensemble "
+                      "runs use it). segx's `tables/gain.csv` scores the best member at threshold 0.5; the last column "
+                      "repeats the bootstrap with each member at the threshold of its validation Dice.", "",
+                      "| comparison | members at 0.5 (segx) | members at their val threshold |", "|---|---|---|"]  # fmt: skip
+            for name, b05, bt in gains:
+                lines.append(f"| {name} | {_ci(b05)} | {_ci(bt)} |")
         v = verdict(results)
         if v:
             lines += ["", "### What the numbers show", "", *v]

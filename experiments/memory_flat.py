@@ -214,6 +214,46 @@ def measure(cmd: list[str], log_path: Path) -> dict:
     }
 
 
+PREPARE_CHILD = r"""
+import json, os, resource, time, tracemalloc
+from omegaconf import OmegaConf
+from segx.data.prepare import prepare
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+data = OmegaConf.load("conf/data/folder.yaml")
+cfg = OmegaConf.create({{"data": data}})
+cfg.data.update({{"root": {root!r}, "mode": {mode!r}, "patch_size": 64, "image_size": 64,
+                 "split_file": {split!r}, "cache_dir": {cache!r}}})
+trace = {trace}
+before = rss_mib()
+if trace:
+    tracemalloc.start()
+start = time.perf_counter()
+prepared = prepare(cfg.data, {output!r})
+seconds = time.perf_counter() - start
+held, peak = tracemalloc.get_traced_memory() if trace else (0, 0)
+print(json.dumps({{"seconds": seconds, "rss_before_mib": before, "rss_after_mib": rss_mib(),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "traced_held_mib": held / 2**20, "traced_peak_mib": peak / 2**20,
+                  "cases": len(prepared.decoded)}}))
+"""
+
+
+def prepare_only(mode: str, root: Path, split: Path, cache: Path, output: Path, trace: bool) -> dict:
+    """``segx.data.prepare.prepare`` alone in a fresh process (no TensorFlow is imported): how
+    long reading the folder takes and what the prepared data holds, without a network around it."""
+    code = PREPARE_CHILD.format(root=str(root), mode=mode, split=str(split), cache=str(cache), output=str(output), trace=trace)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"prepare ({mode}, {root}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def train_command(mode: str, root: Path, split: Path, cache: Path, output: Path) -> list[str]:
     cmd = [sys.executable, "-m", "segx.train", "data=folder", f"data.root={root}", f"data.mode={mode}",
            "backbone=resnet18", "trainer.epochs=1", "trainer.verbose=2", f"data.split_file={split}",
@@ -232,6 +272,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--val", type=int, default=4)
     parser.add_argument("--test", type=int, default=4)
+    parser.add_argument("--stages", default="train,prepare", help="train (whole segx.train runs), prepare (data preparation alone)")
     parser.add_argument("--cleanup", action="store_true", help="delete the decoded caches and run folders at the end")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
@@ -242,35 +283,75 @@ def main() -> None:
 
     work = Path(args.work)
     sizes = sorted(int(n) for n in args.sizes.split(","))
-    # Decoded cache: 4 bytes per pixel (RGB + mask) per case, for every folder; PNGs are small.
-    need = sum(sizes) * args.side**2 * 4 * 1.05 + max(sizes) * 0.5 * MIB
+    stages = args.stages.split(",")
+    # Decoded cache: 4 bytes per pixel (RGB + mask) per case, for every folder, plus one more
+    # of the largest folder decoded afresh by the prepare stage; PNGs are small.
+    need = (sum(sizes) + max(sizes)) * args.side**2 * 4 * 1.05 + max(sizes) * 0.5 * MIB
     free = shutil.disk_usage(work.parent if not work.exists() else work).free
     if free < 1.5 * need:
         raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, this needs about {need / 2**30:.1f} GiB (x1.5 margin)")
     data = make_data(work, sizes, args.side, args.val, args.test)
-    saved = {"args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-             "png_mib_per_case": data["png_mib_per_case"], "runs": [], "cache": {}}  # fmt: skip
+    fresh = {"args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+             "png_mib_per_case": data["png_mib_per_case"], "runs": [], "cache": {}, "prepare": []}  # fmt: skip
+    saved = fresh
+    if (OUT / "results.json").exists():
+        # A run of some stages keeps the other stages' results of the same data and settings.
+        old = json.loads((OUT / "results.json").read_text())
+        same = ("work", "sizes", "side", "val", "test")
+        if all(old["args"].get(k) == fresh["args"][k] for k in same):
+            saved = old
+            saved["args"]["stages"] = ",".join(sorted(set(old["args"].get("stages", "train").split(",")) | set(stages)))
+            saved.setdefault("prepare", [])
     OUT.mkdir(parents=True, exist_ok=True)
-    plan = [("patch", n, "first") for n in sizes] + [("patch", n, "second") for n in sizes]
-    plan += [("resize", n, "cache hit") for n in sizes]
-    for mode, n, which in plan:
-        cache = work / "cache" / f"n{n}"
-        if mode == "patch" and which == "first":
-            shutil.rmtree(cache, ignore_errors=True)  # a decoding run starts from an empty cache
-        output = work / "runs" / f"{mode}-n{n}-{which.replace(' ', '-')}"
-        shutil.rmtree(output, ignore_errors=True)
-        output.mkdir(parents=True)
-        cmd = train_command(mode, work / "data" / f"n{n}", data["splits"][n], cache, output)
-        print(f"== {mode} mode, {n} images, {which} run", flush=True)
-        result = measure(cmd, output / "train.log")
-        result.update({"mode": mode, "images": n, "run": which, "train": n - args.val - args.test,
-                       "val": args.val, "test": args.test})  # fmt: skip
-        saved["runs"].append(result)
-        if n not in saved["cache"]:
-            saved["cache"][n] = disk_usage(cache)
-        print(f"   peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.1f} s", flush=True)
+
+    def save() -> None:
         (OUT / "results.json").write_text(json.dumps(saved, indent=1))
         write_report(quiet=True)
+
+    if "train" in stages:
+        saved["runs"], saved["cache"], saved["started"] = [], {}, fresh["started"]
+        plan = [("patch", n, "first") for n in sizes] + [("patch", n, "second") for n in sizes]
+        plan += [("resize", n, "cache hit") for n in sizes]
+        for mode, n, which in plan:
+            cache = work / "cache" / f"n{n}"
+            if mode == "patch" and which == "first":
+                shutil.rmtree(cache, ignore_errors=True)  # a decoding run starts from an empty cache
+            output = work / "runs" / f"{mode}-n{n}-{which.replace(' ', '-')}"
+            shutil.rmtree(output, ignore_errors=True)
+            output.mkdir(parents=True)
+            cmd = train_command(mode, work / "data" / f"n{n}", data["splits"][n], cache, output)
+            print(f"== {mode} mode, {n} images, {which} run", flush=True)
+            result = measure(cmd, output / "train.log")
+            result.update({"mode": mode, "images": n, "run": which, "train": n - args.val - args.test,
+                           "val": args.val, "test": args.test})  # fmt: skip
+            saved["runs"].append(result)
+            if str(n) not in saved["cache"]:
+                saved["cache"][str(n)] = disk_usage(cache)
+            # Checkpoints, model files and the MLflow store take ~0.5 GiB per run: keep the log only.
+            for path in output.iterdir():
+                if path.name != "train.log":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"   peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.1f} s", flush=True)
+            save()
+    if "prepare" in stages:
+        saved["prepare"] = []
+        for n in sizes:
+            root, split = work / "data" / f"n{n}", data["splits"][n]
+            scratch = work / "prepare" / f"n{n}"
+            shutil.rmtree(scratch, ignore_errors=True)
+            # Decoding into an empty cache, then the same again (cache hit), then the cache hit
+            # under tracemalloc (what prepare's result holds; tracemalloc slows Python down, so
+            # its run is not timed). Resize mode reads the same cache.
+            steps = [("patch", "decode", False), ("patch", "cache hit", False), ("patch", "cache hit", True),
+                     ("resize", "cache hit", False), ("resize", "cache hit", True)]  # fmt: skip
+            for mode, which, trace in steps:
+                result = prepare_only(mode, root, split, scratch / "cache", scratch / "out", trace)
+                result.update({"mode": mode, "images": n, "run": which, "traced": trace})
+                saved["prepare"].append(result)
+                print(f"== prepare {mode} {n} images {which}{' (tracemalloc)' if trace else ''}: "
+                      f"{result['seconds']:.1f} s, held {result['traced_held_mib']:.1f} MiB", flush=True)  # fmt: skip
+                save()
+            shutil.rmtree(scratch, ignore_errors=True)
     if args.cleanup:
         shutil.rmtree(work / "cache", ignore_errors=True)
         shutil.rmtree(work / "runs", ignore_errors=True)

@@ -297,14 +297,22 @@ def _job_log() -> Iterator[None]:
         log.close()
 
 
+# Flags after which Hydra answers something other than running the task, or composes another
+# primary config: segx's pre-checks stay out of the way.
+HYDRA_ONLY_FLAGS = ("-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-cn", "--config-name")
+
+
 def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     """Checks run on the command line before Hydra starts: an unknown group option or config
     key becomes one line with a suggestion (Hydra's own messages span many lines)."""
-    from segx.config import check_group_choices, check_override_keys
+    from segx.config import CONF_DIR, check_group_choices, check_override_keys, search_dirs
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    check_group_choices(argv)
-    check_override_keys(config_name, argv)
+    if any(a in HYDRA_ONLY_FLAGS or a.startswith(("--shell-completion=", "--config-name=")) for a in argv):
+        return  # Hydra's own flags (shell completion, help, another primary config): Hydra's to answer
+    dirs = [CONF_DIR, *search_dirs(argv)]  # the folders Hydra will search, a user's own included
+    check_group_choices(argv, dirs)
+    check_override_keys(config_name, argv, dirs)
     _check_output_dir(config_name, argv)
 
 

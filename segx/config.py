@@ -20,16 +20,41 @@ ARCHS = ("unet", "fpn", "linknet", "pspnet")  # segmentation-models decoders; co
 TTA_MODES = ("none", "flip")  # test-time augmentation: a member's caches and the ensemble's record
 SEARCH_METHODS = ("grid", "greedy", "optimize")  # ensemble.search
 
-def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+def _dirs(conf_dir) -> list[Path]:
+    """One config folder or several (segx's conf/ first, then the user's, as Hydra searches)."""
+    return [Path(d) for d in conf_dir] if isinstance(conf_dir, (list, tuple)) else [Path(conf_dir)]
 
 
-def check_group_choices(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+def group_options(group: str, conf_dir: Path | Sequence[Path] = CONF_DIR) -> list[str]:
+    return sorted({p.stem for d in _dirs(conf_dir) for p in (d / group).glob("*.yaml")})
+
+
+def search_dirs(argv: Sequence[str]) -> list[Path]:
+    """The config folders Hydra will search besides conf/: ``--config-dir``/``-cd`` and
+    ``hydra.searchpath=[file://...]`` entries (``pkg://`` ones cannot be listed here)."""
+    extra = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            extra.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            extra.append(arg.split("=", 1)[1])
+        elif arg.startswith(("hydra.searchpath=", "+hydra.searchpath=", "++hydra.searchpath=")):
+            for item in arg.split("=", 1)[1].strip("[]").split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    extra.append(item[len("file://"):])
+                elif item and "://" not in item:
+                    extra.append(item)
+    return [Path(d).expanduser().resolve() for d in extra]
+
+
+def check_group_choices(argv: Sequence[str], conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
     """Fail fast, in one line with a suggestion, on ``group=value`` naming no config file.
 
-    Hydra's own message lists every option over many lines; this runs before Hydra.
+    Hydra's own message lists every option over many lines; this runs before Hydra, over the
+    same config folders Hydra will search (``conf_dir``: conf/ and the user's).
     """
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    groups = {p.name for d in _dirs(conf_dir) if d.is_dir() for p in d.iterdir() if p.is_dir()}
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "~", "hydra")):
             continue
@@ -42,10 +67,11 @@ def check_group_choices(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
             v = v.strip()
             if v not in options:
                 hint = suggest(v, options) or f" choose one of {', '.join(options)}"
-                raise SegxError(f"unknown {key} '{v}';{hint} (see conf/{key}/)")
+                where = " or ".join(f"{d}/{key}/" if d != CONF_DIR else f"conf/{key}/" for d in _dirs(conf_dir))
+                raise SegxError(f"unknown {key} '{v}';{hint} (see {where})")
 
 
-def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
     """Fail fast, in one line with a suggestion, on ``a.b=value`` naming no config key.
 
     Composes the config with the group choices given on the command line (Hydra's own error
@@ -54,7 +80,8 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path = 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    dirs = _dirs(conf_dir)
+    groups = {p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()}
     choices, keys = [], []
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "~", "+", "hydra")):
@@ -69,8 +96,10 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path = 
         return
     if GlobalHydra.instance().is_initialized():
         return  # inside a running Hydra app: Hydra has already composed the config
+    if len(dirs) > 1:
+        choices.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs[1:]) + "]")
     try:
-        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        with initialize_config_dir(str(dirs[0]), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
     except Exception:  # noqa: BLE001 - leave the full diagnosis to Hydra itself
         return

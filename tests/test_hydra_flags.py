@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from tests.conftest import ROOT, tiny_train_overrides
 
 
-def run(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_info_prints_each_line_once():
@@ -29,3 +31,27 @@ def test_a_job_writes_its_log_in_its_hydra_folder(tmp_path, synthetic_root):
     assert bad.returncode == 2
     logs = sorted((tmp_path / "hydra").glob("*-train/train.log"))
     assert any("segx: error: trainer.epochs=0 is out of range" in p.read_text() for p in logs)
+
+
+def test_shell_completion_reaches_hydra():
+    result = run(["segx.train", "-sc", "install=bash"])
+    assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout and "segx: error" not in result.stderr  # Hydra's bash snippet
+    # What bash passes when completing `segx-train backbone=res<TAB>` (the console script).
+    query = run(["segx.train", "-sc", "query=bash"], env={"COMP_LINE": "segx-train backbone=res"})
+    assert query.returncode == 0, query.stderr
+    assert "backbone=resnet34" in query.stdout and "backbone=resnet18" in query.stdout
+
+
+def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, synthetic_root):
+    own = tmp_path / "myconf" / "backbone"
+    own.mkdir(parents=True)
+    (own / "myres.yaml").write_text("name: resnet18\nencoder_weights: null\nencoder_freeze: false\n")
+    overrides = [*tiny_train_overrides(tmp_path / "out", synthetic_root), "backbone=myres"]
+    result = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), *overrides], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resnet18-unet" in result.stdout
+    same = run(["segx.train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", *overrides, "trainer.epochs=0"])
+    assert "unknown backbone" not in same.stderr and "trainer.epochs=0 is out of range" in same.stderr
+    typo = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), *overrides[:-1], "backbone=myress"])
+    assert typo.returncode == 2 and "unknown backbone 'myress'; did you mean 'myres'?" in typo.stderr
