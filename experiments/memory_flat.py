@@ -63,7 +63,9 @@ def blob_case(index: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         axes = tuple(int(a) for a in rng.integers(side // 60, side // 12, 2))
         angle = float(rng.uniform(0, 180))
         foreground = k % 3 != 2
-        colour = tuple(int(c) for c in (rng.integers(150, 255, 3) if foreground else rng.integers(90, 150, 3)))
+        colour = tuple(
+            int(c) for c in (rng.integers(150, 255, 3) if foreground else rng.integers(90, 150, 3))
+        )
         cv2.ellipse(image, center, axes, angle, 0, 360, colour, -1, cv2.LINE_AA)
         cv2.ellipse(mask, center, axes, angle, 0, 360, 255 if foreground else 0, -1, cv2.LINE_8)
     return image, mask
@@ -93,14 +95,20 @@ def make_data(work: Path, sizes: list[int], side: int, val: int, test: int) -> d
         for sub in ("train_images", "train_masks"):
             (full / sub).mkdir(parents=True, exist_ok=True)
         for i, stem in enumerate(stems):
-            image_path, mask_path = full / "train_images" / f"{stem}.png", full / "train_masks" / f"{stem}.png"
+            image_path, mask_path = (
+                full / "train_images" / f"{stem}.png",
+                full / "train_masks" / f"{stem}.png",
+            )
             if image_path.exists() and mask_path.exists():
                 continue
             image, mask = blob_case(i, side)
             write_png(image_path, image)
             write_png(mask_path, mask)
             if (i + 1) % 100 == 0:
-                print(f"generated {i + 1}/{largest} cases ({time.perf_counter() - started:.0f} s)", flush=True)
+                print(
+                    f"generated {i + 1}/{largest} cases ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
         for n in sizes:
             folder = work / "data" / f"n{n}"
             if folder == full:
@@ -114,7 +122,11 @@ def make_data(work: Path, sizes: list[int], side: int, val: int, test: int) -> d
     splits = {}
     for n in sizes:
         # The same val and test cases for every folder: only the training set grows.
-        split = {"train": stems[val + test : n], "val": stems[:val], "test": stems[val : val + test]}
+        split = {
+            "train": stems[val + test : n],
+            "val": stems[:val],
+            "test": stems[val : val + test],
+        }
         path = work / "splits" / f"n{n}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(split, indent=1))
@@ -162,7 +174,9 @@ def measure(cmd: list[str], log_path: Path) -> dict:
     samples: list[tuple[float, int, int, int]] = []  # (t, rss, anon, file) kB
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+        )
 
         def read() -> None:
             for line in proc.stdout:
@@ -177,7 +191,14 @@ def measure(cmd: list[str], log_path: Path) -> dict:
                 break
             values = _status(proc.pid)
             if values:
-                samples.append((time.perf_counter() - start, values["VmRSS"], values.get("RssAnon", 0), values.get("RssFile", 0)))
+                samples.append(
+                    (
+                        time.perf_counter() - start,
+                        values["VmRSS"],
+                        values.get("RssAnon", 0),
+                        values.get("RssFile", 0),
+                    )
+                )
             time.sleep(0.1)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -209,7 +230,10 @@ def measure(cmd: list[str], log_path: Path) -> dict:
         "sampled_max_anon_mib": max((s[2] for s in samples), default=0) / 1024,
         "sampled_max_file_mib": max((s[3] for s in samples), default=0) / 1024,
         "phases": phases,
-        "series": [[round(t, 1), round(r / 1024), round(a / 1024), round(f / 1024)] for t, r, a, f in samples[::every]],
+        "series": [
+            [round(t, 1), round(r / 1024), round(a / 1024), round(f / 1024)]
+            for t, r, a, f in samples[::every]
+        ],
         "log": str(log_path),
     }
 
@@ -243,12 +267,23 @@ print(json.dumps({{"seconds": seconds, "rss_before_mib": before, "rss_after_mib"
 """
 
 
-def prepare_only(mode: str, root: Path, split: Path, cache: Path, output: Path, trace: bool) -> dict:
+def prepare_only(
+    mode: str, root: Path, split: Path, cache: Path, output: Path, trace: bool
+) -> dict:
     """``segx.data.prepare.prepare`` alone in a fresh process (no TensorFlow is imported): how
     long reading the folder takes and what the prepared data holds, without a network around it."""
-    code = PREPARE_CHILD.format(root=str(root), mode=mode, split=str(split), cache=str(cache), output=str(output), trace=trace)
+    code = PREPARE_CHILD.format(
+        root=str(root),
+        mode=mode,
+        split=str(split),
+        cache=str(cache),
+        output=str(output),
+        trace=trace,
+    )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+    )
     if out.returncode != 0:
         raise SystemExit(f"prepare ({mode}, {root}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -272,9 +307,19 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--val", type=int, default=4)
     parser.add_argument("--test", type=int, default=4)
-    parser.add_argument("--stages", default="train,prepare", help="train (whole segx.train runs), prepare (data preparation alone)")
-    parser.add_argument("--cleanup", action="store_true", help="delete the decoded caches and run folders at the end")
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument(
+        "--stages",
+        default="train,prepare",
+        help="train (whole segx.train runs), prepare (data preparation alone)",
+    )
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="delete the decoded caches and run folders at the end",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
+    )
     args = parser.parse_args()
     if args.report_only:
         write_report()
@@ -289,7 +334,9 @@ def main() -> None:
     need = (sum(sizes) + max(sizes)) * args.side**2 * 4 * 1.05 + max(sizes) * 0.5 * MIB
     free = shutil.disk_usage(work.parent if not work.exists() else work).free
     if free < 1.5 * need:
-        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, this needs about {need / 2**30:.1f} GiB (x1.5 margin)")
+        raise SystemExit(
+            f"{work}: {free / 2**30:.1f} GiB free, this needs about {need / 2**30:.1f} GiB (x1.5 margin)"
+        )
     data = make_data(work, sizes, args.side, args.val, args.test)
     fresh = {"args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
              "png_mib_per_case": data["png_mib_per_case"], "runs": [], "cache": {}, "prepare": []}  # fmt: skip
@@ -300,7 +347,9 @@ def main() -> None:
         same = ("work", "sizes", "side", "val", "test")
         if all(old["args"].get(k) == fresh["args"][k] for k in same):
             saved = old
-            saved["args"]["stages"] = ",".join(sorted(set(old["args"].get("stages", "train").split(",")) | set(stages)))
+            saved["args"]["stages"] = ",".join(
+                sorted(set(old["args"].get("stages", "train").split(",")) | set(stages))
+            )
             saved.setdefault("prepare", [])
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -315,7 +364,9 @@ def main() -> None:
         for mode, n, which in plan:
             cache = work / "cache" / f"n{n}"
             if mode == "patch" and which == "first":
-                shutil.rmtree(cache, ignore_errors=True)  # a decoding run starts from an empty cache
+                shutil.rmtree(
+                    cache, ignore_errors=True
+                )  # a decoding run starts from an empty cache
             output = work / "runs" / f"{mode}-n{n}-{which.replace(' ', '-')}"
             shutil.rmtree(output, ignore_errors=True)
             output.mkdir(parents=True)
@@ -331,7 +382,10 @@ def main() -> None:
             for path in output.iterdir():
                 if path.name != "train.log":
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-            print(f"   peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.1f} s", flush=True)
+            print(
+                f"   peak RSS {result['peak_rss_mib']:.0f} MiB, wall {result['wall_s']:.1f} s",
+                flush=True,
+            )
             save()
     if "prepare" in stages:
         saved["prepare"] = []
@@ -393,6 +447,42 @@ def write_report(quiet: bool = False) -> None:
         for n, c in saved["cache"].items()
     ]
     first = runs[0] if runs else {}
+    prepare_rows = []
+    for mode in ("patch", "resize"):
+        for n in sorted({r["images"] for r in saved.get("prepare", [])}):
+            got = {
+                (r["run"], r["traced"]): r
+                for r in saved["prepare"]
+                if r["mode"] == mode and r["images"] == n
+            }
+            decode, hit, traced = (
+                got.get(("decode", False)),
+                got.get(("cache hit", False)),
+                got.get(("cache hit", True)),
+            )
+            if not hit or not traced:
+                continue
+            decode_s = f"{decode['seconds']:.1f}" if decode else "-"
+            prepare_rows.append(
+                f"| {mode} | {n} | {decode_s} | {hit['seconds']:.1f} | "
+                f"{traced['traced_held_mib']:.2f} | {1024 * traced['traced_held_mib'] / n:.1f} | "
+                f"{traced['traced_peak_mib']:.1f} | {hit['rss_after_mib'] - hit['rss_before_mib']:.0f} | "
+                f"{hit['peak_rss_mib']:.0f} |"
+            )
+    prepare_text = ""
+    if prepare_rows:
+        prepare_text = (
+            "\nData preparation alone (`segx.data.prepare.prepare(cfg.data, ...)` in a fresh process, "
+            "no TensorFlow; the same folders and split files, a fresh decoded cache). Decode: into the "
+            "empty cache; cache hit: the same call again (every file is still hashed, every entry's "
+            "headers read). Held: what Python and numpy allocations prepare's result keeps, measured "
+            "with `tracemalloc` in a separate cache-hit run (its peak during the call beside it); RSS "
+            "growth: VmRSS after the call minus before it, in the timed cache-hit run.\n\n"
+            "| mode | images | decode s | cache hit s | held MiB | held KiB per case | traced peak MiB | "
+            "RSS growth MiB | process peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(prepare_rows)
+            + "\n"
+        )
     text = (
         "# Training memory against dataset size (patch mode and resize mode)\n\n"
         f"`python experiments/memory_flat.py --work {args['work']} --sizes {args['sizes']} --side {side} "
@@ -428,6 +518,7 @@ def write_report(quiet: bool = False) -> None:
         "| images | files | apparent MiB | allocated MiB | MiB per case |\n|---|---|---|---|---|\n"
         + "\n".join(cache_rows)
         + "\n"
+        + prepare_text
     )
     notes = OUT / "NOTES.md"
     if notes.exists():  # findings written by hand after reading the numbers

@@ -60,11 +60,15 @@ def n_tiles(height: int, width: int, window: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="1024x1024,517x333,256x256", help="WxH,WxH,... (width x height)")
+    parser.add_argument(
+        "--sizes", default="1024x1024,517x333,256x256", help="WxH,WxH,... (width x height)"
+    )
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--overlaps", default="0,0.25,0.5")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
+    )
     args = parser.parse_args()
     if args.report_only:
         write_report()
@@ -92,7 +96,9 @@ def main() -> None:
     inputs = {}
     for height, width in sizes:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        tiles = rng.integers(0, 256, (n_tiles(height, width, window), window, window, 3), dtype=np.uint8)
+        tiles = rng.integers(
+            0, 256, (n_tiles(height, width, window), window, window, 3), dtype=np.uint8
+        )
         inputs[(height, width)] = (image, tiles)
 
     def run(size: tuple[int, int], variant: str) -> float:
@@ -114,8 +120,12 @@ def main() -> None:
         "started": started,
         "machine": machine(),
         "sizes": [
-            {"height": h, "width": w, "tiles": n_tiles(h, w, window),
-             "windows": {f"{o:g}": count_windows(h, w, window, o) for o in overlaps}}  # fmt: skip
+            {
+                "height": h,
+                "width": w,
+                "tiles": n_tiles(h, w, window),
+                "windows": {f"{o:g}": count_windows(h, w, window, o) for o in overlaps},
+            }  # fmt: skip
             for h, w in sizes
         ],
         "variants": names,
@@ -132,7 +142,9 @@ def main() -> None:
             for variant in names[shift:] + names[:shift]:
                 seconds = run(size, variant)
                 saved["seconds"][f"{size[1]}x{size[0]}"][variant].append(seconds)
-                print(f"round {round_ + 1} {size[1]}x{size[0]} {variant}: {seconds:.3f} s", flush=True)
+                print(
+                    f"round {round_ + 1} {size[1]}x{size[0]} {variant}: {seconds:.3f} s", flush=True
+                )
         saved["load"].append(os.getloadavg()[0])
         saved["rounds_done"] = round_ + 1
         (OUT / "results.json").write_text(json.dumps(saved, indent=1))
@@ -174,14 +186,14 @@ def write_report(quiet: bool = False) -> None:
             rows.append(
                 f"| {width}x{height} | overlap {key} | {windows} | {windows / entry['tiles']:.2f} | "
                 f"{spread(times, 3)} | {mpx([pixels / s for s in times])} | "
-                f"{spread([(pixels / s) / (tile_px / t) for s, t in zip(times, tiles)], 3)} | "
+                f"{spread([(pixels / s) / (tile_px / t) for s, t in zip(times, tiles, strict=True)], 3)} | "
                 f"{spread([1e3 * s / windows for s in times], 1)} | "
-                f"{spread([100 * n / s for n, s in zip(numpy_times, times)], 1)} |"
+                f"{spread([100 * n / s for n, s in zip(numpy_times, times, strict=True)], 1)} |"
             )
         base = {f"{o:g}": seconds[f"overlap {o:g}"] for o in overlaps}
         pairs = [(a, b) for a in ("0.5",) for b in ("0.25", "0") if a in base and b in base]
         for a, b in pairs:
-            ratios = [x / y for x, y in zip(base[a], base[b])]
+            ratios = [x / y for x, y in zip(base[a], base[b], strict=True)]
             windows_ratio = entry["windows"][a] / entry["windows"][b]
             overhead_rows.append(
                 f"| {width}x{height} | {a} vs {b} | {entry['windows'][a]} / {entry['windows'][b]} = "
@@ -197,7 +209,9 @@ def write_report(quiet: bool = False) -> None:
             key = f"{overlap:g}"
             times = seconds[f"overlap {key}"]
             per_input["windows"] += [1e3 * s / entry["windows"][key] for s in times]
-            numpy_share += [100 * n / s for n, s in zip(seconds[f"numpy {key}"], times)]
+            numpy_share += [
+                100 * n / s for n, s in zip(seconds[f"numpy {key}"], times, strict=True)
+            ]
     summary = ""
     if per_input["tiles"] and per_input["windows"]:
         from segx.inference.window import window_starts  # numpy only
@@ -212,9 +226,11 @@ def write_report(quiet: bool = False) -> None:
             f"{e['width']}x{e['height']} runs {grid(e, high)} windows at overlap {high:g} and {grid(e, low)} at "
             f"overlap {low:g}, for {e['width'] * e['height'] / window**2:.2f} tiles' worth of pixels"
             for e in saved["sizes"]
-        ) + (" (the first and last window of each axis touch the borders, so the step shrinks to fit "
-             "a whole number of windows, and an axis that is not a multiple of the window needs one "
-             "window more even at overlap 0)")
+        ) + (
+            " (the first and last window of each axis touch the borders, so the step shrinks to fit "
+            "a whole number of windows, and an axis that is not a multiple of the window needs one "
+            "window more even at overlap 0)"
+        )
         summary = (
             "Summary: a network input costs about the same as a tile or as a window: "
             f"{statistics.median(per_input['tiles']):.1f} ms per tile against "

@@ -302,6 +302,19 @@ def _job_log() -> Iterator[None]:
 HYDRA_ONLY_FLAGS = ("-sc", "--shell-completion", "-h", "--help", "--hydra-help", "-cn", "--config-name")
 
 
+def _register_resolvers() -> None:
+    """``${segx_groups:data,backbone}`` in a --help template: each group with its options."""
+    from omegaconf import OmegaConf
+
+    def groups(*names: str) -> str:
+        from segx.config import group_options
+
+        return "\n".join(f"{n}: {' | '.join(group_options(n))}" for n in names)
+
+    if not OmegaConf.has_resolver("segx_groups"):
+        OmegaConf.register_new_resolver("segx_groups", groups)
+
+
 def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     """Checks run on the command line before Hydra starts: an unknown group option or config
     key becomes one line with a suggestion (Hydra's own messages span many lines)."""
@@ -348,6 +361,7 @@ def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
     install()
     with reported(), signals_raise():
         if config_name is not None:
+            _register_resolvers()
             preflight(config_name)
         result = entry()
     _flush()

@@ -55,3 +55,17 @@ def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, sy
     assert "unknown backbone" not in same.stderr and "trainer.epochs=0 is out of range" in same.stderr
     typo = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), *overrides[:-1], "backbone=myress"])
     assert typo.returncode == 2 and "unknown backbone 'myress'; did you mean 'myres'?" in typo.stderr
+
+
+def test_each_command_help_lists_its_own_groups():
+    helps = {name: run([module, "--help"]) for name, module in
+             [("train", "segx.train"), ("ensemble", "segx.ensemble"), ("predict", "segx.predict"), ("bench", "segx.bench")]}
+    for result in helps.values():
+        assert result.returncode == 0, result.stderr
+    assert "backbone: " in helps["train"].stdout and "resnet34" in helps["train"].stdout
+    assert "profile:" not in helps["train"].stdout  # a bench group, which train refuses
+    for name in ("ensemble", "predict"):
+        groups = helps[name].stdout.split("== Groups")[1].split("== Config")[0]
+        assert groups.split("\n")[1:-2] == ["mlflow: local"], groups  # not the training groups
+        assert f"segx.{name}:" in helps[name].stdout
+    assert "profile: full | quick" in helps["bench"].stdout
