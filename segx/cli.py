@@ -269,6 +269,14 @@ class _Tee:
             self._log.flush()
         self._stream.flush()
 
+    def close(self) -> None:
+        """Not the console's to close: a logging handler created during the job holds this tee
+        and closes its stream when the next sweep job reconfigures logging (absl does)."""
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 
@@ -42,12 +43,16 @@ def describe(client, run_id: str) -> str:
         lines.append(f"  command as typed: {tags['segx.command']}")
     if tags.get("segx.role") == "member" and params:
         sha = tags.get("segx.git_sha", "")
-        keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
-                "data.split_seed", "data.val_fraction", "data.test_fraction",
-                "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
-        overrides = [f"{k}={params[k]}" for k in keys if k in params]
-        overrides.insert(0, f"data={params.get('data.kind', 'synthetic')}")
-        lines.append("  reproduce (the full resolved config is the run's config.yaml artifact):")
+        recorded = tags.get("segx.overrides")
+        if recorded:  # the job's own overrides, as Hydra recorded them: rebuilds exactly its config
+            overrides = json.loads(recorded)
+            lines.append("  reproduce (this job's overrides as Hydra recorded them; resolved config: config.yaml artifact):")
+        else:  # a run started from Python (no Hydra job): the main keys only
+            keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
+                    "data.split_seed", "data.val_fraction", "data.test_fraction",
+                    "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
+            overrides = [f"data={params.get('data.kind', 'synthetic')}", *(f"{k}={params[k]}" for k in keys if k in params)]
+            lines.append("  reproduce (main keys only: started outside a Hydra job; full config: config.yaml artifact):")
         if sha and sha != "unknown":
             lines.append(f"    git checkout {sha}")
         lines.append("    python -m segx.train " + " ".join(shlex.quote(o) for o in overrides))

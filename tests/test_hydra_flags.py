@@ -69,3 +69,36 @@ def test_each_command_help_lists_its_own_groups():
         assert groups.split("\n")[1:-2] == ["mlflow: local"], groups  # not the training groups
         assert f"segx.{name}:" in helps[name].stdout
     assert "profile: full | quick" in helps["bench"].stdout
+
+
+def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_root):
+    """Non-default overrides of every kind, in a sweep: each job's reproduce command composes
+    the very config the job ran with (compared with its config.yaml artifact)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from segx import tracking
+    from segx.info import describe
+    from tests.conftest import compose_config
+
+    overrides = [*tiny_train_overrides(tmp_path, tmp_path / "data"), "augment=strong", "trainer.loss.focal=0.5",
+                 "trainer.optimizer.learning_rate=0.0005", "data.n_images=12", "tags=[dev,baseline]",
+                 "note=first try"]  # fmt: skip
+    result = run(["segx.train", "-m", "seed=1,2", *overrides], timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("segx").experiment_id
+    runs = tracking.find_runs(client, exp, "member")
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2"]
+    for r in runs:
+        assert r.data.tags["tag.dev"] == "true" and r.data.tags["segx.tags"] == "dev, baseline"
+        assert r.data.tags["mlflow.note.content"].startswith("first try")
+        lines = describe(client, r.info.run_id).splitlines()
+        assert any("reproduce (this job's overrides as Hydra recorded them" in line for line in lines)
+        command = [line for line in lines if line.startswith("    python -m segx.train")][-1]
+        args = shlex.split(command)[3:]
+        assert f"seed={r.data.params['seed']}" in args and "seed=1,2" not in " ".join(args)  # this job's value
+        rebuilt = OmegaConf.to_yaml(compose_config("train", args), resolve=True)
+        recorded = tracking.download(client, r.info.run_id, "config.yaml", tmp_path / r.info.run_id).read_text()
+        assert rebuilt == recorded

@@ -303,3 +303,14 @@ def test_post_processing_and_majority_vote_work_case_by_case_on_ragged_cases():
     for i, mask in enumerate(masks):
         expected = sum((p[i] >= 128).astype(int) for p in probs) >= 2
         assert np.array_equal(votes[i], expected)
+
+
+def test_epoch_plan_fills_whole_batches_even_below_half_a_batch():
+    from segx.training.fit import epoch_plan
+
+    order, seeds = epoch_plan(2, 8, 0, 0)  # 2 cases, batch 8: one whole batch of repeats
+    assert len(order) == len(seeds) == 8 and set(order) == {0, 1}
+    order, _ = epoch_plan(10, 4, 3, 1)  # the usual case: the shuffle, then its first cases
+    assert len(order) == 12 and sorted(order[:10]) == list(range(10)) and list(order[10:]) == list(order[:2])
+    patches, _ = epoch_plan(3, 4, 0, 0, samples=9)  # patch mode: 9 samples from 3 cases
+    assert len(patches) == 12 and all(np.bincount(patches[:9], minlength=3) == 3)

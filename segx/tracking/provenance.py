@@ -47,6 +47,21 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, "-m", _module_name(), *sys.argv[1:]])
 
 
+def job_overrides() -> list[str] | None:
+    """This job's own overrides as Hydra recorded them (one job of a sweep: its values, not the
+    whole sweep line); None outside a Hydra app (a library call)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001 - not inside a Hydra job
+        return None
+
+
+def reproduce_command(module: str, overrides: list[str]) -> str:
+    return shlex.join(["python", "-m", module, *overrides])
+
+
 def _module_name() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)

@@ -35,8 +35,10 @@ def epoch_plan(
     order = rng.permutation(n_cases) if passes == 1 else np.concatenate([rng.permutation(n_cases) for _ in range(passes)])
     order = order[:samples]
     steps = math.ceil(samples / batch_size)
-    pad = steps * batch_size - samples
-    order = np.concatenate([order, order[:pad]]) if pad else order
+    # Padded by repeating the shuffle (np.resize cycles it): the same as appending its first
+    # cases when there are enough, and still whole batches when an epoch has fewer samples
+    # than half a batch.
+    order = np.resize(order, steps * batch_size)
     seeds = rng.integers(0, 2**31 - 1, size=len(order))
     return order.astype(np.int64), seeds.astype(np.int64)
 

@@ -25,7 +25,7 @@ log = logging.getLogger("segx.train")
 
 
 # Keys that do not change what is trained: left out of the resume identity.
-NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir")
+NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir", "tags", "note")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -78,6 +78,20 @@ def config_identity(cfg: DictConfig, without: tuple[str, ...] = ()) -> str:
             node = node.get(part, {})
         node.pop(leaf, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _user_tags(cfg: DictConfig) -> dict[str, str]:
+    """``tags`` from the command line (as the Lightning-Hydra template): a list (``tags=[dev,
+    baseline]``) becomes ``tag.<name>=true`` plus ``segx.tags``; a mapping is set as given."""
+    tags = cfg.get("tags")
+    if not tags:
+        return {}
+    if OmegaConf.is_list(tags) or isinstance(tags, (list, tuple)):
+        names = [str(t) for t in tags]
+        return {"segx.tags": ", ".join(names), **{f"tag.{n}": "true" for n in names}}
+    if OmegaConf.is_dict(tags):
+        return {str(k): str(v) for k, v in tags.items()}
+    raise SegxError(f"tags={tags!r} must be a list (tags=[dev,baseline]) or a mapping (tags={{owner:ana}})")
 
 
 def _progress(desc: str):
@@ -182,7 +196,11 @@ def train_member(cfg: DictConfig) -> float:
         "segx.config_hash": identity,
         "segx.command": provenance.command_line(),
         **provenance.provenance_tags(),
+        **_user_tags(cfg),
     }
+    overrides = provenance.job_overrides()
+    if overrides is not None:  # exactly this job's overrides: what segx.info's reproduce prints
+        tags["segx.overrides"] = json.dumps(overrides)
     if resume_id:
         run_id = resume_id
         tracking.reopen_run(client, run_id)
@@ -193,6 +211,8 @@ def train_member(cfg: DictConfig) -> float:
         note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
                 f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
                 f"{view.describe()}; every final metric is at each image's own size. Command: {tags['segx.command']}")  # fmt: skip
+        if cfg.get("note"):
+            note = f"{cfg.note}\n\n{note}"  # the user's words first
         run_id = tracking.start_run(client, experiment, run_name, tags, note)
     parent_id = None
     if fold is not None:
