@@ -183,11 +183,26 @@ def train(args, client, experiment: str, name: str, overrides: list[str]) -> dic
         print(f"cv: training {name}: python -m segx.train {' '.join(overrides)} resume=auto", flush=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         started = time.perf_counter()
-        rc = subprocess.run([sys.executable, "-m", "segx.train", *overrides, "resume=auto"], cwd=REPO, env=env).returncode
+        run_id = None
+        with subprocess.Popen([sys.executable, "-m", "segx.train", *overrides, "resume=auto"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:  # fmt: skip
+            for line in proc.stdout:  # echoed to run.log; the run ID is read from segx's own line
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if line.startswith("segx: member run "):
+                    run_id = line.split()[3]
+        rc = proc.returncode
         seconds = time.perf_counter() - started
         if rc != 0:
             return {**entry, "error": f"python -m segx.train exited {rc} after {seconds:.0f} s (see run.log)"}
         done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+        if not done and run_id:
+            # The hash the run recorded differs from the one computed before it started: conf/
+            # changed in between (other work edits this tree). The run it printed is this member.
+            run = client.get_run(run_id)
+            if run.info.status == "FINISHED":
+                done = [run]
+                entry["config_hash_at_start"] = run.data.tags.get("segx.config_hash")
         if not done:
             return {**entry, "error": f"training ended but no FINISHED run has segx.config_hash={identity}"}
         run = done[0]

@@ -170,7 +170,9 @@ def build_ensemble(cfg: DictConfig) -> dict:
         plot_ensemble(tmp / "plots", members, found, preds, per_case)
         for name in ("ensemble.json", "tables", "plots"):
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
-        metrics = {"val/dice": found["val_dice"], "search/seconds": found["search_seconds"],
+        # Not val/dice: members log their per-epoch curve there, and one ensemble point at step 0
+        # would sit on their charts as a stray dot.
+        metrics = {"search/val_dice": found["val_dice"], "search/seconds": found["search_seconds"],
                    "search/kept_pixel_fraction": found["kept_fraction"]}  # fmt: skip
         for method, row in summary.iterrows():
             key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")

@@ -25,7 +25,8 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     names = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert {"tables/test_per_case.csv", "tables/test_summary.csv", "tables/val_summary.csv"} <= names
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/search.png", "plots/test_cases.png"}
-    assert "test/dice" in run.data.metrics and "val/dice" in run.data.metrics
+    assert "test/dice" in run.data.metrics and "search/val_dice" in run.data.metrics
+    assert "val/dice" not in run.data.metrics  # the members' per-epoch curve, not the ensemble's
     versions = client.search_model_versions("name='segx-test-ensemble'")
     assert [v.run_id for v in versions] == [run.info.run_id]  # registered in the model registry
 

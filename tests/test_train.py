@@ -44,6 +44,9 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     curve = [m.value for m in client.get_metric_history(run.info.run_id, "val/dice")]
     assert run.data.metrics["best/val_dice"] == max(curve)
     assert run.data.metrics["final/val_dice"] == pytest.approx(max(curve), abs=1e-9)
+    # Test results under the ensemble's names too (one chart: ensemble beside its members).
+    assert run.data.metrics["test/dice"] == run.data.metrics["final/test_dice"]
+    assert {"test/iou", "test/hd95"} <= set(run.data.metrics)
     artifacts = {a.path for top in ("", "model", "predictions", "plots", "split") for a in client.list_artifacts(run.info.run_id, top or None)}
     for path in ("config.yaml", "augmentation.json", "model/weights.h5", "model/spec.json", "model/model.keras",
                  "predictions/val.npz", "predictions/test.npz", "plots/curves.png", "plots/val_cases.png"):  # fmt: skip

@@ -352,6 +352,8 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
             pred = probs.like(probs.flat >= 128)
             scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
             final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
+            if role == "test":  # the ensemble's names too, so one chart shows an ensemble beside its members
+                final.update({f"test/{k}": float(v.mean()) for k, v in scores.items()})
             if role == "val":
                 plots.plot_cases(
                     Ragged.from_list(previews, np.uint8), masks[: len(previews)], {"prediction": pred[: len(previews)]}, stems,
