@@ -194,6 +194,17 @@ def build_ensemble(cfg: DictConfig) -> dict:
     return record
 
 
+def _experiment_choice() -> str | None:
+    """The ``experiment=`` chosen on this command line (None outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+    except Exception:  # noqa: BLE001 - a library call: no command line
+        return None
+    return None if choice in (None, "null", "None") else str(choice)
+
+
 def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     """Train each backbone of ``ensemble.members`` that has no finished run yet (first use)."""
     from segx import tracking
@@ -214,6 +225,9 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
         f"mlflow.experiment_name={cfg.mlflow.experiment_name}",
         *map(str, cfg.ensemble.train_overrides),
     ]
+    experiment_choice = _experiment_choice()
+    if experiment_choice:  # `segx.ensemble experiment=dsb2018` trains its members the same way
+        overrides.insert(0, f"experiment={experiment_choice}")
     print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
     for backbone in missing:
         train_cfg = compose("train", overrides=[*overrides, f"backbone={backbone}"])

@@ -102,3 +102,18 @@ def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_ro
         rebuilt = OmegaConf.to_yaml(compose_config("train", args), resolve=True)
         recorded = tracking.download(client, r.info.run_id, "config.yaml", tmp_path / r.info.run_id).read_text()
         assert rebuilt == recorded
+
+
+def test_experiment_applies_to_every_entry_point():
+    from tests.conftest import compose_config
+
+    for name in ("train", "ensemble", "predict", "check"):
+        cfg = compose_config(name, ["experiment=dsb2018"])
+        if name != "check":
+            assert cfg.mlflow.experiment_name == "dsb2018", name  # members are looked up where they were trained
+        assert cfg.data.root.endswith("dsb2018_nuclei"), name
+    # From the command line too (the pre-checks and Hydra agree), shown by --cfg job.
+    for module in ("segx.ensemble", "segx.predict"):
+        result = run([module, "experiment=dsb2018", "--cfg", "job"])
+        assert result.returncode == 0, result.stderr
+        assert "experiment_name: dsb2018" in result.stdout
