@@ -19,7 +19,7 @@ install: $(STAMP)  ## create .venv and install segx with its pinned dependencies
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hparams]"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 ensemble: install  ## train the default members on synthetic data if missing, search the ensemble, print the table

@@ -117,3 +117,23 @@ def test_experiment_applies_to_every_entry_point():
         result = run([module, "experiment=dsb2018", "--cfg", "job"])
         assert result.returncode == 0, result.stderr
         assert "experiment_name: dsb2018" in result.stdout
+
+
+def test_debug_run_and_an_optuna_search_on_a_tiny_problem(tmp_path, synthetic_root):
+    from segx import tracking
+
+    base = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("trainer.verbose")]
+    debug = run(["segx.train", "debug=default", *base, "data.limit_cases=3"], timeout=600)
+    assert debug.returncode == 0, debug.stderr[-2000:]
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    (member,) = tracking.find_runs(client, client.get_experiment_by_name("debug").experiment_id, "member")
+    assert member.data.params["data.n_train"] == "3" and member.data.params["trainer.epochs"] == "1"
+    search = run(["segx.train", "-m", "hparams_search=dice_optuna", "hydra.sweeper.n_trials=2",
+                  "hydra.sweeper.sampler.n_startup_trials=2", *base, "mlflow.experiment_name=search"], timeout=900)  # fmt: skip
+    assert search.returncode == 0, search.stderr[-2000:]
+    runs = tracking.find_runs(client, client.get_experiment_by_name("search").experiment_id, "member")
+    assert len(runs) == 2
+    (results,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")
+    text = results.read_text()
+    best = max(r.data.metrics["best/val_dice"] for r in runs)
+    assert "best_value" in text and f"{best:.6f}"[:6] in text  # Optuna maximised what the runs logged

@@ -83,6 +83,8 @@ def validate_data_config(data: DictConfig) -> None:
     require_float(data, "test_fraction", 0.0, 1.0, prefix="data.")
     require_choice(data, "resize_mode", ["resize", "pad"], prefix="data.")
     require_int(data, "max_pixels", 1, prefix="data.")
+    if data.get("limit_cases") is not None:
+        require_int(data, "limit_cases", 1, prefix="data.")
     require_int(data, "split_seed", 0, prefix="data.")
     require_float(data, "mask_threshold", 0.0, 65535.0, high_open=False, prefix="data.")
     if data.kind == "synthetic":
@@ -217,6 +219,8 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
             split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
         )
     warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
+    if data.get("limit_cases"):  # a quick run (debug=default): the first cases of each role
+        split = {role: stems_[: int(data.limit_cases)] for role, stems_ in split.items()}
     # How a member sees the images (size, mode, scale) is not part of the data: members are
     # scored at each image's own size, so members that see the data differently still combine.
     parts = fingerprint_parts(
