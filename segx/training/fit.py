@@ -175,9 +175,11 @@ class MemberCallback(keras.callbacks.Callback):
             self.state.wait += 1
         self.state.next_epoch = epoch + 1
         self.state.checkpoint = self.checkpoint.write(str(self.folder / "ckpt" / "last"))
-        self.state.save(self.folder)
         metrics["val/best_dice"] = self.state.best_dice
+        # Metrics first, then state.json (the commit point that resume reads): a kill between
+        # the two repeats this epoch on resume instead of losing its logged values.
         self.log_fn(metrics, epoch)
+        self.state.save(self.folder)
         if self.patience and self.state.wait >= self.patience:
             self.model.stop_training = True
 
