@@ -42,3 +42,13 @@ def test_runs_say_who_made_them_what_they_are_and_what_was_chosen(ensemble_recor
     chosen = params["chosen.method"]
     expected = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
     assert ensemble.info.run_name == f"ensemble-{expected}-2m"
+
+
+def test_member_runs_carry_their_dataset_and_system_metrics(member_store):
+    out, runs = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(runs["resnet18"])
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == run.data.tags["segx.data_fingerprint"]
+    assert dataset.tags[0].value == "training" and '"data.n_train"' in dataset.dataset.profile
+    assert any(k.startswith("system/") for k in run.data.metrics)  # CPU, memory: MLflow's system metrics

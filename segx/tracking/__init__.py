@@ -568,3 +568,36 @@ def ui_urls(tracking_uri: str, base: str) -> str:
             continue
         lines.append(f"  {exp.name}: {base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
     return "\n".join(lines)
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                context: str = "training") -> None:
+    """The split a run used, as an MLflow dataset input (the UI's "Datasets used"), with the
+    data fingerprint as its digest: runs on the same files and split show the same dataset."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                      profile=json.dumps(dict(profile)))  # fmt: skip
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, enabled: bool, interval: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where its library is present)
+    sampled every ``interval`` seconds into ``run_id`` while the block runs."""
+    monitor = None
+    if enabled:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - psutil missing or a platform without counters
+            logging.getLogger("segx.tracking").warning("segx: system metrics off (%s)", exc)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()

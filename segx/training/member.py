@@ -227,10 +227,15 @@ def train_member(cfg: DictConfig) -> float:
         tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
-    with tracking.run_scope(client, run_id):
+    metrics_on = bool(cfg.mlflow.get("system_metrics", False))
+    with tracking.run_scope(client, run_id), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on):
         resolved = OmegaConf.to_container(cfg, resolve=True)
         tracking.log_params(client, run_id, tracking.flatten(resolved))
-        tracking.log_params(client, run_id, {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)})
+        sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
+        tracking.log_params(client, run_id, sizes)
+        if not resume_id:  # the split as an MLflow dataset, digest = the data fingerprint
+            tracking.log_dataset(client, run_id, str(cfg.data.name), prepared.fingerprint, str(cfg.data.root),
+                                 {**sizes, "split_file": str(prepared.split_path)})  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
             tmp = Path(tmp)
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
