@@ -56,7 +56,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["segx.resumed"] == "true"
     steps = sorted({m.step for m in client.get_metric_history(run_id, "val/dice")})
-    assert steps == list(range(6))  # epochs before and after the kill, in one run
+    assert steps == list(range(1, 7))  # epochs 1..6 before and after the kill, in one run
     # Killed, the checkpoint was kept (it resumed from it); finished, it is removed: the logged
     # model is the member, and checkpoints carry optimizer state several times its size.
     assert not state.parent.exists()

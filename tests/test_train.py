@@ -38,7 +38,9 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     assert tags["segx.git_sha"] and tags["segx.pkg.tensorflow"].startswith("2.")
     for key in ("train/loss", "val/dice", "val/iou"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert [m.step for m in history] == [0, 1], key  # one point per epoch
+        assert [m.step for m in history] == [1, 2], key  # one point per epoch, counted from 1 as Keras prints
+    best_step = max(client.get_metric_history(run.info.run_id, "val/dice"), key=lambda m: (m.value, -m.step)).step
+    assert run.data.metrics["best/epoch"] == best_step  # one convention for "which epoch"
     # The best epoch's weights are restored: the Dice of the cached validation probabilities
     # (what the ensemble searches on) is the best per-epoch val/dice, not the last epoch's.
     curve = [m.value for m in client.get_metric_history(run.info.run_id, "val/dice")]

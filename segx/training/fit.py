@@ -178,7 +178,8 @@ class MemberCallback(keras.callbacks.Callback):
         metrics["val/best_dice"] = self.state.best_dice
         # Metrics first, then state.json (the commit point that resume reads): a kill between
         # the two repeats this epoch on resume instead of losing its logged values.
-        self.log_fn(metrics, epoch)
+        # Epochs count from 1 everywhere: Keras' "Epoch 1/30", the metric step, best/epoch.
+        self.log_fn(metrics, epoch + 1)
         self.state.save(self.folder)
         if self.patience and self.state.wait >= self.patience:
             self.model.stop_training = True
