@@ -104,6 +104,37 @@ def label(backbone: str, arch: str) -> str:
     return f"{backbone}-{arch}"
 
 
+PINNED: Path | None = None  # --pin: a copy of segx/ and conf/ at one commit, used by every stage
+
+
+def pin_segx(commit: str) -> str:
+    """Run the study on segx/ and conf/ as committed at ``commit`` (``git archive``, read only,
+    into outputs/bench/segx-pinned/<sha>): other work that edits this tree during an hour-long
+    study (a new config key changes every config hash, so later folds would get a new parent
+    run) cannot change the study halfway. Must run before the first ``segx`` import."""
+    global PINNED
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    snap = REPO / "outputs" / "bench" / "segx-pinned" / sha[:12]
+    if not (snap / "segx" / "__init__.py").exists():
+        tmp = snap.with_name(f"{snap.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha, "segx", "conf"], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        os.replace(tmp, snap)
+    sys.path.insert(0, str(snap))
+    PINNED = snap
+    return sha
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    """``python -m segx.train ...``, or the same module of the pinned copy (run as -m runs it)."""
+    if PINNED is None:
+        return [sys.executable, "-m", "segx.train", *overrides]
+    boot = f"import runpy, sys; sys.path.insert(0, {str(PINNED)!r}); runpy.run_module('segx.train', run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-c", boot, *overrides]
+
+
 # --- stage 0: one test set for both settings -----------------------------------------------------
 def base_overrides(args, data_root: str, backbone: str, arch: str) -> list[str]:
     overrides = ["experiment=dsb2018", f"backbone={backbone}", f"arch={arch}", f"data.image_size={SIZE}",
@@ -184,7 +215,7 @@ def train(args, client, experiment: str, name: str, overrides: list[str]) -> dic
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         started = time.perf_counter()
         run_id = None
-        with subprocess.Popen([sys.executable, "-m", "segx.train", *overrides, "resume=auto"], cwd=REPO, env=env,
+        with subprocess.Popen(train_command([*overrides, "resume=auto"]), cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:  # fmt: skip
             for line in proc.stdout:  # echoed to run.log; the run ID is read from segx's own line
                 sys.stdout.write(line)
@@ -363,7 +394,7 @@ def run(args) -> None:
         data_root = str(subset_folder(REPO / DATASET, args.max_cases, work))
     settings = {"quick": args.quick, "configs": [label(*c) for c in CONFIGS], "size": SIZE, "folds": FOLDS,
                 "epochs": args.epochs, "patience": PATIENCE, "data_root": data_root,
-                "experiment_name": args.experiment_name, "bootstrap": args.bootstrap}  # fmt: skip
+                "experiment_name": args.experiment_name, "bootstrap": args.bootstrap, "segx_pinned_at": args.pin}  # fmt: skip
     results = load_results(out)
     if results.get("settings") != settings:
         results = {"settings": settings}
@@ -616,6 +647,11 @@ def report(results: dict) -> str:
         f"the point. MLflow experiment `{s.get('experiment_name')}` in `outputs/mlflow.db`.",
         "",
     ]  # fmt: skip
+    if s.get("segx_pinned_at"):
+        lines += [f"segx code and configs: commit `{s['segx_pinned_at'][:12]}` (`--pin`: a read-only `git archive` copy of "
+                  "`segx/` and `conf/`, run by every stage), because other work edited and committed to this tree during "
+                  "the study: a config key added between two folds changes the config hash, so the later folds land under a "
+                  "new cross-validation parent run and neither parent is complete.", ""]  # fmt: skip
     if env:
         lines += [f"Machine: {env.get('cpu')}, {env.get('cores')} cores (shared with other work); TensorFlow "
                   f"{env.get('tensorflow')}, segmentation-models {env.get('segmentation-models')}, Python {env.get('python')}.", ""]  # fmt: skip
@@ -745,7 +781,10 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None,
                         help=f"default: {OUT.relative_to(REPO)} ({QUICK_OUT.relative_to(REPO)} with --quick)")  # fmt: skip
     parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: dsb2018-cv[-quick])")
+    parser.add_argument("--pin", default=None, metavar="COMMIT",
+                        help="run segx/ and conf/ as committed at COMMIT (a read-only copy), not the working tree")  # fmt: skip
     args = parser.parse_args()
+    args.pin = pin_segx(args.pin) if args.pin and not args.report_only else args.pin
     args.results_dir = args.results_dir or str(QUICK_OUT if args.quick else OUT)
     args.experiment_name = args.experiment_name or ("dsb2018-cv-quick" if args.quick else "dsb2018-cv")
     if args.epochs is None:

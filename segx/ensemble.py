@@ -168,6 +168,9 @@ def build_ensemble(cfg: DictConfig) -> dict:
             pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found["postprocess_results"]]).to_csv(
                 tmp / "tables" / "val_postprocess.csv", index=False)
         plot_ensemble(tmp / "plots", members, found, preds, per_case)
+        # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
+        member_runs = [f for m in members for f in (m.folds or [m.run_id])]
+        tracking.link_models(client, run_id, [client.get_run(r).data.tags.get("segx.logged_model_id", "") for r in member_runs])
         for name in ("ensemble.json", "tables", "plots"):
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
         # Not val/dice: members log their per-epoch curve there, and one ensemble point at step 0

@@ -52,3 +52,27 @@ def test_member_runs_carry_their_dataset_and_system_metrics(member_store):
     assert dataset.dataset.digest == run.data.tags["segx.data_fingerprint"]
     assert dataset.tags[0].value == "training" and '"data.n_train"' in dataset.dataset.profile
     assert any(k.startswith("system/") for k in run.data.metrics)  # CPU, memory: MLflow's system metrics
+
+
+def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record, member_store):
+    out, runs = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    member_models = {}
+    for backbone, run_id in runs.items():
+        run = client.get_run(run_id)
+        model = client.get_logged_model(run.data.tags["segx.logged_model_id"])
+        assert model.source_run_id == run_id and "READY" in str(model.status)
+        import mlflow
+
+        member_info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+        assert member_info.signature is not None and member_info.saved_input_example_info["artifact_path"] == "input_example.json"
+        assert model.tags["segx.model_artifact"] == f"runs:/{run_id}/model"
+        assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+        member_models[run_id] = model.model_id
+    ensemble = client.get_run(ensemble_record["run_id"])
+    inputs = {i.model_id for i in ensemble.inputs.model_inputs}
+    assert inputs == {member_models[m["run_id"]] for m in ensemble_record["members"]}
+    import mlflow
+
+    info = mlflow.models.get_model_info(ensemble.data.tags["segx.pyfunc_uri"])
+    assert info.signature is not None and "uint8" in str(info.signature.inputs)

@@ -78,6 +78,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
             python_model=str(Path(__file__).resolve()),
             artifacts=artifacts,
             code_paths=[str(package_dir)],
+            signature=tracking._image_signature_masks(),
             pip_requirements=requirements,
             registered_model_name=register_name or None,
         )

@@ -339,6 +339,10 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
         tmp = Path(tmp)
         models.save_member(model, tmp / "model", spec)
         tracking.log_artifact(client, run_id, tmp / "model", "model")
+        experiment = client.get_run(run_id).info.experiment_id
+        tracking.log_member_model(client, run_id, experiment, f"{spec['backbone']}-{spec['arch']}",
+                                  {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
+                                  int(spec["view"]["size"]))  # fmt: skip
         final = {}
         for role in ("val", "test"):
             cases = prepared.cases(role)
