@@ -53,11 +53,20 @@ def main() -> None:
             summary = next(store.rglob(f"{run_id}/**/tables/test_summary.csv"))
         OUT.mkdir(parents=True, exist_ok=True)
         shutil.copy(summary, OUT / "test_summary.csv")
-    facts = {"seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
+        disk = {p.name: round(_size(p) / 2**20, 1) for p in sorted(store.iterdir()) if not p.name.startswith(".")}
+    facts = {"disk_mb": disk, "load_average_1min_after": round(os.getloadavg()[0], 2),
+             "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
              "python": platform.python_version(), "command": "make ensemble (python -m segx.ensemble ensemble.train_missing=true)"}  # fmt: skip
     (OUT / "run.json").write_text(json.dumps(facts, indent=1))
     write_report()
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk under ``path`` (a file or a folder)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def write_report() -> None:
@@ -75,6 +84,11 @@ def write_report() -> None:
         "training the three default members and searching the ensemble.\n\n"
         f"Best member test Dice {best_member:.4f}; ensemble {table.loc['ensemble', 'dice_mean']:.4f}; "
         f"equal weights {table.loc['equal-weights', 'dice_mean']:.4f}.\n\n"
+        + (f"Load average (1 min) right after: {facts['load_average_1min_after']} on {facts['machine']}"
+           " (other jobs were running: the time is inflated accordingly).\n\n"
+           if facts.get("load_average_1min_after", 0) > 1.5 else "")
+        + (f"Disk left by the run (MB): {', '.join(f'{k} {v}' for k, v in facts['disk_mb'].items())}; "
+           f"total {sum(facts['disk_mb'].values()):.1f}.\n\n" if facts.get("disk_mb") else "")
         + markdown(table)
         + "\n"
     )

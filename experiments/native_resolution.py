@@ -156,7 +156,7 @@ def member(args, client, experiment: str, data_root: str, backbone: str, mode: s
              "overrides": overrides, "load_average_at_start": os.getloadavg()[0]}  # fmt: skip
     done = tracking.find_runs(
         client, experiment, "member", "FINISHED", {"segx.config_hash": identity}
-    )
+    ) or _same_member(client, experiment, backbone, mode, overrides)
     if done:
         run = done[0]
         entry["reused"] = True
@@ -180,7 +180,7 @@ def member(args, client, experiment: str, data_root: str, backbone: str, mode: s
             }
         done = tracking.find_runs(
             client, experiment, "member", "FINISHED", {"segx.config_hash": identity}
-        )
+        ) or _same_member(client, experiment, backbone, mode, overrides)
         if not done:
             return {
                 **entry,
@@ -189,6 +189,28 @@ def member(args, client, experiment: str, data_root: str, backbone: str, mode: s
         run = done[0]
         tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": seconds})
     return {**entry, **member_numbers(client, run.info.run_id, int(cfg.trainer.batch_size))}
+
+
+def _same_member(client, experiment: str, backbone: str, mode: str, overrides: list[str]) -> list:
+    """FINISHED runs of this backbone and mode whose logged params agree with every override.
+
+    The study ran while segx gained config keys (data.folds, data.limit_cases, tags, note): the
+    config hash of a member trained earlier differs from today's for the same training, so runs
+    are also matched by what was set (each override's logged param), newest first.
+    """
+    from segx import tracking
+
+    wanted = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if "." in key and not key.startswith(("paths.", "mlflow.", "hydra")):
+            wanted[key] = value
+    out = []
+    for run in tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.backbone": backbone}):
+        params = run.data.params
+        if params.get("data.mode", "resize") == mode and all(params.get(k) == v for k, v in wanted.items()):
+            out.append(run)
+    return out
 
 
 def member_numbers(client, run_id: str, batch_size: int) -> dict:
