@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segx.data.folder import Case, rescale
-from segx.data.io import DEFAULT_MAX_PIXELS, read_image, read_mask, shown
+from segx.data.folder import Case, read_case, rescale
+from segx.data.io import DEFAULT_MAX_PIXELS, shown
 from segx.errors import SegxError
 
 CACHE_VERSION = 1
@@ -158,15 +158,7 @@ def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int =
         return DecodedCase(case.stem, folder, (int(height), int(width)), (image_digest, mask_digest),
                            case.mask is not None, int(meta["foreground_pixels"]))  # fmt: skip
     image_hash, mask_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
-    image = read_image(case.image, max_pixels, image_hash)
-    mask = None
-    if case.mask is not None:
-        mask = read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
-        if mask.shape != image.shape[:2]:
-            raise SegxError(
-                f"{shown(case.mask)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}; export both at the same size"
-            )
+    image, mask = read_case(case, mask_threshold, max_pixels, image_hash, mask_hash)
     if image_hash.hexdigest() != image_digest or (mask is not None and mask_hash.hexdigest() != mask_digest):
         raise SegxError(f"{shown(case.image)}: the file changed while segx read it; rerun when nothing writes to the data")
     folder.mkdir(parents=True, exist_ok=True)

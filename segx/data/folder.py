@@ -199,19 +199,28 @@ def load_cases(
     iterator = progress(cases) if progress else cases
     for i, case in enumerate(iterator):
         image_hash, mask_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
-        image = read_image(case.image, max_pixels, image_hash)
+        image, mask = read_case(case, mask_threshold, max_pixels, image_hash, mask_hash)
         sizes.append(image.shape[:2])
         images[i] = to_model_size(image, image_size, resize_mode, is_mask=False)
-        if case.mask is not None:
-            mask = read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
-            if mask.shape != image.shape[:2]:
-                raise SegxError(
-                    f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                    f"{image.shape[1]}x{image.shape[0]}; export both at the same size"
-                )
+        if mask is not None:
             masks[i] = to_model_size(mask, image_size, resize_mode, is_mask=True)
         digests.append((image_hash.hexdigest(), mask_hash.hexdigest() if case.mask else ""))
     return Dataset([c.stem for c in cases], images, masks, sizes, digests)
+
+
+def read_case(case: Case, mask_threshold: float, max_pixels: int, image_hash=None, mask_hash=None):
+    """(image uint8 (H, W, 3), mask uint8 (H, W) or None) of one case, checked to agree in size;
+    ``*_hash.update`` gets each file's bytes as it is read."""
+    image = read_image(case.image, max_pixels, image_hash)
+    if case.mask is None:
+        return image, None
+    mask = read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
+    if mask.shape != image.shape[:2]:
+        raise SegxError(
+            f"{shown(case.mask)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{image.shape[1]}x{image.shape[0]}; export both at the same size"
+        )
+    return image, mask
 
 
 def check_foreground(dataset: Dataset, where: str) -> None:

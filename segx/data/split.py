@@ -106,9 +106,7 @@ def make_split(
             "training cases; lower them"
         )
     rng = np.random.default_rng(seed)
-    strata: dict[str, list[str]] = {}
-    for stem in sorted(stems):
-        strata.setdefault(groups.get(stem, "") if groups else "", []).append(stem)
+    strata = _strata(stems, groups)
     split: dict[str, list[str]] = {k: [] for k in SPLITS}
     for name in sorted(strata):
         members = strata[name]
@@ -167,11 +165,23 @@ def load_or_create_split(
             )
         return split
     split = make_split(stems, val_fraction, test_fraction, seed, test_stems, groups)
+    _write_once(path, split)
+    return split
+
+
+def _strata(stems: Sequence[str], groups: Mapping[str, str] | None) -> dict[str, list[str]]:
+    """Sorted stems per group (one group '' without ``groups``)."""
+    strata: dict[str, list[str]] = {}
+    for stem in sorted(stems):
+        strata.setdefault(groups.get(stem, "") if groups else "", []).append(stem)
+    return strata
+
+
+def _write_once(path: Path, payload: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(split, indent=1))
+    tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)  # atomic: parallel members never read half a file
-    return split
 
 
 def default_split_path(
@@ -209,9 +219,7 @@ def make_folds(
     if not 0 <= test_fraction < 1:
         raise SegxError(f"data.test_fraction={test_fraction} is out of range; use a fraction in [0, 1)")
     rng = np.random.default_rng(seed)
-    strata: dict[str, list[str]] = {}
-    for stem in sorted(stems):
-        strata.setdefault(groups.get(stem, "") if groups else "", []).append(stem)
+    strata = _strata(stems, groups)
     test: list[str] = []
     out: list[list[str]] = [[] for _ in range(folds)]
     start = 0
@@ -278,8 +286,5 @@ def load_or_create_folds(
             raise SegxError(f"{path}: names case '{unknown[0]}' that is not in the data folder; point data.split_file elsewhere or delete it")
         return layout
     layout = make_folds(stems, folds, test_fraction, seed, test_stems, groups)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(layout, indent=1))
-    os.replace(tmp, path)
+    _write_once(path, layout)
     return layout
