@@ -30,7 +30,7 @@ demo: ensemble  ## same as `make ensemble`
 train: install  ## train one member: make train ARGS="backbone=resnet34"
 	$(PY) -m segx.train $(ARGS)
 
-ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000 (one worker: ~1/4 of the default's memory)
+ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000 (one worker: experiments/ui_memory)
 	@$(PY) -c "from segx.tracking import ui_urls; print(ui_urls('sqlite:///outputs/mlflow.db', 'http://127.0.0.1:5000'))"
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
