@@ -614,6 +614,20 @@ def verdict(results: dict) -> list[str]:
         f"{_s(gs['ensemble_optimism'])} (chosen on {results['test_sets']['n_val_plain']} validation cases), compared by "
         "absolute value. This is one draw of each (one test set of this size), not an interval."
     )  # fmt: skip
+    if gc["ensemble_optimism"] < 0:
+        parts = []
+        for lab, p in results.get("cv_parents", {}).items():
+            tests = [results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice") for i in range(len(p.get("fold_val_dice", [])))]
+            mean_row = _row(cv.get("test_table", []), f"member:{lab}")
+            if mean_row and tests and None not in tests:
+                parts.append(f"{lab} {_f(statistics.mean(tests))} for its single fold models vs {_f(mean_row['dice_mean'])} for their mean")
+        lines.append(
+            "  The cross-validated optimism is negative: its validation Dice is out-of-fold, from single fold models each "
+            "trained on two thirds of the non-test cases, while on test a member is the mean of its fold models, which "
+            "scores higher (test Dice at 0.5: " + "; ".join(parts) + "). So this number mixes selection optimism with "
+            "a pessimistic bias of the out-of-fold estimate, and its smaller magnitude is not by itself evidence of "
+            "less selection optimism."
+        )  # fmt: skip
     gst = single.get("gain_at_val_threshold")
     lines.append(
         f"- Today's single-split ensemble against its best member: {_ci(gs)} ({_sign(gs)})"
@@ -697,6 +711,9 @@ def report(results: dict) -> str:
         if v:
             lines += ["", "### What the numbers show", "", *v]
         lines.append("")
+    notes = results.get("notes")  # written by hand into results.json after a run: the reading of it
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
 
     for setting, title in (("single", "Single-split ensemble (today's method)"), ("cv", "Cross-validated ensemble")):
         e = results.get("ensembles", {}).get(setting)
@@ -748,26 +765,27 @@ def report(results: dict) -> str:
     members = results.get("members", {})
     if members:
         lines += ["## Members and training time", "",
-                  "Val/test Dice: whole images at their own size, threshold 0.5, no TTA. Train time: the whole "
-                  "`python -m segx.train` process (reading data, model, epochs, predicting validation and test with and "
-                  "without flip TTA, uploads).", "",
-                  "| member | run | train / val / test cases | epochs (best) | val Dice | test Dice | train time (s) | s/epoch (median) | load at start |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "Val/test Dice: whole images at their own size, threshold 0.5, no TTA. Run time: the MLflow run's start to "
+                  "end (reading data, model, epochs, predicting validation and test with and without flip TTA, uploads); "
+                  "process time: the whole `python -m segx.train` process, where this script trained the member and "
+                  "logged it (`bench/train_seconds`). Timings on a machine shared with other work: treat with suspicion.", "",
+                  "| member | run | train / val / test cases | epochs (best) | val Dice | test Dice | run time (s) | process time (s) | s/epoch (median) | load at start |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, m in members.items():
             if "error" in m:
-                lines.append(f"| {name} | failed: {m['error']} ||||||||")
+                lines.append(f"| {name} | failed: {m['error']} |||||||||")
                 continue
             lines.append(f"| {name} | `{m['run_id'][:8]}`{' (reused)' if m.get('reused') else ''} | {m['n_train']} / {m['n_val']} / {m['n_test']} | "
                          f"{m['epochs_run']} ({m['best_epoch']}) | {_f(m['val_dice'])} | {_f(m['test_dice'])} | "
-                         f"{_f(m['train_seconds'], 0)} | {_f(m['epoch_seconds_median'], 1)} | {m['load_average_at_start']:.2f} |")  # fmt: skip
-        single_t = sum(m.get("train_seconds") or 0 for n, m in members.items() if n.startswith("single:"))
-        cv_t = sum(m.get("train_seconds") or 0 for n, m in members.items() if n.startswith("cv:"))
+                         f"{_f(m['run_seconds'], 0)} | {_f(m['train_seconds'], 0)} | {_f(m['epoch_seconds_median'], 1)} | "
+                         f"{m['load_average_at_start']:.2f} |")  # fmt: skip
+        # MLflow's run start to end (every member has it; the process time only when this script
+        # trained it and found the run): data, epochs, predicting validation and test, uploads.
+        single_t = sum(m.get("run_seconds") or 0 for n, m in members.items() if n.startswith("single:"))
+        cv_t = sum(m.get("run_seconds") or 0 for n, m in members.items() if n.startswith("cv:"))
         lines += ["", f"Training time: single split {_f(single_t / 60, 1)} min, cross-validated {_f(cv_t / 60, 1)} min "
                   f"(x{_f(cv_t / single_t if single_t else None, 2)}); the cross-validated ensemble also runs "
                   f"{FOLDS}x the networks at prediction.", ""]  # fmt: skip
-    notes = results.get("notes")
-    if notes:
-        lines += ["## Notes", "", *notes, ""]
     return "\n".join(lines)
 
 

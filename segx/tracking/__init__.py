@@ -609,8 +609,8 @@ def _image_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-                          Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), "probability")]))  # fmt: skip
+    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]))  # fmt: skip
 
 
 def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: str, params: Mapping[str, Any], example_size: int) -> str:
@@ -627,7 +627,7 @@ def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: s
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="segx-model-") as tmp:
         info = Model(model_id=model.model_id, run_id=run_id, signature=_image_signature())
-        example = {"images": np.zeros((1, example_size, example_size, 3), np.uint8).tolist()}
+        example = np.zeros((1, example_size, example_size, 3), np.uint8).tolist()
         (Path(tmp) / "input_example.json").write_text(json.dumps(example))
         info.saved_input_example_info = {"artifact_path": "input_example.json", "type": "json_object"}
         info.save(str(Path(tmp) / "MLmodel"))
@@ -654,5 +654,5 @@ def _image_signature_masks():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-                          Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "masks")]))  # fmt: skip
+    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))  # fmt: skip
