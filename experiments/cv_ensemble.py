@@ -86,7 +86,9 @@ def subset_folder(root: Path, n: int, work: Path) -> Path:
     rng = np.random.default_rng(0)
     parts = []
     for _, group in meta.groupby("appearance"):
-        keep = max(6, round(n * len(group) / len(meta)))  # 3 folds need >= 3 non-test cases per stratum
+        keep = max(
+            6, round(n * len(group) / len(meta))
+        )  # 3 folds need >= 3 non-test cases per stratum
         parts.append(group.iloc[rng.permutation(len(group))[:keep]])
     picked = pd.concat(parts)
     target = work / f"subset-{n}"
@@ -119,7 +121,9 @@ def pin_segx(commit: str) -> str:
     if not (snap / "segx" / "__init__.py").exists():
         tmp = snap.with_name(f"{snap.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", sha, "segx", "conf"], cwd=REPO, capture_output=True, check=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", sha, "segx", "conf"], cwd=REPO, capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         os.replace(tmp, snap)
     sys.path.insert(0, str(snap))
@@ -145,7 +149,9 @@ def base_overrides(args, data_root: str, backbone: str, arch: str) -> list[str]:
     return overrides
 
 
-def single_overrides(args, data_root: str, backbone: str, arch: str, split_file: str | None) -> list[str]:
+def single_overrides(
+    args, data_root: str, backbone: str, arch: str, split_file: str | None
+) -> list[str]:
     extra = [f"data.split_file={split_file}"] if split_file else []
     return [*base_overrides(args, data_root, backbone, arch), *extra]
 
@@ -187,10 +193,20 @@ def shared_split(args, data_root: str, sets: dict) -> str:
     stems = [c.stem for c in discover_cases(Path(str(cfg.data.root)))]
     test = sorted(sets["fold_test"])
     rest = [s for s in stems if s not in set(test)]
-    groups = read_groups(cfg.data.stratify_csv, cfg.data.stratify_column) if cfg.data.stratify_csv else None
+    groups = (
+        read_groups(cfg.data.stratify_csv, cfg.data.stratify_column)
+        if cfg.data.stratify_csv
+        else None
+    )
     digest = hashlib.sha256(json.dumps([sets["fold_file"], test]).encode()).hexdigest()[:10]
-    path = Path(cfg.paths.output_dir) / "splits" / f"{cfg.data.name}-cv{FOLDS}-shared-test-{digest}.json"
-    load_or_create_split(path, rest, float(cfg.data.val_fraction), 0.0, int(cfg.data.split_seed), test, groups)
+    path = (
+        Path(cfg.paths.output_dir)
+        / "splits"
+        / f"{cfg.data.name}-cv{FOLDS}-shared-test-{digest}.json"
+    )
+    load_or_create_split(
+        path, rest, float(cfg.data.val_fraction), 0.0, int(cfg.data.split_seed), test, groups
+    )
     return str(path)
 
 
@@ -204,14 +220,19 @@ def train(args, client, experiment: str, name: str, overrides: list[str]) -> dic
     identity = config_identity(compose("train", overrides))
     entry = {"name": name, "config_hash": identity, "overrides": overrides,
              "load_average_at_start": os.getloadavg()[0]}  # fmt: skip
-    done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+    done = tracking.find_runs(
+        client, experiment, "member", "FINISHED", {"segx.config_hash": identity}
+    )
     if done:
         run = done[0]
         entry["reused"] = True
         print(f"cv: reusing {name} member {run.info.run_id}", flush=True)
     else:
         entry["reused"] = False
-        print(f"cv: training {name}: python -m segx.train {' '.join(overrides)} resume=auto", flush=True)
+        print(
+            f"cv: training {name}: python -m segx.train {' '.join(overrides)} resume=auto",
+            flush=True,
+        )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         started = time.perf_counter()
         run_id = None
@@ -225,8 +246,13 @@ def train(args, client, experiment: str, name: str, overrides: list[str]) -> dic
         rc = proc.returncode
         seconds = time.perf_counter() - started
         if rc != 0:
-            return {**entry, "error": f"python -m segx.train exited {rc} after {seconds:.0f} s (see run.log)"}
-        done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
+            return {
+                **entry,
+                "error": f"python -m segx.train exited {rc} after {seconds:.0f} s (see run.log)",
+            }
+        done = tracking.find_runs(
+            client, experiment, "member", "FINISHED", {"segx.config_hash": identity}
+        )
         if not done and run_id:
             # The hash the run recorded differs from the one computed before it started: conf/
             # changed in between (other work edits this tree). The run it printed is this member.
@@ -235,7 +261,10 @@ def train(args, client, experiment: str, name: str, overrides: list[str]) -> dic
                 done = [run]
                 entry["config_hash_at_start"] = run.data.tags.get("segx.config_hash")
         if not done:
-            return {**entry, "error": f"training ended but no FINISHED run has segx.config_hash={identity}"}
+            return {
+                **entry,
+                "error": f"training ended but no FINISHED run has segx.config_hash={identity}",
+            }
         run = done[0]
         tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": seconds})
     return {**entry, **member_numbers(client, run.info.run_id)}
@@ -272,7 +301,9 @@ def cv_parent(client, parent_id: str) -> dict:
 
 
 # --- stage 2: ensembles ----------------------------------------------------------------------------
-def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: Path) -> tuple[dict, pd.DataFrame]:
+def ensemble(
+    args, client, experiment: str, setting: str, ids: list[str], work: Path
+) -> tuple[dict, pd.DataFrame]:
     """Build (or reuse) the ensemble of ``ids``; its record, bootstrap row and per-case test table."""
     from segx import tracking
     from segx.config import compose
@@ -294,7 +325,9 @@ def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: 
         record = build_ensemble(cfg)
     seconds = time.perf_counter() - started
     run_id = record["run_id"]
-    gain = pd.read_csv(tracking.download(client, run_id, "tables/gain.csv", folder)).iloc[0].to_dict()
+    gain = (
+        pd.read_csv(tracking.download(client, run_id, "tables/gain.csv", folder)).iloc[0].to_dict()
+    )
     per_case = pd.read_csv(tracking.download(client, run_id, "tables/test_per_case.csv", folder))
     val = pd.read_csv(tracking.download(client, run_id, "tables/val_summary.csv", folder))
     per_case = pd.concat([per_case, members_at_val_threshold(client, ids, val)], ignore_index=True)
@@ -336,12 +369,21 @@ def members_at_val_threshold(client, ids: list[str], val: pd.DataFrame) -> pd.Da
     thresholds = dict(zip(val["method"], val["threshold"], strict=True))
     rows = []
     for run_id in ids:
-        m = load_member(client, tracking.get_run(client, run_id), REPO / "outputs" / "cache" / "probs")
+        m = load_member(
+            client, tracking.get_run(client, run_id), REPO / "outputs" / "cache" / "probs"
+        )
         t = float(thresholds[f"member:{m.label}"])
         pred = binarize(combine([m.test.probs], Weights((1,), 1)), t)
         scores = case_metrics(pred, m.test.masks, spacing=m.pixel_spacing)
         for i, stem in enumerate(m.test.stems):
-            rows.append({"method": f"{AT_VAL}{m.label}", "threshold": t, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
+            rows.append(
+                {
+                    "method": f"{AT_VAL}{m.label}",
+                    "threshold": t,
+                    "stem": stem,
+                    **{k: float(v[i]) for k, v in scores.items()},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -362,9 +404,13 @@ def compare(results: dict, per_case: dict[str, pd.DataFrame], resamples: int) ->
     from segx.evaluation.report import paired_bootstrap
 
     single, cv = results["ensembles"]["single"], results["ensembles"]["cv"]
-    dice = {s: per_case[s].pivot_table(index="stem", columns="method", values="dice") for s in SETTINGS}
+    dice = {
+        s: per_case[s].pivot_table(index="stem", columns="method", values="dice") for s in SETTINGS
+    }
     if sorted(dice["single"].index) != sorted(dice["cv"].index):
-        return {"error": "the two ensembles were scored on different test cases; compare only within each setting"}
+        return {
+            "error": "the two ensembles were scored on different test cases; compare only within each setting"
+        }
     best_single = single["gain"]["best_member"]  # best on validation, as the ensemble run picked it
     best_cv = cv["gain"]["best_member"]
     stems = dice["single"].index
@@ -377,7 +423,12 @@ def compare(results: dict, per_case: dict[str, pd.DataFrame], resamples: int) ->
     boot = {}
     for key, (x, y) in pairs.items():
         boot[key] = paired_bootstrap(series[x].to_numpy(), series[y].to_numpy(), resamples, 0)
-    return {"best_single_member": best_single, "best_cv_member": best_cv, "cases": len(stems), "bootstrap": boot}
+    return {
+        "best_single_member": best_single,
+        "best_cv_member": best_cv,
+        "cases": len(stems),
+        "bootstrap": boot,
+    }
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -411,11 +462,21 @@ def run(args) -> None:
     split_file = None
     if not sets["same"]:
         split_file = shared_split(args, data_root, sets)
-        print(f"cv: the plain split's test list differs from the fold layout's; single-split members use {split_file}", flush=True)
-        sets = {**test_sets(args, data_root, split_file), "shared_split_file": split_file, "default_split_differed": True}
+        print(
+            f"cv: the plain split's test list differs from the fold layout's; single-split members use {split_file}",
+            flush=True,
+        )
+        sets = {
+            **test_sets(args, data_root, split_file),
+            "shared_split_file": split_file,
+            "default_split_differed": True,
+        }
     results["test_sets"] = {k: v for k, v in sets.items() if k not in ("plain_test", "fold_test")}
     save_results(out, results)
-    print(f"cv: test set: {sets['n_test']} cases, the same in the plain split and the fold layout: {sets['same']}", flush=True)
+    print(
+        f"cv: test set: {sets['n_test']} cases, the same in the plain split and the fold layout: {sets['same']}",
+        flush=True,
+    )
 
     client = tracking.connect("sqlite:///outputs/mlflow.db")
     experiment = tracking.experiment_id(client, args.experiment_name, "outputs/mlartifacts")
@@ -425,7 +486,9 @@ def run(args) -> None:
         entry, table = ensemble(args, client, experiment, setting, ids, work)
         results["ensembles"][setting] = entry
         per_case[setting] = table
-        pd.concat(per_case.values(), ignore_index=True).to_csv(out / "test_per_case.csv", index=False)
+        pd.concat(per_case.values(), ignore_index=True).to_csv(
+            out / "test_per_case.csv", index=False
+        )
         save_results(out, results)
         g = entry["gain"]
         print(f"cv: {setting} ensemble {entry['run_id']}: test Dice {g['ensemble_test_dice']:.4f} vs best member "
@@ -435,9 +498,18 @@ def run(args) -> None:
     # Stage 1: single-split members, then today's ensemble of them.
     for backbone, arch in CONFIGS:
         name = f"single:{label(backbone, arch)}"
-        entry = train(args, client, experiment, name, single_overrides(args, data_root, backbone, arch, split_file))
+        entry = train(
+            args,
+            client,
+            experiment,
+            name,
+            single_overrides(args, data_root, backbone, arch, split_file),
+        )
         results["members"][name] = entry
-        results["stage_seconds"] = {**results.get("stage_seconds", {}), name: time.perf_counter() - t0}
+        results["stage_seconds"] = {
+            **results.get("stage_seconds", {}),
+            name: time.perf_counter() - t0,
+        }
         save_results(out, results)
         status = entry.get("error") or f"test Dice {entry['test_dice']:.4f}"
         print(f"cv: member {name}: {status}", flush=True)
@@ -445,7 +517,10 @@ def run(args) -> None:
     if all("run_id" in m for m in singles):
         build("single", [m["run_id"] for m in singles])
     else:
-        results["ensembles"]["single"] = {"error": "members missing or failed: " + ", ".join(m["name"] for m in singles if "run_id" not in m)}
+        results["ensembles"]["single"] = {
+            "error": "members missing or failed: "
+            + ", ".join(m["name"] for m in singles if "run_id" not in m)
+        }
         save_results(out, results)
 
     # Stage 2: the cross-validated members (K fold runs each), then their ensemble.
@@ -455,11 +530,23 @@ def run(args) -> None:
         folds = []
         for fold in range(FOLDS):
             name = f"cv:{lab}:fold{fold}"
-            entry = train(args, client, experiment, name, fold_overrides(args, data_root, backbone, arch, fold))
+            entry = train(
+                args,
+                client,
+                experiment,
+                name,
+                fold_overrides(args, data_root, backbone, arch, fold),
+            )
             results["members"][name] = entry
-            results["stage_seconds"] = {**results.get("stage_seconds", {}), name: time.perf_counter() - t0}
+            results["stage_seconds"] = {
+                **results.get("stage_seconds", {}),
+                name: time.perf_counter() - t0,
+            }
             save_results(out, results)
-            status = entry.get("error") or f"val Dice {entry['val_dice']:.4f}, test Dice {entry['test_dice']:.4f}"
+            status = (
+                entry.get("error")
+                or f"val Dice {entry['val_dice']:.4f}, test Dice {entry['test_dice']:.4f}"
+            )
             print(f"cv: member {name}: {status}", flush=True)
             folds.append(entry)
         ids = {m.get("parent_run_id") for m in folds if "run_id" in m}
@@ -467,14 +554,21 @@ def run(args) -> None:
             parent = cv_parent(client, ids.pop())
             results["cv_parents"][lab] = parent
             parents.append(parent)
-            print(f"cv: {lab} cross-validated: fold val Dice {parent['fold_val_dice']}, out-of-fold Dice {parent['oof_dice']}", flush=True)
+            print(
+                f"cv: {lab} cross-validated: fold val Dice {parent['fold_val_dice']}, out-of-fold Dice {parent['oof_dice']}",
+                flush=True,
+            )
         else:
-            results["cv_parents"][lab] = {"error": f"folds failed or under different parents ({sorted(map(str, ids))})"}
+            results["cv_parents"][lab] = {
+                "error": f"folds failed or under different parents ({sorted(map(str, ids))})"
+            }
         save_results(out, results)
     if len(parents) == len(CONFIGS) and all(p["complete"] for p in parents):
         build("cv", [p["run_id"] for p in parents])
     else:
-        results["ensembles"]["cv"] = {"error": "a cross-validated member is incomplete (see cv_parents)"}
+        results["ensembles"]["cv"] = {
+            "error": "a cross-validated member is incomplete (see cv_parents)"
+        }
         save_results(out, results)
 
     if set(per_case) == set(SETTINGS):
@@ -533,8 +627,12 @@ def summary_rows(results: dict) -> list[dict]:
                 continue
             at_t = _row(e["test_table"], AT_VAL + name)
             val = _val(e, r["method"])
-            what = (f"best single-split member: {name} (best on validation)" if tag == "(a)" else
-                    f"cross-validated member {name}, mean of {FOLDS} folds" + (f" (best on {which})" if r["method"] == best else ""))
+            what = (
+                f"best single-split member: {name} (best on validation)"
+                if tag == "(a)"
+                else f"cross-validated member {name}, mean of {FOLDS} folds"
+                + (f" (best on {which})" if r["method"] == best else "")
+            )
             out.append({"row": tag, "what": what, "networks": 1 if tag == "(a)" else FOLDS, "val": val,
                         "val_threshold": _val_threshold(e, r["method"]), "test_05": r["dice_mean"],
                         "test_t": at_t["dice_mean"] if at_t else None,
@@ -571,9 +669,21 @@ def gain_rows(results: dict) -> list[tuple[str, dict | None, dict | None]]:
     comp = results.get("comparison", {}).get("bootstrap", {})
     rows = []
     if "gain" in single:
-        rows.append(("(b) single-split ensemble minus (a), its best member (`tables/gain.csv`)", single["gain"], single.get("gain_at_val_threshold")))
+        rows.append(
+            (
+                "(b) single-split ensemble minus (a), its best member (`tables/gain.csv`)",
+                single["gain"],
+                single.get("gain_at_val_threshold"),
+            )
+        )
     if "gain" in cv:
-        rows.append(("(d) cross-validated ensemble minus its best member (c) (`tables/gain.csv`)", cv["gain"], cv.get("gain_at_val_threshold")))
+        rows.append(
+            (
+                "(d) cross-validated ensemble minus its best member (c) (`tables/gain.csv`)",
+                cv["gain"],
+                cv.get("gain_at_val_threshold"),
+            )
+        )
     if comp:
         rows += [("(d) cross-validated ensemble minus (a), the best single-split member", comp.get("d_minus_a"), comp.get("d_minus_a_t")),
                  ("(d) cross-validated ensemble minus (b), the single-split ensemble", comp.get("d_minus_b"), comp.get("d_minus_b")),
@@ -582,7 +692,9 @@ def gain_rows(results: dict) -> list[tuple[str, dict | None, dict | None]]:
 
 
 def _sign(b: dict) -> str:
-    return "above zero" if b["low"] > 0 else "below zero: a loss" if b["high"] < 0 else "includes zero"
+    return (
+        "above zero" if b["low"] > 0 else "below zero: a loss" if b["high"] < 0 else "includes zero"
+    )
 
 
 def verdict(results: dict) -> list[str]:
@@ -617,10 +729,15 @@ def verdict(results: dict) -> list[str]:
     if gc["ensemble_optimism"] < 0:
         parts = []
         for lab, p in results.get("cv_parents", {}).items():
-            tests = [results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice") for i in range(len(p.get("fold_val_dice", [])))]
+            tests = [
+                results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice")
+                for i in range(len(p.get("fold_val_dice", [])))
+            ]
             mean_row = _row(cv.get("test_table", []), f"member:{lab}")
             if mean_row and tests and None not in tests:
-                parts.append(f"{lab} {_f(statistics.mean(tests))} for its single fold models vs {_f(mean_row['dice_mean'])} for their mean")
+                parts.append(
+                    f"{lab} {_f(statistics.mean(tests))} for its single fold models vs {_f(mean_row['dice_mean'])} for their mean"
+                )
         lines.append(
             "  The cross-validated optimism is negative: its validation Dice is out-of-fold, from single fold models each "
             "trained on two thirds of the non-test cases, while on test a member is the mean of its fold models, which "
@@ -643,7 +760,8 @@ def report(results: dict) -> str:
     t = results.get("test_sets", {})
     lines = [
         "# DSB2018: does a cross-validated ensemble earn its keep? (issue 11)" + (" (--quick smoke test)" if quick else ""), "",
-        f"Reproduce: `python experiments/cv_ensemble.py{' --quick' if quick else ''}` (rewrite this file: `--report-only`). "
+        f"Reproduce: `python experiments/cv_ensemble.py{' --quick' if quick else ''}"
+        + (f" --pin {s['segx_pinned_at'][:12]}" if s.get("segx_pinned_at") else "") + "` (rewrite this file: `--report-only`). "
         f"Started {results.get('started', '?')}, "
         + (f"finished {results['finished']} ({_f(results.get('total_seconds', 0) / 60, 1)} min)." if results.get("finished")
            else f"not finished (last update {results.get('updated', '?')})."),
@@ -715,7 +833,10 @@ def report(results: dict) -> str:
     if notes:
         lines += ["## Notes", "", *notes, ""]
 
-    for setting, title in (("single", "Single-split ensemble (today's method)"), ("cv", "Cross-validated ensemble")):
+    for setting, title in (
+        ("single", "Single-split ensemble (today's method)"),
+        ("cv", "Cross-validated ensemble"),
+    ):
         e = results.get("ensembles", {}).get(setting)
         if not e:
             continue
@@ -737,7 +858,9 @@ def report(results: dict) -> str:
                          f"{_f(r['iou_mean'])} | {_f(r['hd95_mean'], 2)} |")  # fmt: skip
         lines += ["", "Validation" + (" (out-of-fold)" if setting == "cv" else "") + ":", "",
                   "| method | val Dice | threshold |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['method']} | {_f(r['val_dice'])} | {r['threshold']} |" for r in e["val_table"]]
+        lines += [
+            f"| {r['method']} | {_f(r['val_dice'])} | {r['threshold']} |" for r in e["val_table"]
+        ]
         lines.append("")
 
     parents = results.get("cv_parents", {})
@@ -755,7 +878,9 @@ def report(results: dict) -> str:
             if "error" in p:
                 lines.append(f"| {lab} | failed: {p['error']} |" + " |" * (2 * k + 2))
                 continue
-            tests = [results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice") for i in range(k)]
+            tests = [
+                results["members"].get(f"cv:{lab}:fold{i}", {}).get("test_dice") for i in range(k)
+            ]
             mean_row = _row(cv.get("test_table", []), f"member:{lab}")
             lines.append(f"| {lab} | `{p['run_id'][:8]}` | " + " | ".join(_f(v) for v in p["fold_val_dice"])
                          + f" | {_f(p['mean_val_dice'])} | {_f(p['oof_dice'])} | " + " | ".join(_f(v) for v in tests)
@@ -781,7 +906,9 @@ def report(results: dict) -> str:
                          f"{m['load_average_at_start']:.2f} |")  # fmt: skip
         # MLflow's run start to end (every member has it; the process time only when this script
         # trained it and found the run): data, epochs, predicting validation and test, uploads.
-        single_t = sum(m.get("run_seconds") or 0 for n, m in members.items() if n.startswith("single:"))
+        single_t = sum(
+            m.get("run_seconds") or 0 for n, m in members.items() if n.startswith("single:")
+        )
         cv_t = sum(m.get("run_seconds") or 0 for n, m in members.items() if n.startswith("cv:"))
         lines += ["", f"Training time: single split {_f(single_t / 60, 1)} min, cross-validated {_f(cv_t / 60, 1)} min "
                   f"(x{_f(cv_t / single_t if single_t else None, 2)}); the cross-validated ensemble also runs "
@@ -791,20 +918,32 @@ def report(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset and 1 epoch: a smoke test of every stage")
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small subset and 1 epoch: a smoke test of every stage",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
+    )
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {EPOCHS}; --quick: 1")
     parser.add_argument("--max-cases", type=int, default=48, help="--quick: cases in the subset")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (segx's default)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=2000, help="paired bootstrap resamples (segx's default)"
+    )
     parser.add_argument("--results-dir", default=None,
                         help=f"default: {OUT.relative_to(REPO)} ({QUICK_OUT.relative_to(REPO)} with --quick)")  # fmt: skip
-    parser.add_argument("--experiment-name", default=None, help="MLflow experiment (default: dsb2018-cv[-quick])")
+    parser.add_argument(
+        "--experiment-name", default=None, help="MLflow experiment (default: dsb2018-cv[-quick])"
+    )
     parser.add_argument("--pin", default=None, metavar="COMMIT",
                         help="run segx/ and conf/ as committed at COMMIT (a read-only copy), not the working tree")  # fmt: skip
     args = parser.parse_args()
     args.pin = pin_segx(args.pin) if args.pin and not args.report_only else args.pin
     args.results_dir = args.results_dir or str(QUICK_OUT if args.quick else OUT)
-    args.experiment_name = args.experiment_name or ("dsb2018-cv-quick" if args.quick else "dsb2018-cv")
+    args.experiment_name = args.experiment_name or (
+        "dsb2018-cv-quick" if args.quick else "dsb2018-cv"
+    )
     if args.epochs is None:
         args.epochs = 1 if args.quick else EPOCHS
     if args.report_only:

@@ -204,3 +204,54 @@ def test_cross_validated_and_single_split_members_do_not_mix():
     with pytest.raises(SegxError, match=r"member p1 \(resnet18-unet\) is cross-validated and r2 \(resnet18-unet\) is not"):
         check_compatible([cvm, member("r2")])
 
+
+
+def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
+    """Like for like: the ensemble at its chosen threshold against the best member at the
+    threshold validation chose for that member (not at 0.5)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from segx.data.ragged import Ragged
+    from segx.ensembling.probs import Cached, Weights
+    from segx.ensembling.search import Candidate
+    from segx.evaluation.report import honest_gain
+    from tests.test_members import member
+
+    truth = [np.zeros((4, 4), bool) for _ in range(3)]
+    for t in truth:
+        t[:2] = True
+    # The member is sure of nothing: foreground at p = 0.4 (102/255), background at 0.1.
+    probs = [np.where(t, 102, 25).astype(np.uint8) for t in truth]
+    test = Cached(["t0", "t1", "t2"], Ragged.from_list(probs), Ragged.from_list(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8)))
+    best = dataclasses.replace(member("r1"), test=test)
+    found = {"baselines": [Candidate("member:resnet18-unet", Weights((1,), 1), 0.35, 0.95, 1),
+                           Candidate("equal", Weights((1,), 1), 0.5, 0.9, 2)],
+             "val_dice": 0.97}  # fmt: skip
+    per_case = pd.DataFrame({"method": ["ensemble"] * 3, "stem": ["t2", "t0", "t1"], "dice": [1.0, 1.0, 0.5]})
+    gain = honest_gain(per_case, [best], found, resamples=200)
+    assert gain["best_member_threshold"] == 0.35
+    assert gain["best_member_test_dice"] == 1.0  # at 0.35 the member is perfect; at 0.5 it would score 0
+    assert gain["diff"] == pytest.approx((1.0 + 0.5 + 1.0) / 3 - 1.0)  # stems matched, not row order
+    assert gain["best_member_optimism"] == pytest.approx(0.95 - 1.0)
+
+
+def test_config_identity_survives_keys_added_with_null_defaults():
+    """A newer segx adding an option that is off (null) must not split a cross-validated
+    configuration's folds between two parents, nor hide an unfinished run from resume=auto."""
+    from omegaconf import OmegaConf
+
+    from segx.training.member import config_identity
+
+    cfg = compose_config("train", ["data.folds=3", "fold=1"])
+    before, shared = config_identity(cfg), config_identity(cfg, ("fold",))
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.new_option = None
+    cfg.trainer.another = None
+    assert config_identity(cfg) == before and config_identity(cfg, ("fold",)) == shared
+    cfg.data.new_option = 3  # switched on: another configuration
+    assert config_identity(cfg) != before
+    cfg.data.new_option = None
+    cfg.fold = 2  # another fold of the same configuration
+    assert config_identity(cfg) != before and config_identity(cfg, ("fold",)) == shared

@@ -68,17 +68,30 @@ def honest_gain(per_case: pd.DataFrame, members: list[Member], found: dict, resa
     """Is the ensemble worth its cost? The paired bootstrap of test Dice, ensemble minus the best
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
+    from segx.ensembling.probs import binarize
+    from segx.evaluation.metrics import dice_per_case
+
     member_rows = [b for b in found["baselines"] if b.name.startswith("member:")]
-    best = max(member_rows, key=lambda b: b.val_dice)
-    dice = per_case.pivot_table(index="stem", columns="method", values="dice", sort=False)
-    test_ensemble, test_best = dice["ensemble"], dice[best.name]
-    out = paired_bootstrap(test_ensemble.to_numpy(), test_best.to_numpy(), resamples, seed)
-    # The best member's own threshold-0.5 test Dice against its best validation Dice.
-    return {**out, "best_member": best.name, "best_member_val_dice": best.val_dice,
-            "best_member_test_dice": float(test_best.mean()), "ensemble_val_dice": found["val_dice"],
-            "ensemble_test_dice": float(test_ensemble.mean()),
-            "ensemble_optimism": found["val_dice"] - float(test_ensemble.mean()),
-            "best_member_optimism": best.val_dice - float(test_best.mean())}  # fmt: skip
+    index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)
+    # Like for like: the member on test at the threshold validation chose for it (as the
+    # ensemble is at its own), not at 0.5; both are then what a user would deploy.
+    test = members[index].test
+    probs = test.probs
+    member_test = dice_per_case(binarize(_single(probs), best.threshold), test.masks)
+    ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[test.stems, "dice"].to_numpy()
+    out = paired_bootstrap(ensemble, member_test, resamples, seed)
+    return {**out, "best_member": best.name, "best_member_threshold": best.threshold,
+            "best_member_val_dice": best.val_dice, "best_member_test_dice": float(member_test.mean()),
+            "ensemble_val_dice": found["val_dice"], "ensemble_test_dice": float(ensemble.mean()),
+            "ensemble_optimism": found["val_dice"] - float(ensemble.mean()),
+            "best_member_optimism": best.val_dice - float(member_test.mean())}  # fmt: skip
+
+
+def _single(probs):
+    """One member's probabilities as an exact ensemble score (weight 1 of 1)."""
+    from segx.ensembling.probs import Weights, combine
+
+    return combine([probs], Weights((1,), 1))
 
 
 def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +159,8 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
         verdict = ("the gain is real (the whole interval is above zero)" if gain["low"] > 0 else
                    "the ensemble is worse (the whole interval is below zero)" if gain["high"] < 0 else
                    "not shown to be better: the interval includes zero")  # fmt: skip
-        print(f"\nEnsemble minus best member ({gain['best_member']}, best on validation), test Dice: "
+        print(f"\nEnsemble minus best member ({gain['best_member']}, best on validation, at its validation "
+              f"threshold {gain['best_member_threshold']}), test Dice: "
               f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
               f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}.")
         print(f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "

@@ -647,12 +647,3 @@ def link_models(client: MlflowClient, run_id: str, model_ids: Sequence[str]) -> 
     if ids:
         client.log_inputs(run_id, models=[LoggedModelInput(m) for m in ids])
 
-
-def _image_signature_masks():
-    """The ensemble's pyfunc: uint8 images (N, H, W, 3) in, uint8 {0, 1} masks (N, H, W) out."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))  # fmt: skip

@@ -78,7 +78,8 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
             python_model=str(Path(__file__).resolve()),
             artifacts=artifacts,
             code_paths=[str(package_dir)],
-            signature=tracking._image_signature_masks(),
+            # No signature: MLflow's schema enforcement would refuse a list of images of different
+            # sizes, which predict() takes (its docstring says what goes in and out).
             pip_requirements=requirements,
             registered_model_name=register_name or None,
         )

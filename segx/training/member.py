@@ -67,10 +67,21 @@ def validate_config(cfg: DictConfig) -> None:
         look_up_option(str(key), LOSSES, "loss", "trainer.loss")
 
 
+def _drop_nulls(node):
+    """Null settings left out, so a key that a newer segx adds with a null default (an option that
+    is off) leaves the identity of every existing config as it was: resume and the folds of one
+    cross-validated configuration still find each other across that upgrade."""
+    if isinstance(node, dict):
+        return {k: _drop_nulls(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_drop_nulls(v) for v in node]
+    return node
+
+
 def config_identity(cfg: DictConfig, without: tuple[str, ...] = ()) -> str:
     """Hash of everything that determines the trained member (for resume=auto); ``without``
     leaves more keys out (``("fold",)``: the configuration shared by its folds)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = _drop_nulls(OmegaConf.to_container(cfg, resolve=True))
     for key in (*NOT_IDENTITY, *without):
         parent, _, leaf = key.rpartition(".")
         node = plain
