@@ -551,8 +551,9 @@ def report(results: dict) -> str:
         e = results.get("ensembles", {}).get(group)
         if not e:
             continue
-        title = {"resize": "Resize-mode ensemble (3 members)", "patch": "Patch-mode ensemble (3 members)",
-                 "all": "All six members (both modes)"}[group]  # fmt: skip
+        n = len(e.get("members", [])) or "?"
+        title = {"resize": f"Resize-mode ensemble ({n} members)", "patch": f"Patch-mode ensemble ({n} members)",
+                 "all": f"All {n} members (both modes)"}[group]  # fmt: skip
         lines += [f"## {title}", ""]
         if "error" in e:
             lines += [f"Not built: {e['error']}.", ""]
