@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from segx import cli
 from segx.config import SEARCH_METHODS, TTA_MODES, require_choice, require_float, require_int
 from segx.ensembling.choose import SearchSettings, run_search
-from segx.ensembling.members import check_compatible, load_member, select_runs
+from segx.ensembling.members import check_compatible, load_member, select_runs, unique_labels
 from segx.ensembling.record import make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
@@ -141,7 +141,8 @@ def build_ensemble(cfg: DictConfig) -> dict:
         "segx.command": command_line(),
         **provenance_tags(),
     }
-    weights_text = ", ".join(f"{m.label}={w:.3g}" for m, w in zip(members, found["weights"], strict=True))
+    labels = unique_labels(members)
+    weights_text = ", ".join(f"{label}={w:.3g}" for label, w in zip(labels, found["weights"], strict=True))
     note = (f"segx ensemble of {len(members)} members ({weights_text}; threshold {record['threshold']}; "
             f"post-processing {found['postprocess'].describe()}), chosen on validation by {cfg.ensemble.search} "
             f"search ('{found['chosen'].name}' won). Test Dice {summary.loc['ensemble', 'dice_mean']:.4f}; ensemble "
@@ -154,7 +155,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
         tracking.log_params(client, run_id, {
-            **{f"chosen.weight.{i}.{m.label}": f"{w:.6g}" for i, (m, w) in enumerate(zip(members, found["weights"], strict=True))},
+            **{f"chosen.weight.{i}.{label}": f"{w:.6g}" for i, (label, w) in enumerate(zip(labels, found["weights"], strict=True))},
             "chosen.threshold": str(record["threshold"]), "chosen.method": found["chosen"].name,
             "chosen.postprocess": found["postprocess"].describe(),
         })  # fmt: skip

@@ -58,3 +58,14 @@ def test_same_cases_with_other_ground_truth_are_refused():
 def test_no_members_is_refused():
     with pytest.raises(SegxError, match="the ensemble has no members"):
         check_compatible([])
+
+
+def test_members_sharing_backbone_and_arch_get_distinct_row_names():
+    from segx.ensembling.members import unique_labels
+
+    a = member("r1", view={"mode": "resize", "size": 96})
+    b = member("r2", view={"mode": "patch", "size": 96})
+    c = member("r3", view={"mode": "patch", "size": 96})
+    assert unique_labels([a, b]) == ["resnet18-unet-resize96", "resnet18-unet-patch96"]
+    assert unique_labels([a, b, c]) == ["resnet18-unet-resize96", "resnet18-unet-patch96-r2", "resnet18-unet-patch96-r3"]
+    assert unique_labels([a]) == ["resnet18-unet"]  # unchanged when nothing collides

@@ -61,8 +61,10 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
     result = run[e.method]()
     seconds = time.perf_counter() - t0
     base = search.baselines(data)
-    for b, m in zip(base, members, strict=False):
-        b.name = f"member:{m.label}"
+    from segx.ensembling.members import unique_labels
+
+    for b, label in zip(base, unique_labels(members), strict=False):
+        b.name = f"member:{label}"
     chosen = search.choose([*base, result.best], e.tolerance)
     weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
     # The search scored the candidate in prediction's arithmetic; the prediction path itself

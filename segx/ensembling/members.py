@@ -35,6 +35,18 @@ class Member:
         return f"{self.backbone}-{self.arch}"
 
 
+def unique_labels(members: Sequence[Member]) -> list[str]:
+    """Row names for tables: ``backbone-arch``, plus how the member sees images where two members
+    share backbone and arch (resize vs patch, other sizes), plus the run ID if still ambiguous."""
+    labels = [m.label for m in members]
+    out = []
+    for m, label in zip(members, labels, strict=True):
+        if labels.count(label) > 1:
+            label = f"{label}-{m.view.get('mode', 'resize')}{m.view.get('size', '')}"
+        out.append(label)
+    return [f"{label}-{m.run_id[:8]}" if out.count(label) > 1 else label for m, label in zip(members, out, strict=True)]
+
+
 def load_member(client, run, workdir: Path, tta: str = "none", allow_incomplete_cv: bool = False) -> Member:
     """A single-split member run or a cross-validated configuration (its parent run)."""
     from segx import tracking

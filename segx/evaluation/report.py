@@ -24,7 +24,10 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     truth = test.masks
     probs = [m.test.probs for m in members]
     weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
-    methods = {f"member:{m.label}": (lambda i=i: probs[i].like(probs[i].flat >= 128)) for i, m in enumerate(members)}
+    from segx.ensembling.members import unique_labels
+
+    # Unique names: two members with one backbone and arch (resize and patch) must not share a row.
+    methods = {f"member:{label}": (lambda i=i: probs[i].like(probs[i].flat >= 128)) for i, label in enumerate(unique_labels(members))}
     equal = Weights((1,) * len(members), len(members))
     methods["equal-weights"] = lambda: binarize(combine(probs, equal), 0.5)
     methods["majority-vote"] = lambda: majority_vote(probs)
@@ -148,7 +151,9 @@ def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict,
 
 def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:
     pd.set_option("display.width", 140)
-    weights = ", ".join(f"{m.label}={w:.3f}" for m, w in zip(members, found["weights"], strict=True))
+    from segx.ensembling.members import unique_labels
+
+    weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found["weights"], strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nchosen: {found['chosen'].name}  weights: {weights}  threshold: {record['threshold']}  "
