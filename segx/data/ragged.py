@@ -74,12 +74,6 @@ class Ragged:
             result[i][...] = fn(case)
         return result
 
-    def case_index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """For rows ``offsets[start]:offsets[stop]``: the case each row belongs to."""
-        stop = len(self) if stop is None else stop
-        sizes = np.diff(self.offsets[start : stop + 1])
-        return np.repeat(np.arange(start, stop), sizes)
-
     @property
     def n_pixels(self) -> int:
         return int(self.offsets[-1])

@@ -11,7 +11,6 @@ training cuts the same patches.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,7 +94,3 @@ def validation_patches(cases: Sequence[DecodedCase], patch: int, seed: int = 0) 
         images[i], masks[i] = cut_patch(case.image(), case.mask(), case.foreground(), patch, rng, True)
     return images, masks
 
-
-def patches_per_image(height: int, width: int, patch: int) -> int:
-    """Patches needed to tile an image once (for sizing an epoch)."""
-    return math.ceil(height / patch) * math.ceil(width / patch)
