@@ -335,6 +335,40 @@ def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     check_group_choices(argv, dirs)
     check_override_keys(config_name, argv, dirs)
     _check_output_dir(config_name, argv)
+    if config_name == "train" and any(a in ("-m", "--multirun") for a in argv):
+        _check_sweep(config_name, argv, dirs)
+
+
+def _check_sweep(config_name: str, argv: Sequence[str], dirs) -> None:
+    """The launcher a sweep asks for can run here (sbatch exists, the partition exists, no more
+    joblib jobs than cores, GPUs where TensorFlow sees them), before any job is submitted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from segx.config import compose_with_hydra
+    from segx.training.resources import check_launcher, cpu_cores, sweep_size
+
+    given = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(given)
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    # One job's config stands for all (launcher settings are not swept): first value of each sweep.
+    first = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+             for o in parsed]  # fmt: skip
+    try:
+        cfg = compose_with_hydra(config_name, first, dirs)
+    except Exception:  # noqa: BLE001 - a bad override: Hydra says so in its own words
+        return
+    choice = cfg.hydra.runtime.choices.get("hydra/launcher", "basic")
+    launcher = _plain(cfg.hydra.launcher)
+    task = [o.input_line for o in parsed if not o.is_hydra_override()]
+    check_launcher(launcher, str(choice), sweep_size(task), cpu_cores(), _plain(cfg.trainer))
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=False)
 
 
 def _check_output_dir(config_name: str, argv: Sequence[str]) -> None:
@@ -371,7 +405,16 @@ def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
         if config_name is not None:
             _register_resolvers()
             preflight(config_name)
-        result = entry()
+            if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+                # One sweep folder for every job, whichever process resolves it (conf/hydra/default.yaml).
+                import time
+
+                os.environ.setdefault("SEGX_SWEEP_STAMP", time.strftime("%Y-%m-%d_%H-%M-%S"))
+        try:
+            result = entry()
+        finally:
+            if "segx.training.sweep" in sys.modules:  # a launcher that raised (a job SLURM killed)
+                sys.modules["segx.training.sweep"].print_pending_summary()  # still gets its summary
     _flush()
     # From here (the interpreter's teardown) a signal exits at once with 128 + its number.
     return result

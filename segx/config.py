@@ -130,6 +130,23 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
         return hydra_compose(config_name, overrides=list(overrides))
 
 
+def compose_with_hydra(config_name: str, overrides: Sequence[str], conf_dirs: Sequence[Path]) -> DictConfig:
+    """The config with its ``hydra`` node (launcher, sweeper, runtime choices), as a command
+    would compose it from ``conf_dirs`` (segx's conf/ first); outside a running Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    if len(conf_dirs) > 1:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in conf_dirs[1:]) + "]")
+    try:
+        with initialize_config_dir(str(conf_dirs[0]), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 

@@ -293,3 +293,73 @@ def count_flops(model, image_size: int) -> float:
     opts["output"] = "none"
     info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
     return float(info.total_float_ops)
+
+
+def configure_runtime(threads: int | None, accelerator: str, devices: int | None, strategy: str | None):
+    """Threads and devices for this process, then the distribution strategy (or None).
+
+    TensorFlow takes thread counts and device layouts only before its runtime starts; a later
+    job in the same process (a sweep in one process) keeps the first job's, and asking for
+    different ones is refused in one line. ``accelerator``: auto | gpu | cpu; ``devices``: how
+    many (on the CPU, that many logical devices); ``strategy``: None or ``"mirrored"``.
+    """
+    gpus = tf.config.list_physical_devices("GPU")  # lists without starting the runtime
+    if accelerator == "gpu" and not gpus:
+        raise SegxError("trainer.accelerator=gpu, but TensorFlow sees no GPU here (no GPU, no driver, or a "
+                        "CPU-only TensorFlow build); use trainer.accelerator=auto or cpu")  # fmt: skip
+    on_gpu = bool(gpus) and accelerator != "cpu"
+    available = len(gpus) if on_gpu else None
+    count = int(devices) if devices else (available or 1)
+    if on_gpu and count > available:
+        raise SegxError(f"trainer.devices={devices}, but TensorFlow sees {available} GPU(s) here; "
+                        f"use trainer.devices={available} or request more GPUs (hydra.launcher.gpus_per_node)")  # fmt: skip
+    if count > 1 and strategy != "mirrored":
+        raise SegxError(f"trainer.devices={count} trains on one device unless trainer.strategy=mirrored; "
+                        "set trainer.strategy=mirrored, or trainer.devices=1")  # fmt: skip
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+        if on_gpu:
+            tf.config.set_visible_devices(gpus[:count], "GPU")
+        else:
+            if gpus:
+                tf.config.set_visible_devices([], "GPU")
+            if count > 1:
+                cpu = tf.config.list_physical_devices("CPU")[0]
+                tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:
+        _check_runtime_unchanged(threads, on_gpu, count)
+    if threads:
+        import cv2
+
+        cv2.setNumThreads(int(threads))  # image decoding and augmentation in the input pipeline
+    names = [d.name for d in tf.config.list_logical_devices("GPU" if on_gpu else "CPU")][:count]
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy(names)
+    return None
+
+
+def _check_runtime_unchanged(threads: int | None, on_gpu: bool, count: int) -> None:
+    """The runtime already started (an earlier job in this process): fine if it is as asked."""
+    kind = "GPU" if on_gpu else "CPU"
+    now = len(tf.config.list_logical_devices(kind))
+    same_threads = not threads or tf.config.threading.get_intra_op_parallelism_threads() in (0, int(threads))
+    if now < count or (not on_gpu and now != count) or not same_threads:
+        raise SegxError("trainer.threads/devices differ from an earlier job in this process, and TensorFlow "
+                        "sets them once per process; run the sweep with hydra/launcher=joblib (a process "
+                        "per job) or give every job the same trainer.threads and trainer.devices")  # fmt: skip
+
+
+def set_precision(precision: str | None) -> None:
+    """Keras' global dtype policy: None (float32) or ``mixed_float16``."""
+    keras.mixed_precision.set_global_policy(precision or "float32")
+
+
+def float32_outputs(model):
+    """Under mixed precision the last layer computes in float16: add a float32 output so the
+    loss, the metrics and every saved prediction stay float32 (Keras' advice)."""
+    if model.output.dtype == tf.float32:
+        return model
+    outputs = keras.layers.Activation("linear", dtype="float32", name="float32_output")(model.output)
+    return keras.Model(model.input, outputs, name=model.name)

@@ -53,6 +53,7 @@ def make_train_dataset(
     epochs: int,
     initial_epoch: int = 0,
     samples_per_epoch: int | None = None,
+    threads: int | None = None,
 ):
     """A ``tf.data.Dataset`` of (image float32 (B,S,S,3), mask float32 (B,S,S,1)) batches for
     epochs ``initial_epoch..epochs-1``, and the steps per epoch.
@@ -91,7 +92,14 @@ def make_train_dataset(
     dataset = tf.data.Dataset.from_tensor_slices((order, seeds, slots))
     dataset = dataset.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    if threads:  # the job's share of the cores (trainer.threads): tf.data's own pool too
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = int(threads)
+        dataset = dataset.with_options(options)
     return dataset, math.ceil(per_epoch / batch_size)
+
+
+BEST_WEIGHTS = "best/weights"  # the best epoch's weights, under the member's checkpoint folder
 
 
 @dataclass
@@ -170,7 +178,9 @@ class MemberCallback(keras.callbacks.Callback):
                 metrics[f"train/{key}"] = float(value)
         if val_dice > self.state.best_dice + self.min_delta:
             self.state.best_dice, self.state.best_epoch, self.state.wait = val_dice, epoch, 0
-            self.model.save_weights(str(self.folder / "best.weights.h5"))
+            # A TensorFlow checkpoint, not .h5: h5 loading fails on variables mirrored across
+            # devices (trainer.strategy=mirrored), a checkpoint restores under any strategy.
+            tf.train.Checkpoint(model=self.model).write(str(self.folder / BEST_WEIGHTS))
         else:
             self.state.wait += 1
         self.state.next_epoch = epoch + 1
@@ -214,6 +224,7 @@ def fit_member(
     log_fn: Callable[[dict, int], None] = lambda metrics, step: None,
     verbose: int = 2,
     samples_per_epoch: int | None = None,
+    threads: int | None = None,
 ) -> FitState:
     """Train (or continue training) ``model`` and leave it holding its best weights.
 
@@ -235,7 +246,8 @@ def fit_member(
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
         dataset, steps = make_train_dataset(
-            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch, samples_per_epoch
+            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch, samples_per_epoch,
+            threads,
         )
         model.fit(
             dataset,
@@ -248,7 +260,8 @@ def fit_member(
     if state.failure:
         state.save(folder)
         raise TrainingDiverged(state.failure)
-    best = folder / "best.weights.h5"
-    if best.exists():
-        model.load_weights(str(best))
+    if (folder / f"{BEST_WEIGHTS}.index").exists():
+        tf.train.Checkpoint(model=model).restore(str(folder / BEST_WEIGHTS)).expect_partial()
+    elif (folder / "best.weights.h5").exists():  # a checkpoint folder written by segx 0.2 (resumed)
+        model.load_weights(str(folder / "best.weights.h5"))
     return state

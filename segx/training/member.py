@@ -5,6 +5,7 @@ members are missing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,10 +23,14 @@ from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
 log = logging.getLogger("segx.train")
+last_run_id: str | None = None  # the run train_member last started or resumed in this process
 
 
 # Keys that do not change what is trained: left out of the resume identity.
-NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir", "tags", "note")
+# Where it runs (accelerator, devices, threads) is not identity either: a member preempted on
+# one node resumes on another.
+NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir", "tags", "note",
+                "trainer.accelerator", "trainer.devices", "trainer.threads")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -48,6 +53,15 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.verbose != "auto":
         require_int(cfg, "trainer.verbose", 0, 2)
     require_choice(cfg, "arch.name", ARCHS)
+    if cfg.mlflow.get("offline_wait") is not None:
+        require_float(cfg, "mlflow.offline_wait", 0.0, 86400.0, high_open=False)
+    require_choice(cfg, "trainer.accelerator", ("auto", "gpu", "cpu"))
+    if cfg.trainer.get("devices") is not None:
+        require_int(cfg, "trainer.devices", 1)
+    if cfg.trainer.get("strategy") is not None:
+        require_choice(cfg, "trainer.strategy", ("mirrored",))
+    if cfg.trainer.get("precision") is not None:
+        require_choice(cfg, "trainer.precision", ("float32", "mixed_float16"))
     from segx.data.prepare import check_fold, validate_data_config
 
     validate_data_config(cfg.data)
@@ -171,6 +185,15 @@ def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
 def train_member(cfg: DictConfig) -> float:
     """Train the member described by ``cfg``; return its best validation Dice."""
     validate_config(cfg)
+    from segx.training.resources import batch_per_device, cpu_cores, job_threads
+    from segx.training.sweep import launcher_config
+
+    threads = job_threads(cfg.trainer.threads, launcher_config(), os.environ, cpu_cores())
+    from segx import models  # TensorFlow: threads and devices are set before its runtime starts
+
+    strategy = models.configure_runtime(threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy)
+    if strategy is not None:
+        batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
     from segx.data.prepare import pixel_spacing, prepare
     from segx.models import check_model_options
     from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
@@ -208,6 +231,9 @@ def train_member(cfg: DictConfig) -> float:
         "segx.command": provenance.command_line(),
         **provenance.provenance_tags(),
         **_user_tags(cfg),
+        # Where it ran: TensorFlow's threads (the launcher's share of the cores) and devices.
+        "segx.threads": str(threads or "all"),
+        "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1),
     }
     overrides = provenance.job_overrides()
     if overrides is not None:  # exactly this job's overrides: what segx.info's reproduce prints
@@ -236,10 +262,13 @@ def train_member(cfg: DictConfig) -> float:
             Path(cfg.paths.output_dir) / "locks",
         )
         tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
+    global last_run_id
+    last_run_id = run_id  # for the sweep's summary, which names each job's run
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
-    with tracking.run_scope(client, run_id), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on):
+    with tracking.run_scope(client, run_id), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on), \
+            contextlib.ExitStack() as stack:  # fmt: skip
         resolved = OmegaConf.to_container(cfg, resolve=True)
         tracking.log_params(client, run_id, tracking.flatten(resolved))
         sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
@@ -256,6 +285,12 @@ def train_member(cfg: DictConfig) -> float:
             tracking.log_artifact(client, run_id, prepared.split_path, "split")
 
         models.set_determinism(int(cfg.seed), bool(cfg.trainer.deterministic))
+        models.set_precision(cfg.trainer.precision)
+        # Variables are created in the strategy's scope (mirrored on every device), and so is the
+        # optimizer's state; fit then splits each batch across the devices.
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        stack.callback(models.set_precision, None)  # the next member in this process starts float32
+        stack.enter_context(scope)
         model = models.build_model(
             arch,
             backbone,
@@ -264,6 +299,7 @@ def train_member(cfg: DictConfig) -> float:
             encoder_freeze=bool(cfg.backbone.encoder_freeze),
             **OmegaConf.to_container(cfg.arch.options, resolve=True),
         )
+        model = models.float32_outputs(model)
         models.set_bn_momentum(model, cfg.trainer.bn_momentum)
         optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
         models.compile_model(model, optimizer, OmegaConf.to_container(cfg.trainer.loss, resolve=True))
@@ -272,8 +308,12 @@ def train_member(cfg: DictConfig) -> float:
             extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
         history: dict[str, list[float]] = {}
 
+        # A tracking server that goes away does not stop training: the epoch's metrics are kept
+        # (also beside the checkpoint, for a resume) and sent with the next epoch's.
+        epoch_log = tracking.EpochLog(client, run_id, folder / "unsent-metrics.json")
+
         def log_epoch(metrics: dict, step: int) -> None:
-            tracking.log_metrics(client, run_id, metrics, step)
+            epoch_log.log(metrics, step)
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
 
@@ -307,9 +347,14 @@ def train_member(cfg: DictConfig) -> float:
             log_fn=log_epoch,
             verbose=int(verbose),
             samples_per_epoch=cfg.data.get("samples_per_epoch") if view.mode == "patch" else None,
+            threads=threads,
         )
+        epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id))
+        stack.close()  # out of the strategy's scope: outputs are predicted on one device
         spec = {"arch": arch, "backbone": backbone, "image_size": size, "view": view.to_dict(),
                 "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
+        if cfg.trainer.get("precision") == "mixed_float16":
+            spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
         _log_outputs(client, run_id, model, spec, prepared, history, spacing)
         tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
@@ -328,6 +373,17 @@ def train_member(cfg: DictConfig) -> float:
         print(f"segx: cross-validation {parent_id}: {done}/{cfg.data.folds} folds finished"
               + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
     return float(state.best_dice)
+
+
+def _resume_advice(folder: Path, run_id: str) -> str:
+    """What to do when the server stays away after training: the exact command that continues."""
+    from segx.tracking import provenance
+
+    overrides = provenance.job_overrides()
+    overrides = sys.argv[1:] if overrides is None else overrides
+    command = provenance.reproduce_command("segx.train", [*(o for o in overrides if not o.startswith("resume=")),
+                                                          f"resume={run_id}"])  # fmt: skip
+    return f"the checkpoint is kept in {folder}; once the server answers, continue with: {command}"
 
 
 def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> None:
@@ -350,6 +406,10 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
         tmp = Path(tmp)
         models.save_member(model, tmp / "model", spec)
         tracking.log_artifact(client, run_id, tmp / "model", "model")
+        if spec.get("precision") == "mixed_float16":
+            # Trained in float16: predict with the float32 network that segx.predict rebuilds
+            # from these weights, so the caches the search reads are what prediction computes.
+            model = models.load_member(tmp / "model")
         experiment = client.get_run(run_id).info.experiment_id
         tracking.log_member_model(client, run_id, experiment, f"{spec['backbone']}-{spec['arch']}",
                                   {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
