@@ -159,8 +159,9 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
 # Batch jobs may be requeued (submitit requeues itself with scontrol requeue on preemption/timeout).
 JobRequeue=1
-# Seconds between SIGTERM and SIGKILL when a job is cancelled or times out; short so tests are fast.
-KillWait=5
+# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or times out: SLURM's
+# default, what most clusters keep, and the time segx has to end the MLflow run KILLED.
+KillWait=30
 # A node that was down comes back as soon as slurmd registers with a valid configuration.
 ReturnToService=2
 # Use the CPUs and memory written here even if slurmd counts differently (containers often see the

@@ -3,7 +3,9 @@ versions and the command line. No heavy imports."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -72,4 +74,9 @@ def provenance_tags() -> dict[str, str]:
     sha, dirty = git_sha()
     tags = {"segx.git_sha": sha, "segx.git_dirty": str(dirty).lower(), "segx.version": segx.__version__}
     tags.update({f"segx.pkg.{k}": v for k, v in package_versions().items()})
+    tags["segx.host"] = socket.gethostname()
+    if os.environ.get("SLURM_JOB_ID"):  # which cluster job trained it: sacct/scontrol look-ups
+        tags["segx.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            tags["segx.slurm_array_task"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
     return tags

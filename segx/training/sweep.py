@@ -10,6 +10,7 @@ continues that run (``resume=auto``) instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -202,7 +203,9 @@ def sweep_job(cfg: DictConfig) -> float:
     except (KeyboardInterrupt, SystemExit) as exc:
         why = "interrupted (SIGINT/SIGTERM)" if isinstance(exc, KeyboardInterrupt) else \
             "stopped by sys.exit (submitit: preempted or timed out; requeued where SLURM allows)"  # fmt: skip
-        record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": member.last_run_id})
+        # SLURM follows a requeue with SIGTERM: it must not cut this line short.
+        with cli.signals_deferred(), contextlib.suppress(KeyboardInterrupt):
+            record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": member.last_run_id})
         raise
     except Exception as exc:
         if cli.signal_since(mark) is not None:
