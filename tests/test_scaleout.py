@@ -18,7 +18,6 @@ import pytest
 
 from segx.training.resources import cpu_cores, job_threads
 from segx.training.sweep import job_outcomes, rerun_commands, summary_lines
-
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 

@@ -195,12 +195,12 @@ def train_member(cfg: DictConfig) -> float:
     if strategy is not None:
         batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
     from segx.data.prepare import pixel_spacing, prepare
-    from segx.models import check_model_options
-    from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
 
     # Every cheap check comes before a single image is read: sizes against the arch, the
     # backbone's options, the augmentation pipeline.
     from segx.inference.view import View
+    from segx.models import check_model_options
+    from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
 
     view = View.from_data_config(cfg.data)
     backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
