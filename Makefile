@@ -9,7 +9,7 @@ export KERAS_HOME ?= $(CURDIR)/outputs/.keras
 export MPLCONFIGDIR ?= $(CURDIR)/outputs/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install ensemble demo train ui test test-slow test-all bench bench-quick lint format clean clean-all
+.PHONY: help install ensemble demo train export ui server test test-slow test-all bench bench-quick lint format slurm-local test-slurm clean clean-all
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,9 +30,15 @@ demo: ensemble  ## same as `make ensemble`
 train: install  ## train one member: make train ARGS="backbone=resnet34"
 	$(PY) -m segx.train $(ARGS)
 
+export: install  ## export an ensemble as one model: make export ARGS="ensemble_run_id=<id> format=onnx" (or savedmodel)
+	$(PY) -m segx.export $(ARGS)
+
 ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000 (one worker: experiments/ui_memory)
 	@$(PY) -c "from segx.tracking import ui_urls; print(ui_urls('sqlite:///outputs/mlflow.db', 'http://127.0.0.1:5000'))"
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+server: install  ## shared MLflow tracking server (PostgreSQL, proxied artifacts) on http://127.0.0.1:5001: make server ARGS="port=5002"
+	$(PY) -m segx.server $(ARGS)
 
 test: install  ## fast tests (real TF models, real MLflow store in tmp)
 	$(PY) -m pytest -m "not slow" -q
@@ -54,6 +60,12 @@ lint: install  ## ruff
 
 format: install
 	$(VENV)/bin/ruff format segx tests experiments
+
+slurm-local:  ## start a one-node SLURM (root; Debian slurm-wlm + munge) for the SLURM sweep test
+	bash scripts/slurm-local.sh start
+
+test-slurm: install slurm-local  ## the real SLURM sweep (2 backbones x 2 folds, a preempted job requeued, shared server, ensemble); log in experiments/scaleout/
+	$(PY) -m pytest -q -m slow tests/test_slurm.py
 
 clean:  ## remove what segx can rebuild (decoded and probability caches, Hydra logs, generated data); keeps runs, splits, checkpoints
 	rm -rf outputs/cache outputs/hydra data/synthetic multirun

@@ -16,7 +16,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +67,12 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
     log_dir = ROOT / "experiments" / "scaleout"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with tracking_server(tmp_path / "server", port=free_port()) as uri:
+    # Outside pytest's temp root: a pytest session starting meanwhile resets that root to 0700,
+    # and PostgreSQL runs as nobody (it refuses root).
+    server_dir = Path(tempfile.mkdtemp(prefix="segx-slurm-server-"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, server_dir, True)
+        uri = stack.enter_context(tracking_server(server_dir, port=free_port()))
         out = tmp_path / "out"
         common = [f"paths.output_dir={out}", f"mlflow.tracking_uri={uri}", f"data.root={synthetic_root}",
                   "data.n_images=16", "data.source_size=64", "data.image_size=64", "data.test_fraction=0.25",

@@ -309,7 +309,10 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         _mark_kind(client, found)
         return found.experiment_id
     location = None
-    if artifact_root and "://" not in artifact_root:
+    # A tracking server keeps a new experiment's artifacts itself (proxied: mlflow-artifacts:/):
+    # a folder of this machine would be written here and unreadable to other clients.
+    on_server = client.tracking_uri.split("://", 1)[0].lower() in _SERVER_SCHEMES
+    if artifact_root and "://" not in artifact_root and not on_server:
         root = Path(artifact_root).resolve()
         _check_artifacts_writable(str(root), name)
         root.mkdir(parents=True, exist_ok=True)
@@ -366,7 +369,10 @@ def run_scope(client: MlflowClient, run_id: str) -> Iterator[str]:
         try:
             yield run_id
             status = "FINISHED"
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGINT as cli.Interrupted
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C, SIGTERM/SIGINT as cli.Interrupted, or sys.exit from a signal handler (submitit
+            # exits that way once it has requeued a preempted or timed-out SLURM job): the run did
+            # not fail, it was stopped, and its checkpoint is kept for resume.
             status = "KILLED"
             raise
         except BaseException as exc:
@@ -389,7 +395,10 @@ def _release_interrupted_connections(exc: BaseException | None) -> None:
     unfinished (SQLAlchemy does not clean up after a KeyboardInterrupt); that connection keeps
     a lock which makes every later write in this process wait and fail. Drop the references the
     interrupted frames hold and close any SQLite connection to the store that is still open:
-    between MLflow calls (NullPool) none should be."""
+    between MLflow calls (NullPool) none should be. Nothing to do for a tracking server (and no
+    time to lose: SLURM kills a job a few seconds after its SIGTERM)."""
+    if _sqlite_path(mlflow.get_tracking_uri()) is None:
+        return
     pending, seen = [exc], set()
     while pending:
         item = pending.pop()
@@ -479,6 +488,121 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     if items:
         client.log_batch(run_id, metrics=items)
+
+
+class EpochLog:
+    """Per-epoch metrics that outlive a tracking server going away for a while.
+
+    Each epoch's metrics are sent together with any that failed before, in order, each with its
+    own step and timestamp (a metric sent twice is the same row, so a lost answer duplicates
+    nothing). What the store did not take stays in memory and in ``spool`` (a JSON file beside
+    the checkpoint, so a resumed run sends it too) and training goes on. A send is one request
+    without MLflow's retries, so an outage costs an epoch at most a few seconds.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, spool: Path | None = None):
+        self.client, self.run_id, self.spool = client, run_id, spool
+        self.pending: list[list] = []  # [key, value, timestamp_ms, step], oldest first
+        if spool is not None and spool.exists():
+            with contextlib.suppress(OSError, ValueError):
+                self.pending = [list(m) for m in json.loads(spool.read_text())]
+        self.failing: str | None = None  # why the last send failed
+
+    def log(self, metrics: Mapping[str, float], step: int) -> bool:
+        now = int(time.time() * 1000)
+        self.pending += [[k, float(v), now, int(step)] for k, v in metrics.items()]
+        return self.send()
+
+    def send(self) -> bool:
+        """Send what is pending; False if the store did not take it (it is kept)."""
+        while self.pending:
+            chunk = self.pending[:1000]  # MLflow's limit per log_batch
+            try:
+                with _one_quick_request():
+                    self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in chunk])
+            except Exception as exc:
+                if not _store_unavailable(exc):
+                    raise
+                if self.failing is None:
+                    print(f"segx: warning: MLflow at {self.client.tracking_uri} did not take run {self.run_id}'s "
+                          f"metrics ({_first_line(exc)}); training goes on and sends them with the next "
+                          "epoch's", file=sys.stderr, flush=True)  # fmt: skip
+                self.failing = _first_line(exc)
+                self._save()
+                return False
+            del self.pending[: len(chunk)]
+        if self.failing is not None:
+            print(f"segx: MLflow at {self.client.tracking_uri} answers again; every kept metric is sent",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            self.failing = None
+        self._save()
+        return True
+
+    def flush(self, wait_s: float, then: str) -> None:
+        """Send what is pending, trying for up to ``wait_s`` seconds; then a SegxError ending
+        with ``then`` (what the user does next)."""
+        deadline = time.monotonic() + wait_s
+        while not self.send():
+            if time.monotonic() >= deadline:
+                raise SegxError(
+                    f"MLflow at {self.client.tracking_uri} has not taken run {self.run_id}'s last "
+                    f"{len(self.pending)} metrics for {wait_s:.0f} s ({self.failing}); {then}"
+                )
+            time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
+
+    def _save(self) -> None:
+        if self.spool is None:
+            return
+        if not self.pending:
+            self.spool.unlink(missing_ok=True)
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spool.with_name(f"{self.spool.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.pending))
+        os.replace(tmp, self.spool)  # atomic: a kill leaves the old list or the new one
+
+
+def _first_line(exc: BaseException) -> str:
+    """Why a request failed, briefly (MLflow's own text for a refused connection runs to 400
+    characters)."""
+    text = str(exc).strip()
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "no answer in time"),
+                          ("Name or service not known", "unknown host")):  # fmt: skip
+        if needle in text:
+            return short
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _store_unavailable(exc: Exception) -> bool:
+    """A store that is away, overloaded or locked (worth trying again), not one that refuses the
+    request (an unknown run, a bad value: trying again would not help)."""
+    import requests
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(exc, (OSError, requests.RequestException))
+
+
+@contextlib.contextmanager
+def _one_quick_request() -> Iterator[None]:
+    """One attempt, answered within 10 s at most, whatever the user set for MLflow's retries (it
+    reads these variables for every request): the caller keeps what failed and tries later."""
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        timeout = min(10, max(1, int(saved["MLFLOW_HTTP_REQUEST_TIMEOUT"] or 10)))
+    except ValueError:
+        timeout = 10
+    os.environ.update(dict(zip(keys, ("0", "0", str(timeout)), strict=True)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
@@ -647,3 +771,30 @@ def link_models(client: MlflowClient, run_id: str, model_ids: Sequence[str]) -> 
     if ids:
         client.log_inputs(run_id, models=[LoggedModelInput(m) for m in ids])
 
+
+
+def log_export_model(client: MlflowClient, run_id: str, experiment: str, name: str, inputs: Mapping[str, Mapping],
+                     outputs: Mapping[str, Mapping], params: Mapping[str, Any], artifact: str) -> str:  # fmt: skip
+    """An exported ensemble graph (``segx.export``) as an MLflow 3 logged model of ``run_id``,
+    with its tensor signature (``inputs``/``outputs``: name -> {dtype, shape}, -1 any size); like
+    a member's, it points at the run's ``artifact`` folder instead of copying the model."""
+    import numpy as np
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def schema(specs: Mapping[str, Mapping]) -> Schema:
+        return Schema([TensorSpec(np.dtype(s["dtype"]), tuple(s["shape"]), key) for key, s in specs.items()])
+
+    model = client.create_logged_model(
+        experiment, name=name, source_run_id=run_id, model_type="segx-export",
+        params={k: str(v) for k, v in params.items()}, tags={"segx.model_artifact": f"runs:/{run_id}/{artifact}"},
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="segx-model-") as tmp:
+        Model(model_id=model.model_id, run_id=run_id, signature=ModelSignature(schema(inputs), schema(outputs))).save(
+            str(Path(tmp) / "MLmodel"))  # fmt: skip
+        (Path(tmp) / "README.txt").write_text(f"segx export: the model files are the artifact runs:/{run_id}/{artifact}\n")
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    return model.model_id
