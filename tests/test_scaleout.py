@@ -284,3 +284,19 @@ def test_mixed_precision_builds_trains_and_predicts_float32(tmp_path, synthetic_
     cached = load_cached(tracking.download(client, run.info.run_id, "predictions/test.npz", tmp_path), tmp_path)
     probs = member_probs(model, spec["backbone"], View.from_dict(spec["view"]), list(cached.previews), ("none",))["none"]
     assert len(cached.previews) and np.array_equal(probs.flat, cached.probs[: len(cached.previews)].flat)
+
+
+def test_folds_on_machines_sharing_only_the_server_agree_on_one_cv_parent(tmp_path):
+    """No common lock folder: with a second parent already there (another machine raced), every
+    fold takes the oldest, so all folds nest under one parent."""
+    from segx import tracking
+    from segx.tracking import cv
+
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = tracking.experiment_id(client, "segx", str(tmp_path / "art"))
+    first = cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a")
+    racer = tracking.start_run(client, exp, "p", {tracking.ROLE: cv.ROLE_CV, "segx.cv_config_hash": "h",
+                                                  "segx.cv_fingerprint": "f"})  # fmt: skip
+    client.set_terminated(racer, "FINISHED")
+    assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-b") == first
+    assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a") == first

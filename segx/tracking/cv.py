@@ -4,7 +4,8 @@ summary, brought up to date each time a fold finishes. No TensorFlow.
 
 The parent is found by the configuration's hash without the fold (``segx.cv_config_hash``) and
 the fold layout's fingerprint (``segx.cv_fingerprint``); it is created under a file lock, so
-folds started in parallel on one machine share one parent. It is never left RUNNING: it is
+folds started in parallel on one machine share one parent, and folds on machines that share only
+the tracking server agree on the oldest parent (a duplicate is deleted by its creator). It is never left RUNNING: it is
 FINISHED with ``segx.cv_complete=false`` and ``segx.cv_missing`` naming the folds still to train
 until every fold has finished.
 """
@@ -43,13 +44,24 @@ def parent_run(client, experiment: str, cv_hash: str, cv_fingerprint: str, folds
     with _locked(Path(lock_dir) / f"cv-{cv_hash}-{cv_fingerprint}.lock"):
         found = tracking.find_runs(client, experiment, ROLE_CV, status=None, tags=key)
         if found:
-            return found[0].info.run_id
+            return _first(found).info.run_id
         run_id = tracking.start_run(client, experiment, name, {**tags, tracking.ROLE: ROLE_CV, **key,
                                                                "segx.folds": str(folds)})  # fmt: skip
         tracking.set_tags(client, run_id, {"segx.cv_complete": "false", "segx.cv_missing": ",".join(map(str, range(folds))),
                                            "mlflow.note.content": _note(folds, list(range(folds)))})  # fmt: skip
         client.set_terminated(run_id, "FINISHED")
-        return run_id
+        # The lock holds on one machine (or a shared folder); folds started at once on machines
+        # that share only the tracking server can each create a parent. Every process then
+        # takes the oldest, and a process that created a younger one deletes its own.
+        winner = _first(tracking.find_runs(client, experiment, ROLE_CV, status=None, tags=key)).info.run_id
+        if winner != run_id:
+            client.delete_run(run_id)
+        return winner
+
+
+def _first(runs):
+    """The parent every process agrees on: the oldest (then the smallest run ID)."""
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def _note(folds: int, missing: list[int]) -> str:
