@@ -88,7 +88,7 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
     state = json.loads((tmp_path / "checkpoints" / run.info.run_id / "state.json").read_text())
     assert state["failure"] and "epoch 2" in state["failure"]
     assert state["next_epoch"] == 1  # the checkpoint of the good first epoch is what remains
-    assert (tmp_path / "checkpoints" / run.info.run_id / "best" / "weights.index").exists()
+    assert list((tmp_path / "checkpoints" / run.info.run_id / "ckpt").glob("last*.index"))
 
 
 def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,23 @@ def make_train_dataset(
     return dataset, math.ceil(per_epoch / batch_size)
 
 
-BEST_WEIGHTS = "best/weights"  # the best epoch's weights, under the member's checkpoint folder
+class BestWeights(tf.Module):
+    """The best epoch's weights beside the model's, in the same checkpoint: copied in memory when
+    an epoch improves (a fraction of a second), written with the next checkpoint."""
+
+    def __init__(self, model):
+        super().__init__(name="best_weights")
+        with tf.init_scope():  # plain variables, whatever strategy scope the model was built in
+            self.values = [tf.Variable(w, trainable=False) for w in model.get_weights()]
+        self.kept = False
+
+    def keep(self, model) -> None:
+        for variable, value in zip(self.values, model.get_weights(), strict=True):
+            variable.assign(value)
+        self.kept = True
+
+    def restore_into(self, model) -> None:
+        model.set_weights([v.numpy() for v in self.values])
 
 
 @dataclass
@@ -112,6 +129,9 @@ class FitState:
     wait: int = 0
     checkpoint: str | None = None
     failure: str | None = None
+
+    def snapshot(self) -> FitState:
+        return FitState(**self.__dict__)
 
     def save(self, folder: Path) -> None:
         tmp = folder / f"state.json.tmp{os.getpid()}"
@@ -146,11 +166,13 @@ class MemberCallback(keras.callbacks.Callback):
         super().__init__()
         self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
         self.folder, self.state, self.checkpoint = folder, state, checkpoint
+        self.best = checkpoint.best
         self.patience, self.min_delta, self.log_fn = patience, min_delta, log_fn
         self.epoch = state.next_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self.epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -162,6 +184,9 @@ class MemberCallback(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if self.state.failure:
             return  # weights are already bad: keep the last good checkpoint as it is
+        # The loop's own cost, part by part, beside the epoch's: `time/*` metrics (the steps'
+        # time is what the epoch took before this callback; the parts are what it adds).
+        clock = {"start": time.perf_counter()}
         probs = predict_probs(self.model, self.val_images, self.backbone)
         if not np.isfinite(probs).all():
             # Losses clip their inputs, so exploding weights can leave the loss finite.
@@ -176,23 +201,56 @@ class MemberCallback(keras.callbacks.Callback):
         for key, value in list(logs.items()):
             if "/" not in key:
                 metrics[f"train/{key}"] = float(value)
+        clock["validation"] = time.perf_counter()
         if val_dice > self.state.best_dice + self.min_delta:
             self.state.best_dice, self.state.best_epoch, self.state.wait = val_dice, epoch, 0
-            # A TensorFlow checkpoint, not .h5: h5 loading fails on variables mirrored across
-            # devices (trainer.strategy=mirrored), a checkpoint restores under any strategy.
-            tf.train.Checkpoint(model=self.model).write(str(self.folder / BEST_WEIGHTS))
+            self.best.keep(self.model)  # in memory; written with the next checkpoint
         else:
             self.state.wait += 1
+        clock["best_weights"] = time.perf_counter()
         self.state.next_epoch = epoch + 1
-        self.state.checkpoint = self.checkpoint.write(str(self.folder / "ckpt" / "last"))
         metrics["val/best_dice"] = self.state.best_dice
-        # Metrics first, then state.json (the commit point that resume reads): a kill between
-        # the two repeats this epoch on resume instead of losing its logged values.
         # Epochs count from 1 everywhere: Keras' "Epoch 1/30", the metric step, best/epoch.
-        self.log_fn(metrics, epoch + 1)
-        self.state.save(self.folder)
+        # Metrics first, then the checkpoint, then state.json (the commit point that resume
+        # reads), which is written once the checkpoint is on disk: a kill before that repeats
+        # this epoch on resume instead of losing its logged values.
+        self.log_fn({**metrics, **self._timings(clock)}, epoch + 1)
+        clock["logged"] = time.perf_counter()
+        self.state.checkpoint = self._write_checkpoint(self.state.snapshot())
+        self.checkpoint_s = time.perf_counter() - clock["logged"]  # reported with the next epoch
+        self.log_s = clock["logged"] - clock["best_weights"]
+
+    def _write_checkpoint(self, state: FitState) -> str:
+        """Weights, optimizer state and best weights in one TensorFlow checkpoint (restorable
+        under any distribution strategy, unlike .h5), written by TensorFlow in the background
+        after a copy of the variables (training goes on meanwhile); state.json follows it."""
+        folder = self.folder
+
+        def commit(*_):
+            state.save(folder)
+
+        options = tf.train.CheckpointOptions(enable_async=True, experimental_write_callbacks=[commit])
+        path = self.checkpoint.write(str(folder / "ckpt" / "last"), options=options)
+        state.checkpoint = path
+        return path
         if self.patience and self.state.wait >= self.patience:
             self.model.stop_training = True
+
+
+    log_s = checkpoint_s = 0.0
+    epoch_start = 0.0
+
+    def _timings(self, clock: dict[str, float]) -> dict[str, float]:
+        """Seconds of the epoch's steps and of each part this callback adds; ``time/overhead``
+        is their share of the whole epoch (logging and the checkpoint's blocking part are the
+        previous epoch's: they come after these metrics are sent)."""
+        parts = {"validation": clock["validation"] - clock["start"],
+                 "best_weights": clock["best_weights"] - clock["validation"],
+                 "checkpoint": self.checkpoint_s, "logging": self.log_s}  # fmt: skip
+        steps = clock["start"] - self.epoch_start
+        added = sum(parts.values())
+        return {"time/steps_s": steps, **{f"time/{k}_s": v for k, v in parts.items()},
+                "time/overhead": added / (steps + added)}  # fmt: skip
 
 
 def _learning_rate(model) -> float:
@@ -238,9 +296,14 @@ def fit_member(
     state = FitState.load(folder) or FitState()
     state.failure = None
     model.optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    best = BestWeights(model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, best=best)
+    if (folder / "best.weights.h5").exists() and state.best_epoch >= 0:
+        model.load_weights(str(folder / "best.weights.h5"))  # a folder from segx 0.2: best weights in .h5
+        best.keep(model)
     if state.checkpoint:
         checkpoint.restore(state.checkpoint).expect_partial()
+        best.kept = state.best_epoch >= 0
     callback = MemberCallback(
         val_images, val_masks, backbone, folder, state, checkpoint, patience, min_delta, log_fn
     )
@@ -257,11 +320,10 @@ def fit_member(
             callbacks=[callback, *extra_callbacks],
             verbose=verbose,
         )
+    checkpoint.sync()  # the last background write (and its state.json) is on disk from here
     if state.failure:
         state.save(folder)
         raise TrainingDiverged(state.failure)
-    if (folder / f"{BEST_WEIGHTS}.index").exists():
-        tf.train.Checkpoint(model=model).restore(str(folder / BEST_WEIGHTS)).expect_partial()
-    elif (folder / "best.weights.h5").exists():  # a checkpoint folder written by segx 0.2 (resumed)
-        model.load_weights(str(folder / "best.weights.h5"))
+    if best.kept:
+        best.restore_into(model)
     return state

@@ -1,0 +1,113 @@
+"""The training loop's own cost per epoch (validation, best-weights and checkpoint writes, metric
+logging) as a share of the epoch, at segx's default settings.
+
+    python experiments/training_overhead.py     -> experiments/training_overhead/{results.json,RESULTS.md}
+
+Trains the default member (`python -m segx.train` with no overrides but the epochs and the output
+folder: resnet34 U-Net, synthetic data, batch 8) and reads the `time/*` metrics every member run
+logs per epoch (segx/training/fit.py): the seconds of the epoch's steps, of each part the loop
+adds after them, and `time/overhead`, their share of the epoch. Epoch 1 includes building the
+training and prediction graphs and is reported apart. Each setting is trained in its own
+process, alternating over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "training_overhead"
+sys.path.insert(0, str(ROOT))
+PARTS = ("validation", "best_weights", "checkpoint", "logging")
+SETTINGS = {
+    "defaults (64 px, 60 training images)": [],
+    "128 px": ["data.image_size=128"],
+}
+
+
+def train(work: Path, name: str, extra: list[str], epochs: int, data: Path) -> dict:
+    out = work / name.split(" ")[0].replace("(", "")
+    args = [sys.executable, "-m", "segx.train", f"trainer.epochs={epochs}", "trainer.early_stopping.patience=0",
+            f"paths.output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"data.root={data}",
+            "trainer.verbose=0", *extra]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: training failed\n{done.stderr[-3000:]}")
+    from segx import tracking
+
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    exp = client.get_experiment_by_name("segx").experiment_id
+    (run,) = tracking.find_runs(client, exp, "member")[:1]
+    series = {}
+    for key in ("time/steps_s", "time/overhead", *(f"time/{p}_s" for p in PARTS)):
+        series[key] = [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return series
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    from segx.data.synthetic import generate
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segx-overhead-") as tmp:
+        work = Path(tmp)
+        data = generate(work / "data", n_images=100, size=128, seed=0)  # conf/data/synthetic.yaml's defaults
+        for r in range(args.rounds):
+            names = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
+            for name in names:
+                series = train(work, name, SETTINGS[name], args.epochs, data)
+                rows.append({"round": r, "setting": name, **series})
+                print(name, {k: [round(v, 3) for v in vals] for k, vals in series.items()}, flush=True)
+                (OUT / "results.json").write_text(json.dumps({"rows": rows}, indent=1))
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    summary = {}
+    for name in SETTINGS:
+        later = [row for row in rows if row["setting"] == name]
+        # Epochs 2.. (epoch 1 builds the graphs), pooled over rounds.
+        pooled = {k: [v for row in later for v in row[k][1:]] for k in later[0] if k.startswith("time/")}
+        first = [row["time/overhead"][0] for row in later]
+        summary[name] = {k: statistics.median(v) for k, v in pooled.items()} | {
+            "overhead_min": min(pooled["time/overhead"]), "overhead_max": max(pooled["time/overhead"]),
+            "first_epoch_overhead": statistics.median(first)}  # fmt: skip
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores", "epochs": args.epochs,
+               "rounds": args.rounds, "rows": rows, "summary": summary}  # fmt: skip
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "# The training loop's own overhead per epoch",
+        "",
+        f"`python experiments/training_overhead.py --epochs {args.epochs} --rounds {args.rounds}` ({results['date']}, "
+        f"{results['machine']}, shared with other work). The default member (resnet34 U-Net, synthetic data, batch 8), "
+        "its `time/*` metrics; median over epochs 2 onward of every round (epoch 1 builds the graphs).",
+        "",
+        "| setting | steps s | validation s | best weights s | checkpoint s | logging s | overhead (min-max) | epoch 1 overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['time/steps_s']:.2f} | {s['time/validation_s']:.3f} | {s['time/best_weights_s']:.3f} | "
+                     f"{s['time/checkpoint_s']:.3f} | {s['time/logging_s']:.3f} | {100 * s['time/overhead']:.1f}% "
+                     f"({100 * s['overhead_min']:.1f}-{100 * s['overhead_max']:.1f}) | {100 * s['first_epoch_overhead']:.1f}% |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    (OUT / "RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
