@@ -115,10 +115,16 @@ def logging_latency(work: Path, calls: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((OUT / "results.json").read_text())
+        modes = [m for m in MODES if any(r["mode"] == m for r in saved["rows"])]
+        write_results(saved["rows"], saved["logging_latency"], modes, saved["settings"], saved["rounds"], saved["quick"])
+        return
     settings = (["data.n_images=16", "data.source_size=64", "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=4"]
                 if args.quick else
-                ["data.n_images=48", "data.source_size=128", "data.image_size=128", "trainer.epochs=4", "trainer.batch_size=8"])  # fmt: skip
+                ["data.n_images=32", "data.source_size=128", "data.image_size=128", "trainer.epochs=3", "trainer.batch_size=8"])  # fmt: skip
     rounds = 1 if args.quick else 2
     modes = ["serial", "joblib"] + (["slurm"] if slurm_answers() else [])
     OUT.mkdir(parents=True, exist_ok=True)
@@ -173,6 +179,13 @@ def write_results(rows, latency, modes, settings, rounds, quick) -> None:
     for mode, s in summary.items():
         lines.append(f"| {mode} | {shape[mode]} (threads tag {','.join(s['threads'])}) | {s['median_wall_s']:.0f} "
                      f"({s['min_wall_s']:.0f}-{s['max_wall_s']:.0f}) | x{serial / s['median_wall_s']:.2f} | {s['median_member_s']:.0f} |")  # fmt: skip
+    lines += ["", "Per round (the load from other work differed between rounds; within a round the modes ran back to back):", "",
+              "| round | " + " | ".join(f"{m} wall s" for m in summary) + " | " + " | ".join(f"serial/{m}" for m in summary if m != "serial") + " |",
+              "|---|" + "---|" * (2 * len(summary) - 1)]  # fmt: skip
+    for r in sorted({row["round"] for row in rows}):
+        wall = {row["mode"]: row["wall_s"] for row in rows if row["round"] == r}
+        lines.append(f"| {r} | " + " | ".join(f"{wall[m]:.0f}" for m in summary) + " | "
+                     + " | ".join(f"x{wall['serial'] / wall[m]:.2f}" for m in summary if m != "serial") + " |")  # fmt: skip
     if "slurm" not in summary:
         lines += ["", "SLURM did not answer on this machine, so its row is missing (`make slurm-local` starts one)."]
     sq, sv = latency["sqlite"], latency["server"]
