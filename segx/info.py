@@ -37,6 +37,14 @@ def describe(client, run_id: str) -> str:
             lines.append(f"  sees images: {View.from_dict(view_of(params)).describe()}; scored at each image's own size")
     if tags.get("segx.role") == "ensemble":
         lines.append(f"  members: {tags.get('segx.members', '')}")
+        if tags.get("segx.pyfunc_uri"):
+            lines.append(f"  pyfunc model: {tags['segx.pyfunc_uri']} (serve: mlflow models serve -m {tags['segx.pyfunc_uri']} "
+                         "--env-manager local -p 5002)")  # fmt: skip
+        lines.extend(_exports(client, run_id, tags))
+    if tags.get("segx.role") == "export":
+        params = run.data.params
+        lines.append(f"  export ({params.get('format', '?')}, opset {params.get('opset', '-')}, tta {params.get('tta', '?')}) "
+                     f"of ensemble {tags.get('segx.ensemble_run_id', '?')}: files in artifact 'export/'")  # fmt: skip
     if tags.get("segx.failure"):
         lines.append(f"  failure: {tags['segx.failure']}")
     if tags.get("segx.command"):
@@ -57,6 +65,24 @@ def describe(client, run_id: str) -> str:
             lines.append(f"    git checkout {sha}")
         lines.append("    python -m segx.train " + " ".join(shlex.quote(o) for o in overrides))
     return "\n".join(lines)
+
+
+def _exports(client, run_id: str, tags: dict) -> list[str]:
+    """One line per export of an ensemble (the child runs its ``segx.export.<format>`` tags name)."""
+    from segx import tracking
+
+    lines = []
+    for key in sorted(k for k in tags if k.startswith("segx.export.")):
+        fmt, child = key.removeprefix("segx.export."), tags[key]
+        try:
+            run = tracking.get_run(client, child, need_finished=False)
+            metrics, params = run.data.metrics, run.data.params
+            what = (f"{run.info.status}, {metrics.get('export/size_mb', float('nan')):.1f} MB"
+                    + (f", opset {params['opset']}" if params.get("opset", "None") != "None" else ""))  # fmt: skip
+        except SegxError as exc:
+            what = f"unusable: {exc}"
+        lines.append(f"  export {fmt}: run {child} ({what}); predict with backend={fmt}")
+    return lines or ["  exports: none (python -m segx.export ensemble_run_id=" + run_id + " format=onnx|savedmodel)"]
 
 
 USAGE = "usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]"

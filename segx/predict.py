@@ -1,6 +1,6 @@
 """Predict masks for a folder of images with an ensemble rebuilt from its MLflow record.
 
-    python -m segx.predict ensemble_run_id=<id> input_dir=scans/ output_dir=masks/ [tta=flip]
+    python -m segx.predict ensemble_run_id=<id> input_dir=scans/ output_dir=masks/ [tta=flip] [backend=onnx]
 
 Writes ``masks/<stem>.png`` (0/255, at each input's own size), optionally overlays, uncertainty
 and probability maps, ``ensemble.json`` and ``segx-manifest.json``; never into or over the
@@ -21,6 +21,8 @@ from segx.data.io import shown
 from segx.errors import SegxError
 from segx.inference.folder import check_inputs, check_output_dir, planned_files, predict_folder
 
+BACKENDS = ("keras", "savedmodel", "onnx")
+
 
 def _require_bool(cfg: DictConfig, key: str) -> bool:
     value = cfg[key]
@@ -39,6 +41,10 @@ def run_predict(cfg: DictConfig) -> int:
     flags = {key: _require_bool(cfg, key) for key in ("overlays", "uncertainty", "save_probabilities", "overwrite")}
     if cfg.tta is not None and cfg.tta not in TTA_MODES:
         raise SegxError(f"tta={cfg.tta} is not valid; use one of {', '.join(TTA_MODES)} (or null: as recorded)")
+    backend = cfg.get("backend", "keras")
+    if backend not in BACKENDS:
+        raise SegxError(f"backend={backend} is not valid; use one of {', '.join(BACKENDS)} (keras: the members "
+                        "in TensorFlow; savedmodel, onnx: the ensemble's export, made by python -m segx.export)")  # fmt: skip
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     # Everything that can be checked without the models, before any is downloaded or loaded.
     files = check_inputs(input_dir, output_dir, max_pixels)
@@ -49,10 +55,15 @@ def run_predict(cfg: DictConfig) -> int:
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri), create=False)  # reads only: never creates a store
     workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / str(cfg.ensemble_run_id)
-    record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta)
+    if backend == "keras":
+        record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta)
+    else:  # the exported model, with the same resize or sliding-window loop and arithmetic around it
+        from segx.export import export_predictor
+
+        record, predictor = export_predictor(client, str(cfg.ensemble_run_id), backend, workdir, cfg.tta)
     n = predict_folder(predictor, input_dir, output_dir, batch_size, flags["overlays"], flags["uncertainty"],
                        flags["save_probabilities"], files=files, overwrite=flags["overwrite"],
-                       record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id)},
+                       record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
                        max_pixels=max_pixels, batch_pixels=batch_pixels)  # fmt: skip
     print(f"segx: wrote {n} masks to {shown(output_dir / 'masks')}", flush=True)
     return n

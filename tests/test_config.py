@@ -35,7 +35,7 @@ def test_every_entry_config_composes_resolves_and_validates():
     from segx.training.member import validate_config as validate_train
 
     entries = {p.stem for p in CONF_DIR.glob("*.yaml")}
-    assert entries == {"train", "ensemble", "predict", "check", "bench", "server"}  # a new one needs a line here
+    assert entries == {"train", "ensemble", "predict", "check", "bench", "server", "export"}  # a new one needs a line here
     validate_train(compose_config("train", []))
     validate_ensemble(compose_config("ensemble", []))
     validate_data_config(compose_config("check", ["data.root=/somewhere"]).data)

@@ -196,9 +196,8 @@ def test_missing_fold_is_refused_with_the_command_unless_opted_in(cv_store, tmp_
 def test_cross_validated_and_single_split_members_do_not_mix():
     import dataclasses
 
-    from tests.test_members import member
-
     from segx.ensembling.members import check_compatible
+    from tests.test_members import member
 
     cvm = dataclasses.replace(member("p1"), folds=["f0", "f1"])
     with pytest.raises(SegxError, match=r"member p1 \(resnet18-unet\) is cross-validated and r2 \(resnet18-unet\) is not"):

@@ -300,7 +300,7 @@ def test_post_processing_and_majority_vote_work_case_by_case_on_ragged_cases():
         assert np.array_equal(got, apply_one(mask, post))
     probs = [Ragged.from_list([rng.integers(0, 256, m.shape).astype(np.uint8) for m in masks]) for _ in range(3)]
     votes = majority_vote(probs)
-    for i, mask in enumerate(masks):
+    for i in range(len(masks)):
         expected = sum((p[i] >= 128).astype(int) for p in probs) >= 2
         assert np.array_equal(votes[i], expected)
 

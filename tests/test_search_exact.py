@@ -14,11 +14,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from segx.data.ragged import Ragged
 from segx.ensembling import search
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.ensembling.record import record_weights, validate_record, weight_fields
 from segx.errors import SegxError
-from segx.data.ragged import Ragged
 from segx.evaluation.metrics import dice_per_case
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]

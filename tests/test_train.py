@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import os
 import subprocess
 import sys
@@ -60,8 +59,8 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
 
 def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, tmp_path):
     import segx.backend  # noqa: F401
-    from segx.ensembling.probs import load_cached, quantize
-    from segx.models import load_keras_model, load_member, predict_probs
+    from segx.ensembling.probs import load_cached
+    from segx.models import load_keras_model, load_member
     from segx.training.augment import load_augmentation
 
     out, runs = member_store

@@ -58,7 +58,7 @@ def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record,
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     member_models = {}
-    for backbone, run_id in runs.items():
+    for run_id in runs.values():
         run = client.get_run(run_id)
         model = client.get_logged_model(run.data.tags["segx.logged_model_id"])
         assert model.source_run_id == run_id and "READY" in str(model.status)

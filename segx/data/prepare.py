@@ -21,10 +21,10 @@ from segx.data.split import (
     CV_TAGS,
     FINGERPRINT_TAGS,
     cv_fingerprint,
-    fold_split,
-    load_or_create_folds,
     default_split_path,
     fingerprint_parts,
+    fold_split,
+    load_or_create_folds,
     load_or_create_split,
     unlisted_cases,
 )

@@ -10,7 +10,6 @@ post-processed, all at the image's own size: exactly what the members cached for
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
 from segx.inference.postprocess import PostProcess, apply
 from segx.inference.view import View, predict_cases
-from segx.models import load_member, predict_probs_modes
+
+# segx.models (TensorFlow) is imported where a network is loaded or run, not here: an exported
+# ensemble (segx.inference.exported) reuses this arithmetic on ONNX Runtime without TensorFlow.
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Prediction:
 def member_probs(model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str]) -> dict[str, Ragged]:
     """``{tta mode: uint8 probabilities}`` of one member for ``images``, at each image's own size:
     what a member caches for the search and what the ensemble predicts with."""
+    from segx.models import predict_probs_modes
+
     out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     for maps in predict_cases(images, view, lambda batch: predict_probs_modes(model, batch, backbone, modes)):
         for mode in modes:
@@ -62,6 +65,8 @@ class EnsemblePredictor:
         self.threshold = float(record["threshold"])
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
+        from segx.models import load_member
+
         # Members with weight 0 cannot change the output: skip loading and running them.
         self.models = [
             None if k == 0 else [load_member(f) for f in p] if isinstance(p, (list, tuple)) else load_member(p)

@@ -36,11 +36,26 @@ try:
             self.predictor = EnsemblePredictor(record, paths)
 
         def predict(self, context, model_input, params=None):
-            """Masks as uint8 {0, 1}: an array (N, H, W) for an array input (N, H, W[, 3]),
-            a list for a list of images of any sizes."""
-            images = [np.asarray(im) for im in model_input]
+            """Masks as uint8 {0, 1}: an array (N, H, W) for an array input (N, H, W[, C]),
+            a list for a list of images of any sizes, a dict for a dict of named images (what
+            the server makes of JSON ``{"inputs": {"a": image, "b": image}}``). Pixel values are
+            integers 0..255 with 1, 3 or 4 channels; anything else is refused with the reason
+            (HTTP 400 from ``mlflow models serve``), before any network runs."""
+            from segx.errors import SegxError
+            from segx.inference.exported import check_request_images, names_of
+
+            try:
+                images = check_request_images(model_input)
+            except SegxError as exc:
+                from mlflow.exceptions import MlflowException
+                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+                raise MlflowException(f"segx: bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
-            return np.stack(masks) if isinstance(model_input, np.ndarray) else masks
+            names = names_of(model_input)
+            if names is not None:
+                return dict(zip(names, masks, strict=True))
+            return np.stack(masks) if isinstance(model_input, np.ndarray) and model_input.dtype != object else masks
 
 finally:
     warnings.showwarning = _show_warning
