@@ -120,7 +120,8 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((OUT / "results.json").read_text())
         modes = [m for m in MODES if any(r["mode"] == m for r in saved["rows"])]
-        write_results(saved["rows"], saved["logging_latency"], modes, saved["settings"], saved["rounds"], saved["quick"])
+        write_results(saved["rows"], saved["logging_latency"], modes, saved["settings"], saved["rounds"], saved["quick"],
+                      saved["date"])  # the date of the measurement, not of the rewrite
         return
     settings = (["data.n_images=16", "data.source_size=64", "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=4"]
                 if args.quick else
@@ -146,7 +147,7 @@ def main() -> None:
     write_results(rows, latency, modes, settings, rounds, args.quick)
 
 
-def write_results(rows, latency, modes, settings, rounds, quick) -> None:
+def write_results(rows, latency, modes, settings, rounds, quick, date: str | None = None) -> None:
     summary = {}
     for mode in modes:
         walls = [r["wall_s"] for r in rows if r["mode"] == mode]
@@ -156,7 +157,7 @@ def write_results(rows, latency, modes, settings, rounds, quick) -> None:
     serial = summary["serial"]["median_wall_s"]
     artifact_mb = statistics.median(r["artifact_mb"] / r["members"] for r in rows)
     other_mb = statistics.median((r["artifact_mb"] - r["model_mb"]) / r["members"] for r in rows)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores, no GPU", "settings": settings,
+    results = {"date": date or time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores, no GPU", "settings": settings,
                "rounds": rounds, "quick": quick, "rows": rows, "summary": summary, "logging_latency": latency,
                "artifact_mb_per_member": artifact_mb, "non_model_mb_per_member": other_mb}  # fmt: skip
     from segx.models import build_model

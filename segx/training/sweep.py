@@ -60,9 +60,8 @@ def planned_jobs(task_overrides: Sequence[str]) -> list[list[str]] | None:
 def _command(config: DictConfig) -> str:
     """The command line of this sweep without its task overrides: the module and Hydra's own
     overrides (the launcher and its settings), which a rerun keeps."""
-    module = f"segx.{config.hydra.job.name}" if config.hydra.job.name in ("train",) else "segx.train"
     kept = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
-    return " ".join(["python -m", module, "-m", *map(shlex.quote, kept)])
+    return " ".join(["python -m segx.train -m", *map(shlex.quote, kept)])  # only segx.train sweeps
 
 
 def print_pending_summary() -> None:
