@@ -3,12 +3,15 @@ files on disk. Tests stay fast by using 64 px inputs, a handful of images and 1-
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Keras, TensorFlow and matplotlib write under $HOME on import: point them at a temp folder
 # before anything imports them.
 _HOME = tempfile.mkdtemp(prefix="segx-tests-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["KERAS_HOME"] = os.path.join(_HOME, "keras")
 os.environ["MPLCONFIGDIR"] = os.path.join(_HOME, "matplotlib")
 

@@ -97,6 +97,26 @@ def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member
     assert not (tmp_path / "pred").exists()
 
 
+def test_logging_the_pyfunc_model_leaves_no_temp_folder(ensemble_record, member_store, tmp_path, monkeypatch):
+    """The members are downloaded to a temp folder on the way into the store; that folder must
+    go (a leak here once filled a disk: hundreds of MB per ensemble)."""
+    import tempfile
+
+    from segx.tracking.pyfunc_model import log_pyfunc
+
+    out, _ = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    record = json.loads(tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    run = client.create_run(client.get_run(ensemble_record["run_id"]).info.experiment_id)
+    uri = log_pyfunc(client, run.info.run_id, record)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).data.tags["segx.pyfunc_uri"] == uri
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("segx-pyfunc-")]
+
+
 def _pyfunc_uri(client, run_id):
     return client.get_run(run_id).data.tags["segx.pyfunc_uri"]
 

@@ -114,7 +114,7 @@ def write_report(results: Path, profile) -> None:
     se = load("search")
     if se:
         lines += ["## 5. Ensemble search on the real cached validation probabilities", "",
-                  f"{se['members']} members, {se['cases']} validation cases at {se['size']} px; {se['kept_pixel_fraction']:.1%} of pixels "
+                  f"{se['members']} members, {se['cases']} validation cases ({se['pixels']:,} pixels at their own sizes); {se['kept_pixel_fraction']:.1%} of pixels "
                   "survive compaction.", "",
                   "| method | seconds | val Dice | speed-up vs naive |", "|---|---|---|---|",
                   f"| naive grid 0.1, threshold 0.5 ({se['naive_combos']} combos) | {se['naive_s']:.3f} | {se['naive_dice']:.4f} | 1 |",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -156,7 +156,7 @@ class Study:
             "ensemble.run_ids=[" + ",".join(m["run_id"] for m in members) + "]",
         ])  # fmt: skip
         record = build_ensemble(ens_cfg)
-        folder = Path(tempfile.mkdtemp(prefix="segx-bench-"))
+        folder = self.work / "accuracy" / record["run_id"]  # under the study's own work folder, not /tmp
         per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
         val = pd.read_csv(tracking.download(client, record["run_id"], "tables/val_summary.csv", folder))
         per_case = pd.concat([per_case, self.forced_postprocess(client, record, folder)], ignore_index=True)
@@ -375,7 +375,8 @@ class Study:
             link = folder / f"img{i:05d}.png"
             if not link.exists():
                 link.symlink_to(every[i % len(every)].image.resolve())
-        out_dir = Path(tempfile.mkdtemp(prefix="segx-bench-pred-"))
+        out_dir = work / "predictions"
+        shutil.rmtree(out_dir, ignore_errors=True)  # the previous timing's masks; this run rewrites them
         samples = []
         ensemble.tta = record.get("tta", "none")
         t0 = time.perf_counter()

@@ -71,32 +71,35 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     from segx import tracking
     from segx.tracking.provenance import package_versions
 
-    tmp = Path(tempfile.mkdtemp(prefix="segx-pyfunc-"))
-    (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
-    artifacts = {"record": str(tmp / "ensemble.json")}
-    for i, member in enumerate(record["members"]):
-        artifact = member.get("model_artifact", "model")
-        if member.get("folds"):  # a cross-validated member travels as all its fold models
-            for k, fold_run in enumerate(member["folds"]):
-                artifacts[f"member{i}_fold{k}"] = str(tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact))
-        else:
-            artifacts[f"member{i}"] = str(tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact))
-    versions = package_versions()
-    requirements = [f"{name}=={versions[name]}" for name in (
-        "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
-        "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
-    ) if versions.get(name, "missing") != "missing"]  # fmt: skip
-    package_dir = Path(__file__).resolve().parents[1]  # the whole segx package travels with the model
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="pyfunc",
-            python_model=str(Path(__file__).resolve()),
-            artifacts=artifacts,
-            code_paths=[str(package_dir)],
-            # No signature: MLflow's schema enforcement would refuse a list of images of different
-            # sizes, which predict() takes (its docstring says what goes in and out).
-            pip_requirements=requirements,
-            registered_model_name=register_name or None,
-        )
+    # The members are downloaded next to the record, copied into the store by log_model, and
+    # the copies removed: an ensemble can be hundreds of MB, and /tmp is not ours to fill.
+    with tempfile.TemporaryDirectory(prefix="segx-pyfunc-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
+        artifacts = {"record": str(tmp / "ensemble.json")}
+        for i, member in enumerate(record["members"]):
+            artifact = member.get("model_artifact", "model")
+            if member.get("folds"):  # a cross-validated member travels as all its fold models
+                for k, fold_run in enumerate(member["folds"]):
+                    artifacts[f"member{i}_fold{k}"] = str(tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact))
+            else:
+                artifacts[f"member{i}"] = str(tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact))
+        versions = package_versions()
+        requirements = [f"{name}=={versions[name]}" for name in (
+            "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
+            "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
+        ) if versions.get(name, "missing") != "missing"]  # fmt: skip
+        package_dir = Path(__file__).resolve().parents[1]  # the whole segx package travels with the model
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="pyfunc",
+                python_model=str(Path(__file__).resolve()),
+                artifacts=artifacts,
+                code_paths=[str(package_dir)],
+                # No signature: MLflow's schema enforcement would refuse a list of images of different
+                # sizes, which predict() takes (its docstring says what goes in and out).
+                pip_requirements=requirements,
+                registered_model_name=register_name or None,
+            )
     tracking.set_tags(client, run_id, {"segx.pyfunc_uri": info.model_uri})
     return info.model_uri
