@@ -84,6 +84,19 @@ def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, 
     assert load_augmentation(tracking.download(client, run_id, "augmentation.json", tmp_path)).transforms
 
 
+def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_path, synthetic_root):
+    """min_delta=0.99: epoch 1 beats the start (-1), and no later epoch can beat it by 0.99, so
+    training stops exactly `patience` epochs after the best one, well before trainer.epochs."""
+    patience, epochs = 1, 5
+    cfg = compose_config("train", [*tiny_train_overrides(tmp_path, synthetic_root, epochs=epochs), "trainer.lr_schedule=null",
+                                   f"trainer.early_stopping.patience={patience}", "trainer.early_stopping.min_delta=0.99"])  # fmt: skip
+    train_member(cfg)
+    client, (run,) = member_runs(tmp_path, "FINISHED")
+    ran = len(client.get_metric_history(run.info.run_id, "val/dice"))
+    best_epoch = int(run.data.metrics["best/epoch"])
+    assert ran == best_epoch + patience < epochs
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

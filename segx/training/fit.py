@@ -219,6 +219,8 @@ class MemberCallback(keras.callbacks.Callback):
         self.state.checkpoint = self._write_checkpoint(self.state.snapshot())
         self.checkpoint_s = time.perf_counter() - clock["logged"]  # reported with the next epoch
         self.log_s = clock["logged"] - clock["best_weights"]
+        if self.patience and self.state.wait >= self.patience:
+            self.model.stop_training = True
 
     def _write_checkpoint(self, state: FitState) -> str:
         """Weights, optimizer state and best weights in one TensorFlow checkpoint (restorable
@@ -233,9 +235,6 @@ class MemberCallback(keras.callbacks.Callback):
         path = self.checkpoint.write(str(folder / "ckpt" / "last"), options=options)
         state.checkpoint = path
         return path
-        if self.patience and self.state.wait >= self.patience:
-            self.model.stop_training = True
-
 
     log_s = checkpoint_s = 0.0
     epoch_start = 0.0
