@@ -79,6 +79,29 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     assert masks.shape == (1, 64, 64) and np.array_equal(masks[0].astype(bool), expected)
 
 
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(ensemble_record, member_store, synthetic_root, tmp_path, tta):
+    """One compiled function for every network of a view gives each network's own numbers: a
+    plain member, and a member given as two fold models (the same folders twice, so its fold
+    mean must equal it), on images of several sizes, in resize mode and under flip TTA."""
+    from segx.inference.predictor import EnsemblePredictor
+
+    out, _ = member_store
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
+    record = json.loads(tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text())
+    first, second = (tracking.download_member_model(client, m["run_id"], tmp_path / f"m{i}") for i, m in enumerate(record["members"]))
+    record["weight_denominator"] = 3  # both members run (with unequal weights), whatever the search chose
+    record["members"] = [dict(m, weight=k / 3, weight_count=k) for m, k in zip(record["members"], (1, 2), strict=True)]
+    image = cv2.cvtColor(cv2.imread(str(synthetic_root / "train_images" / "case_0001.png")), cv2.COLOR_BGR2RGB)
+    images = [image, cv2.resize(image, (96, 80)), cv2.resize(image, (40, 50)), image[:33, :61]] * 3  # 12: batches of 8 + 4
+    fused = EnsemblePredictor(record, [first, [second, second]], tta=tta)
+    alone = EnsemblePredictor(record, [first, [second, second]], tta=tta, fused=False)
+    assert len(fused.groups) == 1 and len(fused.groups[fused.views[0]].models) == 3
+    for a, b in zip(fused.member_probs(images), alone.member_probs(images), strict=True):
+        assert np.array_equal(a.shapes, b.shapes) and np.array_equal(a.flat, b.flat)
+    assert np.array_equal(fused.score(images)[0].values.flat, alone.score(images)[0].values.flat)
+
+
 @pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
 def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member_store, tmp_path, case):
     from segx.predict import run_predict

@@ -30,7 +30,7 @@ def runs_in(out: Path, experiment="segx", status=None):
 
 
 def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
-    overrides = tiny_train_overrides(tmp_path, synthetic_root, epochs=6)
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=6), "trainer.checkpoint_every_s=0"]
     proc = cli(["segx.train", *overrides])
     deadline = time.time() + 300
     state = None
@@ -69,14 +69,16 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
         train_member(cfg)
 
 
-def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root):
+@pytest.mark.parametrize("every_s,good_epochs", [(0, 1), (3600, 0)])
+def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, every_s, good_epochs):
     from segx.training.fit import TrainingDiverged
     from segx.training.member import train_member
 
     # A sane learning rate for epoch 1 (2 steps), then an infinite one: epoch 2 diverges.
     schedule = ("trainer.optimizer.learning_rate={_target_:tf_keras.optimizers.schedules.PiecewiseConstantDecay,"
                 "boundaries:[2],values:[0.001,inf]}")  # fmt: skip
-    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null", schedule]
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null", schedule,
+                 f"trainer.checkpoint_every_s={every_s}"]  # fmt: skip
     cfg = compose_config("train", overrides)
     with pytest.raises(TrainingDiverged, match="loss became nan|loss became inf|outputs became NaN"):
         train_member(cfg)
@@ -87,8 +89,11 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
     assert "TrainingDiverged" in run.data.tags["segx.failure"]
     state = json.loads((tmp_path / "checkpoints" / run.info.run_id / "state.json").read_text())
     assert state["failure"] and "epoch 2" in state["failure"]
-    assert state["next_epoch"] == 1  # the checkpoint of the good first epoch is what remains
-    assert list((tmp_path / "checkpoints" / run.info.run_id / "ckpt").glob("last*.index"))
+    # What the last checkpoint holds: the good first epoch, or (none written yet within the
+    # interval) nothing, so that resume starts over rather than from weights it does not have.
+    assert state["next_epoch"] == good_epochs
+    assert bool(list((tmp_path / "checkpoints" / run.info.run_id / "ckpt").glob("last*.index"))) == (good_epochs > 0)
+    assert (state["checkpoint"] is not None) == (good_epochs > 0)
 
 
 def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
@@ -168,8 +173,48 @@ def test_output_names_cannot_escape_the_output_folder(tmp_path):
             safe_output_path(tmp_path, stem)
 
 
+@pytest.mark.parametrize("every_s,committed", [(3600.0, None), (0.0, 2)])
+def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_one(tmp_path, every_s, committed):
+    """Interrupted after epoch 2 of 3: with a checkpoint at most every hour, nothing was committed
+    (resume would start over); with 0, epoch 2's checkpoint was. Run to its end, training always
+    leaves the last epoch's checkpoint, whatever the interval."""
+    import numpy as np
+
+    from segx.backend import keras
+    from segx.models import build_model, compile_model
+    from segx.training.augment import SeededAugmenter, build_augmentation
+    from segx.training.fit import FitState, fit_member
+
+    class InterruptAfterEpoch2(keras.callbacks.Callback):  # runs after segx's own callback
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    masks = (rng.random((8, 32, 32)) > 0.5).astype(np.uint8)
+
+    def fit(folder, epochs, extra):
+        model = build_model("unet", "resnet18", 32)
+        compile_model(model, keras.optimizers.Adam(1e-3), {"dice": 1.0})
+        return fit_member(model, images[:6], masks[:6], images[6:], masks[6:], SeededAugmenter(build_augmentation([])),
+                          "resnet18", folder, epochs=epochs, batch_size=2, seed=0, patience=0, min_delta=0.0,
+                          extra_callbacks=extra, verbose=0, checkpoint_every_s=every_s)  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "interrupted", 3, [InterruptAfterEpoch2()])
+    deadline = time.time() + (60 if committed else 2)  # epoch 2's write goes on in the background
+    while (state := FitState.load(tmp_path / "interrupted")) is None or state.next_epoch != committed:
+        if time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert (state and state.next_epoch) == committed
+    assert fit(tmp_path / "finished", 2, []).next_epoch == 2
+    assert FitState.load(tmp_path / "finished").next_epoch == 2 and (tmp_path / "finished" / "ckpt").is_dir()
+
+
 def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic_root):
-    overrides = tiny_train_overrides(tmp_path, synthetic_root, epochs=5)
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.checkpoint_every_s=0"]
     proc = cli(["segx.train", *overrides])
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -80,7 +80,8 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
         sweep_args = [sys.executable, "-m", "segx.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
                       "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
                       "hydra.launcher.timeout_min=30", "backbone=resnet18,mobilenetv2", "fold=0,1",
-                      "trainer.epochs=6", "trainer.early_stopping.patience=0", *common]  # fmt: skip
+                      "trainer.epochs=6", "trainer.early_stopping.patience=0",
+                      "trainer.checkpoint_every_s=0", *common]  # fmt: skip
         started = time.monotonic()
         with open(tmp_path / "sweep.log", "w") as log:
             sweep = subprocess.Popen(sweep_args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)

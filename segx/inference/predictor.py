@@ -53,9 +53,14 @@ def member_probs(model, backbone: str, view: View, images: Sequence[np.ndarray],
 class EnsemblePredictor:
     """``model_paths``: per member, its model folder, or a list of folders (one per fold) for a
     cross-validated member, which predicts as the integer-rounded mean of its fold models
-    (:func:`segx.ensembling.probs.fold_mean`), as its cached test probabilities were computed."""
+    (:func:`segx.ensembling.probs.fold_mean`), as its cached test probabilities were computed.
 
-    def __init__(self, record: dict, model_paths: Sequence, tta: str | None = None):
+    ``fused``: the networks that see an image the same way (same view) run together, one
+    compiled function per view (:class:`segx.models.NetworkGroup`), each image resized once for
+    all of them; False runs each network on its own, as a member does when it caches its
+    probabilities. Both give the same numbers, bit for bit."""
+
+    def __init__(self, record: dict, model_paths: Sequence, tta: str | None = None, fused: bool = True):
         self.record = validate_record(record)
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
@@ -65,25 +70,49 @@ class EnsemblePredictor:
         self.threshold = float(record["threshold"])
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
-        from segx.models import load_member
+        from segx.models import NetworkGroup, load_member
 
         # Members with weight 0 cannot change the output: skip loading and running them.
         self.models = [
             None if k == 0 else [load_member(f) for f in p] if isinstance(p, (list, tuple)) else load_member(p)
             for p, k in zip(model_paths, self.weights.counts, strict=True)
         ]
+        # Every network to run, as (member index, model), grouped by the view it needs.
+        self.networks: dict[View, list[tuple[int, object]]] = {}
+        for i, (model, view) in enumerate(zip(self.models, self.views, strict=True)):
+            for network in [] if model is None else model if isinstance(model, list) else [model]:
+                self.networks.setdefault(view, []).append((i, network))
+        self.groups = {
+            view: NetworkGroup([n for _, n in nets], [self.members[i]["backbone"] for i, _ in nets])
+            for view, nets in self.networks.items()
+        } if fused else None  # fmt: skip
 
     def member_probs(self, images: Sequence[np.ndarray]) -> list[Ragged | None]:
         """uint8 probabilities per member at each image's own size (None for weight 0)."""
-        out = []
-        for model, m, view in zip(self.models, self.members, self.views, strict=True):
-            if model is None:
-                out.append(None)
-            elif isinstance(model, list):
-                out.append(fold_mean([member_probs(f, m["backbone"], view, images, (self.tta,))[self.tta] for f in model]))
+        per_network: dict[int, list[Ragged]] = {}  # member index -> one Ragged per network (fold)
+        for view, nets in self.networks.items():
+            if self.groups is None:
+                results = [member_probs(n, self.members[i]["backbone"], view, images, (self.tta,))[self.tta] for i, n in nets]
             else:
-                out.append(member_probs(model, m["backbone"], view, images, (self.tta,))[self.tta])
-        return out
+                results = self._group_probs(self.groups[view], view, images)
+            for (i, _), probs in zip(nets, results, strict=True):
+                per_network.setdefault(i, []).append(probs)
+        return [
+            None if model is None else fold_mean(per_network[i]) if isinstance(model, list) else per_network[i][0]
+            for i, model in enumerate(self.models)
+        ]
+
+    def _group_probs(self, group, view: View, images: Sequence[np.ndarray]) -> list[Ragged]:
+        """:func:`member_probs` of every network of ``group`` at once (keys: network index)."""
+
+        def predict(batch):
+            return dict(enumerate(m[self.tta] for m in group.probs_modes(batch, (self.tta,))))
+
+        maps: list[list[np.ndarray]] = [[] for _ in group.models]
+        for case in predict_cases(images, view, predict):
+            for j, probs in case.items():
+                maps[j].append(quantize(probs))
+        return [Ragged.from_list(m, np.uint8) for m in maps]
 
     def score(self, images: Sequence[np.ndarray]) -> tuple[Score, list]:
         """Exact ensemble score (ragged, :class:`segx.ensembling.probs.Score`) and the member probabilities."""
