@@ -30,6 +30,7 @@ PARTS = ("validation", "best_weights", "checkpoint", "logging")
 SETTINGS = {
     "defaults (64 px, 60 training images)": [],
     "checkpoint every epoch (64 px)": ["trainer.checkpoint_every_s=0"],  # segx before checkpoint_every_s
+    "validation every 2 epochs (64 px)": ["trainer.val_every=2"],
     "128 px": ["data.image_size=128"],
 }
 
@@ -136,7 +137,8 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         "most of its cost shows here (the steps share the two cores with the write), not in *checkpoint s*, "
         "which is only its blocking part: compare the steps of the two 64 px rows.",
         "- *per epoch*: the parts' share of an epoch (steps + parts). *whole training*: the same over epochs "
-        "2..N, the final checkpoint (always written after the last epoch) included.",
+        "2..N, the final checkpoint (always written after the last epoch) included. With validation every 2 epochs the "
+        "per-epoch medians mix validated and other epochs: read its whole-training column.",
         "",
         "| setting | steps s | validation s | best weights s | checkpoint s | logging s | final checkpoint s | per epoch (min-max) | whole training (min-max) | epoch 1 |",
         "|---|---|---|---|---|---|---|---|---|---|",

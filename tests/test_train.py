@@ -97,6 +97,21 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
     assert ran == best_epoch + patience < epochs
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_among_them(tmp_path, synthetic_root):
+    """trainer.val_every=2 over 5 epochs: validation (val/* metrics, best weights) after epochs
+    2, 4 and 5 only; every epoch still trains and logs its loss; the LR plateau callback (on by
+    default) sees only the validated epochs."""
+    cfg = compose_config("train", [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.val_every=2",
+                                   "trainer.early_stopping.patience=0"])  # fmt: skip
+    train_member(cfg)
+    client, (run,) = member_runs(tmp_path, "FINISHED")
+    steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in ("val/dice", "train/loss", "time/validation_s")}
+    assert sorted(steps["val/dice"]) == [2, 4, 5]
+    assert sorted(steps["train/loss"]) == sorted(steps["time/validation_s"]) == [1, 2, 3, 4, 5]
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/dice")}
+    assert run.data.metrics["best/epoch"] in curve and run.data.metrics["best/val_dice"] == max(curve.values())
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

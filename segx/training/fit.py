@@ -166,6 +166,7 @@ class MemberCallback(keras.callbacks.Callback):
         log_fn: Callable[[dict, int], None],
         epochs: int = 0,
         checkpoint_every_s: float = 0.0,
+        val_every: int = 1,
     ):
         super().__init__()
         self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
@@ -173,7 +174,7 @@ class MemberCallback(keras.callbacks.Callback):
         self.best = checkpoint.best
         self.patience, self.min_delta, self.log_fn = patience, min_delta, log_fn
         self.epoch = state.next_epoch
-        self.epochs, self.checkpoint_every_s = epochs, float(checkpoint_every_s)
+        self.epochs, self.checkpoint_every_s, self.val_every = epochs, float(checkpoint_every_s), max(1, int(val_every))
         self.last_checkpoint = time.monotonic()  # training (re)starts from a checkpoint, or from scratch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -193,6 +194,14 @@ class MemberCallback(keras.callbacks.Callback):
         # The loop's own cost, part by part, beside the epoch's: `time/*` metrics (the steps'
         # time is what the epoch took before this callback; the parts are what it adds).
         clock = {"start": time.perf_counter()}
+        # Validation every val_every epochs and after the last (Lightning's check_val_every_n_epoch):
+        # best weights and early stopping's patience count validated epochs only.
+        if (epoch + 1) % self.val_every and epoch + 1 < self.epochs:
+            metrics = {"lr": _learning_rate(self.model), **{f"train/{k}": float(v) for k, v in logs.items() if "/" not in k}}
+            clock["validation"] = clock["best_weights"] = time.perf_counter()
+            self.state.next_epoch = epoch + 1
+            self._finish_epoch(epoch, metrics, clock)
+            return
         probs = predict_probs(self.model, self.val_images, self.backbone)
         if not np.isfinite(probs).all():
             # Losses clip their inputs, so exploding weights can leave the loss finite.
@@ -216,6 +225,9 @@ class MemberCallback(keras.callbacks.Callback):
         clock["best_weights"] = time.perf_counter()
         self.state.next_epoch = epoch + 1
         metrics["val/best_dice"] = self.state.best_dice
+        self._finish_epoch(epoch, metrics, clock)
+
+    def _finish_epoch(self, epoch: int, metrics: dict, clock: dict) -> None:
         # Epochs count from 1 everywhere: Keras' "Epoch 1/30", the metric step, best/epoch.
         # Metrics first, then the checkpoint, then state.json (the commit point that resume
         # reads), which is written once the checkpoint is on disk: a kill before that repeats
@@ -268,6 +280,37 @@ class MemberCallback(keras.callbacks.Callback):
                 "time/overhead": added / (steps + added)}  # fmt: skip
 
 
+class OnValidatedEpochs(keras.callbacks.Callback):
+    """Hands ``inner`` (a callback watching ``val/dice``, e.g. ReduceLROnPlateau) the epochs that
+    were validated only, so that its patience counts validations, as early stopping's does; it
+    gets the epoch and training hooks, not the batch hooks (used with trainer.val_every > 1)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.inner.on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        self.inner.on_train_end(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.inner.on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "val/dice" in logs:
+            self.inner.on_epoch_end(epoch, logs)
+
+
 def _learning_rate(model) -> float:
     lr = model.optimizer.learning_rate
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
@@ -299,13 +342,14 @@ def fit_member(
     samples_per_epoch: int | None = None,
     threads: int | None = None,
     checkpoint_every_s: float = 0.0,
+    val_every: int = 1,
 ) -> FitState:
     """Train (or continue training) ``model`` and leave it holding its best weights.
 
     ``folder`` holds the resumable state: if it has a checkpoint, training continues from the
     epoch after it, with the optimizer's state. A checkpoint is written after an epoch when
     ``checkpoint_every_s`` seconds have passed since the last one (0: after every epoch), and
-    after the last epoch. Raises :class:`TrainingDiverged` on NaN loss
+    after the last epoch. Validation runs every ``val_every`` epochs and after the last. Raises :class:`TrainingDiverged` on NaN loss
     (the last good checkpoint stays in ``folder``). ``train_images``/``train_masks``: arrays at
     model size, or a patch sampler and None (see :func:`make_train_dataset`); validation each
     epoch runs on ``val_images``/``val_masks`` at model size (fixed patches in patch mode).
@@ -323,7 +367,8 @@ def fit_member(
         checkpoint.restore(state.checkpoint).expect_partial()
         best.kept = state.best_epoch >= 0
     callback = MemberCallback(
-        val_images, val_masks, backbone, folder, state, checkpoint, patience, min_delta, log_fn, epochs, checkpoint_every_s
+        val_images, val_masks, backbone, folder, state, checkpoint, patience, min_delta, log_fn, epochs, checkpoint_every_s,
+        val_every,
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
         dataset, steps = make_train_dataset(
@@ -335,7 +380,7 @@ def fit_member(
             epochs=epochs,
             initial_epoch=state.next_epoch,
             steps_per_epoch=steps,
-            callbacks=[callback, *extra_callbacks],
+            callbacks=[callback, *(OnValidatedEpochs(c) if val_every > 1 else c for c in extra_callbacks)],
             verbose=verbose,
         )
     waited = time.perf_counter()

@@ -42,6 +42,8 @@ def validate_config(cfg: DictConfig) -> None:
     require_int(cfg, "trainer.batch_size", 1)
     require_int(cfg, "trainer.early_stopping.patience", 0)
     require_float(cfg, "trainer.early_stopping.min_delta", 0.0, 1.0)
+    if cfg.trainer.get("val_every") is not None:
+        require_int(cfg, "trainer.val_every", 1)
     if cfg.trainer.get("checkpoint_every_s") is not None:
         require_float(cfg, "trainer.checkpoint_every_s", 0.0, 7 * 86400.0, high_open=False)
     if cfg.trainer.bn_momentum is not None:
@@ -351,6 +353,7 @@ def train_member(cfg: DictConfig) -> float:
             samples_per_epoch=cfg.data.get("samples_per_epoch") if view.mode == "patch" else None,
             threads=threads,
             checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
+            val_every=int(cfg.trainer.get("val_every") or 1),
         )
         epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id))
         stack.close()  # out of the strategy's scope: outputs are predicted on one device
