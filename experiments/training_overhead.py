@@ -107,15 +107,20 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         later = [row for row in rows if row["setting"] == name]
         if not later:
             continue
-        # Epochs 2.. (epoch 1 builds the graphs), pooled over rounds.
-        pooled = {k: [v for row in later for v in row[k][1:]] for k in later[0] if k.startswith("time/") and k != "time/final_checkpoint_s"}
+        # From the epoch after the first validated one (epoch 1 builds the training graph, the
+        # first validation the prediction graph), pooled over rounds.
+        def start(row):
+            return next(i for i, v in enumerate(row["time/validation_s"]) if v > 0) + 1
+
+        pooled = {k: [v for row in later for v in row[k][start(row):]] for k in later[0]
+                  if k.startswith("time/") and k != "time/final_checkpoint_s"}  # fmt: skip
         first = [row["time/overhead"][0] for row in later]
         # The whole training from epoch 2 on, the last epoch's checkpoint included (written
         # after every epoch's metrics, so it is logged apart): the share that is not steps.
         whole = []
         for row in later:
-            steps = sum(row["time/steps_s"][1:])
-            added = sum(sum(row[f"time/{p}_s"][1:]) for p in PARTS) + sum(row.get("time/final_checkpoint_s") or [0.0])
+            steps = sum(row["time/steps_s"][start(row):])
+            added = sum(sum(row[f"time/{p}_s"][start(row):]) for p in PARTS) + sum(row.get("time/final_checkpoint_s") or [0.0])
             whole.append(added / (steps + added))
         summary[name] = {k: statistics.median(v) for k, v in pooled.items()} | {
             "overhead_min": min(pooled["time/overhead"]), "overhead_max": max(pooled["time/overhead"]),
@@ -130,14 +135,14 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         "",
         f"`python experiments/training_overhead.py --epochs {args.epochs} --rounds {args.rounds}` ({results['date']}, "
         f"{results['machine']}). The default member (resnet34 U-Net, synthetic data, batch 8), "
-        "its `time/*` metrics; median over epochs 2 onward of every round (epoch 1 builds the graphs). Settings alternate "
+        "its `time/*` metrics; median over the epochs after the first validated one, of every round (epoch 1 builds the training graph, the first validation the prediction graph). Settings alternate "
         "within each round, each trained in its own process.",
         "",
         "- *steps s*: the epoch's training steps. A checkpoint is written by TensorFlow in the background, so "
         "most of its cost shows here (the steps share the two cores with the write), not in *checkpoint s*, "
         "which is only its blocking part: compare the steps of the two 64 px rows.",
-        "- *per epoch*: the parts' share of an epoch (steps + parts). *whole training*: the same over epochs "
-        "2..N, the final checkpoint (always written after the last epoch) included. With validation every 2 epochs the "
+        "- *per epoch*: the parts' share of an epoch (steps + parts). *whole training*: the same summed over those "
+        "epochs, the final checkpoint (always written after the last epoch) included. With validation every 2 epochs the "
         "per-epoch medians mix validated and other epochs: read its whole-training column.",
         "",
         "| setting | steps s | validation s | best weights s | checkpoint s | logging s | final checkpoint s | per epoch (min-max) | whole training (min-max) | epoch 1 |",

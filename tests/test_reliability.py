@@ -194,12 +194,13 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
     images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     masks = (rng.random((8, 32, 32)) > 0.5).astype(np.uint8)
 
-    def fit(folder, epochs, extra):
-        model = build_model("unet", "resnet18", 32)
+    def fit(folder, epochs, extra, model=None):
+        model = model or build_model("unet", "resnet18", 32)
         compile_model(model, keras.optimizers.Adam(1e-3), {"dice": 1.0})
-        return fit_member(model, images[:6], masks[:6], images[6:], masks[6:], SeededAugmenter(build_augmentation([])),
-                          "resnet18", folder, epochs=epochs, batch_size=2, seed=0, patience=0, min_delta=0.0,
-                          extra_callbacks=extra, verbose=0, checkpoint_every_s=every_s)  # fmt: skip
+        fit_member(model, images[:6], masks[:6], images[6:], masks[6:], SeededAugmenter(build_augmentation([])),
+                   "resnet18", folder, epochs=epochs, batch_size=2, seed=0, patience=0, min_delta=0.0,
+                   extra_callbacks=extra, verbose=0, checkpoint_every_s=every_s)  # fmt: skip
+        return model
 
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "interrupted", 3, [InterruptAfterEpoch2()])
@@ -209,8 +210,18 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
             break
         time.sleep(0.1)
     assert (state and state.next_epoch) == committed
-    assert fit(tmp_path / "finished", 2, []).next_epoch == 2
-    assert FitState.load(tmp_path / "finished").next_epoch == 2 and (tmp_path / "finished" / "ckpt").is_dir()
+    trained = fit(tmp_path / "finished", 2, [])
+    state = FitState.load(tmp_path / "finished")
+    assert state.next_epoch == 2 and state.checkpoint.endswith("final")
+    # The last checkpoint holds the weights without the optimizer's state (nothing trains after
+    # it), and a resumed run that has nothing left to train gets exactly those weights.
+    ckpt = tmp_path / "finished" / "ckpt"
+    final_size = sum(p.stat().st_size for p in ckpt.glob("final*"))
+    full_size = sum(p.stat().st_size for p in ckpt.glob("last*"))
+    assert final_size and (final_size < 0.75 * full_size if every_s == 0 else not full_size)
+    keras.utils.set_random_seed(123)  # other initial weights
+    resumed = fit(tmp_path / "finished", 2, [], build_model("unet", "resnet18", 32))
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), resumed.get_weights(), strict=True))
 
 
 def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic_root):

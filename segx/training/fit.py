@@ -161,6 +161,7 @@ class MemberCallback(keras.callbacks.Callback):
         folder: Path,
         state: FitState,
         checkpoint: tf.train.Checkpoint,
+        final_checkpoint: tf.train.Checkpoint,
         patience: int,
         min_delta: float,
         log_fn: Callable[[dict, int], None],
@@ -170,7 +171,7 @@ class MemberCallback(keras.callbacks.Callback):
     ):
         super().__init__()
         self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
-        self.folder, self.state, self.checkpoint = folder, state, checkpoint
+        self.folder, self.state, self.checkpoint, self.final_checkpoint = folder, state, checkpoint, final_checkpoint
         self.best = checkpoint.best
         self.patience, self.min_delta, self.log_fn = patience, min_delta, log_fn
         self.epoch = state.next_epoch
@@ -241,13 +242,18 @@ class MemberCallback(keras.callbacks.Callback):
         # writing it costs about a second of CPU, which a short epoch cannot hide. A kill
         # between two checkpoints repeats the epochs since the last one on resume, identically.
         last = self.model.stop_training or epoch + 1 >= self.epochs
-        if last or time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s:
-            self.state.checkpoint = self._write_checkpoint(self.state.snapshot())
+        if last:
+            # Nothing trains after this one, so it leaves out the optimizer's state (half the
+            # size): it is there for a run that dies while its results are logged.
+            self.checkpoint.sync()  # an earlier write must not race this one
+            self.state.checkpoint = self._write_checkpoint(self.state.snapshot(), self.final_checkpoint, "final")
+        elif time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s:
+            self.state.checkpoint = self._write_checkpoint(self.state.snapshot(), self.checkpoint, "last")
             self.last_checkpoint = time.monotonic()
         self.checkpoint_s = time.perf_counter() - clock["logged"]  # reported with the next epoch
         self.log_s = clock["logged"] - clock["best_weights"]
 
-    def _write_checkpoint(self, state: FitState) -> str:
+    def _write_checkpoint(self, state: FitState, checkpoint: tf.train.Checkpoint, name: str) -> str:
         """Weights, optimizer state and best weights in one TensorFlow checkpoint (restorable
         under any distribution strategy, unlike .h5), written by TensorFlow in the background
         after a copy of the variables (training goes on meanwhile); state.json follows it."""
@@ -259,7 +265,7 @@ class MemberCallback(keras.callbacks.Callback):
         self.committed = state
 
         options = tf.train.CheckpointOptions(enable_async=True, experimental_write_callbacks=[commit])
-        path = self.checkpoint.write(str(folder / "ckpt" / "last"), options=options)
+        path = checkpoint.write(str(folder / "ckpt" / name), options=options)
         state.checkpoint = path
         return path
 
@@ -360,14 +366,17 @@ def fit_member(
     model.optimizer.build(model.trainable_variables)
     best = BestWeights(model)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, best=best)
+    # After the last epoch nothing trains: the weights and best weights without the optimizer's
+    # state (a Keras model carries its optimizer into a checkpoint, so its variables are listed).
+    final_checkpoint = tf.train.Checkpoint(weights=list(model.weights), best=best)
     if (folder / "best.weights.h5").exists() and state.best_epoch >= 0:
         model.load_weights(str(folder / "best.weights.h5"))  # a folder from segx 0.2: best weights in .h5
         best.keep(model)
     if state.checkpoint:
-        checkpoint.restore(state.checkpoint).expect_partial()
+        (final_checkpoint if Path(state.checkpoint).name.startswith("final") else checkpoint).restore(state.checkpoint).expect_partial()
         best.kept = state.best_epoch >= 0
     callback = MemberCallback(
-        val_images, val_masks, backbone, folder, state, checkpoint, patience, min_delta, log_fn, epochs, checkpoint_every_s,
+        val_images, val_masks, backbone, folder, state, checkpoint, final_checkpoint, patience, min_delta, log_fn, epochs, checkpoint_every_s,
         val_every,
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
@@ -384,7 +393,8 @@ def fit_member(
             verbose=verbose,
         )
     waited = time.perf_counter()
-    checkpoint.sync()  # the last background write (and its state.json) is on disk from here
+    checkpoint.sync()  # the last background writes (and their state.json) are on disk from here
+    callback.final_checkpoint.sync()
     if callback.committed is not None and not state.failure:
         # The last epoch's checkpoint: its blocking part and the wait for its write (the
         # per-epoch `time/checkpoint_s` of an epoch is reported with the next one).
