@@ -249,6 +249,8 @@ def test_config_identity_survives_keys_added_with_null_defaults():
     cfg.data.new_option = None
     cfg.trainer.another = None
     assert config_identity(cfg) == before and config_identity(cfg, ("fold",)) == shared
+    cfg.trainer.checkpoint_every_s = 5  # how often to checkpoint does not change the member
+    assert config_identity(cfg) == before
     cfg.data.new_option = 3  # switched on: another configuration
     assert config_identity(cfg) != before
     cfg.data.new_option = None

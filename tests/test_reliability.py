@@ -173,6 +173,33 @@ def test_output_names_cannot_escape_the_output_folder(tmp_path):
             safe_output_path(tmp_path, stem)
 
 
+def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_without_repeating_metrics(tmp_path, synthetic_root):
+    """SIGTERM (a preemption) after epoch 1 was logged, before any checkpoint (an hour apart):
+    resume=auto continues that KILLED run from the first epoch, and the epoch it repeats is not
+    logged twice (its values would be the same: training is deterministic)."""
+    from segx.training.member import train_member
+
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.checkpoint_every_s=3600"]
+    proc = cli(["segx.train", *overrides])
+    deadline = time.time() + 300
+    run_id = None
+    while time.time() < deadline and proc.poll() is None and run_id is None:
+        client, runs = runs_in(tmp_path, status="RUNNING")
+        run_id = next((r.info.run_id for r in runs if client.get_metric_history(r.info.run_id, "val/dice")), None)
+        time.sleep(0.2)
+    assert run_id, "no epoch was logged in time"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    client, runs = runs_in(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not (tmp_path / "checkpoints" / run_id / "state.json").exists()  # nothing to resume from
+    train_member(compose_config("train", [*overrides, "resume=auto"]))
+    _, runs = runs_in(tmp_path)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]  # continued, not restarted
+    for key in ("val/dice", "train/loss"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4, 5], key
+
+
 @pytest.mark.parametrize("every_s,committed", [(3600.0, None), (0.0, 2)])
 def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_one(tmp_path, every_s, committed):
     """Interrupted after epoch 2 of 3: with a checkpoint at most every hour, nothing was committed

@@ -384,14 +384,21 @@ def fit_member(
             train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch, samples_per_epoch,
             threads,
         )
-        model.fit(
-            dataset,
-            epochs=epochs,
-            initial_epoch=state.next_epoch,
-            steps_per_epoch=steps,
-            callbacks=[callback, *(OnValidatedEpochs(c) if val_every > 1 else c for c in extra_callbacks)],
-            verbose=verbose,
-        )
+        try:
+            model.fit(
+                dataset,
+                epochs=epochs,
+                initial_epoch=state.next_epoch,
+                steps_per_epoch=steps,
+                callbacks=[callback, *(OnValidatedEpochs(c) if val_every > 1 else c for c in extra_callbacks)],
+                verbose=verbose,
+            )
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM, a preemption): a checkpoint being written in the
+            # background is finished and committed first, so resume finds it.
+            checkpoint.sync()
+            callback.final_checkpoint.sync()
+            raise
     waited = time.perf_counter()
     checkpoint.sync()  # the last background writes (and their state.json) are on disk from here
     callback.final_checkpoint.sync()

@@ -30,7 +30,7 @@ last_run_id: str | None = None  # the run train_member last started or resumed i
 # Where it runs (accelerator, devices, threads) is not identity either: a member preempted on
 # one node resumes on another.
 NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir", "tags", "note",
-                "trainer.accelerator", "trainer.devices", "trainer.threads")
+                "trainer.accelerator", "trainer.devices", "trainer.threads", "trainer.checkpoint_every_s")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -143,6 +143,10 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data
             for run in runs:
                 state = _checkpoint_dir(cfg, run.info.run_id) / "state.json"
                 if state.exists() and not _owner_alive(state):
+                    return run.info.run_id
+                # Stopped before its first checkpoint (preempted within checkpoint_every_s): its
+                # process ended it, so the run continues, from the first epoch.
+                if status == "KILLED" and not state.exists():
                     return run.info.run_id
         return None
     run = tracking.get_run(client, str(cfg.resume), need_finished=False)
@@ -316,7 +320,16 @@ def train_member(cfg: DictConfig) -> float:
         # (also beside the checkpoint, for a resume) and sent with the next epoch's.
         epoch_log = tracking.EpochLog(client, run_id, folder / "unsent-metrics.json")
 
+        # Epochs a resumed run repeats (those after its last checkpoint) were logged before, with
+        # the same values (training is deterministic): they are not logged twice.
+        logged_until = 0
+        if resume_id:
+            sent = client.get_metric_history(run_id, "train/loss")
+            logged_until = max([m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == "train/loss"], default=0)
+
         def log_epoch(metrics: dict, step: int) -> None:
+            if step <= logged_until:
+                return
             epoch_log.log(metrics, step)
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
