@@ -725,6 +725,12 @@ def system_metrics(run_id: str, tracking_uri: str, enabled: bool, interval: floa
         if monitor is not None:
             with contextlib.suppress(Exception):
                 monitor.finish()
+                if getattr(monitor, "_logging_step", 1) == 0:
+                    # MLflow publishes after each full interval: a run shorter than one would
+                    # have none. One sample now, while the run is still open.
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
 
 
 def _image_signature():
