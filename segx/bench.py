@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from segx import cli
+from segx.config import CONF_PATH
 from segx.benchmark.study import STAGES, Study, check_dataset, machine
 from segx.errors import SegxError
 
@@ -67,7 +68,7 @@ def run_study(cfg: DictConfig) -> Path:
     return study.results / "RESULTS.md"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="bench")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> None:
     run_study(cfg)

@@ -1,6 +1,6 @@
 """The one wrapper every command runs in: logging, the pre-Hydra checks, and how a command ends.
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+    @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="predict")
     @cli.task
     def _hydra_main(cfg): return run_predict(cfg)
 

@@ -4,6 +4,7 @@ checked and built in :mod:`segx.objects`.) No TensorFlow here."""
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,7 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.errors import SegxError, suggest
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repository's conf/ is installed as the package segx.conf (pyproject.toml): every command
+# names it as Hydra's pkg:// path, so console scripts, `python -m` and a non-editable install
+# find it from any folder; CONF_DIR is the same folder on disk, for segx's own pre-checks.
+CONF_PATH = "pkg://segx.conf"
+CONF_DIR = Path(str(importlib.resources.files("segx.conf")))
 
 # Choice lists that several modules check or offer, in one place (no heavy imports here).
 ARCHS = ("unet", "fpn", "linknet", "pspnet")  # segmentation-models decoders; conf/arch/<name>.yaml
@@ -121,12 +126,12 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """Compose a segx config from Python: inside a running Hydra app (reusing its search
     path) or outside one (tests, notebooks)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name, overrides=list(overrides))
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module("segx.conf", version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
 
 

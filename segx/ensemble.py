@@ -21,7 +21,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from segx import cli
-from segx.config import SEARCH_METHODS, TTA_MODES, require_choice, require_float, require_int
+from segx.config import (
+    CONF_PATH,
+    SEARCH_METHODS,
+    TTA_MODES,
+    require_choice,
+    require_float,
+    require_int,
+)
 from segx.ensembling.choose import SearchSettings, run_search
 from segx.ensembling.members import check_compatible, load_member, select_runs, unique_labels
 from segx.ensembling.record import make_record
@@ -132,15 +139,19 @@ def build_ensemble(cfg: DictConfig) -> dict:
     chosen = found["chosen"].name
     chosen = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
     run_name = cfg.mlflow.run_name or f"ensemble-{chosen}-{len(members)}m"
-    from segx.tracking.provenance import command_line, provenance_tags
+    from segx.tracking import provenance
 
     tags = {
         tracking.ROLE: "ensemble",
         "segx.members": ",".join(m.run_id for m in members),
         "segx.data_fingerprint": members[0].fingerprint,
-        "segx.command": command_line(),
-        **provenance_tags(),
+        "segx.command": provenance.command_line(),
+        **provenance.provenance_tags(),
     }
+    own = provenance.job_overrides("ensemble")
+    if own is not None:  # the same search over the same member runs, whatever selected them
+        tags["segx.overrides"] = json.dumps(own)
+        tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
     labels = unique_labels(members)
     weights_text = ", ".join(f"{label}={w:.3g}" for label, w in zip(labels, found["weights"], strict=True))
     note = (f"segx ensemble of {len(members)} members ({weights_text}; threshold {record['threshold']}; "
@@ -234,14 +245,15 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
         overrides.insert(0, f"experiment={experiment_choice}")
     print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
     for backbone in missing:
-        train_cfg = compose("train", overrides=[*overrides, f"backbone={backbone}"])
+        member_overrides = [*overrides, f"backbone={backbone}"]
+        train_cfg = compose("train", overrides=member_overrides)
         try:
-            train_member(train_cfg)
+            train_member(train_cfg, member_overrides)  # its own command, not the ensemble's
         finally:
             clear_session()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="ensemble")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="ensemble")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> float:
     """The ensemble's validation Dice, for sweepers."""

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segx import cli
-from segx.config import TTA_MODES
+from segx.config import CONF_PATH, TTA_MODES
 from segx.errors import SegxError
 from segx.inference.exported import DEFAULT_OPSET, check_format
 
@@ -185,7 +185,7 @@ def run_export(cfg: DictConfig) -> dict:
     return manifest
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> None:
     run_export(cfg)

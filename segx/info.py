@@ -36,7 +36,7 @@ def describe(client, run_id: str) -> str:
 
             lines.append(f"  sees images: {View.from_dict(view_of(params)).describe()}; scored at each image's own size")
     if tags.get("segx.role") == "ensemble":
-        lines.append(f"  members: {tags.get('segx.members', '')}")
+        lines.extend(_ensemble_lines(client, run))
         if tags.get("segx.pyfunc_uri"):
             lines.append(f"  pyfunc model: {tags['segx.pyfunc_uri']} (serve: mlflow models serve -m {tags['segx.pyfunc_uri']} "
                          "--env-manager local -p 5002)")  # fmt: skip
@@ -49,22 +49,80 @@ def describe(client, run_id: str) -> str:
         lines.append(f"  failure: {tags['segx.failure']}")
     if tags.get("segx.command"):
         lines.append(f"  command as typed: {tags['segx.command']}")
-    if tags.get("segx.role") == "member" and params:
-        sha = tags.get("segx.git_sha", "")
-        recorded = tags.get("segx.overrides")
-        if recorded:  # the job's own overrides, as Hydra recorded them: rebuilds exactly its config
-            overrides = json.loads(recorded)
-            lines.append("  reproduce (this job's overrides as Hydra recorded them; resolved config: config.yaml artifact):")
-        else:  # a run started from Python (no Hydra job): the main keys only
-            keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
-                    "data.split_seed", "data.val_fraction", "data.test_fraction",
-                    "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
-            overrides = [f"data={params.get('data.kind', 'synthetic')}", *(f"{k}={params[k]}" for k in keys if k in params)]
-            lines.append("  reproduce (main keys only: started outside a Hydra job; full config: config.yaml artifact):")
-        if sha and sha != "unknown":
-            lines.append(f"    git checkout {sha}")
-        lines.append("    python -m segx.train " + " ".join(shlex.quote(o) for o in overrides))
+    lines.extend(_reproduce_lines(tags, params))
     return "\n".join(lines)
+
+
+def _reproduce_lines(tags: dict, params: dict) -> list[str]:
+    """The command that rebuilds the run's config (members: ``segx.train``, whose ``--cfg job``
+    shows the recorded config; ensembles: ``segx.ensemble`` over the same member runs)."""
+    role = tags.get("segx.role")
+    command = tags.get("segx.reproduce")
+    if command:
+        what = "the same config (check: add --cfg job)" if role == "member" else "the same search over the same member runs"
+        head = f"  reproduce ({what}; resolved config: config.yaml artifact):" if role == "member" else f"  reproduce ({what}):"
+    elif role == "member" and tags.get("segx.overrides"):  # recorded by segx before 0.3: the job's own overrides
+        command = "python -m segx.train " + " ".join(shlex.quote(o) for o in json.loads(tags["segx.overrides"]))
+        head = "  reproduce (this job's overrides as Hydra recorded them; resolved config: config.yaml artifact):"
+    elif role == "member" and params:  # a run started from Python (no Hydra job): the main keys only
+        keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
+                "data.split_seed", "data.val_fraction", "data.test_fraction",
+                "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
+        overrides = [f"data={params.get('data.kind', 'synthetic')}", *(f"{k}={params[k]}" for k in keys if k in params)]
+        command = "python -m segx.train " + " ".join(shlex.quote(o) for o in overrides)
+        head = "  reproduce (main keys only: started outside a Hydra job; full config: config.yaml artifact):"
+    else:
+        return []
+    sha = tags.get("segx.git_sha", "")
+    return [head, *([f"    git checkout {sha}"] if sha and sha != "unknown" else []), f"    {command}"]
+
+
+def _ensemble_lines(client, run) -> list[str]:
+    """Members by name with their weights, the threshold, validation and test Dice of each
+    member and of the ensemble, and the gain over the best member with its interval."""
+    import tempfile
+
+    import pandas as pd
+
+    from segx import tracking
+
+    params, metrics = run.data.params, run.data.metrics
+    weights = {}  # label -> weight, in member order (params chosen.weight.<i>.<label>)
+    for key, value in params.items():
+        if key.startswith("chosen.weight."):
+            index, label = key.removeprefix("chosen.weight.").split(".", 1)
+            weights[int(index)] = (label, float(value))
+    run_ids = {int(k.split(".")[1]): v for k, v in params.items() if k.startswith("member.") and k.endswith(".run_id")}
+    tables = {}
+    with tempfile.TemporaryDirectory(prefix="segx-info-") as tmp:
+        for name in ("val_summary", "test_summary", "gain"):
+            try:
+                tables[name] = pd.read_csv(tracking.download(client, run.info.run_id, f"tables/{name}.csv", tmp))
+            except SegxError:
+                tables[name] = None
+    val = tables["val_summary"].set_index("method")["val_dice"] if tables["val_summary"] is not None else {}
+    test = tables["test_summary"].set_index(tables["test_summary"].columns[0])["dice_mean"] if tables["test_summary"] is not None else {}
+    lines = [f"  {len(weights)} members (weight, validation Dice at its own threshold, test Dice at 0.5; "
+             f"threshold {params.get('chosen.threshold', '?')}, post-processing {params.get('chosen.postprocess', '?')}):"]  # fmt: skip
+    for i in sorted(weights):
+        label, weight = weights[i]
+        lines.append(f"    {label:<28} {run_ids.get(i, '?'):<34} weight {weight:<8.4g} val {_f(val, 'member:' + label)}  "
+                     f"test {_f(test, 'member:' + label)}")  # fmt: skip
+    lines.append(f"    {'ensemble (' + params.get('chosen.method', '?') + ')':<63} {'':<15} "
+                 f"val {_num(metrics.get('val/dice', metrics.get('search/val_dice')))}  test {_num(metrics.get('test/dice'))}")  # fmt: skip
+    gain = tables["gain"].iloc[0].to_dict() if tables["gain"] is not None else None
+    if gain:
+        lines.append(f"  ensemble minus best member ({gain['best_member']}), test Dice: {gain['diff']:+.4f} "
+                     f"[95% CI {gain['low']:+.4f}, {gain['high']:+.4f}] over {int(gain['cases'])} cases")  # fmt: skip
+    return lines
+
+
+def _num(value) -> str:
+    return "   -  " if value is None or value != value else f"{value:.4f}"
+
+
+def _f(table, key: str) -> str:
+    return _num(table.get(key) if hasattr(table, "get") else None)
 
 
 def _exports(client, run_id: str, tags: dict) -> list[str]:
@@ -86,10 +144,21 @@ def _exports(client, run_id: str, tags: dict) -> list[str]:
 
 
 USAGE = "usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]"
+HELP = f"""segx.info: what produced an MLflow run (member, ensemble or export), and the command that reproduces it
+
+{USAGE}
+
+  run_id=<id>               the run (printed by segx.train and segx.ensemble; the MLflow UI's run page)
+  mlflow.tracking_uri=URI   the store (default sqlite:///outputs/mlflow.db, as segx.train writes it)
+
+Reads the store, never writes it."""
 
 
 def run_info(argv: list[str]) -> None:
     """Print :func:`describe` for the ``run_id=`` given; reads the store, never writes it."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")

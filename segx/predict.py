@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segx import cli
-from segx.config import TTA_MODES, require_int
+from segx.config import CONF_PATH, TTA_MODES, require_int
 from segx.data.io import shown
 from segx.errors import SegxError
 from segx.inference.folder import check_inputs, check_output_dir, planned_files, predict_folder
@@ -69,7 +69,7 @@ def run_predict(cfg: DictConfig) -> int:
     return n
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="predict")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> None:
     run_predict(cfg)

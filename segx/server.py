@@ -34,6 +34,7 @@ from pathlib import Path
 import hydra
 
 from segx import cli
+from segx.config import CONF_PATH
 from segx.errors import SegxError
 
 DATABASE = "mlflow"
@@ -434,7 +435,7 @@ def run_server(cfg) -> None:
           cfg.postgres_bin, int(cfg.workers), extra)  # fmt: skip
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="server")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="server")
 @cli.task
 def _hydra_main(cfg) -> None:
     run_server(cfg)

@@ -15,11 +15,12 @@ import hydra
 from omegaconf import DictConfig
 
 from segx import cli
+from segx.config import CONF_PATH
 from segx.training.member import train_member
 from segx.training.sweep import is_multirun, sweep_job
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> float:
     """The best validation Dice, for sweepers."""

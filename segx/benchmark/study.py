@@ -129,7 +129,8 @@ class Study:
         experiment = tracking.experiment_id(client, str(self.cfg.mlflow.experiment_name), self.cfg.mlflow.artifact_root)
         members = []
         for backbone in self.profile.members:
-            train_cfg = compose("train", overrides=[*self.train_overrides(data_root), f"backbone={backbone}"])
+            member_overrides = [*self.train_overrides(data_root), f"backbone={backbone}"]
+            train_cfg = compose("train", overrides=member_overrides)
             identity = config_identity(train_cfg)
             done = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})
             if done and self.cfg.reuse_members:
@@ -137,7 +138,7 @@ class Study:
                 print(f"segx bench: reusing {backbone} member {run.info.run_id}", flush=True)
             else:
                 started = time.perf_counter()
-                train_member(train_cfg)
+                train_member(train_cfg, member_overrides)
                 clear_session()
                 run = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})[0]
                 tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": time.perf_counter() - started})

@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segx import cli
+from segx.config import CONF_PATH
 from segx.data.folder import discover_cases, list_images
 from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask
 from segx.errors import SegxError
@@ -113,7 +114,7 @@ def run_check(cfg: DictConfig) -> list[str]:
     return problems
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="check")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="check")
 @cli.task
 def _hydra_main(cfg: DictConfig) -> None:
     if run_check(cfg):

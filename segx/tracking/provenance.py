@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -49,19 +50,45 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, "-m", _module_name(), *sys.argv[1:]])
 
 
-def job_overrides() -> list[str] | None:
+def job_overrides(job: str | None = None) -> list[str] | None:
     """This job's own overrides as Hydra recorded them (one job of a sweep: its values, not the
-    whole sweep line); None outside a Hydra app (a library call)."""
+    whole sweep line); None outside a Hydra app (a library call), or when the running Hydra job
+    is not ``job`` (``segx.ensemble`` training a member: its overrides are not the member's)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return [str(o) for o in HydraConfig.get().overrides.task]
+        runtime = HydraConfig.get()
     except Exception:  # noqa: BLE001 - not inside a Hydra job
         return None
+    if job is not None and runtime.job.name != job:
+        return None
+    return [str(o) for o in runtime.overrides.task]
 
 
-def reproduce_command(module: str, overrides: list[str]) -> str:
+def reproduce_command(module: str, overrides: Sequence[str]) -> str:
     return shlex.join(["python", "-m", module, *overrides])
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def member_reproduce(overrides: Sequence[str]) -> str:
+    """The ``segx.train`` command that composes this member's config again (``--cfg job`` shows
+    it): its overrides without ``resume=``, which continues a run rather than rebuilding one."""
+    return reproduce_command("segx.train", [o for o in overrides if _key(o) != "resume"])
+
+
+# What picks an ensemble's members; a reproduce command names the runs themselves instead.
+MEMBER_SELECTION = ("ensemble.members", "ensemble.run_ids", "ensemble.select", "ensemble.train_missing",
+                    "ensemble.train_overrides", "ensemble.data_fingerprint")  # fmt: skip
+
+
+def ensemble_reproduce(overrides: Sequence[str], member_run_ids: Sequence[str]) -> str:
+    """The ``segx.ensemble`` command that searches the same members again: its own overrides,
+    with the member selection replaced by the member runs' IDs."""
+    kept = [o for o in overrides if _key(o) not in MEMBER_SELECTION]
+    return reproduce_command("segx.ensemble", [*kept, f"ensemble.run_ids=[{','.join(member_run_ids)}]"])
 
 
 def _module_name() -> str:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +191,12 @@ def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints" / run_id
 
 
-def train_member(cfg: DictConfig) -> float:
-    """Train the member described by ``cfg``; return its best validation Dice."""
+def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
+    """Train the member described by ``cfg``; return its best validation Dice.
+
+    ``overrides``: the ``segx.train`` overrides that compose ``cfg`` (a caller that composed it,
+    such as ``segx.ensemble ensemble.train_missing=true``); None: this ``segx.train`` job's own.
+    They are recorded as the run's reproduce command (``segx.info``)."""
     validate_config(cfg)
     from segx.training.resources import batch_per_device, cpu_cores, job_threads
     from segx.training.sweep import launcher_config
@@ -243,9 +248,10 @@ def train_member(cfg: DictConfig) -> float:
         "segx.threads": str(threads or "all"),
         "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1),
     }
-    overrides = provenance.job_overrides()
-    if overrides is not None:  # exactly this job's overrides: what segx.info's reproduce prints
+    overrides = provenance.job_overrides("train") if overrides is None else [str(o) for o in overrides]
+    if overrides is not None:  # exactly this member's overrides: what segx.info's reproduce prints
         tags["segx.overrides"] = json.dumps(overrides)
+        tags["segx.reproduce"] = provenance.member_reproduce(overrides)
     if resume_id:
         run_id = resume_id
         tracking.reopen_run(client, run_id)
@@ -368,7 +374,7 @@ def train_member(cfg: DictConfig) -> float:
             checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
             val_every=int(cfg.trainer.get("val_every") or 1),
         )
-        epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id))
+        epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
         stack.close()  # out of the strategy's scope: outputs are predicted on one device
         spec = {"arch": arch, "backbone": backbone, "image_size": size, "view": view.to_dict(),
                 "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
@@ -394,11 +400,10 @@ def train_member(cfg: DictConfig) -> float:
     return float(state.best_dice)
 
 
-def _resume_advice(folder: Path, run_id: str) -> str:
+def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -> str:
     """What to do when the server stays away after training: the exact command that continues."""
     from segx.tracking import provenance
 
-    overrides = provenance.job_overrides()
     overrides = sys.argv[1:] if overrides is None else overrides
     command = provenance.reproduce_command("segx.train", [*(o for o in overrides if not o.startswith("resume=")),
                                                           f"resume={run_id}"])  # fmt: skip

@@ -1,0 +1,101 @@
+"""The reproduce command ``segx.info`` prints rebuilds the run: for a member trained by a sweep,
+by hand and by ``segx.ensemble ensemble.train_missing=true``, ``--cfg job`` of the printed
+command is the config the run recorded; for an ensemble, the printed command searches the
+same member runs again and chooses the same weights."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, store_overrides, tiny_train_overrides
+
+
+def run(args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def info(run_id: str, out: Path, cwd=ROOT) -> str:
+    result = run(["segx.info", f"run_id={run_id}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def printed_command(text: str, module: str) -> list[str]:
+    (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(f"python -m {module} ")]
+    return shlex.split(line)[2:]  # the module and its arguments, without "python -m": run with this interpreter
+
+
+def assert_reproduces_config(run_id: str, out: Path, cwd=ROOT) -> list[str]:
+    """The printed ``segx.train`` command composes exactly the recorded config.yaml."""
+    from segx import tracking
+
+    text = info(run_id, out, cwd)
+    command = printed_command(text, "segx.train")
+    shown = run([*command, "--cfg", "job", "--resolve"], cwd=cwd)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    recorded = yaml.safe_load(tracking.download(client, run_id, "config.yaml").read_text())
+    assert yaml.safe_load(shown.stdout) == recorded
+    return command
+
+
+def member_runs(out: Path) -> dict[str, str]:
+    from segx import tracking
+
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    exp = client.get_experiment_by_name("segx").experiment_id
+    return {r.data.tags["segx.backbone"]: r.info.run_id for r in tracking.find_runs(client, exp, "member")}
+
+
+def test_reproduce_members_of_a_sweep_and_of_an_ensemble_and_the_ensemble(tmp_path, synthetic_root):
+    from segx import tracking
+
+    out = tmp_path / "out"
+    tiny = [o for o in tiny_train_overrides(out, synthetic_root) if not o.startswith("backbone=")]
+    swept = run(["segx.train", "-m", *tiny, "backbone=resnet18", "seed=7", "mlflow.system_metrics=false"])
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    # The ensemble trains the member it lacks (mobilenetv2) with its own train_overrides.
+    given = [o for o in tiny if not o.startswith(("paths.", "mlflow."))] + ["seed=7"]
+    train_overrides = "[" + ",".join(f"'{o}'" for o in given) + "]"
+    built = run(["segx.ensemble", *store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
+                 "ensemble.train_missing=true", f"ensemble.train_overrides={train_overrides}", "ensemble.bootstrap=200"])  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    runs = member_runs(out)
+    assert set(runs) == {"resnet18", "mobilenetv2"}
+
+    sweep_command = assert_reproduces_config(runs["resnet18"], out)
+    assert "backbone=resnet18" in sweep_command and "-m" not in sweep_command
+    ensemble_trained = assert_reproduces_config(runs["mobilenetv2"], out)
+    assert "backbone=mobilenetv2" in ensemble_trained
+    assert not any(o.startswith("ensemble.") for o in ensemble_trained), ensemble_trained
+
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    exp = client.get_experiment_by_name("segx").experiment_id
+    (first,) = tracking.find_runs(client, exp, "ensemble")
+    text = info(first.info.run_id, out)
+    for backbone, run_id in runs.items():  # every member by name and run, with its weight and scores
+        (row,) = [ln for ln in text.splitlines() if f"{backbone}-unet" in ln and run_id in ln]
+        assert "weight" in row and "val 0." in row and "test 0." in row, row
+    assert "ensemble minus best member" in text and "95% CI" in text
+    assert f"threshold {first.data.params['chosen.threshold']}" in text
+    again = printed_command(text, "segx.ensemble")
+    assert f"ensemble.run_ids=[{first.data.tags['segx.members']}]" in again
+    assert not any(o.startswith(("ensemble.members=", "ensemble.train_missing=")) for o in again)
+    rebuilt = run(again)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    second = next(r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id != first.info.run_id)
+    chosen = {k: v for k, v in first.data.params.items() if k.startswith("chosen.")}
+    assert chosen and chosen == {k: v for k, v in second.data.params.items() if k.startswith("chosen.")}
+    assert second.data.tags["segx.members"] == first.data.tags["segx.members"]
+    assert second.data.metrics["test/dice"] == first.data.metrics["test/dice"]
+    assert second.data.tags["segx.reproduce"] == first.data.tags["segx.reproduce"]
+
+
+def test_info_help_is_not_an_error():
+    result = run(["segx.info", "--help"])
+    assert result.returncode == 0 and "run_id=<id>" in result.stdout and not result.stderr
