@@ -33,9 +33,9 @@ train: install  ## train one member: make train ARGS="backbone=resnet34"
 export: install  ## export an ensemble as one model: make export ARGS="ensemble_run_id=<id> format=onnx" (or savedmodel)
 	$(PY) -m segx.export $(ARGS)
 
-ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000 (one worker: experiments/ui_memory)
+ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000, opening experiments on their runs (one worker: experiments/ui_memory)
 	@$(PY) -c "from segx.tracking import ui_urls; print(ui_urls('sqlite:///outputs/mlflow.db', 'http://127.0.0.1:5000'))"
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	$(PY) -m mlflow ui --app-name segx --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 server: install  ## shared MLflow tracking server (PostgreSQL, proxied artifacts) on http://127.0.0.1:5001: make server ARGS="port=5002"
 	$(PY) -m segx.server $(ARGS)

@@ -21,8 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from segx import cli
-from segx.config import CONF_PATH
 from segx.benchmark.study import STAGES, Study, check_dataset, machine
+from segx.config import CONF_PATH
 from segx.errors import SegxError
 
 

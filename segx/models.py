@@ -214,6 +214,14 @@ def preprocessing(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
     return sm.get_preprocessing(backbone)
 
 
+def loss_value(model, probs: np.ndarray, masks: np.ndarray) -> float:
+    """The compiled training loss of ``probs`` float32 (N, S, S) against ``masks`` bool (N, S, S):
+    the validation loss, on the scale of Keras' training loss (one batch of every case)."""
+    y_true = tf.convert_to_tensor(np.asarray(masks, np.float32)[..., None])
+    y_pred = tf.convert_to_tensor(np.asarray(probs, np.float32)[..., None])
+    return float(model.loss(y_true, y_pred))
+
+
 def predict_probs(model, images: np.ndarray, backbone: str, tta: str = "none") -> np.ndarray:
     """Foreground probabilities float32 (N, S, S) for uint8 RGB images (N, S, S, 3).
 

@@ -263,7 +263,8 @@ def start_mlflow(folder: Path, host: str, port: int, postgres_port: int, timeout
     artifacts = (folder / "artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     store = f"postgresql+psycopg2://{_PG_USER}@127.0.0.1:{postgres_port}/{DATABASE}"  # psycopg2: SQLAlchemy 2.1 defaults to psycopg 3
-    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--serve-artifacts",
+    # --app-name segx: MLflow's app, opening experiments on their runs table (segx/tracking/ui_app.py).
+    args = [sys.executable, "-m", "mlflow", "server", "--app-name", "segx", "--backend-store-uri", store, "--serve-artifacts",
             "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port),
             "--workers", str(workers), *extra_args]  # fmt: skip
     # MLflow's job runner (GenAI scorers, trace roll-ups; segx uses neither) would add seven

@@ -80,7 +80,6 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
     assert all(o.startswith("backbone=res") for o in offered), offered
 
 
-@pytest.mark.slow
 def test_a_non_editable_install_finds_its_configs(tmp_path):
     """``pip install .`` (not -e): the wheel holds every package and every config, and the
     commands compose their configs from it, from a folder far from the repository."""

@@ -287,8 +287,9 @@ def _open(tracking_uri: str, shown: str, deadline: float, db: Path | None) -> Ml
             ) from None
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, token
-# usage); "custom_model_development" makes it open on the runs table, as segx's runs are training.
+# What the experiment is for, in MLflow's own words. MLflow 3.17's UI does not read it to choose
+# the page an experiment opens on (the browser's stored workflow decides: segx/tracking/ui_app.py,
+# which `make ui` and segx.server run); other clients and later UIs may.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 

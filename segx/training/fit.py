@@ -20,7 +20,8 @@ import numpy as np
 
 from segx.backend import keras, tf
 from segx.evaluation.metrics import dice_per_case, iou_per_case
-from segx.models import predict_probs, preprocessing
+from segx import metric_keys as keys
+from segx.models import loss_value, predict_probs, preprocessing
 from segx.training.augment import SeededAugmenter
 
 
@@ -213,7 +214,8 @@ class MemberCallback(keras.callbacks.Callback):
         val_dice = float(dice_per_case(pred, self.val_masks).mean())
         val_iou = float(iou_per_case(pred, self.val_masks).mean())
         logs["val/dice"], logs["val/iou"] = val_dice, val_iou
-        metrics = {"val/dice": val_dice, "val/iou": val_iou, "lr": _learning_rate(self.model)}
+        metrics = {"val/dice": val_dice, "val/iou": val_iou, "val/loss": loss_value(self.model, probs, self.val_masks),
+                   "lr": _learning_rate(self.model)}  # fmt: skip
         for key, value in list(logs.items()):
             if "/" not in key:
                 metrics[f"train/{key}"] = float(value)
@@ -225,15 +227,15 @@ class MemberCallback(keras.callbacks.Callback):
             self.state.wait += 1
         clock["best_weights"] = time.perf_counter()
         self.state.next_epoch = epoch + 1
-        metrics["val/best_dice"] = self.state.best_dice
         self._finish_epoch(epoch, metrics, clock)
 
     def _finish_epoch(self, epoch: int, metrics: dict, clock: dict) -> None:
-        # Epochs count from 1 everywhere: Keras' "Epoch 1/30", the metric step, best/epoch.
+        # Epochs count from 1 everywhere: Keras' "Epoch 1/30", the metric step, curves/best_epoch.
         # Metrics first, then the checkpoint, then state.json (the commit point that resume
         # reads), which is written once the checkpoint is on disk: a kill before that repeats
         # this epoch on resume instead of losing its logged values.
-        self.log_fn({**metrics, **self._timings(clock)}, epoch + 1)
+        # Logged as curves/<name> (segx/metric_keys.py): val/dice is the whole-image score at the end.
+        self.log_fn({**{keys.curve(k): v for k, v in metrics.items()}, **self._timings(clock)}, epoch + 1)
         clock["logged"] = time.perf_counter()
         if self.patience and self.state.wait >= self.patience:
             self.model.stop_training = True

@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from segx.config import ARCHS, require_choice, require_float, require_int
+from segx import metric_keys as keys
 from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
@@ -330,8 +331,8 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         # the same values (training is deterministic): they are not logged twice.
         logged_until = 0
         if resume_id:
-            sent = client.get_metric_history(run_id, "train/loss")
-            logged_until = max([m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == "train/loss"], default=0)
+            sent = client.get_metric_history(run_id, keys.TRAIN_LOSS)
+            logged_until = max([m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0)
 
         def log_epoch(metrics: dict, step: int) -> None:
             if step <= logged_until:
@@ -381,9 +382,10 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         if cfg.trainer.get("precision") == "mixed_float16":
             spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
-        _log_outputs(client, run_id, model, spec, prepared, history, spacing)
-        tracking.log_metrics(client, run_id, {"best/val_dice": state.best_dice, "best/epoch": state.best_epoch + 1})
-        print(f"segx: {run_name}: best val/dice {state.best_dice:.4f} at epoch {state.best_epoch + 1}", flush=True)
+        final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing)
+        tracking.log_metrics(client, run_id, {keys.BEST_VAL_DICE: state.best_dice, keys.BEST_EPOCH: state.best_epoch + 1})
+        print(f"segx: {run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
+              f"val/dice {final_scores.get(keys.VAL_DICE, float('nan')):.4f} on whole images at their own size", flush=True)  # fmt: skip
     # Finished: the logged model is the member; the resumable checkpoint (weights and optimizer
     # state, several times the model's size) is only for runs that did not finish.
     import shutil
@@ -410,7 +412,7 @@ def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -
     return f"the checkpoint is kept in {folder}; once the server answers, continue with: {command}"
 
 
-def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> None:
+def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> dict[str, float]:
     """Model, cached probabilities, final metrics and figures, as artifacts of the run.
 
     Validation and test cases are predicted whole, at each image's own size, the way the member
@@ -455,9 +457,8 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
             probs = by_mode["none"]  # the member's own metrics and figure: no TTA
             pred = probs.like(probs.flat >= 128)
             scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
-            final.update({f"final/{role}_{k}": float(v.mean()) for k, v in scores.items()})
-            if role == "test":  # the ensemble's names too, so one chart shows an ensemble beside its members
-                final.update({f"test/{k}": float(v.mean()) for k, v in scores.items()})
+            # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
+            final.update({keys.final(role, k): float(v.mean()) for k, v in scores.items()})
             if role == "val":
                 plots.plot_cases(
                     Ragged.from_list(previews, np.uint8), masks[: len(previews)], {"prediction": pred[: len(previews)]}, stems,
@@ -469,12 +470,13 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
             plots.plot_curves(full, tmp / "plots" / "curves.png")
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
+    return final
 
 
 def _history_from_store(client, run_id) -> dict[str, list[float]]:
     """Whole per-epoch history (a resumed run holds epochs from before the interruption)."""
     out = {}
-    for key in ("train/loss", "val/dice", "val/iou", "train/dice"):
+    for key in map(keys.curve, ("train/loss", "val/loss", "val/dice", "val/iou", "train/dice", "lr")):
         values = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if values:
             out[key] = [m.value for m in values]
