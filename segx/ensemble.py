@@ -153,13 +153,13 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tags["segx.overrides"] = json.dumps(own)
         tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
     labels = unique_labels(members)
-    weights_text = ", ".join(f"{label}={w:.3g}" for label, w in zip(labels, found["weights"], strict=True))
-    note = (f"segx ensemble of {len(members)} members ({weights_text}; threshold {record['threshold']}; "
-            f"post-processing {found['postprocess'].describe()}), chosen on validation by {cfg.ensemble.search} "
-            f"search ('{found['chosen'].name}' won). Test Dice {summary.loc['ensemble', 'dice_mean']:.4f}; ensemble "
-            f"minus best member {gain['diff']:+.4f} [95% CI {gain['low']:+.4f}, {gain['high']:+.4f}]. "
-            "Rebuild: python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...")  # fmt: skip
+    note = _description(members, labels, found, record, summary, validation, gain, experiment, str(cfg.ensemble.search),
+                        tags.get("segx.reproduce"))  # fmt: skip
     run_id = tracking.start_run(client, experiment, run_name, tags, note)
+    for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
+        for member_run in [m.run_id, *m.folds]:
+            used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
+            tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": OmegaConf.to_container(cfg.ensemble, resolve=True)}))
@@ -179,22 +179,21 @@ def build_ensemble(cfg: DictConfig) -> dict:
         if found["postprocess_results"]:
             pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found["postprocess_results"]]).to_csv(
                 tmp / "tables" / "val_postprocess.csv", index=False)
-        plot_ensemble(tmp / "plots", members, found, preds, per_case)
+        plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
         member_runs = [f for m in members for f in (m.folds or [m.run_id])]
         tracking.link_models(client, run_id, [client.get_run(r).data.tags.get("segx.logged_model_id", "") for r in member_runs])
         for name in ("ensemble.json", "tables", "plots"):
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
-        # Not val/dice: members log their per-epoch curve there, and one ensemble point at step 0
-        # would sit on their charts as a stray dot.
-        metrics = {"search/val_dice": found["val_dice"], "search/seconds": found["search_seconds"],
+        # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
+        # chart for members and ensembles; every method of the test table under by_method/.
+        ours = summary.loc["ensemble"]
+        metrics = {"val/dice": found["val_dice"], "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
+                   "test/hd95": ours["hd95_mean"], "search/seconds": found["search_seconds"],
                    "search/kept_pixel_fraction": found["kept_fraction"]}  # fmt: skip
         for method, row in summary.iterrows():
             key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
-            metrics[f"test/{key}/dice"] = row["dice_mean"]
-            metrics[f"test/{key}/iou"] = row["iou_mean"]
-            metrics[f"test/{key}/hd95"] = row["hd95_mean"]
-        metrics["test/dice"] = summary.loc["ensemble", "dice_mean"]
+            metrics.update({f"by_method/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
         metrics.update({"test/gain_vs_best_member": gain["diff"], "test/gain_ci_low": gain["low"],
                         "test/gain_ci_high": gain["high"], "selection/optimism": gain["ensemble_optimism"],
                         "selection/best_member_optimism": gain["best_member_optimism"]})  # fmt: skip
@@ -207,6 +206,38 @@ def build_ensemble(cfg: DictConfig) -> dict:
     record["run_id"] = run_id
     print_report(record, members, validation, summary, found, gain)
     return record
+
+
+def _g(value: float) -> str:
+    """Four significant digits, as the run's description shows every score."""
+    return f"{value:.4g}"
+
+
+def _description(members, labels, found, record, summary, validation, gain, experiment: str, search: str,
+                 reproduce: str | None) -> str:  # fmt: skip
+    """The ensemble run's description (Markdown, as MLflow renders it): each member linked to its
+    run, with its weight and its validation and test Dice beside the ensemble's; the gain over the
+    best member with its interval; how to predict with it and how to reproduce it."""
+    val = dict(zip(validation["method"], validation["val_dice"], strict=True))
+    rows = ["| member | run | weight | val Dice | test Dice |", "|---|---|---|---|---|"]
+    for m, label, w in zip(members, labels, found["weights"], strict=True):
+        rows.append(f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
+                    f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |")  # fmt: skip
+    rows.append(f"| **ensemble** ({found['chosen'].name}) | | | **{_g(found['val_dice'])}** | "
+                f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |")  # fmt: skip
+    verdict = "the gain is real" if gain["low"] > 0 else "the ensemble is worse" if gain["high"] < 0 else "not shown to be better"
+    lines = [
+        f"**segx ensemble** of {len(members)} members, chosen on validation by {search} search; threshold "
+        f"{record['threshold']}, post-processing {found['postprocess'].describe()}. Validation: members at their own "
+        "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
+        "", *rows, "",
+        f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
+        f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {verdict}.",
+        "", "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
+    ]  # fmt: skip
+    if reproduce:
+        lines += ["", f"Reproduce: `{reproduce}`"]
+    return "\n".join(lines)
 
 
 def _experiment_choice() -> str | None:

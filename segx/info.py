@@ -29,7 +29,8 @@ def describe(client, run_id: str) -> str:
         lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     if tags.get("segx.role") == "member":
         lines.append(f"  member: backbone {tags.get('segx.backbone')}  arch {tags.get('segx.arch')}  "
-                     f"best val/dice {run.data.metrics.get('best/val_dice', float('nan')):.4f}")  # fmt: skip
+                     f"val/dice {run.data.metrics.get('val/dice', float('nan')):.4f} (whole images, own size), best epoch "
+                     f"{run.data.metrics.get('curves/best_epoch', float('nan')):.0f}")  # fmt: skip
         if params:
             from segx.ensembling.members import view_of
             from segx.inference.view import View
@@ -109,7 +110,7 @@ def _ensemble_lines(client, run) -> list[str]:
         lines.append(f"    {label:<28} {run_ids.get(i, '?'):<34} weight {weight:<8.4g} val {_f(val, 'member:' + label)}  "
                      f"test {_f(test, 'member:' + label)}")  # fmt: skip
     lines.append(f"    {'ensemble (' + params.get('chosen.method', '?') + ')':<63} {'':<15} "
-                 f"val {_num(metrics.get('val/dice', metrics.get('search/val_dice')))}  test {_num(metrics.get('test/dice'))}")  # fmt: skip
+                 f"val {_num(metrics.get('val/dice'))}  test {_num(metrics.get('test/dice'))}")  # fmt: skip
     gain = tables["gain"].iloc[0].to_dict() if tables["gain"] is not None else None
     if gain:
         lines.append(f"  ensemble minus best member ({gain['best_member']}), test Dice: {gain['diff']:+.4f} "

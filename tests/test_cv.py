@@ -113,7 +113,7 @@ def test_fold_runs_nest_under_a_parent_with_the_cv_summary(cv_store):
         assert parent.info.status == "FINISHED"
         # The out-of-fold Dice: every training case once, each from the fold model that held it out.
         n = [int(c.data.params["data.n_val"]) for c in children]
-        d = [c.data.metrics["final/val_dice"] for c in children]
+        d = [c.data.metrics["val/dice"] for c in children]
         assert parent.data.metrics["cv/oof_dice"] == pytest.approx(sum(a * b for a, b in zip(n, d, strict=True)) / sum(n))
         assert sum(n) == 12  # 16 cases, 4 in the test set, the rest in the two folds
         assert len({c.data.tags["segx.cv_fingerprint"] for c in children}) == 1

@@ -25,8 +25,21 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     names = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert {"tables/test_per_case.csv", "tables/test_summary.csv", "tables/val_summary.csv"} <= names
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/search.png", "plots/test_cases.png"}
-    assert "test/dice" in run.data.metrics and "search/val_dice" in run.data.metrics
-    assert "val/dice" not in run.data.metrics  # the members' per-epoch curve, not the ensemble's
+    # One key per meaning, the members' keys (segx/metric_keys.py): one chart compares them all.
+    member_runs = [client.get_run(r) for r in runs.values()]
+    for key in ("val/dice", "test/dice", "test/iou", "test/hd95"):
+        assert key in run.data.metrics and all(key in m.data.metrics for m in member_runs), key
+        assert all(len(client.get_metric_history(r.info.run_id, key)) == 1 for r in [run, *member_runs]), key
+    assert run.data.metrics["val/dice"] == ensemble_record["val_dice"]
+    per_epoch = [k for k in member_runs[0].data.metrics if len(client.get_metric_history(member_runs[0].info.run_id, k)) > 1]
+    assert per_epoch and all(k.startswith(("curves/", "time/", "system/")) for k in per_epoch), per_epoch
+    assert not any(k.startswith(("final/", "best/")) or k == "val/best_dice" for r in [run, *member_runs] for k in r.data.metrics)
+    # The description links to each member run; each member names the ensembles that use it.
+    note = run.data.tags["mlflow.note.content"]
+    experiment = run.info.experiment_id
+    for backbone, member_id in runs.items():
+        assert f"](#/experiments/{experiment}/runs/{member_id})" in note and f"{backbone}-unet" in note
+        assert run.info.run_id in client.get_run(member_id).data.tags["segx.ensembles"].split(",")
     versions = client.search_model_versions("name='segx-test-ensemble'")
     assert [v.run_id for v in versions] == [run.info.run_id]  # registered in the model registry
 
@@ -77,6 +90,37 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     masks = model.predict(batch)
     expected = cv2.imread(str(tmp_path / "pred" / "masks" / "small.png"), cv2.IMREAD_UNCHANGED) > 0
     assert masks.shape == (1, 64, 64) and np.array_equal(masks[0].astype(bool), expected)
+
+
+def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member_store, synthetic_root, tmp_path):
+    """mlflow.pyfunc.load_model on a member's logged model: masks at the image's own size, the
+    member's own cached test predictions (threshold 0.5), pixel for pixel."""
+    import mlflow
+
+    from segx.data.folder import discover_cases
+    from segx.data.io import read_image
+    from segx.ensembling.probs import load_cached
+
+    out, runs = member_store
+    uri = f"sqlite:///{out}/mlflow.db"
+    client = tracking.connect(uri)
+    run_id = runs["resnet18"]
+    model_id = client.get_run(run_id).data.tags["segx.logged_model_id"]
+    logged = client.get_logged_model(model_id)
+    assert logged.status.to_int() == 2 or str(logged.status).endswith("READY")
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    cached = load_cached(tracking.download(client, run_id, "predictions/test.npz", tmp_path / "c"), tmp_path / "c")
+    files = {c.stem: c.image for c in discover_cases(synthetic_root)}
+    images = [read_image(files[stem]) for stem in cached.stems]
+    masks = model.predict(np.stack(images))  # its signature: one uint8 batch (N, H, W, 3) per call
+    assert len(masks) == len(images)
+    for mask, probs, image in zip(masks, cached.probs, images, strict=True):
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert np.array_equal(mask.astype(bool), probs >= 128)
+    odd = cv2.resize(images[0], (70, 50))
+    (mask,) = model.predict(np.stack([odd]))
+    assert mask.shape == (50, 70)
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])

@@ -26,7 +26,7 @@ def test_a_job_writes_its_log_in_its_hydra_folder(tmp_path, synthetic_root):
     assert result.returncode == 0, result.stderr[-2000:]
     (log,) = (tmp_path / "hydra").glob("*-train/train.log")
     text = log.read_text()
-    assert "segx: member run" in text and "best val/dice" in text  # what the console showed
+    assert "segx: member run" in text and "best epoch" in text  # what the console showed
     bad = run(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root), "trainer.epochs=0"])
     assert bad.returncode == 2
     logs = sorted((tmp_path / "hydra").glob("*-train/train.log"))
@@ -135,5 +135,5 @@ def test_debug_run_and_an_optuna_search_on_a_tiny_problem(tmp_path, synthetic_ro
     assert len(runs) == 2
     (results,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")
     text = results.read_text()
-    best = max(r.data.metrics["best/val_dice"] for r in runs)
+    best = max(r.data.metrics["curves/best_val_dice"] for r in runs)
     assert "best_value" in text and f"{best:.6f}"[:6] in text  # Optuna maximised what the runs logged

@@ -55,7 +55,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     train_member(cfg)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["segx.resumed"] == "true"
-    steps = sorted({m.step for m in client.get_metric_history(run_id, "val/dice")})
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "curves/val_dice")})
     assert steps == list(range(1, 7))  # epochs 1..6 before and after the kill, in one run
     # Killed, the checkpoint was kept (it resumed from it); finished, it is removed: the logged
     # model is the member, and checkpoints carry optimizer state several times its size.
@@ -133,7 +133,7 @@ def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synt
         scores.append(train_member(cfg))
         splits.append(sorted(p.read_text() for p in (out / "splits").glob("*.json")))
         client, runs = runs_in(out, status="FINISHED")
-        curves.append([(m.step, m.value) for key in ("train/loss", "val/dice")
+        curves.append([(m.step, m.value) for key in ("curves/train_loss", "curves/val_dice")
                        for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)])  # fmt: skip
     assert splits[0] == splits[1]
     # trainer.deterministic=true (the default) promises the same numbers, not close ones.
@@ -185,7 +185,7 @@ def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_wit
     run_id = None
     while time.time() < deadline and proc.poll() is None and run_id is None:
         client, runs = runs_in(tmp_path, status="RUNNING")
-        run_id = next((r.info.run_id for r in runs if client.get_metric_history(r.info.run_id, "val/dice")), None)
+        run_id = next((r.info.run_id for r in runs if client.get_metric_history(r.info.run_id, "curves/val_dice")), None)
         time.sleep(0.2)
     assert run_id, "no epoch was logged in time"
     proc.send_signal(signal.SIGTERM)
@@ -196,7 +196,7 @@ def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_wit
     train_member(compose_config("train", [*overrides, "resume=auto"]))
     _, runs = runs_in(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]  # continued, not restarted
-    for key in ("val/dice", "train/loss"):
+    for key in ("curves/val_dice", "curves/train_loss"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4, 5], key
 
 

@@ -216,8 +216,8 @@ def best_val_dice(out: Path) -> tuple[float, float, str]:
     client, runs = member_runs(out)
     (run,) = runs
     assert run.info.status == "FINISHED"
-    loss = client.get_metric_history(run.info.run_id, "train/loss")[0].value
-    return run.data.metrics["best/val_dice"], loss, run.data.tags["segx.devices"]
+    loss = client.get_metric_history(run.info.run_id, "curves/train_loss")[0].value
+    return run.data.metrics["curves/best_val_dice"], loss, run.data.tags["segx.devices"]
 
 
 def test_mirrored_strategy_on_two_cpu_devices_trains_like_one_device(tmp_path, synthetic_root):

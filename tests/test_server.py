@@ -215,7 +215,7 @@ def _wait_for_first_epoch(client, job: subprocess.Popen, timeout: float = 900) -
         assert job.poll() is None, job.communicate()[0][-4000:]
         experiment = client.get_experiment_by_name("segx")
         runs = tracking.find_runs(client, experiment.experiment_id, "member", status=None) if experiment else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val/dice"):
+        if runs and client.get_metric_history(runs[0].info.run_id, "curves/val_dice"):
             return runs[0].info.run_id
         time.sleep(0.2)
     raise AssertionError("the member logged no epoch in time")
@@ -240,9 +240,9 @@ def test_member_keeps_training_while_the_server_restarts_and_loses_no_epoch(tmp_
         assert f"did not take run {run_id}'s metrics" in out, "the outage fell after training: use longer epochs"
         client = tracking.connect(uri, create=False)
         assert client.get_run(run_id).info.status == "FINISHED"
-        history = sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(run_id, "curves/val_dice"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(1, epochs + 1))  # every epoch, at its own step
-        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(1, epochs + 1))
+        assert [m.step for m in client.get_metric_history(run_id, "curves/train_loss")] == list(range(1, epochs + 1))
     assert not (tmp_path / "client" / "checkpoints" / run_id).exists()  # finished: checkpoint removed
 
 
@@ -269,6 +269,6 @@ def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = tracking.connect(uri, create=False)
         assert client.get_run(run_id).info.status == "FINISHED"
-        history = sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(run_id, "curves/val_dice"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(1, epochs + 1))  # the kept epochs were sent on resume
     assert not checkpoint.exists()

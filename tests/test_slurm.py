@@ -51,7 +51,7 @@ def _preempt_first_job_after_its_first_epoch(uri: str, sweep: subprocess.Popen, 
             runs = []
         for run in runs:
             job = run.data.tags.get("segx.slurm_job_id")
-            if run.info.status == "RUNNING" and job and client.get_metric_history(run.info.run_id, "val/dice"):
+            if run.info.status == "RUNNING" and job and client.get_metric_history(run.info.run_id, "curves/val_dice"):
                 # scancel keeps retrying ("job can not be altered now") once submitit has requeued
                 # the job on the first delivery: the signal is out by then, stop waiting for it.
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -105,7 +105,7 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
         # epoch once, the same SLURM job ID, marked resumed.
         run = client.get_run(preempted)
         assert run.data.tags.get("segx.resumed") == "true" and run.data.tags["segx.slurm_job_id"] == job
-        steps = sorted(m.step for m in client.get_metric_history(preempted, "val/dice"))
+        steps = sorted(m.step for m in client.get_metric_history(preempted, "curves/val_dice"))
         assert steps == list(range(1, 7)), steps
         assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # proxied, not a local path
         (results,) = out.glob("multirun/*/segx_results.jsonl")

@@ -35,19 +35,18 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     assert tags["segx.role"] == "member" and tags["segx.backbone"] == "resnet18"
     assert tags["segx.arch"] == "unet" and len(tags["segx.data_fingerprint"]) == 16
     assert tags["segx.git_sha"] and tags["segx.pkg.tensorflow"].startswith("2.")
-    for key in ("train/loss", "val/dice", "val/iou"):
+    for key in ("curves/train_loss", "curves/val_loss", "curves/val_dice", "curves/val_iou", "curves/lr"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key  # one point per epoch, counted from 1 as Keras prints
-    best_step = max(client.get_metric_history(run.info.run_id, "val/dice"), key=lambda m: (m.value, -m.step)).step
-    assert run.data.metrics["best/epoch"] == best_step  # one convention for "which epoch"
+    best_step = max(client.get_metric_history(run.info.run_id, "curves/val_dice"), key=lambda m: (m.value, -m.step)).step
+    assert run.data.metrics["curves/best_epoch"] == best_step  # one convention for "which epoch"
     # The best epoch's weights are restored: the Dice of the cached validation probabilities
-    # (what the ensemble searches on) is the best per-epoch val/dice, not the last epoch's.
-    curve = [m.value for m in client.get_metric_history(run.info.run_id, "val/dice")]
-    assert run.data.metrics["best/val_dice"] == max(curve)
-    assert run.data.metrics["final/val_dice"] == pytest.approx(max(curve), abs=1e-9)
-    # Test results under the ensemble's names too (one chart: ensemble beside its members).
-    assert run.data.metrics["test/dice"] == run.data.metrics["final/test_dice"]
-    assert {"test/iou", "test/hd95"} <= set(run.data.metrics)
+    # (what the ensemble searches on, val/dice) is the best per-epoch Dice, not the last epoch's
+    # (here equal: 64 px images are the model's input size).
+    curve = [m.value for m in client.get_metric_history(run.info.run_id, "curves/val_dice")]
+    assert run.data.metrics["curves/best_val_dice"] == max(curve)
+    assert run.data.metrics["val/dice"] == pytest.approx(max(curve), abs=1e-9)
+    assert {"test/dice", "test/iou", "test/hd95", "val/iou"} <= set(run.data.metrics)
     artifacts = {a.path for top in ("", "model", "predictions", "plots", "split") for a in client.list_artifacts(run.info.run_id, top or None)}
     for path in ("config.yaml", "augmentation.json", "model/weights.h5", "model/spec.json", "model/model.keras",
                  "predictions/val.npz", "predictions/test.npz", "plots/curves.png", "plots/val_cases.png"):  # fmt: skip
@@ -92,8 +91,8 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
                                    f"trainer.early_stopping.patience={patience}", "trainer.early_stopping.min_delta=0.99"])  # fmt: skip
     train_member(cfg)
     client, (run,) = member_runs(tmp_path, "FINISHED")
-    ran = len(client.get_metric_history(run.info.run_id, "val/dice"))
-    best_epoch = int(run.data.metrics["best/epoch"])
+    ran = len(client.get_metric_history(run.info.run_id, "curves/val_dice"))
+    best_epoch = int(run.data.metrics["curves/best_epoch"])
     assert ran == best_epoch + patience < epochs
 
 
@@ -105,11 +104,12 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_amo
                                    "trainer.early_stopping.patience=0"])  # fmt: skip
     train_member(cfg)
     client, (run,) = member_runs(tmp_path, "FINISHED")
-    steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in ("val/dice", "train/loss", "time/validation_s")}
-    assert sorted(steps["val/dice"]) == [2, 4, 5]
-    assert sorted(steps["train/loss"]) == sorted(steps["time/validation_s"]) == [1, 2, 3, 4, 5]
-    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/dice")}
-    assert run.data.metrics["best/epoch"] in curve and run.data.metrics["best/val_dice"] == max(curve.values())
+    keys = ("curves/val_dice", "curves/val_loss", "curves/train_loss", "time/validation_s")
+    steps = {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in keys}
+    assert sorted(steps["curves/val_dice"]) == sorted(steps["curves/val_loss"]) == [2, 4, 5]
+    assert sorted(steps["curves/train_loss"]) == sorted(steps["time/validation_s"]) == [1, 2, 3, 4, 5]
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curves/val_dice")}
+    assert run.data.metrics["curves/best_epoch"] in curve and run.data.metrics["curves/best_val_dice"] == max(curve.values())
 
 
 @pytest.mark.parametrize(

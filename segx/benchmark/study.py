@@ -143,10 +143,10 @@ class Study:
                 run = tracking.find_runs(client, experiment, "member", "FINISHED", {"segx.config_hash": identity})[0]
                 tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": time.perf_counter() - started})
             run = client.get_run(run.info.run_id)
-            history = client.get_metric_history(run.info.run_id, "val/dice")
+            history = client.get_metric_history(run.info.run_id, "curves/val_dice")
             members.append({
                 "backbone": backbone, "run_id": run.info.run_id,
-                "best_val_dice": run.data.metrics.get("best/val_dice"),
+                "best_val_dice": run.data.metrics.get("curves/best_val_dice"),
                 "epochs_run": len(history),
                 "train_seconds": run.data.metrics.get("bench/train_seconds"),
             })  # fmt: skip

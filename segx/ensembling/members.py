@@ -119,7 +119,11 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
         out_probs[j][...] = fold_vals[k].probs[i]
         out_masks[j][...] = fold_vals[k].masks[i]
     probs.flush()
-    previews = fold_vals[0].previews
+    # Thumbnails of every case (segx >= 0.3) follow their cases; older caches held only a few.
+    if all(len(c.previews) == len(c.stems) for c in fold_vals):
+        previews = Ragged.from_list([fold_vals[where[s][0]].previews[where[s][1]] for s in stems], np.uint8)
+    else:
+        previews = Ragged(np.zeros((0, 3), np.uint8), np.zeros((0, 2), np.int64))
     return Cached(stems, out_probs, out_masks, previews)
 
 

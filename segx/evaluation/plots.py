@@ -25,6 +25,38 @@ def _contours(image: np.ndarray, true: np.ndarray | None, pred: np.ndarray | Non
     return out
 
 
+PREVIEW_SIDE = 128  # thumbnails that members cache of every case, for figures
+
+
+def thumbnail(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """uint8 (h, w, 3) copy of an RGB image with its longer side at most ``side`` pixels."""
+    h, w = image.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    if scale == 1.0:
+        return np.ascontiguousarray(image, np.uint8)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(np.asarray(image, np.uint8), size, interpolation=cv2.INTER_AREA)
+
+
+def pick_cases(scores: np.ndarray, k: int = 4) -> tuple[list[int], list[str]]:
+    """Which cases a figure shows: the worst half of ``k`` by ``scores`` (lowest first) and the
+    rest nearest the median (typical ones); returns (indices, labels such as "worst 1", "median")."""
+    scores = np.asarray(scores, np.float64)
+    order = np.argsort(scores, kind="stable")
+    k = min(k, len(scores))
+    worst = [int(i) for i in order[: (k + 1) // 2]]
+    median = float(np.median(scores)) if len(scores) else 0.0
+    typical = [int(i) for i in np.argsort(np.abs(scores - median), kind="stable") if int(i) not in worst][: k - len(worst)]
+    return worst + typical, [f"worst {n + 1}" for n in range(len(worst))] + ["typical"] * len(typical)
+
+
+def _at(mask: np.ndarray | None, shape) -> np.ndarray | None:
+    """A mask drawn over a thumbnail: nearest-neighbour to the thumbnail's size."""
+    if mask is None or mask.shape[:2] == tuple(shape[:2]):
+        return mask
+    return cv2.resize(np.asarray(mask, np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
 def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None) -> np.ndarray:
     """RGB image with the predicted contour in red (and the true one in green)."""
     return _contours(image, true, pred)
@@ -39,20 +71,38 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
-    """Loss and validation metrics per epoch."""
-    keys_loss = [k for k in history if k.endswith("loss")]
-    keys_score = [k for k in history if k in ("val/dice", "val/iou", "train/dice", "train/iou")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, keys, title in ((axes[0], keys_loss, "loss"), (axes[1], keys_score, "score")):
+def plot_curves(
+    history: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
+    best_epoch: int | None = None,
+    validation: str = "validation split",
+) -> Path:
+    """Per-epoch curves: losses (training and validation), Dice and IoU, the learning rate.
+
+    ``history``: metric key (``curves/train_loss``, ...) -> (epoch from 1, value) pairs; validation
+    curves may skip epochs (``trainer.val_every``). ``best_epoch``: the epoch whose weights were
+    kept, marked on every panel. ``validation`` names what the validation curves were computed on.
+    """
+    panels = (
+        ("loss", [k for k in history if k.endswith("loss")], False),
+        ("Dice, IoU (threshold 0.5)", [k for k in history if k.endswith(("_dice", "_iou"))], False),
+        ("learning rate", [k for k in history if k.endswith("/lr")], True),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, (title, keys, log_scale) in zip(axes, panels, strict=True):
         for key in keys:
-            values = history[key]
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=key)
+            steps, values = zip(*history[key], strict=True) if history[key] else ((), ())
+            ax.plot(steps, values, marker="o", ms=3, label=key.split("/", 1)[-1].replace("_", " "))
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.3", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
+        if log_scale and keys and all(v > 0 for k in keys for _, v in history[k]):
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if keys:
-            ax.legend()
+        if keys or best_epoch is not None:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"training curves; validation: {validation}", fontsize=10)
     return _save(fig, path)
 
 
@@ -64,20 +114,26 @@ def plot_cases(
     path: str | os.PathLike,
     scores: Mapping[str, np.ndarray] | None = None,
     n: int = 4,
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
-    """Grid: one row per case, one column per prediction; true contour green, predicted red."""
+    """Grid: one row per case, one column per prediction; true contour green, predicted red.
+    ``title`` says which split (and which cases) the figure shows; ``row_labels`` (one per row,
+    e.g. "worst", "median") are printed beside each case's name."""
     n = min(n, len(images))
     names = list(preds)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n), squeeze=False)
     for row in range(n):
         for col, name in enumerate(names):
             ax = axes[row][col]
-            ax.imshow(_contours(images[row], true[row], preds[name][row]))
+            image = images[row]
+            ax.imshow(_contours(image, _at(true[row], image.shape), _at(preds[name][row], image.shape)))
             title = name if row == 0 else ""
             if scores is not None and name in scores:
                 title = f"{title}\nDice {scores[name][row]:.3f}".strip()
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
-        axes[row][0].text(-2, images[row].shape[0] // 2, stems[row], rotation=90, va="center", ha="right", fontsize=7)
-    fig.suptitle("green: ground truth, red: prediction", fontsize=9)
+        label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
+        axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
+    fig.suptitle(f"{title + ' - ' if title else ''}green: ground truth, red: prediction", fontsize=9)
     return _save(fig, path)

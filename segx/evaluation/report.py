@@ -119,34 +119,51 @@ def val_table(members: list[Member], found: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict, per_case: pd.DataFrame) -> None:
+def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict, per_case: pd.DataFrame,
+                  preview_cases: int = 4) -> None:
     """folder/search.png (the search's progress against the baselines) and folder/test_cases.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from segx.evaluation.plots import plot_cases
+    from segx.evaluation.plots import pick_cases, plot_cases
 
     history = found["searched"].history
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["val_dice"] for h in history], marker=".", lw=1)
-    for b in found["baselines"]:
-        ax.axhline(b.val_dice, ls=":", lw=0.8)
+    searched, chosen = found["searched"].best, found["chosen"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    steps, values = [h["step"] for h in history], [h["val_dice"] for h in history]
+    ax.plot(steps, values, marker=".", lw=1, color="C0", label=f"{searched.name.split(':')[0]} search: each candidate")
+    for i, b in enumerate(found["baselines"]):
+        name = "equal weights" if i == len(found["baselines"]) - 1 else b.name.removeprefix("member:")
+        ax.axhline(b.val_dice, ls=":", lw=1, color=f"C{i + 1}", label=f"{name} ({b.val_dice:.4f})")
+    ax.axhline(found["majority_val_dice"], ls="-.", lw=0.8, color="0.5", label=f"majority vote ({found['majority_val_dice']:.4f})")
+    # The chosen point: a search candidate where the search won, else on the line of the baseline that did.
+    at = next((h["step"] for h in history if h["val_dice"] == chosen.val_dice), steps[-1] if steps else 0)
+    ax.plot([at], [chosen.val_dice], marker="*", ms=14, color="crimson", ls="none",
+            label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}, threshold {chosen.threshold})")  # fmt: skip
     ax.set_xlabel("search step / candidate")
-    ax.set_ylabel("validation Dice")
-    ax.set_title(f"{found['searched'].best.name} search (dotted: members and equal weights)")
+    ax.set_ylabel("validation Dice (whole images, own size)")
+    ax.set_title("validation split: the ensemble search against its members", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(folder / "search.png", dpi=100)
     plt.close(fig)
     test = members[0].test
-    k = min(len(test.previews), 4)
-    if k:
-        names = [n for n in preds if n.startswith("member:")] + ["ensemble"]
-        scores = {n: per_case[per_case.method == n]["dice"].to_numpy()[:k] for n in names}
-        plot_cases(test.previews[:k], test.masks[:k], {n: preds[n][:k] for n in names}, test.stems[:k],
-                   folder / "test_cases.png", scores, n=k)
+    names = [n for n in preds if n.startswith("member:")] + ["ensemble"]
+    scores = {n: per_case[per_case.method == n]["dice"].to_numpy() for n in names}
+    if len(test.previews) == len(test.stems):  # a thumbnail of every case: the worst and typical by the ensemble's Dice
+        shown, labels = pick_cases(scores["ensemble"], preview_cases)
+        what = f"worst and typical of {len(test.stems)} cases by the ensemble's Dice"
+    else:  # members of segx before 0.3 cached the first four cases only
+        shown, labels = list(range(min(len(test.previews), preview_cases))), None
+        what = f"the first {min(len(test.previews), preview_cases)} of {len(test.stems)} cases"
+    if shown:
+        plot_cases([test.previews[i] for i in shown], [test.masks[i] for i in shown],
+                   {n: [preds[n][i] for i in shown] for n in names}, [test.stems[i] for i in shown],
+                   folder / "test_cases.png", {n: s[shown] for n, s in scores.items()}, n=len(shown),
+                   title=f"test split (never seen by the search): {what}", row_labels=labels)  # fmt: skip
 
 
 def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:

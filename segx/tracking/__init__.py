@@ -735,37 +735,35 @@ def system_metrics(run_id: str, tracking_uri: str, enabled: bool, interval: floa
 
 
 def _image_signature():
-    """uint8 images (N, H, W, 3) of any size in; float32 probabilities (N, H, W) out."""
+    """uint8 images (N, H, W, 3) of any size in; uint8 masks {0, 1} (N, H, W) out."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
     return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]))  # fmt: skip
+                          Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))  # fmt: skip
 
 
-def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: str, params: Mapping[str, Any], example_size: int) -> str:
+def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: str, params: Mapping[str, Any],
+                     member: Mapping[str, Any]) -> str:  # fmt: skip
     """The member as an MLflow 3 logged model (the UI's Models tab, linked to its run as an
-    output), with a signature and an input example. Its weights are not copied: the logged model
-    points at the run's ``model`` artifact (tag ``segx.model_artifact``), which segx loads."""
-    import numpy as np
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import Model
+    output) with a signature, that ``mlflow.pyfunc.load_model("models:/<id>")`` loads and that
+    predicts masks at each image's own size (segx/tracking/pyfunc_model.py). Its weights are not
+    copied: the model reads the run's ``model`` artifact (tag ``segx.model_artifact``).
+    ``member``: backbone, arch and view, as an ensemble record names a member."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from segx.tracking.pyfunc_model import log_member_pyfunc
 
     model = client.create_logged_model(
         experiment, name=name, source_run_id=run_id, model_type="segx-member",
         params={k: str(v) for k, v in params.items()}, tags={"segx.model_artifact": f"runs:/{run_id}/model"},
     )  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="segx-model-") as tmp:
-        info = Model(model_id=model.model_id, run_id=run_id, signature=_image_signature())
-        example = np.zeros((1, example_size, example_size, 3), np.uint8).tolist()
-        (Path(tmp) / "input_example.json").write_text(json.dumps(example))
-        info.saved_input_example_info = {"artifact_path": "input_example.json", "type": "json_object"}
-        info.save(str(Path(tmp) / "MLmodel"))
-        (Path(tmp) / "README.txt").write_text(f"segx member: weights and spec are the artifact runs:/{run_id}/model\n")
-        client.log_model_artifacts(model.model_id, tmp)
-    client.finalize_logged_model(model.model_id, "READY")
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    log_member_pyfunc(model.model_id, run_id, dict(member), _image_signature())
+    if client.get_logged_model(model.model_id).status != LoggedModelStatus.READY:
+        client.finalize_logged_model(model.model_id, "READY")
+    if not any(o.model_id == model.model_id for o in (client.get_run(run_id).outputs.model_outputs or [])):
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
     client.set_tag(run_id, "segx.logged_model_id", model.model_id)
     return model.model_id
 

@@ -97,7 +97,7 @@ def update_summary(client, experiment: str, parent_id: str) -> dict:
     missing = [f for f in range(folds) if f not in runs]
     metrics, cases, weighted = {}, 0, 0.0
     for fold, run in sorted(runs.items()):
-        dice = run.data.metrics.get("final/val_dice")
+        dice = run.data.metrics.get("val/dice")
         n_val = int(run.data.params.get("data.n_val", 0))
         if dice is None:
             continue

@@ -1,15 +1,21 @@
-"""The ensemble as an MLflow pyfunc model ("models from code": nothing is pickled).
+"""The ensemble, and each member, as an MLflow pyfunc model ("models from code": nothing is pickled).
 
     model = mlflow.pyfunc.load_model("runs:/<ensemble_run_id>/pyfunc")
+    model = mlflow.pyfunc.load_model("models:/<member's logged model ID>")   # one member
     masks = model.predict(images)   # uint8 (N, H, W, 3) or a list of images -> uint8 masks {0, 1}
 
-MLflow runs this file to get the model; TensorFlow is imported only when it is loaded.
+Both predict at each image's own size, as ``segx.predict`` does. The ensemble's model carries its
+members' weights; a member's model is a one-member record whose weights stay in the member run's
+``model`` artifact (not copied a second time into the store) and are fetched from the tracking
+store the loader points at. MLflow runs this file to get the model; TensorFlow is imported only
+when it is loaded.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -28,12 +34,34 @@ try:
 
             with open(context.artifacts["record"]) as fh:
                 record = json.load(fh)
+            if "member0" not in context.artifacts and "member0_fold0" not in context.artifacts:
+                context_paths = self._fetch_members(record)  # a member's model: weights from its run
+            else:
+                context_paths = context.artifacts
             paths = [
-                [context.artifacts[f"member{i}_fold{k}"] for k in range(len(m["folds"]))] if m.get("folds")
-                else context.artifacts[f"member{i}"]
+                [context_paths[f"member{i}_fold{k}"] for k in range(len(m["folds"]))] if m.get("folds")
+                else context_paths[f"member{i}"]
                 for i, m in enumerate(record["members"])
             ]  # fmt: skip
             self.predictor = EnsemblePredictor(record, paths)
+
+        def _fetch_members(self, record) -> dict:
+            """spec.json and weights.h5 of each member from its run, into a folder removed with the model."""
+            import shutil
+            import tempfile
+            import weakref
+            from pathlib import Path
+
+            folder = Path(tempfile.mkdtemp(prefix="segx-member-model-"))
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            paths = {}
+            for i, m in enumerate(record["members"]):
+                dst = folder / f"m{i}"
+                artifact = m.get("model_artifact", "model")
+                for name in ("spec.json", "weights.h5"):
+                    mlflow.artifacts.download_artifacts(run_id=m["run_id"], artifact_path=f"{artifact}/{name}", dst_path=str(dst))
+                paths[f"member{i}"] = str(dst)  # each file lands as dst/<name>
+            return paths
 
         def predict(self, context, model_input, params=None):
             """Masks as uint8 {0, 1}: an array (N, H, W) for an array input (N, H, W[, C]),
@@ -61,15 +89,14 @@ finally:
     warnings.showwarning = _show_warning
 
 mlflow.models.set_model(SegxEnsembleModel())
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole segx package travels with a model
 
 
 def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = None) -> str:
     """Log the ensemble under ``pyfunc/`` of ``run_id`` (and register it if a name is given)."""
     import tempfile
-    from pathlib import Path
 
     from segx import tracking
-    from segx.tracking.provenance import package_versions
 
     # The members are downloaded next to the record, copied into the store by log_model, and
     # the copies removed: an ensemble can be hundreds of MB, and /tmp is not ours to fill.
@@ -84,22 +111,45 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
                     artifacts[f"member{i}_fold{k}"] = str(tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact))
             else:
                 artifacts[f"member{i}"] = str(tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact))
-        versions = package_versions()
-        requirements = [f"{name}=={versions[name]}" for name in (
-            "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
-            "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
-        ) if versions.get(name, "missing") != "missing"]  # fmt: skip
-        package_dir = Path(__file__).resolve().parents[1]  # the whole segx package travels with the model
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="pyfunc",
                 python_model=str(Path(__file__).resolve()),
                 artifacts=artifacts,
-                code_paths=[str(package_dir)],
+                code_paths=[str(_PACKAGE_DIR)],
                 # No signature: MLflow's schema enforcement would refuse a list of images of different
                 # sizes, which predict() takes (its docstring says what goes in and out).
-                pip_requirements=requirements,
+                pip_requirements=_requirements(),
                 registered_model_name=register_name or None,
             )
     tracking.set_tags(client, run_id, {"segx.pyfunc_uri": info.model_uri})
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from segx.tracking.provenance import package_versions
+
+    versions = package_versions()
+    return [f"{name}=={versions[name]}" for name in (
+        "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
+        "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
+    ) if versions.get(name, "missing") != "missing"]  # fmt: skip
+
+
+def log_member_pyfunc(model_id: str, run_id: str, member: dict, signature) -> None:
+    """Make the member's logged model ``model_id`` a pyfunc model that loads and predicts at each
+    image's own size: a one-member record (weight 1, threshold 0.5, no post-processing, no TTA:
+    the member's own test metrics); the weights stay in the run's ``model`` artifact."""
+    import tempfile
+
+    record = {"format": "segx-ensemble", "version": 3, "threshold": 0.5, "tta": "none", "weight_denominator": 1,
+              "members": [{**member, "run_id": run_id, "weight": 1.0, "weight_count": 1}]}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="segx-pyfunc-") as tmp_dir:
+        path = Path(tmp_dir) / "member.json"
+        path.write_text(json.dumps(record, indent=2))
+        # No input example: MLflow would load the model (TensorFlow, the network) to check it.
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            mlflow.pyfunc.log_model(name="member", python_model=str(Path(__file__).resolve()), artifacts={"record": str(path)},
+                                    code_paths=[str(_PACKAGE_DIR)], pip_requirements=_requirements(), signature=signature,
+                                    model_id=model_id)  # fmt: skip

@@ -24,8 +24,8 @@ from starlette.responses import Response
 WORKFLOW_KEY = "mlflow.workflowType_v1"  # MLflow's useLocalStorage key: f"{key}_v{version}"
 DEFAULT_WORKFLOW = "machine_learning"
 _SCRIPT = (
-    "<script>try{if(localStorage.getItem('%s')===null)localStorage.setItem('%s',JSON.stringify('%s'))}"
-    "catch(e){}</script>" % (WORKFLOW_KEY, WORKFLOW_KEY, DEFAULT_WORKFLOW)
+    f"<script>try{{if(localStorage.getItem('{WORKFLOW_KEY}')===null)"
+    f"localStorage.setItem('{WORKFLOW_KEY}',JSON.stringify('{DEFAULT_WORKFLOW}'))}}catch(e){{}}</script>"
 ).encode()
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from segx import metric_keys as keys
 from segx.backend import keras, tf
 from segx.evaluation.metrics import dice_per_case, iou_per_case
-from segx import metric_keys as keys
 from segx.models import loss_value, predict_probs, preprocessing
 from segx.training.augment import SeededAugmenter
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from segx.config import ARCHS, require_choice, require_float, require_int
 from segx import metric_keys as keys
+from segx.config import ARCHS, require_choice, require_float, require_int
 from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
@@ -321,7 +321,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         extra = []
         if cfg.trainer.lr_schedule is not None:
             extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
-        history: dict[str, list[float]] = {}
+        history: dict[str, list[tuple[int, float]]] = {}  # key -> (epoch, value), for curves.png
 
         # A tracking server that goes away does not stop training: the epoch's metrics are kept
         # (also beside the checkpoint, for a resume) and sent with the next epoch's.
@@ -339,7 +339,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
                 return
             epoch_log.log(metrics, step)
             for key, value in metrics.items():
-                history.setdefault(key, []).append(value)
+                history.setdefault(key, []).append((step, value))
 
         from segx.training.fit import fit_member
 
@@ -382,7 +382,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         if cfg.trainer.get("precision") == "mixed_float16":
             spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
-        final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing)
+        final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing, state.best_epoch + 1)
         tracking.log_metrics(client, run_id, {keys.BEST_VAL_DICE: state.best_dice, keys.BEST_EPOCH: state.best_epoch + 1})
         print(f"segx: {run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
               f"val/dice {final_scores.get(keys.VAL_DICE, float('nan')):.4f} on whole images at their own size", flush=True)  # fmt: skip
@@ -412,7 +412,7 @@ def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -
     return f"the checkpoint is kept in {folder}; once the server answers, continue with: {command}"
 
 
-def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -> dict[str, float]:
+def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, best_epoch=None) -> dict[str, float]:
     """Model, cached probabilities, final metrics and figures, as artifacts of the run.
 
     Validation and test cases are predicted whole, at each image's own size, the way the member
@@ -439,7 +439,7 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
         experiment = client.get_run(run_id).info.experiment_id
         tracking.log_member_model(client, run_id, experiment, f"{spec['backbone']}-{spec['arch']}",
                                   {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
-                                  int(spec["view"]["size"]))  # fmt: skip
+                                  {"backbone": spec["backbone"], "arch": spec["arch"], "view": spec["view"]})  # fmt: skip
         final = {}
         for role in ("val", "test"):
             cases = prepared.cases(role)
@@ -450,7 +450,7 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
             images = (np.asarray(c.image()) for c in cases)
             by_mode = member_probs(model, backbone, view, images, models.TTA_MODES)
             masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
-            previews = [np.asarray(c.image()) for c in cases[:4]]
+            previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
             stems = [c.stem for c in cases]
             for mode, mode_probs in by_mode.items():
                 save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews)
@@ -460,24 +460,28 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None) -
             # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
             final.update({keys.final(role, k): float(v.mean()) for k, v in scores.items()})
             if role == "val":
+                shown, labels = plots.pick_cases(scores["dice"])
                 plots.plot_cases(
-                    Ragged.from_list(previews, np.uint8), masks[: len(previews)], {"prediction": pred[: len(previews)]}, stems,
-                    tmp / "plots" / "val_cases.png", {"prediction": scores["dice"]},
+                    [previews[i] for i in shown], [masks[i] for i in shown], {"prediction": [pred[i] for i in shown]},
+                    [stems[i] for i in shown], tmp / "plots" / "val_cases.png", {"prediction": scores["dice"][shown]},
+                    title=f"validation split: worst and typical of {len(stems)} cases (threshold 0.5)", row_labels=labels,
                 )
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
         if history:
             full = _history_from_store(client, run_id) or history
-            plots.plot_curves(full, tmp / "plots" / "curves.png")
+            n_val = len(prepared.cases("val"))
+            where = "one fixed patch per case" if view.mode == "patch" else f"{view.size} px"
+            plots.plot_curves(full, tmp / "plots" / "curves.png", best_epoch, f"validation split ({n_val} cases, {where})")
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
     return final
 
 
-def _history_from_store(client, run_id) -> dict[str, list[float]]:
+def _history_from_store(client, run_id) -> dict[str, list[tuple[int, float]]]:
     """Whole per-epoch history (a resumed run holds epochs from before the interruption)."""
     out = {}
     for key in map(keys.curve, ("train/loss", "val/loss", "val/dice", "val/iou", "train/dice", "lr")):
         values = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if values:
-            out[key] = [m.value for m in values]
+            out[key] = [(m.step, m.value) for m in values]
     return out
