@@ -275,9 +275,10 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     if experiment_choice:  # `segx.ensemble experiment=dsb2018` trains its members the same way
         overrides.insert(0, f"experiment={experiment_choice}")
     print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
-    for backbone in missing:
+    for n, backbone in enumerate(missing, start=1):
         member_overrides = [*overrides, f"backbone={backbone}"]
         train_cfg = compose("train", overrides=member_overrides)
+        print(f"segx: member {n}/{len(missing)} ({backbone}-{train_cfg.arch.name})", flush=True)
         try:
             train_member(train_cfg, member_overrides)  # its own command, not the ensemble's
         finally:

@@ -51,7 +51,10 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
     e = settings
     probs = [m.val.probs for m in members]
     truth = members[0].val.masks
+    from segx.progress import stage
+
     t0 = time.perf_counter()
+    stage(f"searching weights and threshold on validation ({e.method}, {len(members)} members, {len(truth)} cases)")
     data = search.compact(probs, truth, list(e.thresholds))
     run = {
         "grid": lambda: search.search_grid(data, e.grid_step),
@@ -72,6 +75,8 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
     val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
     if val_dice != chosen.val_dice:
         raise RuntimeError(f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report")
+    if e.postprocess:
+        stage("choosing post-processing on validation")
     post, post_results = (
         choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance)
         if e.postprocess else (None, [])

@@ -361,7 +361,9 @@ def search_greedy(data: Compact, max_steps: int = 25, patience: int = 5, min_gai
     best_counts, best_score, best_t = counts.copy(), float(scores[c, t]), t
     history = [_row(0, Weights(tuple(counts), 1), float(data.thresholds[t]), best_score)]
     stale = 0
-    for step in range(1, max_steps + 1):
+    from segx.progress import progress
+
+    for step in progress(range(1, max_steps + 1), f"greedy search over {m} members", unit="picks at most"):
         scores = evaluate_additions(data, counts)
         c, t = divmod(int(np.argmax(scores)), scores.shape[1])
         counts[c] += 1

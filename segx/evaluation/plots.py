@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -98,6 +99,7 @@ def plot_curves(
         if log_scale and keys and all(v > 0 for k in keys for _, v in history[k]):
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if keys or best_epoch is not None:
@@ -128,10 +130,10 @@ def plot_cases(
             ax = axes[row][col]
             image = images[row]
             ax.imshow(_contours(image, _at(true[row], image.shape), _at(preds[name][row], image.shape)))
-            title = name if row == 0 else ""
+            heading = name if row == 0 else ""
             if scores is not None and name in scores:
-                title = f"{title}\nDice {scores[name][row]:.3f}".strip()
-            ax.set_title(title, fontsize=8)
+                heading = f"{heading}\nDice {scores[name][row]:.3f}".strip()
+            ax.set_title(heading, fontsize=8)
             ax.set_axis_off()
         label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
         axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)

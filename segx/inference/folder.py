@@ -284,6 +284,9 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
     ``on_batch(n_done)`` is called after each batch (the benchmark samples memory there)."""
     from tqdm.auto import tqdm
 
+    from segx.progress import interactive
+    from segx.progress import stage as say
+
     files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
     new = planned_files(files, overlays, uncertainty, save_probabilities, record is not None)
     old = check_output_dir(input_dir, output_dir, overwrite, new)
@@ -297,7 +300,9 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
                         "choose a writable folder") from None  # fmt: skip
     try:
         items = list(files.items())
-        with tqdm(total=len(items), desc="predicting", unit="img", disable=None) as bar:
+        if not interactive():  # a log: one line, not a bar redrawn per batch
+            say(f"predicting {len(items)} images")
+        with tqdm(total=len(items), desc="segx: predicting", unit="img", disable=not interactive()) as bar:
             done = 0
             for batch in _batches(items, batch_size, batch_pixels):
                 _predict_batch(predictor, batch, stage, overlays, uncertainty, save_probabilities, max_pixels)

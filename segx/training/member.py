@@ -126,9 +126,9 @@ def _user_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def _progress(desc: str):
-    from tqdm.auto import tqdm
+    from segx.progress import progress
 
-    return lambda items: tqdm(items, desc=desc, unit="img", leave=False, disable=None)
+    return lambda items: progress(items, desc)
 
 
 def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data_fingerprint: str) -> str | None:
@@ -334,12 +334,20 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
             sent = client.get_metric_history(run_id, keys.TRAIN_LOSS)
             logged_until = max([m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0)
 
+        from segx.progress import EpochClock
+
+        clock = EpochClock(int(cfg.trainer.epochs), first_epoch=logged_until + 1)
+
         def log_epoch(metrics: dict, step: int) -> None:
             if step <= logged_until:
                 return
             epoch_log.log(metrics, step)
             for key, value in metrics.items():
                 history.setdefault(key, []).append((step, value))
+            if keys.TRAIN_LOSS in metrics:  # one line per epoch: where the training is, and how long it has left
+                val = f", val dice {metrics[keys.curve('val/dice')]:.4f}" if keys.curve("val/dice") in metrics else ""
+                print(f"segx: {run_name} epoch {step}/{cfg.trainer.epochs}: train loss {metrics[keys.TRAIN_LOSS]:.4f}{val}; "
+                      f"{clock.line(step)}", flush=True)  # fmt: skip
 
         from segx.training.fit import fit_member
 
@@ -426,10 +434,12 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
     from segx.evaluation.metrics import case_metrics
     from segx.inference.predictor import member_probs
     from segx.inference.view import View
+    from segx.progress import progress, stage
 
     backbone, view = spec["backbone"], View.from_dict(spec["view"])
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
+        stage("training done: saving the model and logging it to MLflow")
         models.save_member(model, tmp / "model", spec)
         tracking.log_artifact(client, run_id, tmp / "model", "model")
         if spec.get("precision") == "mixed_float16":
@@ -447,7 +457,9 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                 continue
             # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
             # threshold and post-processing on the probabilities segx.predict will compute.
-            images = (np.asarray(c.image()) for c in cases)
+            what = "validation" if role == "val" else "test"
+            images = progress((np.asarray(c.image()) for c in cases), f"{what} cases at their own size ({view.describe()}), "
+                              f"probabilities cached for the ensemble", total=len(cases))  # fmt: skip
             by_mode = member_probs(model, backbone, view, images, models.TTA_MODES)
             masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
             previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
@@ -466,6 +478,7 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                     [stems[i] for i in shown], tmp / "plots" / "val_cases.png", {"prediction": scores["dice"][shown]},
                     title=f"validation split: worst and typical of {len(stems)} cases (threshold 0.5)", row_labels=labels,
                 )
+        stage("uploading the cached probabilities; drawing the figures")
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
         if history:
             full = _history_from_store(client, run_id) or history
