@@ -55,7 +55,7 @@ def test_a_log_gets_one_line_per_stage_and_no_bar():
 
 def test_a_terminal_gets_a_bar():
     out, err = _run(stderr_tty=True)
-X
+    assert "\rsegx: caching test probabilities:" in err and "/3 [" in err  # tqdm's bar, redrawn on the terminal
     assert out == ""  # and no stage line beside it
 
 
