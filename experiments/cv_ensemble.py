@@ -274,14 +274,14 @@ def member_numbers(client, run_id: str) -> dict:
     """Per-member facts from its MLflow run: Dice at each image's own size, epochs, time."""
     run = client.get_run(run_id)
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
-    history = sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, "curves/val_dice"), key=lambda m: m.step)
     stamps = [m.timestamp / 1000 for m in history]
     return {
         "run_id": run_id, "n_train": int(params["data.n_train"]), "n_val": int(params["data.n_val"]),
-        "n_test": int(params["data.n_test"]), "epochs_run": len(history), "best_epoch": int(metrics.get("best/epoch", 0)),
+        "n_test": int(params["data.n_test"]), "epochs_run": len(history), "best_epoch": int(metrics.get("curves/best_epoch", 0)),
         "parent_run_id": tags.get("segx.cv_parent"), "fold": int(tags["segx.fold"]) if "segx.fold" in tags else None,
         # After training, whole images at their own size against the original masks, threshold 0.5.
-        "val_dice": metrics.get("final/val_dice"), "test_dice": metrics.get("final/test_dice"),
+        "val_dice": metrics.get("val/dice"), "test_dice": metrics.get("test/dice"),
         "train_seconds": metrics.get("bench/train_seconds"),
         "run_seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
         "epoch_seconds_median": float(statistics.median(np.diff(stamps))) if len(stamps) >= 2 else None,
@@ -869,7 +869,7 @@ def report(results: dict) -> str:
         lines += ["## Cross-validation per fold (parent runs)", "",
                   "Fold val Dice: `cv/fold<i>/val_dice` (each fold model on its own held-out fold, threshold 0.5); out-of-fold: "
                   "`cv/oof_dice` (the case-weighted mean over every non-test case). Fold test Dice: each fold model alone on "
-                  "the test set (its `final/test_dice`); fold mean on test: the cross-validated member as the ensemble scores it.", "",
+                  "the test set (its `test/dice`); fold mean on test: the cross-validated member as the ensemble scores it.", "",
                   "| configuration | parent run | " + " | ".join(f"fold {i} val" for i in range(k))
                   + " | mean | out-of-fold | " + " | ".join(f"fold {i} test" for i in range(k)) + " | fold mean on test |",
                   "|---|---|" + "---|" * (2 * k + 3)]  # fmt: skip

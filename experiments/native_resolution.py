@@ -217,20 +217,20 @@ def member_numbers(client, run_id: str, batch_size: int) -> dict:
     """Per-member facts from its MLflow run: Dice, epochs, gradient steps and where time went."""
     run = client.get_run(run_id)
     metrics, params = run.data.metrics, run.data.params
-    history = sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, "curves/val_dice"), key=lambda m: m.step)
     stamps = [m.timestamp / 1000 for m in history]
     n_train = int(params["data.n_train"])
     steps_per_epoch = math.ceil(n_train / batch_size)  # samples_per_epoch null: one per image
     start, end = run.info.start_time / 1000, run.info.end_time / 1000
     return {
         "run_id": run_id, "n_train": n_train, "n_val": int(params["data.n_val"]), "n_test": int(params["data.n_test"]),
-        "batch_size": batch_size, "epochs_run": len(history), "best_epoch": int(metrics.get("best/epoch", 0)),
+        "batch_size": batch_size, "epochs_run": len(history), "best_epoch": int(metrics.get("curves/best_epoch", 0)),
         "steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * len(history),
         # During training, at the network's input: resize, the 96 px images against resized
         # masks; patch, one fixed 96 px patch per validation case. Not comparable between modes.
-        "best_val_dice_model_input": metrics.get("best/val_dice"),
+        "best_val_dice_model_input": metrics.get("curves/best_val_dice"),
         # After training, whole images at their own size against the original masks (threshold 0.5).
-        "val_dice_original": metrics.get("final/val_dice"), "test_dice_original": metrics.get("final/test_dice"),
+        "val_dice_original": metrics.get("val/dice"), "test_dice_original": metrics.get("test/dice"),
         "train_seconds": metrics.get("bench/train_seconds"),
         # Run start to the last epoch's log: reading data, building the model, every epoch.
         "fit_seconds": stamps[-1] - start if stamps else None,

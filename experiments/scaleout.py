@@ -77,7 +77,7 @@ def run_sweep(mode: str, work: Path, data: Path, settings: list[str]) -> dict:
 
 def epoch_metrics(step: int) -> dict[str, float]:
     # What MemberCallback logs per epoch.
-    keys = ("val/dice", "val/iou", "lr", "train/loss", "train/dice", "train/iou", "val/best_dice")
+    keys = ("curves/val_dice", "curves/val_iou", "curves/val_loss", "curves/lr", "curves/train_loss", "curves/train_dice", "curves/train_iou")
     return {k: 0.5 + step / 1000 for k in keys}
 
 

@@ -84,7 +84,7 @@ def main() -> None:
         exp = tracking.experiment_id(client, "segx", f"{tmp}/mlartifacts")
         for i in range(20):  # a store with some runs, as after a few sweeps
             run_id = tracking.start_run(client, exp, f"run{i}", {"segx.role": "member"})
-            tracking.log_metrics(client, run_id, {"val/dice": 0.5 + i / 100})
+            tracking.log_metrics(client, run_id, {"curves/val_dice": 0.5 + i / 100})
             client.set_terminated(run_id)
         rows = []
         for r in range(rounds):
