@@ -186,14 +186,15 @@ def build_ensemble(cfg: DictConfig) -> dict:
         for name in ("ensemble.json", "tables", "plots"):
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
         # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
-        # chart for members and ensembles; every method of the test table under by_method/.
+        # chart for members and ensembles; every method of the test table under methods/
+        # (the UI sorts sections by name: curves/ then methods/, search/, test/, time/, val/).
         ours = summary.loc["ensemble"]
         metrics = {"val/dice": found["val_dice"], "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
                    "test/hd95": ours["hd95_mean"], "search/seconds": found["search_seconds"],
                    "search/kept_pixel_fraction": found["kept_fraction"]}  # fmt: skip
         for method, row in summary.iterrows():
             key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
-            metrics.update({f"by_method/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
+            metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
         metrics.update({"test/gain_vs_best_member": gain["diff"], "test/gain_ci_low": gain["low"],
                         "test/gain_ci_high": gain["high"], "selection/optimism": gain["ensemble_optimism"],
                         "selection/best_member_optimism": gain["best_member_optimism"]})  # fmt: skip

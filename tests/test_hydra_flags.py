@@ -95,7 +95,7 @@ def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_ro
         assert r.data.tags["tag.dev"] == "true" and r.data.tags["segx.tags"] == "dev, baseline"
         assert r.data.tags["mlflow.note.content"].startswith("first try")
         lines = describe(client, r.info.run_id).splitlines()
-        assert any("reproduce (this job's overrides as Hydra recorded them" in line for line in lines)
+        assert any("reproduce (the same config (check: add --cfg job)" in line for line in lines)
         command = [line for line in lines if line.startswith("    python -m segx.train")][-1]
         args = shlex.split(command)[3:]
         assert f"seed={r.data.params['seed']}" in args and "seed=1,2" not in " ".join(args)  # this job's value

@@ -262,7 +262,8 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         what = f"fold {fold} of {cfg.data.folds} of a cross-validated configuration" if fold is not None else "an ensemble member"
         note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
                 f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
-                f"{view.describe()}; every final metric is at each image's own size. Command: {tags['segx.command']}")  # fmt: skip
+                f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags['segx.command']}`"
+                + (f"\n\nReproduce: `{tags['segx.reproduce']}`" if "segx.reproduce" in tags else ""))  # fmt: skip
         if cfg.get("note"):
             note = f"{cfg.note}\n\n{note}"  # the user's words first
         run_id = tracking.start_run(client, experiment, run_name, tags, note)
