@@ -50,10 +50,22 @@ def validate_config(cfg: DictConfig) -> None:
     require_choice(cfg, "ensemble.tta", TTA_MODES)
     require_float(cfg, "ensemble.tolerance", 0.0, 1.0)
     require_float(cfg, "ensemble.grid_step", 0.0, 1.0, high_open=False)
+    if e.grid_step <= 0:
+        raise SegxError(f"ensemble.grid_step={e.grid_step} must be > 0 and divide 1 (e.g. 0.1, 0.05, 0.25)")
+    if e.search == "grid":
+        from segx.ensembling.search import grid_parts
+
+        grid_parts(1, float(e.grid_step))  # a step that does not divide 1, before anything is read
+    for key in ("postprocess", "train_missing", "allow_incomplete_cv"):
+        if not isinstance(e.get(key), bool):
+            raise SegxError(f"ensemble.{key}={e.get(key)!r} must be true or false")
+    require_int(cfg, "ensemble.preview_cases", 0, 64)
+    if e.register_name is not None:  # MLflow's own rule, checked before the search (not after it)
+        from segx.tracking import check_model_name
+
+        check_model_name(str(e.register_name), "ensemble.register_name")
     require_int(cfg, "ensemble.greedy_steps", 1)
     require_int(cfg, "ensemble.bootstrap", 100)
-    if not isinstance(cfg.ensemble.allow_incomplete_cv, bool):
-        raise SegxError(f"ensemble.allow_incomplete_cv={cfg.ensemble.allow_incomplete_cv!r} must be true or false")
     if e.threshold is not None:
         require_float(cfg, "ensemble.threshold", 0.0, 1.0, high_open=False)
     else:

@@ -118,6 +118,9 @@ def _check_port(host: str, port: int, key: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
         try:
             sock.bind(("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
+        except socket.gaierror as exc:  # not "in use": the name does not resolve to an address here
+            raise SegxError(f"host={host!r} is not an address of this machine ({exc.strerror}); use host=127.0.0.1 "
+                            "or this machine's name") from None  # fmt: skip
         except OSError as exc:
             raise SegxError(f"port {port} on {host} is in use ({exc.strerror}); stop what listens there "
                             f"or choose another {key}=...") from None  # fmt: skip
@@ -425,10 +428,11 @@ def _watch(server: _Running, folder: Path) -> None:
 def run_server(cfg) -> None:
     from segx.config import require_int
 
-    for key in ("port", "workers"):
-        require_int(cfg, key, 1)
+    require_int(cfg, "port", 1, 65535)
+    # Each MLflow worker is a process of about 1 GB (experiments/ui_memory): a few per core.
+    require_int(cfg, "workers", 1, max(4, 4 * (os.cpu_count() or 1)))
     if cfg.postgres_port is not None:
-        require_int(cfg, "postgres_port", 1)
+        require_int(cfg, "postgres_port", 1, 65535)
     if not isinstance(cfg.timeout, (int, float)) or isinstance(cfg.timeout, bool) or cfg.timeout <= 0:
         raise SegxError(f"timeout={cfg.timeout!r} must be a number of seconds > 0")
     extra = [str(a) for a in (cfg.extra_args or [])]

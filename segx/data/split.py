@@ -218,6 +218,8 @@ def make_folds(
     """
     if not 0 <= test_fraction < 1:
         raise SegxError(f"data.test_fraction={test_fraction} is out of range; use a fraction in [0, 1)")
+    if folds > len(stems):  # before a list per fold is made (data.folds=10**12 would fill memory)
+        raise SegxError(f"data.folds={folds} is more than the {len(stems)} cases; use data.folds <= {max(2, len(stems))} or add data")
     rng = np.random.default_rng(seed)
     strata = _strata(stems, groups)
     test: list[str] = []

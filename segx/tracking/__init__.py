@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -302,6 +304,8 @@ def _mark_kind(client: MlflowClient, experiment) -> None:
 def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     """Id of experiment ``name``, created (with local artifacts under ``artifact_root``) if new,
     and marked as a model-training experiment for the MLflow UI."""
+    if not name.strip() or any(c in name for c in "\n\r\t\0"):
+        raise SegxError(f"mlflow.experiment_name={name!r} must be a name on one line; e.g. mlflow.experiment_name=nuclei")
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -317,7 +321,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         root = Path(artifact_root).resolve()
         _check_artifacts_writable(str(root), name)
         root.mkdir(parents=True, exist_ok=True)
-        location = (root / name).as_uri()
+        location = (root / artifact_folder_name(name)).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created meanwhile by a parallel member
@@ -325,6 +329,28 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
         if found is None:
             raise
         return found.experiment_id
+
+
+def check_model_name(name: str, key: str) -> None:
+    """A registered model name MLflow will take (no '/' or ':', not blank, not a path), checked
+    before any work: one line naming ``key``."""
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise SegxError(f"{key}={name!r}: {exc.message}; choose a plain name such as segx-nuclei") from None
+
+
+def artifact_folder_name(name: str) -> str:
+    """The folder under ``mlflow.artifact_root`` that holds experiment ``name``'s artifacts: the
+    name itself where it is a plain folder name, else a safe spelling of it plus a short hash of the
+    whole name (``../../x``, ``/home/ana`` or ``a/b`` stay inside the root, and never share a folder
+    with another name). An experiment's name is a name, not a path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+    if safe == name:
+        return name
+    return f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _check_artifacts_writable(location: str | None, experiment: str) -> None:

@@ -56,6 +56,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise SegxError(f"trainer.loss.{key}={weight!r} must be a finite number >= 0; e.g. trainer.loss.{key}=1.0")
     if not any(cfg.trainer.loss.values()):
         raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
+    if not isinstance(cfg.trainer.get("deterministic"), bool):
+        raise SegxError(f"trainer.deterministic={cfg.trainer.get('deterministic')!r} must be true or false")
     if cfg.trainer.verbose != "auto":
         require_int(cfg, "trainer.verbose", 0, 2)
     require_choice(cfg, "arch.name", ARCHS)

@@ -38,6 +38,9 @@ def joblib_jobs(n_jobs: int, cores: int) -> int:
     return n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
 
 
+MAX_THREADS_PER_CORE = 4
+
+
 def job_threads(setting: Any, launcher: Mapping[str, Any] | None, env: Mapping[str, str], cores: int) -> int | None:
     """TensorFlow's intra-op threads for one job, or None for TensorFlow's default (every core).
 
@@ -46,6 +49,11 @@ def job_threads(setting: Any, launcher: Mapping[str, Any] | None, env: Mapping[s
     if setting not in (None, "auto"):
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
             raise SegxError(f"trainer.threads={setting!r} must be auto or a whole number >= 1; e.g. trainer.threads=4")
+        # Each thread has its own stacks and buffers (trainer.threads=100000 took 18.7 GB): more
+        # than a few per core only slows TensorFlow down.
+        if setting > MAX_THREADS_PER_CORE * cores:
+            raise SegxError(f"trainer.threads={setting} is over {MAX_THREADS_PER_CORE} per core ({cores} cores here); "
+                            f"use trainer.threads={cores} or auto")  # fmt: skip
         return int(setting)
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return int(env["SLURM_CPUS_PER_TASK"])

@@ -1,0 +1,118 @@
+"""Hostile but realistic values (issue 21): a name is never a path, counts are bounded by what
+they can mean, and every refusal is one line (exit 2) before a run or a file is made."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segx import tracking
+from segx.errors import SegxError
+from tests.conftest import ROOT, compose_config, store_overrides
+
+
+def run(args, timeout=180, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/segx-absolute-name", "${oc.env:HOME}", "a/b", "..", "spaced name"])
+def test_an_experiment_name_never_leaves_the_artifact_root(tmp_path, name):
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    root = tmp_path / "artifacts"
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = tracking.experiment_id(client, name, str(root))
+    location = Path(local_file_uri_to_path(client.get_experiment(exp).artifact_location)).resolve()
+    assert location.parent == root.resolve(), location
+    assert client.get_experiment(exp).name == name  # the name itself is kept, only its folder is safe
+
+
+def test_names_that_spell_alike_get_their_own_folders(tmp_path):
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    folders = {client.get_experiment(tracking.experiment_id(client, n, str(tmp_path / "a"))).artifact_location
+               for n in ("a/b", "a_b", "a:b")}  # fmt: skip
+    assert len(folders) == 3
+    assert tracking.artifact_folder_name("nuclei") == "nuclei"  # plain names stay as they are
+
+
+def test_a_blank_experiment_name_is_refused(tmp_path):
+    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(SegxError, match="mlflow.experiment_name"):
+        tracking.experiment_id(client, "  ", str(tmp_path / "a"))
+
+
+def test_folds_beyond_the_cases_are_refused_before_memory_is_spent():
+    from segx.data.split import make_folds
+
+    with pytest.raises(SegxError, match=r"data.folds=1000000000000 is more than the 3 cases"):
+        make_folds(["a", "b", "c"], 10**12, 0.0, 0)
+
+
+def test_threads_are_bounded_by_the_cores():
+    from segx.training.resources import job_threads
+
+    with pytest.raises(SegxError, match=r"trainer.threads=100000 is over 4 per core \(2 cores here\)"):
+        job_threads(100000, None, {}, 2)
+    assert job_threads(8, None, {}, 2) == 8
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.folds=1000000000000", "fold=0"], "data.folds=1000000000000 is out of range; use a value in [2, 100]"),
+        (["data.mode=patch", "data.overlap=0.99"], "data.overlap=0.99 is out of range; use a value in [0.0, 0.9]"),
+        (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' must be true or false"),
+    ],
+)
+def test_training_refuses_in_one_line_before_any_run(tmp_path, overrides, message):
+    result = run(["segx.train", *store_overrides(tmp_path), *overrides])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"segx: error: {message}"] or message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("ensemble.grid_step=0", "ensemble.grid_step=0 must be > 0"),
+        ("ensemble.grid_step=0.3", "ensemble.grid_step=0.3 must divide 1"),
+        ("ensemble.register_name=a/b", "ensemble.register_name='a/b': Invalid model name"),
+        ("ensemble.postprocess=maybe", "ensemble.postprocess='maybe' must be true or false"),
+        ("ensemble.train_missing=maybe", "ensemble.train_missing='maybe' must be true or false"),
+        ("ensemble.preview_cases=-1", "ensemble.preview_cases=-1 is out of range"),
+    ],
+)
+def test_the_ensemble_checks_what_the_search_and_registry_need_first(tmp_path, override, message):
+    from segx.ensemble import validate_config
+
+    overrides = [*store_overrides(tmp_path), override] + (["ensemble.search=grid"] if "grid_step" in override else [])
+    with pytest.raises(SegxError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(compose_config("ensemble", overrides))
+
+
+def test_the_ensemble_command_refuses_a_bad_registry_name_before_opening_the_store(tmp_path):
+    result = run(["segx.ensemble", *store_overrides(tmp_path), "ensemble.register_name=a:b"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert "ensemble.register_name='a:b'" in result.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("workers=1000", "workers=1000 is out of range"),
+        ("port=70000", "port=70000 is out of range; use a value in [1, 65535]"),
+        ("postgres_port=70000", "postgres_port=70000 is out of range; use a value in [1, 65535]"),
+        ("host=no-such-host.invalid", "host='no-such-host.invalid' is not an address of this machine"),
+    ],
+)
+def test_the_server_refuses_in_one_line_before_starting_anything(tmp_path, override, message):
+    result = run(["segx.server", f"folder={tmp_path / 'server'}", override], timeout=120)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-2000:]
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "server").exists() or not any((tmp_path / "server").iterdir())
+    assert os.path.exists(ROOT)  # nothing else to clean: no PostgreSQL or MLflow was started
