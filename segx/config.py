@@ -152,6 +152,29 @@ def compose_with_hydra(config_name: str, overrides: Sequence[str], conf_dirs: Se
         GlobalHydra.instance().clear()
 
 
+_FROM_ENVIRONMENT = ("${oc.env:", "${env:")
+
+
+def recorded_container(cfg: DictConfig) -> dict:
+    """The resolved config as segx records it (MLflow params, ``config.yaml``), except that a
+    value taken from the environment (``${oc.env:TOKEN}``: tokens, passwords, private paths) is
+    recorded as written, not as its value: what the run used stays reproducible from the same
+    environment, and no secret lands in the tracking store."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def merge(raw_node, node):
+        if isinstance(raw_node, str) and any(m in raw_node for m in _FROM_ENVIRONMENT):
+            return raw_node
+        if isinstance(raw_node, dict) and isinstance(node, dict):
+            return {k: merge(raw_node.get(k), v) for k, v in node.items()}
+        if isinstance(raw_node, list) and isinstance(node, list) and len(raw_node) == len(node):
+            return [merge(r, v) for r, v in zip(raw_node, node, strict=True)]
+        return node
+
+    return merge(raw, resolved)
+
+
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 

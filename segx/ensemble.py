@@ -18,13 +18,14 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segx import cli
 from segx.config import (
     CONF_PATH,
     SEARCH_METHODS,
     TTA_MODES,
+    recorded_container,
     require_choice,
     require_float,
     require_int,
@@ -174,7 +175,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
             tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
-        tracking.log_params(client, run_id, tracking.flatten({"ensemble": OmegaConf.to_container(cfg.ensemble, resolve=True)}))
+        tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
         tracking.log_params(client, run_id, {

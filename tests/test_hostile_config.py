@@ -116,3 +116,22 @@ def test_the_server_refuses_in_one_line_before_starting_anything(tmp_path, overr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "server").exists() or not any((tmp_path / "server").iterdir())
     assert os.path.exists(ROOT)  # nothing else to clean: no PostgreSQL or MLflow was started
+
+
+def test_values_from_the_environment_are_recorded_as_written_not_as_their_values(tmp_path, synthetic_root, monkeypatch):
+    """A tracking URI with a password from the environment: the run's params and config.yaml keep
+    ``${oc.env:...}``; the value (here the store's folder) is in neither."""
+    from segx.training.member import train_member
+    from tests.conftest import tiny_train_overrides
+
+    secret = tmp_path / "s3cr3t-store"
+    monkeypatch.setenv("SEGX_TEST_STORE", str(secret))
+    overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root, epochs=1) if not o.startswith("mlflow.tracking_uri=")]
+    train_member(compose_config("train", [*overrides, "mlflow.tracking_uri=sqlite:///${oc.env:SEGX_TEST_STORE}/mlflow.db",
+                                          "mlflow.system_metrics=false"]))  # fmt: skip
+    client = tracking.connect(f"sqlite:///{secret}/mlflow.db", create=False)
+    (run,) = tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "member")
+    assert run.data.params["mlflow.tracking_uri"] == "sqlite:///${oc.env:SEGX_TEST_STORE}/mlflow.db"
+    assert not any("s3cr3t" in v for v in run.data.params.values())
+    config = tracking.download(client, run.info.run_id, "config.yaml", tmp_path / "dl").read_text()
+    assert "${oc.env:SEGX_TEST_STORE}" in config and "s3cr3t" not in config

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from segx import metric_keys as keys
-from segx.config import ARCHS, require_choice, require_float, require_int
+from segx.config import ARCHS, recorded_container, require_choice, require_float, require_int
 from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
@@ -287,8 +287,8 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
     with tracking.run_scope(client, run_id), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on), \
             contextlib.ExitStack() as stack:  # fmt: skip
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        tracking.log_params(client, run_id, tracking.flatten(resolved))
+        recorded = recorded_container(cfg)  # values from the environment as written, not their values
+        tracking.log_params(client, run_id, tracking.flatten(recorded))
         sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
         tracking.log_params(client, run_id, sizes)
         if not resume_id:  # the split as an MLflow dataset, digest = the data fingerprint
@@ -296,7 +296,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
                                  {**sizes, "split_file": str(prepared.split_path)})  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
             tmp = Path(tmp)
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(recorded)))
             save_augmentation(pipeline, tmp / "augmentation.json")
             tracking.log_artifact(client, run_id, tmp / "config.yaml")
             tracking.log_artifact(client, run_id, tmp / "augmentation.json")
