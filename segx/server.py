@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pwd
 import signal
@@ -348,6 +349,61 @@ def tracking_uri(host: str, port: int) -> str:
     return f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
 
 
+OWNER_FILE = "segx-server.json"  # in the server's folder: the segx.server process that runs it
+
+
+def _leftovers(folder: Path) -> list:
+    """PostgreSQL and MLflow processes (with their children) of an earlier server on ``folder``:
+    those whose command line names its data or artifacts folder."""
+    import psutil
+
+    marks = (str(folder / "postgres"), str((folder / "artifacts").resolve()))
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and any(m in part for part in proc.info["cmdline"] or [] for m in marks):
+            for p in [proc, *proc.children(recursive=True)]:
+                found[p.pid] = p
+    return list(found.values())
+
+
+def _claim(folder: Path) -> None:
+    """Make this process the folder's server. An earlier segx.server that was killed (kill -9,
+    an out-of-memory kill) could not stop its PostgreSQL and MLflow: stop them now, after
+    checking that their owner is gone; a live owner means the folder is in use."""
+    import psutil
+
+    owner_file = folder / OWNER_FILE
+    try:
+        owner = int(json.loads(owner_file.read_text()).get("pid", 0))
+    except (OSError, ValueError, AttributeError):
+        owner = 0
+    if owner and owner != os.getpid() and psutil.pid_exists(owner):
+        try:
+            alive = "segx" in " ".join(psutil.Process(owner).cmdline())
+        except psutil.Error:
+            alive = False
+        if alive:
+            raise SegxError(f"another segx.server (pid {owner}) runs on {folder}; stop it first (Ctrl-C there, or "
+                            f"kill {owner}), or choose another folder=...")  # fmt: skip
+    left = _leftovers(folder)
+    if left:
+        print(f"segx: stopping {len(left)} PostgreSQL/MLflow process(es) left on {folder} by a segx.server that was "
+              f"killed{f' (pid {owner})' if owner else ''}", flush=True)  # fmt: skip
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(left, timeout=30)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        with contextlib.suppress(OSError):  # PostgreSQL's lock of a postmaster killed outright
+            pid_file = folder / "postgres" / "postmaster.pid"
+            if pid_file.exists() and not psutil.pid_exists(int(pid_file.read_text().split()[0])):
+                pid_file.unlink()
+    owner_file.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
 @dataclass
 class _Running:
     uri: str
@@ -360,6 +416,7 @@ def _running(folder: Path, host: str, port: int, timeout: float, postgres_port: 
              bin_dir: str | os.PathLike | None, workers: int, extra_args) -> Iterator[_Running]:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     binaries = find_postgres_bin(bin_dir)
+    _claim(folder)  # before the ports are checked: a killed server's leftovers hold them
     pg_port = int(postgres_port) if postgres_port else free_port()
     _check_port(host, port, "port")  # before PostgreSQL starts for nothing
     pg = mlflow = None
@@ -373,6 +430,8 @@ def _running(folder: Path, host: str, port: int, timeout: float, postgres_port: 
                 stop_group(mlflow)
             if pg is not None:
                 stop_postgres(pg)
+            with contextlib.suppress(OSError):
+                (folder / OWNER_FILE).unlink()
 
 
 @contextlib.contextmanager

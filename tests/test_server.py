@@ -136,6 +136,49 @@ def test_server_command_serves_and_stops_everything_on_sigterm(server_folder):
     assert "database system is shut down" in (server_folder / "postgres.log").read_text()  # a clean shutdown
 
 
+def _start_server(folder: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "segx.server", f"folder={folder}", f"port={port}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    lines = []
+    while not any("mlflow.tracking_uri=" in line for line in lines):
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(30)
+            raise AssertionError(proc.stderr.read()[-3000:])
+        lines.append(line)
+    return proc, lines
+
+
+def test_a_server_killed_outright_is_cleaned_up_by_the_next_start(server_folder):
+    """kill -9 of segx.server cannot stop its PostgreSQL and MLflow: the next start on the folder
+    stops them (one line), starts afresh, and leaves nothing running when it stops; a second
+    server on a folder whose owner still runs is refused in one line."""
+    import signal
+
+    port = server.free_port()
+    first, _ = _start_server(server_folder, port)
+    try:
+        left = _server_processes(server_folder)
+        refused = _run("segx.server", f"folder={server_folder}", f"port={server.free_port()}", timeout=120)
+        assert refused.returncode == 2 and f"another segx.server (pid {first.pid}) runs on {server_folder}" in refused.stderr
+        first.kill()  # SIGKILL: no cleanup of its own
+        first.wait(30)
+        assert _alive(left), "the children were expected to outlive a SIGKILLed parent"
+        second, lines = _start_server(server_folder, port)  # the same port: the leftovers held it
+        try:
+            assert any("left on" in line and "by a segx.server that was killed" in line for line in lines), lines
+            assert not _alive(left)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=120)
+        assert not _alive(_server_processes(server_folder))
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for proc in _alive(_server_processes(server_folder)):
+            proc.kill()
+
+
 def test_epoch_log_keeps_metrics_in_order_and_fails_fast_when_the_server_is_away(tmp_path, monkeypatch):
     """Nothing listens: each epoch's send fails at once even with MLflow's retries turned up,
     and the metrics wait (in memory and in the spool file) in order with their own steps."""
