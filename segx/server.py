@@ -349,6 +349,10 @@ def tracking_uri(host: str, port: int) -> str:
     return f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
 
 
+# `mlflow server` options segx.server gives itself, and the key that sets each one (None: fixed).
+OWN_OPTIONS = {"--backend-store-uri": None, "--default-artifact-root": None, "--artifacts-destination": None,
+               "--serve-artifacts": None, "--no-serve-artifacts": None, "--artifacts-only": None, "--app-name": None,
+               "--host": "host", "-h": "host", "--port": "port", "-p": "port", "--workers": "workers", "-w": "workers"}  # fmt: skip
 OWNER_FILE = "segx-server.json"  # in the server's folder: the segx.server process that runs it
 
 
@@ -495,6 +499,12 @@ def run_server(cfg) -> None:
     if not isinstance(cfg.timeout, (int, float)) or isinstance(cfg.timeout, bool) or cfg.timeout <= 0:
         raise SegxError(f"timeout={cfg.timeout!r} must be a number of seconds > 0")
     extra = [str(a) for a in (cfg.extra_args or [])]
+    for arg in extra:  # segx sets these itself: another value would make the banner (and the tests) lie
+        name = arg.split("=", 1)[0]
+        if name in OWN_OPTIONS:
+            key = OWN_OPTIONS[name]
+            raise SegxError(f"extra_args sets {name}, which segx.server sets itself"
+                            + (f"; use {key}=... instead" if key else "; remove it (the store is PostgreSQL, artifacts proxied)"))  # fmt: skip
     serve(str(cfg.folder), str(cfg.host), int(cfg.port), float(cfg.timeout), cfg.postgres_port,
           cfg.postgres_bin, int(cfg.workers), extra)  # fmt: skip
 

@@ -108,6 +108,8 @@ def test_the_ensemble_command_refuses_a_bad_registry_name_before_opening_the_sto
         ("port=70000", "port=70000 is out of range; use a value in [1, 65535]"),
         ("postgres_port=70000", "postgres_port=70000 is out of range; use a value in [1, 65535]"),
         ("host=no-such-host.invalid", "host='no-such-host.invalid' is not an address of this machine"),
+        ("extra_args=['--backend-store-uri=sqlite:///x.db']", "extra_args sets --backend-store-uri, which segx.server sets itself"),
+        ("extra_args=['--port','5009']", "extra_args sets --port, which segx.server sets itself; use port=... instead"),
     ],
 )
 def test_the_server_refuses_in_one_line_before_starting_anything(tmp_path, override, message):
