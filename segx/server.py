@@ -421,10 +421,10 @@ def _running(folder: Path, host: str, port: int, timeout: float, postgres_port: 
     folder.mkdir(parents=True, exist_ok=True)
     binaries = find_postgres_bin(bin_dir)
     _claim(folder)  # before the ports are checked: a killed server's leftovers hold them
-    pg_port = int(postgres_port) if postgres_port else free_port()
-    _check_port(host, port, "port")  # before PostgreSQL starts for nothing
     pg = mlflow = None
     try:
+        pg_port = int(postgres_port) if postgres_port else free_port()
+        _check_port(host, port, "port")  # before PostgreSQL starts for nothing
         pg = start_postgres(folder, pg_port, binaries, timeout)
         mlflow = start_mlflow(folder, host, port, pg_port, timeout, workers, extra_args)
         yield _Running(tracking_uri(host, port), pg, mlflow)
