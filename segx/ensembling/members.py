@@ -128,7 +128,14 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
 
 
 def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
-    """The member's cached probabilities under ``tta``: the ones the recorded pipeline predicts."""
+    """The member's cached probabilities under ``tta``: the ones the recorded pipeline predicts.
+
+    Each ``predictions/<role>.npz`` is downloaded again and its probabilities are extracted under
+    ``workdir/<run>/`` keyed by the downloaded file's size and SHA-256
+    (:func:`segx.ensembling.probs.load_cached`): a changed or re-logged artifact is read afresh,
+    never answered from an earlier extraction. Cost: one SHA-256 pass over each ``.npz`` (val
+    and test) per ensemble build. A corrupt cache is one error naming the run and the artifact.
+    """
     from segx import tracking
     from segx.data.split import FINGERPRINT_TAGS
     from segx.ensembling.probs import cache_artifact, load_cached
@@ -146,12 +153,15 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
             f"member {run.info.run_id} has no {tta}-TTA cache ({cache_artifact('val', tta)}; trained "
             "before segx cached TTA probabilities); retrain it or use ensemble.tta=none"
         ) from None
-    val = load_cached(val_path, folder)
+    run_id = run.info.run_id
+    val = load_cached(val_path, folder, run_id=run_id, artifact=cache_artifact("val", tta))
+    # No test artifact: an empty test split (reported by the caller). One that is there but
+    # unreadable is an error naming the file, not a member without test cases.
     try:
-        test_path = tracking.download(client, run.info.run_id, cache_artifact("test", tta), folder)
-        test = load_cached(test_path, folder)
+        test_path = tracking.download(client, run_id, cache_artifact("test", tta), folder)
     except SegxError:
-        test = None
+        test_path = None
+    test = None if test_path is None else load_cached(test_path, folder, run_id=run_id, artifact=cache_artifact("test", tta))
     return Member(
         run_id=run.info.run_id,
         backbone=run.data.tags.get("segx.backbone", params.get("backbone.name", "?")),

@@ -11,9 +11,11 @@ scores every candidate with this arithmetic and prediction uses :func:`combine` 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -251,39 +253,112 @@ class Cached:
     previews: Ragged
 
 
-def load_cached(path: str | os.PathLike, workdir: str | os.PathLike | None = None) -> Cached:
+def content_key(path: str | os.PathLike) -> str:
+    """``<size>-<sha256>`` of a file: what its extracted probabilities are keyed by (one pass)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return f"{size}-{digest.hexdigest()}"
+
+
+def _extract(archive: zipfile.ZipFile, out: Path) -> None:
+    """Stream ``probs.npy`` out of the zip to ``out`` (atomically: a temporary file, then a rename).
+
+    Reading the entry to its end checks its CRC-32, so a changed byte is noticed here."""
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    try:
+        with archive.open("probs.npy") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _drop_stale(target: Path, stem: str, keep: Path) -> None:
+    """Remove probabilities extracted from earlier contents of the same artifact (best effort)."""
+    for old in [target / f"{stem}.probs.npy", *target.glob(f"{stem}.*.probs.npy")]:
+        if old != keep:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _mapped(out: Path, n_pixels: int):
+    """The extracted probabilities memory-mapped, or None when the file is missing or not them."""
+    try:
+        probs = np.load(out, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    return probs if probs.dtype == np.uint8 and probs.shape == (n_pixels,) else None
+
+
+def load_cached(
+    path: str | os.PathLike,
+    workdir: str | os.PathLike | None = None,
+    *,
+    run_id: str | None = None,
+    artifact: str | None = None,
+) -> Cached:
     """Read a cache written by :func:`save_cached`; ``probs`` is memory-mapped from disk.
 
     The array is streamed out of the zip into ``workdir`` (beside the file by default) so a
-    large validation set is never held in memory at once.
+    large validation set is never held in memory at once. The extracted file is keyed by the
+    ``.npz``'s content (its size and SHA-256, in the file name: ``val.<size>-<sha256>.probs.npy``),
+    so probabilities extracted from an earlier, changed or re-logged artifact are never reused;
+    they are extracted again and the stale file is removed. Cost: one SHA-256 pass over each
+    ``.npz`` every time it is loaded (per member and role, once per ensemble build), about the
+    time to read the file once more.
+
+    A corrupt or unreadable cache (not a zip, a changed byte in a compressed stream, missing or
+    inconsistent arrays) is one :class:`SegxError` line naming ``run_id``'s ``artifact`` (when
+    given) and the file, and what to do.
     """
     path = Path(path)
+    what = f"member run {run_id}: artifact {artifact or path.name} ({path})" if run_id else str(path)
+    advice = "retrain the member or re-log its predictions" if run_id else "retrain the member"
     try:
+        key = content_key(path)
         with np.load(path) as data:
             version = int(data["format"]) if "format" in data.files else 1
             if version != CACHE_FORMAT:
                 raise SegxError(
-                    f"{path}: probability cache of format {version} (segx 0.2 and later score each image at "
+                    f"{what}: probability cache of format {version} (segx 0.2 and later score each image at "
                     "its own size and writes format 2); retrain this member with the current segx"
                 )
             stems = [str(s) for s in data["stems"]]
             shapes = data["shapes"].astype(np.int64)
+            if shapes.ndim != 2 or shapes.shape[1] != 2 or len(stems) != len(shapes) or (shapes < 0).any():
+                raise ValueError("stems and shapes disagree")
             n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
-            masks = np.unpackbits(data["masks"], count=n_pixels).astype(bool)
+            packed = data["masks"]
+            if packed.dtype != np.uint8 or packed.shape != ((n_pixels + 7) // 8,):
+                raise ValueError("masks do not match the shapes")
+            masks = np.unpackbits(packed, count=n_pixels).astype(bool)
             previews = Ragged(data["previews"], data["preview_shapes"])
-        with zipfile.ZipFile(path) as archive:
-            target = Path(workdir or path.parent)
-            target.mkdir(parents=True, exist_ok=True)
-            out = target / f"{path.stem}.probs.npy"
-            if not out.exists():
-                tmp = out.with_suffix(f".tmp{os.getpid()}")
-                with archive.open("probs.npy") as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
-                os.replace(tmp, out)
-        probs = np.load(out, mmap_mode="r")
-        if probs.dtype != np.uint8 or probs.shape != (n_pixels,) or len(stems) != len(shapes):
-            raise ValueError("inconsistent shapes")
+        target = Path(workdir or path.parent)
+        target.mkdir(parents=True, exist_ok=True)
+        out = target / f"{path.stem}.{key}.probs.npy"
+        probs = _mapped(out, n_pixels)
+        if probs is None:
+            with zipfile.ZipFile(path) as archive:
+                _extract(archive, out)
+            probs = _mapped(out, n_pixels)
+            if probs is None:
+                raise ValueError("probs do not match the shapes")
+        _drop_stale(target, path.stem, out)
         return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise SegxError(f"{path}: not a valid segx probability cache ({type(exc).__name__}); retrain the member") from None
+    except SegxError:
+        raise
+    except (OSError, EOFError, KeyError, IndexError, TypeError, ValueError, zlib.error, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+        kind = "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+        raise SegxError(
+            f"{what} is corrupt or not a segx probability cache ({kind}"
+            + (f": {reason}" if reason else "")
+            + f"); {advice}"
+        ) from None
