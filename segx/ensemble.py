@@ -136,6 +136,10 @@ def build_ensemble(cfg: DictConfig) -> dict:
     runs = select_runs(client, experiment, str(cfg.mlflow.experiment_name), str(e.select),
                        [str(r) for r in e.run_ids or []], [str(b) for b in e.members or []], e.data_fingerprint)  # fmt: skip
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
+    for folder in (cache.parent, cache):
+        if folder.exists() and not folder.is_dir():
+            raise SegxError(f"{folder} (the members' extracted probabilities) is a file, not a folder; remove it "
+                            "(segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
     members = [load_member(client, run, cache, str(e.tta), bool(e.get("allow_incomplete_cv", False))) for run in runs]
     check_compatible(members)
     if any(m.test is None for m in members):

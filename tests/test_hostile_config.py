@@ -137,3 +137,31 @@ def test_values_from_the_environment_are_recorded_as_written_not_as_their_values
     assert not any("s3cr3t" in v for v in run.data.params.values())
     config = tracking.download(client, run.info.run_id, "config.yaml", tmp_path / "dl").read_text()
     assert "${oc.env:SEGX_TEST_STORE}" in config and "s3cr3t" not in config
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, synthetic_root):
+    from segx.data.decoded import decode_cases
+    from segx.data.folder import discover_cases
+
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(SegxError, match=r"^data.cache_dir=.*/cache is a file, not a folder"):
+        decode_cases(discover_cases(synthetic_root), tmp_path / "cache")
+
+
+def test_a_full_cache_disk_is_one_line(tmp_path, synthetic_root):
+    """The decoded cache on a 64 KB tmpfs (root mounts one; skipped with the reason elsewhere)."""
+    from segx.data.decoded import decode_cases
+    from segx.data.folder import discover_cases
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
+    try:
+        with pytest.raises(SegxError, match=r"^data.cache_dir=.*: cannot write the decoded cache \(No space left on device"):
+            decode_cases(discover_cases(synthetic_root), disk / "cache")
+        leftovers = [p.name for p in (disk / "cache").rglob("*") if ".tmp-" in p.name]
+        assert not leftovers, leftovers  # no partial file stays behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

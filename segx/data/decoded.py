@@ -32,6 +32,7 @@ machine its own ``data.cache_dir``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -404,6 +405,9 @@ def remove_orphans(root: str | os.PathLike) -> int:
     return removed
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
 def decode_cases(
     cases: Sequence[Case],
     root: str | os.PathLike,
@@ -416,6 +420,16 @@ def decode_cases(
     if not cases:
         raise SegxError("the dataset is empty; add image/mask pairs")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SegxError(f"data.cache_dir={root} is a file, not a folder; remove it or set data.cache_dir=<a folder>")
     remove_orphans(root)
     iterator = progress(cases) if progress else cases
-    return [decode_case(case, root, mask_threshold, max_pixels) for case in iterator]
+    try:
+        return [decode_case(case, root, mask_threshold, max_pixels) for case in iterator]
+    except OSError as exc:  # the cache's own writes: a full disk, a read-only folder (inputs are checked by name)
+        ours = str(exc.filename).startswith(str(root)) if exc.filename else exc.errno in _WRITE_ERRNOS
+        if not ours:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        raise SegxError(f"data.cache_dir={root}: cannot write the decoded cache ({exc.strerror or exc}{where}); "
+                        "free space or fix its permissions, or set data.cache_dir=<a writable folder>") from None  # fmt: skip
