@@ -232,9 +232,14 @@ def reported(mark: int = 0) -> Iterator[None]:
         if signal_since(mark) is not None:
             _exit_interrupted(signal_since(mark))
         exit_on_error(exc)
-    except Exception:
+    except Exception as exc:
         if signal_since(mark) is not None:
             _exit_interrupted(signal_since(mark))
+        from segx.errors import disk_full
+
+        full = disk_full(exc)  # not a bug: the machine's state, said in one line
+        if full:
+            exit_on_error(SegxError(full))
         raise
     if signal_since(mark) is not None:  # a library swallowed it: the command did not finish
         _exit_interrupted(signal_since(mark))

@@ -25,3 +25,44 @@ def look_up_option(name: str, choices: Iterable[str], what: str, where: str = ""
     raise SegxError(
         f"unknown {what} '{name}';{suggest(name, choices) or ' choose one of ' + ', '.join(sorted(choices))}{hint}"
     )
+
+
+_FULL_TEXT = ("No space left on device", "database or disk is full", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+    """If ``exc`` (or an exception it was raised from) is a full disk, one line naming the
+    disk and what to do; else None. Full disks reach segx as OSError (ENOSPC, EDQUOT), as
+    TensorFlow's ResourceExhaustedError and as SQLite's "database or disk is full"."""
+    import errno
+    import os
+    import re
+    import sys
+
+    seen, pending = set(), [exc]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        pending += [item.__cause__, item.__context__]
+        text = str(item)
+        is_os = isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not is_os and not any(t in text for t in _FULL_TEXT):
+            continue
+        path = getattr(item, "filename", None) if is_os else None
+        if not path:
+            # A path of two parts at least: TensorFlow's messages also hold device names (/job:localhost).
+            found = re.search(r"(/[^\s;:'\"\]/]+/[^\s;:'\"\]]+)", text)
+            path = found.group(1) if found else None
+        if not path and "database or disk is full" in text and "mlflow" in sys.modules:  # the SQLite store
+            uri = str(sys.modules["mlflow"].get_tracking_uri())
+            path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if not path:
+            return "a disk is full (no space left on device); free space and run again"
+        mount = os.path.abspath(str(path))
+        while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+            mount = os.path.dirname(mount)
+        return (f"the disk mounted on {mount} is full (no space left writing {path}); free space there "
+                f"(df -h {mount}) or point paths.output_dir elsewhere, and run again")
+    return None

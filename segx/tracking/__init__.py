@@ -23,11 +23,11 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from segx.errors import SegxError
+from segx.errors import SegxError, disk_full
 
 # Fail within seconds on an unreachable server instead of MLflow's minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -380,8 +380,13 @@ _END_RUN_TIMEOUT_S = 30.0
 
 
 @contextlib.contextmanager
-def run_scope(client: MlflowClient, run_id: str) -> Iterator[str]:
+def run_scope(client: MlflowClient, run_id: str, on_disk_full: Callable[[], None] | None = None) -> Iterator[str]:
     """End ``run_id`` FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED on any error.
+
+    A full disk must not leave the run RUNNING: a local store keeps a small reserve file beside
+    its database while the run is open, removed (with ``on_disk_full``: the caller's partial
+    files) before the final status is written when the error was a full disk; the run is then
+    tagged ``segx.disk_full`` (and can be resumed once there is space).
 
     A signal inside the block raises (``segx.cli.Interrupted``); one that a library swallowed
     is still seen here (the signal count moved), so the run ends KILLED and the signal is
@@ -392,6 +397,7 @@ def run_scope(client: MlflowClient, run_id: str) -> Iterator[str]:
 
     mark = cli.signal_count()
     status, failure = "FAILED", None
+    reserve = _Reserve(_sqlite_path(client.tracking_uri))
     with cli.signals_raise():
         try:
             yield run_id
@@ -404,17 +410,60 @@ def run_scope(client: MlflowClient, run_id: str) -> Iterator[str]:
             raise
         except BaseException as exc:
             failure = f"{type(exc).__name__}: {exc}"[:5000]
+            if disk_full(exc):
+                reserve.release()  # room for the final status
+                if on_disk_full is not None:
+                    with contextlib.suppress(Exception):
+                        on_disk_full()
+                failure = f"disk full: {disk_full(exc)}"
             raise
         finally:
+            reserve.release()
             with cli.signals_deferred():
                 if cli.signal_since(mark) is not None or cli.pending_signal() is not None:
                     status, failure = "KILLED", None
                 if status == "KILLED":
                     _release_interrupted_connections(sys.exc_info()[1])
+                if failure and failure.startswith("disk full: "):
+                    with contextlib.suppress(Exception):
+                        client.set_tag(run_id, "segx.disk_full", "true")
                 if _end_run(client, run_id, status, failure) and status == "KILLED":
                     cli.note_killed(run_id)
     if status == "KILLED":  # the block ended normally: a library swallowed the signal
         raise cli.Interrupted(cli.signal_since(mark) or 2)
+
+
+class _Reserve:
+    """A few MB held beside a local SQLite store while a run is open, so that a full disk still
+    leaves room to write the run's final status (SQLite needs pages and a journal for it)."""
+
+    SIZE = 2 * 1024 * 1024
+
+    def __init__(self, db: Path | None):
+        self.path = None
+        if db is None:
+            return
+        path = db.parent / f".segx-reserve-{os.getpid()}-{id(self)}"
+        for old in db.parent.glob(".segx-reserve-*"):  # of processes killed outright
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(old.name.split("-")[2])
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    old.unlink()
+        try:
+            with open(path, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, self.SIZE)
+            self.path = path
+        except (OSError, AttributeError):  # already full, or no fallocate: no reserve
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def release(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.path = None
 
 
 def _release_interrupted_connections(exc: BaseException | None) -> None:

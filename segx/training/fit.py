@@ -7,6 +7,7 @@ batches an uninterrupted run would have seen from epoch k on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -319,6 +320,17 @@ class OnValidatedEpochs(keras.callbacks.Callback):
             self.inner.on_epoch_end(epoch, logs)
 
 
+def _raise_background_error(checkpoint) -> None:
+    """Raise what failed in a checkpoint's background write (a full disk), here and once.
+    TensorFlow keeps it until the next save, or raises it from an exit hook after segx has
+    ended, as a traceback nobody can act on (tf 2.21: AsyncCheckpointHelper._async_error)."""
+    helper = getattr(checkpoint, "_async_checkpointer_impl", None)
+    error = getattr(helper, "_async_error", None)
+    if error is not None:
+        helper._async_error = None
+        raise error
+
+
 def _learning_rate(model) -> float:
     lr = model.optimizer.learning_rate
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
@@ -397,13 +409,18 @@ def fit_member(
             )
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM, a preemption): a checkpoint being written in the
-            # background is finished and committed first, so resume finds it.
-            checkpoint.sync()
-            callback.final_checkpoint.sync()
+            # background is finished and committed first, so resume finds it. Its own failure
+            # (a full disk) is not this error's to replace.
+            for ckpt in (checkpoint, callback.final_checkpoint):
+                ckpt.sync()
+                with contextlib.suppress(Exception):
+                    _raise_background_error(ckpt)
             raise
     waited = time.perf_counter()
     checkpoint.sync()  # the last background writes (and their state.json) are on disk from here
     callback.final_checkpoint.sync()
+    for ckpt in (checkpoint, callback.final_checkpoint):
+        _raise_background_error(ckpt)
     if callback.committed is not None and not state.failure:
         # The last epoch's checkpoint: its blocking part and the wait for its write (the
         # per-epoch `time/checkpoint_s` of an epoch is reported with the next one).

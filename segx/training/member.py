@@ -148,9 +148,9 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data
                 state = _checkpoint_dir(cfg, run.info.run_id) / "state.json"
                 if state.exists() and not _owner_alive(state):
                     return run.info.run_id
-                # Stopped before its first checkpoint (preempted within checkpoint_every_s): its
-                # process ended it, so the run continues, from the first epoch.
-                if status == "KILLED" and not state.exists():
+                # Stopped before its first checkpoint (preempted within checkpoint_every_s, or a
+                # full disk): its process ended it, so the run continues, from the first epoch.
+                if (status == "KILLED" or run.data.tags.get("segx.disk_full") == "true") and not state.exists():
                     return run.info.run_id
         return None
     run = tracking.get_run(client, str(cfg.resume), need_finished=False)
@@ -168,7 +168,10 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data
             f"resume={cfg.resume}: the data changed since that run started (fingerprint {recorded}, "
             f"now {data_fingerprint}); start a new run, or restore the data it was trained on"
         )
-    if not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists():
+    no_checkpoint = not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists()
+    if no_checkpoint and run.data.tags.get("segx.disk_full") == "true":
+        return run.info.run_id  # the disk filled before a checkpoint was complete: again from epoch 1
+    if no_checkpoint:
         raise SegxError(
             f"resume={cfg.resume}: no checkpoint in {_checkpoint_dir(cfg, run.info.run_id)}; "
             "it died before its first epoch ended: start a new run"
@@ -285,7 +288,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
-    with tracking.run_scope(client, run_id), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on), \
+    with tracking.run_scope(client, run_id, lambda: _remove_partial_checkpoints(folder)), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on), \
             contextlib.ExitStack() as stack:  # fmt: skip
         recorded = recorded_container(cfg)  # values from the environment as written, not their values
         tracking.log_params(client, run_id, tracking.flatten(recorded))
@@ -411,6 +414,20 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         print(f"segx: cross-validation {parent_id}: {done}/{cfg.data.folds} folds finished"
               + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
     return float(state.best_dice)
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """After a full disk: the checkpoint files being written when it filled (TensorFlow's
+    ``*_temp`` folders), and the whole folder if it holds no complete checkpoint (state.json)."""
+    import shutil
+
+    if not (folder / "state.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in sorted(folder.rglob("*_temp"), reverse=True):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in folder.rglob("*.tempstate*"):
+        path.unlink(missing_ok=True)
 
 
 def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -> str:
