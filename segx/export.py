@@ -127,9 +127,9 @@ def export_run(client, run_id: str, fmt: str, output_dir: Path, workdir: Path, o
     from segx.inference.exported import check_opset, check_output_dir, export_ensemble
 
     fmt = check_format(fmt)
+    check_output_dir(output_dir, overwrite)  # before anything is imported, downloaded or built
     if fmt == "onnx":
-        check_opset(opset)
-    check_output_dir(output_dir, overwrite)  # before anything is downloaded or built
+        check_opset(opset)  # imports tf2onnx and so TensorFlow
     record, paths = fetch_ensemble(client, run_id, workdir)
     source = {"ensemble_run_id": run_id}
     manifest = export_ensemble(record, paths, output_dir, fmt, opset, tta, overwrite, source)

@@ -9,6 +9,8 @@ real ``mlflow models serve`` on a loopback port. What is checked:
 - ``segx.export`` + ``segx.predict backend=...`` against ``backend=keras`` for a resize member
   and a patch (sliding-window) member, with the export logged as a child run with signatures;
 - one-line errors before anything is written, and no partial folder left when interrupted;
+- ``overwrite=true`` replacing only a folder that holds nothing but an earlier export's own files
+  (``export.json`` lists them), refusing before any work and leaving anything else intact;
 - the ensemble's pyfunc model behind ``mlflow models serve``: masks back, and a 400 with the
   reason for a wrong dtype, shape or channel count.
 
@@ -387,6 +389,111 @@ def test_interrupted_export_leaves_no_partial_folder(export_store, tmp_path):
     assert "segx: interrupted by SIGINT" in err
     # Nothing left: no partial folder, no export, not even the parent folder this export made.
     assert not (tmp_path / "exports").exists()
+
+
+def _tree(folder: Path) -> dict[str, object]:
+    """Every path under ``folder``: a file's bytes, a link's target, or "folder"."""
+    out: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        out[rel] = f"-> {os.readlink(path)}" if path.is_symlink() else "folder" if path.is_dir() else path.read_bytes()
+    return out
+
+
+def _not_fetched(*args, **kwargs):
+    raise AssertionError("the ensemble was fetched: output_dir should have been refused before any work")
+
+
+def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_intact(export_store, tmp_path):
+    """Issue 21: another tool's output folder that happens to hold an export.json (and the user's
+    annotations) is refused in one line, exit status 2, before anything is downloaded or loaded."""
+    from segx import tracking
+
+    s = export_store
+    record = json.loads(Path(tracking.download(s["client"], s["equal"], "ensemble.json", tmp_path / "r")).read_text())
+    fresh = _ensemble_run(s["client"], s["experiment"], record, "ensemble-overwrite-foreign")  # never fetched before
+    folder = tmp_path / "L"
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "export.json").write_text('{"tool":"x"}\n')
+    (folder / "annotations" / "a.json").write_text("work\n")
+    before = _tree(folder)
+    proc = subprocess.run([sys.executable, "-m", "segx.export", f"ensemble_run_id={fresh}", *store_overrides(s["out"]),
+                           f"output_dir={folder}", "overwrite=true"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"segx: error: output_dir={folder} is not a segx export ({folder}/export.json is not a segx export manifest "
+        "this segx reads); overwrite=true replaces only an earlier export: choose a new or empty output_dir"]
+    assert _tree(folder) == before  # byte for byte
+    assert not (s["out"] / "cache" / "ensembles" / fresh).exists()  # refused before the ensemble was fetched
+    assert not list(tmp_path.glob(".segx-partial-export-*"))
+
+
+def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(export_store, tmp_path, monkeypatch):
+    """export.json lists every file and folder the export wrote (with sizes); overwrite=true
+    refuses, naming it, a file the user added at the top or inside saved_model/ (also when it
+    appears while the new export is being built), and replaces a clean earlier export."""
+    import segx.export
+    from segx.export import run_export
+    from segx.inference import exported
+    from segx.inference.exported import check_output_dir, read_manifest
+
+    s = export_store
+    folder = tmp_path / "E"
+    base = [*store_overrides(s["out"]), f"ensemble_run_id={s['equal']}", "format=savedmodel", f"output_dir={folder}",
+            "log=false"]  # fmt: skip
+    first = run_export(compose_config("export", base))
+    listed = {c["path"]: c.get("bytes", "folder") for c in first["contents"]}
+    on_disk = {rel: len(v) if isinstance(v, bytes) else v for rel, v in _tree(folder).items() if rel != "export.json"}
+    assert listed == on_disk and "saved_model/saved_model.pb" in listed and "ensemble.json" in listed
+    assert read_manifest(folder) == first
+
+    again = [*base, "overwrite=true"]
+    monkeypatch.setattr(segx.export, "fetch_ensemble", _not_fetched)
+    for added in ("notes.txt", "saved_model/variables/notes.txt"):
+        (folder / added).write_text("the user's\n")
+        before = _tree(folder)
+        with pytest.raises(SegxError) as err:
+            run_export(compose_config("export", again))
+        assert str(err.value) == (f"{folder}/{added} was not written by segx (export.json does not list it) and "
+                                  "overwrite=true would delete it; move that file out or choose a new output_dir")  # fmt: skip
+        assert _tree(folder) == before
+        (folder / added).unlink()
+
+    # An export.json from before `contents`: its top-level names, and anything inside saved_model/.
+    manifest_bytes = (folder / "export.json").read_bytes()
+    old = {k: v for k, v in first.items() if k != "contents"}
+    (folder / "export.json").write_text(json.dumps(old))
+    (folder / "saved_model" / "assets" / "vocab.txt").write_text("inside what segx wrote\n")
+    check_output_dir(folder, True)
+    (folder / "notes.txt").write_text("the user's\n")
+    with pytest.raises(SegxError, match=f"{folder}/notes.txt was not written by segx"):
+        check_output_dir(folder, True)
+    (folder / "notes.txt").unlink()
+    (folder / "saved_model" / "assets" / "vocab.txt").unlink()
+    (folder / "export.json").write_bytes(manifest_bytes)
+    monkeypatch.undo()
+
+    # A file written while the new export is being built: the check just before the move refuses it.
+    check = exported._check_export
+
+    def check_and_intrude(stage, manifest, functions):
+        (folder / "late.txt").write_text("written meanwhile\n")
+        return check(stage, manifest, functions)
+
+    monkeypatch.setattr(exported, "_check_export", check_and_intrude)
+    with pytest.raises(SegxError, match=f"{folder}/late.txt was not written by segx"):
+        run_export(compose_config("export", again))
+    assert (folder / "late.txt").is_file() and (folder / "export.json").read_bytes() == manifest_bytes
+    assert not list(tmp_path.glob(".segx-partial-export-*"))
+    (folder / "late.txt").unlink()
+    monkeypatch.undo()
+
+    # A clean earlier export is replaced.
+    second = run_export(compose_config("export", again))
+    assert read_manifest(folder) == second and (folder / "export.json").read_bytes() != manifest_bytes
+    assert {c["path"] for c in second["contents"]} == set(_tree(folder)) - {"export.json"}
+    assert not list(tmp_path.glob(".segx-partial-export-*"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -439,18 +439,126 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# The names segx writes at the top of an export folder (a hand-edited or foreign manifest cannot
+# make overwrite=true delete anything else): the model, the record, the manifest.
+_OWN_TOP = re.compile(r"saved_model|ensemble\.json|model(?:-view\d+)?\.onnx(?:\.data)?")
+
+
+def _own_path(rel: object) -> bool:
+    """Whether a manifest entry names a path segx may have written: a relative POSIX path whose
+    first part is one of segx's names (:data:`_OWN_TOP`), below ``saved_model/`` only."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return False
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts) or _OWN_TOP.fullmatch(parts[0]) is None:
+        return False
+    return len(parts) == 1 or parts[0] == "saved_model"
+
+
+def _contents(folder: Path, rel: str = "") -> list[dict]:
+    """Every file and folder under ``folder`` but its manifest, sorted: ``{"path", "bytes"}`` for
+    a file, ``{"path", "folder": true}`` for a folder (a SavedModel's ``assets/`` may be empty)."""
+    out: list[dict] = []
+    for entry in sorted(os.scandir(folder / rel if rel else folder), key=lambda e: e.name):
+        path = f"{rel}/{entry.name}" if rel else entry.name
+        if entry.is_dir(follow_symlinks=False):
+            out += [{"path": path, "folder": True}, *_contents(folder, path)]
+        elif path != MANIFEST:
+            out.append({"path": path, "bytes": entry.stat(follow_symlinks=False).st_size})
+    return out
+
+
+def _owned(manifest: dict) -> tuple[dict[str, int | None], set[str], set[str]]:
+    """What an earlier export's manifest says segx wrote: (files -> bytes, folders, folders whose
+    whole tree is segx's). A manifest with ``contents`` lists every file and folder; an older one
+    only the top-level names (``files``, ``ensemble.json`` and, for an ONNX model too large for
+    one file, the ``.data`` file segx writes beside it), anything deeper accepted only inside
+    its ``saved_model`` folder."""
+    contents = manifest.get("contents")
+    if contents is None:
+        names = [f for f in manifest.get("files") or [] if isinstance(f, str)]
+        names += [f"{f}.data" for f in names if f.endswith(".onnx")] + ["ensemble.json"]
+        names = [f for f in names if _own_path(f)]
+        trees = {"saved_model"} & set(names)
+        return {f: None for f in names if f not in trees}, set(), trees
+    if not isinstance(contents, list) or not all(isinstance(c, dict) for c in contents):
+        raise ValueError("contents is not a list of entries")
+    files: dict[str, int | None] = {}
+    folders: set[str] = set()
+    for entry in contents:
+        rel, size = entry.get("path"), entry.get("bytes")
+        if not _own_path(rel):
+            continue  # not a name segx writes: whatever lies there is refused as foreign
+        if entry.get("folder") is True:
+            folders.add(rel)
+        elif isinstance(size, int) and not isinstance(size, bool):
+            files[rel] = size
+    return files, folders, set()
+
+
+def _foreign(output_dir: Path, files: dict, folders: set, trees: set, rel: str = "") -> tuple[str, str] | None:
+    """The first path under ``output_dir`` (sorted, depth first) that the earlier export did not
+    write, and why; None when every file and folder there is its own."""
+    for entry in sorted(os.scandir(output_dir / rel if rel else output_dir), key=lambda e: e.name):
+        path = f"{rel}/{entry.name}" if rel else entry.name
+        inside = "/" in path and path.split("/")[0] in trees  # an older manifest's saved_model/...
+        if entry.is_symlink():
+            return path, "is a link, which segx never writes,"
+        if entry.is_dir():
+            if path not in folders and path not in trees and not inside:
+                return f"{path}/", f"was not written by segx ({MANIFEST} does not list it)"  # a folder
+            found = _foreign(output_dir, files, folders, trees, path)
+            if found is not None:
+                return found
+        elif not entry.is_file():
+            return path, "is not a file segx wrote"
+        elif path == MANIFEST or inside:
+            continue
+        elif path not in files:
+            return path, f"was not written by segx ({MANIFEST} does not list it)"
+        elif files[path] is not None and entry.stat().st_size != files[path]:
+            return path, (f"is not the file segx wrote there ({entry.stat().st_size} bytes; {MANIFEST} records "
+                          f"{files[path]})")  # fmt: skip
+    return None
+
+
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """An export folder is written whole or not at all; an existing one is replaced only with
-    ``overwrite=true`` and only if it is a segx export (it holds ``export.json``)."""
+    ``overwrite=true`` and only if it is an earlier segx export holding nothing but what that
+    export wrote: its ``export.json`` is a segx export manifest (:func:`read_manifest`) and every
+    file and folder under ``output_dir`` is one the manifest lists (``contents``; an older
+    manifest: its top-level names and what lies inside them). Anything else is one line naming
+    one file segx did not write, so a file the user added is never deleted."""
+    from segx.data.io import shown
+
     if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
-        raise SegxError(f"output_dir={output_dir} is a file or a link, not a folder; choose a new output_dir")
-    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SegxError(f"output_dir={shown(output_dir)} is a file or a link, not a folder; choose a new output_dir")
+    if not output_dir.exists():
+        return
+    try:
+        if not any(output_dir.iterdir()):
+            return
         if not overwrite:
-            raise SegxError(f"output_dir={output_dir} is not empty; choose a new output_dir or pass overwrite=true "
-                            "to replace an earlier export")  # fmt: skip
-        if not (output_dir / MANIFEST).is_file():
-            raise SegxError(f"output_dir={output_dir} is not a segx export (no {MANIFEST}); overwrite=true replaces "
-                            "only an earlier export: choose a new or empty output_dir")  # fmt: skip
+            raise SegxError(f"output_dir={shown(output_dir)} is not empty; choose a new output_dir or pass "
+                            "overwrite=true to replace an earlier export")  # fmt: skip
+        path = output_dir / MANIFEST
+        if path.is_symlink() or not path.is_file():
+            raise SegxError(f"output_dir={shown(output_dir)} is not a segx export (no {MANIFEST}); overwrite=true "
+                            "replaces only an earlier export: choose a new or empty output_dir")  # fmt: skip
+        try:
+            owned = _owned(read_manifest(output_dir))
+        except (SegxError, ValueError, TypeError, AttributeError):
+            raise SegxError(f"output_dir={shown(output_dir)} is not a segx export ({shown(path)} is not a segx "
+                            "export manifest this segx reads); overwrite=true replaces only an earlier export: "
+                            "choose a new or empty output_dir") from None  # fmt: skip
+        found = _foreign(output_dir, *owned)
+    except OSError as exc:
+        raise SegxError(f"cannot read output_dir={shown(output_dir)} ({exc.strerror or exc}); check its "
+                        "permissions or choose a new output_dir") from None  # fmt: skip
+    if found is not None:
+        what = "folder" if found[0].endswith("/") else "file"
+        raise SegxError(f"{shown(output_dir)}/{shown(found[0])} {found[1]} and overwrite=true would delete it; "
+                        f"move that {what} out or choose a new output_dir")  # fmt: skip
 
 
 def _move_into_place(stage: Path, output_dir: Path) -> None:
@@ -528,6 +636,7 @@ def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.Pa
         manifest["check"] = _check_export(stage, manifest, functions)
         manifest["sizes_bytes"] = {f: _folder_bytes(stage / f) for f in files}
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        manifest["contents"] = _contents(stage)  # what overwrite=true may replace, and nothing else
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
         check_output_dir(output_dir, overwrite)  # someone may have written there meanwhile
         _move_into_place(stage, output_dir)
