@@ -201,9 +201,21 @@ def _flush() -> None:
             stream.flush()
 
 
+def _end_unscoped(status: str, failure: str | None = None) -> None:
+    """Runs created but not yet inside their run_scope (segx.tracking) end now, not RUNNING."""
+    tracking = sys.modules.get("segx.tracking")
+    if tracking is None or not getattr(tracking, "_unscoped", None):
+        return
+    with contextlib.suppress(Exception):
+        for run_id in tracking.end_unscoped(status, failure):
+            if status == "KILLED":
+                note_killed(run_id)
+
+
 def _exit_interrupted(signum: int) -> None:
     global _exiting
     _exiting = True  # a second Ctrl-C from here on exits at once
+    _end_unscoped("KILLED")
     _flush()
     _write_stderr(_interrupted_line(signum))
     sys.exit(128 + signum)
@@ -212,6 +224,7 @@ def _exit_interrupted(signum: int) -> None:
 def exit_on_error(exc: SegxError) -> None:
     global _exiting
     _exiting = True
+    _end_unscoped("FAILED", str(exc)[:5000])
     _flush()
     print(f"segx: error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -240,6 +253,7 @@ def reported(mark: int = 0) -> Iterator[None]:
         full = disk_full(exc)  # not a bug: the machine's state, said in one line
         if full:
             exit_on_error(SegxError(full))
+        _end_unscoped("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
         raise
     if signal_since(mark) is not None:  # a library swallowed it: the command did not finish
         _exit_interrupted(signal_since(mark))

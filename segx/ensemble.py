@@ -173,12 +173,12 @@ def build_ensemble(cfg: DictConfig) -> dict:
     note = _description(members, labels, found, record, summary, validation, gain, experiment, str(cfg.ensemble.search),
                         tags.get("segx.reproduce"))  # fmt: skip
     run_id = tracking.start_run(client, experiment, run_name, tags, note)
-    for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
-        for member_run in [m.run_id, *m.folds]:
-            used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
-            tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
+        for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
+            for member_run in [m.run_id, *m.folds]:
+                used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
+                tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
@@ -245,7 +245,7 @@ def _description(members, labels, found, record, summary, validation, gain, expe
                 f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |")  # fmt: skip
     verdict = "the gain is real" if gain["low"] > 0 else "the ensemble is worse" if gain["high"] < 0 else "not shown to be better"
     lines = [
-        f"**segx ensemble** of {len(members)} members, chosen on validation by {search} search; threshold "
+        f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
         f"{record['threshold']}, post-processing {found['postprocess'].describe()}. Validation: members at their own "
         "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
         "", *rows, "",

@@ -396,6 +396,7 @@ def run_scope(client: MlflowClient, run_id: str, on_disk_full: Callable[[], None
     from segx import cli
 
     mark = cli.signal_count()
+    _unscoped.pop(run_id, None)  # from here this scope ends it
     status, failure = "FAILED", None
     reserve = _Reserve(_sqlite_path(client.tracking_uri))
     with cli.signals_raise():
@@ -532,12 +533,36 @@ def start_run(
     if "mlflow.source.name" in context and context["mlflow.source.name"] in ("-c", "-m", ""):
         context["mlflow.source.name"] = " ".join(["python", *sys.argv])[:500]
     extra = {"mlflow.note.content": description} if description else {}
-    run = client.create_run(experiment, run_name=run_name, tags={**context, **dict(tags), **extra})
+    from segx import cli
+
+    with cli.signals_deferred():  # created and registered together: a signal is raised after both
+        run = client.create_run(experiment, run_name=run_name, tags={**context, **dict(tags), **extra})
+        _unscoped[run.info.run_id] = client
     return run.info.run_id
 
 
 def reopen_run(client: MlflowClient, run_id: str) -> None:
-    client.update_run(run_id, status="RUNNING")
+    from segx import cli
+
+    with cli.signals_deferred():
+        client.update_run(run_id, status="RUNNING")
+        _unscoped[run_id] = client
+
+
+# Runs made RUNNING (start_run, reopen_run) whose run_scope has not begun yet. Between the two a
+# command may still be stopped (a signal, a failed check): segx.cli ends these on its way out,
+# so no path leaves a run RUNNING (a signal under load once did, between creation and scope).
+_unscoped: dict[str, MlflowClient] = {}
+
+
+def end_unscoped(status: str, failure: str | None = None) -> list[str]:
+    """End every run still waiting for its scope with ``status``; returns their IDs."""
+    ended = []
+    while _unscoped:
+        run_id, client = _unscoped.popitem()
+        if _end_run(client, run_id, status, failure):
+            ended.append(run_id)
+    return ended
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -834,7 +859,7 @@ def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: s
         experiment, name=name, source_run_id=run_id, model_type="segx-member",
         params={k: str(v) for k, v in params.items()}, tags={"segx.model_artifact": f"runs:/{run_id}/model"},
     )  # fmt: skip
-    log_member_pyfunc(model.model_id, run_id, dict(member), _image_signature())
+    log_member_pyfunc(client, model.model_id, run_id, dict(member), _image_signature(), int(member["view"]["size"]))
     if client.get_logged_model(model.model_id).status != LoggedModelStatus.READY:
         client.finalize_logged_model(model.model_id, "READY")
     if not any(o.model_id == model.model_id for o in (client.get_run(run_id).outputs.model_outputs or [])):

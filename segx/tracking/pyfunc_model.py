@@ -136,20 +136,33 @@ def _requirements() -> list[str]:
     ) if versions.get(name, "missing") != "missing"]  # fmt: skip
 
 
-def log_member_pyfunc(model_id: str, run_id: str, member: dict, signature) -> None:
+def log_member_pyfunc(client, model_id: str, run_id: str, member: dict, signature, example_size: int) -> None:
     """Make the member's logged model ``model_id`` a pyfunc model that loads and predicts at each
     image's own size: a one-member record (weight 1, threshold 0.5, no post-processing, no TTA:
-    the member's own test metrics); the weights stay in the run's ``model`` artifact."""
+    the member's own test metrics); the weights stay in the run's ``model`` artifact.
+
+    Saved here and uploaded as the logged model's files (not ``log_model``, which would load the
+    network, TensorFlow and all, to check an input example): MLmodel with the signature and an
+    input example of ``example_size`` px, the code, the record."""
     import tempfile
+
+    import numpy as np
+    from mlflow.models import Model
 
     record = {"format": "segx-ensemble", "version": 3, "threshold": 0.5, "tta": "none", "weight_denominator": 1,
               "members": [{**member, "run_id": run_id, "weight": 1.0, "weight_count": 1}]}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="segx-pyfunc-") as tmp_dir:
-        path = Path(tmp_dir) / "member.json"
-        path.write_text(json.dumps(record, indent=2))
-        # No input example: MLflow would load the model (TensorFlow, the network) to check it.
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        tmp = Path(tmp_dir)
+        (tmp / "member.json").write_text(json.dumps(record, indent=2))
+        folder = tmp / "model"
+        with warnings.catch_warnings():  # the example is added below, without loading the network
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            mlflow.pyfunc.log_model(name="member", python_model=str(Path(__file__).resolve()), artifacts={"record": str(path)},
-                                    code_paths=[str(_PACKAGE_DIR)], pip_requirements=_requirements(), signature=signature,
-                                    model_id=model_id)  # fmt: skip
+            mlflow.pyfunc.save_model(str(folder), python_model=str(Path(__file__).resolve()), artifacts={"record": str(tmp / "member.json")},
+                                     code_paths=[str(_PACKAGE_DIR)], pip_requirements=_requirements(), signature=signature)  # fmt: skip
+        info = Model.load(str(folder / "MLmodel"))
+        info.model_id, info.run_id = model_id, run_id
+        example = np.zeros((1, example_size, example_size, 3), np.uint8).tolist()
+        (folder / "input_example.json").write_text(json.dumps(example))
+        info.saved_input_example_info = {"artifact_path": "input_example.json", "type": "json_object"}
+        info.save(str(folder / "MLmodel"))
+        client.log_model_artifacts(model_id, str(folder))

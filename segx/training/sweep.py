@@ -207,6 +207,8 @@ def sweep_job(cfg: DictConfig) -> float:
             record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": member.last_run_id})
         raise
     except Exception as exc:
+        if "segx.tracking" in sys.modules:  # a run created but not yet in its scope: FAILED, not RUNNING
+            sys.modules["segx.tracking"].end_unscoped("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
         if cli.signal_since(mark) is not None:
             record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": "interrupted", "run_id": member.last_run_id})
             raise  # a library turned Ctrl-C/SIGTERM into an error: stop the sweep, not this job
