@@ -42,6 +42,7 @@ from segx.evaluation.report import (
     summarise,
     val_table,
 )
+from segx.progress import stage
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -175,6 +176,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     run_id = tracking.start_run(client, experiment, run_name, tags, note)
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
+        stage(f"ensemble run {run_id}: logging its record, tables and figures")
         for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
             for member_run in [m.run_id, *m.folds]:
                 used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
@@ -220,6 +222,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tracking.log_metrics(client, run_id, metrics)
         from segx.tracking.pyfunc_model import log_pyfunc
 
+        stage("logging the pyfunc model (a copy of every member's weights travels with it)")
         log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
     record["run_id"] = run_id
     print_report(record, members, validation, summary, found, gain)
