@@ -557,10 +557,13 @@ def test_served_pyfunc_answers_masks_and_400_with_the_reason(export_store, tmp_p
             ((images[0] / 255.0)[None].tolist(), "dtype float64"),
             (images[0][None, :, :, :2].tolist(), "2 channels"),
             (images[0][:, :, 0].tolist(), "an array of shape"),
+            (None, "a single value (null?)"),
         ]:
             status, body = _post(port, {"inputs": bad})
             assert status == 400, body
             assert "segx: bad request" in body["message"] and reason in body["message"], body["message"][-500:]
+            text = json.dumps(body)  # no install or artifact paths, no trace
+            assert "stack_trace" not in body and "site-packages" not in text and str(ROOT) not in text, text[-1000:]
     finally:  # the server and its uvicorn worker: the whole process group this test started
         _stop_group(server, port)
         log.close()

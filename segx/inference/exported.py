@@ -142,6 +142,9 @@ def check_request_images(model_input: Any, max_pixels: int | None = None) -> lis
     from segx.data.io import DEFAULT_MAX_PIXELS
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if model_input is None or (isinstance(model_input, np.ndarray) and model_input.ndim == 0):
+        raise SegxError("images: the request holds a single value (null?), not images; send uint8 images "
+                        "(N, H, W, 3), a list or a dict of images")  # fmt: skip
     if isinstance(model_input, Mapping):
         items = list(model_input.items())
     elif isinstance(model_input, np.ndarray) and model_input.dtype != object:

@@ -69,17 +69,27 @@ try:
             the server makes of JSON ``{"inputs": {"a": image, "b": image}}``). Pixel values are
             integers 0..255 with 1, 3 or 4 channels; anything else is refused with the reason
             (HTTP 400 from ``mlflow models serve``), before any network runs."""
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
             from segx.errors import SegxError
             from segx.inference.exported import check_request_images, names_of
 
             try:
                 images = check_request_images(model_input)
             except SegxError as exc:
-                from mlflow.exceptions import MlflowException
-                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
                 raise MlflowException(f"segx: bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-            masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+            except Exception as exc:  # noqa: BLE001 - a request no check foresaw: its reason, no trace
+                raise MlflowException(f"segx: bad request: {type(exc).__name__} reading the images; send uint8 images "
+                                      "(N, H, W, 3), a list or a dict of images", error_code=INVALID_PARAMETER_VALUE) from None  # fmt: skip
+            try:
+                masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+            except Exception as exc:  # noqa: BLE001 - the trace (install and artifact paths) stays in the server's log
+                import logging
+
+                logging.getLogger("segx").exception("segx: prediction failed")
+                raise MlflowException(f"segx: prediction failed ({type(exc).__name__}); see the server's log",
+                                      error_code=INTERNAL_ERROR) from None  # fmt: skip
             names = names_of(model_input)
             if names is not None:
                 return dict(zip(names, masks, strict=True))
