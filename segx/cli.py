@@ -345,12 +345,19 @@ def _register_resolvers() -> None:
 def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     """Checks run on the command line before Hydra starts: an unknown group option or config
     key becomes one line with a suggestion (Hydra's own messages span many lines)."""
-    from segx.config import CONF_DIR, check_group_choices, check_override_keys, search_dirs
+    from segx.config import (
+        CONF_DIR,
+        check_config_files,
+        check_group_choices,
+        check_override_keys,
+        search_dirs,
+    )
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in HYDRA_ONLY_FLAGS or a.startswith(("--shell-completion=", "--config-name=")) for a in argv):
         return  # Hydra's own flags (shell completion, help, another primary config): Hydra's to answer
     dirs = [CONF_DIR, *search_dirs(argv)]  # the folders Hydra will search, a user's own included
+    check_config_files(dirs)  # before anything composes them
     check_group_choices(argv, dirs)
     check_override_keys(config_name, argv, dirs)
     _check_output_dir(config_name, argv)

@@ -76,6 +76,49 @@ def check_group_choices(argv: Sequence[str], conf_dir: Path | Sequence[Path] = C
                 raise SegxError(f"unknown {key} '{v}';{hint} (see {where})")
 
 
+MAX_CONFIG_NODES = 100_000  # values a config file may expand to (segx's largest: a few hundred)
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_config_files(conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
+    """Every YAML file Hydra may compose from ``conf_dir`` (segx's and the user's folders), bounded
+    before it is composed: a YAML alias bomb (``&a [*b, *b, ...]`` nested) is a few lines that
+    expand to billions of values and once took 5.2 GB and 10 minutes. Counted on YAML's node
+    graph, where an alias is the node it names, so the check itself stays small."""
+    import yaml
+
+    for folder in _dirs(conf_dir):
+        for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+            size = path.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise SegxError(f"{path}: {size} bytes is over the {MAX_CONFIG_BYTES} a config file may hold; "
+                                "keep data out of configs (point at a file instead)")  # fmt: skip
+            try:
+                node = yaml.compose(path.read_text(errors="replace"), Loader=yaml.SafeLoader)
+            except yaml.YAMLError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SegxError(f"{path}: not valid YAML ({first}); fix the file") from None
+            if node is not None and (count := _expanded_size(node, path, {})) > MAX_CONFIG_NODES:
+                raise SegxError(f"{path}: its aliases expand to {count} values, over the {MAX_CONFIG_NODES} a config may "
+                                "hold (a YAML alias bomb?); remove the repeated aliases")  # fmt: skip
+
+
+def _expanded_size(node, path: Path, memo: dict[int, int], depth: int = 0) -> int:
+    """How many values a YAML node stands for once its aliases are expanded (``memo``: per node)."""
+    import yaml
+
+    if depth > MAX_CONFIG_DEPTH:
+        raise SegxError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep; flatten it")
+    if id(node) not in memo:
+        if isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        memo[id(node)] = 1 + sum(_expanded_size(c, path, memo, depth + 1) for c in children)
+    return memo[id(node)]
+
+
 def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
     """Fail fast, in one line with a suggestion, on ``a.b=value`` naming no config key.
 
