@@ -4,6 +4,7 @@ they can mean, and every refusal is one line (exit 2) before a run or a file is 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -180,3 +181,17 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_composed(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "bomb.yaml: its aliases expand to" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 60
+
+
+def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_store):
+    from tests.test_store_signals import copy_store, ensemble_args, statuses
+
+    store = copy_store(member_store[0], tmp_path / "store")
+    (store / "cache").mkdir(exist_ok=True)
+    shutil.rmtree(store / "cache" / "probs", ignore_errors=True)
+    (store / "cache" / "probs").write_text("not a folder")
+    result = run(ensemble_args(store))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (f"segx: error: {store / 'cache' / 'probs'} (the members' extracted probabilities) is a file, "
+                                     "not a folder; remove it (segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
+    assert statuses(store, "ensemble") == []  # refused before any run was made
