@@ -62,7 +62,7 @@ def test_paired_bootstrap_on_constructed_differences():
     [
         (["data.folds=2", "fold=2"], r"fold=2 is not one of 0..1 \(data.folds=2\); train one with fold=0 or all with -m fold=0,1"),
         (["fold=0"], r"fold=0 but data.folds is null; set data.folds=K"),
-        (["data.folds=1", "fold=0"], r"data.folds=1 is out of range; use a value >= 2"),
+        (["data.folds=1", "fold=0"], r"data.folds=1 is out of range; use a value in \[2, 100\]"),
         (["data.folds=3"], r"fold=None is not one of 0..2"),
     ],
 )
