@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,29 @@ def compose_with_hydra(config_name: str, overrides: Sequence[str], conf_dirs: Se
 
 
 _FROM_ENVIRONMENT = ("${oc.env:", "${env:")
+_KEY = re.compile(r"[A-Za-z0-9_.\- /]+")  # what MLflow takes as a param name, segx's keys all
+
+
+def check_key_names(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
+    """Every config key a plain name (keys become MLflow param names): an interpolation as a key
+    (``"${oc.env:HOME}": 1``) or punctuation is one line naming it, before a run exists."""
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                text = str(key)
+                if not _KEY.fullmatch(text):
+                    place = f" (under {where})" if where else ""
+                    raise SegxError(f"config key {text!r}{place} is not a plain name (letters, digits, _ - . / and "
+                                    "spaces): rename it; an interpolation cannot be a key")  # fmt: skip
+                if not where and text in skip:
+                    continue
+                walk(value, f"{where}.{text}" if where else text)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def recorded_container(cfg: DictConfig) -> dict:

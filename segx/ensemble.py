@@ -25,6 +25,7 @@ from segx.config import (
     CONF_PATH,
     SEARCH_METHODS,
     TTA_MODES,
+    check_key_names,
     recorded_container,
     require_choice,
     require_float,
@@ -47,6 +48,7 @@ from segx.progress import stage
 
 def validate_config(cfg: DictConfig) -> None:
     e = cfg.ensemble
+    check_key_names(cfg)
     require_choice(cfg, "ensemble.select", ["list", "auto"])
     require_choice(cfg, "ensemble.search", SEARCH_METHODS)
     require_choice(cfg, "ensemble.tta", TTA_MODES)

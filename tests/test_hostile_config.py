@@ -195,3 +195,14 @@ def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_
     assert result.stderr.strip() == (f"segx: error: {store / 'cache' / 'probs'} (the members' extracted probabilities) is a file, "
                                      "not a folder; remove it (segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
     assert statuses(store, "ensemble") == []  # refused before any run was made
+
+
+def test_an_interpolation_as_a_config_key_is_one_line(tmp_path):
+    own = tmp_path / "myconf" / "experiment"
+    own.mkdir(parents=True)
+    (own / "keyed.yaml").write_text('# @package _global_\ndata:\n  "${oc.env:HOME}": 1\n')
+    result = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), "experiment=keyed", *store_overrides(tmp_path)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == ("segx: error: config key '${oc.env:HOME}' (under data) is not a plain name (letters, "
+                                     "digits, _ - . / and spaces): rename it; an interpolation cannot be a key")  # fmt: skip
+    assert not (tmp_path / "mlflow.db").exists()

@@ -20,7 +20,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from segx import metric_keys as keys
-from segx.config import ARCHS, recorded_container, require_choice, require_float, require_int
+from segx.config import (
+    ARCHS,
+    check_key_names,
+    recorded_container,
+    require_choice,
+    require_float,
+    require_int,
+)
 from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
@@ -39,6 +46,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Cheap checks that name the key, before data or models are touched, a run is created or
     a file is written. Every ``_target_`` segx will build is checked here by what it resolves to."""
     # TF and NumPy's legacy seeding take 32-bit unsigned seeds.
+    check_key_names(cfg)
     require_int(cfg, "seed", 0, 2**32 - 1)
     require_int(cfg, "trainer.epochs", 1)
     require_int(cfg, "trainer.batch_size", 1)
