@@ -250,7 +250,7 @@ def test_patches_are_padded_seeded_and_forced_onto_foreground(tmp_path):
         (["data.patch_size=48", "arch=pspnet", "data.patch_size=64"], r"data.patch_size=64 does not suit arch=pspnet: it needs a multiple of 48"),
         (["data.patch_size=256", "data.pad=false"], r"data.pad=false but case\d+ .* is smaller than data.patch_size=256 .*every image is smaller \(largest side 120 px\)"),
         (["data.scale=0.1"], r"data.scale=0.1 shrinks case03 \(50x29\) to 2.9 px; use data.scale >= 0.276"),
-        (["data.overlap=1.0"], r"data.overlap=1.0 is out of range; use a value in \[0.0, 1.0\)"),
+        (["data.overlap=1.0"], r"data.overlap=1.0 is out of range; use a value in \[0.0, 0.9\]"),
         (["data.pixel_spacing=-1"], r"data.pixel_spacing=-1 must be null, one positive number or \[row, column\]"),
         (["data.max_pixels=3000"], r"case\d+.png: header declares \d+x\d+ pixels, over the limit of 3000; downscale the file or raise data.max_pixels"),
     ],
