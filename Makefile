@@ -41,7 +41,7 @@ server: install  ## shared MLflow tracking server (PostgreSQL, proxied artifacts
 	$(PY) -m segx.server $(ARGS)
 
 test: install  ## fast tests (real TF models, real MLflow store in tmp)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: install  ## slow tests only (every backbone builds, benchmark smoke test)
 	$(PY) -m pytest -m slow -q
