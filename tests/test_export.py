@@ -524,7 +524,7 @@ def test_served_pyfunc_answers_masks_and_400_with_the_reason(export_store, tmp_p
     uri = client.get_run(s["searched"]).data.tags["segx.pyfunc_uri"]
     port = _free_port()
     # The server starts `uvicorn` by name: the venv's bin folder must be on PATH (as when activated).
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{s['out']}/mlflow.db", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{s['out']}/mlflow.db", PYTHONUNBUFFERED="1", SEGX_SERVE_MAX_REQUEST_MB="2",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # fmt: skip
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
@@ -564,6 +564,11 @@ def test_served_pyfunc_answers_masks_and_400_with_the_reason(export_store, tmp_p
             assert "segx: bad request" in body["message"] and reason in body["message"], body["message"][-500:]
             text = json.dumps(body)  # no install or artifact paths, no trace
             assert "stack_trace" not in body and "site-packages" not in text and str(ROOT) not in text, text[-1000:]
+        # Over the stated size (2 MB here): refused before the body is read, in one line.
+        started = time.monotonic()
+        status, body = _post(port, {"inputs": np.zeros((1, 700, 700, 3), np.uint8).tolist()})
+        assert status == 413 and "is over the 2 MB a request may hold" in body["message"], body
+        assert time.monotonic() - started < 30
     finally:  # the server and its uvicorn worker: the whole process group this test started
         _stop_group(server, port)
         log.close()

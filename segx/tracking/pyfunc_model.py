@@ -32,6 +32,7 @@ try:
         def load_context(self, context):
             from segx.inference.predictor import EnsemblePredictor
 
+            _limit_served_requests()
             with open(context.artifacts["record"]) as fh:
                 record = json.load(fh)
             if "member0" not in context.artifacts and "member0_fold0" not in context.artifacts:
@@ -97,6 +98,45 @@ try:
 
 finally:
     warnings.showwarning = _show_warning
+
+MAX_REQUEST_MB = 32.0  # SEGX_SERVE_MAX_REQUEST_MB: a 1024 px RGB image is about 12 MB of JSON
+
+
+def _limit_served_requests() -> None:
+    """Behind ``mlflow models serve``: refuse a request whose body is over the limit (HTTP 413,
+    one line) before it is read and decoded; a 50 MB JSON body kept a worker busy long after
+    MLflow's own 504. MLflow's server loads the model and then builds its FastAPI app
+    (mlflow/pyfunc/scoring_server/app.py): the next FastAPI app made in this process, that one,
+    gets the check. Elsewhere (load_model in a script) this does nothing."""
+    import os
+    import sys
+
+    if "mlflow.pyfunc.scoring_server.app" not in sys.modules:
+        return
+    import fastapi
+    from fastapi.responses import JSONResponse
+
+    limit = float(os.environ.get("SEGX_SERVE_MAX_REQUEST_MB", MAX_REQUEST_MB))
+    plain = fastapi.FastAPI
+
+    async def request_size(request, call_next):
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limit * 1e6:
+            message = (f"segx: bad request: {int(size) / 1e6:.1f} MB is over the {limit:g} MB a request may hold; "
+                       "send fewer or smaller images per request (SEGX_SERVE_MAX_REQUEST_MB sets the limit)")  # fmt: skip
+            async for _ in request.stream():  # read and dropped, never decoded: the client gets its answer
+                pass
+            return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, status_code=413)
+        return await call_next(request)
+
+    class ServingApp(plain):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fastapi.FastAPI = plain  # this app only
+            self.middleware("http")(request_size)
+
+    fastapi.FastAPI = ServingApp
+
 
 mlflow.models.set_model(SegxEnsembleModel())
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole segx package travels with a model
