@@ -108,8 +108,12 @@ def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member
     model_id = client.get_run(run_id).data.tags["segx.logged_model_id"]
     logged = client.get_logged_model(model_id)
     assert logged.status.to_int() == 2 or str(logged.status).endswith("READY")
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # models:/<id> is looked up in the default store
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
     cached = load_cached(tracking.download(client, run_id, "predictions/test.npz", tmp_path / "c"), tmp_path / "c")
     files = {c.stem: c.image for c in discover_cases(synthetic_root)}
     images = [read_image(files[stem]) for stem in cached.stems]

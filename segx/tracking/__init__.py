@@ -499,7 +499,7 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
     """Write the run's final status within ``_END_RUN_TIMEOUT_S``; never leave it RUNNING
     silently. True once written."""
     deadline = time.monotonic() + _END_RUN_TIMEOUT_S
-    uri = mlflow.get_tracking_uri()
+    uri = getattr(client, "tracking_uri", None) or mlflow.get_tracking_uri()  # this run's store, not the process's default
     error: Exception | None = None
     while True:
         try:
