@@ -99,7 +99,7 @@ try:
 finally:
     warnings.showwarning = _show_warning
 
-MAX_REQUEST_MB = 32.0  # SEGX_SERVE_MAX_REQUEST_MB: a 1024 px RGB image is about 12 MB of JSON
+MAX_REQUEST_MB = 32.0  # SEGX_SERVE_MAX_REQUEST_MB; JSON spends up to 4 bytes per pixel value (RGB: 12 per pixel)
 
 
 def _limit_served_requests() -> None:
