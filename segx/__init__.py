@@ -8,6 +8,6 @@ if sys.argv[:1] == ["-m"]:
     # `python -m segx.<command>` (Python sets argv[0] to "-m" while it locates the module):
     # Ctrl-C/SIGTERM give one line and exit 128 + signal from the first import on, not only
     # once the command's main() runs. Importing segx as a library leaves signals alone.
-    from segx import cli
+    from segx import signals
 
-    cli.install()
+    signals.install()

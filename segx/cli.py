@@ -13,12 +13,11 @@ How a command ends, whatever it is:
 * SIGINT (Ctrl-C) or SIGTERM: one line on stderr, exit 130 or 143 (128 + the signal);
 * any other exception is a bug in segx or a library: its traceback is the useful report.
 
-Signals are turned into :class:`Interrupted`, a ``KeyboardInterrupt``, so ``except Exception`` in
-a library does not catch it. Some library code still swallows it (a handler that catches
-everything, a finaliser, ``contextlib.suppress(BaseException)``), so every signal is also
-counted here: ``tracking.run_scope`` and this wrapper look at the count when they end, and an
-interrupted command never ends FINISHED or exits 0. No MLflow, TensorFlow or Hydra is imported
-at module level.
+Signals are turned into :class:`Interrupted` and counted by :mod:`segx.signals` (re-exported
+here); this wrapper looks at the count when the command ends, so an interrupted command never
+exits 0. What lower layers must do on the way out (end runs left open, print a sweep's summary)
+they register there; this module imports none of them. No MLflow, TensorFlow or Hydra is
+imported at module level.
 """
 
 from __future__ import annotations
@@ -29,170 +28,23 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from segx import signals
 from segx.errors import SegxError
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_received: list[int] = []  # every SIGINT/SIGTERM this process got, in order
-_raising = 0  # > 0 while work runs that a signal must stop by an exception (see _on_signal)
-_defer = 0  # > 0 while a final status is written: signals are counted, not raised
-_exiting = False  # the command is ending: one more signal ends it at once
-_killed_runs: list[str] = []  # runs ended KILLED, for the one-line message
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM raised as an exception, so that runs end KILLED and the command exits
-    with 128 + the signal number. A ``KeyboardInterrupt``: code that handles Ctrl-C handles it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def signal_count() -> int:
-    """How many SIGINT/SIGTERM this process has received; compare two counts to see whether
-    a signal arrived in between, even one that some library swallowed."""
-    return len(_received)
-
-
-def signal_since(mark: int) -> int | None:
-    """The first signal received after :func:`signal_count` returned ``mark``, or None."""
-    return _received[mark] if len(_received) > mark else None
-
-
-def note_killed(run_id: str) -> None:
-    _killed_runs.append(run_id)
-
-
-def _quiet(record: logging.LogRecord) -> bool:
-    return record.name.startswith("segx")
-
-
-def _silence_libraries() -> None:
-    """After a signal, libraries log what it broke (interrupted queries, cursors that no longer
-    close) with tracebacks: the command is ending and says so in one line, so only segx speaks."""
-    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if _quiet not in handler.filters:
-                handler.addFilter(_quiet)
-
-
-def _exit_now() -> None:
-    _write_stderr(_interrupted_line(_received[0]))
-    os._exit(128 + _received[0])
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    _received.append(signum)
-    if len(_received) == 1:
-        _silence_libraries()
-    if _exiting or not _raising:
-        # Before the work starts (imports), after it ended (the interpreter's teardown) or on a
-        # second signal while exiting: nothing to clean up, leave now with the first signal's code.
-        _exit_now()
-    if _defer:
-        return  # counted; raised when the protected section ends
-    raise Interrupted(signum)
-
-
-def _unraisable(info: Any) -> None:
-    """A signal raised inside a finaliser or a weakref callback (garbage collection runs them
-    anywhere) is swallowed by Python with a traceback. Print nothing, and raise the signal
-    again in the code that runs next: a timer signal shortly after, outside the finaliser."""
-    if isinstance(info.exc_value, Interrupted):
-        if _raising and not _exiting:
-            signal.setitimer(signal.ITIMER_REAL, 0.02)
-        return
-    sys.__unraisablehook__(info)
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    if _received and _raising and not _exiting and not _defer:
-        raise Interrupted(_received[0])
-
-
-def install() -> None:
-    """Handle SIGINT/SIGTERM the segx way for the whole process (command line only: a library
-    user keeps their own handlers, and :func:`signals_raise` sets them for a run's duration)."""
-    if not _main_thread():
-        return
-    for s in SIGNALS:
-        signal.signal(s, _on_signal)
-    if hasattr(signal, "setitimer"):
-        signal.signal(signal.SIGALRM, _on_alarm)
-        sys.unraisablehook = _unraisable
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGINT/SIGTERM raise :class:`Interrupted` (and are counted) inside this block.
-
-    Installs the handlers for the block's duration if they are not installed already (a
-    library call, e.g. from a notebook or a test); a no-op outside the main thread, where
-    Python never runs signal handlers.
-    """
-    global _raising
-    if not _main_thread():
-        yield
-        return
-    previous = {}
-    if not all(signal.getsignal(s) is _on_signal for s in SIGNALS):
-        previous = {s: signal.signal(s, _on_signal) for s in SIGNALS}
-    _raising += 1
-    try:
-        yield
-    finally:
-        _raising -= 1
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """A section no signal may cut short (a run's final status write): SIGINT/SIGTERM are
-    blocked for this thread and, if another thread takes one (Python then runs the handler in
-    the main thread all the same), only counted. One that arrived meanwhile is raised at the end."""
-    global _defer
-    mark = signal_count()
-    blocked = _main_thread() and hasattr(signal, "pthread_sigmask")
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if blocked else None
-    _defer += 1
-    try:
-        yield
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # pending ones are handled now
-        _defer -= 1
-    if not _defer and signal_since(mark) is not None and sys.exc_info()[0] is None:
-        raise Interrupted(signal_since(mark))
-
-
-def pending_signal() -> int | None:
-    """A SIGINT/SIGTERM that is blocked and waiting (inside :func:`signals_deferred`)."""
-    if not hasattr(signal, "sigpending"):
-        return None
-    waiting = signal.sigpending()
-    return next((int(s) for s in SIGNALS if s in waiting), None)
-
-
-def _write_stderr(text: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(2, (text + "\n").encode(errors="replace"))
-
-
-def _interrupted_line(signum: int) -> str:
-    name = signal.Signals(signum).name
-    runs = ", ".join(dict.fromkeys(_killed_runs))
-    ended = f"; MLflow run {runs} ended KILLED" if runs else ""
-    return f"segx: interrupted by {name}{ended}"
+# The signal API, where commands and tests have always found it.
+from segx.signals import (  # noqa: F401
+    Interrupted,
+    install,
+    note_killed,
+    pending_signal,
+    signal_count,
+    signal_since,
+    signals_deferred,
+    signals_raise,
+)
 
 
 def _flush() -> None:
@@ -201,30 +53,17 @@ def _flush() -> None:
             stream.flush()
 
 
-def _end_unscoped(status: str, failure: str | None = None) -> None:
-    """Runs created but not yet inside their run_scope (segx.tracking) end now, not RUNNING."""
-    tracking = sys.modules.get("segx.tracking")
-    if tracking is None or not getattr(tracking, "_unscoped", None):
-        return
-    with contextlib.suppress(Exception):
-        for run_id in tracking.end_unscoped(status, failure):
-            if status == "KILLED":
-                note_killed(run_id)
-
-
 def _exit_interrupted(signum: int) -> None:
-    global _exiting
-    _exiting = True  # a second Ctrl-C from here on exits at once
-    _end_unscoped("KILLED")
+    signals.begin_exit()  # a second Ctrl-C from here on exits at once
+    signals.run_failure_hooks("KILLED")  # runs not yet in their scope end KILLED, not RUNNING
     _flush()
-    _write_stderr(_interrupted_line(signum))
+    signals.write_stderr(signals.interrupted_line(signum))
     sys.exit(128 + signum)
 
 
 def exit_on_error(exc: SegxError) -> None:
-    global _exiting
-    _exiting = True
-    _end_unscoped("FAILED", str(exc)[:5000])
+    signals.begin_exit()
+    signals.run_failure_hooks("FAILED", str(exc)[:5000])
     _flush()
     print(f"segx: error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -253,7 +92,7 @@ def reported(mark: int = 0) -> Iterator[None]:
         full = disk_full(exc)  # not a bug: the machine's state, said in one line
         if full:
             exit_on_error(SegxError(full))
-        _end_unscoped("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
+        signals.run_failure_hooks("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
         raise
     if signal_since(mark) is not None:  # a library swallowed it: the command did not finish
         _exit_interrupted(signal_since(mark))
@@ -371,7 +210,8 @@ def _check_sweep(config_name: str, argv: Sequence[str], dirs) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from segx.config import compose_with_hydra
-    from segx.training.resources import check_launcher, cpu_cores, sweep_size
+    from segx.training.resources import check_launcher, cpu_cores
+    from segx.workflows.hydra_job import sweep_size
 
     given = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
@@ -439,8 +279,7 @@ def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:
         try:
             result = entry()
         finally:
-            if "segx.training.sweep" in sys.modules:  # a launcher that raised (a job SLURM killed)
-                sys.modules["segx.training.sweep"].print_pending_summary()  # still gets its summary
+            signals.run_end_hooks()  # a launcher that raised (a job SLURM killed) still gets its summary
     _flush()
     # From here (the interpreter's teardown) a signal exits at once with 128 + its number.
     return result

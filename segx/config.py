@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from segx.errors import SegxError, suggest
+from segx.tta import TTA_MODES  # noqa: F401 - re-exported: commands check ensemble.tta against it
 
 # The repository's conf/ is installed as the package segx.conf (pyproject.toml): every command
 # names it as Hydra's pkg:// path, so console scripts, `python -m` and a non-editable install
@@ -23,7 +24,6 @@ CONF_DIR = Path(str(importlib.resources.files("segx.conf")))
 
 # Choice lists that several modules check or offer, in one place (no heavy imports here).
 ARCHS = ("unet", "fpn", "linknet", "pspnet")  # segmentation-models decoders; conf/arch/<name>.yaml
-TTA_MODES = ("none", "flip")  # test-time augmentation: a member's caches and the ensemble's record
 SEARCH_METHODS = ("grid", "greedy", "optimize")  # ensemble.search
 
 def _dirs(conf_dir) -> list[Path]:

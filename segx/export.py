@@ -8,181 +8,20 @@ TensorFlow, sizes, versions) and ``ensemble.json``; whole or not at all. Logs it
 of the ensemble run (``segx.role=export``), whose ID the ensemble run's tag
 ``segx.export.<format>`` names, so ``segx.predict backend=<format>`` and ``segx.info`` find it.
 What the graph holds and how it is run: :mod:`segx.inference.exported`.
+
+The work is :func:`segx.workflows.export.run_export`; this module is the command.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from segx import cli
-from segx.config import CONF_PATH, TTA_MODES
-from segx.errors import SegxError
-from segx.inference.exported import DEFAULT_OPSET, check_format
-
-EXPORT_TAG = "segx.export."  # + format, on the ensemble run: the export's child run ID
-
-
-def _ensemble_run(client, run_id: str):
-    from segx import tracking
-
-    run = tracking.get_run(client, run_id)
-    if run.data.tags.get(tracking.ROLE) != "ensemble":
-        raise SegxError(f"run '{run_id}' is not a segx ensemble (tag {tracking.ROLE}); give an ensemble run ID")
-    return run
-
-
-def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
-    """(record, model paths) of an ensemble run, every member with a non-zero weight downloaded
-    (a cross-validated member: a list of fold model folders); None for weight-0 members.
-    Each missing piece is one line naming the run and what to do."""
-    from segx import tracking
-    from segx.ensembling.record import record_weights, validate_record
-
-    _ensemble_run(client, run_id)
-    try:
-        path = tracking.download(client, run_id, "ensemble.json", workdir)
-    except SegxError:
-        raise SegxError(f"ensemble run '{run_id}' has no ensemble.json record (it ended before logging it); "
-                        "rebuild the ensemble with python -m segx.ensemble") from None  # fmt: skip
-    try:
-        record = json.loads(Path(path).read_text())
-    except ValueError:
-        raise SegxError(f"run '{run_id}': ensemble.json is not valid JSON; rebuild the ensemble") from None
-    validate_record(record, f"run {run_id} ensemble.json")
-    paths: list = []
-    for i, (member, count) in enumerate(zip(record["members"], record_weights(record).counts, strict=True)):
-        if count == 0:
-            paths.append(None)
-            continue
-        artifact = member.get("model_artifact", "model")
-        runs = member.get("folds") or [member["run_id"]]
-        folders = []
-        for k, member_run in enumerate(runs):
-            try:
-                tracking.get_run(client, member_run)
-            except SegxError as exc:
-                raise SegxError(f"ensemble '{run_id}' needs member run {member_run} (members[{i}]), but: {exc}; "
-                                "restore that run or rebuild the ensemble without it") from None  # fmt: skip
-            dst = workdir / f"m{i}" / (f"fold{k}" if member.get("folds") else "")
-            try:
-                folders.append(tracking.download_member_model(client, member_run, dst, artifact))
-            except SegxError:
-                raise SegxError(f"ensemble '{run_id}': member run {member_run} has no model files "
-                                f"({artifact}/spec.json, {artifact}/weights.h5); retrain it or rebuild the "
-                                "ensemble without it") from None  # fmt: skip
-        paths.append(folders if member.get("folds") else folders[0])
-    return record, paths
-
-
-def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> str:
-    """The export as a child run of the ensemble run: its files under the artifact ``export/``,
-    one MLflow logged model per graph with the tensor signature, and the ensemble run's tag
-    ``segx.export.<format>`` = the child's ID. Returns the child run ID."""
-    from segx import tracking
-    from segx.tracking.provenance import command_line, provenance_tags
-
-    run = client.get_run(ensemble_run_id)
-    experiment = client.get_experiment(run.info.experiment_id)
-    tracking.experiment_id(client, experiment.name, None)  # its artifact folder must be writable
-    fmt = manifest["runtime"]
-    tags = {
-        tracking.ROLE: "export",
-        "mlflow.parentRunId": ensemble_run_id,
-        "segx.ensemble_run_id": ensemble_run_id,
-        "segx.export_format": fmt,
-        "segx.command": command_line(),
-        **provenance_tags(),
-    }
-    note = (f"segx export ({fmt}) of ensemble {ensemble_run_id}: every member network, weights, threshold and "
-            f"tta={manifest['tta']} in one graph taking uint8 (B, S, S, 3). Predict with: python -m segx.predict "
-            f"ensemble_run_id={ensemble_run_id} backend={fmt} input_dir=... output_dir=...")  # fmt: skip
-    child = tracking.start_run(client, run.info.experiment_id, f"export-{fmt}", tags, note)
-    with tracking.run_scope(client, child):
-        tracking.log_params(client, child, {
-            "format": fmt, "opset": str(manifest["opset"]), "tta": manifest["tta"], "ensemble_run_id": ensemble_run_id,
-            "graphs": json.dumps([{"name": g["name"], "view": g["view"], "networks": len(g["networks"])} for g in manifest["graphs"]]),
-        })  # fmt: skip
-        tracking.log_metrics(client, child, {
-            "export/seconds": manifest["export_seconds"],
-            "export/size_mb": sum(manifest["sizes_bytes"].values()) / 1e6,
-            "export/check_max_abs_diff": manifest["check"]["member_probabilities_max_abs_diff"],
-        })  # fmt: skip
-        tracking.log_artifact(client, child, folder, "export")
-        for graph in manifest["graphs"]:
-            tracking.log_export_model(client, child, run.info.experiment_id, f"export-{fmt}-{graph['name']}",
-                                      graph["inputs"], graph["outputs"], {"format": fmt, "graph": graph["name"],
-                                      **{f"view.{k}": v for k, v in graph["view"].items()}}, "export")  # fmt: skip
-    tracking.set_tags(client, ensemble_run_id, {EXPORT_TAG + fmt: child})
-    return child
-
-
-def export_run(client, run_id: str, fmt: str, output_dir: Path, workdir: Path, opset: int = DEFAULT_OPSET,
-               tta: str | None = None, overwrite: bool = False, log: bool = True) -> tuple[dict, str | None]:  # fmt: skip
-    """Export ensemble ``run_id`` into ``output_dir`` (and log it); (manifest, child run ID)."""
-    from segx.inference.exported import check_opset, check_output_dir, export_ensemble
-
-    fmt = check_format(fmt)
-    check_output_dir(output_dir, overwrite)  # before anything is imported, downloaded or built
-    if fmt == "onnx":
-        check_opset(opset)  # imports tf2onnx and so TensorFlow
-    record, paths = fetch_ensemble(client, run_id, workdir)
-    source = {"ensemble_run_id": run_id}
-    manifest = export_ensemble(record, paths, output_dir, fmt, opset, tta, overwrite, source)
-    child = log_export(client, run_id, output_dir, manifest) if log else None
-    return manifest, child
-
-
-def export_predictor(client, run_id: str, fmt: str, workdir: Path, tta: str | None = None):
-    """(record, :class:`~segx.inference.exported.ExportedPredictor`) for the ``fmt`` export of
-    ensemble ``run_id`` (the newest one, named by the run's ``segx.export.<fmt>`` tag)."""
-    from segx import tracking
-    from segx.inference.exported import load_exported
-
-    run = _ensemble_run(client, run_id)
-    child = run.data.tags.get(EXPORT_TAG + fmt)
-    if not child:
-        raise SegxError(f"ensemble '{run_id}' has no {fmt} export; make one with python -m segx.export "
-                        f"ensemble_run_id={run_id} format={fmt} (or predict with backend=keras)")  # fmt: skip
-    try:
-        tracking.get_run(client, child)
-    except SegxError as exc:
-        raise SegxError(f"the {fmt} export of ensemble '{run_id}' (run {child}) cannot be used: {exc}; export "
-                        f"again with python -m segx.export ensemble_run_id={run_id} format={fmt}") from None  # fmt: skip
-    folder = tracking.download(client, child, "export", workdir / "exports" / child)
-    predictor = load_exported(folder, tta)
-    return predictor.record, predictor
-
-
-def run_export(cfg: DictConfig) -> dict:
-    if OmegaConf.is_missing(cfg, "ensemble_run_id") or cfg.ensemble_run_id in (None, ""):
-        raise SegxError("ensemble_run_id is not set; pass ensemble_run_id=...")
-    fmt = check_format(cfg.format)
-    for key in ("overwrite", "log"):
-        if not isinstance(cfg[key], bool):
-            raise SegxError(f"{key}={cfg[key]!r} must be true or false")
-    if cfg.tta is not None and cfg.tta not in TTA_MODES:
-        raise SegxError(f"tta={cfg.tta} is not valid; use one of {', '.join(TTA_MODES)} (or null: as recorded)")
-    run_id = str(cfg.ensemble_run_id)
-    output_dir = Path(str(cfg.output_dir)) if cfg.output_dir else Path(cfg.paths.output_dir) / "exports" / run_id / fmt
-    from segx import tracking
-
-    # Export writes to the store (a child run) only when logging; it never creates a store.
-    client = tracking.connect(str(cfg.mlflow.tracking_uri), create=False)
-    if cfg.log:
-        client = tracking.connect(str(cfg.mlflow.tracking_uri), create=True)  # and it takes a write
-    workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / run_id
-    manifest, child = export_run(client, run_id, fmt, output_dir, workdir, cfg.opset, cfg.tta, cfg.overwrite, cfg.log)
-    size = sum(manifest["sizes_bytes"].values()) / 1e6
-    logged = f"; logged as run {child} (child of {run_id})" if child else ""
-    print(f"segx: exported ensemble {run_id} as {fmt} ({size:.1f} MB, {len(manifest['graphs'])} graph(s), "
-          f"largest difference from TensorFlow on a check batch "
-          f"{manifest['check']['member_probabilities_max_abs_diff']:.2g}) to {output_dir}{logged}", flush=True)  # fmt: skip
-    return manifest
+from segx.config import CONF_PATH
+from segx.workflows.export import run_export
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")

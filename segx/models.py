@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from segx.backend import keras, sm, tf
-from segx.config import TTA_MODES
 from segx.errors import SegxError, look_up_option
+from segx.tta import TTA_MODES
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "linknet": "Linknet", "pspnet": "PSPNet"}
 # Encoders downsample 5 times (32); PSPNet pools a 1/8 feature map at 1, 2, 3 and 6 bins.

@@ -372,3 +372,10 @@ def instantiate(node: Any, key: str) -> Any:
     return _build(_check_tree(_plain(node), key, *_place(key), objects=True), key)
 
 
+def build_augmentation(transforms: Sequence | None, key: str = "augment.transforms"):
+    """An albumentations ``Compose`` over image and mask from a list of ``_target_`` dicts (may be
+    empty); each transform is checked and built as :func:`instantiate` does."""
+    import albumentations as A
+
+    built = [instantiate(t, f"{key}[{i}]") for i, t in enumerate(transforms or [])]
+    return A.Compose(built, p=1.0)

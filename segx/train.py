@@ -4,7 +4,7 @@
     python -m segx.train -m backbone=resnet34,efficientnetb0,mobilenetv2
     python -m segx.train resume=<run_id>      # continue an interrupted run
 
-The job itself is :func:`segx.training.member.train_member`; this module is the command.
+The job itself is :func:`segx.workflows.member.train_member`; this module is the command.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 
 from segx import cli
 from segx.config import CONF_PATH
-from segx.training.member import train_member
-from segx.training.sweep import is_multirun, sweep_job
+from segx.workflows.hydra_job import is_multirun
+from segx.workflows.member import train_member
+from segx.workflows.sweep import sweep_job
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
@@ -25,7 +26,7 @@ from segx.training.sweep import is_multirun, sweep_job
 def _hydra_main(cfg: DictConfig) -> float:
     """The best validation Dice, for sweepers."""
     try:
-        return sweep_job(cfg) if is_multirun() else train_member(cfg)
+        return sweep_job(cfg) if is_multirun() else train_member(cfg).best_val_dice
     finally:
         if "segx.backend" in sys.modules:
             from segx.models import clear_session

@@ -120,9 +120,9 @@ class Study:
     def accuracy(self) -> dict:
         from segx import tracking
         from segx.config import compose
-        from segx.ensemble import build_ensemble
         from segx.models import clear_session
-        from segx.training.member import config_identity, train_member
+        from segx.workflows.ensemble import build_ensemble
+        from segx.workflows.member import config_identity, train_member
 
         data_root = subset_folder(self.dataset, self.profile.max_cases, self.work)
         client = tracking.connect(str(self.cfg.mlflow.tracking_uri))
@@ -191,9 +191,9 @@ class Study:
         """Test rows for the ensemble with the best post-processing other than none, as chosen on
         validation, applied even if validation rejected it: post-processing on vs off."""
         from segx.ensembling.choose import choose_postprocess
-        from segx.ensembling.members import load_member
         from segx.ensembling.record import record_weights
         from segx.evaluation.report import score_test_split
+        from segx.workflows.members import load_member
 
         members = [load_member(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
                    for m in record["members"]]  # fmt: skip
@@ -233,9 +233,10 @@ class Study:
         from segx import models
         from segx.backend import tf
         from segx.config import compose
-        from segx.data.prepare import prepare
-        from segx.training.augment import SeededAugmenter, build_augmentation
+        from segx.objects import build_augmentation
+        from segx.training.augment import SeededAugmenter
         from segx.training.fit import make_train_dataset
+        from segx.workflows.prepare import prepare
 
         data_root = subset_folder(self.dataset, self.profile.max_cases, self.work)
         train_cfg = compose("train", overrides=self.train_overrides(data_root))
@@ -335,7 +336,8 @@ class Study:
         from segx.data.folder import discover_cases
         from segx.data.io import read_image
         from segx.inference.folder import predict_folder
-        from segx.inference.predictor import EnsemblePredictor, load_ensemble
+        from segx.inference.predictor import EnsemblePredictor
+        from segx.workflows.predict import load_ensemble
 
         accuracy = self.load("accuracy")
         if not accuracy:

@@ -14,8 +14,8 @@ from segx.ensembling.members import Member
 def choose_postprocess(members, weights, threshold, min_sizes, tolerance):
     """Post-processing picked on validation only; identity unless a gain exceeds ``tolerance``."""
     from segx.ensembling.probs import Weights, binarize, combine
-    from segx.evaluation.metrics import dice_per_case
-    from segx.inference.postprocess import apply, candidates
+    from segx.scoring.metrics import dice_per_case
+    from segx.scoring.postprocess import apply, candidates
 
     probs = [m.val.probs for m in members]
     pred = binarize(combine(probs, Weights.of(weights)), threshold)
@@ -81,7 +81,7 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
         choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance)
         if e.postprocess else (None, [])
     )
-    from segx.inference.postprocess import PostProcess
+    from segx.scoring.postprocess import PostProcess
 
     post = post or PostProcess()
     majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())

@@ -16,9 +16,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from segx.config import TTA_MODES
 from segx.ensembling.probs import MAX_DENOMINATOR, Weights
 from segx.errors import SegxError
+from segx.tta import TTA_MODES
 
 REQUIRED = ("members", "threshold")
 # Version 3: each member says how it sees an image (``view``: mode, size, scale, overlap), and
@@ -137,12 +137,13 @@ def weight_fields(weights: Weights) -> tuple[list[dict], dict]:
     return per_member, {"weight_denominator": weights.denominator}
 
 
-def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance: float, thresholds: Sequence[float]) -> dict:
-    """The ``ensemble.json`` of a chosen ensemble (``found``: what run_search returned)."""
+def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance: float, thresholds: Sequence[float],
+                git: tuple[str | None, bool | None] = (None, None)) -> dict:  # fmt: skip
+    """The ``ensemble.json`` of a chosen ensemble (``found``: what run_search returned; ``git``:
+    the commit and dirty flag of the code that chose it, ``provenance.git_sha()``)."""
     import segx
-    from segx.tracking.provenance import git_sha
 
-    sha, dirty = git_sha()
+    sha, dirty = git
     chosen = found["chosen"]
     per_member, weight_total = weight_fields(found["weights"])
     return {

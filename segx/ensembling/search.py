@@ -30,7 +30,7 @@ import numpy as np
 from segx.data.ragged import Ragged, per_case_count
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.errors import SegxError
-from segx.evaluation.metrics import dice_counts, dice_per_case
+from segx.scoring.metrics import dice_counts, dice_per_case
 
 # Nelder-Mead's continuous weights are rounded to counts over this denominator before scoring.
 OPTIMIZE_DENOMINATOR = 1000

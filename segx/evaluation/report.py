@@ -17,8 +17,8 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     the units of ``spacing``): a long DataFrame."""
     from segx.ensembling.probs import Weights, binarize, combine
     from segx.ensembling.search import majority_vote
-    from segx.evaluation.metrics import case_metrics
-    from segx.inference.postprocess import PostProcess, apply
+    from segx.scoring.metrics import case_metrics
+    from segx.scoring.postprocess import PostProcess, apply
 
     test = members[0].test
     truth = test.masks
@@ -72,7 +72,7 @@ def honest_gain(per_case: pd.DataFrame, members: list[Member], found: dict, resa
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
     from segx.ensembling.probs import binarize
-    from segx.evaluation.metrics import dice_per_case
+    from segx.scoring.metrics import dice_per_case
 
     member_rows = [b for b in found["baselines"] if b.name.startswith("member:")]
     index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)

@@ -45,9 +45,9 @@ from segx.data.ragged import Ragged
 from segx.ensembling.probs import MAX_DENOMINATOR, cut, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
-from segx.inference.postprocess import PostProcess
 from segx.inference.predictor import EnsemblePredictor
 from segx.inference.view import View, predict_cases
+from segx.scoring.postprocess import PostProcess
 
 FORMATS = ("savedmodel", "onnx")
 MANIFEST = "export.json"

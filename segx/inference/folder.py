@@ -335,7 +335,7 @@ def _predict_batch(predictor, batch, stage: Path, overlays: bool, uncertainty: b
     import cv2
 
     from segx.data.io import DEFAULT_MAX_PIXELS, read_image, write_png
-    from segx.evaluation.plots import overlay
+    from segx.inference.overlay import overlay
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     images = [read_image(item.path, limit, limit_key="max_pixels") for _, item in batch]

@@ -9,20 +9,16 @@ post-processed, all at the image's own size: exactly what the members cached for
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import Score, binarize, combine, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
-from segx.errors import SegxError
-from segx.inference.postprocess import PostProcess, apply
 from segx.inference.view import View, predict_cases
+from segx.scoring.postprocess import PostProcess, apply
 
 # segx.models (TensorFlow) is imported where a network is loaded or run, not here: an exported
 # ensemble (segx.inference.exported) reuses this arithmetic on ONNX Runtime without TensorFlow.
@@ -136,37 +132,3 @@ class EnsemblePredictor:
             Prediction(mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(spread[i], 0, 0.5))
             for i in range(len(images))
         ]
-
-
-def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
-    """(record, EnsemblePredictor) for an ensemble run, with its members downloaded."""
-    from segx import tracking
-
-    run = tracking.get_run(client, run_id)
-    if run.data.tags.get(tracking.ROLE) != "ensemble":
-        raise SegxError(f"run '{run_id}' is not a segx ensemble (tag {tracking.ROLE}); give an ensemble run ID")
-    path = tracking.download(client, run_id, "ensemble.json", workdir)
-    try:
-        record = json.loads(Path(path).read_text())
-    except ValueError:
-        raise SegxError(f"run '{run_id}': ensemble.json is not valid JSON; rebuild the ensemble") from None
-    validate_record(record, f"run {run_id} ensemble.json")
-    model_paths = []
-    for i, member in enumerate(record["members"]):
-        tracking.get_run(client, member["run_id"])  # exists, not deleted, FINISHED
-        artifact = member.get("model_artifact", "model")
-        if member.get("folds"):  # a cross-validated member: every fold model
-            paths = []
-            for k, fold_run in enumerate(member["folds"]):
-                tracking.get_run(client, fold_run)
-                paths.append(tracking.download_member_model(client, fold_run, workdir / f"m{i}" / f"fold{k}", artifact))
-            model_paths.append(paths)
-        else:
-            model_paths.append(tracking.download_member_model(client, member["run_id"], workdir / f"m{i}", artifact))
-    recorded = record.get("tta", "none")
-    if tta not in (None, recorded):
-        # Weights, threshold and post-processing were chosen on the recorded pipeline's
-        # probabilities; another TTA runs, but the record's Dice no longer describes it.
-        print(f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
-              f"tta={tta} (drop the tta override to predict as tuned)", file=sys.stderr, flush=True)  # fmt: skip
-    return record, EnsemblePredictor(record, model_paths, tta)

@@ -1,22 +1,14 @@
-"""Augmentation pipelines: albumentations transforms from YAML, saved with each run."""
+"""Augmentation pipelines, saved with each run and applied per sample, reproducibly. Built from
+YAML by :func:`segx.objects.build_augmentation` (the config layer)."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
-
-from segx.objects import instantiate
-
-
-def build_augmentation(transforms: Sequence | None, key: str = "augment.transforms") -> A.Compose:
-    """An ``A.Compose`` over image and mask from a list of ``_target_`` dicts (may be empty)."""
-    built = [instantiate(t, f"{key}[{i}]") for i, t in enumerate(transforms or [])]
-    return A.Compose(built, p=1.0)
 
 
 def save_augmentation(pipeline: A.Compose, path: str | os.PathLike) -> Path:

@@ -21,8 +21,8 @@ import numpy as np
 
 from segx import metric_keys as keys
 from segx.backend import keras, tf
-from segx.evaluation.metrics import dice_per_case, iou_per_case
 from segx.models import loss_value, predict_probs, preprocessing
+from segx.scoring.metrics import dice_per_case, iou_per_case
 from segx.training.augment import SeededAugmenter
 
 

@@ -65,17 +65,6 @@ def job_threads(setting: Any, launcher: Mapping[str, Any] | None, env: Mapping[s
     return None
 
 
-def sweep_size(overrides: list[str]) -> int:
-    """How many jobs the basic sweeper makes of these command-line overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    size = 1
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override() and not override.is_hydra_override():
-            size *= max(1, len(list(override.sweep_string_iterator())))
-    return size
-
-
 def check_launcher(launcher: Mapping[str, Any], choice: str, n_jobs_in_sweep: int, cores: int,
                    trainer: Mapping[str, Any]) -> None:  # fmt: skip
     """One line naming the key and the fix for a launcher that cannot run this sweep here,

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from segx import cli
+from segx import signals
 from segx.errors import SegxError
+from segx.workflows.hydra_job import is_multirun, launcher_config, requeued  # noqa: F401 - the sweep's API
+from segx.workflows.member import MemberResult, train_member
 
 RESULTS = "segx_results.jsonl"  # one line per job event, appended by the jobs themselves
 JOBS = "segx_jobs.json"  # every job's overrides, written by the submitting process
@@ -34,6 +36,7 @@ _pending: dict[str, Any] = {}  # the sweep this process launched, until its summ
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        signals.on_end(print_pending_summary)  # also when a launcher raises (a job SLURM killed)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = planned_jobs(list(config.hydra.overrides.task))
         _pending.update(dir=sweep_dir, jobs=jobs, command=_command(config))
@@ -162,31 +165,10 @@ def record_sweep_result(cfg: DictConfig, result: dict) -> None:
         fh.write(line)
 
 
-def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def launcher_config() -> dict | None:
-    """This job's ``hydra.launcher`` settings (None outside a multirun)."""
-    if not is_multirun():
-        return None
-    from hydra.core.hydra_config import HydraConfig
-
-    return OmegaConf.to_container(HydraConfig.get().launcher, resolve=False)
-
-
-def requeued() -> bool:
-    """Is this job a SLURM requeue of an earlier one (preempted, or past its time limit)?"""
-    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
-
-
 def sweep_job(cfg: DictConfig) -> float:
     """One member of a multirun: a failure is reported and the sweep goes on; a signal stops it
-    (and ends the run KILLED). A SLURM requeue continues the run it interrupted."""
-    from segx.training import member
+    (and ends the run KILLED). A SLURM requeue continues the run it interrupted. Returns the
+    member's best validation Dice (what a sweeper optimises)."""
 
     name = f"{cfg.backbone.name}-{cfg.arch.name}" + (f"-fold{cfg.fold}" if cfg.get("fold") is not None else "")
     if requeued() and cfg.get("resume") is None:
@@ -194,29 +176,33 @@ def sweep_job(cfg: DictConfig) -> float:
             cfg.resume = "auto"
         print(f"segx: {name}: requeued by SLURM (restart {os.environ['SLURM_RESTART_COUNT']}): resume=auto", flush=True)
     record_sweep_result(cfg, {"member": name, "status": "STARTED"})
-    mark = cli.signal_count()
-    member.last_run_id = None
+    mark = signals.signal_count()
+    started: list[str] = []  # the job's run, once train_member has one (named in every outcome)
+
+    def run_id() -> str | None:
+        return started[-1] if started else None
+
     try:
-        with cli.signals_raise():  # SIGTERM (scancel, preemption) ends the run KILLED in any launcher
-            score = member.train_member(cfg)
+        with signals.signals_raise():  # SIGTERM (scancel, preemption) ends the run KILLED in any launcher
+            result: MemberResult = train_member(cfg, on_run=started.append)
     except (KeyboardInterrupt, SystemExit) as exc:
         why = "interrupted (SIGINT/SIGTERM)" if isinstance(exc, KeyboardInterrupt) else \
             "stopped by sys.exit (submitit: preempted or timed out; requeued where SLURM allows)"  # fmt: skip
         # SLURM follows a requeue with SIGTERM: it must not cut this line short.
-        with cli.signals_deferred(), contextlib.suppress(KeyboardInterrupt):
-            record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": member.last_run_id})
+        with signals.signals_deferred(), contextlib.suppress(KeyboardInterrupt):
+            record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": run_id()})
         raise
     except Exception as exc:
-        if "segx.tracking" in sys.modules:  # a run created but not yet in its scope: FAILED, not RUNNING
-            sys.modules["segx.tracking"].end_unscoped("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
-        if cli.signal_since(mark) is not None:
-            record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": "interrupted", "run_id": member.last_run_id})
+        # A run created but not yet in its scope: FAILED, not RUNNING (the hook tracking registered).
+        signals.run_failure_hooks("FAILED", f"{type(exc).__name__}: {exc}"[:5000])
+        if signals.signal_since(mark) is not None:
+            record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": "interrupted", "run_id": run_id()})
             raise  # a library turned Ctrl-C/SIGTERM into an error: stop the sweep, not this job
         reason = str(exc) if isinstance(exc, SegxError) else f"{type(exc).__name__}: {exc}"
         print(f"segx: error: {name}: {reason}", file=sys.stderr, flush=True)
         if not isinstance(exc, SegxError):
             traceback.print_exc()
-        record_sweep_result(cfg, {"member": name, "status": "FAILED", "error": reason[:500], "run_id": member.last_run_id})
+        record_sweep_result(cfg, {"member": name, "status": "FAILED", "error": reason[:500], "run_id": run_id()})
         return float("nan")
-    record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": score, "run_id": member.last_run_id})
-    return score
+    record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": result.best_val_dice, "run_id": result.run_id})
+    return result.best_val_dice

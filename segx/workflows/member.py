@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,15 @@ from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 
 log = logging.getLogger("segx.train")
-last_run_id: str | None = None  # the run train_member last started or resumed in this process
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    """What training a member produced: its run and its scores."""
+
+    run_id: str
+    best_val_dice: float  # curves/best_val_dice: the kept epoch's Dice on the validation patches
+    scores: dict[str, float]  # val/* and test/*: whole images at their own size
 
 
 # Keys that do not change what is trained: left out of the resume identity.
@@ -78,7 +87,7 @@ def validate_config(cfg: DictConfig) -> None:
         require_choice(cfg, "trainer.strategy", ("mirrored",))
     if cfg.trainer.get("precision") is not None:
         require_choice(cfg, "trainer.precision", ("float32", "mixed_float16"))
-    from segx.data.prepare import check_fold, validate_data_config
+    from segx.workflows.prepare import check_fold, validate_data_config
 
     validate_data_config(cfg.data)
     check_fold(cfg.data, cfg.get("fold"))
@@ -205,15 +214,19 @@ def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints" / run_id
 
 
-def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
-    """Train the member described by ``cfg``; return its best validation Dice.
+def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
+                 on_run: Callable[[str], None] | None = None) -> MemberResult:  # fmt: skip
+    """Train the member described by ``cfg``; return its run and scores.
+
+    ``on_run(run_id)`` is called as soon as the run exists (a sweep names it even when the
+    member then fails or is stopped).
 
     ``overrides``: the ``segx.train`` overrides that compose ``cfg`` (a caller that composed it,
     such as ``segx.ensemble ensemble.train_missing=true``); None: this ``segx.train`` job's own.
     They are recorded as the run's reproduce command (``segx.info``)."""
     validate_config(cfg)
     from segx.training.resources import batch_per_device, cpu_cores, job_threads
-    from segx.training.sweep import launcher_config
+    from segx.workflows.hydra_job import launcher_config
 
     threads = job_threads(cfg.trainer.threads, launcher_config(), os.environ, cpu_cores())
     from segx import models  # TensorFlow: threads and devices are set before its runtime starts
@@ -221,13 +234,13 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
     strategy = models.configure_runtime(threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy)
     if strategy is not None:
         batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
-    from segx.data.prepare import pixel_spacing, prepare
-
     # Every cheap check comes before a single image is read: sizes against the arch, the
     # backbone's options, the augmentation pipeline.
     from segx.inference.view import View
     from segx.models import check_model_options
-    from segx.training.augment import SeededAugmenter, build_augmentation, save_augmentation
+    from segx.objects import build_augmentation
+    from segx.training.augment import SeededAugmenter, save_augmentation
+    from segx.workflows.prepare import pixel_spacing, prepare
 
     view = View.from_data_config(cfg.data)
     backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
@@ -291,8 +304,8 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
             Path(cfg.paths.output_dir) / "locks",
         )
         tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
-    global last_run_id
-    last_run_id = run_id  # for the sweep's summary, which names each job's run
+    if on_run is not None:
+        on_run(run_id)
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
@@ -421,7 +434,7 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None) -> flo
         oof = summary["metrics"].get("cv/oof_dice")
         print(f"segx: cross-validation {parent_id}: {done}/{cfg.data.folds} folds finished"
               + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
-    return float(state.best_dice)
+    return MemberResult(run_id, float(state.best_dice), final_scores)
 
 
 def _remove_partial_checkpoints(folder: Path) -> None:
@@ -459,10 +472,10 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
     from segx.data.ragged import Ragged
     from segx.ensembling.probs import cache_artifact, save_cached
     from segx.evaluation import plots
-    from segx.evaluation.metrics import case_metrics
     from segx.inference.predictor import member_probs
     from segx.inference.view import View
     from segx.progress import progress, stage
+    from segx.scoring.metrics import case_metrics
 
     backbone, view = spec["backbone"], View.from_dict(spec["view"])
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:

@@ -1,0 +1,129 @@
+"""Validate a data folder on its own and print a summary; no training, no TensorFlow.
+
+    python -m segx.data.check data.root=PATH         (data=folder is implied)
+    python -m segx.data.check data=synthetic
+
+Reads every file the way training does, and reports counts, sizes, bit depths, foreground
+fraction and every problem found (not just the first), one line each. Exit status 2 if any.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from segx import cli
+from segx.config import CONF_PATH
+from segx.data.folder import discover_cases, list_images
+from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask
+from segx.errors import SegxError
+
+
+def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000_000) -> tuple[dict, list[str]]:
+    """(summary, problems) for ``root``; problems are one-line messages naming files."""
+    problems: list[str] = []
+    summary: dict = {"root": str(root)}
+    for images_dir, masks_dir in (("train_images", "train_masks"), ("test_images", "test_masks")):
+        if images_dir == "test_images" and not (root / images_dir).is_dir():
+            continue
+        try:
+            cases = discover_cases(root, images_dir, masks_dir)
+        except SegxError as exc:
+            cases = _loose_pairs(root, images_dir, masks_dir, problems, exc)
+        sizes, fg, empty = Counter(), [], 0
+        for case in cases:
+            try:
+                image = read_image(case.image, max_pixels)
+                sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+                if case.mask is None:
+                    continue
+                mask = read_mask(case.mask, mask_threshold, max_pixels)
+                if mask.shape != image.shape[:2]:
+                    problems.append(f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}")
+                    continue
+                fg.append(float(mask.mean()))
+                empty += not mask.any()
+            except SegxError as exc:
+                problems.append(str(exc))
+        summary[images_dir] = {
+            "pairs": len(cases),
+            "sizes": dict(sizes.most_common(8)),
+            "foreground_mean": float(np.mean(fg)) if fg else float("nan"),
+            "foreground_min": float(np.min(fg)) if fg else float("nan"),
+            "empty_masks": empty,
+        }
+        if cases and fg and empty == len(fg):
+            problems.append(f"{root / masks_dir}: every mask is empty; check the masks or data.mask_threshold")
+    return summary, problems
+
+
+def _loose_pairs(root: Path, images_dir: str, masks_dir: str, problems: list[str], error: SegxError):
+    """Whatever pairs exist, so the rest of the folder is still checked after a pairing error;
+    every unpaired file is listed (``error`` is reported when the problem is not pairing)."""
+    from segx.data.folder import Case
+
+    try:
+        images = list_images(root / images_dir) if (root / images_dir).is_dir() else {}
+        masks = list_images(root / masks_dir) if (root / masks_dir).is_dir() else {}
+    except SegxError as exc:
+        problems.append(str(exc))
+        return []
+    unpaired = sorted(set(images) ^ set(masks))
+    if not unpaired or not images or not masks:
+        problems.append(str(error))
+    for stem in unpaired if images and masks else []:
+        where = images.get(stem) or masks.get(stem)
+        problems.append(f"{where}: no matching {'mask' if stem in images else 'image'}")
+    return [Case(s, images[s], masks[s]) for s in sorted(set(images) & set(masks))]
+
+
+def print_report(summary: dict, problems: list[str]) -> None:
+    print(f"data folder: {summary['root']}")
+    for part in ("train_images", "test_images"):
+        if part in summary:
+            s = summary[part]
+            print(f"  {part}: {s['pairs']} pairs; sizes {s['sizes']}; foreground mean {s['foreground_mean']:.3f} "
+                  f"(min {s['foreground_min']:.4f}); empty masks {s['empty_masks']}")  # fmt: skip
+    print(f"  image extensions read: {', '.join(IMAGE_EXTENSIONS)}")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+    else:
+        print("no problems found")
+
+
+def run_check(cfg: DictConfig) -> list[str]:
+    """Check the configured data folder, print the report; return the problems found."""
+    from segx.data.synthetic import generate
+    from segx.workflows.prepare import validate_data_config
+
+    validate_data_config(cfg.data)
+    root = Path(str(cfg.data.root))
+    if cfg.data.kind == "synthetic":
+        generate(root, int(cfg.data.n_images), int(cfg.data.source_size), int(cfg.data.generator_seed))
+    if not root.is_dir():
+        raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
+    summary, problems = check_folder(root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels))
+    print_report(summary, problems)
+    return problems
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="check")
+@cli.task
+def _hydra_main(cfg: DictConfig) -> None:
+    if run_check(cfg):
+        sys.exit(2)  # every problem is listed above, one line each
+
+
+def main() -> None:
+    cli.run(_hydra_main, "check")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""An ensemble fetched from its MLflow run: its record and its members' model files. The one
+place that does this, for prediction, export and serving alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from segx.ensembling.record import record_weights, validate_record
+from segx.errors import SegxError
+from segx.tracking import runs
+from segx.tracking.tags import ROLE
+
+
+def ensemble_run(client, run_id: str):
+    """The FINISHED ensemble run ``run_id`` (one line if it is none)."""
+    run = runs.get_run(client, run_id)
+    if run.data.tags.get(ROLE) != "ensemble":
+        raise SegxError(f"run '{run_id}' is not a segx ensemble (tag {ROLE}); give an ensemble run ID")
+    return run
+
+
+def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
+    """(record, model paths) of an ensemble run, every member with a non-zero weight downloaded
+    (a cross-validated member: a list of fold model folders); None for weight-0 members.
+    Each missing piece is one line naming the run and what to do."""
+    ensemble_run(client, run_id)
+    try:
+        path = runs.download(client, run_id, "ensemble.json", workdir)
+    except SegxError:
+        raise SegxError(f"ensemble run '{run_id}' has no ensemble.json record (it ended before logging it); "
+                        "rebuild the ensemble with python -m segx.ensemble") from None  # fmt: skip
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError:
+        raise SegxError(f"run '{run_id}': ensemble.json is not valid JSON; rebuild the ensemble") from None
+    validate_record(record, f"run {run_id} ensemble.json")
+    paths: list = []
+    for i, (member, count) in enumerate(zip(record["members"], record_weights(record).counts, strict=True)):
+        if count == 0:
+            paths.append(None)
+            continue
+        artifact = member.get("model_artifact", "model")
+        member_runs = member.get("folds") or [member["run_id"]]
+        folders = []
+        for k, member_run in enumerate(member_runs):
+            try:
+                runs.get_run(client, member_run)
+            except SegxError as exc:
+                raise SegxError(f"ensemble '{run_id}' needs member run {member_run} (members[{i}]), but: {exc}; "
+                                "restore that run or rebuild the ensemble without it") from None  # fmt: skip
+            dst = workdir / f"m{i}" / (f"fold{k}" if member.get("folds") else "")
+            try:
+                folders.append(runs.download_member_model(client, member_run, dst, artifact))
+            except SegxError:
+                raise SegxError(f"ensemble '{run_id}': member run {member_run} has no model files "
+                                f"({artifact}/spec.json, {artifact}/weights.h5); retrain it or rebuild the "
+                                "ensemble without it") from None  # fmt: skip
+        paths.append(folders if member.get("folds") else folders[0])
+    return record, paths

@@ -1,0 +1,308 @@
+"""Build, evaluate and record an ensemble of trained members.
+
+    python -m segx.ensemble                            # members by backbone (conf/ensemble.yaml)
+    python -m segx.ensemble ensemble.search=grid ensemble.run_ids='[id1,id2,id3]'
+
+Reads only the members' cached probabilities (never reruns a network), searches weights and
+threshold on validation Dice, chooses post-processing on validation, reports on the test split
+no search saw, and logs one MLflow run whose ``ensemble.json`` rebuilds the exact ensemble.
+This module and everything it imports for the search are free of TensorFlow.
+
+The command is ``python -m segx.ensemble`` (:mod:`segx.ensemble`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from segx.config import (
+    SEARCH_METHODS,
+    TTA_MODES,
+    check_key_names,
+    recorded_container,
+    require_choice,
+    require_float,
+    require_int,
+)
+from segx.ensembling.choose import SearchSettings, run_search
+from segx.ensembling.members import check_compatible, unique_labels
+from segx.ensembling.record import make_record
+from segx.errors import SegxError
+from segx.evaluation.report import (
+    honest_gain,
+    plot_ensemble,
+    print_report,
+    score_test_split,
+    summarise,
+    val_table,
+)
+from segx.progress import stage
+from segx.workflows.members import load_member, select_runs
+
+
+def validate_config(cfg: DictConfig) -> None:
+    e = cfg.ensemble
+    check_key_names(cfg)
+    require_choice(cfg, "ensemble.select", ["list", "auto"])
+    require_choice(cfg, "ensemble.search", SEARCH_METHODS)
+    require_choice(cfg, "ensemble.tta", TTA_MODES)
+    require_float(cfg, "ensemble.tolerance", 0.0, 1.0)
+    require_float(cfg, "ensemble.grid_step", 0.0, 1.0, high_open=False)
+    if e.grid_step <= 0:
+        raise SegxError(f"ensemble.grid_step={e.grid_step} must be > 0 and divide 1 (e.g. 0.1, 0.05, 0.25)")
+    if e.search == "grid":
+        from segx.ensembling.search import grid_parts
+
+        grid_parts(1, float(e.grid_step))  # a step that does not divide 1, before anything is read
+    for key in ("postprocess", "train_missing", "allow_incomplete_cv"):
+        if not isinstance(e.get(key), bool):
+            raise SegxError(f"ensemble.{key}={e.get(key)!r} must be true or false")
+    require_int(cfg, "ensemble.preview_cases", 0, 64)
+    if e.register_name is not None:  # MLflow's own rule, checked before the search (not after it)
+        from segx.tracking import check_model_name
+
+        check_model_name(str(e.register_name), "ensemble.register_name")
+    require_int(cfg, "ensemble.greedy_steps", 1)
+    require_int(cfg, "ensemble.bootstrap", 100)
+    if e.threshold is not None:
+        require_float(cfg, "ensemble.threshold", 0.0, 1.0, high_open=False)
+    else:
+        require_float(cfg, "ensemble.thresholds.start", 0.0, 1.0, high_open=False)
+        require_float(cfg, "ensemble.thresholds.stop", 0.0, 1.0, high_open=False)
+        require_float(cfg, "ensemble.thresholds.step", 0.0, 1.0, high_open=False)
+        if e.thresholds.stop < e.thresholds.start or e.thresholds.step <= 0:
+            raise SegxError("ensemble.thresholds needs start <= stop and step > 0")
+    require_int(cfg, "ensemble.greedy_patience", 0)
+    require_float(cfg, "ensemble.greedy_min_gain", 0.0, 1.0)
+    require_int(cfg, "ensemble.optimize_evals", 1)
+    if e.postprocess:
+        for i, size in enumerate(e.postprocess_min_sizes or []):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise SegxError(f"ensemble.postprocess_min_sizes[{i}]={size!r} must be a whole number of pixels >= 0")
+    if e.select == "list" and not e.run_ids and not e.members:
+        raise SegxError("no members given: set ensemble.members=[resnet18,...] or ensemble.run_ids=[...]")
+    if e.train_missing:
+        # Members trained first are checked now, before the store is opened or anything created.
+        from segx.config import check_group_choices, compose
+        from segx.workflows.member import validate_config as validate_train_config
+
+        for backbone in e.members or []:
+            overrides = [*map(str, e.train_overrides), f"backbone={backbone}"]
+            check_group_choices(overrides)
+            try:
+                train_cfg = compose("train", overrides)
+            except Exception as exc:  # noqa: BLE001 - Hydra's override errors span several lines
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SegxError(f"ensemble.train_overrides={list(overrides[:-1])}: {first}") from None
+            try:
+                validate_train_config(train_cfg)
+            except SegxError as exc:
+                raise SegxError(f"ensemble.train_overrides (backbone={backbone}): {exc}") from None
+
+
+def threshold_list(cfg: DictConfig) -> list[float]:
+    e = cfg.ensemble
+    if e.threshold is not None:
+        return [float(e.threshold)]
+    t = e.thresholds
+    values = np.arange(t.start, t.stop + t.step / 2, t.step)
+    return sorted({round(float(v), 4) for v in values})
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    e = cfg.ensemble
+    return SearchSettings(
+        method=str(e.search), thresholds=tuple(threshold_list(cfg)), grid_step=float(e.grid_step),
+        greedy_steps=int(e.greedy_steps), greedy_patience=int(e.greedy_patience),
+        greedy_min_gain=float(e.greedy_min_gain), optimize_evals=int(e.optimize_evals),
+        tolerance=float(e.tolerance), postprocess=bool(e.postprocess),
+        postprocess_min_sizes=tuple(int(v) for v in e.postprocess_min_sizes),
+    )  # fmt: skip
+
+
+def build_ensemble(cfg: DictConfig) -> dict:
+    """The whole ensemble stage; returns the record (with ``run_id``)."""
+    validate_config(cfg)
+    from segx import tracking
+
+    client = tracking.connect(str(cfg.mlflow.tracking_uri))
+    experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
+    if cfg.ensemble.train_missing:
+        train_missing_members(cfg, client, experiment)
+    e = cfg.ensemble
+    runs = select_runs(client, experiment, str(cfg.mlflow.experiment_name), str(e.select),
+                       [str(r) for r in e.run_ids or []], [str(b) for b in e.members or []], e.data_fingerprint)  # fmt: skip
+    cache = Path(cfg.paths.output_dir) / "cache" / "probs"
+    for folder in (cache.parent, cache):
+        if folder.exists() and not folder.is_dir():
+            raise SegxError(f"{folder} (the members' extracted probabilities) is a file, not a folder; remove it "
+                            "(segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
+    members = [load_member(client, run, cache, str(e.tta), bool(e.get("allow_incomplete_cv", False))) for run in runs]
+    check_compatible(members)
+    if any(m.test is None for m in members):
+        raise SegxError(f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain")
+    print(f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members), flush=True)
+    found = run_search(members, search_settings(cfg))
+    record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg))
+    per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"], members[0].pixel_spacing)
+    summary = summarise(per_case)
+    validation = val_table(members, found)
+    gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
+
+    # The name says what won, not what was searched: "ensemble-equal-3m" when equal weights won.
+    chosen = found["chosen"].name
+    chosen = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
+    run_name = cfg.mlflow.run_name or f"ensemble-{chosen}-{len(members)}m"
+    from segx.tracking import provenance
+
+    tags = {
+        tracking.ROLE: "ensemble",
+        "segx.members": ",".join(m.run_id for m in members),
+        "segx.data_fingerprint": members[0].fingerprint,
+        "segx.command": provenance.command_line(),
+        **provenance.provenance_tags(),
+    }
+    own = provenance.job_overrides("ensemble")
+    if own is not None:  # the same search over the same member runs, whatever selected them
+        tags["segx.overrides"] = json.dumps(own)
+        tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
+    labels = unique_labels(members)
+    note = _description(members, labels, found, record, summary, validation, gain, experiment, str(cfg.ensemble.search),
+                        tags.get("segx.reproduce"))  # fmt: skip
+    run_id = tracking.start_run(client, experiment, run_name, tags, note)
+    with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+        tmp = Path(tmp)
+        stage(f"ensemble run {run_id}: logging its record, tables and figures")
+        for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
+            for member_run in [m.run_id, *m.folds]:
+                used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
+                tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
+        tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
+        tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
+        # What was chosen, as params (searchable, comparable across ensembles in the UI).
+        tracking.log_params(client, run_id, {
+            **{f"chosen.weight.{i}.{label}": f"{w:.6g}" for i, (label, w) in enumerate(zip(labels, found["weights"], strict=True))},
+            "chosen.threshold": str(record["threshold"]), "chosen.method": found["chosen"].name,
+            "chosen.postprocess": found["postprocess"].describe(),
+        })  # fmt: skip
+        (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
+        (tmp / "tables").mkdir()
+        per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)
+        summary.to_csv(tmp / "tables" / "test_summary.csv")
+        validation.to_csv(tmp / "tables" / "val_summary.csv", index=False)
+        pd.DataFrame(found["searched"].history).to_csv(tmp / "tables" / "search_history.csv", index=False)
+        if found["postprocess_results"]:
+            pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found["postprocess_results"]]).to_csv(
+                tmp / "tables" / "val_postprocess.csv", index=False)
+        plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
+        # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
+        member_runs = [f for m in members for f in (m.folds or [m.run_id])]
+        tracking.link_models(client, run_id, [client.get_run(r).data.tags.get("segx.logged_model_id", "") for r in member_runs])
+        for name in ("ensemble.json", "tables", "plots"):
+            tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
+        # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
+        # chart for members and ensembles; every method of the test table under methods/
+        # (the UI sorts sections by name: curves/ then methods/, search/, test/, time/, val/).
+        ours = summary.loc["ensemble"]
+        metrics = {"val/dice": found["val_dice"], "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
+                   "test/hd95": ours["hd95_mean"], "search/seconds": found["search_seconds"],
+                   "search/kept_pixel_fraction": found["kept_fraction"]}  # fmt: skip
+        for method, row in summary.iterrows():
+            key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
+            metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
+        metrics.update({"test/gain_vs_best_member": gain["diff"], "test/gain_ci_low": gain["low"],
+                        "test/gain_ci_high": gain["high"], "selection/optimism": gain["ensemble_optimism"],
+                        "selection/best_member_optimism": gain["best_member_optimism"]})  # fmt: skip
+        pd.DataFrame([gain]).to_csv(tmp / "tables" / "gain.csv", index=False)
+        tracking.log_artifact(client, run_id, tmp / "tables" / "gain.csv", "tables")
+        tracking.log_metrics(client, run_id, metrics)
+        from segx.tracking.pyfunc_model import log_pyfunc
+
+        stage("logging the pyfunc model (a copy of every member's weights travels with it)")
+        log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
+    record["run_id"] = run_id
+    print_report(record, members, validation, summary, found, gain)
+    return record
+
+
+def _g(value: float) -> str:
+    """Four significant digits, as the run's description shows every score."""
+    return f"{value:.4g}"
+
+
+def _description(members, labels, found, record, summary, validation, gain, experiment: str, search: str,
+                 reproduce: str | None) -> str:  # fmt: skip
+    """The ensemble run's description (Markdown, as MLflow renders it): each member linked to its
+    run, with its weight and its validation and test Dice beside the ensemble's; the gain over the
+    best member with its interval; how to predict with it and how to reproduce it."""
+    val = dict(zip(validation["method"], validation["val_dice"], strict=True))
+    rows = ["| member | run | weight | val Dice | test Dice |", "|---|---|---|---|---|"]
+    for m, label, w in zip(members, labels, found["weights"], strict=True):
+        rows.append(f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
+                    f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |")  # fmt: skip
+    rows.append(f"| **ensemble** ({found['chosen'].name}) | | | **{_g(found['val_dice'])}** | "
+                f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |")  # fmt: skip
+    verdict = "the gain is real" if gain["low"] > 0 else "the ensemble is worse" if gain["high"] < 0 else "not shown to be better"
+    lines = [
+        f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
+        f"{record['threshold']}, post-processing {found['postprocess'].describe()}. Validation: members at their own "
+        "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
+        "", *rows, "",
+        f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
+        f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {verdict}.",
+        "", "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
+    ]  # fmt: skip
+    if reproduce:
+        lines += ["", f"Reproduce: `{reproduce}`"]
+    return "\n".join(lines)
+
+
+def _experiment_choice() -> str | None:
+    """The ``experiment=`` chosen on this command line (None outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+    except Exception:  # noqa: BLE001 - a library call: no command line
+        return None
+    return None if choice in (None, "null", "None") else str(choice)
+
+
+def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
+    """Train each backbone of ``ensemble.members`` that has no finished run yet (first use)."""
+    from segx import tracking
+    from segx.config import compose
+
+    runs = tracking.find_runs(client, experiment, "member")
+    have = {r.data.tags.get("segx.backbone") for r in runs}
+    missing = [b for b in cfg.ensemble.members or [] if b not in have]
+    if not missing:
+        return
+    from segx.models import clear_session
+    from segx.workflows.member import train_member
+
+    overrides = [
+        f"paths.output_dir={cfg.paths.output_dir}",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        f"mlflow.artifact_root={cfg.mlflow.artifact_root}",
+        f"mlflow.experiment_name={cfg.mlflow.experiment_name}",
+        *map(str, cfg.ensemble.train_overrides),
+    ]
+    experiment_choice = _experiment_choice()
+    if experiment_choice:  # `segx.ensemble experiment=dsb2018` trains its members the same way
+        overrides.insert(0, f"experiment={experiment_choice}")
+    print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
+    for n, backbone in enumerate(missing, start=1):
+        member_overrides = [*overrides, f"backbone={backbone}"]
+        train_cfg = compose("train", overrides=member_overrides)
+        print(f"segx: member {n}/{len(missing)} ({backbone}-{train_cfg.arch.name})", flush=True)
+        try:
+            train_member(train_cfg, member_overrides)  # its own command, not the ensemble's
+        finally:
+            clear_session()

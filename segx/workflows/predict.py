@@ -1,0 +1,85 @@
+"""Predict masks for a folder of images with an ensemble rebuilt from its MLflow record.
+
+    python -m segx.predict ensemble_run_id=<id> input_dir=scans/ output_dir=masks/ [tta=flip] [backend=onnx]
+
+Writes ``masks/<stem>.png`` (0/255, at each input's own size), optionally overlays, uncertainty
+and probability maps, ``ensemble.json`` and ``segx-manifest.json``; never into or over the
+input folder, and atomically (see :mod:`segx.inference.folder` for how files are kept safe).
+
+The command is ``python -m segx.predict`` (:mod:`segx.predict`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from segx.config import TTA_MODES, require_int
+from segx.data.io import shown
+from segx.errors import SegxError
+from segx.inference.folder import check_inputs, check_output_dir, planned_files, predict_folder
+
+BACKENDS = ("keras", "savedmodel", "onnx")
+
+
+def _require_bool(cfg: DictConfig, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise SegxError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def run_predict(cfg: DictConfig) -> int:
+    for key in ("ensemble_run_id", "input_dir", "output_dir"):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
+            raise SegxError(f"{key} is not set; pass {key}=...")
+    batch_size = require_int(cfg, "batch_size", 1)
+    max_pixels = require_int(cfg, "max_pixels", 1)
+    batch_pixels = require_int(cfg, "batch_pixels", 1)
+    flags = {key: _require_bool(cfg, key) for key in ("overlays", "uncertainty", "save_probabilities", "overwrite")}
+    if cfg.tta is not None and cfg.tta not in TTA_MODES:
+        raise SegxError(f"tta={cfg.tta} is not valid; use one of {', '.join(TTA_MODES)} (or null: as recorded)")
+    backend = cfg.get("backend", "keras")
+    if backend not in BACKENDS:
+        raise SegxError(f"backend={backend} is not valid; use one of {', '.join(BACKENDS)} (keras: the members "
+                        "in TensorFlow; savedmodel, onnx: the ensemble's export, made by python -m segx.export)")  # fmt: skip
+    input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
+    # Everything that can be checked without the models, before any is downloaded or loaded.
+    files = check_inputs(input_dir, output_dir, max_pixels)
+    planned = planned_files(files, flags["overlays"], flags["uncertainty"], flags["save_probabilities"])
+    check_output_dir(input_dir, output_dir, flags["overwrite"], planned)
+    from segx import tracking
+    from segx.workflows.predict import load_ensemble
+
+    client = tracking.connect(str(cfg.mlflow.tracking_uri), create=False)  # reads only: never creates a store
+    workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / str(cfg.ensemble_run_id)
+    if backend == "keras":
+        record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta)
+    else:  # the exported model, with the same resize or sliding-window loop and arithmetic around it
+        from segx.workflows.export import export_predictor
+
+        record, predictor = export_predictor(client, str(cfg.ensemble_run_id), backend, workdir, cfg.tta)
+    n = predict_folder(predictor, input_dir, output_dir, batch_size, flags["overlays"], flags["uncertainty"],
+                       flags["save_probabilities"], files=files, overwrite=flags["overwrite"],
+                       record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
+                       max_pixels=max_pixels, batch_pixels=batch_pixels)  # fmt: skip
+    print(f"segx: wrote {n} masks to {shown(output_dir / 'masks')}", flush=True)
+    return n
+
+
+def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
+    """(record, EnsemblePredictor) for an ensemble run, with its weighted members downloaded
+    (members of weight 0 cannot change a mask and are neither fetched nor loaded)."""
+    from segx.inference.predictor import EnsemblePredictor
+    from segx.tracking.ensembles import fetch_ensemble
+
+    record, model_paths = fetch_ensemble(client, run_id, workdir)
+    recorded = record.get("tta", "none")
+    if tta not in (None, recorded):
+        # Weights, threshold and post-processing were chosen on the recorded pipeline's
+        # probabilities; another TTA runs, but the record's Dice no longer describes it.
+        print(f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
+              f"tta={tta} (drop the tta override to predict as tuned)", file=sys.stderr, flush=True)  # fmt: skip
+    return record, EnsemblePredictor(record, model_paths, tta)
