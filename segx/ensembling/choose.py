@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from segx.ensembling.members import Member
 
@@ -43,9 +44,25 @@ class SearchSettings:
     postprocess_min_sizes: tuple[int, ...] = (10, 20, 50, 100)
 
 
-def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
-    """Weights, threshold and post-processing chosen on the members' validation probabilities;
-    returns everything the record and the report need."""
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What :func:`run_search` chose, and what it compared the choice with: everything the
+    record (:func:`segx.ensembling.record.make_record`) and the report need."""
+
+    chosen: Any  # segx.ensembling.search.Candidate: the ensemble kept (weights, threshold, val Dice)
+    searched: Any  # the search method's own best candidate (SearchResult)
+    baselines: list  # each member alone and equal weights, as candidates
+    weights: Any  # segx.ensembling.probs.Weights of ``chosen``: exact counts, what the record stores
+    val_dice: float  # the prediction path's validation Dice of ``chosen``, equal to the search's
+    postprocess: Any  # segx.scoring.postprocess.PostProcess chosen on validation (identity if none helps)
+    postprocess_results: list  # (PostProcess, validation Dice) of every candidate tried
+    majority_val_dice: float  # the majority vote's validation Dice (a baseline)
+    search_seconds: float
+    kept_fraction: float  # pixels the search kept after compaction (the rest are decided for any weights)
+
+
+def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOutcome:
+    """Weights, threshold and post-processing chosen on the members' validation probabilities."""
     from segx.ensembling import search
 
     e = settings
@@ -85,8 +102,6 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> dict:
 
     post = post or PostProcess()
     majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
-    return {
-        "chosen": chosen, "searched": result, "baselines": base, "weights": weights,
-        "val_dice": val_dice, "postprocess": post, "postprocess_results": post_results,
-        "majority_val_dice": majority, "search_seconds": seconds, "kept_fraction": data.kept_fraction,
-    }  # fmt: skip
+    return SearchOutcome(chosen=chosen, searched=result, baselines=base, weights=weights, val_dice=val_dice,
+                         postprocess=post, postprocess_results=post_results, majority_val_dice=majority,
+                         search_seconds=seconds, kept_fraction=data.kept_fraction)  # fmt: skip

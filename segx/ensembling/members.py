@@ -81,11 +81,9 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
 
 def view_of(params: dict) -> dict:
     """A member run's view (how it sees an image) from its logged ``data.*`` params."""
-    if params.get("data.mode", "resize") == "patch":
-        return {"mode": "patch", "size": int(params["data.patch_size"]), "resize_mode": "resize",
-                "scale": float(params.get("data.scale", 1.0)), "overlap": float(params.get("data.overlap", 0.5))}  # fmt: skip
-    return {"mode": "resize", "size": int(params.get("data.image_size", 128)),
-            "resize_mode": params.get("data.resize_mode", "resize"), "scale": 1.0, "overlap": 0.5}  # fmt: skip
+    from segx.data.view import View
+
+    return View.from_params(params).to_dict()
 
 
 def _settings_difference(a: str, b: str) -> str:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from segx.data.view import View
 from segx.ensembling.probs import MAX_DENOMINATOR, Weights
 from segx.errors import SegxError
 from segx.tta import TTA_MODES
@@ -26,7 +27,6 @@ REQUIRED = ("members", "threshold")
 # ``image_size``/``resize_mode`` shared by every member (resize mode).
 RECORD_VERSION = 3
 _VERSIONS = (1, 2, 3)
-VIEW_MODES = ("resize", "patch")
 
 
 def _is_number(value: Any) -> bool:
@@ -57,7 +57,7 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
         if not isinstance(m, dict) or not m.get("run_id") or not m.get("backbone"):
             raise SegxError(f"{where}: members[{i}] needs 'run_id', 'backbone' and 'weight'")
         if version >= 3:
-            _validate_view(m.get("view"), f"{where}: members[{i}].view")
+            View.validate(m.get("view"), f"{where}: members[{i}].view")
         folds = m.get("folds")
         if folds is not None and (not isinstance(folds, list) or not folds or not all(isinstance(f, str) and f for f in folds)):
             raise SegxError(f"{where}: members[{i}].folds={folds!r} must list the fold run IDs of a cross-validated member")
@@ -77,22 +77,6 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     if record.get("tta", "none") not in TTA_MODES:
         raise SegxError(f"{where}: tta={record.get('tta')!r} must be 'none' or 'flip'")
     return record
-
-
-def _validate_view(view: Any, where: str) -> None:
-    fix = "give {mode: resize|patch, size: N, ...} or rebuild the record with python -m segx.ensemble"
-    if not isinstance(view, dict) or view.get("mode") not in VIEW_MODES:
-        raise SegxError(f"{where}={view!r}: needs a 'mode' of {' or '.join(VIEW_MODES)}; {fix}")
-    size = view.get("size")
-    if not _is_count(size) or size < 1:
-        raise SegxError(f"{where}.size={size!r} must be a whole number of pixels; {fix}")
-    scale, overlap = view.get("scale", 1.0), view.get("overlap", 0.5)
-    if not _is_number(scale) or scale <= 0:
-        raise SegxError(f"{where}.scale={scale!r} must be a positive number; {fix}")
-    if not _is_number(overlap) or not 0 <= overlap < 1:
-        raise SegxError(f"{where}.overlap={overlap!r} must be in [0, 1); {fix}")
-    if view.get("resize_mode", "resize") not in ("resize", "pad"):
-        raise SegxError(f"{where}.resize_mode={view.get('resize_mode')!r} must be 'resize' or 'pad'; {fix}")
 
 
 def member_views(record: dict) -> list[dict]:
@@ -137,15 +121,15 @@ def weight_fields(weights: Weights) -> tuple[list[dict], dict]:
     return per_member, {"weight_denominator": weights.denominator}
 
 
-def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance: float, thresholds: Sequence[float],
+def make_record(members: Sequence, found, tta: str, method: str, tolerance: float, thresholds: Sequence[float],
                 git: tuple[str | None, bool | None] = (None, None)) -> dict:  # fmt: skip
-    """The ``ensemble.json`` of a chosen ensemble (``found``: what run_search returned; ``git``:
+    """The ``ensemble.json`` of a chosen ensemble (``found``: the :class:`~segx.ensembling.choose.SearchOutcome`; ``git``:
     the commit and dirty flag of the code that chose it, ``provenance.git_sha()``)."""
     import segx
 
     sha, dirty = git
-    chosen = found["chosen"]
-    per_member, weight_total = weight_fields(found["weights"])
+    chosen = found.chosen
+    per_member, weight_total = weight_fields(found.weights)
     return {
         "format": "segx-ensemble",
         "version": RECORD_VERSION,
@@ -161,7 +145,7 @@ def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance
         ],
         **weight_total,
         "threshold": chosen.threshold,
-        "postprocess": found["postprocess"].to_dict(),
+        "postprocess": found.postprocess.to_dict(),
         "tta": str(tta),
         "search": {
             "method": str(method),
@@ -169,5 +153,5 @@ def make_record(members: Sequence, found: dict, tta: str, method: str, tolerance
             "tolerance": float(tolerance),
             "thresholds": [float(t) for t in thresholds],
         },
-        "val_dice": found["val_dice"],
+        "val_dice": found.val_dice,
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from segx.ensembling.choose import SearchOutcome
 from segx.ensembling.members import Member
 
 
@@ -67,14 +68,14 @@ def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0) -> dict:
             "p_not_better": float(np.mean(means <= 0)), "resamples": int(resamples), "cases": len(diff)}  # fmt: skip
 
 
-def honest_gain(per_case: pd.DataFrame, members: list[Member], found: dict, resamples: int = 2000, seed: int = 0) -> dict:
+def honest_gain(per_case: pd.DataFrame, members: list[Member], found: SearchOutcome, resamples: int = 2000, seed: int = 0) -> dict:
     """Is the ensemble worth its cost? The paired bootstrap of test Dice, ensemble minus the best
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
     from segx.ensembling.probs import binarize
     from segx.scoring.metrics import dice_per_case
 
-    member_rows = [b for b in found["baselines"] if b.name.startswith("member:")]
+    member_rows = [b for b in found.baselines if b.name.startswith("member:")]
     index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)
     # Like for like: the member on test at the threshold validation chose for it (as the
     # ensemble is at its own), not at 0.5; both are then what a user would deploy.
@@ -85,8 +86,8 @@ def honest_gain(per_case: pd.DataFrame, members: list[Member], found: dict, resa
     out = paired_bootstrap(ensemble, member_test, resamples, seed)
     return {**out, "best_member": best.name, "best_member_threshold": best.threshold,
             "best_member_val_dice": best.val_dice, "best_member_test_dice": float(member_test.mean()),
-            "ensemble_val_dice": found["val_dice"], "ensemble_test_dice": float(ensemble.mean()),
-            "ensemble_optimism": found["val_dice"] - float(ensemble.mean()),
+            "ensemble_val_dice": found.val_dice, "ensemble_test_dice": float(ensemble.mean()),
+            "ensemble_optimism": found.val_dice - float(ensemble.mean()),
             "best_member_optimism": best.val_dice - float(member_test.mean())}  # fmt: skip
 
 
@@ -109,17 +110,17 @@ def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order]
 
 
-def val_table(members: list[Member], found: dict) -> pd.DataFrame:
-    rows = [{"method": b.name, "val_dice": b.val_dice, "threshold": b.threshold} for b in found["baselines"]]
+def val_table(members: list[Member], found: SearchOutcome) -> pd.DataFrame:
+    rows = [{"method": b.name, "val_dice": b.val_dice, "threshold": b.threshold} for b in found.baselines]
     rows[-1]["method"] = "equal-weights"
-    rows.append({"method": "majority-vote", "val_dice": found["majority_val_dice"], "threshold": 0.5})
-    s = found["searched"].best
+    rows.append({"method": "majority-vote", "val_dice": found.majority_val_dice, "threshold": 0.5})
+    s = found.searched.best
     rows.append({"method": f"searched ({s.name})", "val_dice": s.val_dice, "threshold": s.threshold})
-    rows.append({"method": f"chosen ({found['chosen'].name})", "val_dice": found["val_dice"], "threshold": found["chosen"].threshold})
+    rows.append({"method": f"chosen ({found.chosen.name})", "val_dice": found.val_dice, "threshold": found.chosen.threshold})
     return pd.DataFrame(rows)
 
 
-def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict, per_case: pd.DataFrame,
+def plot_ensemble(folder: Path, members: list[Member], found: SearchOutcome, preds: dict, per_case: pd.DataFrame,
                   preview_cases: int = 4) -> None:
     """folder/search.png (the search's progress against the baselines) and folder/test_cases.png."""
     import matplotlib
@@ -129,15 +130,15 @@ def plot_ensemble(folder: Path, members: list[Member], found: dict, preds: dict,
 
     from segx.evaluation.plots import pick_cases, plot_cases
 
-    history = found["searched"].history
-    searched, chosen = found["searched"].best, found["chosen"]
+    history = found.searched.history
+    searched, chosen = found.searched.best, found.chosen
     fig, ax = plt.subplots(figsize=(8, 4.2))
     steps, values = [h["step"] for h in history], [h["val_dice"] for h in history]
     ax.plot(steps, values, marker=".", lw=1, color="C0", label=f"{searched.name.split(':')[0]} search: each candidate")
-    for i, b in enumerate(found["baselines"]):
-        name = "equal weights" if i == len(found["baselines"]) - 1 else b.name.removeprefix("member:")
+    for i, b in enumerate(found.baselines):
+        name = "equal weights" if i == len(found.baselines) - 1 else b.name.removeprefix("member:")
         ax.axhline(b.val_dice, ls=":", lw=1, color=f"C{i + 1}", label=f"{name} ({b.val_dice:.4f})")
-    ax.axhline(found["majority_val_dice"], ls="-.", lw=0.8, color="0.5", label=f"majority vote ({found['majority_val_dice']:.4f})")
+    ax.axhline(found.majority_val_dice, ls="-.", lw=0.8, color="0.5", label=f"majority vote ({found.majority_val_dice:.4f})")
     # The chosen point: a search candidate where the search won, else on the line of the baseline that did.
     at = next((h["step"] for h in history if h["val_dice"] == chosen.val_dice), steps[-1] if steps else 0)
     ax.plot([at], [chosen.val_dice], marker="*", ms=14, color="crimson", ls="none",
@@ -170,11 +171,11 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
 
-    weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found["weights"], strict=True))
+    weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\nchosen: {found['chosen'].name}  weights: {weights}  threshold: {record['threshold']}  "
-          f"post-processing: {found['postprocess'].describe()}  (search {found['search_seconds']:.2f}s)")
+    print(f"\nchosen: {found.chosen.name}  weights: {weights}  threshold: {record['threshold']}  "
+          f"post-processing: {found.postprocess.describe()}  (search {found.search_seconds:.2f}s)")
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from segx.data import staging
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import MAX_DENOMINATOR, cut, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
@@ -567,28 +567,10 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def _move_into_place(stage: Path, output_dir: Path) -> None:
     """Rename the finished export over ``output_dir`` (an earlier export is moved aside first and
     removed after: a reader sees the old export or the new one, never a mixture)."""
-    old = None
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}old-{os.getpid()}-", dir=output_dir.parent))
-        os.replace(output_dir, old / "export")
+    old = staging.set_aside(output_dir, PARTIAL_PREFIX) if output_dir.exists() else None
     os.replace(stage, output_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_partials(folder: Path) -> None:
-    """Partial folders of exports whose process no longer runs (killed before it could clean up)."""
-    pattern = re.compile(re.escape(PARTIAL_PREFIX) + r"(?:old-)?(\d+)-")
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        match = pattern.match(entry.name)
-        if match is None or not entry.is_dir() or entry.is_symlink():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
-            continue
 
 
 def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.PathLike, fmt: str,
@@ -628,11 +610,7 @@ def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.Pa
     # 8.7 s -> 0.8 s for two Unets), which the signatures never call.
     module.network_variables = [v for model in models for v in model.variables]
     functions = _build_functions(graphs, models, tables, record, tta)
-    created = [p for p in (output_dir.parent, *output_dir.parent.parents) if not os.path.lexists(p)]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(output_dir.parent)
-    stage = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=output_dir.parent))
-    try:
+    with staging.staged_folder(output_dir.parent, PARTIAL_PREFIX) as stage:
         files = _save_savedmodel(module, functions, stage) if fmt == "savedmodel" else _save_onnx(functions, graphs, stage, opset)
         (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
         manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
@@ -643,14 +621,6 @@ def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.Pa
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
         check_output_dir(output_dir, overwrite)  # someone may have written there meanwhile
         _move_into_place(stage, output_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        for folder in created:  # innermost first: only folders this export made, if still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
     return manifest
 
 

@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from segx.data import staging
 from segx.data.io import shown
 from segx.errors import SegxError
 
@@ -61,7 +59,6 @@ OUTPUT_FOLDERS = ("masks", "overlays", "uncertainty", "probabilities")
 PARTIAL_PREFIX = ".segx-partial-"
 
 
-_PARTIAL = re.compile(re.escape(PARTIAL_PREFIX) + r"(\d+)-")
 
 
 DEFAULT_BATCH_PIXELS = 16_000_000
@@ -156,7 +153,7 @@ def read_manifest(output_dir: Path) -> list[str] | None:
 
 
 def _is_partial(name: str) -> bool:
-    return _PARTIAL.match(name) is not None
+    return staging.is_staging(name, PARTIAL_PREFIX)
 
 
 def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
@@ -199,22 +196,6 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
             raise SegxError(f"{shown(output_dir / rel)} was not written by segx and would be replaced; "
                             "move it away or choose a new output_dir")  # fmt: skip
     return old
-
-
-def _remove_stale_partials(output_dir: Path) -> None:
-    """Partial folders whose process no longer runs (killed before it could clean up)."""
-    for entry in os.scandir(output_dir):
-        match = _PARTIAL.match(entry.name)
-        if match is None or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid = int(match.group(1))
-        try:
-            os.kill(pid, 0)
-            continue  # still running (or another user's process): leave it
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
-            continue
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -290,43 +271,32 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
     files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
     new = planned_files(files, overlays, uncertainty, save_probabilities, record is not None)
     old = check_output_dir(input_dir, output_dir, overwrite, new)
-    created = [p for p in (output_dir, *output_dir.parents) if not os.path.lexists(p)]
+    entered = False  # the staging folder exists (else output_dir could not be written at all)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(output_dir)
-        stage = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=output_dir))
-    except OSError as exc:
-        raise SegxError(f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); "
-                        "choose a writable folder") from None  # fmt: skip
-    try:
-        items = list(files.items())
-        if not interactive():  # a log: one line, not a bar redrawn per batch
-            say(f"predicting {len(items)} images")
-        with tqdm(total=len(items), desc="segx: predicting", unit="img", disable=not interactive()) as bar:
-            done = 0
-            for batch in _batches(items, batch_size, batch_pixels):
-                _predict_batch(predictor, batch, stage, overlays, uncertainty, save_probabilities, max_pixels)
-                done += len(batch)
-                bar.update(len(batch))
-                if on_batch is not None:
-                    on_batch(done)
-        if record is not None:
-            _write_text(stage / RECORD, json.dumps(record, indent=2))
-        # Someone may have written into output_dir meanwhile: check again just before moving.
-        old = check_output_dir(input_dir, output_dir, overwrite, new)
-        _commit(stage, output_dir, new, old)
-    except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        for folder in created:  # innermost first: only the folders this run made, if still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, OSError):  # a full disk, a folder made read-only meanwhile
-            raise SegxError(f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
-                            "free space or fix permissions and run again") from None  # fmt: skip
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
+        with staging.staged_folder(output_dir, PARTIAL_PREFIX) as stage:
+            entered = True
+            items = list(files.items())
+            if not interactive():  # a log: one line, not a bar redrawn per batch
+                say(f"predicting {len(items)} images")
+            with tqdm(total=len(items), desc="segx: predicting", unit="img", disable=not interactive()) as bar:
+                done = 0
+                for batch in _batches(items, batch_size, batch_pixels):
+                    _predict_batch(predictor, batch, stage, overlays, uncertainty, save_probabilities, max_pixels)
+                    done += len(batch)
+                    bar.update(len(batch))
+                    if on_batch is not None:
+                        on_batch(done)
+            if record is not None:
+                _write_text(stage / RECORD, json.dumps(record, indent=2))
+            # Someone may have written into output_dir meanwhile: check again just before moving.
+            old = check_output_dir(input_dir, output_dir, overwrite, new)
+            _commit(stage, output_dir, new, old)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile, or none to write into
+        if not entered:
+            raise SegxError(f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); "
+                            "choose a writable folder") from None  # fmt: skip
+        raise SegxError(f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
+                        "free space or fix permissions and run again") from None  # fmt: skip
     return len(items)
 
 

@@ -14,51 +14,17 @@ pyfunc model all call :func:`predict_cases`, so every path computes the same num
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from segx.data.folder import from_model_size, rescale, to_model_size
+from segx.data.view import MODES, View  # noqa: F401 - the view's home is the data stage
 from segx.inference.window import sliding_window
 
-MODES = ("resize", "patch")
 # Windows (patch mode) or resized images (resize mode) per forward call.
 BATCH = 8
 
 PredictBatch = Callable[[np.ndarray], Mapping[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class View:
-    mode: str = "resize"          # resize | patch
-    size: int = 128               # network input: the square image (resize) or the window (patch)
-    resize_mode: str = "resize"   # resize mode only: resize | pad
-    scale: float = 1.0            # patch mode only: images are rescaled by this first
-    overlap: float = 0.5          # patch mode only: sliding-window overlap in [0, 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> View:
-        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        view = cls(**known)
-        return cls(str(view.mode), int(view.size), str(view.resize_mode), float(view.scale), float(view.overlap))
-
-    @classmethod
-    def from_data_config(cls, data) -> View:
-        """The view of a ``data`` config section (``data.mode`` and its settings)."""
-        mode = str(data.get("mode", "resize"))
-        if mode == "patch":
-            return cls("patch", int(data.patch_size), "resize", float(data.get("scale", 1.0) or 1.0), float(data.get("overlap", 0.5)))
-        return cls("resize", int(data.image_size), str(data.get("resize_mode", "resize")))
-
-    def describe(self) -> str:
-        if self.mode == "patch":
-            scale = f", scale {self.scale:g}" if self.scale != 1 else ""
-            return f"patches of {self.size} px, sliding window with overlap {self.overlap:g}{scale}"
-        how = "padded to a square and resized" if self.resize_mode == "pad" else "resized"
-        return f"{how} to {self.size}x{self.size}"
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

@@ -149,14 +149,16 @@ def build_ensemble(cfg: DictConfig) -> dict:
         raise SegxError(f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain")
     print(f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members), flush=True)
     found = run_search(members, search_settings(cfg))
-    record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg))
-    per_case, preds = score_test_split(members, found["weights"], record["threshold"], found["postprocess"], members[0].pixel_spacing)
+    from segx.tracking.provenance import git_sha
+
+    record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha())
+    per_case, preds = score_test_split(members, found.weights, record["threshold"], found.postprocess, members[0].pixel_spacing)
     summary = summarise(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
 
     # The name says what won, not what was searched: "ensemble-equal-3m" when equal weights won.
-    chosen = found["chosen"].name
+    chosen = found.chosen.name
     chosen = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
     run_name = cfg.mlflow.run_name or f"ensemble-{chosen}-{len(members)}m"
     from segx.tracking import provenance
@@ -187,18 +189,18 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
         tracking.log_params(client, run_id, {
-            **{f"chosen.weight.{i}.{label}": f"{w:.6g}" for i, (label, w) in enumerate(zip(labels, found["weights"], strict=True))},
-            "chosen.threshold": str(record["threshold"]), "chosen.method": found["chosen"].name,
-            "chosen.postprocess": found["postprocess"].describe(),
+            **{f"chosen.weight.{i}.{label}": f"{w:.6g}" for i, (label, w) in enumerate(zip(labels, found.weights, strict=True))},
+            "chosen.threshold": str(record["threshold"]), "chosen.method": found.chosen.name,
+            "chosen.postprocess": found.postprocess.describe(),
         })  # fmt: skip
         (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
         (tmp / "tables").mkdir()
         per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)
         summary.to_csv(tmp / "tables" / "test_summary.csv")
         validation.to_csv(tmp / "tables" / "val_summary.csv", index=False)
-        pd.DataFrame(found["searched"].history).to_csv(tmp / "tables" / "search_history.csv", index=False)
-        if found["postprocess_results"]:
-            pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found["postprocess_results"]]).to_csv(
+        pd.DataFrame(found.searched.history).to_csv(tmp / "tables" / "search_history.csv", index=False)
+        if found.postprocess_results:
+            pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
                 tmp / "tables" / "val_postprocess.csv", index=False)
         plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
@@ -210,9 +212,9 @@ def build_ensemble(cfg: DictConfig) -> dict:
         # chart for members and ensembles; every method of the test table under methods/
         # (the UI sorts sections by name: curves/ then methods/, search/, test/, time/, val/).
         ours = summary.loc["ensemble"]
-        metrics = {"val/dice": found["val_dice"], "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
-                   "test/hd95": ours["hd95_mean"], "search/seconds": found["search_seconds"],
-                   "search/kept_pixel_fraction": found["kept_fraction"]}  # fmt: skip
+        metrics = {"val/dice": found.val_dice, "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
+                   "test/hd95": ours["hd95_mean"], "search/seconds": found.search_seconds,
+                   "search/kept_pixel_fraction": found.kept_fraction}  # fmt: skip
         for method, row in summary.iterrows():
             key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
             metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
@@ -243,15 +245,15 @@ def _description(members, labels, found, record, summary, validation, gain, expe
     best member with its interval; how to predict with it and how to reproduce it."""
     val = dict(zip(validation["method"], validation["val_dice"], strict=True))
     rows = ["| member | run | weight | val Dice | test Dice |", "|---|---|---|---|---|"]
-    for m, label, w in zip(members, labels, found["weights"], strict=True):
+    for m, label, w in zip(members, labels, found.weights, strict=True):
         rows.append(f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
                     f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |")  # fmt: skip
-    rows.append(f"| **ensemble** ({found['chosen'].name}) | | | **{_g(found['val_dice'])}** | "
+    rows.append(f"| **ensemble** ({found.chosen.name}) | | | **{_g(found.val_dice)}** | "
                 f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |")  # fmt: skip
     verdict = "the gain is real" if gain["low"] > 0 else "the ensemble is worse" if gain["high"] < 0 else "not shown to be better"
     lines = [
         f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
-        f"{record['threshold']}, post-processing {found['postprocess'].describe()}. Validation: members at their own "
+        f"{record['threshold']}, post-processing {found.postprocess.describe()}. Validation: members at their own "
         "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
         "", *rows, "",
         f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
