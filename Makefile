@@ -40,7 +40,10 @@ ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000, opening experi
 server: install  ## shared MLflow tracking server (PostgreSQL, proxied artifacts) on http://127.0.0.1:5001: make server ARGS="port=5002"
 	$(PY) -m segx.server $(ARGS)
 
-test: install  ## fast tests (real TF models, real MLflow store in tmp)
+test: install  ## the layer contracts and the formatter, then the fast tests (real TF models, real MLflow store in tmp)
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check segx tests experiments
+	$(VENV)/bin/ruff format --check segx tests experiments
 	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: install  ## slow tests only (every backbone builds, benchmark smoke test)
@@ -55,8 +58,10 @@ bench: install  ## the DSB2018 study (about an hour on 2 CPU cores): experiments
 bench-quick: install  ## every benchmark stage on a small subset (minutes)
 	$(PY) -m segx.bench profile=quick $(ARGS)
 
-lint: install  ## ruff
+lint: install  ## ruff (lint and format check) and the layer contracts (import-linter, pyproject.toml)
 	$(VENV)/bin/ruff check segx tests experiments
+	$(VENV)/bin/ruff format --check segx tests experiments
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install
 	$(VENV)/bin/ruff format segx tests experiments

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_paired_bootstrap_on_constructed_differences():
     ],
 )
 def test_bad_fold_settings_are_refused_before_anything_is_read(tmp_path, overrides, message):
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     out = tmp_path / "out"
     cfg = compose_config("train", [*store_overrides(out), f"data.root={tmp_path / 'never'}", *overrides])
@@ -124,11 +125,12 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
     from segx import tracking
     from segx.data.folder import discover_cases
     from segx.data.io import read_image
-    from segx.ensemble import build_ensemble
     from segx.ensembling.probs import fold_mean, load_cached
-    from segx.inference.predictor import load_ensemble, member_probs
+    from segx.inference.predictor import member_probs
     from segx.inference.view import View
     from segx.models import load_member
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.predict import load_ensemble
 
     out, _ = cv_store
     client = _client(out)
@@ -140,7 +142,7 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
     # Out-of-fold arrays: every training case, exactly the fold run's cached validation map.
     member = record["members"][0]
     fold_caches = [load_cached(tracking.download(client, f, "predictions/val.npz", tmp_path / f), tmp_path / f) for f in member["folds"]]
-    from segx.ensembling.members import load_member as load_ensemble_member
+    from segx.workflows.members import load_member as load_ensemble_member
 
     cvm = load_ensemble_member(client, client.get_run(member["run_id"]), tmp_path / "cache")
     assert cvm.val.stems == sorted(s for c in fold_caches for s in c.stems) and len(cvm.val.stems) == 12
@@ -160,7 +162,7 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
         assert np.array_equal(got.flat, expected.flat)
     assert np.array_equal(expected.flat, cvm.test.probs.flat)  # = what the test report scored
     # The CLI predicts from the record alone.
-    from segx.predict import run_predict
+    from segx.workflows.predict import run_predict
 
     (tmp_path / "in").mkdir()
     for s in cvm.test.stems[:2]:
@@ -172,7 +174,7 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
 
 def test_missing_fold_is_refused_with_the_command_unless_opted_in(cv_store, tmp_path):
     from segx import tracking
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, _ = cv_store
     client = _client(out)
@@ -225,9 +227,10 @@ def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
     probs = [np.where(t, 102, 25).astype(np.uint8) for t in truth]
     test = Cached(["t0", "t1", "t2"], Ragged.from_list(probs), Ragged.from_list(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8)))
     best = dataclasses.replace(member("r1"), test=test)
-    found = {"baselines": [Candidate("member:resnet18-unet", Weights((1,), 1), 0.35, 0.95, 1),
-                           Candidate("equal", Weights((1,), 1), 0.5, 0.9, 2)],
-             "val_dice": 0.97}  # fmt: skip
+    # The two fields of the search's outcome that honest_gain reads.
+    found = SimpleNamespace(baselines=[Candidate("member:resnet18-unet", Weights((1,), 1), 0.35, 0.95, 1),
+                                       Candidate("equal", Weights((1,), 1), 0.5, 0.9, 2)],
+                            val_dice=0.97)  # fmt: skip
     per_case = pd.DataFrame({"method": ["ensemble"] * 3, "stem": ["t2", "t0", "t1"], "dice": [1.0, 1.0, 0.5]})
     gain = honest_gain(per_case, [best], found, resamples=200)
     assert gain["best_member_threshold"] == 0.35
@@ -241,7 +244,7 @@ def test_config_identity_survives_keys_added_with_null_defaults():
     configuration's folds between two parents, nor hide an unfinished run from resume=auto."""
     from omegaconf import OmegaConf
 
-    from segx.training.member import config_identity
+    from segx.workflows.member import config_identity
 
     cfg = compose_config("train", ["data.folds=3", "fold=1"])
     before, shared = config_identity(cfg), config_identity(cfg, ("fold",))

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from segx.errors import SegxError
+from segx.tracking.readers import MemberRun
 
 ROLE_CV = "cv"
 PARENT_TAG = "segx.cv_parent"
@@ -79,7 +80,8 @@ def fold_runs(client, experiment: str, parent_id: str, folds: int) -> dict[int, 
 
     out: dict[int, object] = {}
     for run in tracking.find_runs(client, experiment, "member", status="FINISHED", tags={PARENT_TAG: parent_id}):
-        fold = int(run.data.tags.get("segx.fold", -1))
+        fold = MemberRun.of(run).fold
+        fold = -1 if fold is None else fold
         if 0 <= fold < folds and fold not in out:
             out[fold] = run
     return out
@@ -92,7 +94,7 @@ def update_summary(client, experiment: str, parent_id: str) -> dict:
     from segx import tracking
 
     parent = client.get_run(parent_id)
-    folds = int(parent.data.tags.get("segx.folds", 0))
+    folds = MemberRun.of(parent).folds
     runs = fold_runs(client, experiment, parent_id, folds)
     missing = [f for f in range(folds) if f not in runs]
     metrics, cases, weighted = {}, 0, 0.0

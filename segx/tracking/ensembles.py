@@ -9,13 +9,14 @@ from pathlib import Path
 from segx.ensembling.record import record_weights, validate_record
 from segx.errors import SegxError
 from segx.tracking import runs
+from segx.tracking.readers import EnsembleRun
 from segx.tracking.tags import ROLE
 
 
 def ensemble_run(client, run_id: str):
     """The FINISHED ensemble run ``run_id`` (one line if it is none)."""
     run = runs.get_run(client, run_id)
-    if run.data.tags.get(ROLE) != "ensemble":
+    if not EnsembleRun.of(run).is_ensemble:
         raise SegxError(f"run '{run_id}' is not a segx ensemble (tag {ROLE}); give an ensemble run ID")
     return run
 

@@ -21,3 +21,7 @@ DISK_FULL = "segx.disk_full"  # "true": the disk filled; the run can be resumed 
 RESUMED = "segx.resumed"
 GIT_SHA = "segx.git_sha"
 GIT_DIRTY = "segx.git_dirty"
+FOLD = "segx.fold"
+CV_PARENT = "segx.cv_parent"  # on a fold run: its cross-validated configuration's parent run
+CV_CONFIG_HASH = "segx.cv_config_hash"
+EXPORT = "segx.export."  # + format, on an ensemble run: the export's child run ID

@@ -43,6 +43,8 @@ from segx.evaluation.report import (
     val_table,
 )
 from segx.progress import stage
+from segx.tracking import tags as tag_names
+from segx.tracking.readers import MemberRun
 from segx.workflows.members import load_member, select_runs
 
 
@@ -183,8 +185,8 @@ def build_ensemble(cfg: DictConfig) -> dict:
         stage(f"ensemble run {run_id}: logging its record, tables and figures")
         for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
             for member_run in [m.run_id, *m.folds]:
-                used = client.get_run(member_run).data.tags.get("segx.ensembles", "")
-                tracking.set_tags(client, member_run, {"segx.ensembles": ",".join(filter(None, [*used.split(","), run_id]))})
+                used = MemberRun.of(client.get_run(member_run)).ensembles
+                tracking.set_tags(client, member_run, {tag_names.ENSEMBLES: ",".join([*used, run_id])})
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
@@ -205,7 +207,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
         member_runs = [f for m in members for f in (m.folds or [m.run_id])]
-        tracking.link_models(client, run_id, [client.get_run(r).data.tags.get("segx.logged_model_id", "") for r in member_runs])
+        tracking.link_models(client, run_id, [MemberRun.of(client.get_run(r)).logged_model_id for r in member_runs])
         for name in ("ensemble.json", "tables", "plots"):
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
         # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
@@ -282,7 +284,7 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     from segx.config import compose
 
     runs = tracking.find_runs(client, experiment, "member")
-    have = {r.data.tags.get("segx.backbone") for r in runs}
+    have = {MemberRun.of(r).backbone for r in runs}
     missing = [b for b in cfg.ensemble.members or [] if b not in have]
     if not missing:
         return

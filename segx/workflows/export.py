@@ -22,9 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from segx.config import TTA_MODES
 from segx.errors import SegxError
 from segx.inference.exported import DEFAULT_OPSET, check_format
+from segx.tracking import tags as tag_names
 from segx.tracking.ensembles import ensemble_run, fetch_ensemble
+from segx.tracking.readers import EnsembleRun
 
-EXPORT_TAG = "segx.export."  # + format, on the ensemble run: the export's child run ID
+EXPORT_TAG = tag_names.EXPORT  # + format, on the ensemble run: the export's child run ID
 
 
 def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> str:
@@ -92,7 +94,7 @@ def export_predictor(client, run_id: str, fmt: str, workdir: Path, tta: str | No
     from segx.inference.exported import load_exported
 
     run = ensemble_run(client, run_id)
-    child = run.data.tags.get(EXPORT_TAG + fmt)
+    child = EnsembleRun.of(run).exports.get(fmt)
     if not child:
         raise SegxError(f"ensemble '{run_id}' has no {fmt} export; make one with python -m segx.export "
                         f"ensemble_run_id={run_id} format={fmt} (or predict with backend=keras)")  # fmt: skip

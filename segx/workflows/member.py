@@ -31,6 +31,8 @@ from segx.config import (
 )
 from segx.errors import SegxError, look_up_option
 from segx.objects import check_no_stray_targets, checked_container, instantiate
+from segx.tracking import tags as tag_names
+from segx.tracking.readers import MemberRun
 
 log = logging.getLogger("segx.train")
 
@@ -158,7 +160,7 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        same = {"segx.config_hash": identity, "segx.data_fingerprint": data_fingerprint}
+        same = {tag_names.CONFIG_HASH: identity, tag_names.DATA_FINGERPRINT: data_fingerprint}
         for status in ("KILLED", "FAILED", "RUNNING"):
             runs = tracking.find_runs(client, experiment, "member", status, same)
             for run in runs:
@@ -167,26 +169,27 @@ def _resume_target(cfg: DictConfig, client, experiment: str, identity: str, data
                     return run.info.run_id
                 # Stopped before its first checkpoint (preempted within checkpoint_every_s, or a
                 # full disk): its process ended it, so the run continues, from the first epoch.
-                if (status == "KILLED" or run.data.tags.get("segx.disk_full") == "true") and not state.exists():
+                if (status == "KILLED" or MemberRun.of(run).disk_full) and not state.exists():
                     return run.info.run_id
         return None
     run = tracking.get_run(client, str(cfg.resume), need_finished=False)
     if run.info.status == "FINISHED":
         raise SegxError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
-    recorded = run.data.tags.get("segx.config_hash")
+    member = MemberRun.of(run)
+    recorded = member.config_hash
     if recorded and recorded != identity:
         raise SegxError(
             f"resume={cfg.resume}: the run was started with another config (hash {recorded}, now "
             f"{identity}); repeat its overrides (see python -m segx.info run_id={cfg.resume})"
         )
-    recorded = run.data.tags.get("segx.data_fingerprint")
+    recorded = member.data_fingerprint
     if recorded and recorded != data_fingerprint:
         raise SegxError(
             f"resume={cfg.resume}: the data changed since that run started (fingerprint {recorded}, "
             f"now {data_fingerprint}); start a new run, or restore the data it was trained on"
         )
     no_checkpoint = not _checkpoint_dir(cfg, run.info.run_id).joinpath("state.json").exists()
-    if no_checkpoint and run.data.tags.get("segx.disk_full") == "true":
+    if no_checkpoint and member.disk_full:
         return run.info.run_id  # the disk filled before a checkpoint was complete: again from epoch 1
     if no_checkpoint:
         raise SegxError(
@@ -257,53 +260,14 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
     resume_id = _resume_target(cfg, client, experiment, identity, prepared.fingerprint)
 
     from segx import models
-    from segx.tracking import provenance  # TensorFlow is imported here, after every cheap check
 
     fold = cfg.get("fold")
     base_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
     run_name = base_name if fold is None else f"{base_name}-fold{fold}"
-    tags = {
-        tracking.ROLE: "member",
-        "segx.backbone": backbone,
-        "segx.arch": arch,
-        **prepared.fingerprint_tags,  # segx.data_fingerprint and its parts (split, files)
-        "segx.config_hash": identity,
-        "segx.command": provenance.command_line(),
-        **provenance.provenance_tags(),
-        **_user_tags(cfg),
-        # Where it ran: TensorFlow's threads (the launcher's share of the cores) and devices.
-        "segx.threads": str(threads or "all"),
-        "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1),
-    }
-    overrides = provenance.job_overrides("train") if overrides is None else [str(o) for o in overrides]
-    if overrides is not None:  # exactly this member's overrides: what segx.info's reproduce prints
-        tags["segx.overrides"] = json.dumps(overrides)
-        tags["segx.reproduce"] = provenance.member_reproduce(overrides)
-    if resume_id:
-        run_id = resume_id
-        tracking.reopen_run(client, run_id)
-        tracking.set_tags(client, run_id, {"segx.resumed": "true"})
-        log.info("resuming run %s", run_id)
-    else:
-        what = f"fold {fold} of {cfg.data.folds} of a cross-validated configuration" if fold is not None else "an ensemble member"
-        note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
-                f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
-                f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags['segx.command']}`"
-                + (f"\n\nReproduce: `{tags['segx.reproduce']}`" if "segx.reproduce" in tags else ""))  # fmt: skip
-        if cfg.get("note"):
-            note = f"{cfg.note}\n\n{note}"  # the user's words first
-        run_id = tracking.start_run(client, experiment, run_name, tags, note)
-    parent_id = None
-    if fold is not None:
-        from segx.tracking import cv
-
-        folds = int(cfg.data.folds)
-        parent_id = cv.parent_run(
-            client, experiment, config_identity(cfg, ("fold",)), prepared.cv_tags["segx.cv_fingerprint"], folds,
-            f"{base_name}-cv{folds}", {k: v for k, v in tags.items() if k in ("segx.backbone", "segx.arch", "segx.command")},
-            Path(cfg.paths.output_dir) / "locks",
-        )
-        tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
+    placement = {"segx.threads": str(threads or "all"),
+                 "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1)}  # fmt: skip
+    run_id, parent_id, overrides = _open_run(cfg, client, experiment, prepared, view, identity, resume_id, overrides,
+                                             base_name, run_name, placement)  # fmt: skip
     if on_run is not None:
         on_run(run_id)
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
@@ -427,14 +391,74 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
 
     shutil.rmtree(folder, ignore_errors=True)
     if parent_id is not None:  # after the fold's run is FINISHED, so the summary counts it
+        _report_folds(client, experiment, parent_id, int(cfg.data.folds))
+    return MemberResult(run_id, float(state.best_dice), final_scores)
+
+
+def _open_run(cfg: DictConfig, client, experiment: str, prepared, view, identity: str, resume_id: str | None,
+              overrides: Sequence[str] | None, base_name: str, run_name: str,
+              placement: dict[str, str]) -> tuple[str, str | None, list[str] | None]:  # fmt: skip
+    """The member's run, created (tags, description) or reopened for a resume, and a fold's
+    cross-validation parent; (run ID, parent run ID or None, the overrides it records)."""
+    from segx import tracking
+    from segx.tracking import provenance
+
+    fold = cfg.get("fold")
+    backbone, arch = str(cfg.backbone.name), str(cfg.arch.name)
+    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
+    tags = {
+        tracking.ROLE: "member",
+        tag_names.BACKBONE: backbone,
+        tag_names.ARCH: arch,
+        **prepared.fingerprint_tags,  # segx.data_fingerprint and its parts (split, files)
+        tag_names.CONFIG_HASH: identity,
+        tag_names.COMMAND: provenance.command_line(),
+        **provenance.provenance_tags(),
+        **_user_tags(cfg),
+        # Where it ran: TensorFlow's threads (the launcher's share of the cores) and devices.
+        **placement,
+    }
+    overrides = provenance.job_overrides("train") if overrides is None else [str(o) for o in overrides]
+    if overrides is not None:  # exactly this member's overrides: what segx.info's reproduce prints
+        tags[tag_names.OVERRIDES] = json.dumps(overrides)
+        tags[tag_names.REPRODUCE] = provenance.member_reproduce(overrides)
+    if resume_id:
+        run_id = resume_id
+        tracking.reopen_run(client, run_id)
+        tracking.set_tags(client, run_id, {tag_names.RESUMED: "true"})
+        log.info("resuming run %s", run_id)
+    else:
+        what = f"fold {fold} of {cfg.data.folds} of a cross-validated configuration" if fold is not None else "an ensemble member"
+        note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
+                f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
+                f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags[tag_names.COMMAND]}`"
+                + (f"\n\nReproduce: `{tags[tag_names.REPRODUCE]}`" if tag_names.REPRODUCE in tags else ""))  # fmt: skip
+        if cfg.get("note"):
+            note = f"{cfg.note}\n\n{note}"  # the user's words first
+        run_id = tracking.start_run(client, experiment, run_name, tags, note)
+    parent_id = None
+    if fold is not None:
         from segx.tracking import cv
 
-        summary = cv.update_summary(client, experiment, parent_id)
-        done = int(cfg.data.folds) - len(summary["missing"])
-        oof = summary["metrics"].get("cv/oof_dice")
-        print(f"segx: cross-validation {parent_id}: {done}/{cfg.data.folds} folds finished"
-              + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
-    return MemberResult(run_id, float(state.best_dice), final_scores)
+        folds = int(cfg.data.folds)
+        parent_id = cv.parent_run(
+            client, experiment, config_identity(cfg, ("fold",)), prepared.cv_tags["segx.cv_fingerprint"], folds,
+            f"{base_name}-cv{folds}", {k: v for k, v in tags.items() if k in (tag_names.BACKBONE, tag_names.ARCH, tag_names.COMMAND)},
+            Path(cfg.paths.output_dir) / "locks",
+        )
+        tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
+    return run_id, parent_id, overrides
+
+
+def _report_folds(client, experiment: str, parent_id: str, folds: int) -> None:
+    """Update the cross-validation parent's summary and say how far the folds are."""
+    from segx.tracking import cv
+
+    summary = cv.update_summary(client, experiment, parent_id)
+    done = folds - len(summary["missing"])
+    oof = summary["metrics"].get("cv/oof_dice")
+    print(f"segx: cross-validation {parent_id}: {done}/{folds} folds finished"
+          + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
 
 
 def _remove_partial_checkpoints(folder: Path) -> None:

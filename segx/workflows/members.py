@@ -9,14 +9,14 @@ from pathlib import Path
 
 from segx.ensembling.members import Member, assemble_out_of_fold, view_of
 from segx.errors import SegxError
+from segx.tracking.readers import MemberRun
 
 
 def load_member(client, run, workdir: Path, tta: str = "none", allow_incomplete_cv: bool = False) -> Member:
     """A single-split member run or a cross-validated configuration (its parent run)."""
-    from segx import tracking
     from segx.tracking import cv
 
-    if run.data.tags.get(tracking.ROLE) == cv.ROLE_CV:
+    if MemberRun.of(run).role == cv.ROLE_CV:
         return cv_member_from_run(client, run, workdir, tta, allow_incomplete_cv)
     return member_from_run(client, run, workdir, tta)
 
@@ -27,11 +27,11 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
     from segx.ensembling.probs import fold_mean
     from segx.tracking import cv
 
-    folds = int(parent.data.tags.get("segx.folds", 0))
+    folds = MemberRun.of(parent).folds
     runs = cv.fold_runs(client, parent.info.experiment_id, parent.info.run_id, folds)
     missing = [f for f in range(folds) if f not in runs]
     if missing and (not allow_incomplete or not runs):
-        command = next((r.data.tags.get("segx.command", "") for r in runs.values()), "") or parent.data.tags.get("segx.command", "python -m segx.train ...")
+        command = next((MemberRun.of(r).command for r in runs.values()), "") or MemberRun.of(parent).command or "python -m segx.train ..."
         raise cv.missing_folds_error(parent, missing, command)
     if missing:
         import sys
@@ -50,7 +50,7 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
             raise SegxError(f"cross-validated member {parent.info.run_id}: fold run {m.run_id} has other test cases; retrain it on the same fold file")
     val = assemble_out_of_fold([m.val for m in singles], workdir / parent.info.run_id / f"oof_{tta}.npy")
     test = type(ref.test)(ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews)
-    cv_fp = runs[sorted(runs)[0]].data.tags.get("segx.cv_fingerprint", "")
+    cv_fp = MemberRun.of(runs[sorted(runs)[0]]).cv_fingerprint
     return Member(
         run_id=parent.info.run_id, backbone=ref.backbone, arch=ref.arch, fingerprint=cv_fp, view=ref.view,
         val=val, test=test, pixel_spacing=ref.pixel_spacing,
@@ -72,7 +72,7 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
     from segx.data.split import FINGERPRINT_TAGS
     from segx.ensembling.probs import cache_artifact, load_cached
 
-    if run.data.tags.get(tracking.ROLE) != "member":
+    if MemberRun.of(run).role != "member":
         raise SegxError(f"run '{run.info.run_id}' is not a segx member (tag {tracking.ROLE}); pick member runs")
     params = run.data.params
     folder = workdir / run.info.run_id
@@ -96,9 +96,9 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
     test = None if test_path is None else load_cached(test_path, folder, run_id=run_id, artifact=cache_artifact("test", tta))
     return Member(
         run_id=run.info.run_id,
-        backbone=run.data.tags.get("segx.backbone", params.get("backbone.name", "?")),
-        arch=run.data.tags.get("segx.arch", params.get("arch.name", "?")),
-        fingerprint=run.data.tags.get("segx.data_fingerprint", ""),
+        backbone=MemberRun.of(run).backbone or params.get("backbone.name", "?"),
+        arch=MemberRun.of(run).arch or params.get("arch.name", "?"),
+        fingerprint=MemberRun.of(run).data_fingerprint,
         view=view_of(params),
         pixel_spacing=_spacing_of(params.get("data.pixel_spacing", "None")),
         val=val,
@@ -119,14 +119,13 @@ def _spacing_of(text: str):
 def _configuration(client, run, named: bool = False):
     """The run an ensemble member stands for: a fold run stands for its cross-validated
     configuration (the parent run); a run named by ID must be that parent, not one fold."""
-    from segx.tracking import cv
 
-    parent = run.data.tags.get(cv.PARENT_TAG)
+    parent = MemberRun.of(run).cv_parent
     if not parent:
         return run
     if named:
         raise SegxError(
-            f"run '{run.info.run_id}' is fold {run.data.tags.get('segx.fold')} of the cross-validated configuration "
+            f"run '{run.info.run_id}' is fold {MemberRun.of(run).fold} of the cross-validated configuration "
             f"{parent}; give the parent run ID {parent} (the ensemble uses all its folds)"
         )
     return client.get_run(parent)
@@ -138,7 +137,7 @@ def _skip_reason(run, fingerprint: str | None) -> str | None:
         return "deleted"
     if run.info.status != "FINISHED":
         return f"not FINISHED: {run.info.status}"
-    if fingerprint and fingerprint not in (run.data.tags.get("segx.data_fingerprint"), run.data.tags.get("segx.cv_fingerprint")):
+    if fingerprint and fingerprint not in (MemberRun.of(run).data_fingerprint, MemberRun.of(run).cv_fingerprint):
         return f"data fingerprint is not {fingerprint}"
     return None
 
@@ -163,7 +162,7 @@ def _unknown_backbone(backbone: str, runs: list, experiment_name: str) -> SegxEr
     from segx.errors import suggest
 
     configs = group_options("backbone")
-    trained = sorted({str(r.data.tags.get("segx.backbone")) for r in runs if _skip_reason(r, None) is None})
+    trained = sorted({MemberRun.of(r).backbone for r in runs if _skip_reason(r, None) is None})
     if backbone in configs:
         return None
     # A trained backbone is the likelier intent, so it is suggested before one never trained.
@@ -217,7 +216,7 @@ def select_runs(
             # One per configuration (backbone, arch, loss, seed, sizes...: its config hash), the
             # newest run of each; the fold runs of a cross-validated configuration are one member.
             conf = _configuration(client, run)
-            key = conf.data.tags.get("segx.cv_config_hash") or conf.data.tags.get("segx.config_hash") or conf.info.run_id
+            key = MemberRun.of(conf).cv_config_hash or MemberRun.of(conf).config_hash or conf.info.run_id
             if key not in seen:
                 chosen.append(conf)
                 seen.add(key)
@@ -230,7 +229,7 @@ def select_runs(
         return chosen
     chosen = []
     for backbone in map(str, backbones):
-        mine = [r for r in runs if r.data.tags.get("segx.backbone") == backbone]
+        mine = [r for r in runs if MemberRun.of(r).backbone == backbone]
         if not mine:
             unknown = _unknown_backbone(backbone, runs, name)
             if unknown:
