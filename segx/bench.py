@@ -40,7 +40,9 @@ def run_study(cfg: DictConfig) -> Path:
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
-    run_id = tracking.start_run(client, experiment, f"bench-{cfg.profile.name}", {tracking.ROLE: "bench", **provenance_tags()})
+    run_id = tracking.start_run(
+        client, experiment, f"bench-{cfg.profile.name}", {tracking.ROLE: "bench", **provenance_tags()}
+    )
     failures = []
     with tracking.run_scope(client, run_id):
         for stage in stages:
@@ -62,7 +64,11 @@ def run_study(cfg: DictConfig) -> Path:
         tracking.log_artifact(client, run_id, study.results)
         if failures:
             tracking.set_tags(client, run_id, {"segx.failed_stages": "; ".join(failures)[:4000]})
-    print(f"segx bench: wrote {study.results / 'RESULTS.md'}" + (f"; {len(failures)} stage(s) failed" if failures else ""), flush=True)
+    print(
+        f"segx bench: wrote {study.results / 'RESULTS.md'}"
+        + (f"; {len(failures)} stage(s) failed" if failures else ""),
+        flush=True,
+    )
     if failures:
         raise SegxError("stage(s) failed: " + " | ".join(failures))
     return study.results / "RESULTS.md"

@@ -44,7 +44,9 @@ def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000
                     continue
                 mask = read_mask(case.mask, mask_threshold, max_pixels)
                 if mask.shape != image.shape[:2]:
-                    problems.append(f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}")
+                    problems.append(
+                        f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}"
+                    )
                     continue
                 fg.append(float(mask.mean()))
                 empty += not mask.any()
@@ -87,8 +89,10 @@ def print_report(summary: dict, problems: list[str]) -> None:
     for part in ("train_images", "test_images"):
         if part in summary:
             s = summary[part]
-            print(f"  {part}: {s['pairs']} pairs; sizes {s['sizes']}; foreground mean {s['foreground_mean']:.3f} "
-                  f"(min {s['foreground_min']:.4f}); empty masks {s['empty_masks']}")  # fmt: skip
+            print(
+                f"  {part}: {s['pairs']} pairs; sizes {s['sizes']}; foreground mean {s['foreground_mean']:.3f} "
+                f"(min {s['foreground_min']:.4f}); empty masks {s['empty_masks']}"
+            )
     print(f"  image extensions read: {', '.join(IMAGE_EXTENSIONS)}")
     if problems:
         print(f"{len(problems)} problem(s):")

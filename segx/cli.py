@@ -219,8 +219,10 @@ def _check_sweep(config_name: str, argv: Sequence[str], dirs) -> None:
     except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
         return
     # One job's config stands for all (launcher settings are not swept): first value of each sweep.
-    first = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-             for o in parsed]  # fmt: skip
+    first = [
+        o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        for o in parsed
+    ]
     try:
         cfg = compose_with_hydra(config_name, first, dirs)
     except Exception:  # noqa: BLE001 - a bad override: Hydra says so in its own words
@@ -255,8 +257,10 @@ def _check_output_dir(config_name: str, argv: Sequence[str]) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == folder else f" ({existing} is not)"
-        raise SegxError(f"paths.output_dir={folder} is not a writable folder{where}; choose one, "
-                        "e.g. paths.output_dir=/tmp/segx-outputs")  # fmt: skip
+        raise SegxError(
+            f"paths.output_dir={folder} is not a writable folder{where}; choose one, "
+            "e.g. paths.output_dir=/tmp/segx-outputs"
+        )
 
 
 def run(entry: Callable[[], Any], config_name: str | None = None) -> Any:

@@ -26,6 +26,7 @@ CONF_DIR = Path(str(importlib.resources.files("segx.conf")))
 ARCHS = ("unet", "fpn", "linknet", "pspnet")  # segmentation-models decoders; conf/arch/<name>.yaml
 SEARCH_METHODS = ("grid", "greedy", "optimize")  # ensemble.search
 
+
 def _dirs(conf_dir) -> list[Path]:
     """One config folder or several (segx's conf/ first, then the user's, as Hydra searches)."""
     return [Path(d) for d in conf_dir] if isinstance(conf_dir, (list, tuple)) else [Path(conf_dir)]
@@ -48,7 +49,7 @@ def search_dirs(argv: Sequence[str]) -> list[Path]:
             for item in arg.split("=", 1)[1].strip("[]").split(","):
                 item = item.strip().strip("'\"")
                 if item.startswith("file://"):
-                    extra.append(item[len("file://"):])
+                    extra.append(item[len("file://") :])
                 elif item and "://" not in item:
                     extra.append(item)
     return [Path(d).expanduser().resolve() for d in extra]
@@ -93,16 +94,20 @@ def check_config_files(conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
         for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
             size = path.stat().st_size
             if size > MAX_CONFIG_BYTES:
-                raise SegxError(f"{path}: {size} bytes is over the {MAX_CONFIG_BYTES} a config file may hold; "
-                                "keep data out of configs (point at a file instead)")  # fmt: skip
+                raise SegxError(
+                    f"{path}: {size} bytes is over the {MAX_CONFIG_BYTES} a config file may hold; "
+                    "keep data out of configs (point at a file instead)"
+                )
             try:
                 node = yaml.compose(path.read_text(errors="replace"), Loader=yaml.SafeLoader)
             except yaml.YAMLError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise SegxError(f"{path}: not valid YAML ({first}); fix the file") from None
             if node is not None and (count := _expanded_size(node, path, {})) > MAX_CONFIG_NODES:
-                raise SegxError(f"{path}: its aliases expand to {count} values, over the {MAX_CONFIG_NODES} a config may "
-                                "hold (a YAML alias bomb?); remove the repeated aliases")  # fmt: skip
+                raise SegxError(
+                    f"{path}: its aliases expand to {count} values, over the {MAX_CONFIG_NODES} a config may "
+                    "hold (a YAML alias bomb?); remove the repeated aliases"
+                )
 
 
 def _expanded_size(node, path: Path, memo: dict[int, int], depth: int = 0) -> int:
@@ -163,7 +168,9 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | 
             raise SegxError(f"unknown config key '{key}': '{parent_key}' is not a section; check the spelling")
         hint = suggest(leaf, list(parent.keys()))
         hint = f" did you mean '{(parent_key + '.') if parent_key else ''}{hint.split(chr(39))[1]}'?" if hint else ""
-        raise SegxError(f"unknown config key '{key}';{hint or ' see conf/ for the keys'} (add a new key with +{key}=...)")
+        raise SegxError(
+            f"unknown config key '{key}';{hint or ' see conf/ for the keys'} (add a new key with +{key}=...)"
+        )
 
 
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -210,8 +217,10 @@ def check_key_names(cfg: DictConfig, skip: Sequence[str] = ("hydra",)) -> None:
                 text = str(key)
                 if not _KEY.fullmatch(text):
                     place = f" (under {where})" if where else ""
-                    raise SegxError(f"config key {text!r}{place} is not a plain name (letters, digits, _ - . / and "
-                                    "spaces): rename it; an interpolation cannot be a key")  # fmt: skip
+                    raise SegxError(
+                        f"config key {text!r}{place} is not a plain name (letters, digits, _ - . / and "
+                        "spaces): rename it; an interpolation cannot be a key"
+                    )
                 if not where and text in skip:
                     continue
                 walk(value, f"{where}.{text}" if where else text)

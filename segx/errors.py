@@ -57,12 +57,14 @@ def disk_full(exc: BaseException | None) -> str | None:
             path = found.group(1) if found else None
         if not path and "database or disk is full" in text and "mlflow" in sys.modules:  # the SQLite store
             uri = str(sys.modules["mlflow"].get_tracking_uri())
-            path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+            path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
         if not path:
             return "a disk is full (no space left on device); free space and run again"
         mount = os.path.abspath(str(path))
         while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
             mount = os.path.dirname(mount)
-        return (f"the disk mounted on {mount} is full (no space left writing {path}); free space there "
-                f"(df -h {mount}) or point paths.output_dir elsewhere, and run again")
+        return (
+            f"the disk mounted on {mount} is full (no space left writing {path}); free space there "
+            f"(df -h {mount}) or point paths.output_dir elsewhere, and run again"
+        )
     return None

@@ -1,6 +1,6 @@
 """What produced a run, and the command that reproduces it.
 
-    python -m segx.info run_id=<id>
+python -m segx.info run_id=<id>
 """
 
 from __future__ import annotations
@@ -28,24 +28,32 @@ def describe(client, run_id: str) -> str:
     if versions:
         lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     if tags.get("segx.role") == "member":
-        lines.append(f"  member: backbone {tags.get('segx.backbone')}  arch {tags.get('segx.arch')}  "
-                     f"val/dice {run.data.metrics.get('val/dice', float('nan')):.4f} (whole images, own size), best epoch "
-                     f"{run.data.metrics.get('curves/best_epoch', float('nan')):.0f}")  # fmt: skip
+        lines.append(
+            f"  member: backbone {tags.get('segx.backbone')}  arch {tags.get('segx.arch')}  "
+            f"val/dice {run.data.metrics.get('val/dice', float('nan')):.4f} (whole images, own size), best epoch "
+            f"{run.data.metrics.get('curves/best_epoch', float('nan')):.0f}"
+        )
         if params:
             from segx.ensembling.members import view_of
             from segx.inference.view import View
 
-            lines.append(f"  sees images: {View.from_dict(view_of(params)).describe()}; scored at each image's own size")
+            lines.append(
+                f"  sees images: {View.from_dict(view_of(params)).describe()}; scored at each image's own size"
+            )
     if tags.get("segx.role") == "ensemble":
         lines.extend(_ensemble_lines(client, run))
         if tags.get("segx.pyfunc_uri"):
-            lines.append(f"  pyfunc model: {tags['segx.pyfunc_uri']} (serve: mlflow models serve -m {tags['segx.pyfunc_uri']} "
-                         "--env-manager local -p 5002)")  # fmt: skip
+            lines.append(
+                f"  pyfunc model: {tags['segx.pyfunc_uri']} (serve: mlflow models serve -m {tags['segx.pyfunc_uri']} "
+                "--env-manager local -p 5002)"
+            )
         lines.extend(_exports(client, run_id, tags))
     if tags.get("segx.role") == "export":
         params = run.data.params
-        lines.append(f"  export ({params.get('format', '?')}, opset {params.get('opset', '-')}, tta {params.get('tta', '?')}) "
-                     f"of ensemble {tags.get('segx.ensemble_run_id', '?')}: files in artifact 'export/'")  # fmt: skip
+        lines.append(
+            f"  export ({params.get('format', '?')}, opset {params.get('opset', '-')}, tta {params.get('tta', '?')}) "
+            f"of ensemble {tags.get('segx.ensemble_run_id', '?')}: files in artifact 'export/'"
+        )
     if tags.get("segx.failure"):
         lines.append(f"  failure: {tags['segx.failure']}")
     if tags.get("segx.command"):
@@ -60,15 +68,37 @@ def _reproduce_lines(tags: dict, params: dict) -> list[str]:
     role = tags.get("segx.role")
     command = tags.get("segx.reproduce")
     if command:
-        what = "the same config (check: add --cfg job)" if role == "member" else "the same search over the same member runs"
-        head = f"  reproduce ({what}; resolved config: config.yaml artifact):" if role == "member" else f"  reproduce ({what}):"
+        what = (
+            "the same config (check: add --cfg job)"
+            if role == "member"
+            else "the same search over the same member runs"
+        )
+        head = (
+            f"  reproduce ({what}; resolved config: config.yaml artifact):"
+            if role == "member"
+            else f"  reproduce ({what}):"
+        )
     elif role == "member" and tags.get("segx.overrides"):  # recorded by segx before 0.3: the job's own overrides
         command = "python -m segx.train " + " ".join(shlex.quote(o) for o in json.loads(tags["segx.overrides"]))
         head = "  reproduce (this job's overrides as Hydra recorded them; resolved config: config.yaml artifact):"
     elif role == "member" and params:  # a run started from Python (no Hydra job): the main keys only
-        keys = ("data.kind", "data.root", "data.mode", "data.image_size", "data.patch_size", "data.scale", "data.overlap",
-                "data.split_seed", "data.val_fraction", "data.test_fraction",
-                "backbone.name", "arch.name", "trainer.epochs", "trainer.batch_size", "seed")  # fmt: skip
+        keys = (
+            "data.kind",
+            "data.root",
+            "data.mode",
+            "data.image_size",
+            "data.patch_size",
+            "data.scale",
+            "data.overlap",
+            "data.split_seed",
+            "data.val_fraction",
+            "data.test_fraction",
+            "backbone.name",
+            "arch.name",
+            "trainer.epochs",
+            "trainer.batch_size",
+            "seed",
+        )
         overrides = [f"data={params.get('data.kind', 'synthetic')}", *(f"{k}={params[k]}" for k in keys if k in params)]
         command = "python -m segx.train " + " ".join(shlex.quote(o) for o in overrides)
         head = "  reproduce (main keys only: started outside a Hydra job; full config: config.yaml artifact):"
@@ -102,19 +132,31 @@ def _ensemble_lines(client, run) -> list[str]:
             except SegxError:
                 tables[name] = None
     val = tables["val_summary"].set_index("method")["val_dice"] if tables["val_summary"] is not None else {}
-    test = tables["test_summary"].set_index(tables["test_summary"].columns[0])["dice_mean"] if tables["test_summary"] is not None else {}
-    lines = [f"  {len(weights)} members (weight, validation Dice at its own threshold, test Dice at 0.5; "
-             f"threshold {params.get('chosen.threshold', '?')}, post-processing {params.get('chosen.postprocess', '?')}):"]  # fmt: skip
+    test = (
+        tables["test_summary"].set_index(tables["test_summary"].columns[0])["dice_mean"]
+        if tables["test_summary"] is not None
+        else {}
+    )
+    lines = [
+        f"  {len(weights)} members (weight, validation Dice at its own threshold, test Dice at 0.5; "
+        f"threshold {params.get('chosen.threshold', '?')}, post-processing {params.get('chosen.postprocess', '?')}):"
+    ]
     for i in sorted(weights):
         label, weight = weights[i]
-        lines.append(f"    {label:<28} {run_ids.get(i, '?'):<34} weight {weight:<8.4g} val {_f(val, 'member:' + label)}  "
-                     f"test {_f(test, 'member:' + label)}")  # fmt: skip
-    lines.append(f"    {'ensemble (' + params.get('chosen.method', '?') + ')':<63} {'':<15} "
-                 f"val {_num(metrics.get('val/dice'))}  test {_num(metrics.get('test/dice'))}")  # fmt: skip
+        lines.append(
+            f"    {label:<28} {run_ids.get(i, '?'):<34} weight {weight:<8.4g} val {_f(val, 'member:' + label)}  "
+            f"test {_f(test, 'member:' + label)}"
+        )
+    lines.append(
+        f"    {'ensemble (' + params.get('chosen.method', '?') + ')':<63} {'':<15} "
+        f"val {_num(metrics.get('val/dice'))}  test {_num(metrics.get('test/dice'))}"
+    )
     gain = tables["gain"].iloc[0].to_dict() if tables["gain"] is not None else None
     if gain:
-        lines.append(f"  ensemble minus best member ({gain['best_member']}), test Dice: {gain['diff']:+.4f} "
-                     f"[95% CI {gain['low']:+.4f}, {gain['high']:+.4f}] over {int(gain['cases'])} cases")  # fmt: skip
+        lines.append(
+            f"  ensemble minus best member ({gain['best_member']}), test Dice: {gain['diff']:+.4f} "
+            f"[95% CI {gain['low']:+.4f}, {gain['high']:+.4f}] over {int(gain['cases'])} cases"
+        )
     return lines
 
 
@@ -136,8 +178,9 @@ def _exports(client, run_id: str, tags: dict) -> list[str]:
         try:
             run = tracking.get_run(client, child, need_finished=False)
             metrics, params = run.data.metrics, run.data.params
-            what = (f"{run.info.status}, {metrics.get('export/size_mb', float('nan')):.1f} MB"
-                    + (f", opset {params['opset']}" if params.get("opset", "None") != "None" else ""))  # fmt: skip
+            what = f"{run.info.status}, {metrics.get('export/size_mb', float('nan')):.1f} MB" + (
+                f", opset {params['opset']}" if params.get("opset", "None") != "None" else ""
+            )
         except SegxError as exc:
             what = f"unusable: {exc}"
         lines.append(f"  export {fmt}: run {child} ({what}); predict with backend={fmt}")

@@ -29,7 +29,9 @@ LOSSES: Mapping[str, Callable] = {
     "jaccard": lambda: sm.losses.JaccardLoss(),
 }
 INFERENCE_BATCH = 8
-_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fixed, so cached and rebuilt predictions go through identical kernels
+_FORWARD: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # fixed, so cached and rebuilt predictions go through identical kernels
 
 
 def backbone_names() -> list[str]:
@@ -45,8 +47,7 @@ def check_model_options(arch: str, backbone: str, image_size: int, key: str = "d
     if image_size < smallest:
         fit = -(-smallest // multiple) * multiple
         raise SegxError(
-            f"{key}={image_size} is too small for backbone={backbone} (needs >= {smallest}); "
-            f"use {key}={fit}"
+            f"{key}={image_size} is too small for backbone={backbone} (needs >= {smallest}); use {key}={fit}"
         )
     if image_size % multiple:
         lower = max(multiple, image_size - image_size % multiple)
@@ -131,9 +132,7 @@ def load_encoder_weights(model, path: Path) -> int:
         raise SegxError(f"{path}: cannot read weights ({type(exc).__name__}); give a Keras .h5 file") from None
     changed = sum(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights, strict=True))
     if changed == 0:
-        raise SegxError(
-            f"{path}: no layer name matched this encoder; use the weights file made for this backbone"
-        )
+        raise SegxError(f"{path}: no layer name matched this encoder; use the weights file made for this backbone")
     return changed
 
 
@@ -192,12 +191,16 @@ def load_member(folder: str | os.PathLike):
         raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
     try:
         spec = json.loads(spec_path.read_text())
-        model = build_model(spec["arch"], spec["backbone"], int(spec["image_size"]), None, False, **spec.get("options", {}))
+        model = build_model(
+            spec["arch"], spec["backbone"], int(spec["image_size"]), None, False, **spec.get("options", {})
+        )
         model.load_weights(str(weights))
     except SegxError:
         raise
     except Exception as exc:
-        raise SegxError(f"{folder}: cannot rebuild the member ({type(exc).__name__}: {str(exc)[:200]}); retrain it") from None
+        raise SegxError(
+            f"{folder}: cannot rebuild the member ({type(exc).__name__}: {str(exc)[:200]}); retrain it"
+        ) from None
     return model
 
 
@@ -253,9 +256,12 @@ class NetworkGroup:
         self.models, self.backbones = list(models), list(backbones)
         if len(self.models) != len(self.backbones) or not self.models:
             raise ValueError("one backbone per model, and at least one model")
-        forward = tf.function(lambda *xs: [m(x, training=False) for m, x in zip(self.models, xs, strict=True)], reduce_retracing=True)
+        forward = tf.function(
+            lambda *xs: [m(x, training=False) for m, x in zip(self.models, xs, strict=True)], reduce_retracing=True
+        )
         self._forward = lambda batches: [
-            out.numpy()[..., 0] for out in forward(*[tf.constant(np.ascontiguousarray(b, dtype=np.float32)) for b in batches])
+            out.numpy()[..., 0]
+            for out in forward(*[tf.constant(np.ascontiguousarray(b, dtype=np.float32)) for b in batches])
         ]
 
     def probs_modes(self, images: np.ndarray, modes=TTA_MODES) -> list[dict[str, np.ndarray]]:
@@ -321,7 +327,9 @@ def count_flops(model, image_size: int) -> float:
     frozen, _ = convert_variables_to_constants_v2_as_graph(concrete)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"
-    info = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts)
+    info = tf.compat.v1.profiler.profile(
+        graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op", options=opts
+    )
     return float(info.total_float_ops)
 
 
@@ -335,17 +343,23 @@ def configure_runtime(threads: int | None, accelerator: str, devices: int | None
     """
     gpus = tf.config.list_physical_devices("GPU")  # lists without starting the runtime
     if accelerator == "gpu" and not gpus:
-        raise SegxError("trainer.accelerator=gpu, but TensorFlow sees no GPU here (no GPU, no driver, or a "
-                        "CPU-only TensorFlow build); use trainer.accelerator=auto or cpu")  # fmt: skip
+        raise SegxError(
+            "trainer.accelerator=gpu, but TensorFlow sees no GPU here (no GPU, no driver, or a "
+            "CPU-only TensorFlow build); use trainer.accelerator=auto or cpu"
+        )
     on_gpu = bool(gpus) and accelerator != "cpu"
     available = len(gpus) if on_gpu else None
     count = int(devices) if devices else (available or 1)
     if on_gpu and count > available:
-        raise SegxError(f"trainer.devices={devices}, but TensorFlow sees {available} GPU(s) here; "
-                        f"use trainer.devices={available} or request more GPUs (hydra.launcher.gpus_per_node)")  # fmt: skip
+        raise SegxError(
+            f"trainer.devices={devices}, but TensorFlow sees {available} GPU(s) here; "
+            f"use trainer.devices={available} or request more GPUs (hydra.launcher.gpus_per_node)"
+        )
     if count > 1 and strategy != "mirrored":
-        raise SegxError(f"trainer.devices={count} trains on one device unless trainer.strategy=mirrored; "
-                        "set trainer.strategy=mirrored, or trainer.devices=1")  # fmt: skip
+        raise SegxError(
+            f"trainer.devices={count} trains on one device unless trainer.strategy=mirrored; "
+            "set trainer.strategy=mirrored, or trainer.devices=1"
+        )
     try:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(int(threads))
@@ -376,9 +390,11 @@ def _check_runtime_unchanged(threads: int | None, on_gpu: bool, count: int) -> N
     now = len(tf.config.list_logical_devices(kind))
     same_threads = not threads or tf.config.threading.get_intra_op_parallelism_threads() in (0, int(threads))
     if now < count or (not on_gpu and now != count) or not same_threads:
-        raise SegxError("trainer.threads/devices differ from an earlier job in this process, and TensorFlow "
-                        "sets them once per process; run the sweep with hydra/launcher=joblib (a process "
-                        "per job) or give every job the same trainer.threads and trainer.devices")  # fmt: skip
+        raise SegxError(
+            "trainer.threads/devices differ from an earlier job in this process, and TensorFlow "
+            "sets them once per process; run the sweep with hydra/launcher=joblib (a process "
+            "per job) or give every job the same trainer.threads and trainer.devices"
+        )
 
 
 def set_precision(precision: str | None) -> None:

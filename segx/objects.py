@@ -32,10 +32,10 @@ REFUSED_KEYS = ("_partial_", "_recursive_", "_convert_")
 
 @dataclass(frozen=True)
 class TargetKind:
-    noun: str                 # "an optimizer class"
-    bases: tuple[str, ...]    # the class must subclass one of these
-    package: str              # and be named from here (so not segx's own subclasses)
-    advice: str               # what to use instead, for the error message
+    noun: str  # "an optimizer class"
+    bases: tuple[str, ...]  # the class must subclass one of these
+    package: str  # and be named from here (so not segx's own subclasses)
+    advice: str  # what to use instead, for the error message
 
 
 TARGET_KINDS = {
@@ -81,7 +81,13 @@ REFUSED_CLASSES = {
 # they accept (other names are refused by the class, or worse, silently ignored).
 KWARGS_READ_BY = {
     "tf_keras.src.optimizers.optimizer._BaseOptimizer": (),  # `lr` is ignored there, with a warning
-    "tf_keras.src.optimizers.legacy.optimizer_v2.OptimizerV2": ("clipnorm", "clipvalue", "lr", "decay", "global_clipnorm"),
+    "tf_keras.src.optimizers.legacy.optimizer_v2.OptimizerV2": (
+        "clipnorm",
+        "clipvalue",
+        "lr",
+        "decay",
+        "global_clipnorm",
+    ),
     "tf_keras.src.callbacks.ReduceLROnPlateau": ("epsilon",),
     "tf_keras.src.callbacks.ModelCheckpoint": ("load_weights_on_restart", "period"),
     "tf_keras.src.callbacks.TensorBoard": ("write_grads", "embeddings_layer_names", "embeddings_data", "batch_size"),
@@ -238,7 +244,11 @@ def _check_arguments(cls: type, name: str, args: list, kwargs: dict, key: str) -
     if accepted is not None:
         for arg in kwargs:
             if arg not in accepted:
-                hint = " did you mean 'learning_rate'?" if arg == "lr" and "learning_rate" in accepted else suggest(arg, accepted)
+                hint = (
+                    " did you mean 'learning_rate'?"
+                    if arg == "lr" and "learning_rate" in accepted
+                    else suggest(arg, accepted)
+                )
                 raise SegxError(
                     f"{key}.{arg} is not an argument of {name};{hint or ' it takes ' + ', '.join(sorted(accepted))}"
                 )

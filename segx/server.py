@@ -66,8 +66,10 @@ def _major_version(bin_dir: Path) -> str:
     try:
         return out.stdout.split()[-1].split(".")[0]
     except IndexError:
-        raise SegxError(f"{bin_dir / 'postgres'} --version printed nothing ({out.stderr.strip()[:200]}); "
-                        "check the PostgreSQL binaries (postgres_bin)") from None  # fmt: skip
+        raise SegxError(
+            f"{bin_dir / 'postgres'} --version printed nothing ({out.stderr.strip()[:200]}); "
+            "check the PostgreSQL binaries (postgres_bin)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,10 @@ def _postgres_user() -> _User:
     try:
         entry = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
     except KeyError:
-        raise SegxError("PostgreSQL refuses to run as root and this system has no user 'nobody' to run it "
-                        "as; run segx.server as an ordinary user") from None  # fmt: skip
+        raise SegxError(
+            "PostgreSQL refuses to run as root and this system has no user 'nobody' to run it "
+            "as; run segx.server as an ordinary user"
+        ) from None
     return _User(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
@@ -120,11 +124,14 @@ def _check_port(host: str, port: int, key: str) -> None:
         try:
             sock.bind(("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
         except socket.gaierror as exc:  # not "in use": the name does not resolve to an address here
-            raise SegxError(f"host={host!r} is not an address of this machine ({exc.strerror}); use host=127.0.0.1 "
-                            "or this machine's name") from None  # fmt: skip
+            raise SegxError(
+                f"host={host!r} is not an address of this machine ({exc.strerror}); use host=127.0.0.1 "
+                "or this machine's name"
+            ) from None
         except OSError as exc:
-            raise SegxError(f"port {port} on {host} is in use ({exc.strerror}); stop what listens there "
-                            f"or choose another {key}=...") from None  # fmt: skip
+            raise SegxError(
+                f"port {port} on {host} is in use ({exc.strerror}); stop what listens there or choose another {key}=..."
+            ) from None
 
 
 def _last_line(log: Path, start: int = 0) -> str:
@@ -145,8 +152,9 @@ def _check_data_dir(data: Path, major: str, user: _User) -> None:
     version_file = data / "PG_VERSION"
     if not version_file.exists():
         if data.exists() and any(data.iterdir()):
-            raise SegxError(f"{data} is not empty and holds no PostgreSQL data (no PG_VERSION); "
-                            "remove it or choose another folder")  # fmt: skip
+            raise SegxError(
+                f"{data} is not empty and holds no PostgreSQL data (no PG_VERSION); remove it or choose another folder"
+            )
         return
     found = version_file.read_text().strip()
     if found != major:
@@ -158,8 +166,10 @@ def _check_data_dir(data: Path, major: str, user: _User) -> None:
     owner = data.stat().st_uid
     if owner != user.uid:
         name = next((p.pw_name for p in pwd.getpwall() if p.pw_uid == owner), str(owner))
-        raise SegxError(f"{data} belongs to user {name}, but PostgreSQL runs as {user.name} here; "
-                        f"run as {name}, or chown -R {user.name} {data}")  # fmt: skip
+        raise SegxError(
+            f"{data} belongs to user {name}, but PostgreSQL runs as {user.name} here; "
+            f"run as {name}, or chown -R {user.name} {data}"
+        )
     pid_file = data / "postmaster.pid"
     if pid_file.exists():
         try:
@@ -168,8 +178,10 @@ def _check_data_dir(data: Path, major: str, user: _User) -> None:
         except (OSError, ValueError, IndexError):
             return  # stale: postgres itself removes a lock file whose process is gone
         if "postgres" in cmd:
-            raise SegxError(f"the PostgreSQL data in {data} is in use by a running server (pid {pid}); "
-                            f"stop it (kill -INT {pid}) or choose another folder")  # fmt: skip
+            raise SegxError(
+                f"the PostgreSQL data in {data} is in use by a running server (pid {pid}); "
+                f"stop it (kill -INT {pid}) or choose another folder"
+            )
 
 
 def _initdb(bin_dir: Path, data: Path, user: _User) -> None:
@@ -180,35 +192,53 @@ def _initdb(bin_dir: Path, data: Path, user: _User) -> None:
         os.chown(data, user.uid, user.gid)
     data.chmod(0o700)
     result = subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(data), "-U", _PG_USER, "--auth=trust", "--encoding=UTF8",
-         "--locale=C", "--no-instructions"],
-        capture_output=True, text=True, cwd=str(data), timeout=300, **user.popen_args(),
-    )  # fmt: skip
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            _PG_USER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(data),
+        timeout=300,
+        **user.popen_args(),
+    )
     if result.returncode != 0:
         text = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise SegxError(f"initdb failed for {data} ({text[-1][:300] if text else result.returncode}); "
-                        "remove the folder and try again, or check postgres_bin")  # fmt: skip
+        raise SegxError(
+            f"initdb failed for {data} ({text[-1][:300] if text else result.returncode}); "
+            "remove the folder and try again, or check postgres_bin"
+        )
 
 
 def _connect(port: int, database: str = "postgres", timeout: float = 2.0):
     import psycopg2
 
-    return psycopg2.connect(host="127.0.0.1", port=port, user=_PG_USER, dbname=database,
-                            connect_timeout=max(1, int(timeout)))  # fmt: skip
+    return psycopg2.connect(
+        host="127.0.0.1", port=port, user=_PG_USER, dbname=database, connect_timeout=max(1, int(timeout))
+    )
 
 
 def _wait_postgres(proc: subprocess.Popen, port: int, log: Path, start: int, deadline: float) -> None:
     while True:
         if proc.poll() is not None:
-            raise SegxError(f"PostgreSQL stopped at start (exit {proc.returncode}): {_last_line(log, start)}; "
-                            f"see {log}")  # fmt: skip
+            raise SegxError(
+                f"PostgreSQL stopped at start (exit {proc.returncode}): {_last_line(log, start)}; see {log}"
+            )
         try:
             _connect(port).close()
             return
         except Exception:  # noqa: BLE001 - not accepting connections yet
             if time.monotonic() > deadline:
-                raise SegxError(f"PostgreSQL did not accept connections on 127.0.0.1:{port} in time; see {log}, "
-                                "or raise timeout") from None  # fmt: skip
+                raise SegxError(
+                    f"PostgreSQL did not accept connections on 127.0.0.1:{port} in time; see {log}, or raise timeout"
+                ) from None
             time.sleep(0.2)
 
 
@@ -235,21 +265,35 @@ def start_postgres(folder: Path, port: int, bin_dir: Path, timeout: float) -> su
     for path in (data, bin_dir):
         changed = _let_enter(path, user)
         if changed:
-            print(f"segx: PostgreSQL runs as '{user.name}' (it refuses root): added o+x (enter, not list) "
-                  f"to {', '.join(changed)}", flush=True)  # fmt: skip
+            print(
+                f"segx: PostgreSQL runs as '{user.name}' (it refuses root): added o+x (enter, not list) "
+                f"to {', '.join(changed)}",
+                flush=True,
+            )
     if not (data / "PG_VERSION").exists():
         _initdb(bin_dir, data, user)
     log = folder / "postgres.log"
-    settings = {"listen_addresses": "127.0.0.1", "port": str(port), "unix_socket_directories": "",
-                "logging_collector": "off"}  # fmt: skip
+    settings = {
+        "listen_addresses": "127.0.0.1",
+        "port": str(port),
+        "unix_socket_directories": "",
+        "logging_collector": "off",
+    }
     args = [str(bin_dir / "postgres"), "-D", str(data)]
     for key, value in settings.items():
         args += ["-c", f"{key}={value}"]
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
         # Its own session: a Ctrl-C in the terminal reaches segx only, which stops MLflow first.
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=str(data), start_new_session=True, **user.popen_args())  # fmt: skip
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(data),
+            start_new_session=True,
+            **user.popen_args(),
+        )
     try:
         _wait_postgres(proc, port, log, start, time.monotonic() + timeout)
         _create_database(port)
@@ -259,8 +303,15 @@ def start_postgres(folder: Path, port: int, bin_dir: Path, timeout: float) -> su
     return proc
 
 
-def start_mlflow(folder: Path, host: str, port: int, postgres_port: int, timeout: float, workers: int = 1,
-                 extra_args: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
+def start_mlflow(
+    folder: Path,
+    host: str,
+    port: int,
+    postgres_port: int,
+    timeout: float,
+    workers: int = 1,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> subprocess.Popen:
     """``mlflow server`` on ``host:port`` with the PostgreSQL store and proxied artifacts in
     ``folder/artifacts``; returns once its /health answers (its own session, for stopping)."""
     _check_port(host, port, "port")
@@ -268,24 +319,43 @@ def start_mlflow(folder: Path, host: str, port: int, postgres_port: int, timeout
     artifacts.mkdir(parents=True, exist_ok=True)
     store = f"postgresql+psycopg2://{_PG_USER}@127.0.0.1:{postgres_port}/{DATABASE}"  # psycopg2: SQLAlchemy 2.1 defaults to psycopg 3
     # --app-name segx: MLflow's app, opening experiments on their runs table (segx/tracking/ui_app.py).
-    args = [sys.executable, "-m", "mlflow", "server", "--app-name", "segx", "--backend-store-uri", store, "--serve-artifacts",
-            "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port),
-            "--workers", str(workers), *extra_args]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "segx",
+        "--backend-store-uri",
+        store,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *extra_args,
+    ]
     # MLflow's job runner (GenAI scorers, trace roll-ups; segx uses neither) would add seven
     # worker processes to every server.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = folder / "mlflow.log"
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
     probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/health"
     deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise SegxError(f"the MLflow server stopped at start (exit {proc.returncode}): {_last_line(log, start)}; "
-                                f"see {log}")  # fmt: skip
+                raise SegxError(
+                    f"the MLflow server stopped at start (exit {proc.returncode}): {_last_line(log, start)}; see {log}"
+                )
             try:
                 with urllib.request.urlopen(probe, timeout=2) as answer:
                     if answer.status == 200:
@@ -293,8 +363,9 @@ def start_mlflow(folder: Path, host: str, port: int, postgres_port: int, timeout
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise SegxError(f"the MLflow server did not answer {probe} within {timeout:.0f} s; see {log}, "
-                                "or raise timeout")  # fmt: skip
+                raise SegxError(
+                    f"the MLflow server did not answer {probe} within {timeout:.0f} s; see {log}, or raise timeout"
+                )
             time.sleep(0.3)
     except BaseException:
         stop_group(proc)
@@ -350,9 +421,21 @@ def tracking_uri(host: str, port: int) -> str:
 
 
 # `mlflow server` options segx.server gives itself, and the key that sets each one (None: fixed).
-OWN_OPTIONS = {"--backend-store-uri": None, "--default-artifact-root": None, "--artifacts-destination": None,
-               "--serve-artifacts": None, "--no-serve-artifacts": None, "--artifacts-only": None, "--app-name": None,
-               "--host": "host", "-h": "host", "--port": "port", "-p": "port", "--workers": "workers", "-w": "workers"}  # fmt: skip
+OWN_OPTIONS = {
+    "--backend-store-uri": None,
+    "--default-artifact-root": None,
+    "--artifacts-destination": None,
+    "--serve-artifacts": None,
+    "--no-serve-artifacts": None,
+    "--artifacts-only": None,
+    "--app-name": None,
+    "--host": "host",
+    "-h": "host",
+    "--port": "port",
+    "-p": "port",
+    "--workers": "workers",
+    "-w": "workers",
+}
 OWNER_FILE = "segx-server.json"  # in the server's folder: the segx.server process that runs it
 
 
@@ -387,12 +470,17 @@ def _claim(folder: Path) -> None:
         except psutil.Error:
             alive = False
         if alive:
-            raise SegxError(f"another segx.server (pid {owner}) runs on {folder}; stop it first (Ctrl-C there, or "
-                            f"kill {owner}), or choose another folder=...")  # fmt: skip
+            raise SegxError(
+                f"another segx.server (pid {owner}) runs on {folder}; stop it first (Ctrl-C there, or "
+                f"kill {owner}), or choose another folder=..."
+            )
     left = _leftovers(folder)
     if left:
-        print(f"segx: stopping {len(left)} PostgreSQL/MLflow process(es) left on {folder} by a segx.server that was "
-              f"killed{f' (pid {owner})' if owner else ''}", flush=True)  # fmt: skip
+        print(
+            f"segx: stopping {len(left)} PostgreSQL/MLflow process(es) left on {folder} by a segx.server that was "
+            f"killed{f' (pid {owner})' if owner else ''}",
+            flush=True,
+        )
         for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
@@ -416,8 +504,16 @@ class _Running:
 
 
 @contextlib.contextmanager
-def _running(folder: Path, host: str, port: int, timeout: float, postgres_port: int | None,
-             bin_dir: str | os.PathLike | None, workers: int, extra_args) -> Iterator[_Running]:  # fmt: skip
+def _running(
+    folder: Path,
+    host: str,
+    port: int,
+    timeout: float,
+    postgres_port: int | None,
+    bin_dir: str | os.PathLike | None,
+    workers: int,
+    extra_args,
+) -> Iterator[_Running]:
     folder.mkdir(parents=True, exist_ok=True)
     binaries = find_postgres_bin(bin_dir)
     _claim(folder)  # before the ports are checked: a killed server's leftovers hold them
@@ -453,19 +549,36 @@ def tracking_server(
     (artifacts in ``folder/artifacts``), yield the tracking URI, and stop MLflow, then PostgreSQL,
     when the block ends, however it ends. ``postgres_port`` None: a free port. Each start waits
     at most ``timeout`` seconds. The same folder (and ports) starts the same server again."""
-    with _running(Path(folder).absolute(), host, int(port), float(timeout), postgres_port, postgres_bin,
-                  int(workers), tuple(extra_args)) as server:  # fmt: skip
+    with _running(
+        Path(folder).absolute(),
+        host,
+        int(port),
+        float(timeout),
+        postgres_port,
+        postgres_bin,
+        int(workers),
+        tuple(extra_args),
+    ) as server:
         yield server.uri
 
 
-def serve(folder: str | os.PathLike, host: str, port: int, timeout: float, postgres_port: int | None,
-          postgres_bin_dir: str | None, workers: int, extra_args: list[str]) -> None:  # fmt: skip
+def serve(
+    folder: str | os.PathLike,
+    host: str,
+    port: int,
+    timeout: float,
+    postgres_port: int | None,
+    postgres_bin_dir: str | None,
+    workers: int,
+    extra_args: list[str],
+) -> None:
     """Run the server until Ctrl-C/SIGTERM, or until MLflow or PostgreSQL stops by itself."""
     folder = Path(folder).absolute()
     started = False
     try:
-        with _running(folder, host, int(port), float(timeout), postgres_port, postgres_bin_dir, int(workers),
-                      tuple(extra_args)) as server:  # fmt: skip
+        with _running(
+            folder, host, int(port), float(timeout), postgres_port, postgres_bin_dir, int(workers), tuple(extra_args)
+        ) as server:
             started = True
             _watch(server, folder)
     finally:
@@ -475,17 +588,24 @@ def serve(folder: str | os.PathLike, host: str, port: int, timeout: float, postg
 
 def _watch(server: _Running, folder: Path) -> None:
     """Print how to use the server, then wait, stopping if MLflow or PostgreSQL dies."""
-    print(f"segx: MLflow tracking server: PostgreSQL store, artifacts proxied from {folder / 'artifacts'}\n"
-          f"  clients:   mlflow.tracking_uri={server.uri}\n"
-          f"  MLflow UI: {server.uri}\n"
-          f"  logs:      {folder / 'mlflow.log'}, {folder / 'postgres.log'}\n"
-          "  Ctrl-C stops MLflow, then PostgreSQL", flush=True)  # fmt: skip
+    print(
+        f"segx: MLflow tracking server: PostgreSQL store, artifacts proxied from {folder / 'artifacts'}\n"
+        f"  clients:   mlflow.tracking_uri={server.uri}\n"
+        f"  MLflow UI: {server.uri}\n"
+        f"  logs:      {folder / 'mlflow.log'}, {folder / 'postgres.log'}\n"
+        "  Ctrl-C stops MLflow, then PostgreSQL",
+        flush=True,
+    )
     while True:
         time.sleep(1.0)
-        for name, proc, log in (("MLflow", server.mlflow, "mlflow.log"), ("PostgreSQL", server.postgres, "postgres.log")):
+        for name, proc, log in (
+            ("MLflow", server.mlflow, "mlflow.log"),
+            ("PostgreSQL", server.postgres, "postgres.log"),
+        ):
             if proc.poll() is not None:
-                raise SegxError(f"{name} stopped by itself (exit {proc.returncode}): "
-                                f"{_last_line(folder / log)}; see {folder / log}")  # fmt: skip
+                raise SegxError(
+                    f"{name} stopped by itself (exit {proc.returncode}): {_last_line(folder / log)}; see {folder / log}"
+                )
 
 
 def run_server(cfg) -> None:
@@ -503,10 +623,20 @@ def run_server(cfg) -> None:
         name = arg.split("=", 1)[0]
         if name in OWN_OPTIONS:
             key = OWN_OPTIONS[name]
-            raise SegxError(f"extra_args sets {name}, which segx.server sets itself"
-                            + (f"; use {key}=... instead" if key else "; remove it (the store is PostgreSQL, artifacts proxied)"))  # fmt: skip
-    serve(str(cfg.folder), str(cfg.host), int(cfg.port), float(cfg.timeout), cfg.postgres_port,
-          cfg.postgres_bin, int(cfg.workers), extra)  # fmt: skip
+            raise SegxError(
+                f"extra_args sets {name}, which segx.server sets itself"
+                + (f"; use {key}=... instead" if key else "; remove it (the store is PostgreSQL, artifacts proxied)")
+            )
+    serve(
+        str(cfg.folder),
+        str(cfg.host),
+        int(cfg.port),
+        float(cfg.timeout),
+        cfg.postgres_port,
+        cfg.postgres_bin,
+        int(cfg.workers),
+        extra,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="server")

@@ -27,6 +27,7 @@ def naive_grid(probs_float: np.ndarray, truth: np.ndarray, step: float = 0.1):
 
         def case_sums(mask):
             return mask.sum(axis=(1, 2))
+
     n_members = probs_float.shape[0]
     best_dice, best_w = -1.0, None
     values = np.round(np.arange(0, 1 + step / 2, step), 10)

@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 
 ANCHORS = [
-    ("U-Net, pytorch-nested-unet README", "96x96, own split, Lovász loss, from scratch, GPU", "IoU 0.839 (Dice ~0.912)"),
+    (
+        "U-Net, pytorch-nested-unet README",
+        "96x96, own split, Lovász loss, from scratch, GPU",
+        "IoU 0.839 (Dice ~0.912)",
+    ),
     ("UNet++ (deep supervision), same source", "96x96, same setting", "IoU 0.843"),
     ("DoubleU-Net (Jha et al. 2020)", "ImageNet VGG19 encoder, 256x256", "Dice ~0.913 (recalled, unverified)"),
 ]
@@ -32,95 +36,171 @@ def write_report(results: Path, profile) -> None:
         return load_stage(results, stage)
 
     env = load("machine") or {}
-    lines = [f"# DSB2018 nuclei: segx study ({profile.name} profile)", "",
-             f"Reproduce: `python -m segx.bench{' profile=quick' if profile.name == 'quick' else ''}` "
-             f"(`make bench{'-quick' if profile.name == 'quick' else ''}`). Data read in place from "
-             "`../shared/datasets/dsb2018_nuclei` (664 images; 541 fluorescence, 123 brightfield/H&E).", ""]  # fmt: skip
+    lines = [
+        f"# DSB2018 nuclei: segx study ({profile.name} profile)",
+        "",
+        f"Reproduce: `python -m segx.bench{' profile=quick' if profile.name == 'quick' else ''}` "
+        f"(`make bench{'-quick' if profile.name == 'quick' else ''}`). Data read in place from "
+        "`../shared/datasets/dsb2018_nuclei` (664 images; 541 fluorescence, 123 brightfield/H&E).",
+        "",
+    ]
     if env:
-        lines += [f"Machine: {env.get('cpu')}, {env.get('cores')} cores; TensorFlow {env.get('tensorflow')}, "
-                  f"tf-keras {env.get('tf-keras')}, segmentation-models {env.get('segmentation-models')}, numpy {env.get('numpy')}, "
-                  f"Python {env.get('python')}. Every ratio below was measured within one run, side by side.", ""]  # fmt: skip
+        lines += [
+            f"Machine: {env.get('cpu')}, {env.get('cores')} cores; TensorFlow {env.get('tensorflow')}, "
+            f"tf-keras {env.get('tf-keras')}, segmentation-models {env.get('segmentation-models')}, numpy {env.get('numpy')}, "
+            f"Python {env.get('python')}. Every ratio below was measured within one run, side by side.",
+            "",
+        ]
     acc = load("accuracy")
     if acc:
-        lines += ["## 1. Accuracy (test split, never seen by training or the search)", "",
-                  f"Input {acc['image_size']}x{acc['image_size']} (resized), "
-                  + ("scored at each image's own size against the original masks, "
-                     if acc.get("scored_at") == "original size" else
-                     f"scored at the {acc['image_size']} px square against resized masks (segx 0.1), ")
-                  + "random init (no pretraining), "
-                  "`augment=strong`, split 70/15/15 stratified by appearance (`data.split_seed=0`). "
-                  f"Ensemble: weights {acc['weights']}, threshold {acc['threshold']}, chosen '{acc['chosen']}', "
-                  f"post-processing {acc['postprocess']}; ensemble run `{acc['ensemble_run_id']}`.", "",
-                  "| members | run | best val Dice | epochs | train time (s) |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## 1. Accuracy (test split, never seen by training or the search)",
+            "",
+            f"Input {acc['image_size']}x{acc['image_size']} (resized), "
+            + (
+                "scored at each image's own size against the original masks, "
+                if acc.get("scored_at") == "original size"
+                else f"scored at the {acc['image_size']} px square against resized masks (segx 0.1), "
+            )
+            + "random init (no pretraining), "
+            "`augment=strong`, split 70/15/15 stratified by appearance (`data.split_seed=0`). "
+            f"Ensemble: weights {acc['weights']}, threshold {acc['threshold']}, chosen '{acc['chosen']}', "
+            f"post-processing {acc['postprocess']}; ensemble run `{acc['ensemble_run_id']}`.",
+            "",
+            "| members | run | best val Dice | epochs | train time (s) |",
+            "|---|---|---|---|---|",
+        ]
         for m in acc["members"]:
-            lines.append(f"| {m['backbone']} | `{m['run_id'][:8]}` | {_fmt(m['best_val_dice'])} | {m['epochs_run']} | {_fmt(m['train_seconds'], 0)} |")
-        apps = sorted({k.removeprefix("dice_") for r in acc["test_table"] for k in r if k.startswith("dice_") and k.removeprefix("dice_") not in ("mean", "median", "q25", "q75")})
+            lines.append(
+                f"| {m['backbone']} | `{m['run_id'][:8]}` | {_fmt(m['best_val_dice'])} | {m['epochs_run']} | "
+                f"{_fmt(m['train_seconds'], 0)} |"
+            )
+        apps = sorted(
+            {
+                k.removeprefix("dice_")
+                for r in acc["test_table"]
+                for k in r
+                if k.startswith("dice_") and k.removeprefix("dice_") not in ("mean", "median", "q25", "q75")
+            }
+        )
         # Members, equal weights and majority vote are scored on test at 0.5 (no test-time choice
         # was made for them), the ensemble at its validation-chosen threshold: the column says so.
-        head = "| method | threshold | Dice mean | Dice median | Dice IQR | IoU mean | HD95 mean (px) | HD95 median | " + " | ".join(f"Dice {a}" for a in apps) + " |"
-        lines += ["Test rows: members, equal weights and majority vote at threshold 0.5; the ensemble at the "
-                  "threshold chosen on validation (so 'equal-weights' here differs from the validation row "
-                  "of the same name, which is at its best validation threshold).", "",
-                  head, "|" + "---|" * (8 + len(apps))]  # fmt: skip
+        head = (
+            "| method | threshold | Dice mean | Dice median | Dice IQR | IoU mean | HD95 mean (px) | HD95 median | "
+            + " | ".join(f"Dice {a}" for a in apps)
+            + " |"
+        )
+        lines += [
+            "Test rows: members, equal weights and majority vote at threshold 0.5; the ensemble at the "
+            "threshold chosen on validation (so 'equal-weights' here differs from the validation row "
+            "of the same name, which is at its best validation threshold).",
+            "",
+            head,
+            "|" + "---|" * (8 + len(apps)),
+        ]
         for r in acc["test_table"]:
             threshold = acc["threshold"] if r["method"].startswith("ensemble") else 0.5
             lines.append(
-                f"| {r['method']} | {threshold} | {_fmt(r['dice_mean'])} | {_fmt(r['dice_median'])} | {_fmt(r['dice_q25'], 3)}-{_fmt(r['dice_q75'], 3)} | "
+                f"| {r['method']} | {threshold} | {_fmt(r['dice_mean'])} | {_fmt(r['dice_median'])} | "
+                f"{_fmt(r['dice_q25'], 3)}-{_fmt(r['dice_q75'], 3)} | "
                 f"{_fmt(r['iou_mean'])} | {_fmt(r['hd95_mean'], 2)} | {_fmt(r['hd95_median'], 2)} | "
-                + " | ".join(f"{_fmt(r.get('dice_' + a))} (n={r.get('n_' + a, 0)})" for a in apps) + " |"
+                + " | ".join(f"{_fmt(r.get('dice_' + a))} (n={r.get('n_' + a, 0)})" for a in apps)
+                + " |"
             )
-        lines += ["", "Validation (where weights, threshold and post-processing were chosen):", "",
-                  "| method | val Dice | threshold |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Validation (where weights, threshold and post-processing were chosen):",
+            "",
+            "| method | val Dice | threshold |",
+            "|---|---|---|",
+        ]
         for r in acc["val_table"]:
             lines.append(f"| {r['method']} | {_fmt(r['val_dice'])} | {r['threshold']} |")
-        lines += ["", "Published anchors (different settings, so not like for like):", "",
-                  "| source | setting | figure |", "|---|---|---|"]
+        lines += [
+            "",
+            "Published anchors (different settings, so not like for like):",
+            "",
+            "| source | setting | figure |",
+            "|---|---|---|",
+        ]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in ANCHORS]
         lines += ["", "![accuracy](accuracy.png)", ""]
     thr = load("throughput")
     if thr:
-        lines += ["## 2. Training throughput: real input pipeline vs tensors already in memory", "",
-                  f"Same model, same step; the pipeline decodes nothing (images are held in memory at model size) but runs "
-                  f"`augment={thr['augment']}` and the encoder's preprocessing in tf.data worker threads. Median of 3 alternating timings of {thr['steps']} steps, TF op determinism on (the training default).", "",
-                  "| member | pipeline img/s | in-memory img/s | pipeline / in-memory | pipeline alone img/s | inference img/s |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## 2. Training throughput: real input pipeline vs tensors already in memory",
+            "",
+            f"Same model, same step; the pipeline decodes nothing (images are held in memory at model size) but runs "
+            f"`augment={thr['augment']}` and the encoder's preprocessing in tf.data worker threads. Median of 3 "
+            f"alternating timings of {thr['steps']} steps, TF op determinism on (the training default).",
+            "",
+            "| member | pipeline img/s | in-memory img/s | pipeline / in-memory | pipeline alone img/s | inference img/s |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in thr["rows"]:
-            lines.append(f"| {r['backbone']} | {_fmt(r['train_img_s_pipeline'], 1)} | {_fmt(r['train_img_s_in_memory'], 1)} | "
-                         f"{_fmt(r['pipeline_over_memory'], 3)} | {_fmt(r['pipeline_alone_img_s'], 1)} | {_fmt(r['infer_img_s'], 1)} |")  # fmt: skip
+            lines.append(
+                f"| {r['backbone']} | {_fmt(r['train_img_s_pipeline'], 1)} | {_fmt(r['train_img_s_in_memory'], 1)} | "
+                f"{_fmt(r['pipeline_over_memory'], 3)} | {_fmt(r['pipeline_alone_img_s'], 1)} | {_fmt(r['infer_img_s'], 1)} |"
+            )
         lines.append("")
     eff = load("efficiency")
     if eff:
-        lines += ["## 3. Compute efficiency", "",
-                  f"{eff['backbone']} Unet at {eff['image_size']} px: {eff['forward_gflop_per_image']:.3f} GFLOP per image forward "
-                  "(TF profiler), training counted as 3x forward. Peak = float32 2048x2048 matmul measured in the same run "
-                  f"(TF {eff['matmul_gflops_tf']:.1f} GFLOP/s, numpy {eff['matmul_gflops_numpy']:.1f} GFLOP/s; the higher is used).", "",
-                  "| | achieved GFLOP/s | fraction of peak |", "|---|---|---|",
-                  f"| training (in-memory) | {eff['train_gflops_achieved']:.1f} | {eff['train_fraction_of_peak']:.1%} |",
-                  f"| training (real pipeline) | | {eff['train_fraction_of_peak_pipeline']:.1%} |",
-                  f"| inference | {eff['infer_gflops_achieved']:.1f} | {eff['infer_fraction_of_peak']:.1%} |", ""]  # fmt: skip
+        lines += [
+            "## 3. Compute efficiency",
+            "",
+            f"{eff['backbone']} Unet at {eff['image_size']} px: {eff['forward_gflop_per_image']:.3f} GFLOP per image forward "
+            "(TF profiler), training counted as 3x forward. Peak = float32 2048x2048 matmul measured in the same run "
+            f"(TF {eff['matmul_gflops_tf']:.1f} GFLOP/s, numpy {eff['matmul_gflops_numpy']:.1f} GFLOP/s; the higher is used).",
+            "",
+            "| | achieved GFLOP/s | fraction of peak |",
+            "|---|---|---|",
+            f"| training (in-memory) | {eff['train_gflops_achieved']:.1f} | {eff['train_fraction_of_peak']:.1%} |",
+            f"| training (real pipeline) | | {eff['train_fraction_of_peak_pipeline']:.1%} |",
+            f"| inference | {eff['infer_gflops_achieved']:.1f} | {eff['infer_fraction_of_peak']:.1%} |",
+            "",
+        ]
     inf = load("inference")
     if inf:
-        lines += ["## 4. Ensemble inference", "",
-                  f"{inf['timing_images']} dataset images at their own sizes (read, resize, predict, combine, post-process, resize back); "
-                  "the ensemble against each member alone through the same code path.", "",
-                  "| TTA | ensemble img/s | members img/s | ensemble time / sum of members | overhead |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## 4. Ensemble inference",
+            "",
+            f"{inf['timing_images']} dataset images at their own sizes (read, resize, predict, combine, post-process, resize back); "
+            "the ensemble against each member alone through the same code path.",
+            "",
+            "| TTA | ensemble img/s | members img/s | ensemble time / sum of members | overhead |",
+            "|---|---|---|---|---|",
+        ]
         for tta, r in inf["tta"].items():
             members = ", ".join(f"{v:.1f}" for v in r["members_img_s"].values())
-            lines.append(f"| {tta} | {r['ensemble_img_s']:.1f} | {members} | {r['ensemble_s']:.2f}s / {r['sum_of_members_s']:.2f}s | {r['overhead']:+.1%} |")
-        lines += ["", f"Streaming a folder of {inf['folder_images']} images (`segx.predict` code path, batches of 8, masks and "
-                  f"uncertainty maps written): {inf['folder_img_s']:.1f} img/s; resident memory "
-                  f"{inf['rss_mb_at_10pct']:.0f} MiB after 10%, {inf['rss_mb_at_50pct']:.0f} MiB after 50%, "
-                  f"{inf['rss_mb_at_100pct']:.0f} MiB at the end.", ""]  # fmt: skip
+            lines.append(
+                f"| {tta} | {r['ensemble_img_s']:.1f} | {members} | {r['ensemble_s']:.2f}s / "
+                f"{r['sum_of_members_s']:.2f}s | {r['overhead']:+.1%} |"
+            )
+        lines += [
+            "",
+            f"Streaming a folder of {inf['folder_images']} images (`segx.predict` code path, batches of 8, masks and "
+            f"uncertainty maps written): {inf['folder_img_s']:.1f} img/s; resident memory "
+            f"{inf['rss_mb_at_10pct']:.0f} MiB after 10%, {inf['rss_mb_at_50pct']:.0f} MiB after 50%, "
+            f"{inf['rss_mb_at_100pct']:.0f} MiB at the end.",
+            "",
+        ]
     se = load("search")
     if se:
-        lines += ["## 5. Ensemble search on the real cached validation probabilities", "",
-                  f"{se['members']} members, {se['cases']} validation cases ({se['pixels']:,} pixels at their own sizes); {se['kept_pixel_fraction']:.1%} of pixels "
-                  "survive compaction.", "",
-                  "| method | seconds | val Dice | speed-up vs naive |", "|---|---|---|---|",
-                  f"| naive grid 0.1, threshold 0.5 ({se['naive_combos']} combos) | {se['naive_s']:.3f} | {se['naive_dice']:.4f} | 1 |",
-                  f"| segx greedy (+ threshold search) | {se['greedy_s']:.4f} | {se['greedy_dice']:.4f} | x{se['speedup_greedy']:.0f} |",
-                  f"| segx grid 0.1 (+ threshold search) | {se['grid_s']:.4f} | {se['grid_dice']:.4f} | x{se['speedup_grid']:.0f} |",
-                  f"| segx optimize | {se['optimize_s']:.4f} | {se['optimize_dice']:.4f} | |", ""]  # fmt: skip
+        lines += [
+            "## 5. Ensemble search on the real cached validation probabilities",
+            "",
+            f"{se['members']} members, {se['cases']} validation cases ({se['pixels']:,} pixels at their own sizes); "
+            f"{se['kept_pixel_fraction']:.1%} of pixels "
+            "survive compaction.",
+            "",
+            "| method | seconds | val Dice | speed-up vs naive |",
+            "|---|---|---|---|",
+            f"| naive grid 0.1, threshold 0.5 ({se['naive_combos']} combos) | {se['naive_s']:.3f} | {se['naive_dice']:.4f} | 1 |",
+            f"| segx greedy (+ threshold search) | {se['greedy_s']:.4f} | {se['greedy_dice']:.4f} | x{se['speedup_greedy']:.0f} |",
+            f"| segx grid 0.1 (+ threshold search) | {se['grid_s']:.4f} | {se['grid_dice']:.4f} | x{se['speedup_grid']:.0f} |",
+            f"| segx optimize | {se['optimize_s']:.4f} | {se['optimize_dice']:.4f} | |",
+            "",
+        ]
     notes = results / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]

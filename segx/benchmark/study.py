@@ -144,18 +144,24 @@ class Study:
                 tracking.log_metrics(client, run.info.run_id, {"bench/train_seconds": time.perf_counter() - started})
             run = client.get_run(run.info.run_id)
             history = client.get_metric_history(run.info.run_id, "curves/val_dice")
-            members.append({
-                "backbone": backbone, "run_id": run.info.run_id,
-                "best_val_dice": run.data.metrics.get("curves/best_val_dice"),
-                "epochs_run": len(history),
-                "train_seconds": run.data.metrics.get("bench/train_seconds"),
-            })  # fmt: skip
-        ens_cfg = compose("ensemble", overrides=[
-            f"paths.output_dir={self.cfg.paths.output_dir}",
-            f"mlflow.tracking_uri={self.cfg.mlflow.tracking_uri}",
-            f"mlflow.experiment_name={self.cfg.mlflow.experiment_name}",
-            "ensemble.run_ids=[" + ",".join(m["run_id"] for m in members) + "]",
-        ])  # fmt: skip
+            members.append(
+                {
+                    "backbone": backbone,
+                    "run_id": run.info.run_id,
+                    "best_val_dice": run.data.metrics.get("curves/best_val_dice"),
+                    "epochs_run": len(history),
+                    "train_seconds": run.data.metrics.get("bench/train_seconds"),
+                }
+            )
+        ens_cfg = compose(
+            "ensemble",
+            overrides=[
+                f"paths.output_dir={self.cfg.paths.output_dir}",
+                f"mlflow.tracking_uri={self.cfg.mlflow.tracking_uri}",
+                f"mlflow.experiment_name={self.cfg.mlflow.experiment_name}",
+                "ensemble.run_ids=[" + ",".join(m["run_id"] for m in members) + "]",
+            ],
+        )
         record = build_ensemble(ens_cfg)
         folder = self.work / "accuracy" / record["run_id"]  # under the study's own work folder, not /tmp
         per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
@@ -179,13 +185,18 @@ class Study:
         pd.DataFrame(table).to_csv(self.results / "test_summary.csv", index=False)
         self.plot_accuracy(pd.DataFrame(table))
         return {
-            "members": members, "ensemble_run_id": record["run_id"],
+            "members": members,
+            "ensemble_run_id": record["run_id"],
             "weights": {m["backbone"]: m["weight"] for m in record["members"]},
-            "threshold": record["threshold"], "postprocess": record["postprocess"],
-            "chosen": record["search"]["chosen"], "val_table": val.to_dict(orient="records"),
-            "test_table": table, "image_size": int(self.profile.image_size), "data_root": str(data_root),
+            "threshold": record["threshold"],
+            "postprocess": record["postprocess"],
+            "chosen": record["search"]["chosen"],
+            "val_table": val.to_dict(orient="records"),
+            "test_table": table,
+            "image_size": int(self.profile.image_size),
+            "data_root": str(data_root),
             "scored_at": "original size",
-        }  # fmt: skip
+        }
 
     def forced_postprocess(self, client, record: dict, folder: Path) -> pd.DataFrame:
         """Test rows for the ensemble with the best post-processing other than none, as chosen on
@@ -195,8 +206,10 @@ class Study:
         from segx.evaluation.report import score_test_split
         from segx.workflows.members import load_member
 
-        members = [load_member(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
-                   for m in record["members"]]  # fmt: skip
+        members = [
+            load_member(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
+            for m in record["members"]
+        ]
         weights = record_weights(record)  # the exact counts, as prediction uses them
         _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)
         post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
@@ -211,7 +224,11 @@ class Study:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        cols = [c for c in table.columns if c.startswith("dice_") and c not in ("dice_mean", "dice_median", "dice_q25", "dice_q75")]
+        cols = [
+            c
+            for c in table.columns
+            if c.startswith("dice_") and c not in ("dice_mean", "dice_median", "dice_q25", "dice_q75")
+        ]
         fig, ax = plt.subplots(figsize=(9, 4))
         x = np.arange(len(table))
         width = 0.8 / (1 + len(cols))
@@ -252,7 +269,9 @@ class Study:
             model = models.build_model("unet", backbone, size)
             models.set_bn_momentum(model, 0.9)
             models.compile_model(model, models.keras.optimizers.Adam(1e-3), {"dice": 1, "bce": 1})
-            real, _ = make_train_dataset(train.images, train.masks, SeededAugmenter(pipeline), backbone, bs, 0, epochs=1000)
+            real, _ = make_train_dataset(
+                train.images, train.masks, SeededAugmenter(pipeline), backbone, bs, 0, epochs=1000
+            )
             prep = models.preprocessing(backbone)
             x = prep(train.images[:bs].astype(np.float32)).astype(np.float32)
             y = train.masks[:bs, :, :, None].astype(np.float32)
@@ -278,13 +297,18 @@ class Study:
             for _ in real.take(steps):
                 pass
             pipe_only = steps * bs / (time.perf_counter() - t0)
-            rows.append({
-                "backbone": backbone, "batch": bs, "image_size": size,
-                "train_img_s_pipeline": float(np.median(timings["pipeline"])),
-                "train_img_s_in_memory": float(np.median(timings["in_memory"])),
-                "pipeline_over_memory": float(np.median(timings["pipeline"]) / np.median(timings["in_memory"])),
-                "pipeline_alone_img_s": pipe_only, "infer_img_s": infer,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "batch": bs,
+                    "image_size": size,
+                    "train_img_s_pipeline": float(np.median(timings["pipeline"])),
+                    "train_img_s_in_memory": float(np.median(timings["in_memory"])),
+                    "pipeline_over_memory": float(np.median(timings["pipeline"]) / np.median(timings["in_memory"])),
+                    "pipeline_alone_img_s": pipe_only,
+                    "infer_img_s": infer,
+                }
+            )
             print(f"segx bench: {backbone}: {rows[-1]}", flush=True)
         return {"rows": rows, "augment": "strong", "steps": steps}
 
@@ -297,7 +321,9 @@ class Study:
         size = int(self.profile.image_size)
         throughput = self.load("throughput")
         if not throughput:
-            raise SegxError("the efficiency stage needs the throughput stage's results; run stages='[throughput,efficiency]'")
+            raise SegxError(
+                "the efficiency stage needs the throughput stage's results; run stages='[throughput,efficiency]'"
+            )
         row = throughput["rows"][0]
         models.clear_session()
         model = models.build_model("unet", row["backbone"], size)
@@ -321,14 +347,17 @@ class Study:
         peak = max(tf_peak, np_peak)
         train_flops = 3 * forward  # forward + backward (about twice the forward)
         return {
-            "backbone": row["backbone"], "image_size": size, "forward_gflop_per_image": forward / 1e9,
-            "matmul_gflops_tf": tf_peak / 1e9, "matmul_gflops_numpy": np_peak / 1e9,
+            "backbone": row["backbone"],
+            "image_size": size,
+            "forward_gflop_per_image": forward / 1e9,
+            "matmul_gflops_tf": tf_peak / 1e9,
+            "matmul_gflops_numpy": np_peak / 1e9,
             "train_gflops_achieved": train_flops * row["train_img_s_in_memory"] / 1e9,
             "train_fraction_of_peak": train_flops * row["train_img_s_in_memory"] / peak,
             "train_fraction_of_peak_pipeline": train_flops * row["train_img_s_pipeline"] / peak,
             "infer_gflops_achieved": forward * row["infer_img_s"] / 1e9,
             "infer_fraction_of_peak": forward * row["infer_img_s"] / peak,
-        }  # fmt: skip
+        }
 
     # --- stage 4 ---------------------------------------------------------------------------------
     def inference(self) -> dict:
@@ -349,7 +378,10 @@ class Study:
         full = {**record, "members": [dict(m, weight=1.0 / len(record["members"])) for m in record["members"]]}
         model_dirs = [work / "models" / f"m{i}" for i in range(len(record["members"]))]
         ensemble = EnsemblePredictor(full, model_dirs)
-        singles = [EnsemblePredictor({**record, "members": [dict(m, weight=1.0)]}, [d]) for m, d in zip(record["members"], model_dirs, strict=True)]
+        singles = [
+            EnsemblePredictor({**record, "members": [dict(m, weight=1.0)]}, [d])
+            for m, d in zip(record["members"], model_dirs, strict=True)
+        ]
         cases = discover_cases(self.dataset)[: int(self.profile.inference_timing_images)]
         images = [read_image(c.image) for c in cases]
         rows = {}
@@ -367,9 +399,10 @@ class Study:
             rows[tta] = {
                 "ensemble_img_s": len(images) / timings["ensemble"],
                 "members_img_s": {k: len(images) / v for k, v in timings.items() if k != "ensemble"},
-                "sum_of_members_s": member_sum, "ensemble_s": timings["ensemble"],
+                "sum_of_members_s": member_sum,
+                "ensemble_s": timings["ensemble"],
                 "overhead": timings["ensemble"] / member_sum - 1,
-            }  # fmt: skip
+            }
         # Streaming memory: a folder of N images (symlinks cycling the dataset), predicted in batches.
         folder = work / f"folder-{self.profile.inference_images}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -383,15 +416,29 @@ class Study:
         samples = []
         ensemble.tta = record.get("tta", "none")
         t0 = time.perf_counter()
-        n = predict_folder(ensemble, folder, out_dir, 8, overlays=False, uncertainty=True, save_probabilities=False,
-                           on_batch=lambda done: samples.append((done, rss_mb())))  # fmt: skip
+        n = predict_folder(
+            ensemble,
+            folder,
+            out_dir,
+            8,
+            overlays=False,
+            uncertainty=True,
+            save_probabilities=False,
+            on_batch=lambda done: samples.append((done, rss_mb())),
+        )
         elapsed = time.perf_counter() - t0
         marks = {}
         for frac in (0.1, 0.5, 1.0):
             target = frac * n
             marks[f"rss_mb_at_{int(frac * 100)}pct"] = next(r for d, r in samples if d >= target)
-        return {"timing_images": len(images), "tta": rows, "folder_images": n, "folder_seconds": elapsed,
-                "folder_img_s": n / elapsed, **marks}  # fmt: skip
+        return {
+            "timing_images": len(images),
+            "tta": rows,
+            "folder_images": n,
+            "folder_seconds": elapsed,
+            "folder_img_s": n / elapsed,
+            **marks,
+        }
 
     # --- stage 5 ---------------------------------------------------------------------------------
     def search(self) -> dict:
@@ -414,8 +461,11 @@ class Study:
         data = search.compact(probs, truth, thresholds)
         out["compact_s"] = time.perf_counter() - t0
         out["kept_pixel_fraction"] = data.kept_fraction
-        for name, fn in (("greedy", search.search_greedy), ("grid", lambda d: search.search_grid(d, 0.1)),
-                         ("optimize", search.search_optimize)):  # fmt: skip
+        for name, fn in (
+            ("greedy", search.search_greedy),
+            ("grid", lambda d: search.search_grid(d, 0.1)),
+            ("optimize", search.search_optimize),
+        ):
             t0 = time.perf_counter()
             result = fn(data)
             out[f"{name}_s"] = time.perf_counter() - t0 + out["compact_s"]

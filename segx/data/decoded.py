@@ -180,11 +180,19 @@ class DecodedCase:
                 count = int(np.count_nonzero(mask))
                 sample = _foreground_sample(mask, self.digests[1])
                 hashes[f"foreground{tag}.npy"] = _save_npy(self.folder / f"foreground{tag}.npy", sample)
-            meta = {"version": CACHE_VERSION, "segx": _segx_version(), "scale": scale,
-                    "shape": list(image.shape[:2]), "foreground_pixels": count, "hashes": hashes}  # fmt: skip
+            meta = {
+                "version": CACHE_VERSION,
+                "segx": _segx_version(),
+                "scale": scale,
+                "shape": list(image.shape[:2]),
+                "foreground_pixels": count,
+                "hashes": hashes,
+            }
             _written(self.folder, tag, _write_meta(meta_path, meta), self.has_mask)
         shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        return DecodedCase(self.stem, self.folder, shape, self.digests, self.has_mask, int(meta["foreground_pixels"]), scale)
+        return DecodedCase(
+            self.stem, self.folder, shape, self.digests, self.has_mask, int(meta["foreground_pixels"]), scale
+        )
 
 
 def _foreground_sample(mask: np.ndarray, seed_hex: str) -> np.ndarray:
@@ -308,8 +316,12 @@ def _verify(folder: Path, tag: str, meta: dict, text: str, has_mask: bool) -> st
 
 
 def _warn(folder: Path, stem: str, what: str, problem: str, source: str) -> None:
-    print(f"segx: warning: decoded cache entry {shown(folder)} (case '{stem}', {what}) is damaged: "
-          f"{problem}; rebuilding it from {source}", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"segx: warning: decoded cache entry {shown(folder)} (case '{stem}', {what}) is damaged: "
+        f"{problem}; rebuilding it from {source}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def entry_key(image_digest: str, mask_digest: str, mask_threshold: float) -> str:
@@ -336,14 +348,28 @@ def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int =
                 f"{shown(case.image)}: header declares {width}x{height} pixels, over the limit of "
                 f"{max_pixels}; downscale the file or raise data.max_pixels"
             )
-        return DecodedCase(case.stem, folder, (int(height), int(width)), (image_digest, mask_digest),
-                           has_mask, int(meta["foreground_pixels"]))  # fmt: skip
+        return DecodedCase(
+            case.stem,
+            folder,
+            (int(height), int(width)),
+            (image_digest, mask_digest),
+            has_mask,
+            int(meta["foreground_pixels"]),
+        )
     image_hash, mask_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
     image, mask = read_case(case, mask_threshold, max_pixels, image_hash, mask_hash)
     if image_hash.hexdigest() != image_digest or (mask is not None and mask_hash.hexdigest() != mask_digest):
-        raise SegxError(f"{shown(case.image)}: the file changed while segx read it; rerun when nothing writes to the data")
+        raise SegxError(
+            f"{shown(case.image)}: the file changed while segx read it; rerun when nothing writes to the data"
+        )
     if problem:
-        _warn(folder, case.stem, "at its own size", problem, shown(case.image) + (f" and {shown(case.mask)}" if has_mask else ""))
+        _warn(
+            folder,
+            case.stem,
+            "at its own size",
+            problem,
+            shown(case.image) + (f" and {shown(case.mask)}" if has_mask else ""),
+        )
     if os.path.lexists(folder) and not folder.is_dir():
         folder.unlink()  # a file where the entry's folder belongs
     folder.mkdir(parents=True, exist_ok=True)
@@ -358,8 +384,15 @@ def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int =
         hashes["mask.npy"] = _save_npy(folder / "mask.npy", mask)
         hashes["foreground.npy"] = _save_npy(folder / "foreground.npy", _foreground_sample(mask, mask_digest))
         count = int(np.count_nonzero(mask))
-    meta = {**expected, "version": CACHE_VERSION, "segx": _segx_version(), "shape": list(image.shape[:2]),
-            "foreground_pixels": count, "source": shown(case.image), "hashes": hashes}  # fmt: skip
+    meta = {
+        **expected,
+        "version": CACHE_VERSION,
+        "segx": _segx_version(),
+        "shape": list(image.shape[:2]),
+        "foreground_pixels": count,
+        "source": shown(case.image),
+        "hashes": hashes,
+    }
     _written(folder, "", _write_meta(folder / "meta.json", meta), has_mask)
     return DecodedCase(case.stem, folder, image.shape[:2], (image_digest, mask_digest), mask is not None, count)
 
@@ -431,5 +464,7 @@ def decode_cases(
         if not ours:
             raise
         where = f": {exc.filename}" if exc.filename else ""
-        raise SegxError(f"data.cache_dir={root}: cannot write the decoded cache ({exc.strerror or exc}{where}); "
-                        "free space or fix its permissions, or set data.cache_dir=<a writable folder>") from None  # fmt: skip
+        raise SegxError(
+            f"data.cache_dir={root}: cannot write the decoded cache ({exc.strerror or exc}{where}); "
+            "free space or fix its permissions, or set data.cache_dir=<a writable folder>"
+        ) from None

@@ -110,8 +110,7 @@ def discover_cases(
     image_folder = root / images_dir
     if not image_folder.is_dir():
         raise SegxError(
-            f"{image_folder} is missing; put images in {images_dir}/ and masks in "
-            f"{masks_dir}/ (same file stems)"
+            f"{image_folder} is missing; put images in {images_dir}/ and masks in {masks_dir}/ (same file stems)"
         )
     images = list_images(image_folder)
     if not images:
@@ -126,9 +125,7 @@ def discover_cases(
     masks = list_images(mask_folder)
     for stem, path in images.items():
         if stem not in masks:
-            raise SegxError(
-                f"{path}: no mask {mask_folder}/{stem}.png (or .jpg/.tif); add it or remove the image"
-            )
+            raise SegxError(f"{path}: no mask {mask_folder}/{stem}.png (or .jpg/.tif); add it or remove the image")
     for stem, path in masks.items():
         if stem not in images:
             raise SegxError(f"{path}: mask without an image in {image_folder}; add it or remove the mask")
@@ -225,6 +222,4 @@ def read_case(case: Case, mask_threshold: float, max_pixels: int, image_hash=Non
 
 def check_foreground(dataset: Dataset, where: str) -> None:
     if dataset.masks.size and not dataset.masks.any():
-        raise SegxError(
-            f"no mask in {where} has any foreground; check the masks or data.mask_threshold"
-        )
+        raise SegxError(f"no mask in {where} has any foreground; check the masks or data.mask_threshold")

@@ -39,7 +39,7 @@ Image.MAX_IMAGE_PIXELS = None  # we apply our own, explicit limit below
 
 
 # The content each extension may hold (PIL's format names; cameras write JPEGs as MPO).
-_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".tif": ("TIFF",), ".tiff": ("TIFF",)}  # fmt: skip
+_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".tif": ("TIFF",), ".tiff": ("TIFF",)}
 _EXTENSION_FOR = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif"}
 # The last bytes every complete file of a format holds (searched in its last KiB, since some
 # writers append a few bytes): a cheap truncation test that needs no decoding.
@@ -79,9 +79,7 @@ def _check_header(path: Path, max_pixels: int, limit_key: str = "data.max_pixels
     except SegxError:
         raise
     except Exception as exc:  # PIL raises many types for junk input
-        raise SegxError(
-            f"{name}: not a readable image ({type(exc).__name__}); replace or remove the file"
-        ) from None
+        raise SegxError(f"{name}: not a readable image ({type(exc).__name__}); replace or remove the file") from None
     suffix = path.suffix.lower()
     if suffix in _FORMATS and kind not in _FORMATS[suffix]:
         # A JPEG saved as .png carries JPEG artefacts (grey edges in a mask) the name hides.
@@ -154,9 +152,7 @@ def _decode(path: Path, max_pixels: int, digest=None, limit_key: str = "data.max
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise SegxError(
-            f"{name}: unsupported layout {array.shape} (need grayscale, RGB or RGBA); convert it"
-        )
+        raise SegxError(f"{name}: unsupported layout {array.shape} (need grayscale, RGB or RGBA); convert it")
     # After the size check, which compares the stored (unturned) sizes.
     return _orient(array, orientation)
 

@@ -31,7 +31,11 @@ class Ragged:
         arrays = [np.asarray(a, dtype) for a in arrays]
         shapes = [a.shape[:2] for a in arrays]
         tail = arrays[0].shape[2:] if arrays else ()
-        flat = np.concatenate([a.reshape(-1, *tail) for a in arrays]) if arrays else np.zeros((0, *tail), dtype or np.uint8)
+        flat = (
+            np.concatenate([a.reshape(-1, *tail) for a in arrays])
+            if arrays
+            else np.zeros((0, *tail), dtype or np.uint8)
+        )
         return cls(flat, shapes)
 
     @classmethod

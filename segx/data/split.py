@@ -153,8 +153,7 @@ def load_or_create_split(
             split = {k: list(split[k]) for k in SPLITS}
         except (ValueError, KeyError, TypeError):
             raise SegxError(
-                f"{path}: not a valid split file (needs train/val/test lists); delete it to "
-                "create a new one"
+                f"{path}: not a valid split file (needs train/val/test lists); delete it to create a new one"
             ) from None
         known = set(stems) | set(test_stems or ())
         unknown = [s for k in SPLITS for s in split[k] if s not in known]
@@ -195,9 +194,7 @@ def default_split_path(
     stratify: str | None,
 ) -> Path:
     """A split file name that changes whenever the inputs to the split change."""
-    key = json.dumps(
-        [sorted(stems), sorted(test_stems or []), val_fraction, test_fraction, seed, stratify]
-    )
+    key = json.dumps([sorted(stems), sorted(test_stems or []), val_fraction, test_fraction, seed, stratify])
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(folder) / f"{name}-seed{seed}-{digest}.json"
 
@@ -219,7 +216,9 @@ def make_folds(
     if not 0 <= test_fraction < 1:
         raise SegxError(f"data.test_fraction={test_fraction} is out of range; use a fraction in [0, 1)")
     if folds > len(stems):  # before a list per fold is made (data.folds=10**12 would fill memory)
-        raise SegxError(f"data.folds={folds} is more than the {len(stems)} cases; use data.folds <= {max(2, len(stems))} or add data")
+        raise SegxError(
+            f"data.folds={folds} is more than the {len(stems)} cases; use data.folds <= {max(2, len(stems))} or add data"
+        )
     rng = np.random.default_rng(seed)
     strata = _strata(stems, groups)
     test: list[str] = []
@@ -255,9 +254,15 @@ def fold_split(layout: Mapping, fold: int) -> dict[str, list[str]]:
 def cv_fingerprint(layout: Mapping, parts: Mapping[str, str]) -> str:
     """What every fold of every configuration on one layout shares: the layout itself, the file
     contents and the reading settings (not which fold is held out)."""
-    return _hash({"test": list(layout["test"]), "folds": [list(f) for f in layout["folds"]],
-                  "images": parts.get("images", ""), "masks": parts.get("masks", ""),
-                  "settings": parts.get("settings", "")})  # fmt: skip
+    return _hash(
+        {
+            "test": list(layout["test"]),
+            "folds": [list(f) for f in layout["folds"]],
+            "images": parts.get("images", ""),
+            "masks": parts.get("masks", ""),
+            "settings": parts.get("settings", ""),
+        }
+    )
 
 
 def load_or_create_folds(
@@ -276,7 +281,9 @@ def load_or_create_folds(
             layout = json.loads(path.read_text())
             layout = {"test": list(layout["test"]), "folds": [list(f) for f in layout["folds"]]}
         except (ValueError, KeyError, TypeError):
-            raise SegxError(f"{path}: not a valid fold file (needs test and folds lists); delete it to create a new one") from None
+            raise SegxError(
+                f"{path}: not a valid fold file (needs test and folds lists); delete it to create a new one"
+            ) from None
         if len(layout["folds"]) != folds:
             raise SegxError(
                 f"{path}: holds {len(layout['folds'])} folds but data.folds={folds}; set data.folds="
@@ -285,7 +292,9 @@ def load_or_create_folds(
         known = set(stems) | set(test_stems or ())
         unknown = [s for f in [layout["test"], *layout["folds"]] for s in f if s not in known]
         if unknown:
-            raise SegxError(f"{path}: names case '{unknown[0]}' that is not in the data folder; point data.split_file elsewhere or delete it")
+            raise SegxError(
+                f"{path}: names case '{unknown[0]}' that is not in the data folder; point data.split_file elsewhere or delete it"
+            )
         return layout
     layout = make_folds(stems, folds, test_fraction, seed, test_stems, groups)
     _write_once(path, layout)

@@ -57,9 +57,7 @@ def synth_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return image, mask * 255
 
 
-def generate(
-    root: str | os.PathLike, n_images: int = 60, size: int = 128, seed: int = 0
-) -> Path:
+def generate(root: str | os.PathLike, n_images: int = 60, size: int = 128, seed: int = 0) -> Path:
     """Write ``n_images`` synthetic cases under ``root`` unless the same set is already there."""
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "n_images": n_images, "size": size, "seed": seed}

@@ -21,11 +21,11 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class View:
-    mode: str = "resize"          # resize | patch
-    size: int = 128               # network input: the square image (resize) or the window (patch)
-    resize_mode: str = "resize"   # resize mode only: resize | pad
-    scale: float = 1.0            # patch mode only: images are rescaled by this first
-    overlap: float = 0.5          # patch mode only: sliding-window overlap in [0, 1)
+    mode: str = "resize"  # resize | patch
+    size: int = 128  # network input: the square image (resize) or the window (patch)
+    resize_mode: str = "resize"  # resize mode only: resize | pad
+    scale: float = 1.0  # patch mode only: images are rescaled by this first
+    overlap: float = 0.5  # patch mode only: sliding-window overlap in [0, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,15 +41,26 @@ class View:
         """The view of a ``data`` config section (``data.mode`` and its settings)."""
         mode = str(data.get("mode", "resize"))
         if mode == "patch":
-            return cls("patch", int(data.patch_size), "resize", float(data.get("scale", 1.0) or 1.0), float(data.get("overlap", 0.5)))
+            return cls(
+                "patch",
+                int(data.patch_size),
+                "resize",
+                float(data.get("scale", 1.0) or 1.0),
+                float(data.get("overlap", 0.5)),
+            )
         return cls("resize", int(data.image_size), str(data.get("resize_mode", "resize")))
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> View:
         """A member run's view from its logged ``data.*`` params (strings; older runs lack some)."""
         if params.get("data.mode", "resize") == "patch":
-            return cls("patch", int(params["data.patch_size"]), "resize", float(params.get("data.scale", 1.0)),
-                       float(params.get("data.overlap", 0.5)))  # fmt: skip
+            return cls(
+                "patch",
+                int(params["data.patch_size"]),
+                "resize",
+                float(params.get("data.scale", 1.0)),
+                float(params.get("data.overlap", 0.5)),
+            )
         return cls("resize", int(params.get("data.image_size", 128)), params.get("data.resize_mode", "resize"))
 
     @staticmethod

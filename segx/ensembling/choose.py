@@ -96,12 +96,22 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
         stage("choosing post-processing on validation")
     post, post_results = (
         choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance)
-        if e.postprocess else (None, [])
+        if e.postprocess
+        else (None, [])
     )
     from segx.scoring.postprocess import PostProcess
 
     post = post or PostProcess()
     majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
-    return SearchOutcome(chosen=chosen, searched=result, baselines=base, weights=weights, val_dice=val_dice,
-                         postprocess=post, postprocess_results=post_results, majority_val_dice=majority,
-                         search_seconds=seconds, kept_fraction=data.kept_fraction)  # fmt: skip
+    return SearchOutcome(
+        chosen=chosen,
+        searched=result,
+        baselines=base,
+        weights=weights,
+        val_dice=val_dice,
+        postprocess=post,
+        postprocess_results=post_results,
+        majority_val_dice=majority,
+        search_seconds=seconds,
+        kept_fraction=data.kept_fraction,
+    )

@@ -57,7 +57,9 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
     for k, cached in enumerate(fold_vals):
         for i, stem in enumerate(cached.stems):
             if stem in where:
-                raise SegxError(f"case '{stem}' is in the validation fold of two fold runs; the fold layouts differ: retrain on one fold file")
+                raise SegxError(
+                    f"case '{stem}' is in the validation fold of two fold runs; the fold layouts differ: retrain on one fold file"
+                )
             where[stem] = (k, i)
     stems = sorted(where)
     shapes = np.array([fold_vals[where[s][0]].probs.shapes[where[s][1]] for s in stems], np.int64).reshape(-1, 2)
@@ -144,7 +146,9 @@ def check_compatible(members: list[Member]) -> None:
                 f"different data: {_fingerprint_difference(ref, m)}"
             )
         if m.val.stems != ref.val.stems:
-            raise SegxError(f"members {ref.run_id} and {m.run_id} have different validation cases; retrain on one split")
+            raise SegxError(
+                f"members {ref.run_id} and {m.run_id} have different validation cases; retrain on one split"
+            )
         if not m.val.probs.same_shapes(ref.val.probs):
             # Every member is scored at each image's own size, whatever its input size or mode.
             raise SegxError(
@@ -152,6 +156,8 @@ def check_compatible(members: list[Member]) -> None:
                 "retrain both on the same files"
             )
         if not np.array_equal(m.val.masks.flat, ref.val.masks.flat):
-            raise SegxError(f"members {ref.run_id} and {m.run_id} disagree on validation ground truth; retrain on one dataset")
+            raise SegxError(
+                f"members {ref.run_id} and {m.run_id} disagree on validation ground truth; retrain on one dataset"
+            )
         if (m.test is None) != (ref.test is None) or (m.test is not None and m.test.stems != ref.test.stems):
             raise SegxError(f"members {ref.run_id} and {m.run_id} have different test cases; retrain on one split")

@@ -73,7 +73,9 @@ class Weights:
         if not counts or any(k < 0 for k in counts) or any(int(k) != k for k in self.counts):
             raise ValueError(f"weight counts must be non-negative integers, got {self.counts}")
         if not 1 <= self.denominator <= MAX_DENOMINATOR or sum(counts) != self.denominator:
-            raise ValueError(f"weight counts {counts} must sum to the denominator {self.denominator} (1..{MAX_DENOMINATOR})")
+            raise ValueError(
+                f"weight counts {counts} must sum to the denominator {self.denominator} (1..{MAX_DENOMINATOR})"
+            )
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "denominator", int(self.denominator))
 

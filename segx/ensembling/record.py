@@ -59,8 +59,12 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
         if version >= 3:
             View.validate(m.get("view"), f"{where}: members[{i}].view")
         folds = m.get("folds")
-        if folds is not None and (not isinstance(folds, list) or not folds or not all(isinstance(f, str) and f for f in folds)):
-            raise SegxError(f"{where}: members[{i}].folds={folds!r} must list the fold run IDs of a cross-validated member")
+        if folds is not None and (
+            not isinstance(folds, list) or not folds or not all(isinstance(f, str) and f for f in folds)
+        ):
+            raise SegxError(
+                f"{where}: members[{i}].folds={folds!r} must list the fold run IDs of a cross-validated member"
+            )
         w = m.get("weight")
         if not _is_number(w) or w < 0:
             raise SegxError(f"{where}: members[{i}].weight={w!r} must be a non-negative number")
@@ -68,7 +72,9 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     if "weight_denominator" in record:
         _validate_counts(record, where)
     elif version >= 2:
-        raise SegxError(f"{where}: version {version} record without 'weight_denominator'; rebuild it with python -m segx.ensemble")
+        raise SegxError(
+            f"{where}: version {version} record without 'weight_denominator'; rebuild it with python -m segx.ensemble"
+        )
     elif abs(sum(weights) - 1.0) > 1e-6:
         raise SegxError(f"{where}: member weights sum to {sum(weights):.6f}, not 1; divide each by their sum")
     t = record["threshold"]
@@ -95,7 +101,9 @@ def _validate_counts(record: dict, where: str) -> None:
     for i, m in enumerate(record["members"]):
         k = m.get("weight_count")
         if not _is_count(k) or k < 0:
-            raise SegxError(f"{where}: members[{i}].weight_count={k!r} must be a whole number >= 0 (its weight times weight_denominator)")
+            raise SegxError(
+                f"{where}: members[{i}].weight_count={k!r} must be a whole number >= 0 (its weight times weight_denominator)"
+            )
         if abs(float(m["weight"]) - k / denominator) > 1e-6:
             # The count is what the ensemble computes with; a weight edited alone would be ignored.
             raise SegxError(
@@ -104,7 +112,9 @@ def _validate_counts(record: dict, where: str) -> None:
             )
         counts.append(k)
     if sum(counts) != denominator:
-        raise SegxError(f"{where}: weight_count values sum to {sum(counts)}, not weight_denominator={denominator}; make them add up")
+        raise SegxError(
+            f"{where}: weight_count values sum to {sum(counts)}, not weight_denominator={denominator}; make them add up"
+        )
 
 
 def record_weights(record: dict) -> Weights:
@@ -121,8 +131,15 @@ def weight_fields(weights: Weights) -> tuple[list[dict], dict]:
     return per_member, {"weight_denominator": weights.denominator}
 
 
-def make_record(members: Sequence, found, tta: str, method: str, tolerance: float, thresholds: Sequence[float],
-                git: tuple[str | None, bool | None] = (None, None)) -> dict:  # fmt: skip
+def make_record(
+    members: Sequence,
+    found,
+    tta: str,
+    method: str,
+    tolerance: float,
+    thresholds: Sequence[float],
+    git: tuple[str | None, bool | None] = (None, None),
+) -> dict:
     """The ``ensemble.json`` of a chosen ensemble (``found``: the :class:`~segx.ensembling.choose.SearchOutcome`; ``git``:
     the commit and dirty flag of the code that chose it, ``provenance.git_sha()``)."""
     import segx
@@ -139,8 +156,15 @@ def make_record(members: Sequence, found, tta: str, method: str, tolerance: floa
         "data_fingerprint": members[0].fingerprint,
         "scored_at": "original size",
         "members": [
-            {"run_id": m.run_id, "backbone": m.backbone, "arch": m.arch, **w, "model_artifact": "model", "view": dict(m.view),
-             **({"folds": list(m.folds)} if m.folds else {})}
+            {
+                "run_id": m.run_id,
+                "backbone": m.backbone,
+                "arch": m.arch,
+                **w,
+                "model_artifact": "model",
+                "view": dict(m.view),
+                **({"folds": list(m.folds)} if m.folds else {}),
+            }
             for m, w in zip(members, per_member, strict=True)
         ],
         **weight_total,

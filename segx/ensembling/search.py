@@ -90,7 +90,9 @@ def compact(
     truth = Ragged.of(truth)
     for p in member_probs:
         if not p.same_shapes(truth):
-            raise SegxError("member probabilities and ground truth differ in case sizes; retrain the members on one split")
+            raise SegxError(
+                "member probabilities and ground truth differ in case sizes; retrain the members on one split"
+            )
     n = len(truth)
     fixed_tp = np.zeros(n, np.int64)
     fixed_pp = np.zeros(n, np.int64)
@@ -302,8 +304,15 @@ class SearchResult:
 
 def _row(step: int, weights: Weights, threshold: float, val_dice: float, **extra) -> dict:
     """One history row: enough to replay the candidate through the prediction path."""
-    return {"step": step, "val_dice": val_dice, "threshold": threshold, "weights": weights.floats,
-            "counts": list(weights.counts), "denominator": weights.denominator, **extra}  # fmt: skip
+    return {
+        "step": step,
+        "val_dice": val_dice,
+        "threshold": threshold,
+        "weights": weights.floats,
+        "counts": list(weights.counts),
+        "denominator": weights.denominator,
+        **extra,
+    }
 
 
 def simplex_counts(n_members: int, parts: int) -> np.ndarray:
@@ -421,8 +430,12 @@ def search_optimize(data: Compact, max_evals: int = 300, tolerance: float = 1e-3
 
     z0 = np.asarray(greedy.best.weights.floats)[active]
     simplex = np.vstack([z0] + [z0 + 0.25 * np.eye(len(active))[i] for i in range(len(active))])
-    minimize(objective, z0, method="Nelder-Mead",
-             options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6})  # fmt: skip
+    minimize(
+        objective,
+        z0,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-6},
+    )
     if refined["score"] > best.val_dice + tolerance:
         best = Candidate("optimize", refined["w"], float(data.thresholds[refined["t"]]), refined["score"], 3)
     return SearchResult(Candidate("optimize", best.weights, best.threshold, best.val_dice, 3), history)
@@ -449,7 +462,9 @@ def choose(candidates: Sequence[Candidate], tolerance: float) -> Candidate:
     return min(eligible, key=lambda c: (c.complexity, -c.val_dice))
 
 
-def exact_dice(member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32) -> np.ndarray:
+def exact_dice(
+    member_probs: Sequence[np.ndarray], truth: np.ndarray, weights, threshold: float, chunk: int = 32
+) -> np.ndarray:
     """Per-case Dice of one weighting through :func:`segx.ensembling.probs.combine` (the predict path)."""
     weights = Weights.of(weights)
     member_probs, truth = [Ragged.of(p) for p in member_probs], Ragged.of(truth)
@@ -469,5 +484,3 @@ def majority_vote(member_probs: Sequence[np.ndarray], start: int = 0, stop: int 
         return part[0].like(votes * 2 > len(member_probs))
     votes = sum((np.asarray(p[start:stop]) >= 128).astype(np.int16) for p in member_probs)
     return votes * 2 > len(member_probs)
-
-

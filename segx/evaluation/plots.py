@@ -26,7 +26,9 @@ def pick_cases(scores: np.ndarray, k: int = 4) -> tuple[list[int], list[str]]:
     k = min(k, len(scores))
     worst = [int(i) for i in order[: (k + 1) // 2]]
     median = float(np.median(scores)) if len(scores) else 0.0
-    typical = [int(i) for i in np.argsort(np.abs(scores - median), kind="stable") if int(i) not in worst][: k - len(worst)]
+    typical = [int(i) for i in np.argsort(np.abs(scores - median), kind="stable") if int(i) not in worst][
+        : k - len(worst)
+    ]
     return worst + typical, [f"worst {n + 1}" for n in range(len(worst))] + ["typical"] * len(typical)
 
 

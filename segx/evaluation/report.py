@@ -28,7 +28,10 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     from segx.ensembling.members import unique_labels
 
     # Unique names: two members with one backbone and arch (resize and patch) must not share a row.
-    methods = {f"member:{label}": (lambda i=i: probs[i].like(probs[i].flat >= 128)) for i, label in enumerate(unique_labels(members))}
+    methods = {
+        f"member:{label}": (lambda i=i: probs[i].like(probs[i].flat >= 128))
+        for i, label in enumerate(unique_labels(members))
+    }
     equal = Weights((1,) * len(members), len(members))
     methods["equal-weights"] = lambda: binarize(combine(probs, equal), 0.5)
     methods["majority-vote"] = lambda: majority_vote(probs)
@@ -64,11 +67,19 @@ def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0) -> dict:
         stop = min(resamples, start + 500)
         means[start:stop] = diff[rng.integers(0, len(diff), (stop - start, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"diff": float(diff.mean()), "low": float(low), "high": float(high),
-            "p_not_better": float(np.mean(means <= 0)), "resamples": int(resamples), "cases": len(diff)}  # fmt: skip
+    return {
+        "diff": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p_not_better": float(np.mean(means <= 0)),
+        "resamples": int(resamples),
+        "cases": len(diff),
+    }
 
 
-def honest_gain(per_case: pd.DataFrame, members: list[Member], found: SearchOutcome, resamples: int = 2000, seed: int = 0) -> dict:
+def honest_gain(
+    per_case: pd.DataFrame, members: list[Member], found: SearchOutcome, resamples: int = 2000, seed: int = 0
+) -> dict:
     """Is the ensemble worth its cost? The paired bootstrap of test Dice, ensemble minus the best
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
@@ -84,11 +95,17 @@ def honest_gain(per_case: pd.DataFrame, members: list[Member], found: SearchOutc
     member_test = dice_per_case(binarize(_single(probs), best.threshold), test.masks)
     ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[test.stems, "dice"].to_numpy()
     out = paired_bootstrap(ensemble, member_test, resamples, seed)
-    return {**out, "best_member": best.name, "best_member_threshold": best.threshold,
-            "best_member_val_dice": best.val_dice, "best_member_test_dice": float(member_test.mean()),
-            "ensemble_val_dice": found.val_dice, "ensemble_test_dice": float(ensemble.mean()),
-            "ensemble_optimism": found.val_dice - float(ensemble.mean()),
-            "best_member_optimism": best.val_dice - float(member_test.mean())}  # fmt: skip
+    return {
+        **out,
+        "best_member": best.name,
+        "best_member_threshold": best.threshold,
+        "best_member_val_dice": best.val_dice,
+        "best_member_test_dice": float(member_test.mean()),
+        "ensemble_val_dice": found.val_dice,
+        "ensemble_test_dice": float(ensemble.mean()),
+        "ensemble_optimism": found.val_dice - float(ensemble.mean()),
+        "best_member_optimism": best.val_dice - float(member_test.mean()),
+    }
 
 
 def _single(probs):
@@ -101,12 +118,18 @@ def _single(probs):
 def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
     order = list(dict.fromkeys(per_case["method"]))
     g = per_case.groupby("method", sort=False)
-    table = pd.DataFrame({
-        "threshold": g["threshold"].first(),
-        "dice_mean": g["dice"].mean(), "dice_median": g["dice"].median(), "dice_std": g["dice"].std(ddof=0),
-        "iou_mean": g["iou"].mean(), "hd95_mean": g["hd95"].mean(), "hd95_median": g["hd95"].median(),
-        "cases": g["dice"].size(),
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "threshold": g["threshold"].first(),
+            "dice_mean": g["dice"].mean(),
+            "dice_median": g["dice"].median(),
+            "dice_std": g["dice"].std(ddof=0),
+            "iou_mean": g["iou"].mean(),
+            "hd95_mean": g["hd95"].mean(),
+            "hd95_median": g["hd95"].median(),
+            "cases": g["dice"].size(),
+        }
+    )
     return table.loc[order]
 
 
@@ -116,12 +139,20 @@ def val_table(members: list[Member], found: SearchOutcome) -> pd.DataFrame:
     rows.append({"method": "majority-vote", "val_dice": found.majority_val_dice, "threshold": 0.5})
     s = found.searched.best
     rows.append({"method": f"searched ({s.name})", "val_dice": s.val_dice, "threshold": s.threshold})
-    rows.append({"method": f"chosen ({found.chosen.name})", "val_dice": found.val_dice, "threshold": found.chosen.threshold})
+    rows.append(
+        {"method": f"chosen ({found.chosen.name})", "val_dice": found.val_dice, "threshold": found.chosen.threshold}
+    )
     return pd.DataFrame(rows)
 
 
-def plot_ensemble(folder: Path, members: list[Member], found: SearchOutcome, preds: dict, per_case: pd.DataFrame,
-                  preview_cases: int = 4) -> None:
+def plot_ensemble(
+    folder: Path,
+    members: list[Member],
+    found: SearchOutcome,
+    preds: dict,
+    per_case: pd.DataFrame,
+    preview_cases: int = 4,
+) -> None:
     """folder/search.png (the search's progress against the baselines) and folder/test_cases.png."""
     import matplotlib
 
@@ -138,11 +169,20 @@ def plot_ensemble(folder: Path, members: list[Member], found: SearchOutcome, pre
     for i, b in enumerate(found.baselines):
         name = "equal weights" if i == len(found.baselines) - 1 else b.name.removeprefix("member:")
         ax.axhline(b.val_dice, ls=":", lw=1, color=f"C{i + 1}", label=f"{name} ({b.val_dice:.4f})")
-    ax.axhline(found.majority_val_dice, ls="-.", lw=0.8, color="0.5", label=f"majority vote ({found.majority_val_dice:.4f})")
+    ax.axhline(
+        found.majority_val_dice, ls="-.", lw=0.8, color="0.5", label=f"majority vote ({found.majority_val_dice:.4f})"
+    )
     # The chosen point: a search candidate where the search won, else on the line of the baseline that did.
     at = next((h["step"] for h in history if h["val_dice"] == chosen.val_dice), steps[-1] if steps else 0)
-    ax.plot([at], [chosen.val_dice], marker="*", ms=14, color="crimson", ls="none",
-            label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}, threshold {chosen.threshold})")  # fmt: skip
+    ax.plot(
+        [at],
+        [chosen.val_dice],
+        marker="*",
+        ms=14,
+        color="crimson",
+        ls="none",
+        label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}, threshold {chosen.threshold})",
+    )
     ax.set_xlabel("search step / candidate")
     ax.set_ylabel("validation Dice (whole images, own size)")
     ax.set_title("validation split: the ensemble search against its members", fontsize=10)
@@ -161,10 +201,17 @@ def plot_ensemble(folder: Path, members: list[Member], found: SearchOutcome, pre
         shown, labels = list(range(min(len(test.previews), preview_cases))), None
         what = f"the first {min(len(test.previews), preview_cases)} of {len(test.stems)} cases"
     if shown:
-        plot_cases([test.previews[i] for i in shown], [test.masks[i] for i in shown],
-                   {n: [preds[n][i] for i in shown] for n in names}, [test.stems[i] for i in shown],
-                   folder / "test_cases.png", {n: s[shown] for n, s in scores.items()}, n=len(shown),
-                   title=f"test split (never seen by the search): {what}", row_labels=labels)  # fmt: skip
+        plot_cases(
+            [test.previews[i] for i in shown],
+            [test.masks[i] for i in shown],
+            {n: [preds[n][i] for i in shown] for n in names},
+            [test.stems[i] for i in shown],
+            folder / "test_cases.png",
+            {n: s[shown] for n, s in scores.items()},
+            n=len(shown),
+            title=f"test split (never seen by the search): {what}",
+            row_labels=labels,
+        )
 
 
 def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:
@@ -174,18 +221,32 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
     weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\nchosen: {found.chosen.name}  weights: {weights}  threshold: {record['threshold']}  "
-          f"post-processing: {found.postprocess.describe()}  (search {found.search_seconds:.2f}s)")
+    print(
+        f"\nchosen: {found.chosen.name}  weights: {weights}  threshold: {record['threshold']}  "
+        f"post-processing: {found.postprocess.describe()}  (search {found.search_seconds:.2f}s)"
+    )
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
-        verdict = ("the gain is real (the whole interval is above zero)" if gain["low"] > 0 else
-                   "the ensemble is worse (the whole interval is below zero)" if gain["high"] < 0 else
-                   "not shown to be better: the interval includes zero")  # fmt: skip
-        print(f"\nEnsemble minus best member ({gain['best_member']}, best on validation, at its validation "
-              f"threshold {gain['best_member_threshold']}), test Dice: "
-              f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
-              f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}.")
-        print(f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
-              f"best member {gain['best_member_optimism']:+.4f}")
-    print(f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict ensemble_run_id={record['run_id']} input_dir=... output_dir=...)", flush=True)
+        verdict = (
+            "the gain is real (the whole interval is above zero)"
+            if gain["low"] > 0
+            else "the ensemble is worse (the whole interval is below zero)"
+            if gain["high"] < 0
+            else "not shown to be better: the interval includes zero"
+        )
+        print(
+            f"\nEnsemble minus best member ({gain['best_member']}, best on validation, at its validation "
+            f"threshold {gain['best_member_threshold']}), test Dice: "
+            f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
+            f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}."
+        )
+        print(
+            f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
+            f"best member {gain['best_member_optimism']:+.4f}"
+        )
+    print(
+        f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict "
+        f"ensemble_run_id={record['run_id']} input_dir=... output_dir=...)",
+        flush=True,
+    )

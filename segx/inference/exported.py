@@ -73,7 +73,9 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
     weights = record_weights(record)
     views = member_views(record)
     graphs: list[dict] = []
-    for i, (member, view, path, count) in enumerate(zip(record["members"], views, model_paths, weights.counts, strict=True)):
+    for i, (member, view, path, count) in enumerate(
+        zip(record["members"], views, model_paths, weights.counts, strict=True)
+    ):
         if count == 0:
             continue
         view = View.from_dict(view).to_dict()
@@ -86,8 +88,15 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
         if folds and len(paths) != len(folds):
             raise ValueError(f"member {i}: {len(folds)} folds but {len(paths)} model folders")
         for k, p in enumerate(paths):
-            graph["networks"].append({"member": i, "fold": k if folds else None, "backbone": str(member["backbone"]),
-                                      "run_id": str(folds[k] if folds else member["run_id"]), "path": str(p)})  # fmt: skip
+            graph["networks"].append(
+                {
+                    "member": i,
+                    "fold": k if folds else None,
+                    "backbone": str(member["backbone"]),
+                    "run_id": str(folds[k] if folds else member["run_id"]),
+                    "path": str(p),
+                }
+            )
     for g, graph in enumerate(graphs):
         graph["name"] = "serving_default" if len(graphs) == 1 else f"view{g}"
     return graphs
@@ -125,8 +134,10 @@ def check_opset(opset: Any) -> int:
 
     low, high = opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-        raise SegxError(f"opset={opset!r}: tf2onnx {tf2onnx.__version__} cannot produce it for segx's graphs "
-                        f"(it writes opsets {low}..{high}); use opset={DEFAULT_OPSET}")  # fmt: skip
+        raise SegxError(
+            f"opset={opset!r}: tf2onnx {tf2onnx.__version__} cannot produce it for segx's graphs "
+            f"(it writes opsets {low}..{high}); use opset={DEFAULT_OPSET}"
+        )
     return opset
 
 
@@ -143,20 +154,25 @@ def check_request_images(model_input: Any, max_pixels: int | None = None) -> lis
 
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if model_input is None or (isinstance(model_input, np.ndarray) and model_input.ndim == 0):
-        raise SegxError("images: the request holds a single value (null?), not images; send uint8 images "
-                        "(N, H, W, 3), a list or a dict of images")  # fmt: skip
+        raise SegxError(
+            "images: the request holds a single value (null?), not images; send uint8 images "
+            "(N, H, W, 3), a list or a dict of images"
+        )
     if isinstance(model_input, Mapping):
         items = list(model_input.items())
     elif isinstance(model_input, np.ndarray) and model_input.dtype != object:
         if model_input.ndim not in (3, 4):
-            raise SegxError(f"images: an array of shape {model_input.shape}; send (N, H, W) or (N, H, W, 3) "
-                            "uint8 images, or a list of images")  # fmt: skip
+            raise SegxError(
+                f"images: an array of shape {model_input.shape}; send (N, H, W) or (N, H, W, 3) "
+                "uint8 images, or a list of images"
+            )
         items = [(str(i), im) for i, im in enumerate(model_input)]
     elif isinstance(model_input, (list, tuple, np.ndarray)):
         items = [(str(i), im) for i, im in enumerate(model_input)]
     else:
-        raise SegxError(f"images: got {type(model_input).__name__}; send uint8 images (N, H, W, 3), a list "
-                        "or a dict of images")  # fmt: skip
+        raise SegxError(
+            f"images: got {type(model_input).__name__}; send uint8 images (N, H, W, 3), a list or a dict of images"
+        )
     if not items:
         raise SegxError("images: the request holds no image; send at least one")
     images = []
@@ -166,19 +182,24 @@ def check_request_images(model_input: Any, max_pixels: int | None = None) -> lis
         except ValueError:
             raise SegxError(f"image {name}: rows of different lengths; send a rectangular (H, W, 3) image") from None
         if image.dtype == bool or image.dtype.kind not in "ui":
-            raise SegxError(f"image {name}: dtype {image.dtype}; send uint8 pixel values 0..255 "
-                            "(integers, not floats in [0, 1])")  # fmt: skip
+            raise SegxError(
+                f"image {name}: dtype {image.dtype}; send uint8 pixel values 0..255 (integers, not floats in [0, 1])"
+            )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             channels = f"{image.shape[2]} channels" if image.ndim == 3 else f"{image.ndim} dimensions"
-            raise SegxError(f"image {name}: shape {image.shape} ({channels}); send (H, W) grayscale, "
-                            "(H, W, 3) RGB or (H, W, 4) RGBA")  # fmt: skip
+            raise SegxError(
+                f"image {name}: shape {image.shape} ({channels}); send (H, W) grayscale, "
+                "(H, W, 3) RGB or (H, W, 4) RGBA"
+            )
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise SegxError(f"image {name}: shape {image.shape} is empty; send an image of at least 1 x 1 px")
         if image.shape[0] * image.shape[1] > limit:
-            raise SegxError(f"image {name}: {image.shape[0]} x {image.shape[1]} px is over the {limit} px limit; "
-                            "send a smaller image or tile it")  # fmt: skip
+            raise SegxError(
+                f"image {name}: {image.shape[0]} x {image.shape[1]} px is over the {limit} px limit; "
+                "send a smaller image or tile it"
+            )
         if image.dtype != np.uint8:
             if image.size and (image.min() < 0 or image.max() > 255):
                 raise SegxError(f"image {name}: values {image.min()}..{image.max()} outside 0..255; send uint8 pixels")
@@ -216,8 +237,10 @@ def preprocessing_table(backbone: str) -> tuple[list[int], np.ndarray] | None:
     expected = np.asarray(prep(sample.astype(np.float32)), np.float32)
     exact = -1 not in perm and all(np.array_equal(lut[c][sample[..., perm[c]]], expected[..., c]) for c in range(3))
     if not exact:
-        raise SegxError(f"backbone {backbone}: its input preprocessing is not a per-channel lookup of the pixel "
-                        "value, which the export needs; export an ensemble without it or use segx.predict")  # fmt: skip
+        raise SegxError(
+            f"backbone {backbone}: its input preprocessing is not a per-channel lookup of the pixel "
+            "value, which the export needs; export an ensemble without it or use segx.predict"
+        )
     if perm == [0, 1, 2] and all(np.array_equal(lut[c], values) for c in range(3)):
         return None
     return perm, lut
@@ -244,10 +267,12 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
         tail = _tail(tf, graph["networks"], weights, threshold_cut) if single else None
         functions[graph["name"]] = {
             "whole": tf.function(_whole(tf, nets, tta, tail), input_signature=[image_spec], autograph=False),
-            "networks": [tf.function(_one(tf, model, table, tta), input_signature=[image_spec], autograph=False)
-                         for model, table in nets],
+            "networks": [
+                tf.function(_one(tf, model, table, tta), input_signature=[image_spec], autograph=False)
+                for model, table in nets
+            ],
             "tail": None if tail is None else tf.function(tail, input_signature=[probs_spec], autograph=False),
-        }  # fmt: skip
+        }
     return functions
 
 
@@ -356,8 +381,10 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) ->
             proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset)
         except Exception as exc:  # noqa: BLE001 - the converter's failure, said in one line
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise SegxError(f"tf2onnx {tf2onnx.__version__} cannot convert {what} at opset {opset} ({text}); "
-                            f"try another opset (opset={DEFAULT_OPSET}) or format=savedmodel") from None  # fmt: skip
+            raise SegxError(
+                f"tf2onnx {tf2onnx.__version__} cannot convert {what} at opset {opset} ({text}); "
+                f"try another opset (opset={DEFAULT_OPSET}) or format=savedmodel"
+            ) from None
         _release_memory()  # the converter's intermediate graphs, before the next network's
         return proto
 
@@ -368,7 +395,9 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) ->
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         parts = []
         for j, (function, net) in enumerate(zip(functions[graph["name"]]["networks"], graph["networks"], strict=True)):
-            what = f"backbone {net['backbone']} (member {net['member']}" + (f", fold {net['fold']})" if net["fold"] is not None else ")")
+            what = f"backbone {net['backbone']} (member {net['member']}" + (
+                f", fold {net['fold']})" if net["fold"] is not None else ")"
+            )
             parts.append(onnx.compose.add_prefix(convert(function, image_spec, what), f"n{j}/"))
         tail = functions[graph["name"]]["tail"]
         if tail is not None:
@@ -377,8 +406,9 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) ->
         model = _join(onnx, parts, n, tail is not None, size)
         path = folder / name
         if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights beside the graph
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{name}.data")  # fmt: skip
+            onnx.save_model(
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{name}.data"
+            )
         else:
             onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))  # by path: also for a model with external data
@@ -422,16 +452,25 @@ def _join(onnx, parts: list, n: int, has_tail: bool, size: int):
         names = {o.name.removeprefix("tail/"): o.name for o in parts[-1].graph.output}
         nodes.append(helper.make_node("Identity", [names["probability"]], ["probability"], name="segx/probability"))
         nodes.append(helper.make_node("Identity", [names["mask"]], ["mask"], name="segx/mask"))
-        outputs += [helper.make_tensor_value_info("probability", t.FLOAT, ["batch", size, size]),
-                    helper.make_tensor_value_info("mask", t.UINT8, ["batch", size, size])]  # fmt: skip
-    graph = helper.make_graph(nodes, "segx_ensemble", [helper.make_tensor_value_info(INPUT, t.UINT8, ["batch", size, size, 3])],
-                              outputs, initializer=initializers, value_info=value_info)  # fmt: skip
+        outputs += [
+            helper.make_tensor_value_info("probability", t.FLOAT, ["batch", size, size]),
+            helper.make_tensor_value_info("mask", t.UINT8, ["batch", size, size]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "segx_ensemble",
+        [helper.make_tensor_value_info(INPUT, t.UINT8, ["batch", size, size, 3])],
+        outputs,
+        initializer=initializers,
+        value_info=value_info,
+    )
     opsets: dict[str, int] = {}
     for part in parts:
         for entry in part.opset_import:
             opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                              producer_name="segx (tf2onnx)")  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], producer_name="segx (tf2onnx)"
+    )
     model.ir_version = max(p.ir_version for p in parts)
     return model
 
@@ -520,8 +559,9 @@ def _foreign(output_dir: Path, files: dict, folders: set, trees: set, rel: str =
         elif path not in files:
             return path, f"was not written by segx ({MANIFEST} does not list it)"
         elif files[path] is not None and entry.stat().st_size != files[path]:
-            return path, (f"is not the file segx wrote there ({entry.stat().st_size} bytes; {MANIFEST} records "
-                          f"{files[path]})")  # fmt: skip
+            return path, (
+                f"is not the file segx wrote there ({entry.stat().st_size} bytes; {MANIFEST} records {files[path]})"
+            )
     return None
 
 
@@ -542,26 +582,36 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         if not any(output_dir.iterdir()):
             return
         if not overwrite:
-            raise SegxError(f"output_dir={shown(output_dir)} is not empty; choose a new output_dir or pass "
-                            "overwrite=true to replace an earlier export")  # fmt: skip
+            raise SegxError(
+                f"output_dir={shown(output_dir)} is not empty; choose a new output_dir or pass "
+                "overwrite=true to replace an earlier export"
+            )
         path = output_dir / MANIFEST
         if path.is_symlink() or not path.is_file():
-            raise SegxError(f"output_dir={shown(output_dir)} is not a segx export (no {MANIFEST}); overwrite=true "
-                            "replaces only an earlier export: choose a new or empty output_dir")  # fmt: skip
+            raise SegxError(
+                f"output_dir={shown(output_dir)} is not a segx export (no {MANIFEST}); overwrite=true "
+                "replaces only an earlier export: choose a new or empty output_dir"
+            )
         try:
             owned = _owned(read_manifest(output_dir))
         except (SegxError, ValueError, TypeError, AttributeError):
-            raise SegxError(f"output_dir={shown(output_dir)} is not a segx export ({shown(path)} is not a segx "
-                            "export manifest this segx reads); overwrite=true replaces only an earlier export: "
-                            "choose a new or empty output_dir") from None  # fmt: skip
+            raise SegxError(
+                f"output_dir={shown(output_dir)} is not a segx export ({shown(path)} is not a segx "
+                "export manifest this segx reads); overwrite=true replaces only an earlier export: "
+                "choose a new or empty output_dir"
+            ) from None
         found = _foreign(output_dir, *owned)
     except OSError as exc:
-        raise SegxError(f"cannot read output_dir={shown(output_dir)} ({exc.strerror or exc}); check its "
-                        "permissions or choose a new output_dir") from None  # fmt: skip
+        raise SegxError(
+            f"cannot read output_dir={shown(output_dir)} ({exc.strerror or exc}); check its "
+            "permissions or choose a new output_dir"
+        ) from None
     if found is not None:
         what = "folder" if found[0].endswith("/") else "file"
-        raise SegxError(f"{shown(output_dir)}/{shown(found[0])} {found[1]} and overwrite=true would delete it; "
-                        f"move that {what} out or choose a new output_dir")  # fmt: skip
+        raise SegxError(
+            f"{shown(output_dir)}/{shown(found[0])} {found[1]} and overwrite=true would delete it; "
+            f"move that {what} out or choose a new output_dir"
+        )
 
 
 def _move_into_place(stage: Path, output_dir: Path) -> None:
@@ -573,9 +623,16 @@ def _move_into_place(stage: Path, output_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.PathLike, fmt: str,
-                    opset: int = DEFAULT_OPSET, tta: str | None = None, overwrite: bool = False,
-                    source: Mapping[str, Any] | None = None) -> dict:  # fmt: skip
+def export_ensemble(
+    record: dict,
+    model_paths: Sequence,
+    output_dir: str | os.PathLike,
+    fmt: str,
+    opset: int = DEFAULT_OPSET,
+    tta: str | None = None,
+    overwrite: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> dict:
     """Export the ensemble of ``record`` (members' model folders ``model_paths``, a list per
     cross-validated member, as :class:`EnsemblePredictor` takes them) into ``output_dir``.
 
@@ -611,7 +668,11 @@ def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.Pa
     module.network_variables = [v for model in models for v in model.variables]
     functions = _build_functions(graphs, models, tables, record, tta)
     with staging.staged_folder(output_dir.parent, PARTIAL_PREFIX) as stage:
-        files = _save_savedmodel(module, functions, stage) if fmt == "savedmodel" else _save_onnx(functions, graphs, stage, opset)
+        files = (
+            _save_savedmodel(module, functions, stage)
+            if fmt == "savedmodel"
+            else _save_onnx(functions, graphs, stage, opset)
+        )
         (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
         manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
         manifest["check"] = _check_export(stage, manifest, functions)
@@ -624,8 +685,15 @@ def export_ensemble(record: dict, model_paths: Sequence, output_dir: str | os.Pa
     return manifest
 
 
-def _manifest(record: dict, graphs: list[dict], fmt: str, opset: int | None, tta: str, files: list[str],
-              source: Mapping[str, Any] | None) -> dict:  # fmt: skip
+def _manifest(
+    record: dict,
+    graphs: list[dict],
+    fmt: str,
+    opset: int | None,
+    tta: str,
+    files: list[str],
+    source: Mapping[str, Any] | None,
+) -> dict:
     from importlib import metadata
 
     import segx
@@ -650,14 +718,18 @@ def _manifest(record: dict, graphs: list[dict], fmt: str, opset: int | None, tta
         "postprocess": record.get("postprocess", {}),
         "weights": {"counts": list(record_weights(record).counts), "denominator": record_weights(record).denominator},
         "graphs": [
-            {"name": g["name"], "file": files[i] if fmt == "onnx" else files[0], "view": g["view"],
-             "networks": [{k: n[k] for k in ("member", "fold", "backbone", "run_id")} for n in g["networks"]],
-             **signature(g, single)}
+            {
+                "name": g["name"],
+                "file": files[i] if fmt == "onnx" else files[0],
+                "view": g["view"],
+                "networks": [{k: n[k] for k in ("member", "fold", "backbone", "run_id")} for n in g["networks"]],
+                **signature(g, single),
+            }
             for i, g in enumerate(graphs)
-        ],  # fmt: skip
+        ],
         "files": files,
         "notes": "probability and mask are at the network's input size, before post-processing; "
-                 "segx.predict backend=" + fmt + " runs the resize or sliding-window loop around the model",
+        "segx.predict backend=" + fmt + " runs the resize or sliding-window loop around the model",
     }
 
 
@@ -690,10 +762,16 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError:
         raise SegxError(f"{path} is not valid JSON; export the ensemble again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT or manifest.get("runtime") not in FORMATS:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != EXPORT_FORMAT
+        or manifest.get("runtime") not in FORMATS
+    ):
         raise SegxError(f"{path} is not a segx export manifest; export the ensemble again")
     if manifest.get("version") != EXPORT_VERSION:
-        raise SegxError(f"{path}: export version {manifest.get('version')!r}; this segx reads {EXPORT_VERSION}: export again")
+        raise SegxError(
+            f"{path}: export version {manifest.get('version')!r}; this segx reads {EXPORT_VERSION}: export again"
+        )
     return manifest
 
 
@@ -713,8 +791,10 @@ class ExportedGraph:
         if images.dtype != np.uint8:
             raise SegxError(f"{self.graph['name']}: dtype {images.dtype}; the exported model takes {want}")
         if images.ndim != 4 or images.shape[1:3] != (self.size, self.size) or images.shape[0] < 1:
-            raise SegxError(f"{self.graph['name']}: shape {images.shape}; the exported model takes {want} "
-                            "(segx.predict resizes or tiles images of any size)")  # fmt: skip
+            raise SegxError(
+                f"{self.graph['name']}: shape {images.shape}; the exported model takes {want} "
+                "(segx.predict resizes or tiles images of any size)"
+            )
         if images.shape[3] != 3:
             raise SegxError(f"{self.graph['name']}: {images.shape[3]} channels; the exported model takes {want}")
         return np.ascontiguousarray(images)
@@ -795,8 +875,10 @@ class ExportedPredictor(EnsemblePredictor):
         self.post = PostProcess(**self.record.get("postprocess", {}))
         self.tta = manifest["tta"]
         if tta not in (None, self.tta):
-            raise SegxError(f"this export runs tta={self.tta} inside its graph; export again with tta={tta} "
-                            "(python -m segx.export ... tta=...) or drop the tta override")  # fmt: skip
+            raise SegxError(
+                f"this export runs tta={self.tta} inside its graph; export again with tta={tta} "
+                "(python -m segx.export ... tta=...) or drop the tta override"
+            )
         self.models = None
         self.graphs = [load_graph(folder, manifest, g, threads) for g in manifest["graphs"]]
 
@@ -830,4 +912,3 @@ class ExportedPredictor(EnsemblePredictor):
 def load_exported(folder: str | os.PathLike, tta: str | None = None, threads: int | None = None) -> ExportedPredictor:
     """An :class:`ExportedPredictor` for an export folder (as written by :func:`export_ensemble`)."""
     return ExportedPredictor(folder, tta, threads)
-

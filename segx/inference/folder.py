@@ -59,8 +59,6 @@ OUTPUT_FOLDERS = ("masks", "overlays", "uncertainty", "probabilities")
 PARTIAL_PREFIX = ".segx-partial-"
 
 
-
-
 DEFAULT_BATCH_PIXELS = 16_000_000
 
 
@@ -79,8 +77,9 @@ def safe_output_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
     return path
 
 
-def check_inputs(input_dir: Path, output_dir: Path, max_pixels: int | None = None,
-                 limit_key: str = "max_pixels") -> dict[str, InputImage]:  # fmt: skip
+def check_inputs(
+    input_dir: Path, output_dir: Path, max_pixels: int | None = None, limit_key: str = "max_pixels"
+) -> dict[str, InputImage]:
     """The images to predict, by stem. Every file's header, format and end marker is checked
     here, so a bad file fails the command before any model is loaded or anything is written."""
     from segx.data.folder import list_images
@@ -90,8 +89,10 @@ def check_inputs(input_dir: Path, output_dir: Path, max_pixels: int | None = Non
     if not input_dir.exists():
         raise SegxError(f"input_dir={shown(input_dir)} does not exist; point it at a folder of images")
     if not input_dir.is_dir():
-        raise SegxError(f"input_dir={shown(input_dir)} is a file, not a folder; point input_dir at the "
-                        f"folder that holds it ({shown(input_dir.parent)})")  # fmt: skip
+        raise SegxError(
+            f"input_dir={shown(input_dir)} is a file, not a folder; point input_dir at the "
+            f"folder that holds it ({shown(input_dir.parent)})"
+        )
     files = list_images(input_dir)
     if not files:
         raise SegxError(f"input_dir={shown(input_dir)} holds no images (.png .jpg .tif); add some")
@@ -147,8 +148,10 @@ def read_manifest(output_dir: Path) -> list[str] | None:
         if manifest.get("format") != "segx-prediction" or not isinstance(files, list):
             raise ValueError
     except (ValueError, KeyError, TypeError, OSError):
-        raise SegxError(f"{shown(path)} is not a readable segx manifest; remove the earlier "
-                        "prediction by hand or choose a new output_dir") from None  # fmt: skip
+        raise SegxError(
+            f"{shown(path)} is not a readable segx manifest; remove the earlier "
+            "prediction by hand or choose a new output_dir"
+        ) from None
     return [f for f in files if _own_file(f)]
 
 
@@ -156,8 +159,7 @@ def _is_partial(name: str) -> bool:
     return staging.is_staging(name, PARTIAL_PREFIX)
 
 
-def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
-                     planned: Iterable[str] = ()) -> list[str]:  # fmt: skip
+def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool, planned: Iterable[str] = ()) -> list[str]:
     """Refuse an output location that could lose a file that is not segx's own output; return
     the files of the earlier prediction that ``overwrite=true`` replaces ([] for a new folder).
     ``planned``: the files this run will write, relative to ``output_dir``."""
@@ -180,12 +182,16 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
     old = read_manifest(output_dir)
     if not overwrite:
         what = "an earlier segx prediction" if old is not None else "files"
-        raise SegxError(f"output_dir={shown(output_dir)} is not empty (it holds {what}); choose a new folder "
-                        "or pass overwrite=true to replace a segx prediction")  # fmt: skip
+        raise SegxError(
+            f"output_dir={shown(output_dir)} is not empty (it holds {what}); choose a new folder "
+            "or pass overwrite=true to replace a segx prediction"
+        )
     if old is None:
-        raise SegxError(f"output_dir={shown(output_dir)} is not empty and is not a segx prediction folder "
-                        f"(no {MANIFEST}); overwrite=true replaces only segx's own output: choose a new "
-                        "or empty folder")  # fmt: skip
+        raise SegxError(
+            f"output_dir={shown(output_dir)} is not empty and is not a segx prediction folder "
+            f"(no {MANIFEST}); overwrite=true replaces only segx's own output: choose a new "
+            "or empty folder"
+        )
     for name in OUTPUT_FOLDERS:
         sub = output_dir / name
         if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
@@ -193,8 +199,10 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool,
     known = set(old)
     for rel in planned:
         if rel not in known and os.path.lexists(output_dir / rel):
-            raise SegxError(f"{shown(output_dir / rel)} was not written by segx and would be replaced; "
-                            "move it away or choose a new output_dir")  # fmt: skip
+            raise SegxError(
+                f"{shown(output_dir / rel)} was not written by segx and would be replaced; "
+                "move it away or choose a new output_dir"
+            )
     return old
 
 
@@ -249,17 +257,34 @@ def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels:
         yield batch
 
 
-def planned_files(stems: Iterable[str], overlays: bool, uncertainty: bool, save_probabilities: bool,
-                  record: bool = True) -> list[str]:  # fmt: skip
+def planned_files(
+    stems: Iterable[str], overlays: bool, uncertainty: bool, save_probabilities: bool, record: bool = True
+) -> list[str]:
     """The files a prediction writes, relative to ``output_dir``."""
-    folders = [name for name, wanted in zip(OUTPUT_FOLDERS, (True, overlays, uncertainty, save_probabilities), strict=True) if wanted]
+    folders = [
+        name
+        for name, wanted in zip(OUTPUT_FOLDERS, (True, overlays, uncertainty, save_probabilities), strict=True)
+        if wanted
+    ]
     return [f"{name}/{stem}.png" for name in folders for stem in stems] + ([RECORD] if record else [])
 
 
-def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int, overlays: bool,
-                   uncertainty: bool, save_probabilities: bool, on_batch=None, files=None, *,
-                   record: dict | None = None, overwrite: bool = False, max_pixels: int | None = None,
-                   batch_pixels: int = DEFAULT_BATCH_PIXELS) -> int:  # fmt: skip
+def predict_folder(
+    predictor,
+    input_dir: Path,
+    output_dir: Path,
+    batch_size: int,
+    overlays: bool,
+    uncertainty: bool,
+    save_probabilities: bool,
+    on_batch=None,
+    files=None,
+    *,
+    record: dict | None = None,
+    overwrite: bool = False,
+    max_pixels: int | None = None,
+    batch_pixels: int = DEFAULT_BATCH_PIXELS,
+) -> int:
     """Write masks (and extras, and ``record`` as ``ensemble.json``) for every image in
     ``input_dir``, staged and then moved into ``output_dir`` (module docstring);
     ``on_batch(n_done)`` is called after each batch (the benchmark samples memory there)."""
@@ -293,15 +318,19 @@ def predict_folder(predictor, input_dir: Path, output_dir: Path, batch_size: int
             _commit(stage, output_dir, new, old)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile, or none to write into
         if not entered:
-            raise SegxError(f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); "
-                            "choose a writable folder") from None  # fmt: skip
-        raise SegxError(f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
-                        "free space or fix permissions and run again") from None  # fmt: skip
+            raise SegxError(
+                f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); choose a writable folder"
+            ) from None
+        raise SegxError(
+            f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
+            "free space or fix permissions and run again"
+        ) from None
     return len(items)
 
 
-def _predict_batch(predictor, batch, stage: Path, overlays: bool, uncertainty: bool,
-                   save_probabilities: bool, max_pixels: int | None) -> None:  # fmt: skip
+def _predict_batch(
+    predictor, batch, stage: Path, overlays: bool, uncertainty: bool, save_probabilities: bool, max_pixels: int | None
+) -> None:
     import cv2
 
     from segx.data.io import DEFAULT_MAX_PIXELS, read_image, write_png

@@ -35,7 +35,9 @@ def at(mask: np.ndarray | None, shape) -> np.ndarray | None:
     """A mask drawn over a thumbnail: nearest-neighbour to the thumbnail's size."""
     if mask is None or mask.shape[:2] == tuple(shape[:2]):
         return mask
-    return cv2.resize(np.asarray(mask, np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return cv2.resize(
+        np.asarray(mask, np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST
+    ).astype(bool)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None) -> np.ndarray:

@@ -34,7 +34,9 @@ class Prediction:
     uncertainty: np.ndarray
 
 
-def member_probs(model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str]) -> dict[str, Ragged]:
+def member_probs(
+    model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str]
+) -> dict[str, Ragged]:
     """``{tta mode: uint8 probabilities}`` of one member for ``images``, at each image's own size:
     what a member caches for the search and what the ensemble predicts with."""
     from segx.models import predict_probs_modes
@@ -78,17 +80,23 @@ class EnsemblePredictor:
         for i, (model, view) in enumerate(zip(self.models, self.views, strict=True)):
             for network in [] if model is None else model if isinstance(model, list) else [model]:
                 self.networks.setdefault(view, []).append((i, network))
-        self.groups = {
-            view: NetworkGroup([n for _, n in nets], [self.members[i]["backbone"] for i, _ in nets])
-            for view, nets in self.networks.items()
-        } if fused else None  # fmt: skip
+        self.groups = (
+            {
+                view: NetworkGroup([n for _, n in nets], [self.members[i]["backbone"] for i, _ in nets])
+                for view, nets in self.networks.items()
+            }
+            if fused
+            else None
+        )
 
     def member_probs(self, images: Sequence[np.ndarray]) -> list[Ragged | None]:
         """uint8 probabilities per member at each image's own size (None for weight 0)."""
         per_network: dict[int, list[Ragged]] = {}  # member index -> one Ragged per network (fold)
         for view, nets in self.networks.items():
             if self.groups is None:
-                results = [member_probs(n, self.members[i]["backbone"], view, images, (self.tta,))[self.tta] for i, n in nets]
+                results = [
+                    member_probs(n, self.members[i]["backbone"], view, images, (self.tta,))[self.tta] for i, n in nets
+                ]
             else:
                 results = self._group_probs(self.groups[view], view, images)
             for (i, _), probs in zip(nets, results, strict=True):
@@ -126,7 +134,11 @@ class EnsemblePredictor:
         masks = apply(binarize(score, self.threshold), self.post)
         # Maps for people (not masks): the exact mean score / (255 D) and the weighted spread.
         mean = score.probability()
-        used = [(p.flat.astype(np.float32) / 255.0, w) for p, w in zip(probs, self.weights.floats, strict=True) if p is not None]
+        used = [
+            (p.flat.astype(np.float32) / 255.0, w)
+            for p, w in zip(probs, self.weights.floats, strict=True)
+            if p is not None
+        ]
         spread = mean.like(np.sqrt(sum(w * (p - mean.flat) ** 2 for p, w in used)).astype(np.float32))
         return [
             Prediction(mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(spread[i], 0, 0.5))

@@ -61,4 +61,6 @@ def _resized_batch(images: Sequence[np.ndarray], view: View, predict: PredictBat
     batch = np.stack([to_model_size(im, view.size, view.resize_mode, is_mask=False) for im in images])
     maps = predict(batch)
     for i, image in enumerate(images):
-        yield {k: from_model_size(np.ascontiguousarray(v[i]), image.shape[:2], view.resize_mode) for k, v in maps.items()}
+        yield {
+            k: from_model_size(np.ascontiguousarray(v[i]), image.shape[:2], view.resize_mode) for k, v in maps.items()
+        }

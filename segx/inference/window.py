@@ -110,10 +110,7 @@ def gaussian_importance(window: int, sigma_scale: float = 0.125) -> np.ndarray:
 def _check_importance(importance, window: int) -> np.ndarray:
     importance = np.asarray(importance, dtype=np.float32)
     if importance.shape != (window, window):
-        raise ValueError(
-            f"importance must have shape ({window}, {window}) to match window, "
-            f"got {importance.shape}"
-        )
+        raise ValueError(f"importance must have shape ({window}, {window}) to match window, got {importance.shape}")
     if not np.all(np.isfinite(importance)) or not np.all(importance > 0):
         raise ValueError("importance must be finite and > 0 everywhere (no pixel may weigh 0)")
     return importance
@@ -162,9 +159,7 @@ def sliding_window(
     height, width = image.shape[:2]
     if height < 1 or width < 1 or image.shape[2] < 1:
         raise ValueError(f"image must have H, W, C >= 1, got shape {image.shape}")
-    importance = (
-        gaussian_importance(window) if importance is None else _check_importance(importance, window)
-    )
+    importance = gaussian_importance(window) if importance is None else _check_importance(importance, window)
 
     padded_h, padded_w = max(height, window), max(width, window)
     if (padded_h, padded_w) != (height, width):
@@ -181,22 +176,16 @@ def sliding_window(
     for positions, batch in _batches(image, window, ys, xs, batch_size):
         out = predict(batch)
         if not isinstance(out, dict) or not out:
-            raise ValueError(
-                f"predict must return a non-empty dict {{mode: array}}, got {type(out).__name__}"
-            )
+            raise ValueError(f"predict must return a non-empty dict {{mode: array}}, got {type(out).__name__}")
         if sums is None:
             sums = {mode: np.zeros((padded_h, padded_w), np.float32) for mode in out}
         elif set(out) != set(sums):
-            raise ValueError(
-                f"predict returned modes {sorted(out)} but earlier batches returned {sorted(sums)}"
-            )
+            raise ValueError(f"predict returned modes {sorted(out)} but earlier batches returned {sorted(sums)}")
         expected = (len(positions), window, window)
         for mode, probs in out.items():
             probs = np.asarray(probs, dtype=np.float32)
             if probs.shape != expected:
-                raise ValueError(
-                    f"predict returned shape {probs.shape} for mode '{mode}', expected {expected}"
-                )
+                raise ValueError(f"predict returned shape {probs.shape} for mode '{mode}', expected {expected}")
             acc = sums[mode]
             for (y, x), p in zip(positions, probs, strict=True):
                 acc[y : y + window, x : x + window] += importance * p

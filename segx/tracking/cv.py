@@ -37,7 +37,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def parent_run(client, experiment: str, cv_hash: str, cv_fingerprint: str, folds: int, name: str, tags: dict, lock_dir: Path) -> str:
+def parent_run(
+    client, experiment: str, cv_hash: str, cv_fingerprint: str, folds: int, name: str, tags: dict, lock_dir: Path
+) -> str:
     """The parent run of this configuration on this fold layout (created if none exists)."""
     from segx import tracking
 
@@ -46,10 +48,18 @@ def parent_run(client, experiment: str, cv_hash: str, cv_fingerprint: str, folds
         found = tracking.find_runs(client, experiment, ROLE_CV, status=None, tags=key)
         if found:
             return _first(found).info.run_id
-        run_id = tracking.start_run(client, experiment, name, {**tags, tracking.ROLE: ROLE_CV, **key,
-                                                               "segx.folds": str(folds)})  # fmt: skip
-        tracking.set_tags(client, run_id, {"segx.cv_complete": "false", "segx.cv_missing": ",".join(map(str, range(folds))),
-                                           "mlflow.note.content": _note(folds, list(range(folds)))})  # fmt: skip
+        run_id = tracking.start_run(
+            client, experiment, name, {**tags, tracking.ROLE: ROLE_CV, **key, "segx.folds": str(folds)}
+        )
+        tracking.set_tags(
+            client,
+            run_id,
+            {
+                "segx.cv_complete": "false",
+                "segx.cv_missing": ",".join(map(str, range(folds))),
+                "mlflow.note.content": _note(folds, list(range(folds))),
+            },
+        )
         client.set_terminated(run_id, "FINISHED")
         # The lock holds on one machine (or a shared folder); folds started at once on machines
         # that share only the tracking server can each create a parent. Every process then
@@ -70,7 +80,10 @@ def _note(folds: int, missing: list[int]) -> str:
     if missing:
         text += f" Missing folds: {', '.join(map(str, missing))} (train them with fold=...; see the children's segx.command)."
     else:
-        text += " All folds finished; cv/oof_dice is the Dice over every training case, each predicted by the fold model that did not see it."
+        text += (
+            " All folds finished; cv/oof_dice is the Dice over every training case, each predicted by the fold"
+            " model that did not see it."
+        )
     return text
 
 
@@ -113,12 +126,16 @@ def update_summary(client, experiment: str, parent_id: str) -> dict:
     if not missing and cases:
         metrics["cv/oof_dice"] = weighted / cases
     tracking.log_metrics(client, parent_id, metrics)
-    tracking.set_tags(client, parent_id, {
-        "segx.cv_complete": "false" if missing else "true",
-        "segx.cv_missing": ",".join(map(str, missing)),
-        "segx.cv_fold_runs": ",".join(f"{f}:{r.info.run_id}" for f, r in sorted(runs.items())),
-        "mlflow.note.content": _note(folds, missing),
-    })  # fmt: skip
+    tracking.set_tags(
+        client,
+        parent_id,
+        {
+            "segx.cv_complete": "false" if missing else "true",
+            "segx.cv_missing": ",".join(map(str, missing)),
+            "segx.cv_fold_runs": ",".join(f"{f}:{r.info.run_id}" for f, r in sorted(runs.items())),
+            "mlflow.note.content": _note(folds, missing),
+        },
+    )
     return {"metrics": metrics, "missing": missing, "runs": {f: r.info.run_id for f, r in runs.items()}}
 
 

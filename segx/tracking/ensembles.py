@@ -29,8 +29,10 @@ def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
     try:
         path = runs.download(client, run_id, "ensemble.json", workdir)
     except SegxError:
-        raise SegxError(f"ensemble run '{run_id}' has no ensemble.json record (it ended before logging it); "
-                        "rebuild the ensemble with python -m segx.ensemble") from None  # fmt: skip
+        raise SegxError(
+            f"ensemble run '{run_id}' has no ensemble.json record (it ended before logging it); "
+            "rebuild the ensemble with python -m segx.ensemble"
+        ) from None
     try:
         record = json.loads(Path(path).read_text())
     except ValueError:
@@ -48,14 +50,18 @@ def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
             try:
                 runs.get_run(client, member_run)
             except SegxError as exc:
-                raise SegxError(f"ensemble '{run_id}' needs member run {member_run} (members[{i}]), but: {exc}; "
-                                "restore that run or rebuild the ensemble without it") from None  # fmt: skip
+                raise SegxError(
+                    f"ensemble '{run_id}' needs member run {member_run} (members[{i}]), but: {exc}; "
+                    "restore that run or rebuild the ensemble without it"
+                ) from None
             dst = workdir / f"m{i}" / (f"fold{k}" if member.get("folds") else "")
             try:
                 folders.append(runs.download_member_model(client, member_run, dst, artifact))
             except SegxError:
-                raise SegxError(f"ensemble '{run_id}': member run {member_run} has no model files "
-                                f"({artifact}/spec.json, {artifact}/weights.h5); retrain it or rebuild the "
-                                "ensemble without it") from None  # fmt: skip
+                raise SegxError(
+                    f"ensemble '{run_id}': member run {member_run} has no model files "
+                    f"({artifact}/spec.json, {artifact}/weights.h5); retrain it or rebuild the "
+                    "ensemble without it"
+                ) from None
         paths.append(folders if member.get("folds") else folders[0])
     return record, paths

@@ -51,16 +51,23 @@ class EpochLog:
                 if not _store_unavailable(exc):
                     raise
                 if self.failing is None:
-                    print(f"segx: warning: MLflow at {self.client.tracking_uri} did not take run {self.run_id}'s "
-                          f"metrics ({_first_line(exc)}); training goes on and sends them with the next "
-                          "epoch's", file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"segx: warning: MLflow at {self.client.tracking_uri} did not take run {self.run_id}'s "
+                        f"metrics ({_first_line(exc)}); training goes on and sends them with the next "
+                        "epoch's",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self.failing = _first_line(exc)
                 self._save()
                 return False
             del self.pending[: len(chunk)]
         if self.failing is not None:
-            print(f"segx: MLflow at {self.client.tracking_uri} answers again; every kept metric is sent",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"segx: MLflow at {self.client.tracking_uri} answers again; every kept metric is sent",
+                file=sys.stderr,
+                flush=True,
+            )
             self.failing = None
         self._save()
         return True
@@ -93,8 +100,11 @@ def _first_line(exc: BaseException) -> str:
     """Why a request failed, briefly (MLflow's own text for a refused connection runs to 400
     characters)."""
     text = str(exc).strip()
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "no answer in time"),
-                          ("Name or service not known", "unknown host")):  # fmt: skip
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "no answer in time"),
+        ("Name or service not known", "unknown host"),
+    ):
         if needle in text:
             return short
     return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -17,12 +17,15 @@ def _image_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]))  # fmt: skip
+    return ModelSignature(
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+    )
 
 
-def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: str, params: Mapping[str, Any],
-                     member: Mapping[str, Any]) -> str:  # fmt: skip
+def log_member_model(
+    client: MlflowClient, run_id: str, experiment: str, name: str, params: Mapping[str, Any], member: Mapping[str, Any]
+) -> str:
     """The member as an MLflow 3 logged model (the UI's Models tab, linked to its run as an
     output) with a signature, that ``mlflow.pyfunc.load_model("models:/<id>")`` loads and that
     predicts masks at each image's own size (segx/tracking/pyfunc_model.py). Its weights are not
@@ -33,9 +36,13 @@ def log_member_model(client: MlflowClient, run_id: str, experiment: str, name: s
     from segx.tracking.pyfunc_model import log_member_pyfunc
 
     model = client.create_logged_model(
-        experiment, name=name, source_run_id=run_id, model_type="segx-member",
-        params={k: str(v) for k, v in params.items()}, tags={"segx.model_artifact": f"runs:/{run_id}/model"},
-    )  # fmt: skip
+        experiment,
+        name=name,
+        source_run_id=run_id,
+        model_type="segx-member",
+        params={k: str(v) for k, v in params.items()},
+        tags={"segx.model_artifact": f"runs:/{run_id}/model"},
+    )
     log_member_pyfunc(client, model.model_id, run_id, dict(member), _image_signature(), int(member["view"]["size"]))
     if client.get_logged_model(model.model_id).status != LoggedModelStatus.READY:
         client.finalize_logged_model(model.model_id, "READY")
@@ -54,9 +61,16 @@ def link_models(client: MlflowClient, run_id: str, model_ids: Sequence[str]) -> 
         client.log_inputs(run_id, models=[LoggedModelInput(m) for m in ids])
 
 
-
-def log_export_model(client: MlflowClient, run_id: str, experiment: str, name: str, inputs: Mapping[str, Mapping],
-                     outputs: Mapping[str, Mapping], params: Mapping[str, Any], artifact: str) -> str:  # fmt: skip
+def log_export_model(
+    client: MlflowClient,
+    run_id: str,
+    experiment: str,
+    name: str,
+    inputs: Mapping[str, Mapping],
+    outputs: Mapping[str, Mapping],
+    params: Mapping[str, Any],
+    artifact: str,
+) -> str:
     """An exported ensemble graph (``segx.export``) as an MLflow 3 logged model of ``run_id``,
     with its tensor signature (``inputs``/``outputs``: name -> {dtype, shape}, -1 any size); like
     a member's, it points at the run's ``artifact`` folder instead of copying the model."""
@@ -69,13 +83,20 @@ def log_export_model(client: MlflowClient, run_id: str, experiment: str, name: s
         return Schema([TensorSpec(np.dtype(s["dtype"]), tuple(s["shape"]), key) for key, s in specs.items()])
 
     model = client.create_logged_model(
-        experiment, name=name, source_run_id=run_id, model_type="segx-export",
-        params={k: str(v) for k, v in params.items()}, tags={"segx.model_artifact": f"runs:/{run_id}/{artifact}"},
-    )  # fmt: skip
+        experiment,
+        name=name,
+        source_run_id=run_id,
+        model_type="segx-export",
+        params={k: str(v) for k, v in params.items()},
+        tags={"segx.model_artifact": f"runs:/{run_id}/{artifact}"},
+    )
     with tempfile.TemporaryDirectory(prefix="segx-model-") as tmp:
         Model(model_id=model.model_id, run_id=run_id, signature=ModelSignature(schema(inputs), schema(outputs))).save(
-            str(Path(tmp) / "MLmodel"))  # fmt: skip
-        (Path(tmp) / "README.txt").write_text(f"segx export: the model files are the artifact runs:/{run_id}/{artifact}\n")
+            str(Path(tmp) / "MLmodel")
+        )
+        (Path(tmp) / "README.txt").write_text(
+            f"segx export: the model files are the artifact runs:/{run_id}/{artifact}\n"
+        )
         client.log_model_artifacts(model.model_id, tmp)
     client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])

@@ -16,9 +16,18 @@ import segx
 
 REPO = Path(__file__).resolve().parents[2]  # segx/tracking/provenance.py -> the repository
 PACKAGES = (
-    "tensorflow", "tf-keras", "segmentation-models", "hydra-core", "omegaconf", "mlflow",
-    "albumentations", "opencv-python-headless", "numpy", "pandas", "scipy",
-)  # fmt: skip
+    "tensorflow",
+    "tf-keras",
+    "segmentation-models",
+    "hydra-core",
+    "omegaconf",
+    "mlflow",
+    "albumentations",
+    "opencv-python-headless",
+    "numpy",
+    "pandas",
+    "scipy",
+)
 
 
 def git_sha() -> tuple[str, bool]:
@@ -29,7 +38,11 @@ def git_sha() -> tuple[str, bool]:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True, timeout=5, check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return sha, bool(dirty)
     except (OSError, subprocess.SubprocessError):
@@ -80,8 +93,14 @@ def member_reproduce(overrides: Sequence[str]) -> str:
 
 
 # What picks an ensemble's members; a reproduce command names the runs themselves instead.
-MEMBER_SELECTION = ("ensemble.members", "ensemble.run_ids", "ensemble.select", "ensemble.train_missing",
-                    "ensemble.train_overrides", "ensemble.data_fingerprint")  # fmt: skip
+MEMBER_SELECTION = (
+    "ensemble.members",
+    "ensemble.run_ids",
+    "ensemble.select",
+    "ensemble.train_missing",
+    "ensemble.train_overrides",
+    "ensemble.data_fingerprint",
+)
 
 
 def ensemble_reproduce(overrides: Sequence[str], member_run_ids: Sequence[str]) -> str:
@@ -105,5 +124,7 @@ def provenance_tags() -> dict[str, str]:
     if os.environ.get("SLURM_JOB_ID"):  # which cluster job trained it: sacct/scontrol look-ups
         tags["segx.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
-            tags["segx.slurm_array_task"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+            tags["segx.slurm_array_task"] = (
+                f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+            )
     return tags

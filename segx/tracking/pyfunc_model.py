@@ -40,10 +40,11 @@ try:
             else:
                 context_paths = context.artifacts
             paths = [
-                [context_paths[f"member{i}_fold{k}"] for k in range(len(m["folds"]))] if m.get("folds")
+                [context_paths[f"member{i}_fold{k}"] for k in range(len(m["folds"]))]
+                if m.get("folds")
                 else context_paths[f"member{i}"]
                 for i, m in enumerate(record["members"])
-            ]  # fmt: skip
+            ]
             self.predictor = EnsemblePredictor(record, paths)
 
         def _fetch_members(self, record) -> dict:
@@ -60,7 +61,9 @@ try:
                 dst = folder / f"m{i}"
                 artifact = m.get("model_artifact", "model")
                 for name in ("spec.json", "weights.h5"):
-                    mlflow.artifacts.download_artifacts(run_id=m["run_id"], artifact_path=f"{artifact}/{name}", dst_path=str(dst))
+                    mlflow.artifacts.download_artifacts(
+                        run_id=m["run_id"], artifact_path=f"{artifact}/{name}", dst_path=str(dst)
+                    )
                 paths[f"member{i}"] = str(dst)  # each file lands as dst/<name>
             return paths
 
@@ -81,16 +84,20 @@ try:
             except SegxError as exc:
                 raise MlflowException(f"segx: bad request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             except Exception as exc:  # noqa: BLE001 - a request no check foresaw: its reason, no trace
-                raise MlflowException(f"segx: bad request: {type(exc).__name__} reading the images; send uint8 images "
-                                      "(N, H, W, 3), a list or a dict of images", error_code=INVALID_PARAMETER_VALUE) from None  # fmt: skip
+                raise MlflowException(
+                    f"segx: bad request: {type(exc).__name__} reading the images; send uint8 images "
+                    "(N, H, W, 3), a list or a dict of images",
+                    error_code=INVALID_PARAMETER_VALUE,
+                ) from None
             try:
                 masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
             except Exception as exc:  # noqa: BLE001 - the trace (install and artifact paths) stays in the server's log
                 import logging
 
                 logging.getLogger("segx").exception("segx: prediction failed")
-                raise MlflowException(f"segx: prediction failed ({type(exc).__name__}); see the server's log",
-                                      error_code=INTERNAL_ERROR) from None  # fmt: skip
+                raise MlflowException(
+                    f"segx: prediction failed ({type(exc).__name__}); see the server's log", error_code=INTERNAL_ERROR
+                ) from None
             names = names_of(model_input)
             if names is not None:
                 return dict(zip(names, masks, strict=True))
@@ -122,8 +129,10 @@ def _limit_served_requests() -> None:
     async def request_size(request, call_next):
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > limit * 1e6:
-            message = (f"segx: bad request: {int(size) / 1e6:.1f} MB is over the {limit:g} MB a request may hold; "
-                       "send fewer or smaller images per request (SEGX_SERVE_MAX_REQUEST_MB sets the limit)")  # fmt: skip
+            message = (
+                f"segx: bad request: {int(size) / 1e6:.1f} MB is over the {limit:g} MB a request may hold; "
+                "send fewer or smaller images per request (SEGX_SERVE_MAX_REQUEST_MB sets the limit)"
+            )
             async for _ in request.stream():  # read and dropped, never decoded: the client gets its answer
                 pass
             return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, status_code=413)
@@ -158,9 +167,13 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
             artifact = member.get("model_artifact", "model")
             if member.get("folds"):  # a cross-validated member travels as all its fold models
                 for k, fold_run in enumerate(member["folds"]):
-                    artifacts[f"member{i}_fold{k}"] = str(tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact))
+                    artifacts[f"member{i}_fold{k}"] = str(
+                        tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact)
+                    )
             else:
-                artifacts[f"member{i}"] = str(tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact))
+                artifacts[f"member{i}"] = str(
+                    tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact)
+                )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="pyfunc",
@@ -180,10 +193,23 @@ def _requirements() -> list[str]:
     from segx.tracking.provenance import package_versions
 
     versions = package_versions()
-    return [f"{name}=={versions[name]}" for name in (
-        "tensorflow", "tf-keras", "segmentation-models", "mlflow", "numpy", "opencv-python-headless",
-        "albumentations", "omegaconf", "hydra-core", "pandas", "scipy",
-    ) if versions.get(name, "missing") != "missing"]  # fmt: skip
+    return [
+        f"{name}=={versions[name]}"
+        for name in (
+            "tensorflow",
+            "tf-keras",
+            "segmentation-models",
+            "mlflow",
+            "numpy",
+            "opencv-python-headless",
+            "albumentations",
+            "omegaconf",
+            "hydra-core",
+            "pandas",
+            "scipy",
+        )
+        if versions.get(name, "missing") != "missing"
+    ]
 
 
 def log_member_pyfunc(client, model_id: str, run_id: str, member: dict, signature, example_size: int) -> None:
@@ -199,16 +225,28 @@ def log_member_pyfunc(client, model_id: str, run_id: str, member: dict, signatur
     import numpy as np
     from mlflow.models import Model
 
-    record = {"format": "segx-ensemble", "version": 3, "threshold": 0.5, "tta": "none", "weight_denominator": 1,
-              "members": [{**member, "run_id": run_id, "weight": 1.0, "weight_count": 1}]}  # fmt: skip
+    record = {
+        "format": "segx-ensemble",
+        "version": 3,
+        "threshold": 0.5,
+        "tta": "none",
+        "weight_denominator": 1,
+        "members": [{**member, "run_id": run_id, "weight": 1.0, "weight_count": 1}],
+    }
     with tempfile.TemporaryDirectory(prefix="segx-pyfunc-") as tmp_dir:
         tmp = Path(tmp_dir)
         (tmp / "member.json").write_text(json.dumps(record, indent=2))
         folder = tmp / "model"
         with warnings.catch_warnings():  # the example is added below, without loading the network
             warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            mlflow.pyfunc.save_model(str(folder), python_model=str(Path(__file__).resolve()), artifacts={"record": str(tmp / "member.json")},
-                                     code_paths=[str(_PACKAGE_DIR)], pip_requirements=_requirements(), signature=signature)  # fmt: skip
+            mlflow.pyfunc.save_model(
+                str(folder),
+                python_model=str(Path(__file__).resolve()),
+                artifacts={"record": str(tmp / "member.json")},
+                code_paths=[str(_PACKAGE_DIR)],
+                pip_requirements=_requirements(),
+                signature=signature,
+            )
         info = Model.load(str(folder / "MLmodel"))
         info.model_id, info.run_id = model_id, run_id
         example = np.zeros((1, example_size, example_size, 3), np.uint8).tolist()

@@ -71,7 +71,7 @@ class EnsembleRun:
 
     @classmethod
     def of(cls, run: Any) -> EnsembleRun:
-        exports = {k[len(tags.EXPORT):]: v for k, v in run.data.tags.items() if k.startswith(tags.EXPORT)}
+        exports = {k[len(tags.EXPORT) :]: v for k, v in run.data.tags.items() if k.startswith(tags.EXPORT)}
         return cls(run.info.run_id, run.info.status, _tag(run, tags.ROLE), _tag(run, tags.REPRODUCE), exports)
 
     @property

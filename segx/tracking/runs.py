@@ -150,7 +150,9 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
     """Write the run's final status within ``_END_RUN_TIMEOUT_S``; never leave it RUNNING
     silently. True once written."""
     deadline = time.monotonic() + _END_RUN_TIMEOUT_S
-    uri = getattr(client, "tracking_uri", None) or mlflow.get_tracking_uri()  # this run's store, not the process's default
+    uri = (
+        getattr(client, "tracking_uri", None) or mlflow.get_tracking_uri()
+    )  # this run's store, not the process's default
     error: Exception | None = None
     while True:
         try:
@@ -168,8 +170,12 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
         with contextlib.suppress(Exception):
             client = MlflowClient(uri)
     text = str(error).strip().splitlines()[0][:200] if error and str(error).strip() else type(error).__name__
-    print(f"segx: warning: could not mark MLflow run {run_id} {status} in {uri} ({text}); it "
-          "still shows RUNNING: delete it in the MLflow UI or resume it", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"segx: warning: could not mark MLflow run {run_id} {status} in {uri} ({text}); it "
+        "still shows RUNNING: delete it in the MLflow UI or resume it",
+        file=sys.stderr,
+        flush=True,
+    )
     return False
 
 
@@ -259,13 +265,13 @@ def get_run(client: MlflowClient, run_id: str, need_finished: bool = True):
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise SegxError(f"MLflow run '{run_id}' does not exist in {mlflow.get_tracking_uri()}; check the run ID") from None
+        raise SegxError(
+            f"MLflow run '{run_id}' does not exist in {mlflow.get_tracking_uri()}; check the run ID"
+        ) from None
     if run.info.lifecycle_stage == "deleted":
         raise SegxError(f"MLflow run '{run_id}' is deleted; restore it or pick another run")
     if need_finished and run.info.status != "FINISHED":
-        raise SegxError(
-            f"MLflow run '{run_id}' is {run.info.status}, not FINISHED; resume or retrain it first"
-        )
+        raise SegxError(f"MLflow run '{run_id}' is {run.info.status}, not FINISHED; resume or retrain it first")
     return run
 
 
@@ -316,16 +322,26 @@ def find_runs(
     )
 
 
-
-
-def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str, profile: Mapping[str, Any],
-                context: str = "training") -> None:
+def log_dataset(
+    client: MlflowClient,
+    run_id: str,
+    name: str,
+    digest: str,
+    source: str,
+    profile: Mapping[str, Any],
+    context: str = "training",
+) -> None:
     """The split a run used, as an MLflow dataset input (the UI's "Datasets used"), with the
     data fingerprint as its digest: runs on the same files and split show the same dataset."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
-                      profile=json.dumps(dict(profile)))  # fmt: skip
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(dict(profile)),
+    )
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 

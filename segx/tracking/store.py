@@ -44,6 +44,7 @@ def configure_mlflow_environment() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
 SQLITE_HEADER = b"SQLite format 3\x00"
 # How long a store locked by another process is waited for, at start, before saying so.
 STORE_TIMEOUT_S = float(os.environ.get("SEGX_STORE_TIMEOUT", "20"))
@@ -99,10 +100,16 @@ def _check_scheme(uri: str) -> None:
         raise SegxError(f"mlflow.tracking_uri={uri}: segx cannot use a '{scheme}://' store; {_USE}")
     path = Path(uri[len("file://") :] if scheme == "file" else uri).expanduser()
     if path.is_file() and _header(path) == SQLITE_HEADER:
-        raise SegxError(f"mlflow.tracking_uri={uri} is an SQLite file given as a path; write it as sqlite:///{path.absolute()}")
-    what = ("a file that is not an SQLite database" if path.is_file() else
-            "a folder (MLflow 3 no longer serves folder stores)" if path.is_dir() else
-            "a path, not a store URI")  # fmt: skip
+        raise SegxError(
+            f"mlflow.tracking_uri={uri} is an SQLite file given as a path; write it as sqlite:///{path.absolute()}"
+        )
+    what = (
+        "a file that is not an SQLite database"
+        if path.is_file()
+        else "a folder (MLflow 3 no longer serves folder stores)"
+        if path.is_dir()
+        else "a path, not a store URI"
+    )
     raise SegxError(f"mlflow.tracking_uri={uri} is {what}; {_USE}")
 
 
@@ -143,13 +150,17 @@ def _check_sqlite_file(db: Path, shown: str, create: bool) -> None:
     """Refuse a path that cannot hold an MLflow SQLite store (a folder, a missing file for a
     reading command, a file that is not SQLite), without writing anything."""
     if db.is_dir():
-        raise SegxError(f"mlflow.tracking_uri={shown} is a folder, not an SQLite file; use e.g. sqlite:///{db}/mlflow.db")
+        raise SegxError(
+            f"mlflow.tracking_uri={shown} is a folder, not an SQLite file; use e.g. sqlite:///{db}/mlflow.db"
+        )
     if not db.exists():
         if not create:
             raise SegxError(f"no MLflow store at {db}; check mlflow.tracking_uri or train first")
         parent = _existing_parent(db.parent)
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise SegxError(f"cannot create the MLflow store {db}: {parent} is not writable; choose a writable mlflow.tracking_uri")
+            raise SegxError(
+                f"cannot create the MLflow store {db}: {parent} is not writable; choose a writable mlflow.tracking_uri"
+            )
         return
     header = _header(db)
     if header and header != SQLITE_HEADER:
@@ -202,7 +213,9 @@ def _read_schema(db: Path, deadline: float) -> tuple[set[str], str | None]:
             raise _locked(db) from None
         raise SegxError(f"cannot read the MLflow store {db} ({exc}); it may be damaged: restore a backup") from None
     except sqlite3.DatabaseError as exc:
-        raise SegxError(f"{db} is not a readable SQLite database ({exc}); point mlflow.tracking_uri at an MLflow store") from None
+        raise SegxError(
+            f"{db} is not a readable SQLite database ({exc}); point mlflow.tracking_uri at an MLflow store"
+        ) from None
     finally:
         con.close()
 
@@ -246,8 +259,11 @@ def _file_lock(path: Path | None, deadline: float, db: Path | None) -> Iterator[
     try:
         handle = open(path, "a")  # noqa: SIM115 - held for the whole block
     except OSError as exc:
-        raise _read_only(db, path.parent) if exc.errno in (1, 13, 30) else SegxError(
-            f"cannot create {path} ({exc.strerror}); check the folder of mlflow.tracking_uri") from None
+        raise (
+            _read_only(db, path.parent)
+            if exc.errno in (1, 13, 30)
+            else SegxError(f"cannot create {path} ({exc.strerror}); check the folder of mlflow.tracking_uri")
+        ) from None
     with handle:
         while True:
             try:
@@ -300,7 +316,9 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) ->
     """Id of experiment ``name``, created (with local artifacts under ``artifact_root``) if new,
     and marked as a model-training experiment for the MLflow UI."""
     if not name.strip() or any(c in name for c in "\n\r\t\0"):
-        raise SegxError(f"mlflow.experiment_name={name!r} must be a name on one line; e.g. mlflow.experiment_name=nuclei")
+        raise SegxError(
+            f"mlflow.experiment_name={name!r} must be a name on one line; e.g. mlflow.experiment_name=nuclei"
+        )
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -368,7 +386,6 @@ def _check_artifacts_writable(location: str | None, experiment: str) -> None:
             f"the artifact folder {path} of MLflow experiment '{experiment}' is not writable{where}; "
             "make it writable, or use a new mlflow.experiment_name with a writable mlflow.artifact_root"
         )
-
 
 
 def ui_urls(tracking_uri: str, base: str) -> str:

@@ -38,7 +38,9 @@ def with_default_workflow(html: bytes) -> bytes:
 async def _default_workflow(request: Request, call_next):
     response = await call_next(request)
     path = request.url.path
-    if not (path.endswith("/") or path.endswith("/index.html")) or "text/html" not in response.headers.get("content-type", ""):
+    if not (path.endswith("/") or path.endswith("/index.html")) or "text/html" not in response.headers.get(
+        "content-type", ""
+    ):
         return response
     body = b"".join([chunk async for chunk in response.body_iterator])
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}

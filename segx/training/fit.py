@@ -35,7 +35,9 @@ def epoch_plan(
     rng = np.random.default_rng([seed, epoch])
     samples = samples or n_cases
     passes = math.ceil(samples / n_cases)
-    order = rng.permutation(n_cases) if passes == 1 else np.concatenate([rng.permutation(n_cases) for _ in range(passes)])
+    order = (
+        rng.permutation(n_cases) if passes == 1 else np.concatenate([rng.permutation(n_cases) for _ in range(passes)])
+    )
     order = order[:samples]
     steps = math.ceil(samples / batch_size)
     # Padded by repeating the shuffle (np.resize cycles it): the same as appending its first
@@ -200,7 +202,10 @@ class MemberCallback(keras.callbacks.Callback):
         # Validation every val_every epochs and after the last (Lightning's check_val_every_n_epoch):
         # best weights and early stopping's patience count validated epochs only.
         if (epoch + 1) % self.val_every and epoch + 1 < self.epochs:
-            metrics = {"lr": _learning_rate(self.model), **{f"train/{k}": float(v) for k, v in logs.items() if "/" not in k}}
+            metrics = {
+                "lr": _learning_rate(self.model),
+                **{f"train/{k}": float(v) for k, v in logs.items() if "/" not in k},
+            }
             clock["validation"] = clock["best_weights"] = time.perf_counter()
             self.state.next_epoch = epoch + 1
             self._finish_epoch(epoch, metrics, clock)
@@ -215,8 +220,12 @@ class MemberCallback(keras.callbacks.Callback):
         val_dice = float(dice_per_case(pred, self.val_masks).mean())
         val_iou = float(iou_per_case(pred, self.val_masks).mean())
         logs["val/dice"], logs["val/iou"] = val_dice, val_iou
-        metrics = {"val/dice": val_dice, "val/iou": val_iou, "val/loss": loss_value(self.model, probs, self.val_masks),
-                   "lr": _learning_rate(self.model)}  # fmt: skip
+        metrics = {
+            "val/dice": val_dice,
+            "val/iou": val_iou,
+            "val/loss": loss_value(self.model, probs, self.val_masks),
+            "lr": _learning_rate(self.model),
+        }
         for key, value in list(logs.items()):
             if "/" not in key:
                 metrics[f"train/{key}"] = float(value)
@@ -280,13 +289,19 @@ class MemberCallback(keras.callbacks.Callback):
         """Seconds of the epoch's steps and of each part this callback adds; ``time/overhead``
         is their share of the whole epoch (logging and the checkpoint's blocking part are the
         previous epoch's: they come after these metrics are sent)."""
-        parts = {"validation": clock["validation"] - clock["start"],
-                 "best_weights": clock["best_weights"] - clock["validation"],
-                 "checkpoint": self.checkpoint_s, "logging": self.log_s}  # fmt: skip
+        parts = {
+            "validation": clock["validation"] - clock["start"],
+            "best_weights": clock["best_weights"] - clock["validation"],
+            "checkpoint": self.checkpoint_s,
+            "logging": self.log_s,
+        }
         steps = clock["start"] - self.epoch_start
         added = sum(parts.values())
-        return {"time/steps_s": steps, **{f"time/{k}_s": v for k, v in parts.items()},
-                "time/overhead": added / (steps + added)}  # fmt: skip
+        return {
+            "time/steps_s": steps,
+            **{f"time/{k}_s": v for k, v in parts.items()},
+            "time/overhead": added / (steps + added),
+        }
 
 
 class OnValidatedEpochs(keras.callbacks.Callback):
@@ -387,15 +402,36 @@ def fit_member(
         model.load_weights(str(folder / "best.weights.h5"))  # a folder from segx 0.2: best weights in .h5
         best.keep(model)
     if state.checkpoint:
-        (final_checkpoint if Path(state.checkpoint).name.startswith("final") else checkpoint).restore(state.checkpoint).expect_partial()
+        (final_checkpoint if Path(state.checkpoint).name.startswith("final") else checkpoint).restore(
+            state.checkpoint
+        ).expect_partial()
         best.kept = state.best_epoch >= 0
     callback = MemberCallback(
-        val_images, val_masks, backbone, folder, state, checkpoint, final_checkpoint, patience, min_delta, log_fn, epochs, checkpoint_every_s,
+        val_images,
+        val_masks,
+        backbone,
+        folder,
+        state,
+        checkpoint,
+        final_checkpoint,
+        patience,
+        min_delta,
+        log_fn,
+        epochs,
+        checkpoint_every_s,
         val_every,
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
         dataset, steps = make_train_dataset(
-            train_images, train_masks, augmenter, backbone, batch_size, seed, epochs, state.next_epoch, samples_per_epoch,
+            train_images,
+            train_masks,
+            augmenter,
+            backbone,
+            batch_size,
+            seed,
+            epochs,
+            state.next_epoch,
+            samples_per_epoch,
             threads,
         )
         try:

@@ -80,7 +80,9 @@ class PatchSampler:
         case = self.cases[index]
         force = slot >= batch_size - forced_slots(batch_size, self.foreground_fraction)
         rng = np.random.default_rng([seed, 7])  # the augmentation uses the seed on its own
-        return cut_patch(case.image(), case.mask(), case.foreground() if force else np.zeros((0, 2)), self.patch, rng, force)
+        return cut_patch(
+            case.image(), case.mask(), case.foreground() if force else np.zeros((0, 2)), self.patch, rng, force
+        )
 
 
 def validation_patches(cases: Sequence[DecodedCase], patch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -93,4 +95,3 @@ def validation_patches(cases: Sequence[DecodedCase], patch: int, seed: int = 0) 
         rng = np.random.default_rng([seed, i, 11])
         images[i], masks[i] = cut_patch(case.image(), case.mask(), case.foreground(), patch, rng, True)
     return images, masks
-

@@ -120,12 +120,17 @@ def threshold_list(cfg: DictConfig) -> list[float]:
 def search_settings(cfg: DictConfig) -> SearchSettings:
     e = cfg.ensemble
     return SearchSettings(
-        method=str(e.search), thresholds=tuple(threshold_list(cfg)), grid_step=float(e.grid_step),
-        greedy_steps=int(e.greedy_steps), greedy_patience=int(e.greedy_patience),
-        greedy_min_gain=float(e.greedy_min_gain), optimize_evals=int(e.optimize_evals),
-        tolerance=float(e.tolerance), postprocess=bool(e.postprocess),
+        method=str(e.search),
+        thresholds=tuple(threshold_list(cfg)),
+        grid_step=float(e.grid_step),
+        greedy_steps=int(e.greedy_steps),
+        greedy_patience=int(e.greedy_patience),
+        greedy_min_gain=float(e.greedy_min_gain),
+        optimize_evals=int(e.optimize_evals),
+        tolerance=float(e.tolerance),
+        postprocess=bool(e.postprocess),
         postprocess_min_sizes=tuple(int(v) for v in e.postprocess_min_sizes),
-    )  # fmt: skip
+    )
 
 
 def build_ensemble(cfg: DictConfig) -> dict:
@@ -138,23 +143,39 @@ def build_ensemble(cfg: DictConfig) -> dict:
     if cfg.ensemble.train_missing:
         train_missing_members(cfg, client, experiment)
     e = cfg.ensemble
-    runs = select_runs(client, experiment, str(cfg.mlflow.experiment_name), str(e.select),
-                       [str(r) for r in e.run_ids or []], [str(b) for b in e.members or []], e.data_fingerprint)  # fmt: skip
+    runs = select_runs(
+        client,
+        experiment,
+        str(cfg.mlflow.experiment_name),
+        str(e.select),
+        [str(r) for r in e.run_ids or []],
+        [str(b) for b in e.members or []],
+        e.data_fingerprint,
+    )
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
     for folder in (cache.parent, cache):
         if folder.exists() and not folder.is_dir():
-            raise SegxError(f"{folder} (the members' extracted probabilities) is a file, not a folder; remove it "
-                            "(segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
+            raise SegxError(
+                f"{folder} (the members' extracted probabilities) is a file, not a folder; remove it "
+                "(segx rebuilds it) or set paths.output_dir=..."
+            )
     members = [load_member(client, run, cache, str(e.tta), bool(e.get("allow_incomplete_cv", False))) for run in runs]
     check_compatible(members)
     if any(m.test is None for m in members):
-        raise SegxError(f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain")
-    print(f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members), flush=True)
+        raise SegxError(
+            f"member {members[0].run_id} has no test predictions (empty test split?); set data.test_fraction > 0 and retrain"
+        )
+    print(
+        f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members),
+        flush=True,
+    )
     found = run_search(members, search_settings(cfg))
     from segx.tracking.provenance import git_sha
 
     record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha())
-    per_case, preds = score_test_split(members, found.weights, record["threshold"], found.postprocess, members[0].pixel_spacing)
+    per_case, preds = score_test_split(
+        members, found.weights, record["threshold"], found.postprocess, members[0].pixel_spacing
+    )
     summary = summarise(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
@@ -177,8 +198,18 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tags["segx.overrides"] = json.dumps(own)
         tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
     labels = unique_labels(members)
-    note = _description(members, labels, found, record, summary, validation, gain, experiment, str(cfg.ensemble.search),
-                        tags.get("segx.reproduce"))  # fmt: skip
+    note = _description(
+        members,
+        labels,
+        found,
+        record,
+        summary,
+        validation,
+        gain,
+        experiment,
+        str(cfg.ensemble.search),
+        tags.get("segx.reproduce"),
+    )
     run_id = tracking.start_run(client, experiment, run_name, tags, note)
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
@@ -190,11 +221,19 @@ def build_ensemble(cfg: DictConfig) -> dict:
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
-        tracking.log_params(client, run_id, {
-            **{f"chosen.weight.{i}.{label}": f"{w:.6g}" for i, (label, w) in enumerate(zip(labels, found.weights, strict=True))},
-            "chosen.threshold": str(record["threshold"]), "chosen.method": found.chosen.name,
-            "chosen.postprocess": found.postprocess.describe(),
-        })  # fmt: skip
+        tracking.log_params(
+            client,
+            run_id,
+            {
+                **{
+                    f"chosen.weight.{i}.{label}": f"{w:.6g}"
+                    for i, (label, w) in enumerate(zip(labels, found.weights, strict=True))
+                },
+                "chosen.threshold": str(record["threshold"]),
+                "chosen.method": found.chosen.name,
+                "chosen.postprocess": found.postprocess.describe(),
+            },
+        )
         (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
         (tmp / "tables").mkdir()
         per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)
@@ -203,7 +242,8 @@ def build_ensemble(cfg: DictConfig) -> dict:
         pd.DataFrame(found.searched.history).to_csv(tmp / "tables" / "search_history.csv", index=False)
         if found.postprocess_results:
             pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
-                tmp / "tables" / "val_postprocess.csv", index=False)
+                tmp / "tables" / "val_postprocess.csv", index=False
+            )
         plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
         member_runs = [f for m in members for f in (m.folds or [m.run_id])]
@@ -214,15 +254,26 @@ def build_ensemble(cfg: DictConfig) -> dict:
         # chart for members and ensembles; every method of the test table under methods/
         # (the UI sorts sections by name: curves/ then methods/, search/, test/, time/, val/).
         ours = summary.loc["ensemble"]
-        metrics = {"val/dice": found.val_dice, "test/dice": ours["dice_mean"], "test/iou": ours["iou_mean"],
-                   "test/hd95": ours["hd95_mean"], "search/seconds": found.search_seconds,
-                   "search/kept_pixel_fraction": found.kept_fraction}  # fmt: skip
+        metrics = {
+            "val/dice": found.val_dice,
+            "test/dice": ours["dice_mean"],
+            "test/iou": ours["iou_mean"],
+            "test/hd95": ours["hd95_mean"],
+            "search/seconds": found.search_seconds,
+            "search/kept_pixel_fraction": found.kept_fraction,
+        }
         for method, row in summary.iterrows():
             key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
             metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
-        metrics.update({"test/gain_vs_best_member": gain["diff"], "test/gain_ci_low": gain["low"],
-                        "test/gain_ci_high": gain["high"], "selection/optimism": gain["ensemble_optimism"],
-                        "selection/best_member_optimism": gain["best_member_optimism"]})  # fmt: skip
+        metrics.update(
+            {
+                "test/gain_vs_best_member": gain["diff"],
+                "test/gain_ci_low": gain["low"],
+                "test/gain_ci_high": gain["high"],
+                "selection/optimism": gain["ensemble_optimism"],
+                "selection/best_member_optimism": gain["best_member_optimism"],
+            }
+        )
         pd.DataFrame([gain]).to_csv(tmp / "tables" / "gain.csv", index=False)
         tracking.log_artifact(client, run_id, tmp / "tables" / "gain.csv", "tables")
         tracking.log_metrics(client, run_id, metrics)
@@ -240,28 +291,42 @@ def _g(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _description(members, labels, found, record, summary, validation, gain, experiment: str, search: str,
-                 reproduce: str | None) -> str:  # fmt: skip
+def _description(
+    members, labels, found, record, summary, validation, gain, experiment: str, search: str, reproduce: str | None
+) -> str:
     """The ensemble run's description (Markdown, as MLflow renders it): each member linked to its
     run, with its weight and its validation and test Dice beside the ensemble's; the gain over the
     best member with its interval; how to predict with it and how to reproduce it."""
     val = dict(zip(validation["method"], validation["val_dice"], strict=True))
     rows = ["| member | run | weight | val Dice | test Dice |", "|---|---|---|---|---|"]
     for m, label, w in zip(members, labels, found.weights, strict=True):
-        rows.append(f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
-                    f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |")  # fmt: skip
-    rows.append(f"| **ensemble** ({found.chosen.name}) | | | **{_g(found.val_dice)}** | "
-                f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |")  # fmt: skip
-    verdict = "the gain is real" if gain["low"] > 0 else "the ensemble is worse" if gain["high"] < 0 else "not shown to be better"
+        rows.append(
+            f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
+            f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |"
+        )
+    rows.append(
+        f"| **ensemble** ({found.chosen.name}) | | | **{_g(found.val_dice)}** | "
+        f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |"
+    )
+    verdict = (
+        "the gain is real"
+        if gain["low"] > 0
+        else "the ensemble is worse"
+        if gain["high"] < 0
+        else "not shown to be better"
+    )
     lines = [
         f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
         f"{record['threshold']}, post-processing {found.postprocess.describe()}. Validation: members at their own "
         "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
-        "", *rows, "",
+        "",
+        *rows,
+        "",
         f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
         f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {verdict}.",
-        "", "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
-    ]  # fmt: skip
+        "",
+        "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
+    ]
     if reproduce:
         lines += ["", f"Reproduce: `{reproduce}`"]
     return "\n".join(lines)

@@ -48,31 +48,62 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
         "segx.command": command_line(),
         **provenance_tags(),
     }
-    note = (f"segx export ({fmt}) of ensemble {ensemble_run_id}: every member network, weights, threshold and "
-            f"tta={manifest['tta']} in one graph taking uint8 (B, S, S, 3). Predict with: python -m segx.predict "
-            f"ensemble_run_id={ensemble_run_id} backend={fmt} input_dir=... output_dir=...")  # fmt: skip
+    note = (
+        f"segx export ({fmt}) of ensemble {ensemble_run_id}: every member network, weights, threshold and "
+        f"tta={manifest['tta']} in one graph taking uint8 (B, S, S, 3). Predict with: python -m segx.predict "
+        f"ensemble_run_id={ensemble_run_id} backend={fmt} input_dir=... output_dir=..."
+    )
     child = tracking.start_run(client, run.info.experiment_id, f"export-{fmt}", tags, note)
     with tracking.run_scope(client, child):
-        tracking.log_params(client, child, {
-            "format": fmt, "opset": str(manifest["opset"]), "tta": manifest["tta"], "ensemble_run_id": ensemble_run_id,
-            "graphs": json.dumps([{"name": g["name"], "view": g["view"], "networks": len(g["networks"])} for g in manifest["graphs"]]),
-        })  # fmt: skip
-        tracking.log_metrics(client, child, {
-            "export/seconds": manifest["export_seconds"],
-            "export/size_mb": sum(manifest["sizes_bytes"].values()) / 1e6,
-            "export/check_max_abs_diff": manifest["check"]["member_probabilities_max_abs_diff"],
-        })  # fmt: skip
+        tracking.log_params(
+            client,
+            child,
+            {
+                "format": fmt,
+                "opset": str(manifest["opset"]),
+                "tta": manifest["tta"],
+                "ensemble_run_id": ensemble_run_id,
+                "graphs": json.dumps(
+                    [{"name": g["name"], "view": g["view"], "networks": len(g["networks"])} for g in manifest["graphs"]]
+                ),
+            },
+        )
+        tracking.log_metrics(
+            client,
+            child,
+            {
+                "export/seconds": manifest["export_seconds"],
+                "export/size_mb": sum(manifest["sizes_bytes"].values()) / 1e6,
+                "export/check_max_abs_diff": manifest["check"]["member_probabilities_max_abs_diff"],
+            },
+        )
         tracking.log_artifact(client, child, folder, "export")
         for graph in manifest["graphs"]:
-            tracking.log_export_model(client, child, run.info.experiment_id, f"export-{fmt}-{graph['name']}",
-                                      graph["inputs"], graph["outputs"], {"format": fmt, "graph": graph["name"],
-                                      **{f"view.{k}": v for k, v in graph["view"].items()}}, "export")  # fmt: skip
+            tracking.log_export_model(
+                client,
+                child,
+                run.info.experiment_id,
+                f"export-{fmt}-{graph['name']}",
+                graph["inputs"],
+                graph["outputs"],
+                {"format": fmt, "graph": graph["name"], **{f"view.{k}": v for k, v in graph["view"].items()}},
+                "export",
+            )
     tracking.set_tags(client, ensemble_run_id, {EXPORT_TAG + fmt: child})
     return child
 
 
-def export_run(client, run_id: str, fmt: str, output_dir: Path, workdir: Path, opset: int = DEFAULT_OPSET,
-               tta: str | None = None, overwrite: bool = False, log: bool = True) -> tuple[dict, str | None]:  # fmt: skip
+def export_run(
+    client,
+    run_id: str,
+    fmt: str,
+    output_dir: Path,
+    workdir: Path,
+    opset: int = DEFAULT_OPSET,
+    tta: str | None = None,
+    overwrite: bool = False,
+    log: bool = True,
+) -> tuple[dict, str | None]:
     """Export ensemble ``run_id`` into ``output_dir`` (and log it); (manifest, child run ID)."""
     from segx.inference.exported import check_opset, check_output_dir, export_ensemble
 
@@ -96,13 +127,17 @@ def export_predictor(client, run_id: str, fmt: str, workdir: Path, tta: str | No
     run = ensemble_run(client, run_id)
     child = EnsembleRun.of(run).exports.get(fmt)
     if not child:
-        raise SegxError(f"ensemble '{run_id}' has no {fmt} export; make one with python -m segx.export "
-                        f"ensemble_run_id={run_id} format={fmt} (or predict with backend=keras)")  # fmt: skip
+        raise SegxError(
+            f"ensemble '{run_id}' has no {fmt} export; make one with python -m segx.export "
+            f"ensemble_run_id={run_id} format={fmt} (or predict with backend=keras)"
+        )
     try:
         tracking.get_run(client, child)
     except SegxError as exc:
-        raise SegxError(f"the {fmt} export of ensemble '{run_id}' (run {child}) cannot be used: {exc}; export "
-                        f"again with python -m segx.export ensemble_run_id={run_id} format={fmt}") from None  # fmt: skip
+        raise SegxError(
+            f"the {fmt} export of ensemble '{run_id}' (run {child}) cannot be used: {exc}; export "
+            f"again with python -m segx.export ensemble_run_id={run_id} format={fmt}"
+        ) from None
     folder = tracking.download(client, child, "export", workdir / "exports" / child)
     predictor = load_exported(folder, tta)
     return predictor.record, predictor
@@ -129,7 +164,10 @@ def run_export(cfg: DictConfig) -> dict:
     manifest, child = export_run(client, run_id, fmt, output_dir, workdir, cfg.opset, cfg.tta, cfg.overwrite, cfg.log)
     size = sum(manifest["sizes_bytes"].values()) / 1e6
     logged = f"; logged as run {child} (child of {run_id})" if child else ""
-    print(f"segx: exported ensemble {run_id} as {fmt} ({size:.1f} MB, {len(manifest['graphs'])} graph(s), "
-          f"largest difference from TensorFlow on a check batch "
-          f"{manifest['check']['member_probabilities_max_abs_diff']:.2g}) to {output_dir}{logged}", flush=True)  # fmt: skip
+    print(
+        f"segx: exported ensemble {run_id} as {fmt} ({size:.1f} MB, {len(manifest['graphs'])} graph(s), "
+        f"largest difference from TensorFlow on a check batch "
+        f"{manifest['check']['member_probabilities_max_abs_diff']:.2g}) to {output_dir}{logged}",
+        flush=True,
+    )
     return manifest

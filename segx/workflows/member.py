@@ -49,8 +49,19 @@ class MemberResult:
 # Keys that do not change what is trained: left out of the resume identity.
 # Where it runs (accelerator, devices, threads) is not identity either: a member preempted on
 # one node resumes on another.
-NOT_IDENTITY = ("resume", "mlflow", "paths", "trainer.verbose", "data.cache_dir", "tags", "note",
-                "trainer.accelerator", "trainer.devices", "trainer.threads", "trainer.checkpoint_every_s")
+NOT_IDENTITY = (
+    "resume",
+    "mlflow",
+    "paths",
+    "trainer.verbose",
+    "data.cache_dir",
+    "tags",
+    "note",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.threads",
+    "trainer.checkpoint_every_s",
+)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -217,8 +228,9 @@ def _checkpoint_dir(cfg: DictConfig, run_id: str) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints" / run_id
 
 
-def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
-                 on_run: Callable[[str], None] | None = None) -> MemberResult:  # fmt: skip
+def train_member(
+    cfg: DictConfig, overrides: Sequence[str] | None = None, on_run: Callable[[str], None] | None = None
+) -> MemberResult:
     """Train the member described by ``cfg``; return its run and scores.
 
     ``on_run(run_id)`` is called as soon as the run exists (a sweep names it even when the
@@ -234,7 +246,9 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
     threads = job_threads(cfg.trainer.threads, launcher_config(), os.environ, cpu_cores())
     from segx import models  # TensorFlow: threads and devices are set before its runtime starts
 
-    strategy = models.configure_runtime(threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy)
+    strategy = models.configure_runtime(
+        threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy
+    )
     if strategy is not None:
         batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
     # Every cheap check comes before a single image is read: sizes against the arch, the
@@ -264,24 +278,36 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
     fold = cfg.get("fold")
     base_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
     run_name = base_name if fold is None else f"{base_name}-fold{fold}"
-    placement = {"segx.threads": str(threads or "all"),
-                 "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1)}  # fmt: skip
-    run_id, parent_id, overrides = _open_run(cfg, client, experiment, prepared, view, identity, resume_id, overrides,
-                                             base_name, run_name, placement)  # fmt: skip
+    placement = {
+        "segx.threads": str(threads or "all"),
+        "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1),
+    }
+    run_id, parent_id, overrides = _open_run(
+        cfg, client, experiment, prepared, view, identity, resume_id, overrides, base_name, run_name, placement
+    )
     if on_run is not None:
         on_run(run_id)
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
-    with tracking.run_scope(client, run_id, lambda: _remove_partial_checkpoints(folder)), tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on), \
-            contextlib.ExitStack() as stack:  # fmt: skip
+    with (
+        tracking.run_scope(client, run_id, lambda: _remove_partial_checkpoints(folder)),
+        tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on),
+        contextlib.ExitStack() as stack,
+    ):
         recorded = recorded_container(cfg)  # values from the environment as written, not their values
         tracking.log_params(client, run_id, tracking.flatten(recorded))
         sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
         tracking.log_params(client, run_id, sizes)
         if not resume_id:  # the split as an MLflow dataset, digest = the data fingerprint
-            tracking.log_dataset(client, run_id, str(cfg.data.name), prepared.fingerprint, str(cfg.data.root),
-                                 {**sizes, "split_file": str(prepared.split_path)})  # fmt: skip
+            tracking.log_dataset(
+                client,
+                run_id,
+                str(cfg.data.name),
+                prepared.fingerprint,
+                str(cfg.data.root),
+                {**sizes, "split_file": str(prepared.split_path)},
+            )
         with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
             tmp = Path(tmp)
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(recorded)))
@@ -323,7 +349,9 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
         logged_until = 0
         if resume_id:
             sent = client.get_metric_history(run_id, keys.TRAIN_LOSS)
-            logged_until = max([m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0)
+            logged_until = max(
+                [m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0
+            )
 
         from segx.progress import EpochClock
 
@@ -337,8 +365,11 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
                 history.setdefault(key, []).append((step, value))
             if keys.TRAIN_LOSS in metrics:  # one line per epoch: where the training is, and how long it has left
                 val = f", val dice {metrics[keys.curve('val/dice')]:.4f}" if keys.curve("val/dice") in metrics else ""
-                print(f"segx: {run_name} epoch {step}/{cfg.trainer.epochs}: train loss {metrics[keys.TRAIN_LOSS]:.4f}{val}; "
-                      f"{clock.line(step)}", flush=True)  # fmt: skip
+                print(
+                    f"segx: {run_name} epoch {step}/{cfg.trainer.epochs}: train loss {metrics[keys.TRAIN_LOSS]:.4f}{val}; "
+                    f"{clock.line(step)}",
+                    flush=True,
+                )
 
         from segx.training.fit import fit_member
 
@@ -348,7 +379,10 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
         if view.mode == "patch":
             from segx.training.patches import PatchSampler, validation_patches
 
-            train_images, train_masks = PatchSampler(prepared.cases("train", view.scale), size, float(cfg.data.foreground_fraction)), None
+            train_images, train_masks = (
+                PatchSampler(prepared.cases("train", view.scale), size, float(cfg.data.foreground_fraction)),
+                None,
+            )
             val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
         else:
             train_images, train_masks, val_images, val_masks = train.images, train.masks, val.images, val.masks
@@ -376,15 +410,25 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
         )
         epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
         stack.close()  # out of the strategy's scope: outputs are predicted on one device
-        spec = {"arch": arch, "backbone": backbone, "image_size": size, "view": view.to_dict(),
-                "options": OmegaConf.to_container(cfg.arch.options, resolve=True)}  # fmt: skip
+        spec = {
+            "arch": arch,
+            "backbone": backbone,
+            "image_size": size,
+            "view": view.to_dict(),
+            "options": OmegaConf.to_container(cfg.arch.options, resolve=True),
+        }
         if cfg.trainer.get("precision") == "mixed_float16":
             spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
         final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing, state.best_epoch + 1)
-        tracking.log_metrics(client, run_id, {keys.BEST_VAL_DICE: state.best_dice, keys.BEST_EPOCH: state.best_epoch + 1})
-        print(f"segx: {run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
-              f"val/dice {final_scores.get(keys.VAL_DICE, float('nan')):.4f} on whole images at their own size", flush=True)  # fmt: skip
+        tracking.log_metrics(
+            client, run_id, {keys.BEST_VAL_DICE: state.best_dice, keys.BEST_EPOCH: state.best_epoch + 1}
+        )
+        print(
+            f"segx: {run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
+            f"val/dice {final_scores.get(keys.VAL_DICE, float('nan')):.4f} on whole images at their own size",
+            flush=True,
+        )
     # Finished: the logged model is the member; the resumable checkpoint (weights and optimizer
     # state, several times the model's size) is only for runs that did not finish.
     import shutil
@@ -395,9 +439,19 @@ def train_member(cfg: DictConfig, overrides: Sequence[str] | None = None,
     return MemberResult(run_id, float(state.best_dice), final_scores)
 
 
-def _open_run(cfg: DictConfig, client, experiment: str, prepared, view, identity: str, resume_id: str | None,
-              overrides: Sequence[str] | None, base_name: str, run_name: str,
-              placement: dict[str, str]) -> tuple[str, str | None, list[str] | None]:  # fmt: skip
+def _open_run(
+    cfg: DictConfig,
+    client,
+    experiment: str,
+    prepared,
+    view,
+    identity: str,
+    resume_id: str | None,
+    overrides: Sequence[str] | None,
+    base_name: str,
+    run_name: str,
+    placement: dict[str, str],
+) -> tuple[str, str | None, list[str] | None]:
     """The member's run, created (tags, description) or reopened for a resume, and a fold's
     cross-validation parent; (run ID, parent run ID or None, the overrides it records)."""
     from segx import tracking
@@ -428,11 +482,17 @@ def _open_run(cfg: DictConfig, client, experiment: str, prepared, view, identity
         tracking.set_tags(client, run_id, {tag_names.RESUMED: "true"})
         log.info("resuming run %s", run_id)
     else:
-        what = f"fold {fold} of {cfg.data.folds} of a cross-validated configuration" if fold is not None else "an ensemble member"
-        note = (f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
-                f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
-                f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags[tag_names.COMMAND]}`"
-                + (f"\n\nReproduce: `{tags[tag_names.REPRODUCE]}`" if tag_names.REPRODUCE in tags else ""))  # fmt: skip
+        what = (
+            f"fold {fold} of {cfg.data.folds} of a cross-validated configuration"
+            if fold is not None
+            else "an ensemble member"
+        )
+        note = (
+            f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
+            f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
+            f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags[tag_names.COMMAND]}`"
+            + (f"\n\nReproduce: `{tags[tag_names.REPRODUCE]}`" if tag_names.REPRODUCE in tags else "")
+        )
         if cfg.get("note"):
             note = f"{cfg.note}\n\n{note}"  # the user's words first
         run_id = tracking.start_run(client, experiment, run_name, tags, note)
@@ -442,8 +502,13 @@ def _open_run(cfg: DictConfig, client, experiment: str, prepared, view, identity
 
         folds = int(cfg.data.folds)
         parent_id = cv.parent_run(
-            client, experiment, config_identity(cfg, ("fold",)), prepared.cv_tags["segx.cv_fingerprint"], folds,
-            f"{base_name}-cv{folds}", {k: v for k, v in tags.items() if k in (tag_names.BACKBONE, tag_names.ARCH, tag_names.COMMAND)},
+            client,
+            experiment,
+            config_identity(cfg, ("fold",)),
+            prepared.cv_tags["segx.cv_fingerprint"],
+            folds,
+            f"{base_name}-cv{folds}",
+            {k: v for k, v in tags.items() if k in (tag_names.BACKBONE, tag_names.ARCH, tag_names.COMMAND)},
             Path(cfg.paths.output_dir) / "locks",
         )
         tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
@@ -457,8 +522,11 @@ def _report_folds(client, experiment: str, parent_id: str, folds: int) -> None:
     summary = cv.update_summary(client, experiment, parent_id)
     done = folds - len(summary["missing"])
     oof = summary["metrics"].get("cv/oof_dice")
-    print(f"segx: cross-validation {parent_id}: {done}/{folds} folds finished"
-          + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"), flush=True)  # fmt: skip
+    print(
+        f"segx: cross-validation {parent_id}: {done}/{folds} folds finished"
+        + (f", out-of-fold Dice {oof:.4f}" if oof is not None else f", missing {summary['missing']}"),
+        flush=True,
+    )
 
 
 def _remove_partial_checkpoints(folder: Path) -> None:
@@ -480,8 +548,9 @@ def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -
     from segx.tracking import provenance
 
     overrides = sys.argv[1:] if overrides is None else overrides
-    command = provenance.reproduce_command("segx.train", [*(o for o in overrides if not o.startswith("resume=")),
-                                                          f"resume={run_id}"])  # fmt: skip
+    command = provenance.reproduce_command(
+        "segx.train", [*(o for o in overrides if not o.startswith("resume=")), f"resume={run_id}"]
+    )
     return f"the checkpoint is kept in {folder}; once the server answers, continue with: {command}"
 
 
@@ -512,9 +581,14 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             # from these weights, so the caches the search reads are what prediction computes.
             model = models.load_member(tmp / "model")
         experiment = client.get_run(run_id).info.experiment_id
-        tracking.log_member_model(client, run_id, experiment, f"{spec['backbone']}-{spec['arch']}",
-                                  {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
-                                  {"backbone": spec["backbone"], "arch": spec["arch"], "view": spec["view"]})  # fmt: skip
+        tracking.log_member_model(
+            client,
+            run_id,
+            experiment,
+            f"{spec['backbone']}-{spec['arch']}",
+            {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
+            {"backbone": spec["backbone"], "arch": spec["arch"], "view": spec["view"]},
+        )
         final = {}
         for role in ("val", "test"):
             cases = prepared.cases(role)
@@ -523,8 +597,11 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
             # threshold and post-processing on the probabilities segx.predict will compute.
             what = "validation" if role == "val" else "test"
-            images = progress((np.asarray(c.image()) for c in cases), f"{what} cases at their own size ({view.describe()}), "
-                              f"probabilities cached for the ensemble", total=len(cases))  # fmt: skip
+            images = progress(
+                (np.asarray(c.image()) for c in cases),
+                f"{what} cases at their own size ({view.describe()}), probabilities cached for the ensemble",
+                total=len(cases),
+            )
             by_mode = member_probs(model, backbone, view, images, models.TTA_MODES)
             masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
             previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
@@ -539,9 +616,14 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             if role == "val":
                 shown, labels = plots.pick_cases(scores["dice"])
                 plots.plot_cases(
-                    [previews[i] for i in shown], [masks[i] for i in shown], {"prediction": [pred[i] for i in shown]},
-                    [stems[i] for i in shown], tmp / "plots" / "val_cases.png", {"prediction": scores["dice"][shown]},
-                    title=f"validation split: worst and typical of {len(stems)} cases (threshold 0.5)", row_labels=labels,
+                    [previews[i] for i in shown],
+                    [masks[i] for i in shown],
+                    {"prediction": [pred[i] for i in shown]},
+                    [stems[i] for i in shown],
+                    tmp / "plots" / "val_cases.png",
+                    {"prediction": scores["dice"][shown]},
+                    title=f"validation split: worst and typical of {len(stems)} cases (threshold 0.5)",
+                    row_labels=labels,
                 )
         stage("uploading the cached probabilities; drawing the figures")
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
@@ -549,7 +631,9 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             full = _history_from_store(client, run_id) or history
             n_val = len(prepared.cases("val"))
             where = "one fixed patch per case" if view.mode == "patch" else f"{view.size} px"
-            plots.plot_curves(full, tmp / "plots" / "curves.png", best_epoch, f"validation split ({n_val} cases, {where})")
+            plots.plot_curves(
+                full, tmp / "plots" / "curves.png", best_epoch, f"validation split ({n_val} cases, {where})"
+            )
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
     return final

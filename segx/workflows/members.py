@@ -31,13 +31,21 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
     runs = cv.fold_runs(client, parent.info.experiment_id, parent.info.run_id, folds)
     missing = [f for f in range(folds) if f not in runs]
     if missing and (not allow_incomplete or not runs):
-        command = next((MemberRun.of(r).command for r in runs.values()), "") or MemberRun.of(parent).command or "python -m segx.train ..."
+        command = (
+            next((MemberRun.of(r).command for r in runs.values()), "")
+            or MemberRun.of(parent).command
+            or "python -m segx.train ..."
+        )
         raise cv.missing_folds_error(parent, missing, command)
     if missing:
         import sys
 
-        print(f"segx: warning: cross-validated member {parent.info.run_id} uses folds "
-              f"{sorted(runs)} only (missing {missing}; ensemble.allow_incomplete_cv=true)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"segx: warning: cross-validated member {parent.info.run_id} uses folds "
+            f"{sorted(runs)} only (missing {missing}; ensemble.allow_incomplete_cv=true)",
+            file=sys.stderr,
+            flush=True,
+        )
     singles = [member_from_run(client, runs[f], workdir, tta) for f in sorted(runs)]
     ref = singles[0]
     for f, m in zip(sorted(runs), singles, strict=True):
@@ -47,16 +55,24 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
                 f"differs from fold run {ref.run_id} ({ref.label}, {ref.view}); retrain that fold with the others' config"
             )
         if m.test is None or m.test.stems != ref.test.stems:
-            raise SegxError(f"cross-validated member {parent.info.run_id}: fold run {m.run_id} has other test cases; retrain it on the same fold file")
+            raise SegxError(
+                f"cross-validated member {parent.info.run_id}: fold run {m.run_id} has other test cases; retrain it on the same fold file"
+            )
     val = assemble_out_of_fold([m.val for m in singles], workdir / parent.info.run_id / f"oof_{tta}.npy")
     test = type(ref.test)(ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews)
     cv_fp = MemberRun.of(runs[sorted(runs)[0]]).cv_fingerprint
     return Member(
-        run_id=parent.info.run_id, backbone=ref.backbone, arch=ref.arch, fingerprint=cv_fp, view=ref.view,
-        val=val, test=test, pixel_spacing=ref.pixel_spacing,
+        run_id=parent.info.run_id,
+        backbone=ref.backbone,
+        arch=ref.arch,
+        fingerprint=cv_fp,
+        view=ref.view,
+        val=val,
+        test=test,
+        pixel_spacing=ref.pixel_spacing,
         fingerprint_parts={**ref.fingerprint_parts, "split": cv_fp, "data": cv_fp},
         folds=[runs[f].info.run_id for f in sorted(runs)],
-    )  # fmt: skip
+    )
 
 
 def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
@@ -93,7 +109,11 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         test_path = tracking.download(client, run_id, cache_artifact("test", tta), folder)
     except SegxError:
         test_path = None
-    test = None if test_path is None else load_cached(test_path, folder, run_id=run_id, artifact=cache_artifact("test", tta))
+    test = (
+        None
+        if test_path is None
+        else load_cached(test_path, folder, run_id=run_id, artifact=cache_artifact("test", tta))
+    )
     return Member(
         run_id=run.info.run_id,
         backbone=MemberRun.of(run).backbone or params.get("backbone.name", "?"),

@@ -43,8 +43,10 @@ def run_predict(cfg: DictConfig) -> int:
         raise SegxError(f"tta={cfg.tta} is not valid; use one of {', '.join(TTA_MODES)} (or null: as recorded)")
     backend = cfg.get("backend", "keras")
     if backend not in BACKENDS:
-        raise SegxError(f"backend={backend} is not valid; use one of {', '.join(BACKENDS)} (keras: the members "
-                        "in TensorFlow; savedmodel, onnx: the ensemble's export, made by python -m segx.export)")  # fmt: skip
+        raise SegxError(
+            f"backend={backend} is not valid; use one of {', '.join(BACKENDS)} (keras: the members "
+            "in TensorFlow; savedmodel, onnx: the ensemble's export, made by python -m segx.export)"
+        )
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     # Everything that can be checked without the models, before any is downloaded or loaded.
     files = check_inputs(input_dir, output_dir, max_pixels)
@@ -61,10 +63,20 @@ def run_predict(cfg: DictConfig) -> int:
         from segx.workflows.export import export_predictor
 
         record, predictor = export_predictor(client, str(cfg.ensemble_run_id), backend, workdir, cfg.tta)
-    n = predict_folder(predictor, input_dir, output_dir, batch_size, flags["overlays"], flags["uncertainty"],
-                       flags["save_probabilities"], files=files, overwrite=flags["overwrite"],
-                       record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
-                       max_pixels=max_pixels, batch_pixels=batch_pixels)  # fmt: skip
+    n = predict_folder(
+        predictor,
+        input_dir,
+        output_dir,
+        batch_size,
+        flags["overlays"],
+        flags["uncertainty"],
+        flags["save_probabilities"],
+        files=files,
+        overwrite=flags["overwrite"],
+        record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
+        max_pixels=max_pixels,
+        batch_pixels=batch_pixels,
+    )
     print(f"segx: wrote {n} masks to {shown(output_dir / 'masks')}", flush=True)
     return n
 
@@ -80,6 +92,10 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
     if tta not in (None, recorded):
         # Weights, threshold and post-processing were chosen on the recorded pipeline's
         # probabilities; another TTA runs, but the record's Dice no longer describes it.
-        print(f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
-              f"tta={tta} (drop the tta override to predict as tuned)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
+            f"tta={tta} (drop the tta override to predict as tuned)",
+            file=sys.stderr,
+            flush=True,
+        )
     return record, EnsemblePredictor(record, model_paths, tta)

@@ -34,9 +34,9 @@ from segx.errors import SegxError
 
 @dataclass
 class Prepared:
-    dataset: Dataset              # every case; images and masks at model size in resize mode only
-    split: dict[str, list[str]]   # stems per role
-    fingerprint: str              # segx.data.split.fingerprint: split + file contents + settings
+    dataset: Dataset  # every case; images and masks at model size in resize mode only
+    split: dict[str, list[str]]  # stems per role
+    fingerprint: str  # segx.data.split.fingerprint: split + file contents + settings
     split_path: Path
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
     decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
@@ -137,8 +137,11 @@ def check_view(data: DictConfig, decoded: list[DecodedCase]) -> None:
         small = [c for c in decoded if min(c.shape) * scale < patch]
         if small:
             largest = max(max(c.shape) for c in decoded)
-            hint = (f"use data.patch_size <= {int(min(small[0].shape) * scale) // 32 * 32 or 32}"
-                    if len(small) < len(decoded) else f"every image is smaller (largest side {largest} px); use a smaller data.patch_size")
+            hint = (
+                f"use data.patch_size <= {int(min(small[0].shape) * scale) // 32 * 32 or 32}"
+                if len(small) < len(decoded)
+                else f"every image is smaller (largest side {largest} px); use a smaller data.patch_size"
+            )
             raise SegxError(
                 f"data.pad=false but {small[0].stem} ({small[0].shape[1]}x{small[0].shape[0]} px at scale "
                 f"{scale:g}) is smaller than data.patch_size={patch} ({len(small)} such images); {hint}, "
@@ -168,7 +171,9 @@ def check_fold(data: DictConfig, fold) -> None:
     folds = data.get("folds")
     if folds is None:
         if fold is not None:
-            raise SegxError(f"fold={fold} but data.folds is null; set data.folds=K (e.g. 5) to cross-validate, or drop fold")
+            raise SegxError(
+                f"fold={fold} but data.folds is null; set data.folds=K (e.g. 5) to cross-validate, or drop fold"
+            )
         return
     require_int(data, "folds", 2, MAX_FOLDS, prefix="data.")
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
@@ -203,15 +208,19 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
     folds = data.get("folds")
     name = str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data"
-    split_path = Path(data.split_file) if data.split_file else default_split_path(
-        Path(output_dir) / "splits",
-        f"{name}-cv{folds}" if folds else name,
-        stems,
-        -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
-        float(data.test_fraction),
-        int(data.split_seed),
-        test_stems,
-        data.stratify_column if groups else None,
+    split_path = (
+        Path(data.split_file)
+        if data.split_file
+        else default_split_path(
+            Path(output_dir) / "splits",
+            f"{name}-cv{folds}" if folds else name,
+            stems,
+            -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
+            float(data.test_fraction),
+            int(data.split_seed),
+            test_stems,
+            data.stratify_column if groups else None,
+        )
     )
     layout = None
     if folds:
@@ -221,7 +230,13 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
         split = fold_split(layout, int(fold))
     else:
         split = load_or_create_split(
-            split_path, stems, float(data.val_fraction), float(data.test_fraction), int(data.split_seed), test_stems, groups
+            split_path,
+            stems,
+            float(data.val_fraction),
+            float(data.test_fraction),
+            int(data.split_seed),
+            test_stems,
+            groups,
         )
     warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
     if data.get("limit_cases"):  # a quick run (debug=default): the first cases of each role

@@ -103,11 +103,19 @@ def job_outcomes(rows: list[dict], jobs: list[list[str]] | None) -> list[dict]:
     for number, overrides in enumerate(jobs):
         row = last.get(number)
         if row is None:
-            row = {"overrides": list(overrides), "member": " ".join(overrides), "status": "NOT RUN",
-                   "error": "no result: the job did not start, or was killed before it began"}  # fmt: skip
+            row = {
+                "overrides": list(overrides),
+                "member": " ".join(overrides),
+                "status": "NOT RUN",
+                "error": "no result: the job did not start, or was killed before it began",
+            }
         elif row["status"] == "STARTED":  # killed without a chance to say so (SIGKILL, node lost)
-            row = {**row, "status": "LOST", "error": "started but never reported (killed by SIGKILL, "
-                   "out of memory, or its node went away); resume=auto continues it from its checkpoint"}  # fmt: skip
+            row = {
+                **row,
+                "status": "LOST",
+                "error": "started but never reported (killed by SIGKILL, "
+                "out of memory, or its node went away); resume=auto continues it from its checkpoint",
+            }
         outcomes.append(row)
     return outcomes
 
@@ -140,7 +148,9 @@ def summary_lines(rows: list[dict], jobs: list[list[str]] | None, command: str, 
         name = " ".join(o for o in row["overrides"] if o in varying) or row["member"]
         lines.append(f"  {name:<36} {status:<9} {detail}{run}")
     failed = [row["overrides"] for row in outcomes if row["status"] != "FINISHED"]
-    lines.append(f"  {len(outcomes) - len(failed)} finished, {len(failed)} failed (details in MLflow and {Path(sweep_dir) / RESULTS})")
+    lines.append(
+        f"  {len(outcomes) - len(failed)} finished, {len(failed)} failed (details in MLflow and {Path(sweep_dir) / RESULTS})"
+    )
     reruns = rerun_commands(command, failed)
     if reruns:
         lines.append("  rerun exactly those:" if len(reruns) == 1 else "  rerun exactly those, one command each:")
@@ -159,8 +169,17 @@ def record_sweep_result(cfg: DictConfig, result: dict) -> None:
     sweep_dir = Path(HydraConfig.get().sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runtime = HydraConfig.get()
-    line = json.dumps({"job": runtime.job.num, "overrides": list(runtime.overrides.task), **result,
-                       "job_id": os.environ.get("SLURM_JOB_ID")}) + "\n"  # fmt: skip
+    line = (
+        json.dumps(
+            {
+                "job": runtime.job.num,
+                "overrides": list(runtime.overrides.task),
+                **result,
+                "job_id": os.environ.get("SLURM_JOB_ID"),
+            }
+        )
+        + "\n"
+    )
     with open(sweep_dir / RESULTS, "a") as fh:  # one write of one short line: jobs append side by side
         fh.write(line)
 
@@ -186,8 +205,11 @@ def sweep_job(cfg: DictConfig) -> float:
         with signals.signals_raise():  # SIGTERM (scancel, preemption) ends the run KILLED in any launcher
             result: MemberResult = train_member(cfg, on_run=started.append)
     except (KeyboardInterrupt, SystemExit) as exc:
-        why = "interrupted (SIGINT/SIGTERM)" if isinstance(exc, KeyboardInterrupt) else \
-            "stopped by sys.exit (submitit: preempted or timed out; requeued where SLURM allows)"  # fmt: skip
+        why = (
+            "interrupted (SIGINT/SIGTERM)"
+            if isinstance(exc, KeyboardInterrupt)
+            else "stopped by sys.exit (submitit: preempted or timed out; requeued where SLURM allows)"
+        )
         # SLURM follows a requeue with SIGTERM: it must not cut this line short.
         with signals.signals_deferred(), contextlib.suppress(KeyboardInterrupt):
             record_sweep_result(cfg, {"member": name, "status": "KILLED", "error": why, "run_id": run_id()})
@@ -204,5 +226,7 @@ def sweep_job(cfg: DictConfig) -> float:
             traceback.print_exc()
         record_sweep_result(cfg, {"member": name, "status": "FAILED", "error": reason[:500], "run_id": run_id()})
         return float("nan")
-    record_sweep_result(cfg, {"member": name, "status": "FINISHED", "val_dice": result.best_val_dice, "run_id": result.run_id})
+    record_sweep_result(
+        cfg, {"member": name, "status": "FINISHED", "val_dice": result.best_val_dice, "run_id": result.run_id}
+    )
     return result.best_val_dice
