@@ -78,8 +78,10 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for size, mb, med, low, high, again, added, rate in rows:
-        lines.append(f"| {size}x{size} | {mb:.2f} MB | {med * 1e3:.2f} ms [{low * 1e3:.2f}, {high * 1e3:.2f}] | "
-                     f"{again * 1e3:.2f} ms | {added * 1e3:.2f} ms | {rate:.0f} MB/s |")  # fmt: skip
+        lines.append(
+            f"| {size}x{size} | {mb:.2f} MB | {med * 1e3:.2f} ms [{low * 1e3:.2f}, {high * 1e3:.2f}] | "
+            f"{again * 1e3:.2f} ms | {added * 1e3:.2f} ms | {rate:.0f} MB/s |"
+        )
     text = "\n".join(lines) + "\n"
     (OUT / "RESULTS.md").write_text(text)
     sys.stdout.write(text)

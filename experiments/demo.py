@@ -38,9 +38,15 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="segx-demo-") as tmp:
         store = Path(tmp)
-        command = [sys.executable, "-m", "segx.ensemble", "ensemble.train_missing=true",
-                   f"paths.output_dir={store}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
-                   f"mlflow.artifact_root={store}/mlartifacts"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "segx.ensemble",
+            "ensemble.train_missing=true",
+            f"paths.output_dir={store}",
+            f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
+            f"mlflow.artifact_root={store}/mlartifacts",
+        ]
         env = dict(os.environ, KERAS_HOME=str(store / ".keras"), MPLCONFIGDIR=str(store / ".mpl"))
         t0 = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -54,10 +60,15 @@ def main() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         shutil.copy(summary, OUT / "test_summary.csv")
         disk = {p.name: round(_size(p) / 2**20, 1) for p in sorted(store.iterdir()) if not p.name.startswith(".")}
-    facts = {"disk_mb": disk, "load_average_1min_after": round(os.getloadavg()[0], 2),
-             "seconds": round(seconds, 1), "date": time.strftime("%Y-%m-%d"),
-             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-             "python": platform.python_version(), "command": "make ensemble (python -m segx.ensemble ensemble.train_missing=true)"}  # fmt: skip
+    facts = {
+        "disk_mb": disk,
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "seconds": round(seconds, 1),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "command": "make ensemble (python -m segx.ensemble ensemble.train_missing=true)",
+    }
     (OUT / "run.json").write_text(json.dumps(facts, indent=1))
     write_report()
 
@@ -84,16 +95,24 @@ def write_report() -> None:
         "training the three default members and searching the ensemble.\n\n"
         f"Best member test Dice {best_member:.4f}; ensemble {table.loc['ensemble', 'dice_mean']:.4f}; "
         f"equal weights {table.loc['equal-weights', 'dice_mean']:.4f}.\n\n"
-        + (f"Load average (1 min) right after: {facts['load_average_1min_after']} on {facts['machine']}"
-           " (other jobs were running: the time is inflated accordingly).\n\n"
-           if facts.get("load_average_1min_after", 0) > 1.5 else "")
-        + (f"Disk left by the run (MB): {', '.join(f'{k} {v}' for k, v in facts['disk_mb'].items())}; "
-           f"total {sum(facts['disk_mb'].values()):.1f}.\n\n" if facts.get("disk_mb") else "")
+        + (
+            f"Load average (1 min) right after: {facts['load_average_1min_after']} on {facts['machine']}"
+            " (other jobs were running: the time is inflated accordingly).\n\n"
+            if facts.get("load_average_1min_after", 0) > 1.5
+            else ""
+        )
+        + (
+            f"Disk left by the run (MB): {', '.join(f'{k} {v}' for k, v in facts['disk_mb'].items())}; "
+            f"total {sum(facts['disk_mb'].values()):.1f}.\n\n"
+            if facts.get("disk_mb")
+            else ""
+        )
         + markdown(table)
         + "\n"
     )
     (OUT / "RESULTS.md").write_text(text)
     print(text)
+
 
 if __name__ == "__main__":
     main()

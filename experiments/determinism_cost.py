@@ -95,8 +95,10 @@ def write_report() -> None:
         middle = (min(on + off) + max(on + off)) / 2
         fast_on, fast_off = [v for v in on if v > middle], [v for v in off if v > middle]
         fast = f"{statistics.median(fast_on) / statistics.median(fast_off):.3f}" if fast_on and fast_off else "n/a"
-        rows.append(f"| {backbone} | {spread(on)} | {spread(off)} | {spread(ratios, 3)} | "
-                    f"{len(on) - len(fast_on)}/{len(on)} | {len(off) - len(fast_off)}/{len(off)} | {fast} |")  # fmt: skip
+        rows.append(
+            f"| {backbone} | {spread(on)} | {spread(off)} | {spread(ratios, 3)} | "
+            f"{len(on) - len(fast_on)}/{len(on)} | {len(off) - len(fast_off)}/{len(off)} | {fast} |"
+        )
     text = (
         "# Cost of TF op determinism\n\n"
         f"`python experiments/determinism_cost.py --backbones {args['backbones']} --size {args['size']} "
@@ -113,6 +115,7 @@ def write_report() -> None:
     )
     (OUT / "RESULTS.md").write_text(text)
     print(text)
+
 
 if __name__ == "__main__":
     main()

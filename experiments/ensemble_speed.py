@@ -51,9 +51,15 @@ def load_images(n: int) -> tuple[list[np.ndarray], str]:
     if files:
         images = [cv2.cvtColor(cv2.imread(str(f), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for f in files]
         sizes = sorted({im.shape[:2] for im in images})
-        return images, f"the first {len(images)} DSB2018 training images at their own sizes ({len(sizes)} sizes, {sizes[0][1]}x{sizes[0][0]} to {sizes[-1][1]}x{sizes[-1][0]} px)"
+        return (
+            images,
+            f"the first {len(images)} DSB2018 training images at their own sizes ({len(sizes)} sizes, "
+            f"{sizes[0][1]}x{sizes[0][0]} to {sizes[-1][1]}x{sizes[-1][0]} px)",
+        )
     rng = np.random.default_rng(0)
-    return list(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)), f"{n} random 256x256 images (DSB2018 not found)"
+    return list(
+        rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    ), f"{n} random 256x256 images (DSB2018 not found)"
 
 
 def build_members(work: Path, size: int) -> tuple[dict, list[Path]]:
@@ -64,14 +70,23 @@ def build_members(work: Path, size: int) -> tuple[dict, list[Path]]:
     for i, backbone in enumerate(BACKBONES):
         keras.utils.set_random_seed(i)
         model = build_model("unet", backbone, size)
-        paths.append(save_member(model, work / f"{backbone}-{size}", {"arch": "unet", "backbone": backbone, "image_size": size}))
+        paths.append(
+            save_member(model, work / f"{backbone}-{size}", {"arch": "unet", "backbone": backbone, "image_size": size})
+        )
     view = {"mode": "resize", "size": size, "resize_mode": "resize"}
     n = len(BACKBONES)
     record = {
-        "format": "segx-ensemble", "version": 3, "tta": "none", "threshold": 0.5, "postprocess": {}, "weight_denominator": n,
-        "members": [{"run_id": f"bench{i}", "backbone": b, "arch": "unet", "weight": 1 / n, "weight_count": 1, "view": view}
-                    for i, b in enumerate(BACKBONES)],
-    }  # fmt: skip
+        "format": "segx-ensemble",
+        "version": 3,
+        "tta": "none",
+        "threshold": 0.5,
+        "postprocess": {},
+        "weight_denominator": n,
+        "members": [
+            {"run_id": f"bench{i}", "backbone": b, "arch": "unet", "weight": 1 / n, "weight_count": 1, "view": view}
+            for i, b in enumerate(BACKBONES)
+        ],
+    }
     return record, paths
 
 
@@ -81,18 +96,22 @@ def measure(size: int, tta: str, images: list[np.ndarray], rounds: int, work: Pa
     record, paths = build_members(work, size)
     record["tta"] = tta
     predictors = {
-        **{b: EnsemblePredictor({**record, "weight_denominator": 1, "members": [dict(m, weight=1.0, weight_count=1)]}, [p])
-           for b, m, p in zip(BACKBONES, record["members"], paths, strict=True)},
+        **{
+            b: EnsemblePredictor(
+                {**record, "weight_denominator": 1, "members": [dict(m, weight=1.0, weight_count=1)]}, [p]
+            )
+            for b, m, p in zip(BACKBONES, record["members"], paths, strict=True)
+        },
         "separate": EnsemblePredictor(record, paths, fused=False),
         "fused": EnsemblePredictor(record, paths, fused=True),
-    }  # fmt: skip
+    }
     for predictor in predictors.values():
         predictor.predict(images[:8])  # traces the graphs
     names = list(predictors)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     masks = {}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t0 = time.perf_counter()
             result = predictors[name].predict(images)
@@ -107,8 +126,16 @@ def measure(size: int, tta: str, images: list[np.ndarray], rounds: int, work: Pa
         "separate_over_sum": [seconds["separate"][r] / sums[r] for r in range(rounds)],
         "speedup_fused_over_separate": [seconds["separate"][r] / seconds["fused"][r] for r in range(rounds)],
     }
-    return {"size": size, "tta": tta, "images": len(images), "rounds": rounds, "seconds": seconds,
-            "sum_of_members": sums, "ratios": ratio, "masks_equal": equal}  # fmt: skip
+    return {
+        "size": size,
+        "tta": tta,
+        "images": len(images),
+        "rounds": rounds,
+        "seconds": seconds,
+        "sum_of_members": sums,
+        "ratios": ratio,
+        "masks_equal": equal,
+    }
 
 
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -116,26 +143,37 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def write_report(results: dict) -> None:
-    lines = ["# Ensemble prediction: three members against the sum of their times", "",
-             f"`{results['command']}` ({results['date']}, {results['machine']}). Members: "
-             f"{', '.join(BACKBONES)} U-Nets (random init), resize mode, equal weights; images: {results['images']}. "
-             "Each row: one process, five predictors timed in rotated order over the rounds; median (min-max) over rounds, "
-             "ratios taken within a round. `separate`: one compiled call per member network (segx before this "
-             "change); `fused`: every member in one compiled function (the default now).", "",
-             "| px | TTA | members alone s (each) | sum s | separate s | fused s | fused / sum | separate / sum | fused speed-up over separate | masks equal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Ensemble prediction: three members against the sum of their times",
+        "",
+        f"`{results['command']}` ({results['date']}, {results['machine']}). Members: "
+        f"{', '.join(BACKBONES)} U-Nets (random init), resize mode, equal weights; images: {results['images']}. "
+        "Each row: one process, five predictors timed in rotated order over the rounds; median (min-max) over rounds, "
+        "ratios taken within a round. `separate`: one compiled call per member network (segx before this "
+        "change); `fused`: every member in one compiled function (the default now).",
+        "",
+        "| px | TTA | members alone s (each) | sum s | separate s | fused s | fused / sum | separate / sum | fused "
+        "speed-up over separate | masks equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         each = ", ".join(f"{statistics.median(row['seconds'][b]):.2f}" for b in BACKBONES)
         r = row["ratios"]
-        lines.append(f"| {row['size']} | {row['tta']} | {each} | {spread(row['sum_of_members'])} | {spread(row['seconds']['separate'])} | "
-                     f"{spread(row['seconds']['fused'])} | {spread(r['fused_over_sum'], '{:.3f}')} | {spread(r['separate_over_sum'], '{:.3f}')} | "
-                     f"x{spread(r['speedup_fused_over_separate'], '{:.3f}')} | {'yes' if row['masks_equal'] else 'NO'} |")  # fmt: skip
-    lines += ["", "The target (issue 15): the ensemble predicts in no more than the sum of its members' times "
-              "(fused / sum <= 1). No files are read or written here. Each member alone resizes every image to "
-              "its input; the fused ensemble resizes each image once for all its members and runs them in one call, "
-              "so part of its gain is that shared work, part TensorFlow running three small networks' ops side by "
-              "side on the two cores. Both ensembles combine the members and threshold, which the members alone do "
-              "not; `separate / sum` near 1 says that costs little.", ""]  # fmt: skip
+        lines.append(
+            f"| {row['size']} | {row['tta']} | {each} | {spread(row['sum_of_members'])} | {spread(row['seconds']['separate'])} | "
+            f"{spread(row['seconds']['fused'])} | {spread(r['fused_over_sum'], '{:.3f}')} | {spread(r['separate_over_sum'], '{:.3f}')} | "
+            f"x{spread(r['speedup_fused_over_separate'], '{:.3f}')} | {'yes' if row['masks_equal'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "The target (issue 15): the ensemble predicts in no more than the sum of its members' times "
+        "(fused / sum <= 1). No files are read or written here. Each member alone resizes every image to "
+        "its input; the fused ensemble resizes each image once for all its members and runs them in one call, "
+        "so part of its gain is that shared work, part TensorFlow running three small networks' ops side by "
+        "side on the two cores. Both ensembles combine the members and threshold, which the members alone do "
+        "not; `separate / sum` near 1 says that costs little.",
+        "",
+    ]
     (OUT / "RESULTS.md").write_text("\n".join(lines))
 
 
@@ -153,9 +191,13 @@ def main() -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     images, described = load_images(args.images)
-    results = {"command": "python experiments/ensemble_speed.py " + " ".join(sys.argv[1:]),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-               "images": described, "rows": []}  # fmt: skip
+    results = {
+        "command": "python experiments/ensemble_speed.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+        "images": described,
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="segx-ensemble-speed-") as work:
         for size in args.sizes:
             for tta in args.tta:

@@ -63,9 +63,7 @@ def blob_case(index: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         axes = tuple(int(a) for a in rng.integers(side // 60, side // 12, 2))
         angle = float(rng.uniform(0, 180))
         foreground = k % 3 != 2
-        colour = tuple(
-            int(c) for c in (rng.integers(150, 255, 3) if foreground else rng.integers(90, 150, 3))
-        )
+        colour = tuple(int(c) for c in (rng.integers(150, 255, 3) if foreground else rng.integers(90, 150, 3)))
         cv2.ellipse(image, center, axes, angle, 0, 360, colour, -1, cv2.LINE_AA)
         cv2.ellipse(mask, center, axes, angle, 0, 360, 255 if foreground else 0, -1, cv2.LINE_8)
     return image, mask
@@ -177,9 +175,7 @@ def measure(cmd: list[str], log_path: Path) -> dict:
     driver = _status(os.getpid()) or {"VmRSS": 0}
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 
         def read() -> None:
             for line in proc.stdout:
@@ -237,8 +233,7 @@ def measure(cmd: list[str], log_path: Path) -> dict:
         "sampled_max_file_mib": max((s[3] for s in samples), default=0) / 1024,
         "phases": phases,
         "series": [
-            [round(t, 1), round(r / 1024), round(a / 1024), round(f / 1024)]
-            for t, r, a, f, _ in samples[::every]
+            [round(t, 1), round(r / 1024), round(a / 1024), round(f / 1024)] for t, r, a, f, _ in samples[::every]
         ],
         "log": str(log_path),
     }
@@ -247,7 +242,7 @@ def measure(cmd: list[str], log_path: Path) -> dict:
 PREPARE_CHILD = r"""
 import json, time, tracemalloc
 from omegaconf import OmegaConf
-from segx.data.prepare import prepare
+from segx.workflows.prepare import prepare
 
 def status_mib(key):
     for line in open("/proc/self/status"):
@@ -274,10 +269,8 @@ print(json.dumps({{"seconds": seconds, "rss_before_mib": before, "rss_after_mib"
 """
 
 
-def prepare_only(
-    mode: str, root: Path, split: Path, cache: Path, output: Path, trace: bool
-) -> dict:
-    """``segx.data.prepare.prepare`` alone in a fresh process (no TensorFlow is imported): how
+def prepare_only(mode: str, root: Path, split: Path, cache: Path, output: Path, trace: bool) -> dict:
+    """``segx.workflows.prepare.prepare`` alone in a fresh process (no TensorFlow is imported): how
     long reading the folder takes and what the prepared data holds, without a network around it."""
     code = PREPARE_CHILD.format(
         root=str(root),
@@ -288,18 +281,27 @@ def prepare_only(
         trace=trace,
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"prepare ({mode}, {root}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def train_command(mode: str, root: Path, split: Path, cache: Path, output: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "segx.train", "data=folder", f"data.root={root}", f"data.mode={mode}",
-           "backbone=resnet18", "trainer.epochs=1", "trainer.verbose=2", f"data.split_file={split}",
-           f"data.cache_dir={cache}", f"paths.output_dir={output}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "segx.train",
+        "data=folder",
+        f"data.root={root}",
+        f"data.mode={mode}",
+        "backbone=resnet18",
+        "trainer.epochs=1",
+        "trainer.verbose=2",
+        f"data.split_file={split}",
+        f"data.cache_dir={cache}",
+        f"paths.output_dir={output}",
+    ]
     if mode == "patch":
         cmd += ["data.patch_size=64", "data.samples_per_epoch=32"]
     else:
@@ -324,9 +326,7 @@ def main() -> None:
         action="store_true",
         help="delete the decoded caches and run folders at the end",
     )
-    parser.add_argument(
-        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
-    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
     if args.report_only:
         write_report()
@@ -341,12 +341,17 @@ def main() -> None:
     need = (sum(sizes) + max(sizes)) * args.side**2 * 4 * 1.05 + max(sizes) * 0.5 * MIB
     free = shutil.disk_usage(work.parent if not work.exists() else work).free
     if free < 1.5 * need:
-        raise SystemExit(
-            f"{work}: {free / 2**30:.1f} GiB free, this needs about {need / 2**30:.1f} GiB (x1.5 margin)"
-        )
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, this needs about {need / 2**30:.1f} GiB (x1.5 margin)")
     data = make_data(work, sizes, args.side, args.val, args.test)
-    fresh = {"args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-             "png_mib_per_case": data["png_mib_per_case"], "runs": [], "cache": {}, "prepare": []}  # fmt: skip
+    fresh = {
+        "args": vars(args),
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "png_mib_per_case": data["png_mib_per_case"],
+        "runs": [],
+        "cache": {},
+        "prepare": [],
+    }
     saved = fresh
     if (OUT / "results.json").exists():
         # A run of some stages keeps the other stages' results of the same data and settings.
@@ -354,9 +359,7 @@ def main() -> None:
         same = ("work", "sizes", "side", "val", "test")
         if all(old["args"].get(k) == fresh["args"][k] for k in same):
             saved = old
-            saved["args"]["stages"] = ",".join(
-                sorted(set(old["args"].get("stages", "train").split(",")) | set(stages))
-            )
+            saved["args"]["stages"] = ",".join(sorted(set(old["args"].get("stages", "train").split(",")) | set(stages)))
             saved.setdefault("prepare", [])
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -371,17 +374,23 @@ def main() -> None:
         for mode, n, which in plan:
             cache = work / "cache" / f"n{n}"
             if mode == "patch" and which == "first":
-                shutil.rmtree(
-                    cache, ignore_errors=True
-                )  # a decoding run starts from an empty cache
+                shutil.rmtree(cache, ignore_errors=True)  # a decoding run starts from an empty cache
             output = work / "runs" / f"{mode}-n{n}-{which.replace(' ', '-')}"
             shutil.rmtree(output, ignore_errors=True)
             output.mkdir(parents=True)
             cmd = train_command(mode, work / "data" / f"n{n}", data["splits"][n], cache, output)
             print(f"== {mode} mode, {n} images, {which} run", flush=True)
             result = measure(cmd, output / "train.log")
-            result.update({"mode": mode, "images": n, "run": which, "train": n - args.val - args.test,
-                           "val": args.val, "test": args.test})  # fmt: skip
+            result.update(
+                {
+                    "mode": mode,
+                    "images": n,
+                    "run": which,
+                    "train": n - args.val - args.test,
+                    "val": args.val,
+                    "test": args.test,
+                }
+            )
             saved["runs"].append(result)
             if str(n) not in saved["cache"]:
                 saved["cache"][str(n)] = disk_usage(cache)
@@ -403,14 +412,22 @@ def main() -> None:
             # Decoding into an empty cache, then the same again (cache hit), then the cache hit
             # under tracemalloc (what prepare's result holds; tracemalloc slows Python down, so
             # its run is not timed). Resize mode reads the same cache.
-            steps = [("patch", "decode", False), ("patch", "cache hit", False), ("patch", "cache hit", True),
-                     ("resize", "cache hit", False), ("resize", "cache hit", True)]  # fmt: skip
+            steps = [
+                ("patch", "decode", False),
+                ("patch", "cache hit", False),
+                ("patch", "cache hit", True),
+                ("resize", "cache hit", False),
+                ("resize", "cache hit", True),
+            ]
             for mode, which, trace in steps:
                 result = prepare_only(mode, root, split, scratch / "cache", scratch / "out", trace)
                 result.update({"mode": mode, "images": n, "run": which, "traced": trace})
                 saved["prepare"].append(result)
-                print(f"== prepare {mode} {n} images {which}{' (tracemalloc)' if trace else ''}: "
-                      f"{result['seconds']:.1f} s, held {result['traced_held_mib']:.1f} MiB", flush=True)  # fmt: skip
+                print(
+                    f"== prepare {mode} {n} images {which}{' (tracemalloc)' if trace else ''}: "
+                    f"{result['seconds']:.1f} s, held {result['traced_held_mib']:.1f} MiB",
+                    flush=True,
+                )
                 save()
             shutil.rmtree(scratch, ignore_errors=True)
     if args.cleanup:
@@ -457,11 +474,7 @@ def write_report(quiet: bool = False) -> None:
     prepare_rows = []
     for mode in ("patch", "resize"):
         for n in sorted({r["images"] for r in saved.get("prepare", [])}):
-            got = {
-                (r["run"], r["traced"]): r
-                for r in saved["prepare"]
-                if r["mode"] == mode and r["images"] == n
-            }
+            got = {(r["run"], r["traced"]): r for r in saved["prepare"] if r["mode"] == mode and r["images"] == n}
             decode, hit, traced = (
                 got.get(("decode", False)),
                 got.get(("cache hit", False)),
@@ -470,9 +483,7 @@ def write_report(quiet: bool = False) -> None:
             if not hit or not traced:
                 continue
             decode_s = f"{decode['seconds']:.1f}" if decode else "-"
-            decode_peak = (
-                f"{decode['peak_rss_mib'] - decode['rss_before_mib']:.0f}" if decode else "-"
-            )
+            decode_peak = f"{decode['peak_rss_mib'] - decode['rss_before_mib']:.0f}" if decode else "-"
             prepare_rows.append(
                 f"| {mode} | {n} | {decode_s} | {hit['seconds']:.1f} | "
                 f"{traced['traced_held_mib']:.2f} | {1024 * traced['traced_held_mib'] / n:.1f} | "
@@ -482,7 +493,7 @@ def write_report(quiet: bool = False) -> None:
     prepare_text = ""
     if prepare_rows:
         prepare_text = (
-            "\nData preparation alone (`segx.data.prepare.prepare(cfg.data, ...)` in a fresh process, "
+            "\nData preparation alone (`segx.workflows.prepare.prepare(cfg.data, ...)` in a fresh process, "
             "no TensorFlow; the same folders and split files, a fresh decoded cache). Decode: into the "
             "empty cache; cache hit: the same call again (every file is still hashed, every entry's "
             "headers read). Held: what Python and numpy allocations prepare's result keeps, measured "

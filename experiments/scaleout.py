@@ -38,9 +38,15 @@ sys.path.insert(0, str(ROOT))
 MODES = {
     "serial": ["trainer.threads=2"],
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-    "slurm": ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-              "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=60"],
-}  # fmt: skip
+    "slurm": [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=4",
+        "hydra.launcher.timeout_min=60",
+    ],
+}
 
 
 def slurm_answers() -> bool:
@@ -52,9 +58,22 @@ def slurm_answers() -> bool:
 def run_sweep(mode: str, work: Path, data: Path, settings: list[str]) -> dict:
     out = work / mode
     shutil.rmtree(out, ignore_errors=True)
-    args = [sys.executable, "-m", "segx.train", "-m", "backbone=resnet18,mobilenetv2", "fold=0,1", *MODES[mode],
-            f"paths.output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"data.root={data}",
-            "data.folds=2", "trainer.verbose=0", "mlflow.system_metrics=false", *settings]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "segx.train",
+        "-m",
+        "backbone=resnet18,mobilenetv2",
+        "fold=0,1",
+        *MODES[mode],
+        f"paths.output_dir={out}",
+        f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+        f"data.root={data}",
+        "data.folds=2",
+        "trainer.verbose=0",
+        "mlflow.system_metrics=false",
+        *settings,
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("SEGX_SWEEP_STAMP", None)
     start = time.monotonic()
@@ -71,13 +90,28 @@ def run_sweep(mode: str, work: Path, data: Path, settings: list[str]) -> dict:
     files = [f for f in (out / "mlartifacts").rglob("*") if f.is_file()]
     artifacts = sum(f.stat().st_size for f in files)
     model = sum(f.stat().st_size for f in files if "model" in f.relative_to(out / "mlartifacts").parts)
-    return {"mode": mode, "wall_s": round(wall, 1), "members": len(runs), "member_run_s": [round(s, 1) for s in member_s],
-            "threads": sorted({r.data.tags["segx.threads"] for r in runs}), "artifact_mb": round(artifacts / 2**20, 2), "model_mb": round(model / 2**20, 2)}  # fmt: skip
+    return {
+        "mode": mode,
+        "wall_s": round(wall, 1),
+        "members": len(runs),
+        "member_run_s": [round(s, 1) for s in member_s],
+        "threads": sorted({r.data.tags["segx.threads"] for r in runs}),
+        "artifact_mb": round(artifacts / 2**20, 2),
+        "model_mb": round(model / 2**20, 2),
+    }
 
 
 def epoch_metrics(step: int) -> dict[str, float]:
     # What MemberCallback logs per epoch.
-    keys = ("curves/val_dice", "curves/val_iou", "curves/val_loss", "curves/lr", "curves/train_loss", "curves/train_dice", "curves/train_iou")
+    keys = (
+        "curves/val_dice",
+        "curves/val_iou",
+        "curves/val_loss",
+        "curves/lr",
+        "curves/train_loss",
+        "curves/train_dice",
+        "curves/train_iou",
+    )
     return {k: 0.5 + step / 1000 for k in keys}
 
 
@@ -95,7 +129,7 @@ def logging_latency(work: Path, calls: int, rounds: int) -> dict:
         times: dict[str, list[float]] = {name: [] for name in stores}
         step = 0
         for r in range(rounds):
-            for name in (stores if r % 2 == 0 else reversed(list(stores))):
+            for name in stores if r % 2 == 0 else reversed(list(stores)):
                 client, run_id = runs[name]
                 for _ in range(calls):
                     step += 1
@@ -107,8 +141,13 @@ def logging_latency(work: Path, calls: int, rounds: int) -> dict:
     summary = {}
     for name, values in times.items():
         values = sorted(values)
-        summary[name] = {"median_ms": round(statistics.median(values), 2), "p90_ms": round(values[int(0.9 * len(values))], 2),
-                         "min_ms": round(values[0], 2), "max_ms": round(values[-1], 2), "calls": len(values)}  # fmt: skip
+        summary[name] = {
+            "median_ms": round(statistics.median(values), 2),
+            "p90_ms": round(values[int(0.9 * len(values))], 2),
+            "min_ms": round(values[0], 2),
+            "max_ms": round(values[-1], 2),
+            "calls": len(values),
+        }
     return summary
 
 
@@ -120,12 +159,27 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((OUT / "results.json").read_text())
         modes = [m for m in MODES if any(r["mode"] == m for r in saved["rows"])]
-        write_results(saved["rows"], saved["logging_latency"], modes, saved["settings"], saved["rounds"], saved["quick"],
-                      saved["date"])  # the date of the measurement, not of the rewrite
+        write_results(
+            saved["rows"],
+            saved["logging_latency"],
+            modes,
+            saved["settings"],
+            saved["rounds"],
+            saved["quick"],
+            saved["date"],
+        )  # the date of the measurement, not of the rewrite
         return
-    settings = (["data.n_images=16", "data.source_size=64", "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=4"]
-                if args.quick else
-                ["data.n_images=32", "data.source_size=128", "data.image_size=128", "trainer.epochs=3", "trainer.batch_size=8"])  # fmt: skip
+    settings = (
+        ["data.n_images=16", "data.source_size=64", "data.image_size=64", "trainer.epochs=1", "trainer.batch_size=4"]
+        if args.quick
+        else [
+            "data.n_images=32",
+            "data.source_size=128",
+            "data.image_size=128",
+            "trainer.epochs=3",
+            "trainer.batch_size=8",
+        ]
+    )
     rounds = 1 if args.quick else 2
     modes = ["serial", "joblib"] + (["slurm"] if slurm_answers() else [])
     OUT.mkdir(parents=True, exist_ok=True)
@@ -137,7 +191,7 @@ def main() -> None:
         size = int(settings[1].split("=")[1])
         data = generate(work / "data", n_images=int(settings[0].split("=")[1]), size=size, seed=0)
         for r in range(rounds):
-            for mode in (modes if r % 2 == 0 else list(reversed(modes))):
+            for mode in modes if r % 2 == 0 else list(reversed(modes)):
                 row = {"round": r, **run_sweep(mode, work, data, settings)}
                 rows.append(row)
                 print(row, flush=True)
@@ -152,14 +206,28 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
     for mode in modes:
         walls = [r["wall_s"] for r in rows if r["mode"] == mode]
         member = [s for r in rows if r["mode"] == mode for s in r["member_run_s"]]
-        summary[mode] = {"median_wall_s": statistics.median(walls), "min_wall_s": min(walls), "max_wall_s": max(walls),
-                         "median_member_s": statistics.median(member), "threads": rows[[r["mode"] for r in rows].index(mode)]["threads"]}  # fmt: skip
+        summary[mode] = {
+            "median_wall_s": statistics.median(walls),
+            "min_wall_s": min(walls),
+            "max_wall_s": max(walls),
+            "median_member_s": statistics.median(member),
+            "threads": rows[[r["mode"] for r in rows].index(mode)]["threads"],
+        }
     serial = summary["serial"]["median_wall_s"]
     artifact_mb = statistics.median(r["artifact_mb"] / r["members"] for r in rows)
     other_mb = statistics.median((r["artifact_mb"] - r["model_mb"]) / r["members"] for r in rows)
-    results = {"date": date or time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores, no GPU", "settings": settings,
-               "rounds": rounds, "quick": quick, "rows": rows, "summary": summary, "logging_latency": latency,
-               "artifact_mb_per_member": artifact_mb, "non_model_mb_per_member": other_mb}  # fmt: skip
+    results = {
+        "date": date or time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "settings": settings,
+        "rounds": rounds,
+        "quick": quick,
+        "rows": rows,
+        "summary": summary,
+        "logging_latency": latency,
+        "artifact_mb_per_member": artifact_mb,
+        "non_model_mb_per_member": other_mb,
+    }
     from segx.models import build_model
 
     params = build_model("unet", "resnet34", 64).count_params()
@@ -178,15 +246,30 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
     ]
     shape = {"serial": "1 x 2", "joblib": "2 x 1", "slurm": "2 tasks x 1 CPU"}
     for mode, s in summary.items():
-        lines.append(f"| {mode} | {shape[mode]} (threads tag {','.join(s['threads'])}) | {s['median_wall_s']:.0f} "
-                     f"({s['min_wall_s']:.0f}-{s['max_wall_s']:.0f}) | x{serial / s['median_wall_s']:.2f} | {s['median_member_s']:.0f} |")  # fmt: skip
-    lines += ["", "Per round (the load from other work differed between rounds; within a round the modes ran back to back):", "",
-              "| round | " + " | ".join(f"{m} wall s" for m in summary) + " | " + " | ".join(f"serial/{m}" for m in summary if m != "serial") + " |",
-              "|---|" + "---|" * (2 * len(summary) - 1)]  # fmt: skip
+        lines.append(
+            f"| {mode} | {shape[mode]} (threads tag {','.join(s['threads'])}) | {s['median_wall_s']:.0f} "
+            f"({s['min_wall_s']:.0f}-{s['max_wall_s']:.0f}) | x{serial / s['median_wall_s']:.2f} | {s['median_member_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per round (the load from other work differed between rounds; within a round the modes ran back to back):",
+        "",
+        "| round | "
+        + " | ".join(f"{m} wall s" for m in summary)
+        + " | "
+        + " | ".join(f"serial/{m}" for m in summary if m != "serial")
+        + " |",
+        "|---|" + "---|" * (2 * len(summary) - 1),
+    ]
     for r in sorted({row["round"] for row in rows}):
         wall = {row["mode"]: row["wall_s"] for row in rows if row["round"] == r}
-        lines.append(f"| {r} | " + " | ".join(f"{wall[m]:.0f}" for m in summary) + " | "
-                     + " | ".join(f"x{wall['serial'] / wall[m]:.2f}" for m in summary if m != "serial") + " |")  # fmt: skip
+        lines.append(
+            f"| {r} | "
+            + " | ".join(f"{wall[m]:.0f}" for m in summary)
+            + " | "
+            + " | ".join(f"x{wall['serial'] / wall[m]:.2f}" for m in summary if m != "serial")
+            + " |"
+        )
     if "slurm" not in summary:
         lines += ["", "SLURM did not answer on this machine, so its row is missing (`make slurm-local` starts one)."]
     sq, sv = latency["sqlite"], latency["server"]
@@ -197,7 +280,8 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
         "| store | median ms | p90 ms | min-max ms | calls |",
         "|---|---|---|---|---|",
         f"| SQLite file (`sqlite:///...`) | {sq['median_ms']} | {sq['p90_ms']} | {sq['min_ms']}-{sq['max_ms']} | {sq['calls']} |",
-        f"| `segx.server` (HTTP, PostgreSQL, 1 worker) | {sv['median_ms']} | {sv['p90_ms']} | {sv['min_ms']}-{sv['max_ms']} | {sv['calls']} |",
+        f"| `segx.server` (HTTP, PostgreSQL, 1 worker) | {sv['median_ms']} | {sv['p90_ms']} | "
+        f"{sv['min_ms']}-{sv['max_ms']} | {sv['calls']} |",
         "",
         "## What a 16-GPU cluster would need (worked from the figures above)",
         "",
@@ -205,9 +289,11 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
     per_call = sv["p90_ms"] / 1000
     for epoch_s in (10, 60):
         load = 16 * per_call / epoch_s
-        lines.append(f"- 16 members training at once, an epoch every {epoch_s} s on a GPU (an assumption: a 256 px "
-                     f"U-Net epoch over a few hundred images): 16 / {epoch_s} = {16 / epoch_s:.2f} metric requests/s, each "
-                     f"holding the server {per_call * 1000:.0f} ms (p90 here), so one worker is busy {100 * load:.1f}% of the time.")  # fmt: skip
+        lines.append(
+            f"- 16 members training at once, an epoch every {epoch_s} s on a GPU (an assumption: a 256 px "
+            f"U-Net epoch over a few hundred images): 16 / {epoch_s} = {16 / epoch_s:.2f} metric requests/s, each "
+            f"holding the server {per_call * 1000:.0f} ms (p90 here), so one worker is busy {100 * load:.1f}% of the time."
+        )
     big_mb = results["resnet34_unet_weights_mb"]
     member_mb = 2 * big_mb + other_mb  # weights.h5 and model.keras, plus caches and figures
     burst_gb = 16 * member_mb / 1024
@@ -223,7 +309,7 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
         "`trainer.strategy=mirrored`; the sweep folder and `paths.output_dir` (splits, locks, checkpoints) must be on "
         "the shared filesystem, the tracking server needs no shared filesystem.",
         "- The server is not the bottleneck at this scale: one worker suffices for metrics; `mlflow server --workers 4` "
-        "(make server ARGS=\"workers=4\") covers UI users and artifact uploads at the same time.",
+        '(make server ARGS="workers=4") covers UI users and artifact uploads at the same time.',
     ]
     text = "\n".join(lines) + "\n"
     (OUT / "RESULTS.md").write_text(text)

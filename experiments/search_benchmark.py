@@ -88,9 +88,14 @@ def _segx(members, truth, thresholds, method: str):
     exact = search.exact_dice(members, truth, best.weights, best.threshold).mean()
     if exact != best.val_dice:
         raise SystemExit(f"segx {method}: searched Dice {best.val_dice!r} != prediction path {exact!r}")
-    info = {"dice": best.val_dice, "compact_s": compact_s, "kept_%": 100 * data.kept_fraction,
-            "steps": len(result.history), "weights": "/".join(map(str, best.weights.counts)) + f" over {best.weights.denominator}",
-            "threshold": best.threshold}  # fmt: skip
+    info = {
+        "dice": best.val_dice,
+        "compact_s": compact_s,
+        "kept_%": 100 * data.kept_fraction,
+        "steps": len(result.history),
+        "weights": "/".join(map(str, best.weights.counts)) + f" over {best.weights.denominator}",
+        "threshold": best.threshold,
+    }
     return info, wall, cpu
 
 
@@ -123,7 +128,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--members", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each timing")
-    parser.add_argument("--naive-max-combos", type=int, default=300, help="run the naive grid only up to this many combinations")
+    parser.add_argument(
+        "--naive-max-combos", type=int, default=300, help="run the naive grid only up to this many combinations"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.quick:
@@ -146,14 +153,37 @@ def main() -> None:
             order = list(tasks) if rep % 2 == 0 else list(tasks)[::-1]
             for name in order:
                 info, wall, cpu = tasks[name]()
-                runs.append({"members": n_members, "images": args.images, "size": args.size, "repeat": rep,
-                             "method": name, "wall_s": wall, "cpu_s": cpu, **info})  # fmt: skip
-                print(f"  {n_members} members, repeat {rep}: {name:16s} {wall:8.3f}s wall {cpu:8.3f}s cpu  "
-                      f"Dice {info['dice']:.4f}", flush=True)  # fmt: skip
+                runs.append(
+                    {
+                        "members": n_members,
+                        "images": args.images,
+                        "size": args.size,
+                        "repeat": rep,
+                        "method": name,
+                        "wall_s": wall,
+                        "cpu_s": cpu,
+                        **info,
+                    }
+                )
+                print(
+                    f"  {n_members} members, repeat {rep}: {name:16s} {wall:8.3f}s wall {cpu:8.3f}s cpu  "
+                    f"Dice {info['dice']:.4f}",
+                    flush=True,
+                )
         if not run_grid:
             estimate = _naive_estimate(probs_float, truth, combos)
-            runs.append({"members": n_members, "images": args.images, "size": args.size, "repeat": 0,
-                         "method": "naive grid (estimated)", "wall_s": estimate, "cpu_s": float("nan"), "dice": float("nan")})  # fmt: skip
+            runs.append(
+                {
+                    "members": n_members,
+                    "images": args.images,
+                    "size": args.size,
+                    "repeat": 0,
+                    "method": "naive grid (estimated)",
+                    "wall_s": estimate,
+                    "cpu_s": float("nan"),
+                    "dice": float("nan"),
+                }
+            )
         summary.append(_summarise(pd.DataFrame([r for r in runs if r["members"] == n_members]), n_members, combos))
     table = pd.DataFrame(runs)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +232,13 @@ def _write_report(args, summary: list[dict], thresholds: list[float]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     names = ["naive grid", "naive grid (estimated)", "segx greedy", "segx grid t=0.5", "segx grid"]
-    labels = {"naive grid": "naive grid 0.1, threshold 0.5", "naive grid (estimated)": "naive grid 0.1, threshold 0.5",
-              "segx greedy": "segx greedy (default)", "segx grid t=0.5": "segx grid 0.1, threshold 0.5 (same candidates)",
-              "segx grid": "segx grid 0.1, 9 thresholds"}  # fmt: skip
+    labels = {
+        "naive grid": "naive grid 0.1, threshold 0.5",
+        "naive grid (estimated)": "naive grid 0.1, threshold 0.5",
+        "segx greedy": "segx greedy (default)",
+        "segx grid t=0.5": "segx grid 0.1, threshold 0.5 (same candidates)",
+        "segx grid": "segx grid 0.1, 9 thresholds",
+    }
     for s in summary:
         for name in names:
             if name not in s:
@@ -215,18 +249,24 @@ def _write_report(args, summary: list[dict], thresholds: list[float]) -> None:
             best = "" if name.startswith("naive") else f"{row['weights']}, {row['threshold']}"
             if name == "naive grid":
                 best = f"{row['weights']}, 0.5"
-            lines.append(f"| {s['members']} | {labels[name]} | {r['wall']} | {dice} | {r.get('speedup', '1' if name.startswith('naive') else '')} | "
-                         f"{r.get('speedup_cpu', '')} | {best} |")  # fmt: skip
+            lines.append(
+                f"| {s['members']} | {labels[name]} | {r['wall']} | {dice} | {r.get('speedup', '1' if name.startswith('naive') else '')} | "
+                f"{r.get('speedup_cpu', '')} | {best} |"
+            )
     kept = ", ".join(f"{s['members']} members {s['kept']:.1f}%" for s in summary)
-    lines += ["", f"Pixels kept by the compaction (the rest are decided for every candidate): {kept}.",
-              "segx times include the compaction pass. 'est.': the naive grid was timed on a sample of "
-              "combinations and multiplied by the number of combinations (19,448 at 8 members). Every segx "
-              "Dice above equals the prediction path's Dice (combine, binarize, per-case Dice) to the last bit; "
-              "the naive grid thresholds a float64 average, so its Dice can differ at exact ties.",
-              "", "The naive grid streams a float64 average of every image per combination and is bound by "
-              "memory bandwidth, which other processes share: under load it slows down more than segx (whose "
-              "kept pixels and tables stay in cache), so speed-ups measured on a busy machine are larger than "
-              "on an idle one. The CPU-time column counts the naive grid's BLAS threads too."]  # fmt: skip
+    lines += [
+        "",
+        f"Pixels kept by the compaction (the rest are decided for every candidate): {kept}.",
+        "segx times include the compaction pass. 'est.': the naive grid was timed on a sample of "
+        "combinations and multiplied by the number of combinations (19,448 at 8 members). Every segx "
+        "Dice above equals the prediction path's Dice (combine, binarize, per-case Dice) to the last bit; "
+        "the naive grid thresholds a float64 average, so its Dice can differ at exact ties.",
+        "",
+        "The naive grid streams a float64 average of every image per combination and is bound by "
+        "memory bandwidth, which other processes share: under load it slows down more than segx (whose "
+        "kept pixels and tables stay in cache), so speed-ups measured on a busy machine are larger than "
+        "on an idle one. The CPU-time column counts the naive grid's BLAS threads too.",
+    ]
     (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 

@@ -66,22 +66,34 @@ def main() -> None:
     from segx import models
     from segx.backend import tf
     from segx.config import compose
-    from segx.data.prepare import prepare
-    from segx.training.augment import SeededAugmenter, build_augmentation
+    from segx.objects import build_augmentation
+    from segx.training.augment import SeededAugmenter
     from segx.training.fit import make_train_dataset
+    from segx.workflows.prepare import prepare
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segx-tfdata-") as work:
-        cfg = compose("train", overrides=[
-            "data=folder", f"data.root={DATA}", f"data.image_size={args.size}", f"data.limit_cases={args.cases}",
-            f"paths.output_dir={work}", "augment=strong", f"backbone={args.backbone}"])  # fmt: skip
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=folder",
+                f"data.root={DATA}",
+                f"data.image_size={args.size}",
+                f"data.limit_cases={args.cases}",
+                f"paths.output_dir={work}",
+                "augment=strong",
+                f"backbone={args.backbone}",
+            ],
+        )
         train = prepare(cfg.data, cfg.paths.output_dir).part("train")
         pipeline = build_augmentation(cfg.augment.transforms)
         models.set_determinism(0, True)  # as members train by default
         model = models.build_model("unet", args.backbone, args.size)
         models.set_bn_momentum(model, 0.9)
         models.compile_model(model, models.keras.optimizers.Adam(1e-3), {"dice": 1, "bce": 1})
-        base, _ = make_train_dataset(train.images, train.masks, SeededAugmenter(pipeline), args.backbone, args.batch, 0, epochs=10_000)
+        base, _ = make_train_dataset(
+            train.images, train.masks, SeededAugmenter(pipeline), args.backbone, args.batch, 0, epochs=10_000
+        )
         datasets = {name: base if opts is None else base.with_options(opts) for name, opts in variants(tf).items()}
         prep = models.preprocessing(args.backbone)
         x = prep(train.images[: args.batch].astype(np.float32)).astype(np.float32)
@@ -92,7 +104,7 @@ def main() -> None:
         names = list(datasets)
         rates: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 t0 = time.perf_counter()
                 model.fit(datasets[name], steps_per_epoch=args.steps, epochs=1, verbose=0)
@@ -100,18 +112,34 @@ def main() -> None:
             print(f"round {r}: " + ", ".join(f"{n}: {rates[n][-1]:.1f}" for n in names), flush=True)
         segx_name = names[0]
         ratios = {n: [rates[n][r] / rates[segx_name][r] for r in range(args.rounds)] for n in names}
-        results = {"command": "python experiments/tfdata_options.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M"),
-                   "cores": os.cpu_count(), "backbone": args.backbone, "size": args.size, "batch": args.batch, "steps": args.steps,
-                   "cases": len(train.images), "rates": rates, "ratios": ratios}  # fmt: skip
+        results = {
+            "command": "python experiments/tfdata_options.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cores": os.cpu_count(),
+            "backbone": args.backbone,
+            "size": args.size,
+            "batch": args.batch,
+            "steps": args.steps,
+            "cases": len(train.images),
+            "rates": rates,
+            "ratios": ratios,
+        }
         (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["# tf.data options on segx's training pipeline", "",
-             f"`{results['command']}` ({results['date']}, {results['cores']} CPU cores). {args.backbone} U-Net at {args.size} px, "
-             f"batch {args.batch}, {results['cases']} DSB2018 training cases, augment=strong; {args.steps} training steps per "
-             f"variant per round, {args.rounds} rounds in rotated order; median (min-max) over rounds.", "",
-             "| pipeline | training img/s | / segx's pipeline |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "# tf.data options on segx's training pipeline",
+        "",
+        f"`{results['command']}` ({results['date']}, {results['cores']} CPU cores). {args.backbone} U-Net at {args.size} px, "
+        f"batch {args.batch}, {results['cases']} DSB2018 training cases, augment=strong; {args.steps} training steps per "
+        f"variant per round, {args.rounds} rounds in rotated order; median (min-max) over rounds.",
+        "",
+        "| pipeline | training img/s | / segx's pipeline |",
+        "|---|---|---|",
+    ]
     for n in names:
-        lines.append(f"| {n} | {statistics.median(rates[n]):.1f} ({min(rates[n]):.1f}-{max(rates[n]):.1f}) | "
-                     f"{statistics.median(ratios[n]):.3f} ({min(ratios[n]):.3f}-{max(ratios[n]):.3f}) |")  # fmt: skip
+        lines.append(
+            f"| {n} | {statistics.median(rates[n]):.1f} ({min(rates[n]):.1f}-{max(rates[n]):.1f}) | "
+            f"{statistics.median(ratios[n]):.3f} ({min(ratios[n]):.3f}-{max(ratios[n]):.3f}) |"
+        )
     text = "\n".join(lines) + "\n"
     (OUT / "RESULTS.md").write_text(text)
     print(text)

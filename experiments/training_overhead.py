@@ -37,10 +37,21 @@ SETTINGS = {
 
 def train(work: Path, name: str, extra: list[str], epochs: int, data: Path) -> dict:
     out = work / name.split(" ")[0].replace("(", "")
-    args = [sys.executable, "-m", "segx.train", f"trainer.epochs={epochs}", "trainer.early_stopping.patience=0",
-            f"paths.output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"data.root={data}",
-            "trainer.verbose=0", *extra]  # fmt: skip
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    args = [
+        sys.executable,
+        "-m",
+        "segx.train",
+        f"trainer.epochs={epochs}",
+        "trainer.early_stopping.patience=0",
+        f"paths.output_dir={out}",
+        f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+        f"data.root={data}",
+        "trainer.verbose=0",
+        *extra,
+    ]
+    done = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    )
     if done.returncode != 0:
         raise SystemExit(f"{name}: training failed\n{done.stderr[-3000:]}")
     from segx import tracking
@@ -107,35 +118,55 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         later = [row for row in rows if row["setting"] == name]
         if not later:
             continue
+
         # From the epoch after the first validated one (epoch 1 builds the training graph, the
         # first validation the prediction graph), pooled over rounds.
         def start(row):
             return next(i for i, v in enumerate(row["time/validation_s"]) if v > 0) + 1
 
-        pooled = {k: [v for row in later for v in row[k][start(row):]] for k in later[0]
-                  if k.startswith("time/") and k != "time/final_checkpoint_s"}  # fmt: skip
+        pooled = {
+            k: [v for row in later for v in row[k][start(row) :]]
+            for k in later[0]
+            if k.startswith("time/") and k != "time/final_checkpoint_s"
+        }
         first = [row["time/overhead"][0] for row in later]
         # The whole training from epoch 2 on, the last epoch's checkpoint included (written
         # after every epoch's metrics, so it is logged apart): the share that is not steps.
         whole = []
         for row in later:
-            steps = sum(row["time/steps_s"][start(row):])
-            added = sum(sum(row[f"time/{p}_s"][start(row):]) for p in PARTS) + sum(row.get("time/final_checkpoint_s") or [0.0])
+            steps = sum(row["time/steps_s"][start(row) :])
+            added = sum(sum(row[f"time/{p}_s"][start(row) :]) for p in PARTS) + sum(
+                row.get("time/final_checkpoint_s") or [0.0]
+            )
             whole.append(added / (steps + added))
         summary[name] = {k: statistics.median(v) for k, v in pooled.items()} | {
-            "overhead_min": min(pooled["time/overhead"]), "overhead_max": max(pooled["time/overhead"]),
-            "first_epoch_overhead": statistics.median(first), "whole_overhead": statistics.median(whole),
-            "whole_min": min(whole), "whole_max": max(whole),
-            "final_checkpoint_s": statistics.median([v for row in later for v in row.get("time/final_checkpoint_s") or []] or [0.0])}  # fmt: skip
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU cores", "epochs": args.epochs,
-               "rounds": args.rounds, "rows": rows, "summary": summary, "checkpoint": checkpoint}  # fmt: skip
+            "overhead_min": min(pooled["time/overhead"]),
+            "overhead_max": max(pooled["time/overhead"]),
+            "first_epoch_overhead": statistics.median(first),
+            "whole_overhead": statistics.median(whole),
+            "whole_min": min(whole),
+            "whole_max": max(whole),
+            "final_checkpoint_s": statistics.median(
+                [v for row in later for v in row.get("time/final_checkpoint_s") or []] or [0.0]
+            ),
+        }
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPU cores",
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "rows": rows,
+        "summary": summary,
+        "checkpoint": checkpoint,
+    }
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
         "# The training loop's own overhead per epoch",
         "",
         f"`python experiments/training_overhead.py --epochs {args.epochs} --rounds {args.rounds}` ({results['date']}, "
         f"{results['machine']}). The default member (resnet34 U-Net, synthetic data, batch 8), "
-        "its `time/*` metrics; median over the epochs after the first validated one, of every round (epoch 1 builds the training graph, the first validation the prediction graph). Settings alternate "
+        "its `time/*` metrics; median over the epochs after the first validated one, of every round (epoch 1 builds "
+        "the training graph, the first validation the prediction graph). Settings alternate "
         "within each round, each trained in its own process.",
         "",
         "- *steps s*: the epoch's training steps. A checkpoint is written by TensorFlow in the background, so "
@@ -145,25 +176,43 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         "epochs, the final checkpoint (always written after the last epoch) included. With validation every 2 epochs the "
         "per-epoch medians mix validated and other epochs: read its whole-training column.",
         "",
-        "| setting | steps s | validation s | best weights s | checkpoint s | logging s | final checkpoint s | per epoch (min-max) | whole training (min-max) | epoch 1 |",
+        "| setting | steps s | validation s | best weights s | checkpoint s | logging s | final checkpoint s | per "
+        "epoch (min-max) | whole training (min-max) | epoch 1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['time/steps_s']:.2f} | {s['time/validation_s']:.3f} | {s['time/best_weights_s']:.3f} | "
-                     f"{s['time/checkpoint_s']:.3f} | {s['time/logging_s']:.3f} | {s['final_checkpoint_s']:.2f} | "
-                     f"{100 * s['time/overhead']:.1f}% ({100 * s['overhead_min']:.1f}-{100 * s['overhead_max']:.1f}) | "
-                     f"{100 * s['whole_overhead']:.1f}% ({100 * s['whole_min']:.1f}-{100 * s['whole_max']:.1f}) | "
-                     f"{100 * s['first_epoch_overhead']:.1f}% |")  # fmt: skip
-    pairs = [(a, b) for a, b in zip(*(sorted((r for r in rows if r["setting"] == n), key=lambda r: r["round"]) for n in
-                                      ("defaults (64 px, 60 training images)", "checkpoint every epoch (64 px)")), strict=False)]  # fmt: skip
+        lines.append(
+            f"| {name} | {s['time/steps_s']:.2f} | {s['time/validation_s']:.3f} | {s['time/best_weights_s']:.3f} | "
+            f"{s['time/checkpoint_s']:.3f} | {s['time/logging_s']:.3f} | {s['final_checkpoint_s']:.2f} | "
+            f"{100 * s['time/overhead']:.1f}% ({100 * s['overhead_min']:.1f}-{100 * s['overhead_max']:.1f}) | "
+            f"{100 * s['whole_overhead']:.1f}% ({100 * s['whole_min']:.1f}-{100 * s['whole_max']:.1f}) | "
+            f"{100 * s['first_epoch_overhead']:.1f}% |"
+        )
+    pairs = [
+        (a, b)
+        for a, b in zip(
+            *(
+                sorted((r for r in rows if r["setting"] == n), key=lambda r: r["round"])
+                for n in ("defaults (64 px, 60 training images)", "checkpoint every epoch (64 px)")
+            ),
+            strict=False,
+        )
+    ]
     if pairs:
         ratios = [statistics.median(b["time/steps_s"][1:]) / statistics.median(a["time/steps_s"][1:]) for a, b in pairs]
-        lines += ["", "Steps with a checkpoint after every epoch / steps at the defaults, per round: "
-                  + ", ".join(f"{x:.3f}" for x in ratios) + "."]  # fmt: skip
+        lines += [
+            "",
+            "Steps with a checkpoint after every epoch / steps at the defaults, per round: "
+            + ", ".join(f"{x:.3f}" for x in ratios)
+            + ".",
+        ]
     if checkpoint:
-        lines += ["", f"One checkpoint of this member (resnet34 U-Net, {checkpoint['params'] / 1e6:.1f} M parameters: weights, "
-                  f"Adam's two moments, the best weights) is {checkpoint['bytes'] / 1e6:.0f} MB; written synchronously "
-                  f"on the idle machine it takes {checkpoint['sync_write_s']:.2f} s (median of 3)."]  # fmt: skip
+        lines += [
+            "",
+            f"One checkpoint of this member (resnet34 U-Net, {checkpoint['params'] / 1e6:.1f} M parameters: weights, "
+            f"Adam's two moments, the best weights) is {checkpoint['bytes'] / 1e6:.0f} MB; written synchronously "
+            f"on the idle machine it takes {checkpoint['sync_write_s']:.2f} s (median of 3).",
+        ]
     text = "\n".join(lines) + "\n"
     (OUT / "RESULTS.md").write_text(text)
     print(text)

@@ -46,7 +46,18 @@ def tree_rss_mb(pid: int) -> float:
 
 def measure(store: str, workers: int | None) -> dict:
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if workers is not None:
         command += ["--workers", str(workers)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -66,8 +77,11 @@ def measure(store: str, workers: int | None) -> dict:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
                     r.read()
         time.sleep(2)
-        return {"workers": workers or "default", "rss_mb": round(tree_rss_mb(proc.pid), 1),
-                "processes": 1 + len(psutil.Process(proc.pid).children(recursive=True))}  # fmt: skip
+        return {
+            "workers": workers or "default",
+            "rss_mb": round(tree_rss_mb(proc.pid), 1),
+            "processes": 1 + len(psutil.Process(proc.pid).children(recursive=True)),
+        }
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -88,26 +102,40 @@ def main() -> None:
             client.set_terminated(run_id)
         rows = []
         for r in range(rounds):
-            for workers in ((1, None) if r % 2 == 0 else (None, 1)):
+            for workers in (1, None) if r % 2 == 0 else (None, 1):
                 row = {"round": r, **measure(store, workers)}
                 rows.append(row)
                 print(row, flush=True)
     summary = {}
     for key in (1, "default"):
         values = [row["rss_mb"] for row in rows if row["workers"] == key]
-        summary[str(key)] = {"median_mb": statistics.median(values), "min_mb": min(values), "max_mb": max(values),
-                             "processes": rows[[row["workers"] for row in rows].index(key)]["processes"]}  # fmt: skip
+        summary[str(key)] = {
+            "median_mb": statistics.median(values),
+            "min_mb": min(values),
+            "max_mb": max(values),
+            "processes": rows[[row["workers"] for row in rows].index(key)]["processes"],
+        }
     ratio = summary["1"]["median_mb"] / summary["default"]["median_mb"]
-    results = {"rows": rows, "summary": summary, "ratio_one_to_default": ratio,
-               "machine": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    results = {
+        "rows": rows,
+        "summary": summary,
+        "ratio_one_to_default": ratio,
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    text = ("# MLflow UI memory: `make ui` (one worker) against the default\n\n"
-            f"`python experiments/ui_memory.py` ({results['date']}, {results['machine']}): resident memory of the whole "
-            f"`mlflow ui` process tree after serving a few requests, {rounds} alternating rounds, median (min-max).\n\n"
-            "| workers | processes | RSS MB |\n|---|---|---|\n"
-            + "".join(f"| {k} | {v['processes']} | {v['median_mb']:.0f} ({v['min_mb']:.0f}-{v['max_mb']:.0f}) |\n" for k, v in summary.items())
-            + f"\nOne worker uses {ratio:.2f} of the default's memory.\n")  # fmt: skip
+    text = (
+        "# MLflow UI memory: `make ui` (one worker) against the default\n\n"
+        f"`python experiments/ui_memory.py` ({results['date']}, {results['machine']}): resident memory of the whole "
+        f"`mlflow ui` process tree after serving a few requests, {rounds} alternating rounds, median (min-max).\n\n"
+        "| workers | processes | RSS MB |\n|---|---|---|\n"
+        + "".join(
+            f"| {k} | {v['processes']} | {v['median_mb']:.0f} ({v['min_mb']:.0f}-{v['max_mb']:.0f}) |\n"
+            for k, v in summary.items()
+        )
+        + f"\nOne worker uses {ratio:.2f} of the default's memory.\n"
+    )
     (OUT / "RESULTS.md").write_text(text)
     print(text)
 

@@ -60,15 +60,11 @@ def n_tiles(height: int, width: int, window: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--sizes", default="1024x1024,517x333,256x256", help="WxH,WxH,... (width x height)"
-    )
+    parser.add_argument("--sizes", default="1024x1024,517x333,256x256", help="WxH,WxH,... (width x height)")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--overlaps", default="0,0.25,0.5")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument(
-        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
-    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
     if args.report_only:
         write_report()
@@ -96,9 +92,7 @@ def main() -> None:
     inputs = {}
     for height, width in sizes:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        tiles = rng.integers(
-            0, 256, (n_tiles(height, width, window), window, window, 3), dtype=np.uint8
-        )
+        tiles = rng.integers(0, 256, (n_tiles(height, width, window), window, window, 3), dtype=np.uint8)
         inputs[(height, width)] = (image, tiles)
 
     def run(size: tuple[int, int], variant: str) -> float:
@@ -125,7 +119,7 @@ def main() -> None:
                 "width": w,
                 "tiles": n_tiles(h, w, window),
                 "windows": {f"{o:g}": count_windows(h, w, window, o) for o in overlaps},
-            }  # fmt: skip
+            }
             for h, w in sizes
         ],
         "variants": names,
@@ -142,9 +136,7 @@ def main() -> None:
             for variant in names[shift:] + names[:shift]:
                 seconds = run(size, variant)
                 saved["seconds"][f"{size[1]}x{size[0]}"][variant].append(seconds)
-                print(
-                    f"round {round_ + 1} {size[1]}x{size[0]} {variant}: {seconds:.3f} s", flush=True
-                )
+                print(f"round {round_ + 1} {size[1]}x{size[0]} {variant}: {seconds:.3f} s", flush=True)
         saved["load"].append(os.getloadavg()[0])
         saved["rounds_done"] = round_ + 1
         (OUT / "results.json").write_text(json.dumps(saved, indent=1))
@@ -209,9 +201,7 @@ def write_report(quiet: bool = False) -> None:
             key = f"{overlap:g}"
             times = seconds[f"overlap {key}"]
             per_input["windows"] += [1e3 * s / entry["windows"][key] for s in times]
-            numpy_share += [
-                100 * n / s for n, s in zip(seconds[f"numpy {key}"], times, strict=True)
-            ]
+            numpy_share += [100 * n / s for n, s in zip(seconds[f"numpy {key}"], times, strict=True)]
     summary = ""
     if per_input["tiles"] and per_input["windows"]:
         from segx.inference.window import window_starts  # numpy only
@@ -271,9 +261,7 @@ def write_report(quiet: bool = False) -> None:
         "ms per input | numpy share % |\n|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\nCost of more overlap (time ratio within a round, against the ratio of window counts):\n\n"
-        "| image (WxH) | overlaps | windows | time ratio |\n|---|---|---|---|\n"
-        + "\n".join(overhead_rows)
-        + "\n"
+        "| image (WxH) | overlaps | windows | time ratio |\n|---|---|---|---|\n" + "\n".join(overhead_rows) + "\n"
     )
     (OUT / "RESULTS.md").write_text(text)
     if not quiet:

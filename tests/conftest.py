@@ -61,7 +61,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def member_store(tmp_path_factory, synthetic_root):
     """Two tiny trained members in one store: (output_dir, {backbone: run_id})."""
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     out = tmp_path_factory.mktemp("store")
     runs = {}
@@ -78,9 +78,11 @@ def member_store(tmp_path_factory, synthetic_root):
 
 @pytest.fixture(scope="session")
 def ensemble_record(member_store):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, runs = member_store
-    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
-                                      "ensemble.register_name=segx-test-ensemble"])  # fmt: skip
+    cfg = compose_config(
+        "ensemble",
+        [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]", "ensemble.register_name=segx-test-ensemble"],
+    )
     return build_ensemble(cfg)

@@ -43,7 +43,10 @@ def test_wrong_size_for_arch_names_the_fix():
     from segx.errors import SegxError
     from segx.models import check_model_options
 
-    with pytest.raises(SegxError, match=r"data.image_size=64 does not suit arch=pspnet: it needs a multiple of 48; use data.image_size=48 or 96"):
+    with pytest.raises(
+        SegxError,
+        match=r"data.image_size=64 does not suit arch=pspnet: it needs a multiple of 48; use data.image_size=48 or 96",
+    ):
         check_model_options("pspnet", "resnet18", 64)
     with pytest.raises(SegxError, match=r"too small for backbone=inceptionv3 \(needs >= 75\); use data.image_size=96"):
         check_model_options("unet", "inceptionv3", 64)

@@ -24,18 +24,26 @@ def test_every_group_option_composes(group, option, tmp_path):
     if group == "backbone":
         assert cfg.backbone.name == option  # the file name is the command-line word
     if group == "augment":
-        from segx.training.augment import build_augmentation
+        from segx.objects import build_augmentation
 
         build_augmentation(cfg.augment.transforms)
 
 
 def test_every_entry_config_composes_resolves_and_validates():
-    from segx.data.prepare import validate_data_config
-    from segx.ensemble import validate_config as validate_ensemble
-    from segx.training.member import validate_config as validate_train
+    from segx.workflows.ensemble import validate_config as validate_ensemble
+    from segx.workflows.member import validate_config as validate_train
+    from segx.workflows.prepare import validate_data_config
 
     entries = {p.stem for p in CONF_DIR.glob("*.yaml")}
-    assert entries == {"train", "ensemble", "predict", "check", "bench", "server", "export"}  # a new one needs a line here
+    assert entries == {
+        "train",
+        "ensemble",
+        "predict",
+        "check",
+        "bench",
+        "server",
+        "export",
+    }  # a new one needs a line here
     validate_train(compose_config("train", []))
     validate_ensemble(compose_config("ensemble", []))
     validate_data_config(compose_config("check", ["data.root=/somewhere"]).data)
@@ -92,4 +100,7 @@ def test_unknown_config_key_suggests_closest():
     with pytest.raises(SegxError, match=r"unknown config key 'ensemble.serch'; did you mean 'ensemble.search'\?"):
         check_override_keys("ensemble", ["ensemble.serch=grid"])
     # Valid keys, group choices that add keys, and +new keys pass.
-    check_override_keys("train", ["data=folder", "data.root=/x", "trainer.epochs=3", "+trainer.extra=1", "arch.options.decoder_filters=[8]"])
+    check_override_keys(
+        "train",
+        ["data=folder", "data.root=/x", "trainer.epochs=3", "+trainer.extra=1", "arch.options.decoder_filters=[8]"],
+    )

@@ -12,17 +12,14 @@ import pytest
 
 from segx.errors import SegxError
 from segx.objects import checked_container, instantiate
-from segx.training.member import train_member, validate_config
+from segx.workflows.member import train_member, validate_config
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
 def write_file_target(victim: Path) -> str:
     """A nested `_target_` that writes a file: Path.write_text(Path(victim), 'pwned'), reached
     through segx's own namespace (segx.config imports Path), so a prefix check lets it pass."""
-    return (
-        "{_target_:segx.config.Path.write_text,"
-        f"_args_:[{{_target_:segx.config.Path,_args_:['{victim}']}},pwned]}}"
-    )
+    return f"{{_target_:segx.config.Path.write_text,_args_:[{{_target_:segx.config.Path,_args_:['{victim}']}},pwned]}}"
 
 
 def refused_before_anything(tmp_path: Path, synthetic_root: Path, overrides: list[str], match: str) -> str:
@@ -101,16 +98,30 @@ def test_function_target_on_the_command_line_exits_2_with_one_line(tmp_path, syn
 @pytest.mark.parametrize(
     "key,target,message",
     [
-        ("trainer.optimizer", "albumentations.HorizontalFlip",
-         "is an albumentations transform class, not an optimizer class"),
+        (
+            "trainer.optimizer",
+            "albumentations.HorizontalFlip",
+            "is an albumentations transform class, not an optimizer class",
+        ),
         ("trainer.optimizer", "tf_keras.callbacks.ModelCheckpoint", "is a callback class, not an optimizer class"),
-        ("trainer.optimizer", "tf_keras.layers.Dense", "is the class tf_keras.src.layers.core.dense.Dense, not an optimizer"),
+        (
+            "trainer.optimizer",
+            "tf_keras.layers.Dense",
+            "is the class tf_keras.src.layers.core.dense.Dense, not an optimizer",
+        ),
         ("trainer.optimizer", "tf_keras.optimizers", "is a module, not an optimizer class"),
         ("trainer.lr_schedule", "tf_keras.optimizers.Adam", "is an optimizer class, not a callback class"),
-        ("trainer.lr_schedule", "tf_keras.optimizers.schedules.ExponentialDecay",
-         "not a callback class; a schedule goes in trainer.optimizer.learning_rate"),
+        (
+            "trainer.lr_schedule",
+            "tf_keras.optimizers.schedules.ExponentialDecay",
+            "not a callback class; a schedule goes in trainer.optimizer.learning_rate",
+        ),
         # segx's own Keras callback is a Callback subclass, but segx never builds its classes from YAML
-        ("trainer.lr_schedule", "segx.training.fit.MemberCallback", "is not allowed; segx builds only a callback class"),
+        (
+            "trainer.lr_schedule",
+            "segx.training.fit.MemberCallback",
+            "is not allowed; segx builds only a callback class",
+        ),
         ("trainer.lr_schedule", "tf_keras.callbacks.RemoteMonitor", "is not allowed: it posts training logs to a URL"),
         ("trainer.lr_schedule", "tf_keras.callbacks.LambdaCallback", "is not allowed"),
         ("augment.transforms[0]", "tf_keras.optimizers.Adam", "is an optimizer class, not an albumentations transform"),
@@ -140,15 +151,23 @@ def test_wrong_kinds_are_refused_by_validate_config():
 
 
 def test_misspelt_class_and_argument_get_a_suggestion():
-    with pytest.raises(SegxError, match=r"'tf_keras.optimizers.Adamm' does not exist .*did you mean 'tf_keras.optimizers.Adam'\?"):
+    with pytest.raises(
+        SegxError, match=r"'tf_keras.optimizers.Adamm' does not exist .*did you mean 'tf_keras.optimizers.Adam'\?"
+    ):
         checked_container({"_target_": "keras.optimizers.Adamm"}, "trainer.optimizer")
-    with pytest.raises(SegxError, match=r"trainer.optimizer.learnig_rate is not an argument of tf_keras.optimizers.Adam; did you mean 'learning_rate'\?"):
+    with pytest.raises(
+        SegxError,
+        match=r"trainer.optimizer.learnig_rate is not an argument of tf_keras.optimizers.Adam; did you mean 'learning_rate'\?",
+    ):
         checked_container({"_target_": "tf_keras.optimizers.Adam", "learnig_rate": 0.1}, "trainer.optimizer")
     # tf-keras would ignore `lr` with a warning and train at its default rate
     with pytest.raises(SegxError, match=r"trainer.optimizer.lr is not an argument .* did you mean 'learning_rate'\?"):
         checked_container({"_target_": "tf_keras.optimizers.SGD", "lr": 0.1}, "trainer.optimizer")
     # albumentations would drop the unknown name silently
-    with pytest.raises(SegxError, match=r"augment.transforms\[0\].pp is not an argument of albumentations.HorizontalFlip; did you mean 'p'\?"):
+    with pytest.raises(
+        SegxError,
+        match=r"augment.transforms\[0\].pp is not an argument of albumentations.HorizontalFlip; did you mean 'p'\?",
+    ):
         checked_container([{"_target_": "albumentations.HorizontalFlip", "pp": 0.5}], "augment.transforms")
     with pytest.raises(SegxError, match=r"trainer.lr_schedule.factr is not an argument .*did you mean 'factor'\?"):
         checked_container({"_target_": "tf_keras.callbacks.ReduceLROnPlateau", "factr": 0.5}, "trainer.lr_schedule")
@@ -157,15 +176,25 @@ def test_misspelt_class_and_argument_get_a_suggestion():
 @pytest.mark.parametrize("special", ["_partial_", "_recursive_", "_convert_"])
 def test_hydra_instantiate_options_are_refused(special):
     value = {"_partial_": True, "_recursive_": False, "_convert_": "none"}[special]
-    node = {"_target_": "tf_keras.optimizers.Adam", "learning_rate": {"_target_": "tf_keras.optimizers.schedules.ExponentialDecay",
-            "initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": 0.9, special: value}}  # fmt: skip
+    node = {
+        "_target_": "tf_keras.optimizers.Adam",
+        "learning_rate": {
+            "_target_": "tf_keras.optimizers.schedules.ExponentialDecay",
+            "initial_learning_rate": 0.1,
+            "decay_steps": 10,
+            "decay_rate": 0.9,
+            special: value,
+        },
+    }
     with pytest.raises(SegxError, match=rf"trainer.optimizer.learning_rate.{special} is not supported"):
         checked_container(node, "trainer.optimizer")
 
 
 def test_target_outside_the_built_places_is_refused(tmp_path, synthetic_root):
     refused_before_anything(
-        tmp_path, synthetic_root, ["+data.extra={_target_:tf_keras.optimizers.Adam}"],
+        tmp_path,
+        synthetic_root,
+        ["+data.extra={_target_:tf_keras.optimizers.Adam}"],
         r"data.extra._target_ is not allowed here: segx builds objects only at trainer.optimizer",
     )
 
@@ -191,7 +220,9 @@ def test_keras_spellings_build_tf_keras_adam_with_a_nested_schedule(spelling):
     assert isinstance(schedule, keras.optimizers.schedules.ExponentialDecay)
     assert schedule.initial_learning_rate == 0.01 and schedule.decay_rate == 0.5
     assert float(optimizer.beta_1) == pytest.approx(0.8)
-    legacy = instantiate({"_target_": "keras.optimizers.legacy.SGD", "learning_rate": 0.1, "clipnorm": 1.0}, "trainer.optimizer")
+    legacy = instantiate(
+        {"_target_": "keras.optimizers.legacy.SGD", "learning_rate": 0.1, "clipnorm": 1.0}, "trainer.optimizer"
+    )
     assert isinstance(legacy, keras.optimizers.legacy.SGD) and legacy.clipnorm == 1.0
 
 
@@ -200,18 +231,28 @@ def test_default_callback_and_compose_with_nested_transforms_build():
     import numpy as np
 
     from segx.backend import keras
-    from segx.training.augment import build_augmentation
+    from segx.objects import build_augmentation
 
     cfg = compose_config("train", [])
     callback = instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule")
     assert isinstance(callback, keras.callbacks.ReduceLROnPlateau) and callback.monitor == "val/dice"
     transforms = [
-        {"_target_": "albumentations.Compose", "p": 1.0, "transforms": [
-            {"_target_": "albumentations.OneOf", "p": 1.0, "transforms": [
-                {"_target_": "albumentations.HorizontalFlip", "p": 1.0},
-                {"_target_": "albumentations.VerticalFlip", "p": 1.0}]},
-            {"_target_": "albumentations.RandomRotate90", "p": 0.5}]},
-    ]  # fmt: skip
+        {
+            "_target_": "albumentations.Compose",
+            "p": 1.0,
+            "transforms": [
+                {
+                    "_target_": "albumentations.OneOf",
+                    "p": 1.0,
+                    "transforms": [
+                        {"_target_": "albumentations.HorizontalFlip", "p": 1.0},
+                        {"_target_": "albumentations.VerticalFlip", "p": 1.0},
+                    ],
+                },
+                {"_target_": "albumentations.RandomRotate90", "p": 0.5},
+            ],
+        },
+    ]
     checked_container(transforms, "augment.transforms")
     pipeline = build_augmentation(transforms)
     inner = pipeline.transforms[0]
@@ -223,7 +264,10 @@ def test_default_callback_and_compose_with_nested_transforms_build():
 
 
 def test_build_errors_are_one_line_naming_the_key():
-    with pytest.raises(SegxError, match=r"trainer.lr_schedule: cannot build tf_keras.callbacks.ReduceLROnPlateau \(ValueError: .*factor >= 1.0") as info:
+    with pytest.raises(
+        SegxError,
+        match=r"trainer.lr_schedule: cannot build tf_keras.callbacks.ReduceLROnPlateau \(ValueError: .*factor >= 1.0",
+    ) as info:
         instantiate({"_target_": "tf_keras.callbacks.ReduceLROnPlateau", "factor": 2.0}, "trainer.lr_schedule")
     assert "\n" not in str(info.value)
 
@@ -254,8 +298,15 @@ def test_bad_values_are_one_line_before_any_run(tmp_path, synthetic_root, overri
 def test_empty_data_root_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, root):
     monkeypatch.chdir(tmp_path)  # were it used, the working directory would be this empty folder
     out = tmp_path / "out"
-    cfg = compose_config("train", ["data=folder", f"data.root={root}", f"paths.output_dir={out}",
-                                   f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.root={root}",
+            f"paths.output_dir={out}",
+            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+        ],
+    )
     with pytest.raises(SegxError, match=r"data.root=.* is empty; pass data.root=PATH") as info:
         train_member(cfg)
     assert "\n" not in str(info.value)
@@ -270,16 +321,26 @@ def test_empty_data_root_is_refused_not_read_as_the_working_directory(tmp_path, 
         ("ensemble.thresholds.step=inf", r"ensemble.thresholds.step=inf is not a finite number"),
         ("ensemble.greedy_min_gain=nan", r"ensemble.greedy_min_gain=nan is not a finite number"),
         ("ensemble.postprocess_min_sizes=[10,-5]", r"ensemble.postprocess_min_sizes\[1\]=-5 must be"),
-        ("ensemble.train_overrides=['trainer.optimizer._target_=segx.tracking.mlflow.delete_run']",
-         r"ensemble.train_overrides \(backbone=resnet18\): trainer.optimizer._target_='segx.tracking.mlflow.delete_run' is a function"),
+        (
+            "ensemble.train_overrides=['trainer.optimizer._target_=segx.tracking.mlflow.delete_run']",
+            r"ensemble.train_overrides \(backbone=resnet18\): trainer.optimizer._target_='segx.tracking.mlflow.delete_run' is a function",
+        ),
     ],
 )
 def test_ensemble_values_are_refused_before_the_store_is_opened(tmp_path, override, message):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out = tmp_path / "out"
-    cfg = compose_config("ensemble", [f"paths.output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
-                                      "ensemble.train_missing=true", "ensemble.members=[resnet18]", override])  # fmt: skip
+    cfg = compose_config(
+        "ensemble",
+        [
+            f"paths.output_dir={out}",
+            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+            "ensemble.train_missing=true",
+            "ensemble.members=[resnet18]",
+            override,
+        ],
+    )
     with pytest.raises(SegxError, match=message):
         build_ensemble(cfg)
     assert not out.exists()

@@ -27,8 +27,9 @@ def _script(name: str) -> str:
 
 
 def _run(args, cwd, timeout=120, env=None):
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -41,9 +42,19 @@ def test_every_console_script_answers_help_from_another_folder(name, tmp_path):
 
 def test_the_installed_train_script_trains_a_member_from_another_folder(tmp_path, synthetic_root):
     # The defaults a user gets: outputs/ under the folder the command starts in.
-    overrides = [f"data.root={synthetic_root}", "data.n_images=16", "data.source_size=64", "data.image_size=64",
-                 "data.val_fraction=0.25", "data.test_fraction=0.25", "trainer.epochs=1", "trainer.batch_size=4",
-                 "trainer.verbose=0", "backbone=resnet18", "mlflow.system_metrics=false"]  # fmt: skip
+    overrides = [
+        f"data.root={synthetic_root}",
+        "data.n_images=16",
+        "data.source_size=64",
+        "data.image_size=64",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "trainer.verbose=0",
+        "backbone=resnet18",
+        "mlflow.system_metrics=false",
+    ]
     result = _run([_script("segx-train"), *overrides], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "segx: member run" in result.stdout
@@ -84,8 +95,11 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
     """``pip install .`` (not -e): the wheel holds every package and every config, and the
     commands compose their configs from it, from a folder far from the repository."""
     wheels = tmp_path / "wheels"
-    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                  str(ROOT)], cwd=tmp_path, timeout=300)  # fmt: skip
+    build = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("segx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -95,14 +109,18 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
     assert configs <= names, f"configs missing from the wheel: {configs - names}"
 
     target = tmp_path / "site"
-    install = _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   cwd=tmp_path, timeout=300)  # fmt: skip
+    install = _run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(target)}  # before the editable install on sys.path: this copy is imported
-    where = _run([sys.executable, "-c", "import segx.config as c; print(c.__file__); print(c.CONF_DIR)"],
-                 cwd=elsewhere, env=env)  # fmt: skip
+    where = _run(
+        [sys.executable, "-c", "import segx.config as c; print(c.__file__); print(c.CONF_DIR)"], cwd=elsewhere, env=env
+    )
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(target)) for line in where.stdout.split()), where.stdout
     cfg = _run([str(target / "bin" / "segx-train"), "backbone=resnet50", "--cfg", "job"], cwd=elsewhere, env=env)

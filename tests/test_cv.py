@@ -61,7 +61,10 @@ def test_paired_bootstrap_on_constructed_differences():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["data.folds=2", "fold=2"], r"fold=2 is not one of 0..1 \(data.folds=2\); train one with fold=0 or all with -m fold=0,1"),
+        (
+            ["data.folds=2", "fold=2"],
+            r"fold=2 is not one of 0..1 \(data.folds=2\); train one with fold=0 or all with -m fold=0,1",
+        ),
         (["fold=0"], r"fold=0 but data.folds is null; set data.folds=K"),
         (["data.folds=1", "fold=0"], r"data.folds=1 is out of range; use a value in \[2, 100\]"),
         (["data.folds=3"], r"fold=None is not one of 0..2"),
@@ -82,10 +85,24 @@ def cv_store(tmp_path_factory):
     """`python -m segx.train -m fold=0,1 backbone=resnet18,mobilenetv2` at tiny size: a real
     Hydra multirun in a subprocess, as a user types it."""
     out = tmp_path_factory.mktemp("cv")
-    args = [sys.executable, "-m", "segx.train", "-m", "fold=0,1", "backbone=resnet18,mobilenetv2",
-            *store_overrides(out), f"data.root={out / 'data'}", "data.n_images=16", "data.source_size=64",
-            "data.image_size=64", "data.folds=2", "data.test_fraction=0.25", "trainer.epochs=1",
-            "trainer.batch_size=4", "trainer.verbose=0"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "segx.train",
+        "-m",
+        "fold=0,1",
+        "backbone=resnet18,mobilenetv2",
+        *store_overrides(out),
+        f"data.root={out / 'data'}",
+        "data.n_images=16",
+        "data.source_size=64",
+        "data.image_size=64",
+        "data.folds=2",
+        "data.test_fraction=0.25",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "trainer.verbose=0",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,7 +132,9 @@ def test_fold_runs_nest_under_a_parent_with_the_cv_summary(cv_store):
         # The out-of-fold Dice: every training case once, each from the fold model that held it out.
         n = [int(c.data.params["data.n_val"]) for c in children]
         d = [c.data.metrics["val/dice"] for c in children]
-        assert parent.data.metrics["cv/oof_dice"] == pytest.approx(sum(a * b for a, b in zip(n, d, strict=True)) / sum(n))
+        assert parent.data.metrics["cv/oof_dice"] == pytest.approx(
+            sum(a * b for a, b in zip(n, d, strict=True)) / sum(n)
+        )
         assert sum(n) == 12  # 16 cases, 4 in the test set, the rest in the two folds
         assert len({c.data.tags["segx.cv_fingerprint"] for c in children}) == 1
         assert len({c.data.tags["segx.data_fingerprint"] for c in children}) == 2  # each fold its own split
@@ -134,14 +153,28 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
 
     out, _ = cv_store
     client = _client(out)
-    record = build_ensemble(compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
-                                                        "ensemble.search=grid", "ensemble.bootstrap=500"]))  # fmt: skip
+    record = build_ensemble(
+        compose_config(
+            "ensemble",
+            [
+                *store_overrides(out),
+                "ensemble.members=[resnet18,mobilenetv2]",
+                "ensemble.search=grid",
+                "ensemble.bootstrap=500",
+            ],
+        )
+    )
     assert all(len(m["folds"]) == 2 for m in record["members"])
     run = client.get_run(record["run_id"])
-    assert {"test/gain_vs_best_member", "test/gain_ci_low", "test/gain_ci_high", "selection/optimism"} <= set(run.data.metrics)
+    assert {"test/gain_vs_best_member", "test/gain_ci_low", "test/gain_ci_high", "selection/optimism"} <= set(
+        run.data.metrics
+    )
     # Out-of-fold arrays: every training case, exactly the fold run's cached validation map.
     member = record["members"][0]
-    fold_caches = [load_cached(tracking.download(client, f, "predictions/val.npz", tmp_path / f), tmp_path / f) for f in member["folds"]]
+    fold_caches = [
+        load_cached(tracking.download(client, f, "predictions/val.npz", tmp_path / f), tmp_path / f)
+        for f in member["folds"]
+    ]
     from segx.workflows.members import load_member as load_ensemble_member
 
     cvm = load_ensemble_member(client, client.get_run(member["run_id"]), tmp_path / "cache")
@@ -167,8 +200,15 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
     (tmp_path / "in").mkdir()
     for s in cvm.test.stems[:2]:
         (tmp_path / "in" / f"{s}.png").write_bytes(files[s].read_bytes())
-    cfg = compose_config("predict", [*store_overrides(out), f"ensemble_run_id={record['run_id']}",
-                                     f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'pred'}"])  # fmt: skip
+    cfg = compose_config(
+        "predict",
+        [
+            *store_overrides(out),
+            f"ensemble_run_id={record['run_id']}",
+            f"input_dir={tmp_path / 'in'}",
+            f"output_dir={tmp_path / 'pred'}",
+        ],
+    )
     assert run_predict(cfg) == 2
 
 
@@ -180,9 +220,13 @@ def test_missing_fold_is_refused_with_the_command_unless_opted_in(cv_store, tmp_
     client = _client(out)
     exp = client.get_experiment_by_name("segx").experiment_id
     parent = next(p for p in tracking.find_runs(client, exp, "cv") if p.data.tags["segx.backbone"] == "resnet18")
-    fold1 = tracking.find_runs(client, exp, "member", tags={"mlflow.parentRunId": parent.info.run_id, "segx.fold": "1"})[0]
+    fold1 = tracking.find_runs(
+        client, exp, "member", tags={"mlflow.parentRunId": parent.info.run_id, "segx.fold": "1"}
+    )[0]
     # A fold run named by ID stands for one fold only: refused, pointing at the parent.
-    with pytest.raises(SegxError, match=rf"fold 1 of the cross-validated configuration {parent.info.run_id}; give the parent run ID"):
+    with pytest.raises(
+        SegxError, match=rf"fold 1 of the cross-validated configuration {parent.info.run_id}; give the parent run ID"
+    ):
         build_ensemble(compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{fold1.info.run_id}]"]))
     client.delete_run(fold1.info.run_id)
     try:
@@ -190,7 +234,11 @@ def test_missing_fold_is_refused_with_the_command_unless_opted_in(cv_store, tmp_
         with pytest.raises(SegxError, match=r"is missing fold\(s\) 1 .*train them: .*segx.train .*fold=1"):
             build_ensemble(compose_config("ensemble", base))
         record = build_ensemble(compose_config("ensemble", [*base, "ensemble.allow_incomplete_cv=true"]))
-        assert record["members"][0]["folds"] == [tracking.find_runs(client, exp, "member", tags={"mlflow.parentRunId": parent.info.run_id, "segx.fold": "0"})[0].info.run_id]
+        assert record["members"][0]["folds"] == [
+            tracking.find_runs(
+                client, exp, "member", tags={"mlflow.parentRunId": parent.info.run_id, "segx.fold": "0"}
+            )[0].info.run_id
+        ]
     finally:
         client.restore_run(fold1.info.run_id)
 
@@ -202,9 +250,10 @@ def test_cross_validated_and_single_split_members_do_not_mix():
     from tests.test_members import member
 
     cvm = dataclasses.replace(member("p1"), folds=["f0", "f1"])
-    with pytest.raises(SegxError, match=r"member p1 \(resnet18-unet\) is cross-validated and r2 \(resnet18-unet\) is not"):
+    with pytest.raises(
+        SegxError, match=r"member p1 \(resnet18-unet\) is cross-validated and r2 \(resnet18-unet\) is not"
+    ):
         check_compatible([cvm, member("r2")])
-
 
 
 def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
@@ -225,12 +274,21 @@ def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
         t[:2] = True
     # The member is sure of nothing: foreground at p = 0.4 (102/255), background at 0.1.
     probs = [np.where(t, 102, 25).astype(np.uint8) for t in truth]
-    test = Cached(["t0", "t1", "t2"], Ragged.from_list(probs), Ragged.from_list(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8)))
+    test = Cached(
+        ["t0", "t1", "t2"],
+        Ragged.from_list(probs),
+        Ragged.from_list(truth),
+        Ragged.of(np.zeros((0, 1, 1, 3), np.uint8)),
+    )
     best = dataclasses.replace(member("r1"), test=test)
     # The two fields of the search's outcome that honest_gain reads.
-    found = SimpleNamespace(baselines=[Candidate("member:resnet18-unet", Weights((1,), 1), 0.35, 0.95, 1),
-                                       Candidate("equal", Weights((1,), 1), 0.5, 0.9, 2)],
-                            val_dice=0.97)  # fmt: skip
+    found = SimpleNamespace(
+        baselines=[
+            Candidate("member:resnet18-unet", Weights((1,), 1), 0.35, 0.95, 1),
+            Candidate("equal", Weights((1,), 1), 0.5, 0.9, 2),
+        ],
+        val_dice=0.97,
+    )
     per_case = pd.DataFrame({"method": ["ensemble"] * 3, "stem": ["t2", "t0", "t1"], "dice": [1.0, 1.0, 0.5]})
     gain = honest_gain(per_case, [best], found, resamples=200)
     assert gain["best_member_threshold"] == 0.35

@@ -65,8 +65,14 @@ def test_pairs_by_stem_and_resizes_mixed_sizes(tmp_path):
         (lambda r: (r / "train_images" / "a.png").unlink(), r"a\.png: mask without an image"),
         (lambda r: (r / "train_images" / "a.png").write_bytes(b"not a png"), r"a\.png: not a readable image"),
         (lambda r: (r / "train_images" / "a.png").write_bytes(b""), r"a\.png: file is empty"),
-        (lambda r: cv2.imwrite(str(r / "train_masks" / "a.png"), np.zeros((7, 7), np.uint8)), r"a\.png: mask is 7x7 but its image is 30x40"),
-        (lambda r: cv2.imwrite(str(r / "train_images" / "a.jpg"), np.zeros((7, 7, 3), np.uint8)), r"stem 'a' also used"),
+        (
+            lambda r: cv2.imwrite(str(r / "train_masks" / "a.png"), np.zeros((7, 7), np.uint8)),
+            r"a\.png: mask is 7x7 but its image is 30x40",
+        ),
+        (
+            lambda r: cv2.imwrite(str(r / "train_images" / "a.jpg"), np.zeros((7, 7, 3), np.uint8)),
+            r"stem 'a' also used",
+        ),
     ],
     ids=["image-without-mask", "mask-without-image", "corrupt", "zero-bytes", "size-mismatch", "duplicate-stem"],
 )

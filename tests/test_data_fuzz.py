@@ -16,8 +16,25 @@ from hypothesis import strategies as st
 from segx.data import discover_cases, load_cases
 from segx.errors import SegxError
 
-KINDS = ["png8", "png16", "gray", "rgba", "jpg", "tif", "zero", "junk", "truncated", "text",
-         "giant", "symlink", "broken_link", "hidden", "dup_ext", "odd_mask_values", "empty_mask"]  # fmt: skip
+KINDS = [
+    "png8",
+    "png16",
+    "gray",
+    "rgba",
+    "jpg",
+    "tif",
+    "zero",
+    "junk",
+    "truncated",
+    "text",
+    "giant",
+    "symlink",
+    "broken_link",
+    "hidden",
+    "dup_ext",
+    "odd_mask_values",
+    "empty_mask",
+]
 
 
 # Kinds whose image file cannot be read: the loader must refuse them, naming that file.

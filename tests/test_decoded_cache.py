@@ -169,8 +169,17 @@ def test_entries_without_hashes_are_rebuilt_once_quietly_and_verified_once_per_p
     monkeypatch.setattr(decoded, "_content_hash", lambda path: hashed.append(path.name) or real(path))
     next_run(monkeypatch, root, where)  # a new process: every file hashed once, nothing rewritten
     assert {c.folder: (c.folder / "image.npy").stat().st_ino for c in cases} == rebuilt
-    assert sorted(hashed) == sorted(["image.npy", "mask.npy", "foreground.npy", f"image-x{SCALE:g}.npy",
-                                     f"mask-x{SCALE:g}.npy", f"foreground-x{SCALE:g}.npy"] * len(cases))  # fmt: skip
+    assert sorted(hashed) == sorted(
+        [
+            "image.npy",
+            "mask.npy",
+            "foreground.npy",
+            f"image-x{SCALE:g}.npy",
+            f"mask-x{SCALE:g}.npy",
+            f"foreground-x{SCALE:g}.npy",
+        ]
+        * len(cases)
+    )
     hashed.clear()
     again = decoded.decode_cases(discover_cases(root), where)  # the same process: not hashed again
     assert [c.scaled(SCALE).shape for c in again] and hashed == []
@@ -184,7 +193,11 @@ def test_temporary_files_of_dead_writers_are_removed_when_the_cache_opens(cache)
     with pytest.raises(ProcessLookupError):
         os.kill(dead, 0)
     folder = cases[0].folder
-    orphans = [folder / f".x.npy.tmp-{dead}", folder / f".meta.json.tmp-{dead}", cases[1].folder / f".image.npy.tmp-{dead}"]
+    orphans = [
+        folder / f".x.npy.tmp-{dead}",
+        folder / f".meta.json.tmp-{dead}",
+        cases[1].folder / f".image.npy.tmp-{dead}",
+    ]
     live = folder / f".x.npy.tmp-{os.getpid()}"
     for path in [*orphans, live]:
         path.write_bytes(b"partial")

@@ -24,16 +24,23 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     assert record["data_fingerprint"] and record["git_sha"] and 0 <= record["threshold"] <= 1
     names = {a.path for a in client.list_artifacts(run.info.run_id, "tables")}
     assert {"tables/test_per_case.csv", "tables/test_summary.csv", "tables/val_summary.csv"} <= names
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/search.png", "plots/test_cases.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {
+        "plots/search.png",
+        "plots/test_cases.png",
+    }
     # One key per meaning, the members' keys (segx/metric_keys.py): one chart compares them all.
     member_runs = [client.get_run(r) for r in runs.values()]
     for key in ("val/dice", "test/dice", "test/iou", "test/hd95"):
         assert key in run.data.metrics and all(key in m.data.metrics for m in member_runs), key
         assert all(len(client.get_metric_history(r.info.run_id, key)) == 1 for r in [run, *member_runs]), key
     assert run.data.metrics["val/dice"] == ensemble_record["val_dice"]
-    per_epoch = [k for k in member_runs[0].data.metrics if len(client.get_metric_history(member_runs[0].info.run_id, k)) > 1]
+    per_epoch = [
+        k for k in member_runs[0].data.metrics if len(client.get_metric_history(member_runs[0].info.run_id, k)) > 1
+    ]
     assert per_epoch and all(k.startswith(("curves/", "time/", "system/")) for k in per_epoch), per_epoch
-    assert not any(k.startswith(("final/", "best/")) or k == "val/best_dice" for r in [run, *member_runs] for k in r.data.metrics)
+    assert not any(
+        k.startswith(("final/", "best/")) or k == "val/best_dice" for r in [run, *member_runs] for k in r.data.metrics
+    )
     # The description links to each member run; each member names the ensembles that use it.
     note = run.data.tags["mlflow.note.content"]
     experiment = run.info.experiment_id
@@ -50,23 +57,30 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     from segx.data.folder import discover_cases
     from segx.data.io import read_image
     from segx.ensembling.probs import binarize, combine, load_cached
-    from segx.inference.predictor import load_ensemble
-    from segx.predict import run_predict
+    from segx.workflows.predict import load_ensemble, run_predict
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     run_id = ensemble_record["run_id"]
     record, predictor = load_ensemble(client, run_id, tmp_path / "rebuild")
     # Rebuilt members reproduce the cached validation probabilities used in the search, exactly.
-    cached = [load_cached(tracking.download(client, m["run_id"], "predictions/val.npz", tmp_path / m["run_id"]), tmp_path / m["run_id"]) for m in record["members"]]
+    cached = [
+        load_cached(
+            tracking.download(client, m["run_id"], "predictions/val.npz", tmp_path / m["run_id"]),
+            tmp_path / m["run_id"],
+        )
+        for m in record["members"]
+    ]
     stems = cached[0].stems
     files = {c.stem: c.image for c in discover_cases(synthetic_root)}
     images = [read_image(files[stem]) for stem in stems]  # at their own size, as a user gives them
     score, probs = predictor.score(images)
-    searched = binarize(combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"])
+    searched = binarize(
+        combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"]
+    )
     assert np.array_equal(binarize(score, record["threshold"]).flat, searched.flat)
     # ... and so the recorded validation Dice, exactly.
-    from segx.evaluation.metrics import dice_per_case
+    from segx.scoring.metrics import dice_per_case
 
     assert dice_per_case(binarize(score, record["threshold"]), cached[0].masks).mean() == record["val_dice"]
 
@@ -76,7 +90,10 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     image = cv2.imread(str(synthetic_root / "train_images" / "case_0000.png"))
     cv2.imwrite(str(inputs / "big.png"), cv2.resize(image, (96, 80)))
     cv2.imwrite(str(inputs / "small.png"), image)
-    cfg = compose_config("predict", [*store_overrides(out), f"ensemble_run_id={run_id}", f"input_dir={inputs}", f"output_dir={tmp_path / 'pred'}"])
+    cfg = compose_config(
+        "predict",
+        [*store_overrides(out), f"ensemble_run_id={run_id}", f"input_dir={inputs}", f"output_dir={tmp_path / 'pred'}"],
+    )
     assert run_predict(cfg) == 2
     mask = cv2.imread(str(tmp_path / "pred" / "masks" / "big.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
@@ -128,7 +145,9 @@ def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
-def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(ensemble_record, member_store, synthetic_root, tmp_path, tta):
+def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(
+    ensemble_record, member_store, synthetic_root, tmp_path, tta
+):
     """One compiled function for every network of a view gives each network's own numbers: a
     plain member, and a member given as two fold models (the same folders twice, so its fold
     mean must equal it), on images of several sizes, in resize mode and under flip TTA."""
@@ -136,12 +155,21 @@ def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(ensemble_re
 
     out, _ = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    record = json.loads(tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text())
-    first, second = (tracking.download_member_model(client, m["run_id"], tmp_path / f"m{i}") for i, m in enumerate(record["members"]))
+    record = json.loads(
+        tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text()
+    )
+    first, second = (
+        tracking.download_member_model(client, m["run_id"], tmp_path / f"m{i}") for i, m in enumerate(record["members"])
+    )
     record["weight_denominator"] = 3  # both members run (with unequal weights), whatever the search chose
     record["members"] = [dict(m, weight=k / 3, weight_count=k) for m, k in zip(record["members"], (1, 2), strict=True)]
     image = cv2.cvtColor(cv2.imread(str(synthetic_root / "train_images" / "case_0001.png")), cv2.COLOR_BGR2RGB)
-    images = [image, cv2.resize(image, (96, 80)), cv2.resize(image, (40, 50)), image[:33, :61]] * 3  # 12: batches of 8 + 4
+    images = [
+        image,
+        cv2.resize(image, (96, 80)),
+        cv2.resize(image, (40, 50)),
+        image[:33, :61],
+    ] * 3  # 12: batches of 8 + 4
     fused = EnsemblePredictor(record, [first, [second, second]], tta=tta)
     alone = EnsemblePredictor(record, [first, [second, second]], tta=tta, fused=False)
     assert len(fused.groups) == 1 and len(fused.groups[fused.views[0]].models) == 3
@@ -152,7 +180,7 @@ def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(ensemble_re
 
 @pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
 def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member_store, tmp_path, case):
-    from segx.predict import run_predict
+    from segx.workflows.predict import run_predict
 
     out, _ = member_store
     inputs = tmp_path / "in"
@@ -160,9 +188,18 @@ def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member
         inputs.mkdir()
     if case == "corrupt":
         (inputs / "scan.png").write_bytes(b"\x89PNG broken")
-    cfg = compose_config("predict", [*store_overrides(out), f"ensemble_run_id={ensemble_record['run_id']}",
-                                     f"input_dir={inputs}", f"output_dir={tmp_path / 'pred'}"])  # fmt: skip
-    message = {"empty": "holds no images", "corrupt": r"scan\.png: not a readable image", "missing": "does not exist"}[case]
+    cfg = compose_config(
+        "predict",
+        [
+            *store_overrides(out),
+            f"ensemble_run_id={ensemble_record['run_id']}",
+            f"input_dir={inputs}",
+            f"output_dir={tmp_path / 'pred'}",
+        ],
+    )
+    message = {"empty": "holds no images", "corrupt": r"scan\.png: not a readable image", "missing": "does not exist"}[
+        case
+    ]
     with pytest.raises(SegxError, match=message):
         run_predict(cfg)
     assert not (tmp_path / "pred").exists()
@@ -177,7 +214,9 @@ def test_logging_the_pyfunc_model_leaves_no_temp_folder(ensemble_record, member_
 
     out, _ = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    record = json.loads(tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text())
+    record = json.loads(
+        tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text()
+    )
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -202,7 +241,7 @@ def _pyfunc_uri(client, run_id):
     ],
 )
 def test_ensemble_bad_input_is_one_line_and_records_nothing(member_store, overrides, message):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, _ = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -215,12 +254,20 @@ def test_ensemble_bad_input_is_one_line_and_records_nothing(member_store, overri
 
 
 def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_root, tmp_path):
-    from segx.ensemble import build_ensemble
-    from segx.training.member import train_member
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.member import train_member
     from tests.conftest import tiny_train_overrides
 
     out, runs = member_store
-    cfg = compose_config("train", [*tiny_train_overrides(out, synthetic_root, "resnet18"), "data.split_seed=7", "trainer.epochs=1", "mlflow.experiment_name=other"])
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(out, synthetic_root, "resnet18"),
+            "data.split_seed=7",
+            "trainer.epochs=1",
+            "mlflow.experiment_name=other",
+        ],
+    )
     train_member(cfg)
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     other = tracking.find_runs(client, client.get_experiment_by_name("other").experiment_id, "member")[0].info.run_id
@@ -232,8 +279,15 @@ def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_r
 def test_hand_written_record_with_bad_weights_is_refused():
     from segx.ensembling.record import validate_record
 
-    record = {"format": "segx-ensemble", "image_size": 64, "threshold": 0.5,
-              "members": [{"run_id": "a", "backbone": "resnet18", "weight": 0.7}, {"run_id": "b", "backbone": "vgg16", "weight": 0.7}]}  # fmt: skip
+    record = {
+        "format": "segx-ensemble",
+        "image_size": 64,
+        "threshold": 0.5,
+        "members": [
+            {"run_id": "a", "backbone": "resnet18", "weight": 0.7},
+            {"run_id": "b", "backbone": "vgg16", "weight": 0.7},
+        ],
+    }
     with pytest.raises(SegxError, match="weights sum to 1.400000, not 1"):
         validate_record(record)
     record["members"] = []
@@ -242,21 +296,31 @@ def test_hand_written_record_with_bad_weights_is_refused():
 
 
 def test_select_auto_takes_every_finished_member_of_the_split(member_store, ensemble_record):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, runs = member_store
-    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.select=auto", "ensemble.search=grid", "ensemble.grid_step=0.5"])
+    cfg = compose_config(
+        "ensemble", [*store_overrides(out), "ensemble.select=auto", "ensemble.search=grid", "ensemble.grid_step=0.5"]
+    )
     record = build_ensemble(cfg)
     assert {m["run_id"] for m in record["members"]} == set(runs.values())
     assert record["data_fingerprint"] == ensemble_record["data_fingerprint"]
 
 
 def test_exact_run_ids_need_no_member_list(member_store):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, runs = member_store
     ids = sorted(runs.values())
-    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=null", f"ensemble.run_ids=[{','.join(ids)}]",
-                                      "ensemble.search=grid", "ensemble.grid_step=0.5"])  # fmt: skip
+    cfg = compose_config(
+        "ensemble",
+        [
+            *store_overrides(out),
+            "ensemble.members=null",
+            f"ensemble.run_ids=[{','.join(ids)}]",
+            "ensemble.search=grid",
+            "ensemble.grid_step=0.5",
+        ],
+    )
     record = build_ensemble(cfg)
     assert sorted(m["run_id"] for m in record["members"]) == ids

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from segx import tracking
-from segx.ensembling.members import member_from_run
 from segx.ensembling.probs import load_cached, save_cached
 from segx.errors import SegxError
+from segx.workflows.members import member_from_run
 
 
 @pytest.fixture
@@ -40,7 +40,9 @@ def _flip_inside(npz: Path, entry: str = "probs.npy") -> None:
     with zipfile.ZipFile(npz) as archive:
         info = archive.getinfo(entry)
     data = bytearray(npz.read_bytes())
-    name_len, extra_len = (int.from_bytes(data[info.header_offset + k : info.header_offset + k + 2], "little") for k in (26, 28))
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + k : info.header_offset + k + 2], "little") for k in (26, 28)
+    )
     at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
     data[at] ^= 0xFF
     npz.write_bytes(bytes(data))
@@ -52,7 +54,9 @@ def test_a_replaced_artifact_is_extracted_again_not_answered_from_the_old_file(m
     first = member_from_run(client, run, work)
     old = np.array(first.val.probs.flat)
     new = (255 - old).astype(np.uint8)  # a valid cache with other probabilities, same cases
-    save_cached(predictions / "val.npz", first.val.stems, first.val.probs.like(new), first.val.masks, list(first.val.previews))
+    save_cached(
+        predictions / "val.npz", first.val.stems, first.val.probs.like(new), first.val.masks, list(first.val.previews)
+    )
     again = member_from_run(client, run, work)
     assert np.array_equal(again.val.probs.flat, new) and not np.array_equal(again.val.probs.flat, old)
     assert len(list((work / run.info.run_id).glob("val.*probs.npy"))) == 1  # the stale extraction is gone
@@ -87,5 +91,7 @@ def test_load_cached_rejects_arrays_of_the_wrong_shape(tmp_path):
     with np.load(path) as data:
         arrays = dict(data)
     np.savez_compressed(path, **{**arrays, "shapes": np.array([[4, 5]])})  # 20 pixels, 16 stored
-    with pytest.raises(SegxError, match=r"member run r1: artifact predictions/val.npz \(.*\) is corrupt .*masks do not match"):
+    with pytest.raises(
+        SegxError, match=r"member run r1: artifact predictions/val.npz \(.*\) is corrupt .*masks do not match"
+    ):
         load_cached(path, tmp_path / "w", run_id="r1", artifact="predictions/val.npz")

@@ -76,10 +76,17 @@ def _member_folder(folder: Path, backbone: str, size: int, seed: int, arch: str 
 
 def _record(members: list[dict], counts: list[int], tta: str, threshold: float) -> dict:
     return {
-        "format": "segx-ensemble", "version": 3, "tta": tta, "threshold": threshold, "postprocess": {},
+        "format": "segx-ensemble",
+        "version": 3,
+        "tta": tta,
+        "threshold": threshold,
+        "postprocess": {},
         "weight_denominator": sum(counts),
-        "members": [{**m, "arch": "unet", "weight": k / sum(counts), "weight_count": k} for m, k in zip(members, counts, strict=True)],
-    }  # fmt: skip
+        "members": [
+            {**m, "arch": "unet", "weight": k / sum(counts), "weight_count": k}
+            for m, k in zip(members, counts, strict=True)
+        ],
+    }
 
 
 def _compare(reference, exported, fmt: str, score_ref=None, score_exp=None, denominator: int = 1) -> int:
@@ -170,8 +177,15 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     folds = [_member_folder(tmp_path / f"fold{k}", "mobilenetv2", 32, k, options=SMALL) for k in range(2)]
     other = _member_folder(tmp_path / "effb0", "efficientnetb0", 32, 5, options=SMALL)
     view = {"mode": "resize", "size": 32, "resize_mode": "resize"}
-    record = _record([{"run_id": "cv", "backbone": "mobilenetv2", "view": view, "folds": ["f0", "f1"]},
-                      {"run_id": "m", "backbone": "efficientnetb0", "view": view}], [2, 1], "flip", 0.45)  # fmt: skip
+    record = _record(
+        [
+            {"run_id": "cv", "backbone": "mobilenetv2", "view": view, "folds": ["f0", "f1"]},
+            {"run_id": "m", "backbone": "efficientnetb0", "view": view},
+        ],
+        [2, 1],
+        "flip",
+        0.45,
+    )
     paths = [folds, other]
     images = _images()
     reference = EnsemblePredictor(record, paths)
@@ -199,7 +213,9 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
         assert np.array_equal(outputs["probability"][0], predictor.score(square)[0].probability()[0])
         if fmt == "savedmodel":
             assert np.array_equal(outputs["mask"][0].astype(bool), ref_mask[0])
-        with pytest.raises(SegxError, match=r"shape \(1, 33, 32, 3\); the exported model takes uint8 images of shape \(B, 32, 32, 3\)"):
+        with pytest.raises(
+            SegxError, match=r"shape \(1, 33, 32, 3\); the exported model takes uint8 images of shape \(B, 32, 32, 3\)"
+        ):
             predictor.graphs[0].run(np.zeros((1, 33, 32, 3), np.uint8))
         with pytest.raises(SegxError, match="dtype float32"):
             predictor.graphs[0].run(np.zeros((1, 32, 32, 3), np.float32))
@@ -217,30 +233,64 @@ def export_store(tmp_path_factory):
     64 px), small decoders, on images of odd sizes; the searched ensemble (with its pyfunc model)
     and an equal-weight ensemble run of both (so that both views are certainly in the export)."""
     from segx import tracking
-    from segx.ensemble import build_ensemble
-    from segx.training.member import train_member
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.member import train_member
 
     tmp = tmp_path_factory.mktemp("export")
     root, out = make_folder(tmp / "data"), tmp / "out"
-    common = [*store_overrides(out), "data=folder", f"data.root={root}", "data.name=native", "data.val_fraction=0.3",
-              "data.test_fraction=0.2", "trainer.epochs=1", "trainer.batch_size=4", "trainer.verbose=0",
-              f"+arch.options.decoder_filters={SMALL['decoder_filters']}".replace(" ", "")]  # fmt: skip
-    train_member(compose_config("train", [*common, "backbone=mobilenetv2", "data.mode=patch", "data.patch_size=32",
-                                          "data.samples_per_epoch=8", "mlflow.run_name=patch"]))  # fmt: skip
-    train_member(compose_config("train", [*common, "backbone=efficientnetb0", "data.image_size=64", "mlflow.run_name=resize"]))
+    common = [
+        *store_overrides(out),
+        "data=folder",
+        f"data.root={root}",
+        "data.name=native",
+        "data.val_fraction=0.3",
+        "data.test_fraction=0.2",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "trainer.verbose=0",
+        f"+arch.options.decoder_filters={SMALL['decoder_filters']}".replace(" ", ""),
+    ]
+    train_member(
+        compose_config(
+            "train",
+            [
+                *common,
+                "backbone=mobilenetv2",
+                "data.mode=patch",
+                "data.patch_size=32",
+                "data.samples_per_epoch=8",
+                "mlflow.run_name=patch",
+            ],
+        )
+    )
+    train_member(
+        compose_config("train", [*common, "backbone=efficientnetb0", "data.image_size=64", "mlflow.run_name=resize"])
+    )
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("segx").experiment_id
     runs = {r.info.run_name: r.info.run_id for r in tracking.find_runs(client, exp, "member")}
     ids = [runs["patch"], runs["resize"]]
-    searched = build_ensemble(compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{ids[0]},{ids[1]}]",
-                                                          "ensemble.search=grid"]))  # fmt: skip
+    searched = build_ensemble(
+        compose_config(
+            "ensemble", [*store_overrides(out), f"ensemble.run_ids=[{ids[0]},{ids[1]}]", "ensemble.search=grid"]
+        )
+    )
     # The same members at equal weights, as a hand-written record (segx reads those too).
     record = {k: v for k, v in searched.items() if k != "run_id"}
     record["members"] = [{**m, "weight": 0.5, "weight_count": 1} for m in record["members"]]
-    record.update(weight_denominator=2, threshold=0.5, postprocess={"min_size": 0, "fill_holes": False, "keep_largest": False})
+    record.update(
+        weight_denominator=2, threshold=0.5, postprocess={"min_size": 0, "fill_holes": False, "keep_largest": False}
+    )
     equal = _ensemble_run(client, exp, record, "ensemble-equal-handmade")
-    return {"out": out, "root": root, "client": client, "experiment": exp, "members": ids,
-            "searched": searched["run_id"], "equal": equal}  # fmt: skip
+    return {
+        "out": out,
+        "root": root,
+        "client": client,
+        "experiment": exp,
+        "members": ids,
+        "searched": searched["run_id"],
+        "equal": equal,
+    }
 
 
 def _ensemble_run(client, experiment: str, record: dict | None, name: str) -> str:
@@ -268,15 +318,18 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
     from mlflow.models import get_model_info
 
     from segx import tracking
-    from segx.export import run_export
     from segx.info import describe
-    from segx.predict import run_predict
+    from segx.workflows.export import run_export
+    from segx.workflows.predict import run_predict
 
     s = export_store
     base = [*store_overrides(s["out"]), f"ensemble_run_id={s['equal']}"]
     inputs = _inputs(s, tmp_path / "scans")
-    run_predict(compose_config("predict", [*base, f"input_dir={inputs}", f"output_dir={tmp_path / 'keras'}",
-                                           "save_probabilities=true"]))  # fmt: skip
+    run_predict(
+        compose_config(
+            "predict", [*base, f"input_dir={inputs}", f"output_dir={tmp_path / 'keras'}", "save_probabilities=true"]
+        )
+    )
     client = s["client"]
     # What a killed export leaves (its process is gone): the next export beside it removes it.
     dead = subprocess.Popen(["true"])
@@ -299,21 +352,28 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
         assert run.data.tags["segx.role"] == "export" and run.data.params["format"] == fmt
         listed = {a.path for a in client.list_artifacts(child, "export")}
         assert {"export/export.json", "export/ensemble.json"} <= listed
-        models = client.search_logged_models(experiment_ids=[s["experiment"]], filter_string=f"source_run_id = '{child}'")
+        models = client.search_logged_models(
+            experiment_ids=[s["experiment"]], filter_string=f"source_run_id = '{child}'"
+        )
         assert sorted(m.name for m in models) == [f"export-{fmt}-view0", f"export-{fmt}-view1"]
         for model in models:
             assert model.model_type == "segx-export" and model.tags["segx.model_artifact"] == f"runs:/{child}/export"
             graph = next(g for g in manifest["graphs"] if model.name.endswith(g["name"]))
             signature = get_model_info(f"models:/{model.model_id}").signature
             assert [(i.name, i.type, i.shape) for i in signature.inputs.inputs] == [
-                ("images", np.dtype(np.uint8), tuple(graph["inputs"]["images"]["shape"]))]
+                ("images", np.dtype(np.uint8), tuple(graph["inputs"]["images"]["shape"]))
+            ]
             assert [o.name for o in signature.outputs.inputs] == ["member_probabilities"]
         info = describe(client, s["equal"])
         assert f"export {fmt}: run {child} (FINISHED" in info
         # segx.predict through the export: the same files, the same masks.
         out = tmp_path / fmt
-        run_predict(compose_config("predict", [*base, f"input_dir={inputs}", f"output_dir={out}", f"backend={fmt}",
-                                               "save_probabilities=true"]))  # fmt: skip
+        run_predict(
+            compose_config(
+                "predict",
+                [*base, f"input_dir={inputs}", f"output_dir={out}", f"backend={fmt}", "save_probabilities=true"],
+            )
+        )
         assert json.loads((out / "ensemble.json").read_text())["backend"] == fmt
         differ = 0
         for path in sorted((tmp_path / "keras" / "masks").glob("*.png")):
@@ -326,7 +386,9 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
                 assert np.array_equal(keras_mask, mask), path.name
             differ += int((keras_mask != mask).sum())
         print(f"{fmt}: {differ} mask pixels differ from backend=keras")
-        assert differ <= 0.001 * sum(cv2.imread(str(p)).shape[0] * cv2.imread(str(p)).shape[1] for p in inputs.glob("*.png"))
+        assert differ <= 0.001 * sum(
+            cv2.imread(str(p)).shape[0] * cv2.imread(str(p)).shape[1] for p in inputs.glob("*.png")
+        )
     assert tracking.get_run(client, s["equal"]).data.tags.keys() >= {"segx.export.onnx", "segx.export.savedmodel"}
 
 
@@ -334,18 +396,34 @@ def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, t
     """A run without a record, a member run deleted, a member without model files, an opset the
     converter cannot write, an export that does not exist: one line each, nothing written."""
     from segx import tracking
-    from segx.export import run_export
-    from segx.predict import run_predict
+    from segx.workflows.export import run_export
+    from segx.workflows.predict import run_predict
 
     s = export_store
     client = s["client"]
-    searched_record = json.loads(Path(tracking.download(client, s["searched"], "ensemble.json", tmp_path / "r")).read_text())
+    searched_record = json.loads(
+        Path(tracking.download(client, s["searched"], "ensemble.json", tmp_path / "r")).read_text()
+    )
     no_record = _ensemble_run(client, s["experiment"], None, "no-record")
-    ghost = _ensemble_run(client, s["experiment"], {**searched_record, "members": [
-        {**searched_record["members"][0], "run_id": "0" * 32}, searched_record["members"][1]]}, "ghost-member")  # fmt: skip
+    ghost = _ensemble_run(
+        client,
+        s["experiment"],
+        {
+            **searched_record,
+            "members": [{**searched_record["members"][0], "run_id": "0" * 32}, searched_record["members"][1]],
+        },
+        "ghost-member",
+    )
     # A FINISHED run without a model artifact named as a member: the no-record ensemble run.
-    no_model = _ensemble_run(client, s["experiment"], {**searched_record, "members": [
-        {**searched_record["members"][0], "run_id": no_record}, searched_record["members"][1]]}, "no-model")  # fmt: skip
+    no_model = _ensemble_run(
+        client,
+        s["experiment"],
+        {
+            **searched_record,
+            "members": [{**searched_record["members"][0], "run_id": no_record}, searched_record["members"][1]],
+        },
+        "no-model",
+    )
     cases = [
         (no_record, [], f"ensemble run '{no_record}' has no ensemble.json record"),
         (ghost, [], f"needs member run {'0' * 32} .*does not exist"),
@@ -355,30 +433,71 @@ def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, t
     ]
     for run_id, extra, message in cases:
         output = tmp_path / f"out-{run_id[:6]}"
-        cfg = compose_config("export", [*store_overrides(s["out"]), f"ensemble_run_id={run_id}", f"output_dir={output}", *extra])
+        cfg = compose_config(
+            "export", [*store_overrides(s["out"]), f"ensemble_run_id={run_id}", f"output_dir={output}", *extra]
+        )
         with pytest.raises(SegxError, match=message):
             run_export(cfg)
         assert not output.exists() and not list(tmp_path.glob(".segx-partial-export-*"))
     runs_before = len(client.search_runs([s["experiment"]]))
-    with pytest.raises(SegxError, match=f"ensemble '{s['searched']}' has no onnx export; make one with python -m segx.export"):
-        run_predict(compose_config("predict", [*store_overrides(s["out"]), f"ensemble_run_id={s['searched']}", "backend=onnx",
-                                               f"input_dir={_inputs(s, tmp_path / 'in')}", f"output_dir={tmp_path / 'o'}"]))  # fmt: skip
+    with pytest.raises(
+        SegxError, match=f"ensemble '{s['searched']}' has no onnx export; make one with python -m segx.export"
+    ):
+        run_predict(
+            compose_config(
+                "predict",
+                [
+                    *store_overrides(s["out"]),
+                    f"ensemble_run_id={s['searched']}",
+                    "backend=onnx",
+                    f"input_dir={_inputs(s, tmp_path / 'in')}",
+                    f"output_dir={tmp_path / 'o'}",
+                ],
+            )
+        )
     assert not (tmp_path / "o").exists() and len(client.search_runs([s["experiment"]])) == runs_before
     # The command line: one line, exit status 2.
-    proc = subprocess.run([sys.executable, "-m", "segx.export", f"ensemble_run_id={no_record}", *store_overrides(s["out"]),
-                           "format=savedmodel"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.export",
+            f"ensemble_run_id={no_record}",
+            *store_overrides(s["out"]),
+            "format=savedmodel",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"segx: error: ensemble run '{no_record}' has no ensemble.json record "
-                                                "(it ended before logging it); rebuild the ensemble with python -m segx.ensemble"]  # fmt: skip
+    assert proc.stderr.strip().splitlines() == [
+        f"segx: error: ensemble run '{no_record}' has no ensemble.json record "
+        "(it ended before logging it); rebuild the ensemble with python -m segx.ensemble"
+    ]
 
 
 def test_interrupted_export_leaves_no_partial_folder(export_store, tmp_path):
     s = export_store
     output = tmp_path / "exports" / "onnx"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "segx.export", f"ensemble_run_id={s['equal']}", *store_overrides(s["out"]),
-                             f"output_dir={output}", "log=false"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "segx.export",
+            f"ensemble_run_id={s['equal']}",
+            *store_overrides(s["out"]),
+            f"output_dir={output}",
+            "log=false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 300
     while not list((tmp_path / "exports").glob(".segx-partial-export-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -417,13 +536,26 @@ def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_
     (folder / "export.json").write_text('{"tool":"x"}\n')
     (folder / "annotations" / "a.json").write_text("work\n")
     before = _tree(folder)
-    proc = subprocess.run([sys.executable, "-m", "segx.export", f"ensemble_run_id={fresh}", *store_overrides(s["out"]),
-                           f"output_dir={folder}", "overwrite=true"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.export",
+            f"ensemble_run_id={fresh}",
+            *store_overrides(s["out"]),
+            f"output_dir={folder}",
+            "overwrite=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"segx: error: output_dir={folder} is not a segx export ({folder}/export.json is not a segx export manifest "
-        "this segx reads); overwrite=true replaces only an earlier export: choose a new or empty output_dir"]
+        "this segx reads); overwrite=true replaces only an earlier export: choose a new or empty output_dir"
+    ]
     assert _tree(folder) == before  # byte for byte
     assert not (s["out"] / "cache" / "ensembles" / fresh).exists()  # refused before the ensemble was fetched
     assert not list(tmp_path.glob(".segx-partial-export-*"))
@@ -433,15 +565,20 @@ def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(exp
     """export.json lists every file and folder the export wrote (with sizes); overwrite=true
     refuses, naming it, a file the user added at the top or inside saved_model/ (also when it
     appears while the new export is being built), and replaces a clean earlier export."""
-    import segx.export
-    from segx.export import run_export
+    import segx.workflows.export
     from segx.inference import exported
     from segx.inference.exported import check_output_dir, read_manifest
+    from segx.workflows.export import run_export
 
     s = export_store
     folder = tmp_path / "E"
-    base = [*store_overrides(s["out"]), f"ensemble_run_id={s['equal']}", "format=savedmodel", f"output_dir={folder}",
-            "log=false"]  # fmt: skip
+    base = [
+        *store_overrides(s["out"]),
+        f"ensemble_run_id={s['equal']}",
+        "format=savedmodel",
+        f"output_dir={folder}",
+        "log=false",
+    ]
     first = run_export(compose_config("export", base))
     listed = {c["path"]: c.get("bytes", "folder") for c in first["contents"]}
     on_disk = {rel: len(v) if isinstance(v, bytes) else v for rel, v in _tree(folder).items() if rel != "export.json"}
@@ -449,14 +586,16 @@ def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(exp
     assert read_manifest(folder) == first
 
     again = [*base, "overwrite=true"]
-    monkeypatch.setattr(segx.export, "fetch_ensemble", _not_fetched)
+    monkeypatch.setattr(segx.workflows.export, "fetch_ensemble", _not_fetched)
     for added in ("notes.txt", "saved_model/variables/notes.txt"):
         (folder / added).write_text("the user's\n")
         before = _tree(folder)
         with pytest.raises(SegxError) as err:
             run_export(compose_config("export", again))
-        assert str(err.value) == (f"{folder}/{added} was not written by segx (export.json does not list it) and "
-                                  "overwrite=true would delete it; move that file out or choose a new output_dir")  # fmt: skip
+        assert str(err.value) == (
+            f"{folder}/{added} was not written by segx (export.json does not list it) and "
+            "overwrite=true would delete it; move that file out or choose a new output_dir"
+        )
         assert _tree(folder) == before
         (folder / added).unlink()
 
@@ -507,8 +646,9 @@ def _free_port() -> int:
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -517,19 +657,45 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
 
 
 def test_served_pyfunc_answers_masks_and_400_with_the_reason(export_store, tmp_path):
-    from segx.inference.predictor import load_ensemble
+    from segx.workflows.predict import load_ensemble
 
     s = export_store
     client = s["client"]
     uri = client.get_run(s["searched"]).data.tags["segx.pyfunc_uri"]
     port = _free_port()
     # The server starts `uvicorn` by name: the venv's bin folder must be on PATH (as when activated).
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{s['out']}/mlflow.db", PYTHONUNBUFFERED="1", SEGX_SERVE_MAX_REQUEST_MB="2",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # fmt: skip
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{s['out']}/mlflow.db",
+        PYTHONUNBUFFERED="1",
+        SEGX_SERVE_MAX_REQUEST_MB="2",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=tmp_path, stdout=log,
-                              stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -542,7 +708,10 @@ def test_served_pyfunc_answers_masks_and_400_with_the_reason(export_store, tmp_p
                 pass
             assert time.monotonic() < deadline, "server did not answer /ping in 300 s"
             time.sleep(1)
-        images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((s["root"] / "train_images").glob("*.png"))[:3]]
+        images = [
+            cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+            for p in sorted((s["root"] / "train_images").glob("*.png"))[:3]
+        ]
         _, predictor = load_ensemble(client, s["searched"], tmp_path / "rebuild")
         expected = [p.mask.astype(np.uint8) for p in predictor.predict(images)]
         # A batch of one size as an array, and images of different sizes by name.
@@ -599,8 +768,15 @@ def _stop_group(server: subprocess.Popen, port: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,arch", [*((p.stem, "unet") for p in sorted((CONF / "backbone").glob("*.yaml"))),
-                                           ("resnet18", "fpn"), ("resnet18", "linknet"), ("resnet18", "pspnet")])  # fmt: skip
+@pytest.mark.parametrize(
+    "backbone,arch",
+    [
+        *((p.stem, "unet") for p in sorted((CONF / "backbone").glob("*.yaml"))),
+        ("resnet18", "fpn"),
+        ("resnet18", "linknet"),
+        ("resnet18", "pspnet"),
+    ],
+)
 def test_every_backbone_converts_to_onnx(backbone, arch, tmp_path):
     """Each encoder of conf/backbone/ as a Unet (and resnet18 with every other decoder) converts
     with tf2onnx at the default opset, passes onnx.checker, and ONNX Runtime's output matches
@@ -624,5 +800,11 @@ def test_every_backbone_converts_to_onnx(backbone, arch, tmp_path):
     images = _images()[:2]
     reference = EnsemblePredictor(record, [folder])
     exported = load_exported(tmp_path / "onnx")
-    _compare(reference.predict(images), exported.predict(images), "onnx", reference.score(images)[0],
-             exported.score(images)[0], 1)  # fmt: skip
+    _compare(
+        reference.predict(images),
+        exported.predict(images),
+        "onnx",
+        reference.score(images)[0],
+        exported.score(images)[0],
+        1,
+    )

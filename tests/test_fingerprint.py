@@ -46,7 +46,7 @@ def invert_masks(root: Path, stems) -> None:
 
 
 def prepared(tmp_path: Path, root: Path, split_file: Path):
-    from segx.data.prepare import prepare
+    from segx.workflows.prepare import prepare
 
     cfg = compose_config("train", folder_overrides(tmp_path / "out", root, split_file))
     return prepare(cfg.data, cfg.paths.output_dir)
@@ -66,7 +66,7 @@ def test_changing_mask_contents_changes_the_fingerprint(synthetic_root, tmp_path
     assert tags_after["segx.masks_fingerprint"] != tags_before["segx.masks_fingerprint"]
     # How files become inputs is part of it too; the same files read the same way give the same.
     assert prepared(tmp_path, root, split_file).fingerprint == after.fingerprint
-    from segx.data.prepare import prepare
+    from segx.workflows.prepare import prepare
 
     cfg = compose_config("train", [*folder_overrides(tmp_path / "out", root, split_file), "data.mask_threshold=127"])
     assert prepare(cfg.data, cfg.paths.output_dir).fingerprint != after.fingerprint
@@ -91,7 +91,7 @@ def test_pairs_the_split_does_not_list_are_reported_and_the_split_kept(synthetic
 @pytest.fixture(scope="module")
 def retrained_store(tmp_path_factory, synthetic_root):
     """Two resnet18 members on the same split: before and after inverting every training mask."""
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     base = tmp_path_factory.mktemp("retrained")
     out, root, split_file = base / "out", copy_data(synthetic_root, base / "data"), base / "split.json"
@@ -109,7 +109,7 @@ def retrained_store(tmp_path_factory, synthetic_root):
 
 
 def test_ensemble_refuses_members_trained_on_other_mask_contents(retrained_store):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, (old, new) = retrained_store
     cfg = compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{old},{new}]"])
@@ -128,7 +128,7 @@ def test_ensemble_refuses_members_trained_on_other_mask_contents(retrained_store
 
 
 def test_misspelt_member_backbone_suggests_the_trained_one(retrained_store):
-    from segx.ensemble import build_ensemble
+    from segx.workflows.ensemble import build_ensemble
 
     out, _ = retrained_store
     cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet81]"])
@@ -137,7 +137,7 @@ def test_misspelt_member_backbone_suggests_the_trained_one(retrained_store):
 
 
 def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained_store, capsys):
-    from segx.ensembling.members import select_runs
+    from segx.workflows.members import select_runs
 
     out, (old, new) = retrained_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -161,7 +161,7 @@ def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained
 
 
 def test_resume_refuses_a_run_whose_data_changed(retrained_store, tmp_path):
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     out, (old, _new) = retrained_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")

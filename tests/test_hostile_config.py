@@ -21,7 +21,9 @@ def run(args, timeout=180, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", ["../../escaped", "/tmp/segx-absolute-name", "${oc.env:HOME}", "a/b", "..", "spaced name"])
+@pytest.mark.parametrize(
+    "name", ["../../escaped", "/tmp/segx-absolute-name", "${oc.env:HOME}", "a/b", "..", "spaced name"]
+)
 def test_an_experiment_name_never_leaves_the_artifact_root(tmp_path, name):
     from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -35,8 +37,10 @@ def test_an_experiment_name_never_leaves_the_artifact_root(tmp_path, name):
 
 def test_names_that_spell_alike_get_their_own_folders(tmp_path):
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
-    folders = {client.get_experiment(tracking.experiment_id(client, n, str(tmp_path / "a"))).artifact_location
-               for n in ("a/b", "a_b", "a:b")}  # fmt: skip
+    folders = {
+        client.get_experiment(tracking.experiment_id(client, n, str(tmp_path / "a"))).artifact_location
+        for n in ("a/b", "a_b", "a:b")
+    }
     assert len(folders) == 3
     assert tracking.artifact_folder_name("nuclei") == "nuclei"  # plain names stay as they are
 
@@ -90,7 +94,7 @@ def test_training_refuses_in_one_line_before_any_run(tmp_path, overrides, messag
     ],
 )
 def test_the_ensemble_checks_what_the_search_and_registry_need_first(tmp_path, override, message):
-    from segx.ensemble import validate_config
+    from segx.workflows.ensemble import validate_config
 
     overrides = [*store_overrides(tmp_path), override] + (["ensemble.search=grid"] if "grid_step" in override else [])
     with pytest.raises(SegxError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -110,7 +114,10 @@ def test_the_ensemble_command_refuses_a_bad_registry_name_before_opening_the_sto
         ("port=70000", "port=70000 is out of range; use a value in [1, 65535]"),
         ("postgres_port=70000", "postgres_port=70000 is out of range; use a value in [1, 65535]"),
         ("host=no-such-host.invalid", "host='no-such-host.invalid' is not an address of this machine"),
-        ("extra_args=['--backend-store-uri=sqlite:///x.db']", "extra_args sets --backend-store-uri, which segx.server sets itself"),
+        (
+            "extra_args=['--backend-store-uri=sqlite:///x.db']",
+            "extra_args sets --backend-store-uri, which segx.server sets itself",
+        ),
         ("extra_args=['--port','5009']", "extra_args sets --port, which segx.server sets itself; use port=... instead"),
     ],
 )
@@ -125,14 +132,24 @@ def test_the_server_refuses_in_one_line_before_starting_anything(tmp_path, overr
 def test_values_from_the_environment_are_recorded_as_written_not_as_their_values(tmp_path, synthetic_root, monkeypatch):
     """A tracking URI with a password from the environment: the run's params and config.yaml keep
     ``${oc.env:...}``; the value (here the store's folder) is in neither."""
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
     from tests.conftest import tiny_train_overrides
 
     secret = tmp_path / "s3cr3t-store"
     monkeypatch.setenv("SEGX_TEST_STORE", str(secret))
-    overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root, epochs=1) if not o.startswith("mlflow.tracking_uri=")]
-    train_member(compose_config("train", [*overrides, "mlflow.tracking_uri=sqlite:///${oc.env:SEGX_TEST_STORE}/mlflow.db",
-                                          "mlflow.system_metrics=false"]))  # fmt: skip
+    overrides = [
+        o for o in tiny_train_overrides(tmp_path, synthetic_root, epochs=1) if not o.startswith("mlflow.tracking_uri=")
+    ]
+    train_member(
+        compose_config(
+            "train",
+            [
+                *overrides,
+                "mlflow.tracking_uri=sqlite:///${oc.env:SEGX_TEST_STORE}/mlflow.db",
+                "mlflow.system_metrics=false",
+            ],
+        )
+    )
     client = tracking.connect(f"sqlite:///{secret}/mlflow.db", create=False)
     (run,) = tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "member")
     assert run.data.params["mlflow.tracking_uri"] == "sqlite:///${oc.env:SEGX_TEST_STORE}/mlflow.db"
@@ -157,11 +174,15 @@ def test_a_full_cache_disk_is_one_line(tmp_path, synthetic_root):
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
     try:
-        with pytest.raises(SegxError, match=r"^data.cache_dir=.*: cannot write the decoded cache \(No space left on device"):
+        with pytest.raises(
+            SegxError, match=r"^data.cache_dir=.*: cannot write the decoded cache \(No space left on device"
+        ):
             decode_cases(discover_cases(synthetic_root), disk / "cache")
         leftovers = [p.name for p in (disk / "cache").rglob("*") if ".tmp-" in p.name]
         assert not leftovers, leftovers  # no partial file stays behind
@@ -177,7 +198,10 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_composed(tmp_path):
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     (own / "bomb.yaml").write_text("\n".join(lines) + "\n")
     started = time.monotonic()
-    result = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), "experiment=bomb", *store_overrides(tmp_path)], timeout=120)
+    result = run(
+        ["segx.train", "--config-dir", str(tmp_path / "myconf"), "experiment=bomb", *store_overrides(tmp_path)],
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "bomb.yaml: its aliases expand to" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 60
@@ -193,8 +217,10 @@ def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_
     before = statuses(store, "ensemble")  # the shared store may hold ensembles of other tests
     result = run(ensemble_args(store))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip() == (f"segx: error: {store / 'cache' / 'probs'} (the members' extracted probabilities) is a file, "
-                                     "not a folder; remove it (segx rebuilds it) or set paths.output_dir=...")  # fmt: skip
+    assert result.stderr.strip() == (
+        f"segx: error: {store / 'cache' / 'probs'} (the members' extracted probabilities) is a file, "
+        "not a folder; remove it (segx rebuilds it) or set paths.output_dir=..."
+    )
     assert statuses(store, "ensemble") == before  # refused before any run was made
 
 
@@ -202,8 +228,12 @@ def test_an_interpolation_as_a_config_key_is_one_line(tmp_path):
     own = tmp_path / "myconf" / "experiment"
     own.mkdir(parents=True)
     (own / "keyed.yaml").write_text('# @package _global_\ndata:\n  "${oc.env:HOME}": 1\n')
-    result = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), "experiment=keyed", *store_overrides(tmp_path)])
+    result = run(
+        ["segx.train", "--config-dir", str(tmp_path / "myconf"), "experiment=keyed", *store_overrides(tmp_path)]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip() == ("segx: error: config key '${oc.env:HOME}' (under data) is not a plain name (letters, "
-                                     "digits, _ - . / and spaces): rename it; an interpolation cannot be a key")  # fmt: skip
+    assert result.stderr.strip() == (
+        "segx: error: config key '${oc.env:HOME}' (under data) is not a plain name (letters, "
+        "digits, _ - . / and spaces): rename it; an interpolation cannot be a key"
+    )
     assert not (tmp_path / "mlflow.db").exists()

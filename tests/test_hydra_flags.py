@@ -10,8 +10,14 @@ from tests.conftest import ROOT, tiny_train_overrides
 
 
 def run(args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+    )
 
 
 def test_info_prints_each_line_once():
@@ -58,8 +64,15 @@ def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, sy
 
 
 def test_each_command_help_lists_its_own_groups():
-    helps = {name: run([module, "--help"]) for name, module in
-             [("train", "segx.train"), ("ensemble", "segx.ensemble"), ("predict", "segx.predict"), ("bench", "segx.bench")]}
+    helps = {
+        name: run([module, "--help"])
+        for name, module in [
+            ("train", "segx.train"),
+            ("ensemble", "segx.ensemble"),
+            ("predict", "segx.predict"),
+            ("bench", "segx.bench"),
+        ]
+    }
     for result in helps.values():
         assert result.returncode == 0, result.stderr
     assert "backbone: " in helps["train"].stdout and "resnet34" in helps["train"].stdout
@@ -82,9 +95,15 @@ def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_ro
     from segx.info import describe
     from tests.conftest import compose_config
 
-    overrides = [*tiny_train_overrides(tmp_path, tmp_path / "data"), "augment=strong", "trainer.loss.focal=0.5",
-                 "trainer.optimizer.learning_rate=0.0005", "data.n_images=12", "tags=[dev,baseline]",
-                 "note=first try"]  # fmt: skip
+    overrides = [
+        *tiny_train_overrides(tmp_path, tmp_path / "data"),
+        "augment=strong",
+        "trainer.loss.focal=0.5",
+        "trainer.optimizer.learning_rate=0.0005",
+        "data.n_images=12",
+        "tags=[dev,baseline]",
+        "note=first try",
+    ]
     result = run(["segx.train", "-m", "seed=1,2", *overrides], timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
@@ -128,8 +147,18 @@ def test_debug_run_and_an_optuna_search_on_a_tiny_problem(tmp_path, synthetic_ro
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     (member,) = tracking.find_runs(client, client.get_experiment_by_name("debug").experiment_id, "member")
     assert member.data.params["data.n_train"] == "3" and member.data.params["trainer.epochs"] == "1"
-    search = run(["segx.train", "-m", "hparams_search=dice_optuna", "hydra.sweeper.n_trials=2",
-                  "hydra.sweeper.sampler.n_startup_trials=2", *base, "mlflow.experiment_name=search"], timeout=900)  # fmt: skip
+    search = run(
+        [
+            "segx.train",
+            "-m",
+            "hparams_search=dice_optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            *base,
+            "mlflow.experiment_name=search",
+        ],
+        timeout=900,
+    )
     assert search.returncode == 0, search.stderr[-2000:]
     runs = tracking.find_runs(client, client.get_experiment_by_name("search").experiment_id, "member")
     assert len(runs) == 2

@@ -23,8 +23,15 @@ def cached(stems=("a", "b", "c"), size=8, seed=0) -> Cached:
 
 
 def member(run_id: str, seed: int = 0, **changes) -> Member:
-    base = Member(run_id=run_id, backbone="resnet18", arch="unet", fingerprint="f" * 16,
-                  view={"mode": "resize", "size": 8}, val=cached(seed=seed), test=cached(("t1", "t2"), seed=seed + 1))  # fmt: skip
+    base = Member(
+        run_id=run_id,
+        backbone="resnet18",
+        arch="unet",
+        fingerprint="f" * 16,
+        view={"mode": "resize", "size": 8},
+        val=cached(seed=seed),
+        test=cached(("t1", "t2"), seed=seed + 1),
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -67,5 +74,9 @@ def test_members_sharing_backbone_and_arch_get_distinct_row_names():
     b = member("r2", view={"mode": "patch", "size": 96})
     c = member("r3", view={"mode": "patch", "size": 96})
     assert unique_labels([a, b]) == ["resnet18-unet-resize96", "resnet18-unet-patch96"]
-    assert unique_labels([a, b, c]) == ["resnet18-unet-resize96", "resnet18-unet-patch96-r2", "resnet18-unet-patch96-r3"]
+    assert unique_labels([a, b, c]) == [
+        "resnet18-unet-resize96",
+        "resnet18-unet-patch96-r2",
+        "resnet18-unet-patch96-r3",
+    ]
     assert unique_labels([a]) == ["resnet18-unet"]  # unchanged when nothing collides

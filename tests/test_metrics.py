@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segx.evaluation.metrics import dice_per_case, hd95, iou_per_case
+from segx.scoring.metrics import dice_per_case, hd95, iou_per_case
 
 
 def masks(*arrays):

@@ -64,15 +64,19 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
     ensemble predicts, image by image at its own size, the masks the search scored."""
     from segx import tracking
     from segx.data.io import read_image
-    from segx.ensemble import build_ensemble
     from segx.ensembling.probs import binarize, combine, load_cached
-    from segx.evaluation.metrics import dice_per_case
-    from segx.inference.predictor import load_ensemble
-    from segx.training.member import train_member
+    from segx.scoring.metrics import dice_per_case
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.member import train_member
+    from segx.workflows.predict import load_ensemble
 
     root, out = make_folder(tmp_path / "data"), tmp_path / "out"
-    patch = compose_config("train", native_overrides(out, root, "data.mode=patch", "data.patch_size=32",
-                                                     "data.samples_per_epoch=8", "mlflow.run_name=patch"))  # fmt: skip
+    patch = compose_config(
+        "train",
+        native_overrides(
+            out, root, "data.mode=patch", "data.patch_size=32", "data.samples_per_epoch=8", "mlflow.run_name=patch"
+        ),
+    )
     resize = compose_config("train", native_overrides(out, root, "data.image_size=64", "mlflow.run_name=resize"))
     train_member(patch)
     train_member(resize)
@@ -89,11 +93,24 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
         sizes = read_sizes(root, cached[name].stems)
         assert [tuple(s) for s in cached[name].probs.shapes] == sizes  # each image's own size
         assert [tuple(s) for s in cached[name].masks.shapes] == sizes
-        original = [cv2.imread(str(root / "train_masks" / f"{s}.png"), cv2.IMREAD_GRAYSCALE) > 0 for s in cached[name].stems]
-        assert all(np.array_equal(m, o) for m, o in zip(cached[name].masks, original, strict=True))  # the original masks
+        original = [
+            cv2.imread(str(root / "train_masks" / f"{s}.png"), cv2.IMREAD_GRAYSCALE) > 0 for s in cached[name].stems
+        ]
+        assert all(
+            np.array_equal(m, o) for m, o in zip(cached[name].masks, original, strict=True)
+        )  # the original masks
     ids = [runs["patch"].info.run_id, runs["resize"].info.run_id]
-    record = build_ensemble(compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{ids[0]},{ids[1]}]",
-                                                        "ensemble.postprocess=false", "ensemble.search=grid"]))  # fmt: skip
+    record = build_ensemble(
+        compose_config(
+            "ensemble",
+            [
+                *store_overrides(out),
+                f"ensemble.run_ids=[{ids[0]},{ids[1]}]",
+                "ensemble.postprocess=false",
+                "ensemble.search=grid",
+            ],
+        )
+    )
     assert [m["view"]["mode"] for m in record["members"]] == ["patch", "resize"]
     assert record["members"][0]["view"]["size"] == 32 and record["members"][1]["view"]["size"] == 64
     _, predictor = load_ensemble(client, record["run_id"], tmp_path / "rebuild")
@@ -102,7 +119,9 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
     score, probs = predictor.score(images)
     for name, p in zip(["patch", "resize"], probs, strict=True):
         assert p is None or np.array_equal(p.flat, cached[name].probs.flat), name  # bit for bit
-    searched = binarize(combine([cached["patch"].probs, cached["resize"].probs], predictor.weights), record["threshold"])
+    searched = binarize(
+        combine([cached["patch"].probs, cached["resize"].probs], predictor.weights), record["threshold"]
+    )
     assert dice_per_case(searched, cached["patch"].masks).mean() == record["val_dice"]
     predictions = predictor.predict(images)
     for i, prediction in enumerate(predictions):
@@ -113,8 +132,8 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
 def test_resize_mode_is_scored_against_the_original_mask():
     """A prediction that is perfect at the network's size is not perfect at the image's size:
     thin structures are lost by resizing, and segx scores against the original mask."""
-    from segx.evaluation.metrics import dice_per_case
     from segx.inference.view import View, predict_cases
+    from segx.scoring.metrics import dice_per_case
 
     thin = np.zeros((96, 96), np.uint8)
     thin[:, 47] = 1  # a 1-px line: resizing to 32 px and back cannot keep it
@@ -124,7 +143,11 @@ def test_resize_mode_is_scored_against_the_original_mask():
 
     def perfect(masks):
         # The "network" returns the resized mask itself: Dice 1 at the network's size.
-        return lambda batch: {"none": np.stack([cv2.resize(m, (32, 32), interpolation=cv2.INTER_NEAREST) for m in masks]).astype(np.float32)}
+        return lambda batch: {
+            "none": np.stack([cv2.resize(m, (32, 32), interpolation=cv2.INTER_NEAREST) for m in masks]).astype(
+                np.float32
+            )
+        }
 
     cases = [thin, blocky]
     maps = [next(predict_cases([np.repeat(m[:, :, None] * 255, 3, axis=2)], view, perfect([m])))["none"] for m in cases]
@@ -136,7 +159,7 @@ def test_resize_mode_is_scored_against_the_original_mask():
 
 
 def test_hd95_in_pixels_and_in_physical_units():
-    from segx.evaluation.metrics import case_metrics, hd95
+    from segx.scoring.metrics import case_metrics, hd95
 
     true = np.zeros((40, 40), bool)
     true[10:20, 10:20] = True
@@ -158,7 +181,9 @@ def test_search_over_ragged_cases_equals_brute_force():
     rng = np.random.default_rng(3)
     shapes = [(17, 23), (5, 64), (40, 9), (1, 1), (33, 33)]
     truth = [rng.random(s) < 0.3 for s in shapes]
-    members = [[np.clip(t * 170 + rng.integers(0, 120, t.shape), 0, 255).astype(np.uint8) for t in truth] for _ in range(3)]
+    members = [
+        [np.clip(t * 170 + rng.integers(0, 120, t.shape), 0, 255).astype(np.uint8) for t in truth] for _ in range(3)
+    ]
     thresholds = [0.3, 0.45, 0.5, 0.65]
     data = search.compact([Ragged.from_list(m) for m in members], Ragged.from_list(truth), thresholds)
     counts = search.simplex_counts(3, 4)
@@ -246,18 +271,30 @@ def test_patches_are_padded_seeded_and_forced_onto_foreground(tmp_path):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["data.patch_size=40"], r"data.patch_size=40 does not suit arch=unet: it needs a multiple of 32; use data.patch_size=32 or 64"),
-        (["data.patch_size=48", "arch=pspnet", "data.patch_size=64"], r"data.patch_size=64 does not suit arch=pspnet: it needs a multiple of 48"),
-        (["data.patch_size=256", "data.pad=false"], r"data.pad=false but case\d+ .* is smaller than data.patch_size=256 .*every image is smaller \(largest side 120 px\)"),
+        (
+            ["data.patch_size=40"],
+            r"data.patch_size=40 does not suit arch=unet: it needs a multiple of 32; use data.patch_size=32 or 64",
+        ),
+        (
+            ["data.patch_size=48", "arch=pspnet", "data.patch_size=64"],
+            r"data.patch_size=64 does not suit arch=pspnet: it needs a multiple of 48",
+        ),
+        (
+            ["data.patch_size=256", "data.pad=false"],
+            r"data.pad=false but case\d+ .* is smaller than data.patch_size=256 .*every image is smaller \(largest side 120 px\)",
+        ),
         (["data.scale=0.1"], r"data.scale=0.1 shrinks case03 \(50x29\) to 2.9 px; use data.scale >= 0.276"),
         (["data.overlap=1.0"], r"data.overlap=1.0 is out of range; use a value in \[0.0, 0.9\]"),
         (["data.pixel_spacing=-1"], r"data.pixel_spacing=-1 must be null, one positive number or \[row, column\]"),
-        (["data.max_pixels=3000"], r"case\d+.png: header declares \d+x\d+ pixels, over the limit of 3000; downscale the file or raise data.max_pixels"),
+        (
+            ["data.max_pixels=3000"],
+            r"case\d+.png: header declares \d+x\d+ pixels, over the limit of 3000; downscale the file or raise data.max_pixels",
+        ),
     ],
 )
 def test_bad_patch_settings_get_one_line_before_any_model(tmp_path, extra, message):
     from segx import tracking
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     root, out = make_folder(tmp_path / "data"), tmp_path / "out"
     cfg = compose_config("train", native_overrides(out, root, "data.mode=patch", "data.patch_size=32", *extra))
@@ -289,7 +326,7 @@ def test_sliding_window_memory_is_bounded_for_a_4096_image():
 
 def test_post_processing_and_majority_vote_work_case_by_case_on_ragged_cases():
     from segx.ensembling.search import majority_vote
-    from segx.inference.postprocess import PostProcess, apply, apply_one
+    from segx.scoring.postprocess import PostProcess, apply, apply_one
 
     rng = np.random.default_rng(0)
     masks = [rng.random(s) < 0.4 for s in [(30, 17), (8, 50), (21, 21)]]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from segx.data.folder import from_model_size, to_model_size
-from segx.evaluation.metrics import dice_per_case
-from segx.inference.postprocess import PostProcess, apply, apply_one, candidates
+from segx.scoring.metrics import dice_per_case
+from segx.scoring.postprocess import PostProcess, apply, apply_one, candidates
 
 
 def blobs() -> np.ndarray:
@@ -57,7 +57,12 @@ def test_identity_and_empty_masks_pass_through():
 def test_candidates_start_with_identity_and_describe_themselves():
     options = candidates([0, 10])
     assert options[0].is_identity and options[0].describe() == "none"
-    assert [o.describe() for o in options[1:]] == ["remove<10px", "fill-holes", "remove<10px+fill-holes", "keep-largest"]
+    assert [o.describe() for o in options[1:]] == [
+        "remove<10px",
+        "fill-holes",
+        "remove<10px+fill-holes",
+        "keep-largest",
+    ]
     assert PostProcess(**options[3].to_dict()) == options[3]  # what the record stores rebuilds it
 
 
@@ -70,7 +75,9 @@ def test_pad_mode_round_trip_keeps_geometry(shape):
     side = max(shape)
     # The image sits at the top left of a zero-padded square; nothing wraps or stretches.
     assert small.shape == (64, 64)
-    assert not small[int(np.ceil(height / side * 64)) :, :].any() and not small[:, int(np.ceil(width / side * 64)) :].any()
+    assert (
+        not small[int(np.ceil(height / side * 64)) :, :].any() and not small[:, int(np.ceil(width / side * 64)) :].any()
+    )
     back = from_model_size(small.astype(np.float32), shape, "pad") >= 0.5
     assert back.shape == shape
     assert dice_per_case(back[None], mask[None].astype(bool))[0] > 0.9

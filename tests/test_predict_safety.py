@@ -23,11 +23,16 @@ from tests.conftest import ROOT, compose_config, store_overrides
 def _predict(member_store, ensemble_record, inputs, output_dir, *extra, work=None):
     """run_predict on the session's tiny ensemble; ``work``: a fresh paths.output_dir, whose
     cache/ then shows whether the members were downloaded (loaded)."""
-    from segx.predict import run_predict
+    from segx.workflows.predict import run_predict
 
     out, _ = member_store
-    overrides = [*store_overrides(out), f"ensemble_run_id={ensemble_record['run_id']}",
-                 f"input_dir={inputs}", f"output_dir={output_dir}", *extra]  # fmt: skip
+    overrides = [
+        *store_overrides(out),
+        f"ensemble_run_id={ensemble_record['run_id']}",
+        f"input_dir={inputs}",
+        f"output_dir={output_dir}",
+        *extra,
+    ]
     if work is not None:
         overrides.append(f"paths.output_dir={work}")
     return run_predict(compose_config("predict", overrides))
@@ -58,8 +63,9 @@ def _files(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize("overwrite", ["false", "true"])
 @pytest.mark.parametrize("where", ["same", "inside", "inside_new", "contains", "link_to_input", "via_linked_parent"])
-def test_input_folder_survives_every_output_location(member_store, ensemble_record, synthetic_root, tmp_path,
-                                                     where, overwrite):  # fmt: skip
+def test_input_folder_survives_every_output_location(
+    member_store, ensemble_record, synthetic_root, tmp_path, where, overwrite
+):
     study = tmp_path / "study"
     inputs = _scans(study / "scans", synthetic_root)
     (study / "scans" / "notes.txt").write_text("keep me")
@@ -95,9 +101,18 @@ def test_overwrite_replaces_an_earlier_prediction_as_a_whole(member_store, ensem
         _predict(member_store, ensemble_record, second, pred)
     assert _predict(member_store, ensemble_record, second, pred, "overwrite=true") == 2
     # Only the new prediction: no stale mask, overlay or probability map of the first run.
-    assert _files(pred) == {"notes.txt", "masks/README.txt", "ensemble.json", "segx-manifest.json",
-                            "masks/other0.png", "masks/other1.png", "overlays/other0.png",
-                            "overlays/other1.png", "uncertainty/other0.png", "uncertainty/other1.png"}  # fmt: skip
+    assert _files(pred) == {
+        "notes.txt",
+        "masks/README.txt",
+        "ensemble.json",
+        "segx-manifest.json",
+        "masks/other0.png",
+        "masks/other1.png",
+        "overlays/other0.png",
+        "overlays/other1.png",
+        "uncertainty/other0.png",
+        "uncertainty/other1.png",
+    }
     assert not (pred / "probabilities").exists()
     assert (pred / "notes.txt").read_text() == "mine" and (pred / "masks" / "README.txt").read_text() == "mine too"
     manifest = json.loads((pred / "segx-manifest.json").read_text())  # lists what segx wrote
@@ -120,7 +135,9 @@ def test_overwrite_replaces_an_earlier_prediction_as_a_whole(member_store, ensem
     assert _snapshot(foreign) == before
 
 
-def test_bad_tenth_input_leaves_no_partial_output_and_rerun_works(member_store, ensemble_record, synthetic_root, tmp_path):
+def test_bad_tenth_input_leaves_no_partial_output_and_rerun_works(
+    member_store, ensemble_record, synthetic_root, tmp_path
+):
     inputs = _scans(tmp_path / "in", synthetic_root, 10)
     good = (inputs / "scan9.png").read_bytes()
     pred = tmp_path / "pred"
@@ -164,8 +181,15 @@ def test_non_utf8_file_name_round_trips_through_predict(member_store, ensemble_r
     shutil.copyfile(inputs / "scan0.png", os.fsdecode(os.path.join(os.fsencode(inputs), latin1)))
     out, _ = member_store
     pred = tmp_path / "pred"
-    command = [sys.executable, "-m", "segx.predict", *store_overrides(out),
-               f"ensemble_run_id={ensemble_record['run_id']}", f"input_dir={inputs}", f"output_dir={pred}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "segx.predict",
+        *store_overrides(out),
+        f"ensemble_run_id={ensemble_record['run_id']}",
+        f"input_dir={inputs}",
+        f"output_dir={pred}",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"wrote 2 masks" in done.stdout
@@ -204,14 +228,18 @@ def test_bad_input_is_one_line_before_any_model_loads(member_store, ensemble_rec
     extra = []
     if case == "input_is_file":
         inputs = inputs / "scan0.png"
-        message = rf"input_dir=.*scan0\.png is a file, not a folder; point input_dir at the folder .*{tmp_path.name}/in\)"
+        message = (
+            rf"input_dir=.*scan0\.png is a file, not a folder; point input_dir at the folder .*{tmp_path.name}/in\)"
+        )
     elif case == "jpeg_named_png":
         cv2.imwrite(str(inputs / "scan1.jpg"), cv2.imread(str(inputs / "scan1.png")))
         (inputs / "scan1.jpg").replace(inputs / "scan1.png")
         message = r"scan1\.png: content is JPEG but the name ends \.png; rename it to scan1\.jpg"
     else:
         extra = ["max_pixels=1000"]
-        message = r"scan0\.png: header declares 64x64 pixels, over the limit of 1000; downscale the file or raise max_pixels$"
+        message = (
+            r"scan0\.png: header declares 64x64 pixels, over the limit of 1000; downscale the file or raise max_pixels$"
+        )
     with pytest.raises(SegxError, match=message):
         _predict(member_store, ensemble_record, inputs, tmp_path / "pred", *extra, work=tmp_path / "work")
     assert not (tmp_path / "work" / "cache").exists() and not (tmp_path / "pred").exists()
@@ -220,15 +248,26 @@ def test_bad_input_is_one_line_before_any_model_loads(member_store, ensemble_rec
 def test_batches_are_bounded_by_input_pixels(member_store, ensemble_record, synthetic_root, tmp_path):
     from segx import tracking
     from segx.inference.folder import predict_folder
-    from segx.inference.predictor import load_ensemble
+    from segx.workflows.predict import load_ensemble
 
     out, _ = member_store
     inputs = _scans(tmp_path / "in", synthetic_root, 5)
     big = cv2.imread(str(inputs / "scan4.png"))
     cv2.imwrite(str(inputs / "scan4.png"), cv2.resize(big, (128, 128)))  # 4 small images' pixels
-    _, predictor = load_ensemble(tracking.connect(f"sqlite:///{out}/mlflow.db"), ensemble_record["run_id"], tmp_path / "m")
+    _, predictor = load_ensemble(
+        tracking.connect(f"sqlite:///{out}/mlflow.db"), ensemble_record["run_id"], tmp_path / "m"
+    )
     done = []
-    n = predict_folder(predictor, inputs, tmp_path / "pred", 8, overlays=False, uncertainty=False,
-                       save_probabilities=False, on_batch=done.append, batch_pixels=2 * 64 * 64)  # fmt: skip
+    n = predict_folder(
+        predictor,
+        inputs,
+        tmp_path / "pred",
+        8,
+        overlays=False,
+        uncertainty=False,
+        save_probabilities=False,
+        on_batch=done.append,
+        batch_pixels=2 * 64 * 64,
+    )
     assert n == 5 and done == [2, 4, 5]  # two 64x64 images per batch; the 128x128 one alone
     assert _files(tmp_path / "pred") == {f"masks/scan{i}.png" for i in range(5)} | {"segx-manifest.json"}

@@ -19,8 +19,15 @@ from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
 def cli(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        **kwargs,
+    )
 
 
 def runs_in(out: Path, experiment="segx", status=None):
@@ -49,7 +56,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     client, _ = runs_in(tmp_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL cannot be caught
 
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     cfg = compose_config("train", [*overrides, f"resume={run_id}"])
     train_member(cfg)
@@ -72,13 +79,19 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
 @pytest.mark.parametrize("every_s,good_epochs", [(0, 1), (3600, 0)])
 def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, every_s, good_epochs):
     from segx.training.fit import TrainingDiverged
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     # A sane learning rate for epoch 1 (2 steps), then an infinite one: epoch 2 diverges.
-    schedule = ("trainer.optimizer.learning_rate={_target_:tf_keras.optimizers.schedules.PiecewiseConstantDecay,"
-                "boundaries:[2],values:[0.001,inf]}")  # fmt: skip
-    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=3), "trainer.lr_schedule=null", schedule,
-                 f"trainer.checkpoint_every_s={every_s}"]  # fmt: skip
+    schedule = (
+        "trainer.optimizer.learning_rate={_target_:tf_keras.optimizers.schedules.PiecewiseConstantDecay,"
+        "boundaries:[2],values:[0.001,inf]}"
+    )
+    overrides = [
+        *tiny_train_overrides(tmp_path, synthetic_root, epochs=3),
+        "trainer.lr_schedule=null",
+        schedule,
+        f"trainer.checkpoint_every_s={every_s}",
+    ]
     cfg = compose_config("train", overrides)
     with pytest.raises(TrainingDiverged, match="loss became nan|loss became inf|outputs became NaN"):
         train_member(cfg)
@@ -115,7 +128,9 @@ def test_unreachable_tracking_server_fails_fast_with_clear_error():
 
 
 def test_two_processes_write_to_one_sqlite_store(tmp_path, synthetic_root):
-    procs = [cli(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, b)]) for b in ("resnet18", "mobilenetv2")]
+    procs = [
+        cli(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, b)]) for b in ("resnet18", "mobilenetv2")
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (_out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err[-2000:]
@@ -124,7 +139,7 @@ def test_two_processes_write_to_one_sqlite_store(tmp_path, synthetic_root):
 
 
 def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synthetic_root):
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     scores, splits, curves = [], [], []
     for i in range(2):
@@ -133,8 +148,13 @@ def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synt
         scores.append(train_member(cfg))
         splits.append(sorted(p.read_text() for p in (out / "splits").glob("*.json")))
         client, runs = runs_in(out, status="FINISHED")
-        curves.append([(m.step, m.value) for key in ("curves/train_loss", "curves/val_dice")
-                       for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)])  # fmt: skip
+        curves.append(
+            [
+                (m.step, m.value)
+                for key in ("curves/train_loss", "curves/val_dice")
+                for m in sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)
+            ]
+        )
     assert splits[0] == splits[1]
     # trainer.deterministic=true (the default) promises the same numbers, not close ones.
     assert scores[0] == scores[1]
@@ -143,8 +163,18 @@ def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synt
 
 def test_info_prints_provenance_and_reproduce_command(member_store):
     out, runs = member_store
-    result = subprocess.run([sys.executable, "-m", "segx.info", f"run_id={runs['resnet18']}",
-                             f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.info",
+            f"run_id={runs['resnet18']}",
+            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "git " in result.stdout and "tensorflow 2." in result.stdout
     assert "python -m segx.train data=synthetic" in result.stdout and "backbone.name=resnet18" in result.stdout
@@ -157,7 +187,9 @@ def test_data_check_reports_every_problem(tmp_path, synthetic_root):
     shutil.copytree(synthetic_root, data)
     (data / "train_masks" / "case_0001.png").unlink()
     (data / "train_images" / "case_0002.png").write_bytes(b"garbage")
-    result = subprocess.run([sys.executable, "-m", "segx.data.check", f"data.root={data}"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "segx.data.check", f"data.root={data}"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "case_0001.png: no matching mask" in result.stdout
     assert "case_0002.png: not a readable image" in result.stdout
@@ -173,11 +205,13 @@ def test_output_names_cannot_escape_the_output_folder(tmp_path):
             safe_output_path(tmp_path, stem)
 
 
-def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_without_repeating_metrics(tmp_path, synthetic_root):
+def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_without_repeating_metrics(
+    tmp_path, synthetic_root
+):
     """SIGTERM (a preemption) after epoch 1 was logged, before any checkpoint (an hour apart):
     resume=auto continues that KILLED run from the first epoch, and the epoch it repeats is not
     logged twice (its values would be the same: training is deterministic)."""
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.checkpoint_every_s=3600"]
     proc = cli(["segx.train", *overrides])
@@ -185,7 +219,9 @@ def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_wit
     run_id = None
     while time.time() < deadline and proc.poll() is None and run_id is None:
         client, runs = runs_in(tmp_path, status="RUNNING")
-        run_id = next((r.info.run_id for r in runs if client.get_metric_history(r.info.run_id, "curves/val_dice")), None)
+        run_id = next(
+            (r.info.run_id for r in runs if client.get_metric_history(r.info.run_id, "curves/val_dice")), None
+        )
         time.sleep(0.2)
     assert run_id, "no epoch was logged in time"
     proc.send_signal(signal.SIGTERM)
@@ -209,7 +245,8 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
 
     from segx.backend import keras
     from segx.models import build_model, compile_model
-    from segx.training.augment import SeededAugmenter, build_augmentation
+    from segx.objects import build_augmentation
+    from segx.training.augment import SeededAugmenter
     from segx.training.fit import FitState, fit_member
 
     class InterruptAfterEpoch2(keras.callbacks.Callback):  # runs after segx's own callback
@@ -224,9 +261,24 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
     def fit(folder, epochs, extra, model=None):
         model = model or build_model("unet", "resnet18", 32)
         compile_model(model, keras.optimizers.Adam(1e-3), {"dice": 1.0})
-        fit_member(model, images[:6], masks[:6], images[6:], masks[6:], SeededAugmenter(build_augmentation([])),
-                   "resnet18", folder, epochs=epochs, batch_size=2, seed=0, patience=0, min_delta=0.0,
-                   extra_callbacks=extra, verbose=0, checkpoint_every_s=every_s)  # fmt: skip
+        fit_member(
+            model,
+            images[:6],
+            masks[:6],
+            images[6:],
+            masks[6:],
+            SeededAugmenter(build_augmentation([])),
+            "resnet18",
+            folder,
+            epochs=epochs,
+            batch_size=2,
+            seed=0,
+            patience=0,
+            min_delta=0.0,
+            extra_callbacks=extra,
+            verbose=0,
+            checkpoint_every_s=every_s,
+        )
         return model
 
     with pytest.raises(KeyboardInterrupt):
@@ -265,7 +317,7 @@ def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     run_id = runs[0].info.run_id
 
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
     train_member(compose_config("train", [*overrides, "resume=auto"]))
     assert client.get_run(run_id).info.status == "FINISHED"

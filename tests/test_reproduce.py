@@ -62,14 +62,27 @@ def test_reproduce_members_of_a_sweep_and_of_an_ensemble_and_the_ensemble(tmp_pa
     # The ensemble trains the member it lacks (mobilenetv2) with its own train_overrides.
     given = [o for o in tiny if not o.startswith(("paths.", "mlflow."))] + ["seed=7"]
     train_overrides = "[" + ",".join(f"'{o}'" for o in given) + "]"
-    built = run(["segx.ensemble", *store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
-                 "ensemble.train_missing=true", f"ensemble.train_overrides={train_overrides}", "ensemble.bootstrap=200"])  # fmt: skip
+    built = run(
+        [
+            "segx.ensemble",
+            *store_overrides(out),
+            "ensemble.members=[resnet18,mobilenetv2]",
+            "ensemble.train_missing=true",
+            f"ensemble.train_overrides={train_overrides}",
+            "ensemble.bootstrap=200",
+        ]
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     # Where it is, in a log (no terminal): one line per stage, no bar redrawn.
     log = built.stdout
-    for line in ("segx: member 1/1 (mobilenetv2-unet)", "epoch 1/1: train loss", "elapsed, ~0:00:00 left",
-                 "segx: training done: saving the model", "validation cases at their own size",
-                 "segx: searching weights and threshold on validation"):  # fmt: skip
+    for line in (
+        "segx: member 1/1 (mobilenetv2-unet)",
+        "epoch 1/1: train loss",
+        "elapsed, ~0:00:00 left",
+        "segx: training done: saving the model",
+        "validation cases at their own size",
+        "segx: searching weights and threshold on validation",
+    ):
         assert line in log, line
     assert "\r" not in log + built.stderr
     runs = member_runs(out)

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 
 from segx.training.resources import cpu_cores, job_threads
-from segx.training.sweep import job_outcomes, rerun_commands, summary_lines
+from segx.workflows.sweep import job_outcomes, rerun_commands, summary_lines
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
 def run_cli(args, timeout=900, env=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def member_runs(out: Path):
@@ -35,7 +37,9 @@ def member_runs(out: Path):
 
 
 def sweep_overrides(out: Path, data: Path) -> list[str]:
-    return [o for o in tiny_train_overrides(out, data) if not o.startswith("backbone=")] + ["mlflow.system_metrics=false"]
+    return [o for o in tiny_train_overrides(out, data) if not o.startswith("backbone=")] + [
+        "mlflow.system_metrics=false"
+    ]
 
 
 # -- the launchers, for real ------------------------------------------------------------------
@@ -45,8 +49,17 @@ def test_joblib_sweep_runs_members_in_parallel_processes_with_a_share_of_the_cor
     """Two jobs at once, each TensorFlow on cores // 2 threads; a job that fails (an image size
     the network refuses) does not stop the other, and the summary reruns exactly that job."""
     overrides = [o for o in sweep_overrides(tmp_path, synthetic_root) if not o.startswith("data.image_size=")]
-    result = run_cli(["segx.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                      "backbone=resnet18", "data.image_size=64,65", *overrides])  # fmt: skip
+    result = run_cli(
+        [
+            "segx.train",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "backbone=resnet18",
+            "data.image_size=64,65",
+            *overrides,
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = member_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FINISHED"]
@@ -65,12 +78,23 @@ def test_joblib_sweep_runs_members_in_parallel_processes_with_a_share_of_the_cor
 
 
 def test_submitit_local_sweep_trains_each_member_in_its_own_job(tmp_path, synthetic_root):
-    result = run_cli(["segx.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
-                      "hydra.launcher.timeout_min=20", "backbone=resnet18,mobilenetv2", *sweep_overrides(tmp_path, synthetic_root)])  # fmt: skip
+    result = run_cli(
+        [
+            "segx.train",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=20",
+            "backbone=resnet18,mobilenetv2",
+            *sweep_overrides(tmp_path, synthetic_root),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = member_runs(tmp_path)
     assert sorted((r.data.tags["segx.backbone"], r.info.status, r.data.tags["segx.threads"]) for r in runs) == [
-        ("mobilenetv2", "FINISHED", "1"), ("resnet18", "FINISHED", "1")]  # fmt: skip
+        ("mobilenetv2", "FINISHED", "1"),
+        ("resnet18", "FINISHED", "1"),
+    ]
     assert "2 finished, 0 failed" in result.stdout
     assert list(tmp_path.glob("multirun/*/.submitit/*/*_log.out"))  # submitit's own job folders
 
@@ -87,26 +111,63 @@ def one_line_error(result) -> str:
 
 def test_more_joblib_jobs_than_cores_is_refused(tmp_path):
     n = cpu_cores() + 1
-    line = one_line_error(run_cli(["segx.train", "-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n}",
-                                   "backbone=resnet18,mobilenetv2", f"paths.output_dir={tmp_path}"], timeout=120))  # fmt: skip
-    assert line == (f"segx: error: hydra.launcher.n_jobs={n} runs more jobs than the {cpu_cores()} CPU cores here "
-                    f"(each trains a network); use hydra.launcher.n_jobs={cpu_cores()} or fewer")  # fmt: skip
+    line = one_line_error(
+        run_cli(
+            [
+                "segx.train",
+                "-m",
+                "hydra/launcher=joblib",
+                f"hydra.launcher.n_jobs={n}",
+                "backbone=resnet18,mobilenetv2",
+                f"paths.output_dir={tmp_path}",
+            ],
+            timeout=120,
+        )
+    )
+    assert line == (
+        f"segx: error: hydra.launcher.n_jobs={n} runs more jobs than the {cpu_cores()} CPU cores here "
+        f"(each trains a network); use hydra.launcher.n_jobs={cpu_cores()} or fewer"
+    )
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_oversubscribing_threads_is_refused(tmp_path):
-    line = one_line_error(run_cli(["segx.train", "-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={cpu_cores()}",
-                                   f"trainer.threads={cpu_cores()}", "backbone=resnet18,mobilenetv2",
-                                   f"paths.output_dir={tmp_path}"], timeout=120))  # fmt: skip
+    line = one_line_error(
+        run_cli(
+            [
+                "segx.train",
+                "-m",
+                "hydra/launcher=joblib",
+                f"hydra.launcher.n_jobs={cpu_cores()}",
+                f"trainer.threads={cpu_cores()}",
+                "backbone=resnet18,mobilenetv2",
+                f"paths.output_dir={tmp_path}",
+            ],
+            timeout=120,
+        )
+    )
     assert "oversubscribes" in line and "trainer.threads=auto" in line
 
 
 def test_slurm_launcher_without_sbatch_is_refused(tmp_path):
     bare = tmp_path / "bin"
     bare.mkdir()  # a PATH with no SLURM commands on it
-    line = one_line_error(run_cli(["segx.train", "-m", "hydra/launcher=slurm", "backbone=resnet18,mobilenetv2",
-                                   f"paths.output_dir={tmp_path}"], timeout=120, env={"PATH": str(bare)}))  # fmt: skip
-    assert line.startswith("segx: error: hydra/launcher=slurm needs SLURM's sbatch, which is not on this machine's PATH")
+    line = one_line_error(
+        run_cli(
+            [
+                "segx.train",
+                "-m",
+                "hydra/launcher=slurm",
+                "backbone=resnet18,mobilenetv2",
+                f"paths.output_dir={tmp_path}",
+            ],
+            timeout=120,
+            env={"PATH": str(bare)},
+        )
+    )
+    assert line.startswith(
+        "segx: error: hydra/launcher=slurm needs SLURM's sbatch, which is not on this machine's PATH"
+    )
     assert not (tmp_path / "multirun").exists()
 
 
@@ -118,8 +179,19 @@ needs_slurm = pytest.mark.skipif(
 
 @needs_slurm
 def test_unknown_partition_is_refused_with_the_partitions_there(tmp_path):
-    line = one_line_error(run_cli(["segx.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=nosuch",
-                                   "backbone=resnet18,mobilenetv2", f"paths.output_dir={tmp_path}"], timeout=120))  # fmt: skip
+    line = one_line_error(
+        run_cli(
+            [
+                "segx.train",
+                "-m",
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=nosuch",
+                "backbone=resnet18,mobilenetv2",
+                f"paths.output_dir={tmp_path}",
+            ],
+            timeout=120,
+        )
+    )
     assert line.startswith("segx: error: hydra.launcher.partition=nosuch: no such SLURM partition;")
 
 
@@ -128,8 +200,19 @@ def test_gpus_on_a_partition_without_gpus_are_refused(tmp_path):
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
     if "gpu" in gres:
         pytest.skip("this SLURM has GPUs")
-    line = one_line_error(run_cli(["segx.train", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=1",
-                                   "backbone=resnet18,mobilenetv2", f"paths.output_dir={tmp_path}"], timeout=120))  # fmt: skip
+    line = one_line_error(
+        run_cli(
+            [
+                "segx.train",
+                "-m",
+                "hydra/launcher=slurm",
+                "hydra.launcher.gpus_per_node=1",
+                "backbone=resnet18,mobilenetv2",
+                f"paths.output_dir={tmp_path}",
+            ],
+            timeout=120,
+        )
+    )
     assert "hydra.launcher.gpus_per_node=1, but the default partition has no GPUs" in line
     assert "hydra.launcher.gpus_per_node=0" in line
 
@@ -139,8 +222,9 @@ def test_gpu_accelerator_where_tensorflow_sees_none_is_refused(tmp_path, synthet
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
-    line = one_line_error(run_cli(["segx.train", "trainer.accelerator=gpu", *tiny_train_overrides(tmp_path, synthetic_root)],
-                                  timeout=300))  # fmt: skip
+    line = one_line_error(
+        run_cli(["segx.train", "trainer.accelerator=gpu", *tiny_train_overrides(tmp_path, synthetic_root)], timeout=300)
+    )
     assert line.startswith("segx: error: trainer.accelerator=gpu, but TensorFlow sees no GPU here")
     assert not (tmp_path / "mlflow.db").exists()  # before any run (or store) exists
 
@@ -170,7 +254,9 @@ def test_rerun_command_is_one_grid_when_the_failed_jobs_form_one():
     assert rerun_commands(base, failed) == [f"{base} backbone=a,b fold=0,1 resume=auto"]
     # Not a grid (a,0 and b,1 only): a grid would rerun two jobs that finished; one command each.
     assert rerun_commands(base, [failed[0], failed[3]]) == [
-        f"{base} backbone=a fold=0 resume=auto", f"{base} backbone=b fold=1 resume=auto"]  # fmt: skip
+        f"{base} backbone=a fold=0 resume=auto",
+        f"{base} backbone=b fold=1 resume=auto",
+    ]
     assert rerun_commands(base, []) == []
 
 
@@ -225,7 +311,10 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_like_one_device(tmp_path, s
     loss and the validation Dice come out close to the single-device run's (BatchNorm sees
     half-batches per device, so not equal)."""
     results = {}
-    for name, extra in (("one", []), ("mirrored", ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=mirrored"])):
+    for name, extra in (
+        ("one", []),
+        ("mirrored", ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=mirrored"]),
+    ):
         out = tmp_path / name
         overrides = [*tiny_train_overrides(out, synthetic_root, epochs=2), "mlflow.system_metrics=false", *extra]
         result = run_cli(["segx.train", *overrides])
@@ -238,11 +327,18 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_like_one_device(tmp_path, s
 
 
 def test_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, synthetic_root):
-    overrides = [*tiny_train_overrides(tmp_path, synthetic_root), "trainer.batch_size=3", "trainer.accelerator=cpu",
-                 "trainer.devices=2", "trainer.strategy=mirrored"]  # fmt: skip
+    overrides = [
+        *tiny_train_overrides(tmp_path, synthetic_root),
+        "trainer.batch_size=3",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=mirrored",
+    ]
     line = one_line_error(run_cli(["segx.train", *overrides], timeout=300))
-    assert line == ("segx: error: trainer.batch_size=3 does not split over 2 devices (trainer.strategy=mirrored "
-                    "splits the batch); use trainer.batch_size=2 or 4")  # fmt: skip
+    assert line == (
+        "segx: error: trainer.batch_size=3 does not split over 2 devices (trainer.strategy=mirrored "
+        "splits the batch); use trainer.batch_size=2 or 4"
+    )
 
 
 def test_devices_without_a_strategy_are_refused(tmp_path, synthetic_root):
@@ -252,12 +348,18 @@ def test_devices_without_a_strategy_are_refused(tmp_path, synthetic_root):
 
 
 def test_mixed_precision_builds_trains_and_predicts_float32(tmp_path, synthetic_root):
-    from segx.training.member import train_member
+    from segx.workflows.member import train_member
 
-    cfg = compose_config("train", [*tiny_train_overrides(tmp_path, synthetic_root), "trainer.precision=mixed_float16",
-                                   "mlflow.system_metrics=false"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(tmp_path, synthetic_root),
+            "trainer.precision=mixed_float16",
+            "mlflow.system_metrics=false",
+        ],
+    )
     try:
-        score = train_member(cfg)
+        score = train_member(cfg).best_val_dice
     finally:
         from segx.models import set_precision
 
@@ -282,7 +384,9 @@ def test_mixed_precision_builds_trains_and_predicts_float32(tmp_path, synthetic_
     model = load_member(folder)
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     cached = load_cached(tracking.download(client, run.info.run_id, "predictions/test.npz", tmp_path), tmp_path)
-    probs = member_probs(model, spec["backbone"], View.from_dict(spec["view"]), list(cached.previews), ("none",))["none"]
+    probs = member_probs(model, spec["backbone"], View.from_dict(spec["view"]), list(cached.previews), ("none",))[
+        "none"
+    ]
     assert len(cached.previews) and np.array_equal(probs.flat, cached.probs[: len(cached.previews)].flat)
 
 
@@ -295,8 +399,9 @@ def test_folds_on_machines_sharing_only_the_server_agree_on_one_cv_parent(tmp_pa
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "art"))
     first = cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a")
-    racer = tracking.start_run(client, exp, "p", {tracking.ROLE: cv.ROLE_CV, "segx.cv_config_hash": "h",
-                                                  "segx.cv_fingerprint": "f"})  # fmt: skip
+    racer = tracking.start_run(
+        client, exp, "p", {tracking.ROLE: cv.ROLE_CV, "segx.cv_config_hash": "h", "segx.cv_fingerprint": "f"}
+    )
     client.set_terminated(racer, "FINISHED")
     assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-b") == first
     assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a") == first

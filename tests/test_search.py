@@ -81,6 +81,8 @@ def test_choose_prefers_simpler_within_tolerance():
 
 
 def test_search_imports_no_tensorflow():
-    code = "import segx.ensembling.search, segx.ensemble, segx.ensembling.probs, sys; print('tensorflow' in sys.modules)"
+    code = (
+        "import segx.ensembling.search, segx.ensemble, segx.ensembling.probs, sys; print('tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,7 +1,7 @@
 """Every Dice the weight search reports equals the prediction path's Dice, bit for bit.
 
 The prediction path is ``segx.ensembling.probs.combine`` + ``segx.ensembling.probs.binarize`` +
-``segx.evaluation.metrics.dice_per_case(...).mean()`` with the weights as a record holds them. The data
+``segx.scoring.metrics.dice_per_case(...).mean()`` with the weights as a record holds them. The data
 are built so that many weighted sums land exactly on ``t * 255 * D`` (probabilities in
 multiples of 51 = 255 / 5), where float arithmetic and exact arithmetic disagree.
 """
@@ -19,7 +19,7 @@ from segx.ensembling import search
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.ensembling.record import record_weights, validate_record, weight_fields
 from segx.errors import SegxError
-from segx.evaluation.metrics import dice_per_case
+from segx.scoring.metrics import dice_per_case
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # More than 15 thresholds: the single-candidate histogram path instead of the paired one.
@@ -175,39 +175,66 @@ def _hand_members(n_members: int, seed: int):
 
     members, truth = tie_data(n_members, seed=seed)
     stems = [f"case{i}" for i in range(len(truth))]
-    return [
-        Member(run_id=f"run{i}", backbone=f"b{i}", arch="unet", fingerprint="f",
-               view={"mode": "resize", "size": 16}, val=Cached(stems, Ragged.of(p), Ragged.of(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8))), test=None)
-        for i, p in enumerate(members)
-    ], members, truth  # fmt: skip
+    return (
+        [
+            Member(
+                run_id=f"run{i}",
+                backbone=f"b{i}",
+                arch="unet",
+                fingerprint="f",
+                view={"mode": "resize", "size": 16},
+                val=Cached(stems, Ragged.of(p), Ragged.of(truth), Ragged.of(np.zeros((0, 1, 1, 3), np.uint8))),
+                test=None,
+            )
+            for i, p in enumerate(members)
+        ],
+        members,
+        truth,
+    )
 
 
 @pytest.mark.parametrize("method", ["grid", "greedy", "optimize"])
 def test_run_search_reports_and_records_prediction_numbers(method):
-    from segx.ensemble import search_settings, threshold_list
     from segx.ensembling.choose import run_search
     from segx.ensembling.record import make_record
+    from segx.workflows.ensemble import search_settings, threshold_list
     from tests.conftest import compose_config
 
     members, probs, truth = _hand_members(3, seed=17)
-    cfg = compose_config("ensemble", [f"ensemble.search={method}", "ensemble.postprocess=false",
-                                      "ensemble.tolerance=0.0", "ensemble.optimize_evals=30"])  # fmt: skip
+    cfg = compose_config(
+        "ensemble",
+        [
+            f"ensemble.search={method}",
+            "ensemble.postprocess=false",
+            "ensemble.tolerance=0.0",
+            "ensemble.optimize_evals=30",
+        ],
+    )
     found = run_search(members, search_settings(cfg))
-    for candidate in [*found["baselines"], found["searched"].best, found["chosen"]]:
+    for candidate in [*found.baselines, found.searched.best, found.chosen]:
         assert predicted_dice(probs, truth, candidate.weights, candidate.threshold) == candidate.val_dice, candidate
-    check_rows(probs, truth, found["searched"].history)
-    assert found["val_dice"] == found["chosen"].val_dice
+    check_rows(probs, truth, found.searched.history)
+    assert found.val_dice == found.chosen.val_dice
     # The record holds the exact counts; read back, they predict the recorded Dice.
-    record = validate_record(json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg)))))
+    record = validate_record(
+        json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg))))
+    )
     assert record["version"] == 3
-    weights, chosen = record_weights(record), found["chosen"].weights
-    assert [Fraction(k, weights.denominator) for k in weights.counts] == [Fraction(k, chosen.denominator) for k in chosen.counts]
+    weights, chosen = record_weights(record), found.chosen.weights
+    assert [Fraction(k, weights.denominator) for k in weights.counts] == [
+        Fraction(k, chosen.denominator) for k in chosen.counts
+    ]
     assert predicted_dice(probs, truth, weights, record["threshold"]) == record["val_dice"]
 
 
 def _record(weights: list[float], **extra) -> dict:
-    return {"format": "segx-ensemble", "image_size": 16, "threshold": 0.4, **extra,
-            "members": [{"run_id": f"r{i}", "backbone": "resnet18", "weight": w} for i, w in enumerate(weights)]}  # fmt: skip
+    return {
+        "format": "segx-ensemble",
+        "image_size": 16,
+        "threshold": 0.4,
+        **extra,
+        "members": [{"run_id": f"r{i}", "backbone": "resnet18", "weight": w} for i, w in enumerate(weights)],
+    }
 
 
 def test_version_1_records_with_float_weights_still_load():
@@ -261,7 +288,9 @@ def _ensemble_run(client, record: dict, folder) -> str:
 def _float32_flips(probs, weights: Weights, threshold: float) -> int:
     """Pixels where the old float32 arithmetic decides differently from the exact one."""
     old = sum(np.float32(w) * p.flat.astype(np.float32) for w, p in zip(weights.floats, probs, strict=True))
-    return int(np.count_nonzero((old >= np.float32(threshold * 255.0)) != binarize(combine(probs, weights), threshold).flat))
+    return int(
+        np.count_nonzero((old >= np.float32(threshold * 255.0)) != binarize(combine(probs, weights), threshold).flat)
+    )
 
 
 def _tie_case(probs, denominators) -> tuple[Weights, list[float]]:
@@ -285,7 +314,9 @@ def _tie_case(probs, denominators) -> tuple[Weights, list[float]]:
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(version, member_store, synthetic_root, tmp_path):
+def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(
+    version, member_store, synthetic_root, tmp_path
+):
     """Non-dyadic weights (version 1: decimal floats such as 0.3/0.7; version 2: counts such as
     1/3, 2/3) through a rebuilt EnsemblePredictor: its masks and Dice equal the search's scoring
     of the cached validation probabilities, on thresholds where scores tie."""
@@ -293,7 +324,7 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
     from segx.data.folder import discover_cases
     from segx.data.io import read_image
     from segx.ensembling.probs import load_cached
-    from segx.inference.predictor import load_ensemble
+    from segx.workflows.predict import load_ensemble
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -302,7 +333,9 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(versi
     probs, truth = [c.probs for c in cached], cached[0].masks
     # Version 1 records hold decimals (tenths, twentieths, hundredths); version 2 any counts.
     weights, thresholds = _tie_case(probs, (10, 20, 100) if version == 1 else (3, 7, 30, 70, 10, 20, 100))
-    members = [{"run_id": r, "backbone": b, "arch": "unet"} for r, b in zip(ids, ["resnet18", "mobilenetv2"], strict=True)]
+    members = [
+        {"run_id": r, "backbone": b, "arch": "unet"} for r, b in zip(ids, ["resnet18", "mobilenetv2"], strict=True)
+    ]
     if version == 1:
         extra = {"version": 1}
         for m, w in zip(members, weights.floats, strict=True):

@@ -39,18 +39,22 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env())  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=_env())  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
 
 
 def _member_args(out: Path, data_root: Path, uri: str, backbone: str, epochs: int = 1) -> list[str]:
     """The tests' tiny member, logging to ``uri``, with its own ``paths.output_dir``."""
-    tiny = [o for o in tiny_train_overrides(out, data_root, backbone, epochs) if not o.startswith("mlflow.tracking_uri=")]
+    tiny = [
+        o for o in tiny_train_overrides(out, data_root, backbone, epochs) if not o.startswith("mlflow.tracking_uri=")
+    ]
     return ["segx.train", *tiny, f"mlflow.tracking_uri={uri}", "trainer.threads=1"]
 
 
@@ -93,7 +97,9 @@ def test_server_errors_are_one_line_before_anything_starts(tmp_path):
     result = _run("segx.server", f"paths.output_dir={tmp_path / 'b'}", f"port={server.free_port()}", timeout=120)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"segx: error: the PostgreSQL data in {old} was created by PostgreSQL 15, these binaries are 16;")
+    assert line.startswith(
+        f"segx: error: the PostgreSQL data in {old} was created by PostgreSQL 15, these binaries are 16;"
+    )
     result = _run("segx.server", f"paths.output_dir={tmp_path / 'c'}", "postgres_bin=/nowhere/bin", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -110,8 +116,14 @@ def test_server_command_serves_and_stops_everything_on_sigterm(server_folder):
     import urllib.request
 
     port = server.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "segx.server", f"folder={server_folder}", f"port={port}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segx.server", f"folder={server_folder}", f"port={port}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         lines = []
         while not any("mlflow.tracking_uri=" in line for line in lines):
@@ -137,8 +149,14 @@ def test_server_command_serves_and_stops_everything_on_sigterm(server_folder):
 
 
 def _start_server(folder: Path, port: int) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "segx.server", f"folder={folder}", f"port={port}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segx.server", f"folder={folder}", f"port={port}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     lines = []
     while not any("mlflow.tracking_uri=" in line for line in lines):
         line = proc.stdout.readline()
@@ -160,7 +178,10 @@ def test_a_server_killed_outright_is_cleaned_up_by_the_next_start(server_folder)
     try:
         left = _server_processes(server_folder)
         refused = _run("segx.server", f"folder={server_folder}", f"port={server.free_port()}", timeout=120)
-        assert refused.returncode == 2 and f"another segx.server (pid {first.pid}) runs on {server_folder}" in refused.stderr
+        assert (
+            refused.returncode == 2
+            and f"another segx.server (pid {first.pid}) runs on {server_folder}" in refused.stderr
+        )
         first.kill()  # SIGKILL: no cleanup of its own
         first.wait(30)
         assert _alive(left), "the children were expected to outlive a SIGKILLed parent"
@@ -194,16 +215,21 @@ def test_epoch_log_keeps_metrics_in_order_and_fails_fast_when_the_server_is_away
     assert log.log({"val/dice": 0.2, "train/loss": 0.5}, 2) is False
     assert time.monotonic() - started < 5  # seven retries with backoff 2 would take minutes
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"  # the user's setting is back
-    assert [(k, v, s) for k, v, _, s in log.pending] == [("val/dice", 0.1, 1), ("train/loss", 1.0, 1),
-                                                         ("val/dice", 0.2, 2), ("train/loss", 0.5, 2)]  # fmt: skip
+    assert [(k, v, s) for k, v, _, s in log.pending] == [
+        ("val/dice", 0.1, 1),
+        ("train/loss", 1.0, 1),
+        ("val/dice", 0.2, 2),
+        ("train/loss", 0.5, 2),
+    ]
     assert tracking.EpochLog(client, "0" * 32, spool).pending == log.pending  # a resumed run sends them
     with pytest.raises(SegxError, match=r"has not taken run 0+'s last 4 metrics for 1 s .*; resume it"):
         log.flush(1.0, "resume it")
 
 
 @pytest.mark.slow
-def test_members_in_separate_processes_log_to_the_server_and_the_ensemble_rebuilds_from_it(tmp_path, synthetic_root,
-                                                                                         server_folder):
+def test_members_in_separate_processes_log_to_the_server_and_the_ensemble_rebuilds_from_it(
+    tmp_path, synthetic_root, server_folder
+):
     import mlflow
 
     folder = server_folder
@@ -211,13 +237,19 @@ def test_members_in_separate_processes_log_to_the_server_and_the_ensemble_rebuil
         processes = _server_processes(folder)
         assert {"postgres", "python"} <= {p.name().split()[0] for p in processes}
         # Two members at once, each with its own output folder: no filesystem in common.
-        jobs = {b: _spawn(*_member_args(tmp_path / f"client-{b}", synthetic_root, uri, b))
-                for b in ("resnet18", "mobilenetv2")}  # fmt: skip
+        jobs = {
+            b: _spawn(*_member_args(tmp_path / f"client-{b}", synthetic_root, uri, b))
+            for b in ("resnet18", "mobilenetv2")
+        }
         for backbone, job in jobs.items():
             out = job.communicate(timeout=1200)[0]
             assert job.returncode == 0, f"{backbone}:\n{out[-4000:]}"
-        result = _run("segx.ensemble", f"paths.output_dir={tmp_path / 'client-ensemble'}", f"mlflow.tracking_uri={uri}",
-                      "ensemble.members=[resnet18,mobilenetv2]")  # fmt: skip
+        result = _run(
+            "segx.ensemble",
+            f"paths.output_dir={tmp_path / 'client-ensemble'}",
+            f"mlflow.tracking_uri={uri}",
+            "ensemble.members=[resnet18,mobilenetv2]",
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
         client = tracking.connect(uri, create=False)
@@ -239,8 +271,14 @@ def test_members_in_separate_processes_log_to_the_server_and_the_ensemble_rebuil
         inputs.mkdir()
         image = cv2.imread(str(synthetic_root / "train_images" / "case_0000.png"))
         cv2.imwrite(str(inputs / "scan.png"), cv2.resize(image, (96, 80)))
-        result = _run("segx.predict", f"paths.output_dir={tmp_path / 'client-predict'}", f"mlflow.tracking_uri={uri}",
-                      f"ensemble_run_id={ensemble.info.run_id}", f"input_dir={inputs}", f"output_dir={tmp_path / 'masks'}")  # fmt: skip
+        result = _run(
+            "segx.predict",
+            f"paths.output_dir={tmp_path / 'client-predict'}",
+            f"mlflow.tracking_uri={uri}",
+            f"ensemble_run_id={ensemble.info.run_id}",
+            f"input_dir={inputs}",
+            f"output_dir={tmp_path / 'masks'}",
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         mask = cv2.imread(str(tmp_path / "masks" / "masks" / "scan.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
@@ -270,8 +308,11 @@ def test_member_keeps_training_while_the_server_restarts_and_loses_no_epoch(tmp_
     epochs = 8
     with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
         # Epochs of 16 training images, so that the outage falls during training, not after it.
-        args = [o for o in _member_args(tmp_path / "client", tmp_path / "data", uri, "resnet18", epochs)
-                if not o.startswith("data.n_images=")]  # fmt: skip
+        args = [
+            o
+            for o in _member_args(tmp_path / "client", tmp_path / "data", uri, "resnet18", epochs)
+            if not o.startswith("data.n_images=")
+        ]
         job = _spawn(*args, "data.n_images=32", "trainer.early_stopping.patience=0", "mlflow.offline_wait=600")
         run_id = _wait_for_first_epoch(tracking.connect(uri), job)
         processes = _server_processes(folder)
@@ -290,12 +331,17 @@ def test_member_keeps_training_while_the_server_restarts_and_loses_no_epoch(tmp_
 
 
 @pytest.mark.slow
-def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and_resume_finishes(tmp_path, server_folder):
+def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and_resume_finishes(
+    tmp_path, server_folder
+):
     folder, port, pg_port = server_folder, server.free_port(), server.free_port()
     epochs = 4
     with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
-        args = [o for o in _member_args(tmp_path / "client", tmp_path / "data", uri, "resnet18", epochs)
-                if not o.startswith("data.n_images=")]  # fmt: skip
+        args = [
+            o
+            for o in _member_args(tmp_path / "client", tmp_path / "data", uri, "resnet18", epochs)
+            if not o.startswith("data.n_images=")
+        ]
         job = _spawn(*args, "data.n_images=32", "trainer.early_stopping.patience=0", "mlflow.offline_wait=1")
         run_id = _wait_for_first_epoch(tracking.connect(uri), job)
     out = job.communicate(timeout=1200)[0]  # the server stays away
@@ -303,7 +349,10 @@ def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and
     error = out.strip().splitlines()[-1]
     checkpoint = tmp_path / "client" / "checkpoints" / run_id
     assert error.startswith(f"segx: error: MLflow at {uri} has not taken run {run_id}'s last ")
-    assert f"; the checkpoint is kept in {checkpoint}; once the server answers, continue with: python -m segx.train " in error
+    assert (
+        f"; the checkpoint is kept in {checkpoint}; once the server answers, continue with: python -m segx.train "
+        in error
+    )
     assert (checkpoint / "state.json").is_file() and (checkpoint / "unsent-metrics.json").is_file()
     command = shlex.split(error.split("continue with: ", 1)[1])
     assert command[:3] == ["python", "-m", "segx.train"] and command[-1] == f"resume={run_id}"

@@ -74,14 +74,37 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
         stack.callback(shutil.rmtree, server_dir, True)
         uri = stack.enter_context(tracking_server(server_dir, port=free_port()))
         out = tmp_path / "out"
-        common = [f"paths.output_dir={out}", f"mlflow.tracking_uri={uri}", f"data.root={synthetic_root}",
-                  "data.n_images=16", "data.source_size=64", "data.image_size=64", "data.test_fraction=0.25",
-                  "data.folds=2", "trainer.batch_size=4", "trainer.verbose=2", "mlflow.system_metrics=false"]  # fmt: skip
-        sweep_args = [sys.executable, "-m", "segx.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
-                      "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
-                      "hydra.launcher.timeout_min=30", "backbone=resnet18,mobilenetv2", "fold=0,1",
-                      "trainer.epochs=6", "trainer.early_stopping.patience=0",
-                      "trainer.checkpoint_every_s=0", *common]  # fmt: skip
+        common = [
+            f"paths.output_dir={out}",
+            f"mlflow.tracking_uri={uri}",
+            f"data.root={synthetic_root}",
+            "data.n_images=16",
+            "data.source_size=64",
+            "data.image_size=64",
+            "data.test_fraction=0.25",
+            "data.folds=2",
+            "trainer.batch_size=4",
+            "trainer.verbose=2",
+            "mlflow.system_metrics=false",
+        ]
+        sweep_args = [
+            sys.executable,
+            "-m",
+            "segx.train",
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=debug",
+            "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=2",
+            "hydra.launcher.timeout_min=30",
+            "backbone=resnet18,mobilenetv2",
+            "fold=0,1",
+            "trainer.epochs=6",
+            "trainer.early_stopping.patience=0",
+            "trainer.checkpoint_every_s=0",
+            *common,
+        ]
         started = time.monotonic()
         with open(tmp_path / "sweep.log", "w") as log:
             sweep = subprocess.Popen(sweep_args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
@@ -100,7 +123,11 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
 
         client, runs = _member_runs(uri)
         assert sorted((r.data.tags["segx.backbone"], r.info.status) for r in runs) == [
-            ("mobilenetv2", "FINISHED"), ("mobilenetv2", "FINISHED"), ("resnet18", "FINISHED"), ("resnet18", "FINISHED")]  # fmt: skip
+            ("mobilenetv2", "FINISHED"),
+            ("mobilenetv2", "FINISHED"),
+            ("resnet18", "FINISHED"),
+            ("resnet18", "FINISHED"),
+        ]
         # The preempted job was requeued by SLURM and continued its own run: one run, every
         # epoch once, the same SLURM job ID, marked resumed.
         run = client.get_run(preempted)
@@ -113,16 +140,37 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
         assert [e["status"] for e in events if e.get("run_id") == preempted] == ["KILLED", "FINISHED"]
 
         # The ensemble is built from the server alone (members' models and caches come through it).
-        ens = subprocess.run([sys.executable, "-m", "segx.ensemble", f"paths.output_dir={tmp_path / 'ens'}",
-                              f"mlflow.tracking_uri={uri}", "ensemble.members=[resnet18,mobilenetv2]"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+        ens = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "segx.ensemble",
+                f"paths.output_dir={tmp_path / 'ens'}",
+                f"mlflow.tracking_uri={uri}",
+                "ensemble.members=[resnet18,mobilenetv2]",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         assert ens.returncode == 0, ens.stderr[-3000:]
         (log_dir / "slurm_ensemble.log").write_text(ens.stdout)
         from segx import tracking
 
         ensembles = tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "ensemble")
         assert [e.info.status for e in ensembles] == ["FINISHED"]
-        (log_dir / "slurm_test.json").write_text(json.dumps({
-            "sweep_seconds": round(sweep_seconds, 1), "jobs": 4, "preempted_run": preempted, "preempted_job": job,
-            "val_dice_steps_of_preempted_run": steps, "ensemble_run": ensembles[0].info.run_id,
-        }, indent=1))  # fmt: skip
+        (log_dir / "slurm_test.json").write_text(
+            json.dumps(
+                {
+                    "sweep_seconds": round(sweep_seconds, 1),
+                    "jobs": 4,
+                    "preempted_run": preempted,
+                    "preempted_job": job,
+                    "val_dice_steps_of_preempted_run": steps,
+                    "ensemble_run": ensembles[0].info.run_id,
+                },
+                indent=1,
+            )
+        )

@@ -28,8 +28,14 @@ LOCK_WAIT_S = 2
 
 def start(args: list[str], **env: str) -> subprocess.Popen:
     environment = dict(os.environ, PYTHONUNBUFFERED="1", SEGX_STORE_TIMEOUT=str(LOCK_WAIT_S), **env)
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=environment)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
 
 
 def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
@@ -65,8 +71,11 @@ def copy_store(src: Path, dst: Path) -> Path:
 
 def statuses(store: Path, role: str) -> list[str]:
     with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
-        rows = con.execute("SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                           "WHERE t.key = 'segx.role' AND t.value = ? ORDER BY r.start_time", (role,)).fetchall()  # fmt: skip
+        rows = con.execute(
+            "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'segx.role' AND t.value = ? ORDER BY r.start_time",
+            (role,),
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -116,8 +125,11 @@ def read_only(path: Path):
 def test_locked_store_gives_one_line_naming_it_within_the_wait(tmp_path, member_store, command):
     store = copy_store(member_store[0], tmp_path / "store")
     before = statuses(store, "ensemble")  # the shared fixture store may hold ensembles already
-    args = (ensemble_args(store) if command == "ensemble" else
-            ["segx.info", f"run_id={member_store[1]['resnet18']}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"])  # fmt: skip
+    args = (
+        ensemble_args(store)
+        if command == "ensemble"
+        else ["segx.info", f"run_id={member_store[1]['resnet18']}", f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db"]
+    )
     with exclusive_lock(store / "mlflow.db"):
         started = time.monotonic()
         result = run(args)
@@ -146,8 +158,12 @@ def test_a_lock_released_within_the_wait_is_waited_for(tmp_path, member_store):
 def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_store, which):
     store = copy_store(member_store[0], tmp_path / "store")
     before = statuses(store, "ensemble")  # the shared fixture store may hold ensembles already
-    target = {"database": store / "mlflow.db", "store-folder": store, "output-folder": store,
-              "artifacts": store / "mlartifacts" / "segx"}[which]  # fmt: skip
+    target = {
+        "database": store / "mlflow.db",
+        "store-folder": store,
+        "output-folder": store,
+        "artifacts": store / "mlartifacts" / "segx",
+    }[which]
     args = ensemble_args(store)
     if which == "store-folder":  # Hydra and segx write elsewhere: only the store is read-only
         args.append(f"paths.output_dir={tmp_path / 'out'}")
@@ -183,14 +199,25 @@ def other_application_db(tmp_path) -> Path:
 
 @pytest.mark.parametrize("command", ["predict", "info"])
 @pytest.mark.parametrize("store", ["missing", "other-application"])
-def test_read_only_commands_never_create_or_change_a_store(tmp_path, synthetic_root, other_application_db, command, store):
+def test_read_only_commands_never_create_or_change_a_store(
+    tmp_path, synthetic_root, other_application_db, command, store
+):
     db = other_application_db if store == "other-application" else tmp_path / "typo" / "sub" / "mlflow.db"
     watched = tmp_path / "elsewhere"
     before = snapshot(watched)
     uri = f"mlflow.tracking_uri=sqlite:///{db}"
-    args = (["segx.predict", "ensemble_run_id=0123456789abcdef", f"input_dir={synthetic_root / 'train_images'}",
-             f"output_dir={tmp_path / 'masks'}", f"paths.output_dir={tmp_path / 'work'}", uri]
-            if command == "predict" else ["segx.info", "run_id=0123456789abcdef", uri])  # fmt: skip
+    args = (
+        [
+            "segx.predict",
+            "ensemble_run_id=0123456789abcdef",
+            f"input_dir={synthetic_root / 'train_images'}",
+            f"output_dir={tmp_path / 'masks'}",
+            f"paths.output_dir={tmp_path / 'work'}",
+            uri,
+        ]
+        if command == "predict"
+        else ["segx.info", "run_id=0123456789abcdef", uri]
+    )
     result = run(args)
     line = assert_one_line_error(result, str(db))
     assert ("no MLflow store" in line) if store == "missing" else ("another application" in line)
@@ -236,8 +263,13 @@ def test_a_signal_a_library_swallows_still_ends_the_run_killed(tmp_path, sig):
 def _busy_cores(n: int = 2):
     """``n`` processes spinning on the CPU beside the test (a loaded machine, as CI can be),
     stopped at the end however it ends."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1800\nwhile time.time() < end: pass"],
-                                 start_new_session=True) for _ in range(n)]  # fmt: skip
+    spinners = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time\nend = time.time() + 1800\nwhile time.time() < end: pass"],
+            start_new_session=True,
+        )
+        for _ in range(n)
+    ]
     try:
         yield
     finally:
@@ -328,9 +360,16 @@ def test_signal_in_the_first_epoch_ends_the_run_killed_in_one_line(tmp_path, syn
 
 def test_sigterm_during_prediction_exits_143_in_one_line(tmp_path, member_store, ensemble_record, synthetic_root):
     out, _ = member_store
-    proc = start(["segx.predict", *store_overrides(out), f"ensemble_run_id={ensemble_record['run_id']}",
-                  f"input_dir={synthetic_root / 'train_images'}", f"output_dir={tmp_path / 'masks'}",
-                  f"paths.output_dir={tmp_path / 'work'}"])  # fmt: skip
+    proc = start(
+        [
+            "segx.predict",
+            *store_overrides(out),
+            f"ensemble_run_id={ensemble_record['run_id']}",
+            f"input_dir={synthetic_root / 'train_images'}",
+            f"output_dir={tmp_path / 'masks'}",
+            f"paths.output_dir={tmp_path / 'work'}",
+        ]
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not (tmp_path / "work" / "cache").exists():
         time.sleep(0.05)  # members are being downloaded: the models load next
@@ -348,7 +387,7 @@ def test_a_run_created_but_not_yet_in_its_scope_never_stays_running(tmp_path, ho
     """The window that once left an ensemble RUNNING under load: after the run exists, before
     its run_scope. A signal (or a failed check) there ends the command; segx.cli ends the run
     KILLED (or FAILED) on its way out."""
-    from segx import cli
+    from segx import cli, signals
 
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "artifacts"))
@@ -362,8 +401,8 @@ def test_a_run_created_but_not_yet_in_its_scope_never_stays_running(tmp_path, ho
                     time.sleep(5)  # the handler raises here
                 raise SegxError("a check that failed after the run was created")
     finally:  # the command "ended": this process (pytest) goes on, so its exit state is reset
-        cli._exiting = False
-        cli._killed_runs.clear()
+        signals._exiting = False
+        signals._killed_runs.clear()
     (run_id,) = created
     expected = {"signal": ("KILLED", 130), "error": ("FAILED", 2)}[how]
     assert (client.get_run(run_id).info.status, exited.value.code) == expected

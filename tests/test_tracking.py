@@ -38,8 +38,11 @@ print(json.dumps([before, after_import, after_connect]))
     assert out.returncode == 0, out.stderr
     before, after_import, after_connect = json.loads(out.stdout.strip().splitlines()[-1])
     assert after_import == before
-    assert after_connect == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
-                             "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"}  # fmt: skip
+    assert after_connect == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
+        "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool",
+    }
 
 
 @pytest.fixture()
@@ -50,15 +53,29 @@ def store(tmp_path):
 
 def test_member_run_reads_what_the_member_workflow_writes(store):
     client, exp = store
-    written = {tags.ROLE: "member", tags.BACKBONE: "resnet18", tags.ARCH: "unet", tags.CONFIG_HASH: "c0ffee",
-               tags.DATA_FINGERPRINT: "d1", tags.FOLD: "2", tags.CV_PARENT: "p1", tags.ENSEMBLES: "e1,e2",
-               tags.DISK_FULL: "true", tags.LOGGED_MODEL_ID: "m-1"}  # fmt: skip
+    written = {
+        tags.ROLE: "member",
+        tags.BACKBONE: "resnet18",
+        tags.ARCH: "unet",
+        tags.CONFIG_HASH: "c0ffee",
+        tags.DATA_FINGERPRINT: "d1",
+        tags.FOLD: "2",
+        tags.CV_PARENT: "p1",
+        tags.ENSEMBLES: "e1,e2",
+        tags.DISK_FULL: "true",
+        tags.LOGGED_MODEL_ID: "m-1",
+    }
     run_id = tracking.start_run(client, exp, "member", written)
     with tracking.run_scope(client, run_id):
         pass
     member = MemberRun.of(client.get_run(run_id))
     assert (member.run_id, member.status, member.role) == (run_id, "FINISHED", "member")
-    assert (member.backbone, member.arch, member.config_hash, member.data_fingerprint) == ("resnet18", "unet", "c0ffee", "d1")
+    assert (member.backbone, member.arch, member.config_hash, member.data_fingerprint) == (
+        "resnet18",
+        "unet",
+        "c0ffee",
+        "d1",
+    )
     assert (member.fold, member.cv_parent, member.ensembles) == (2, "p1", ("e1", "e2"))
     assert member.disk_full and member.logged_model_id == "m-1"
     # A run of an older segx, or one that is not a fold: absent tags read as "not so".

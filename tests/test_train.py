@@ -12,7 +12,7 @@ import pytest
 
 from segx import tracking
 from segx.errors import SegxError
-from segx.training.member import train_member
+from segx.workflows.member import train_member
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
 
 
@@ -38,7 +38,9 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     for key in ("curves/train_loss", "curves/val_loss", "curves/val_dice", "curves/val_iou", "curves/lr"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2], key  # one point per epoch, counted from 1 as Keras prints
-    best_step = max(client.get_metric_history(run.info.run_id, "curves/val_dice"), key=lambda m: (m.value, -m.step)).step
+    best_step = max(
+        client.get_metric_history(run.info.run_id, "curves/val_dice"), key=lambda m: (m.value, -m.step)
+    ).step
     assert run.data.metrics["curves/best_epoch"] == best_step  # one convention for "which epoch"
     # The best epoch's weights are restored: the Dice of the cached validation probabilities
     # (what the ensemble searches on, val/dice) is the best per-epoch Dice, not the last epoch's
@@ -47,9 +49,22 @@ def test_member_run_records_params_metrics_tags_and_artifacts(member_store):
     assert run.data.metrics["curves/best_val_dice"] == max(curve)
     assert run.data.metrics["val/dice"] == pytest.approx(max(curve), abs=1e-9)
     assert {"test/dice", "test/iou", "test/hd95", "val/iou"} <= set(run.data.metrics)
-    artifacts = {a.path for top in ("", "model", "predictions", "plots", "split") for a in client.list_artifacts(run.info.run_id, top or None)}
-    for path in ("config.yaml", "augmentation.json", "model/weights.h5", "model/spec.json", "model/model.keras",
-                 "predictions/val.npz", "predictions/test.npz", "plots/curves.png", "plots/val_cases.png"):  # fmt: skip
+    artifacts = {
+        a.path
+        for top in ("", "model", "predictions", "plots", "split")
+        for a in client.list_artifacts(run.info.run_id, top or None)
+    }
+    for path in (
+        "config.yaml",
+        "augmentation.json",
+        "model/weights.h5",
+        "model/spec.json",
+        "model/model.keras",
+        "predictions/val.npz",
+        "predictions/test.npz",
+        "plots/curves.png",
+        "plots/val_cases.png",
+    ):
         assert path in artifacts, path
     # Every member of the ensemble saw the same validation cases.
     fingerprints = {client.get_run(r).data.tags["segx.data_fingerprint"] for r in runs.values()}
@@ -87,8 +102,15 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
     """min_delta=0.99: epoch 1 beats the start (-1), and no later epoch can beat it by 0.99, so
     training stops exactly `patience` epochs after the best one, well before trainer.epochs."""
     patience, epochs = 1, 5
-    cfg = compose_config("train", [*tiny_train_overrides(tmp_path, synthetic_root, epochs=epochs), "trainer.lr_schedule=null",
-                                   f"trainer.early_stopping.patience={patience}", "trainer.early_stopping.min_delta=0.99"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(tmp_path, synthetic_root, epochs=epochs),
+            "trainer.lr_schedule=null",
+            f"trainer.early_stopping.patience={patience}",
+            "trainer.early_stopping.min_delta=0.99",
+        ],
+    )
     train_member(cfg)
     client, (run,) = member_runs(tmp_path, "FINISHED")
     ran = len(client.get_metric_history(run.info.run_id, "curves/val_dice"))
@@ -100,8 +122,14 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_amo
     """trainer.val_every=2 over 5 epochs: validation (val/* metrics, best weights) after epochs
     2, 4 and 5 only; every epoch still trains and logs its loss; the LR plateau callback (on by
     default) sees only the validated epochs."""
-    cfg = compose_config("train", [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.val_every=2",
-                                   "trainer.early_stopping.patience=0"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *tiny_train_overrides(tmp_path, synthetic_root, epochs=5),
+            "trainer.val_every=2",
+            "trainer.early_stopping.patience=0",
+        ],
+    )
     train_member(cfg)
     client, (run,) = member_runs(tmp_path, "FINISHED")
     keys = ("curves/val_dice", "curves/val_loss", "curves/train_loss", "time/validation_s")
@@ -109,7 +137,9 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_amo
     assert sorted(steps["curves/val_dice"]) == sorted(steps["curves/val_loss"]) == [2, 4, 5]
     assert sorted(steps["curves/train_loss"]) == sorted(steps["time/validation_s"]) == [1, 2, 3, 4, 5]
     curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "curves/val_dice")}
-    assert run.data.metrics["curves/best_epoch"] in curve and run.data.metrics["curves/best_val_dice"] == max(curve.values())
+    assert run.data.metrics["curves/best_epoch"] in curve and run.data.metrics["curves/best_val_dice"] == max(
+        curve.values()
+    )
 
 
 @pytest.mark.parametrize(
@@ -126,7 +156,9 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_amo
 def test_bad_config_fails_before_any_run_is_created(tmp_path, synthetic_root, override, message):
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root), override]
     if override == "data=folder":  # the group must come first, and without a root
-        overrides = [override] + [o for o in overrides if not o.startswith(("data.root", "data.n_images", "data.source_size"))]
+        overrides = [override] + [
+            o for o in overrides if not o.startswith(("data.root", "data.n_images", "data.source_size"))
+        ]
     cfg = compose_config("train", overrides)
     with pytest.raises(SegxError, match=message):
         train_member(cfg)
@@ -136,7 +168,9 @@ def test_bad_config_fails_before_any_run_is_created(tmp_path, synthetic_root, ov
 
 def run_cli(*args, cwd=ROOT, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_cli_unknown_backbone_is_one_line_with_suggestion():
@@ -162,7 +196,9 @@ def test_cli_missing_mask_is_one_line(tmp_path, synthetic_root):
     shutil.copytree(synthetic_root, data)
     (data / "GENERATOR.json").unlink()
     (data / "train_masks" / "case_0003.png").unlink()
-    result = run_cli("segx.train", "data=folder", f"data.root={data}", "data.image_size=64", f"paths.output_dir={tmp_path}")
+    result = run_cli(
+        "segx.train", "data=folder", f"data.root={data}", "data.image_size=64", f"paths.output_dir={tmp_path}"
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "case_0003.png: no mask" in lines[0]

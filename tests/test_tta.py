@@ -49,9 +49,7 @@ def test_flip_tta_is_the_mean_of_passes_flipped_back(random_net):
 
     plain, on_w, on_h = net(x), net(x[:, :, ::-1]), net(x[:, ::-1])
     # The net is not flip-symmetric on these inputs, so a missing or wrong un-flip shows.
-    assert (
-        np.abs(on_w[:, :, ::-1] - plain).max() > 1e-2 and np.abs(on_h[:, ::-1] - plain).max() > 1e-2
-    )
+    assert np.abs(on_w[:, :, ::-1] - plain).max() > 1e-2 and np.abs(on_h[:, ::-1] - plain).max() > 1e-2
     expected = (plain + on_w[:, :, ::-1] + on_h[:, ::-1]) / 3
 
     got = predict_probs(random_net, images, "resnet18", tta="flip")
@@ -87,13 +85,11 @@ def _cases(root, stems):
     return data
 
 
-def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
-    member_store, synthetic_root, tmp_path, capsys
-):
-    from segx.ensemble import build_ensemble
+def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, synthetic_root, tmp_path, capsys):
     from segx.ensembling.probs import cache_artifact, load_cached
-    from segx.evaluation.metrics import dice_per_case
-    from segx.inference.predictor import load_ensemble
+    from segx.scoring.metrics import dice_per_case
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.predict import load_ensemble
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -103,8 +99,15 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
 
     # No post-processing, so the recorded validation Dice (chosen before post-processing) and
     # the test Dice (after it) are both Dice of the predictor's own masks.
-    cfg = compose_config("ensemble", [*store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]",
-                                      "ensemble.tta=flip", "ensemble.postprocess=false"])  # fmt: skip
+    cfg = compose_config(
+        "ensemble",
+        [
+            *store_overrides(out),
+            "ensemble.members=[resnet18,mobilenetv2]",
+            "ensemble.tta=flip",
+            "ensemble.postprocess=false",
+        ],
+    )
     record = build_ensemble(cfg)
     assert record["tta"] == "flip"
 
@@ -112,8 +115,10 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
     assert predictor.tta == "flip"
     first = record["members"][0]["run_id"]
     folder = tmp_path / "cache"
-    cached = {role: load_cached(tracking.download(client, first, cache_artifact(role, "flip"), folder), folder)
-              for role in ("val", "test")}  # fmt: skip
+    cached = {
+        role: load_cached(tracking.download(client, first, cache_artifact(role, "flip"), folder), folder)
+        for role in ("val", "test")
+    }
     val, test = (
         _cases(synthetic_root, cached["val"].stems),
         _cases(synthetic_root, cached["test"].stems),
@@ -137,46 +142,36 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(
     capsys.readouterr()
     _, plain = load_ensemble(client, record["run_id"], tmp_path / "plain", tta="none")
     warning = capsys.readouterr().err.strip()
-    assert (
-        warning.startswith("segx: warning:")
-        and "tuned for tta=flip" in warning
-        and "\n" not in warning
-    )
+    assert warning.startswith("segx: warning:") and "tuned for tta=flip" in warning and "\n" not in warning
     assert not np.array_equal(dice(plain, val)[1], flip_masks)
 
 
 def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_path):
     """A member logged before flip caches existed: one line naming it and the two ways out."""
-    from segx.ensemble import build_ensemble
-    from segx.ensembling.members import member_from_run
     from segx.ensembling.probs import cache_artifact
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.members import member_from_run
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     real = client.get_run(runs["resnet18"])
-    tags = {
-        k: v for k, v in real.data.tags.items() if not k.startswith("mlflow.")
-    }  # segx's tags: role, fingerprint
+    tags = {k: v for k, v in real.data.tags.items() if not k.startswith("mlflow.")}  # segx's tags: role, fingerprint
     old = client.create_run(real.info.experiment_id, tags=tags, run_name="member-before-tta-caches")
     for role in ("val", "test"):  # only the plain caches, as older segx wrote them
-        path = tracking.download(
-            client, real.info.run_id, cache_artifact(role, "none"), tmp_path / "dl"
-        )
+        path = tracking.download(client, real.info.run_id, cache_artifact(role, "none"), tmp_path / "dl")
         client.log_artifact(old.info.run_id, str(path), "predictions")
     client.set_terminated(old.info.run_id)
     old = client.get_run(old.info.run_id)
 
-    assert (
-        len(member_from_run(client, old, tmp_path / "c").val.probs) > 0
-    )  # tta=none still works
-    cfg = compose_config("ensemble", [*store_overrides(out), f"ensemble.run_ids=[{runs['mobilenetv2']},{old.info.run_id}]",
-                                      "ensemble.tta=flip"])  # fmt: skip
+    assert len(member_from_run(client, old, tmp_path / "c").val.probs) > 0  # tta=none still works
+    cfg = compose_config(
+        "ensemble",
+        [*store_overrides(out), f"ensemble.run_ids=[{runs['mobilenetv2']},{old.info.run_id}]", "ensemble.tta=flip"],
+    )
     with pytest.raises(SegxError) as info:
         build_ensemble(cfg)
     message = str(info.value)
     assert "\n" not in message and old.info.run_id in message
     assert "no flip-TTA cache" in message and "retrain it or use ensemble.tta=none" in message
     ensembles = tracking.find_runs(client, real.info.experiment_id, "ensemble", status=None)
-    assert all(
-        old.info.run_id not in r.data.tags.get("segx.members", "") for r in ensembles
-    )  # refused before logging
+    assert all(old.info.run_id not in r.data.tags.get("segx.members", "") for r in ensembles)  # refused before logging

@@ -65,7 +65,10 @@ def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record,
         import mlflow
 
         member_info = mlflow.models.get_model_info(f"models:/{model.model_id}")
-        assert member_info.signature is not None and member_info.saved_input_example_info["artifact_path"] == "input_example.json"
+        assert (
+            member_info.signature is not None
+            and member_info.saved_input_example_info["artifact_path"] == "input_example.json"
+        )
         assert model.tags["segx.model_artifact"] == f"runs:/{run_id}/model"
         assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
         member_models[run_id] = model.model_id
@@ -80,5 +83,7 @@ def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record,
 
     model = mlflow.pyfunc.load_model(ensemble.data.tags["segx.pyfunc_uri"])
     rng = np.random.default_rng(0)
-    masks = model.predict([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)])
+    masks = model.predict(
+        [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)]
+    )
     assert [m.shape for m in masks] == [(64, 64), (40, 72)]

@@ -35,13 +35,19 @@ import pytest
 
 from segx import tracking
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium/Chrome binary on PATH (apt-get install chromium)")
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p), None
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs a Chromium/Chrome binary on PATH (apt-get install chromium)"
+)
 aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (an MLflow dependency) drives the DevTools websocket")
 
 NAME = "segx-ui-browser"
-LIST_LINK = ("[...document.querySelectorAll('a[data-testid=experiment-list-item-link]')]"
-             f".find(a => a.textContent.trim() === {json.dumps(NAME)})")  # fmt: skip
+LIST_LINK = (
+    "[...document.querySelectorAll('a[data-testid=experiment-list-item-link]')]"
+    f".find(a => a.textContent.trim() === {json.dumps(NAME)})"
+)
 GENAI_SWITCH = "[...document.querySelectorAll('*')].find(e => !e.children.length && e.textContent.trim() === 'GenAI')"
 WORKFLOW_KEY = "mlflow.workflowType_v1"  # MLflow's useLocalStorage key: f"{key}_v{version}"
 
@@ -85,12 +91,36 @@ def ui(tmp_path_factory):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     # `mlflow ui` starts `uvicorn` by name: the venv's bin folder must be on PATH.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     log = open(root / "ui.log", "w")  # noqa: SIM115 - closed in finally
     # As `make ui` starts it (Makefile): MLflow's app through segx's, one worker.
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--app-name", "segx", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                              env=env, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--app-name",
+            "segx",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -173,11 +203,25 @@ def _browse(script, shots: Path, timeout: float = 120):
     """Run ``script(page)`` in a fresh headless Chromium profile (127.0.0.1 DevTools port)."""
     profile = tempfile.mkdtemp(prefix="segx-chromium-")
     env = dict(os.environ, HOME=profile, XDG_CONFIG_HOME=profile, XDG_CACHE_HOME=profile)
-    browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                "--no-default-browser-check", "--remote-debugging-address=127.0.0.1",
-                                "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1400,900",
-                                "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               start_new_session=True)  # fmt: skip
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,900",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         port_file = Path(profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -190,7 +234,10 @@ def _browse(script, shots: Path, timeout: float = 120):
             target = next(t for t in json.load(response) if t["type"] == "page")
 
         async def main():
-            async with aiohttp.ClientSession() as session, session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws,
+            ):
                 page = _Page(ws)
                 await page.send("Page.enable")
                 await page.send("Runtime.enable")

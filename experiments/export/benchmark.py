@@ -45,8 +45,11 @@ OUT = Path(__file__).resolve().parent
 ROOT = OUT.parent.parent
 BACKBONES = ("resnet18", "mobilenetv2", "efficientnetb0")
 RUNTIMES = ("keras", "savedmodel", "onnx")
-LABELS = {"keras": "segx TF predictor (backend=keras)", "savedmodel": "SavedModel (backend=savedmodel)",
-          "onnx": "ONNX Runtime (backend=onnx)"}  # fmt: skip
+LABELS = {
+    "keras": "segx TF predictor (backend=keras)",
+    "savedmodel": "SavedModel (backend=savedmodel)",
+    "onnx": "ONNX Runtime (backend=onnx)",
+}
 
 
 def build(work: Path, size: int, tta: str) -> tuple[dict, list[Path], dict]:
@@ -59,19 +62,34 @@ def build(work: Path, size: int, tta: str) -> tuple[dict, list[Path], dict]:
     for i, backbone in enumerate(BACKBONES):
         keras.utils.set_random_seed(i)
         model = build_model("unet", backbone, size)
-        paths.append(save_member(model, work / "members" / backbone, {"arch": "unet", "backbone": backbone, "image_size": size}))
+        paths.append(
+            save_member(model, work / "members" / backbone, {"arch": "unet", "backbone": backbone, "image_size": size})
+        )
     view = {"mode": "resize", "size": size, "resize_mode": "resize"}
     n = len(BACKBONES)
     record = {
-        "format": "segx-ensemble", "version": 3, "tta": tta, "threshold": 0.5, "postprocess": {}, "weight_denominator": n,
-        "members": [{"run_id": f"bench{i}", "backbone": b, "arch": "unet", "weight": 1 / n, "weight_count": 1, "view": view}
-                    for i, b in enumerate(BACKBONES)],
-    }  # fmt: skip
+        "format": "segx-ensemble",
+        "version": 3,
+        "tta": tta,
+        "threshold": 0.5,
+        "postprocess": {},
+        "weight_denominator": n,
+        "members": [
+            {"run_id": f"bench{i}", "backbone": b, "arch": "unet", "weight": 1 / n, "weight_count": 1, "view": view}
+            for i, b in enumerate(BACKBONES)
+        ],
+    }
     (work / "record.json").write_text(json.dumps(record))
     exports = {}
     for fmt in ("savedmodel", "onnx"):
-        proc = subprocess.run([sys.executable, __file__, "--export-child", fmt, str(work)], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=1800)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--export-child", fmt, str(work)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=ROOT,
+            timeout=1800,
+        )
         if proc.returncode:
             raise RuntimeError(proc.stderr[-2000:])
         exports[fmt] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,9 +107,17 @@ def export_child(fmt: str, work: str) -> None:
     record = json.loads((work / "record.json").read_text())
     started = time.perf_counter()
     manifest = export_ensemble(record, [work / "members" / b for b in BACKBONES], work / fmt, fmt)
-    print(json.dumps({"seconds": time.perf_counter() - started, "check": manifest["check"]["member_probabilities_max_abs_diff"],
-                      "bytes": sum(manifest["sizes_bytes"].values()), "opset": manifest["opset"],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - started,
+                "check": manifest["check"]["member_probabilities_max_abs_diff"],
+                "bytes": sum(manifest["sizes_bytes"].values()),
+                "opset": manifest["opset"],
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def folder_bytes(path: Path) -> int:
@@ -106,6 +132,7 @@ def load_child(runtime: str, work: str) -> None:
         from segx.models import build_model  # noqa: F401 - TensorFlow, as segx.predict imports it
     else:
         from segx.inference.exported import load_exported
+
         if runtime == "savedmodel":
             from segx.backend import tf  # noqa: F401
         else:
@@ -155,14 +182,20 @@ def main() -> None:
     from importlib import metadata
 
     info = {**machine(), **{name: metadata.version(name) for name in ("onnxruntime", "tf2onnx", "onnx")}}
-    saved = {"args": {k: v for k, v in vars(args).items() if k not in ("report_only", "load_child", "export_child")},
-             "started": time.strftime("%Y-%m-%d %H:%M"), "machine": info, "load": []}  # fmt: skip
+    saved = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("report_only", "load_child", "export_child")},
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": info,
+        "load": [],
+    }
     record, paths, exports = build(work, args.size, args.tta)
     saved["exports"] = exports
-    saved["bytes"] = {"keras": sum((p / "weights.h5").stat().st_size for p in paths),
-                      "keras_with_model_keras": sum(folder_bytes(p) for p in paths),
-                      "savedmodel": folder_bytes(work / "savedmodel" / "saved_model"),
-                      "onnx": (work / "onnx" / "model.onnx").stat().st_size}  # fmt: skip
+    saved["bytes"] = {
+        "keras": sum((p / "weights.h5").stat().st_size for p in paths),
+        "keras_with_model_keras": sum(folder_bytes(p) for p in paths),
+        "savedmodel": folder_bytes(work / "savedmodel" / "saved_model"),
+        "onnx": (work / "onnx" / "model.onnx").stat().st_size,
+    }
 
     # Load times, fresh processes, rotated order.
     saved["load_seconds"] = {r: [] for r in RUNTIMES}
@@ -170,8 +203,14 @@ def main() -> None:
     for round_ in range(args.load_rounds):
         shift = round_ % len(RUNTIMES)
         for runtime in RUNTIMES[shift:] + RUNTIMES[:shift]:
-            proc = subprocess.run([sys.executable, __file__, "--load-child", runtime, str(work)], capture_output=True,
-                                  text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, __file__, "--load-child", runtime, str(work)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+                timeout=600,
+            )
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-2000:])
             result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,15 +218,20 @@ def main() -> None:
             print(f"load round {round_ + 1} {runtime}: {result}", flush=True)
 
     # Throughput, one process, rotated order.
-    predictors = {"keras": EnsemblePredictor(record, paths), "savedmodel": load_exported(work / "savedmodel"),
-                  "onnx": load_exported(work / "onnx")}  # fmt: skip
+    predictors = {
+        "keras": EnsemblePredictor(record, paths),
+        "savedmodel": load_exported(work / "savedmodel"),
+        "onnx": load_exported(work / "onnx"),
+    }
     rng = np.random.default_rng(0)
     images = list(rng.integers(0, 256, (args.images, args.image_size, args.image_size, 3), dtype=np.uint8))
     reference = [p.mask for p in predictors["keras"].predict(images)]  # also the keras warm-up
     saved["mask_pixels_differing"] = {}
     for runtime in ("savedmodel", "onnx"):
         masks = [p.mask for p in predictors[runtime].predict(images)]  # warm-up
-        saved["mask_pixels_differing"][runtime] = int(sum((a != b).sum() for a, b in zip(reference, masks, strict=True)))
+        saved["mask_pixels_differing"][runtime] = int(
+            sum((a != b).sum() for a, b in zip(reference, masks, strict=True))
+        )
     saved["mask_pixels"] = int(sum(m.size for m in reference))
     saved["seconds"] = {r: [] for r in RUNTIMES}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -238,7 +282,13 @@ def write_report(quiet: bool = False) -> None:
         f"min-max over rounds in the table). ONNX Runtime against the SavedModel, same round: "
         f"{spread(onnx_vs_sm, 2)}, so ONNX Runtime is {'faster' if onnx_median > 1 else 'not faster'} than "
         "TensorFlow on this CPU"
-        + (" in every round" if min(onnx_vs_sm) > 1 else " in the median, not in every round" if onnx_median > 1 else "")
+        + (
+            " in every round"
+            if min(onnx_vs_sm) > 1
+            else " in the median, not in every round"
+            if onnx_median > 1
+            else ""
+        )
         + "."
     )
     text = (
@@ -247,7 +297,8 @@ def write_report(quiet: bool = False) -> None:
         f"{args['image_size']} --rounds {args['rounds']} --load-rounds {args['load_rounds']} --tta {args['tta']}` "
         f"({saved['started']}; {saved.get('rounds_done', 0)} of {args['rounds']} rounds done). Machine: "
         f"{info.get('cpu')}, {info.get('cores')} cores, tensorflow {info.get('tensorflow', '?')}, tf2onnx "
-        f"{info.get('tf2onnx', '?')}, onnxruntime {info.get('onnxruntime', '?')}; shared with other jobs (1-minute load average after each round "
+        f"{info.get('tf2onnx', '?')}, onnxruntime {info.get('onnxruntime', '?')}; shared with other jobs (1-minute "
+        "load average after each round "
         f"{min(load):.1f}-{max(load):.1f}: treat single timings with suspicion).\n\n"
         f"The ensemble: {', '.join(BACKBONES)} Unets (random init) at {args['size']} px, resize mode, equal "
         f"weights, threshold 0.5, tta={args['tta']}; {args['images']} random uint8 RGB images of "
@@ -264,7 +315,8 @@ def write_report(quiet: bool = False) -> None:
         "onnxruntime and numpy only for ONNX), load (rebuild members + weights / `tf.saved_model.load` / "
         "`InferenceSession`), first batch of 8 images (tracing included). Size: the model files "
         f"(members: their `weights.h5`; with the `.keras` copies segx also keeps, {mb['keras_with_model_keras']:.1f} MB).\n\n"
-        + verdict + "\n\n"
+        + verdict
+        + "\n\n"
         "| predictor | images/s | vs TF | size MB | import s | load s | first batch s | imports TensorFlow |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         f"Agreement with the TF predictor on the {saved['mask_pixels']} mask pixels of one round: SavedModel "

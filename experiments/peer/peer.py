@@ -66,8 +66,15 @@ class Worker:
     def __init__(self, name: str, python: Path, script: Path, env: dict, log: Path):
         self.name = name
         self.log = open(log, "w")  # noqa: SIM115  (kept open for the process's life)
-        self.proc = subprocess.Popen([str(python), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env=env, cwd=ROOT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [str(python), str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
 
     def ask(self, **request) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")
@@ -145,13 +152,23 @@ def run(args) -> None:
         options, extra_env, lever_threads, _ = LEVERS[side]
         env.update(extra_env, PEER_THREADS=json.dumps(lever_threads or threads))
         env["PYTHONPATH"] = os.pathsep.join([str(segx_root), *filter(None, [os.environ.get("PYTHONPATH")])])
-        workers[side] = Worker(side, ROOT / ".venv" / "bin" / "python", HERE / "worker_tf.py", env, logs / f"{side}.log")
+        workers[side] = Worker(
+            side, ROOT / ".venv" / "bin" / "python", HERE / "worker_tf.py", env, logs / f"{side}.log"
+        )
     results = {
         "command": "python experiments/peer/peer.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "segx_source": segx_source,
-        "threads": threads, "batch": BATCH, "matmul": {"n": MATMUL_N, "reps": MATMUL_REPS}, "sides": {}, "cells": {},
-        "work": {}, "rounds": [], "rounds_planned": args.rounds,
-    }  # fmt: skip
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "segx_source": segx_source,
+        "threads": threads,
+        "batch": BATCH,
+        "matmul": {"n": MATMUL_N, "reps": MATMUL_REPS},
+        "sides": {},
+        "cells": {},
+        "work": {},
+        "rounds": [],
+        "rounds_planned": args.rounds,
+    }
     try:
         for side, worker in workers.items():
             options = LEVERS[side][0] if side in LEVERS else {}
@@ -165,8 +182,11 @@ def run(args) -> None:
             for side, worker in workers.items():
                 reply = worker.ask(cmd="setup", key=key, backbone=backbone, size=size, images=images)
                 results["cells"][key][side] = reply
-                print(f"peer: {key} {side}: {reply['params']:,} params, {reply['flops'] / 1e9:.3f} GFLOP/image, "
-                      f"built {reply['build_s']:.1f} s, warm-up {reply['warmup_s']:.1f} s", flush=True)  # fmt: skip
+                print(
+                    f"peer: {key} {side}: {reply['params']:,} params, {reply['flops'] / 1e9:.3f} GFLOP/image, "
+                    f"built {reply['build_s']:.1f} s, warm-up {reply['warmup_s']:.1f} s",
+                    flush=True,
+                )
         t_start = time.perf_counter()
         for r in range(args.rounds):
             t_round = time.perf_counter()
@@ -182,16 +202,31 @@ def run(args) -> None:
                         request = {"cmd": task, "key": key, "steps": results["work"][key]["train_steps"]}
                         timings[key][task][side] = workers[side].ask(**request)["seconds"]
             mat = {side: workers[side].ask(cmd="matmul", n=MATMUL_N, reps=MATMUL_REPS) for side in order}
-            results["rounds"].append({"round": r, "order": order, "timings": timings, "matmul": mat,
-                                      "seconds": time.perf_counter() - t_round, "load": os.getloadavg()})  # fmt: skip
+            results["rounds"].append(
+                {
+                    "round": r,
+                    "order": order,
+                    "timings": timings,
+                    "matmul": mat,
+                    "seconds": time.perf_counter() - t_round,
+                    "load": os.getloadavg(),
+                }
+            )
             out_path.write_text(json.dumps(results, indent=1))
             summary = "; ".join(
-                f"{key} {task} " + "/".join(f"{rate(results, key, task, side, timings):.1f}" if side in timings[key][task]
-                                            else "-" for side in sides)
-                for key in timings for task in ("train", "infer")
-            )  # fmt: skip
-            print(f"peer: round {r + 1}/{args.rounds} ({time.perf_counter() - t_round:.0f} s, "
-                  f"load {os.getloadavg()[0]:.1f}) img/s {'/'.join(sides)}: {summary}", flush=True)  # fmt: skip
+                f"{key} {task} "
+                + "/".join(
+                    f"{rate(results, key, task, side, timings):.1f}" if side in timings[key][task] else "-"
+                    for side in sides
+                )
+                for key in timings
+                for task in ("train", "infer")
+            )
+            print(
+                f"peer: round {r + 1}/{args.rounds} ({time.perf_counter() - t_round:.0f} s, "
+                f"load {os.getloadavg()[0]:.1f}) img/s {'/'.join(sides)}: {summary}",
+                flush=True,
+            )
             if args.max_minutes and (time.perf_counter() - t_start) / 60 > args.max_minutes:
                 print(f"peer: stopping after {r + 1} rounds (--max-minutes {args.max_minutes})", flush=True)
                 break
@@ -239,7 +274,9 @@ def series(results: dict, key: str, task: str, side: str) -> dict:
 
 
 def ratios(results: dict, key: str, task: str, a: str, b: str) -> list[float]:
-    return [rate(results, key, task, a, r["timings"]) / rate(results, key, task, b, r["timings"]) for r in results["rounds"]]
+    return [
+        rate(results, key, task, a, r["timings"]) / rate(results, key, task, b, r["timings"]) for r in results["rounds"]
+    ]
 
 
 def header(results: dict) -> list[str]:
@@ -256,34 +293,43 @@ def header(results: dict) -> list[str]:
         f"agents' jobs (1-minute load average after each round {min(loads):.1f}-{max(loads):.1f} on "
         f"{results['machine']['cores']} cores): absolute figures move with that load; the ratios are taken within a "
         "round, where both sides ran back to back in alternating order, and that alternation is what makes them fair.",
-    ]  # fmt: skip
+    ]
 
 
 def network_table(results: dict, sides: list[str]) -> list[str]:
-    lines = ["| network | px | segx params | MONAI params | segx GFLOP/image | MONAI GFLOP/image | segx/MONAI FLOPs | segx profiler GFLOP |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| network | px | segx params | MONAI params | segx GFLOP/image | MONAI GFLOP/image | segx/MONAI FLOPs | segx profiler GFLOP |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, cell in results["cells"].items():
         backbone, size = key.split("@")
         s, m = cell[sides[0]], cell["monai"]
-        lines.append(f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {s['params'] / 1e6:.2f} M | {m['params'] / 1e6:.2f} M | "
-                     f"{s['flops'] / 1e9:.3f} | {m['flops'] / 1e9:.3f} | {s['flops'] / m['flops']:.2f} | "
-                     f"{s['flops_segx_profiler'] / 1e9:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {s['params'] / 1e6:.2f} M | {m['params'] / 1e6:.2f} M | "
+            f"{s['flops'] / 1e9:.3f} | {m['flops'] / 1e9:.3f} | {s['flops'] / m['flops']:.2f} | "
+            f"{s['flops_segx_profiler'] / 1e9:.3f} |"
+        )
     return lines
 
 
 def speed_table(results: dict) -> list[str]:
-    lines = ["| network | px | task | segx img/s | MONAI img/s | segx/MONAI img/s | segx GFLOP/s | MONAI GFLOP/s | segx/MONAI GFLOP/s | segx % of matmul | MONAI % of matmul | segx/MONAI, best round each |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| network | px | task | segx img/s | MONAI img/s | segx/MONAI img/s | segx GFLOP/s | MONAI GFLOP/s | "
+        "segx/MONAI GFLOP/s | segx % of matmul | MONAI % of matmul | segx/MONAI, best round each |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in results["cells"]:
         backbone, size = key.split("@")
         for task in ("train", "infer"):
             s, m = series(results, key, task, "segx"), series(results, key, task, "monai")
             ratio = ratios(results, key, task, "segx", "monai")
             gratio = [a / b for a, b in zip(s["gflops"], m["gflops"], strict=True)]
-            lines.append(f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
-                         f"{med(s['img_s'])} | {med(m['img_s'])} | **{med(ratio, '{:.2f}')}** | {med(s['gflops'])} | "
-                         f"{med(m['gflops'])} | {med(gratio, '{:.2f}')} | {med([100 * f for f in s['fraction']], '{:.0f}')} | "
-                         f"{med([100 * f for f in m['fraction']], '{:.0f}')} | {max(s['img_s']) / max(m['img_s']):.2f} |")  # fmt: skip
+            lines.append(
+                f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
+                f"{med(s['img_s'])} | {med(m['img_s'])} | **{med(ratio, '{:.2f}')}** | {med(s['gflops'])} | "
+                f"{med(m['gflops'])} | {med(gratio, '{:.2f}')} | {med([100 * f for f in s['fraction']], '{:.0f}')} | "
+                f"{med([100 * f for f in m['fraction']], '{:.0f}')} | {max(s['img_s']) / max(m['img_s']):.2f} |"
+            )
     return lines
 
 
@@ -293,8 +339,12 @@ def matmul_table(results: dict) -> list[str]:
         for side in round_["matmul"].values():
             for lib, value in side.items():
                 libs.setdefault(lib, []).append(value)
-    names = {"tf": "TensorFlow (segx venv)", "numpy_tf_venv": "numpy (segx venv)", "torch": "torch (peer venv)",
-             "numpy_peer_venv": "numpy (peer venv)"}  # fmt: skip
+    names = {
+        "tf": "TensorFlow (segx venv)",
+        "numpy_tf_venv": "numpy (segx venv)",
+        "torch": "torch (peer venv)",
+        "numpy_peer_venv": "numpy (peer venv)",
+    }
     lines = [f"| {MATMUL_N}x{MATMUL_N} float32 matmul | GFLOP/s |", "|---|---|"]
     lines += [f"| {names.get(lib, lib)} | {med(values)} |" for lib, values in libs.items()]
     lines.append(f"| highest of the run (the reference for '% of matmul') | {peak(results):.1f} |")
@@ -303,8 +353,10 @@ def matmul_table(results: dict) -> list[str]:
 
 def lever_table(lev: dict) -> list[str]:
     levers = [s for s in lev["sides"] if s != "segx" and s not in PEERS]
-    lines = ["| network | px | task | lever | segx img/s before | after | after/before | segx/MONAI before | after | after % of matmul |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| network | px | task | lever | segx img/s before | after | after/before | segx/MONAI before | after | after % of matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for key in lev["cells"]:
         backbone, size = key.split("@")
         for task in ("train", "infer"):
@@ -314,12 +366,14 @@ def lever_table(lev: dict) -> list[str]:
                     continue
                 after = series(lev, key, task, lever)
                 peer = "monai-threads-1" if lever == "threads-1" and "monai-threads-1" in lev["sides"] else "monai"
-                lines.append(f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
-                             f"{lever} | {med(base['img_s'])} | {med(after['img_s'])} | "
-                             f"**{med(ratios(lev, key, task, lever, 'segx'), '{:.2f}')}** | "
-                             f"{med(ratios(lev, key, task, 'segx', 'monai'), '{:.2f}')} | "
-                             f"{med(ratios(lev, key, task, lever, peer), '{:.2f}')}{' (vs MONAI 1 thread)' if peer != 'monai' else ''} | "
-                             f"{med([100 * f for f in after['fraction']], '{:.0f}')} |")  # fmt: skip
+                lines.append(
+                    f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
+                    f"{lever} | {med(base['img_s'])} | {med(after['img_s'])} | "
+                    f"**{med(ratios(lev, key, task, lever, 'segx'), '{:.2f}')}** | "
+                    f"{med(ratios(lev, key, task, 'segx', 'monai'), '{:.2f}')} | "
+                    f"{med(ratios(lev, key, task, lever, peer), '{:.2f}')}{' (vs MONAI 1 thread)' if peer != 'monai' else ''} | "
+                    f"{med([100 * f for f in after['fraction']], '{:.0f}')} |"
+                )
     return lines
 
 
@@ -339,17 +393,21 @@ def write_report() -> None:
         "- **MONAI**: `FlexibleUNet(3, 1, backbone, pretrained=False, spatial_dims=2)` (decoder "
         "256-128-64-32-16 like segx's), `DiceCELoss(sigmoid=True)`, Adam 1e-3, a plain training loop; "
         "inference in `eval()` under `torch.inference_mode()`, uint8 images normalised in torch, batches of 8.",
-        f"- Batch {BATCH}. Per round and network: " + ", ".join(
-            f"{k}: {w['train_steps']} training steps, {w['infer_images']} images inferred" for k, w in results["work"].items()
-        ) + ". Every timing excludes start-up, building and tracing (two warm-up steps and one inference first).",
+        f"- Batch {BATCH}. Per round and network: "
+        + ", ".join(
+            f"{k}: {w['train_steps']} training steps, {w['infer_images']} images inferred"
+            for k, w in results["work"].items()
+        )
+        + ". Every timing excludes start-up, building and tracing (two warm-up steps and one inference first).",
         "- FLOPs: forward FLOPs per image of the convolutions (2 x multiply-adds), counted alike on both "
         "sides: from the frozen TF graph's shapes for segx and with `torch.utils.flop_counter.FlopCounterMode` "
         "for MONAI; training counts 3 x forward. 'segx profiler' is `segx.models.count_flops` (TF's profiler, "
         "which has no count for depthwise convolutions). '% of matmul' = achieved GFLOP/s over the highest float32 "
         f"{MATMUL_N}x{MATMUL_N} matmul rate measured in the run (TF, torch, numpy in either venv; each measured "
         "once per round, in the same processes).",
-        "- Values: median (min-max) over rounds; ratios taken within each round.", "",
-    ]  # fmt: skip
+        "- Values: median (min-max) over rounds; ratios taken within each round.",
+        "",
+    ]
     if notes_path.exists():
         lines += [notes_path.read_text().strip(), ""]
     lines += ["## Speed", ""] + speed_table(results) + [""]
@@ -358,9 +416,12 @@ def write_report() -> None:
     if levers_path.exists():
         lev = json.loads(levers_path.read_text())
         lines += ["## Levers on segx's side", ""] + header(lev) + [""]
-        lines += [f"Each lever is a separate segx worker ({', '.join(s for s in lev['sides'] if s != 'segx' and s not in PEERS)}) "
-                  "alternating with the unchanged segx worker and MONAI in the same rounds; 'after/before' is the lever's img/s "
-                  "over unchanged segx's in the same round.", ""]  # fmt: skip
+        lines += [
+            f"Each lever is a separate segx worker ({', '.join(s for s in lev['sides'] if s != 'segx' and s not in PEERS)}) "
+            "alternating with the unchanged segx worker and MONAI in the same rounds; 'after/before' is the lever's img/s "
+            "over unchanged segx's in the same round.",
+            "",
+        ]
         lines += lever_table(lev) + [""]
     (HERE / "RESULTS.md").write_text("\n".join(lines))
 
@@ -377,7 +438,9 @@ def main() -> None:
     parser.add_argument("--images-128", type=int, default=32)
     parser.add_argument("--images-256", type=int, default=16)
     parser.add_argument("--peer-venv", default=str(ROOT / ".venv-peer"))
-    parser.add_argument("--segx-ref", default=None, help="measure segx/ as committed at this git ref, not the working tree")
+    parser.add_argument(
+        "--segx-ref", default=None, help="measure segx/ as committed at this git ref, not the working tree"
+    )
     parser.add_argument("--levers", action="store_true", help="segx workers with one lever each -> levers.json")
     parser.add_argument("--lever-list", default=",".join(LEVERS))
     parser.add_argument("--max-minutes", type=float, default=0, help="stop after the round that passes this")

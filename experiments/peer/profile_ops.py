@@ -64,9 +64,15 @@ def profile_tf(args) -> dict:
     del worker_tf
     shutil.rmtree(logdir, ignore_errors=True)
     total = sum(by_type.values())
-    return {"wall_s": wall, "op_seconds_total": total, "note": "kernel events of TF's host threads, by op type",
-            "ops": [{"op": k, "seconds": v, "share": v / total, "calls": count[k]} for k, v in by_type.most_common(args.top)],
-            "layers": [{"layer": k, "seconds": v, "share": v / total} for k, v in by_layer.most_common(args.top)]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "op_seconds_total": total,
+        "note": "kernel events of TF's host threads, by op type",
+        "ops": [
+            {"op": k, "seconds": v, "share": v / total, "calls": count[k]} for k, v in by_type.most_common(args.top)
+        ],
+        "layers": [{"layer": k, "seconds": v, "share": v / total} for k, v in by_layer.most_common(args.top)],
+    }
 
 
 def profile_torch(args) -> dict:
@@ -83,9 +89,19 @@ def profile_torch(args) -> dict:
     del worker_torch
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) / 1e6
-    return {"wall_s": wall, "op_seconds_total": total,
-            "ops": [{"op": e.key, "seconds": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / 1e6 / total,
-                     "calls": e.count} for e in rows[: args.top]]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "op_seconds_total": total,
+        "ops": [
+            {
+                "op": e.key,
+                "seconds": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / 1e6 / total,
+                "calls": e.count,
+            }
+            for e in rows[: args.top]
+        ],
+    }
 
 
 def main() -> None:
@@ -99,8 +115,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     out = (profile_tf if args.side == "tf" else profile_torch)(args)
-    out = {"side": args.side, "backbone": args.backbone, "size": args.size, "task": args.task,
-           "jit_infer": args.jit_infer, **out}  # fmt: skip
+    out = {
+        "side": args.side,
+        "backbone": args.backbone,
+        "size": args.size,
+        "task": args.task,
+        "jit_infer": args.jit_infer,
+        **out,
+    }
     name = f"profile-{args.side}-{args.backbone}-{args.size}-{args.task}{'-xla' if args.jit_infer else ''}.json"
     (HERE / name).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))

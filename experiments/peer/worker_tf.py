@@ -65,8 +65,11 @@ def conv_flops(model, size: int) -> dict:
         elif op.type in ("MatMul", "BatchMatMulV2"):
             k = op.inputs[0].shape.as_list()[-1]
             total["matmul"] += 2 * int(np.prod(op.outputs[0].shape.as_list())) * k
-    return {"flops": float(sum(total.values())), "flops_parts": total,
-            "flops_segx_profiler": models.count_flops(model, size)}  # fmt: skip
+    return {
+        "flops": float(sum(total.values())),
+        "flops_parts": total,
+        "flops_segx_profiler": models.count_flops(model, size),
+    }
 
 
 class Cell:
@@ -80,8 +83,12 @@ class Cell:
         optimizer = keras.optimizers.Adam(learning_rate=0.001)
         models.compile_model(self.model, optimizer, {"dice": 1.0, "bce": 1.0})
         if jit_train:  # compile_model's own arguments, plus XLA on the train step
-            self.model.compile(optimizer=self.model.optimizer, loss=self.model.loss,
-                               metrics=models.build_metrics(("dice", "iou")), jit_compile=True)  # fmt: skip
+            self.model.compile(
+                optimizer=self.model.optimizer,
+                loss=self.model.loss,
+                metrics=models.build_metrics(("dice", "iou")),
+                jit_compile=True,
+            )
         if jit_infer:  # predict_probs looks its forward function up here before making one
             model = self.model
             models._FORWARD[model] = tf.function(lambda x: model(x, training=False), jit_compile=True)
@@ -142,18 +149,31 @@ def main() -> None:
             options.update(request["options"])
             models.set_determinism(SEED, bool(options["deterministic"]))
             reply = {
-                "framework": "segx", "segx_file": models.__file__, "tensorflow": tf.__version__,
+                "framework": "segx",
+                "segx_file": models.__file__,
+                "tensorflow": tf.__version__,
                 "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                 "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-                "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "options": options,
-            }  # fmt: skip
+                "onednn_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                "options": options,
+            }
         elif cmd == "setup":
-            cell = Cell(request["backbone"], int(request["size"]), bool(options["jit_infer"]),
-                        bool(options["jit_train"]), int(request["images"]))  # fmt: skip
+            cell = Cell(
+                request["backbone"],
+                int(request["size"]),
+                bool(options["jit_infer"]),
+                bool(options["jit_train"]),
+                int(request["images"]),
+            )
             cells[request["key"]] = cell
             trainable = sum(int(np.prod(w.shape)) for w in cell.model.trainable_weights)
-            reply = {"params": trainable, "params_all": int(cell.model.count_params()), "build_s": cell.build_s, "warmup_s": cell.warmup_s,
-                     **conv_flops(cell.model, cell.size)}  # fmt: skip
+            reply = {
+                "params": trainable,
+                "params_all": int(cell.model.count_params()),
+                "build_s": cell.build_s,
+                "warmup_s": cell.warmup_s,
+                **conv_flops(cell.model, cell.size),
+            }
         elif cmd == "train":
             reply = {"seconds": cells[request["key"]].train(int(request["steps"]))}
         elif cmd == "infer":

@@ -116,17 +116,27 @@ def main() -> None:
         if cmd == "quit":
             break
         if cmd == "options":
-            reply = {"framework": "monai", "torch": torch.__version__, "monai": monai.__version__,
-                     "intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
-                     "mkldnn": torch.backends.mkldnn.is_available()}  # fmt: skip
+            reply = {
+                "framework": "monai",
+                "torch": torch.__version__,
+                "monai": monai.__version__,
+                "intra_op": torch.get_num_threads(),
+                "inter_op": torch.get_num_interop_threads(),
+                "mkldnn": torch.backends.mkldnn.is_available(),
+            }
         elif cmd == "setup":
             backbone = {"efficientnetb0": "efficientnet-b0"}.get(request["backbone"], request["backbone"])
             cell = Cell(backbone, int(request["size"]), int(request["images"]))
             cells[request["key"]] = cell
             params = sum(p.numel() for p in cell.model.parameters())
             buffers = sum(b.numel() for b in cell.model.buffers() if b.is_floating_point())
-            reply = {"params": int(params), "params_all": int(params + buffers), "build_s": cell.build_s,
-                     "warmup_s": cell.warmup_s, **cell.flops()}  # fmt: skip
+            reply = {
+                "params": int(params),
+                "params_all": int(params + buffers),
+                "build_s": cell.build_s,
+                "warmup_s": cell.warmup_s,
+                **cell.flops(),
+            }
         elif cmd == "train":
             reply = {"seconds": cells[request["key"]].train(int(request["steps"]))}
         elif cmd == "infer":
