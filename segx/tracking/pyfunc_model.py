@@ -155,7 +155,7 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     """Log the ensemble under ``pyfunc/`` of ``run_id`` (and register it if a name is given)."""
     import tempfile
 
-    from segx import tracking
+    from segx.tracking import runs as tracking  # the part it uses, not the facade (which imports this module)
 
     # The members are downloaded next to the record, copied into the store by log_model, and
     # the copies removed: an ensemble can be hundreds of MB, and /tmp is not ours to fill.
