@@ -1,15 +1,7 @@
-"""Build, evaluate and record an ensemble of trained members.
-
-    python -m segx.ensemble                            # members by backbone (conf/ensemble.yaml)
-    python -m segx.ensemble ensemble.search=grid ensemble.run_ids='[id1,id2,id3]'
-
-Reads only the members' cached probabilities (never reruns a network), searches weights and
-threshold on validation Dice, chooses post-processing on validation, reports on the test split
-no search saw, and logs one MLflow run whose ``ensemble.json`` rebuilds the exact ensemble.
-This module and everything it imports for the search are free of TensorFlow.
-
-The command is ``python -m segx.ensemble`` (:mod:`segx.ensemble`).
-"""
+"""The ensemble workflow: the members' cached probabilities in, weights, threshold and
+post-processing chosen on validation, the test split reported, one MLflow run whose
+``ensemble.json`` rebuilds the exact ensemble. Free of TensorFlow, as everything the search
+imports. Usage: :mod:`segx.ensemble` (``python -m segx.ensemble``)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""Export a recorded ensemble as one deployable model: a TensorFlow SavedModel or an ONNX model.
-
-    python -m segx.export ensemble_run_id=<id> format=onnx|savedmodel [opset=17] [output_dir=DIR]
-
-Writes ``<output_dir>/`` (default ``outputs/exports/<id>/<format>``): the model
-(``saved_model/`` or ``model.onnx``), ``export.json`` (graphs, signatures, the check against
-TensorFlow, sizes, versions) and ``ensemble.json``; whole or not at all. Logs it as a child run
-of the ensemble run (``segx.role=export``), whose ID the ensemble run's tag
-``segx.export.<format>`` names, so ``segx.predict backend=<format>`` and ``segx.info`` find it.
-What the graph holds and how it is run: :mod:`segx.inference.exported`.
-
-The command is ``python -m segx.export`` (:mod:`segx.export`).
-"""
+"""The export workflow: a recorded ensemble fetched from its run, written as one SavedModel or
+ONNX model (:mod:`segx.inference.exported`), and logged as a child run of the ensemble.
+Usage: :mod:`segx.export` (``python -m segx.export``)."""
 
 from __future__ import annotations
 

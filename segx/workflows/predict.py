@@ -1,13 +1,6 @@
-"""Predict masks for a folder of images with an ensemble rebuilt from its MLflow record.
-
-    python -m segx.predict ensemble_run_id=<id> input_dir=scans/ output_dir=masks/ [tta=flip] [backend=onnx]
-
-Writes ``masks/<stem>.png`` (0/255, at each input's own size), optionally overlays, uncertainty
-and probability maps, ``ensemble.json`` and ``segx-manifest.json``; never into or over the
-input folder, and atomically (see :mod:`segx.inference.folder` for how files are kept safe).
-
-The command is ``python -m segx.predict`` (:mod:`segx.predict`).
-"""
+"""The prediction workflow: inputs checked before any model is fetched, the ensemble rebuilt
+from its run (or its export), a folder of masks written safely (:mod:`segx.inference.folder`).
+Usage: :mod:`segx.predict` (``python -m segx.predict``)."""
 
 from __future__ import annotations
 
