@@ -44,8 +44,8 @@ def test_segx_function_as_optimizer_is_refused_before_any_run(tmp_path, syntheti
     message = refused_before_anything(
         tmp_path,
         synthetic_root,
-        ["trainer.optimizer._target_=segx.tracking.mlflow.delete_run", "+trainer.optimizer.run_id=abc"],
-        r"trainer.optimizer._target_='segx.tracking.mlflow.delete_run' is a function, not an optimizer class",
+        ["trainer.optimizer._target_=segx.tracking.runs.mlflow.delete_run", "+trainer.optimizer.run_id=abc"],
+        r"trainer.optimizer._target_='segx.tracking.runs.mlflow.delete_run' is a function, not an optimizer class",
     )
     assert "tf_keras.optimizers.Adam" in message  # says what to use instead
 
@@ -322,8 +322,8 @@ def test_empty_data_root_is_refused_not_read_as_the_working_directory(tmp_path, 
         ("ensemble.greedy_min_gain=nan", r"ensemble.greedy_min_gain=nan is not a finite number"),
         ("ensemble.postprocess_min_sizes=[10,-5]", r"ensemble.postprocess_min_sizes\[1\]=-5 must be"),
         (
-            "ensemble.train_overrides=['trainer.optimizer._target_=segx.tracking.mlflow.delete_run']",
-            r"ensemble.train_overrides \(backbone=resnet18\): trainer.optimizer._target_='segx.tracking.mlflow.delete_run' is a function",
+            "ensemble.train_overrides=['trainer.optimizer._target_=segx.tracking.runs.mlflow.delete_run']",
+            r"ensemble.train_overrides \(backbone=resnet18\): trainer.optimizer._target_='segx.tracking.runs.mlflow.delete_run' is a function",
         ),
     ],
 )
