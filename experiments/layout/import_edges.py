@@ -1,11 +1,17 @@
 """Print segx's module map and internal import edges (incl. deferred imports)."""
-import ast, sys, pathlib, collections
+
+import ast
+import collections
+import pathlib
+import sys
+
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "segx")
 mods = {}
 for p in sorted(root.rglob("*.py")):
     rel = p.relative_to(root.parent).with_suffix("")
     parts = list(rel.parts)
-    if parts[-1] == "__init__": parts = parts[:-1]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
     mods[".".join(parts)] = p
 edges = collections.defaultdict(set)
 for m, p in mods.items():

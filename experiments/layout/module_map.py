@@ -1,4 +1,9 @@
-import ast, sys, pathlib
+"""A table of the package's modules: path, lines, the first paragraph of its docstring."""
+
+import ast
+import pathlib
+import sys
+
 root = pathlib.Path(sys.argv[1])
 for p in sorted(root.rglob("*.py")):
     rel = p.relative_to(root.parent)
