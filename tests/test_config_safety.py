@@ -323,7 +323,8 @@ def test_empty_data_root_is_refused_not_read_as_the_working_directory(tmp_path, 
         ("ensemble.postprocess_min_sizes=[10,-5]", r"ensemble.postprocess_min_sizes\[1\]=-5 must be"),
         (
             "ensemble.train_overrides=['trainer.optimizer._target_=segx.tracking.runs.mlflow.delete_run']",
-            r"ensemble.train_overrides \(backbone=resnet18\): trainer.optimizer._target_='segx.tracking.runs.mlflow.delete_run' is a function",
+            r"ensemble.train_overrides \(backbone=resnet18\): "
+            r"trainer.optimizer._target_='segx.tracking.runs.mlflow.delete_run' is a function",
         ),
     ],
 )

@@ -1,1 +1,2 @@
-"""Training one member: the fit loop, patch sampling, augmentation, and what a job may use (threads, devices, launchers). The member run itself: segx.workflows.member."""
+"""Training one member: the fit loop, patch sampling, augmentation, and what a job may use
+(threads, devices, launchers). The member run itself: segx.workflows.member."""
