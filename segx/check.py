@@ -20,12 +20,18 @@ from omegaconf import DictConfig
 from segx import cli
 from segx.config import CONF_PATH
 from segx.data.folder import discover_cases, list_images
-from segx.data.io import IMAGE_EXTENSIONS, read_image, read_mask
+from segx.data.io import IMAGE_EXTENSIONS, read_image, read_label_map, read_mask
+from segx.data.labels import IGNORE_INDEX
 from segx.errors import SegxError
 
 
-def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000_000) -> tuple[dict, list[str]]:
-    """(summary, problems) for ``root``; problems are one-line messages naming files."""
+def check_folder(
+    root: Path, mask_threshold: float = 0, max_pixels: int = 64_000_000, labels=None
+) -> tuple[dict, list[str]]:
+    """(summary, problems) for ``root``; problems are one-line messages naming files.
+
+    ``labels`` (:class:`segx.data.labels.Labels`, several classes): masks are read as label maps
+    and the summary gives, per class, its share of the annotated pixels and how many cases hold it."""
     problems: list[str] = []
     summary: dict = {"root": str(root)}
     for images_dir, masks_dir in (("train_images", "train_masks"), ("test_images", "test_masks")):
@@ -36,13 +42,22 @@ def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000
         except SegxError as exc:
             cases = _loose_pairs(root, images_dir, masks_dir, problems, exc)
         sizes, fg, empty = Counter(), [], 0
+        k = labels.n_classes if labels is not None else 0
+        class_pixels, class_cases = np.zeros(k, np.int64), np.zeros(k, np.int64)
         for case in cases:
             try:
                 image = read_image(case.image, max_pixels)
                 sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
                 if case.mask is None:
                     continue
-                mask = read_mask(case.mask, mask_threshold, max_pixels)
+                if labels is not None:
+                    indices = read_label_map(case.mask, labels, max_pixels)
+                    counts = np.bincount(indices.ravel(), minlength=256)[:k]
+                    class_pixels += counts
+                    class_cases += counts > 0
+                    mask = ((indices > 0) & (indices != IGNORE_INDEX)).astype(np.uint8)
+                else:
+                    mask = read_mask(case.mask, mask_threshold, max_pixels)
                 if mask.shape != image.shape[:2]:
                     problems.append(
                         f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}"
@@ -59,6 +74,12 @@ def check_folder(root: Path, mask_threshold: float = 0, max_pixels: int = 64_000
             "foreground_min": float(np.min(fg)) if fg else float("nan"),
             "empty_masks": empty,
         }
+        if labels is not None:
+            total = max(int(class_pixels.sum()), 1)
+            summary[images_dir]["classes"] = {
+                name: {"pixel_fraction": float(class_pixels[c] / total), "cases": int(class_cases[c])}
+                for c, name in enumerate(labels.names)
+            }
         if cases and fg and empty == len(fg):
             problems.append(f"{root / masks_dir}: every mask is empty; check the masks or data.mask_threshold")
     return summary, problems
@@ -93,6 +114,10 @@ def print_report(summary: dict, problems: list[str]) -> None:
                 f"  {part}: {s['pairs']} pairs; sizes {s['sizes']}; foreground mean {s['foreground_mean']:.3f} "
                 f"(min {s['foreground_min']:.4f}); empty masks {s['empty_masks']}"
             )
+            for name, c in s.get("classes", {}).items():
+                print(
+                    f"    {name}: {c['pixel_fraction']:.4f} of annotated pixels, in {c['cases']} of {s['pairs']} cases"
+                )
     print(f"  image extensions read: {', '.join(IMAGE_EXTENSIONS)}")
     if problems:
         print(f"{len(problems)} problem(s):")
@@ -105,15 +130,23 @@ def print_report(summary: dict, problems: list[str]) -> None:
 def run_check(cfg: DictConfig) -> list[str]:
     """Check the configured data folder, print the report; return the problems found."""
     from segx.data.synthetic import generate
-    from segx.workflows.prepare import validate_data_config
+    from segx.workflows.prepare import labels_of, validate_data_config
 
     validate_data_config(cfg.data)
     root = Path(str(cfg.data.root))
     if cfg.data.kind == "synthetic":
-        generate(root, int(cfg.data.n_images), int(cfg.data.source_size), int(cfg.data.generator_seed))
+        generate(
+            root,
+            int(cfg.data.n_images),
+            int(cfg.data.source_size),
+            int(cfg.data.generator_seed),
+            str(cfg.data.get("scene", "nuclei")),
+        )
     if not root.is_dir():
         raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
-    summary, problems = check_folder(root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels))
+    summary, problems = check_folder(
+        root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels), labels_of(cfg.data)
+    )
     print_report(summary, problems)
     return problems
 

@@ -150,6 +150,88 @@ def build_loss(weights: Mapping[str, float]):
     return total
 
 
+# Losses for several classes (softmax outputs against label maps of class indices, with
+# IGNORE_INDEX left out): nnU-Net's default is Dice over the foreground classes plus
+# cross-entropy. 'bce' is read as the categorical cross-entropy, so a binary loss config
+# carries over unchanged.
+CLASS_LOSSES = ("dice", "ce", "bce", "focal")
+
+
+def build_class_loss(n_classes: int, weights: Mapping[str, float], class_weights=None):
+    """Loss of softmax probabilities (B, S, S, K) against label maps (B, S, S, 1) holding class
+    indices, pixels of :data:`segx.data.labels.IGNORE_INDEX` excluded from every term.
+
+    ``weights``: ``{'dice': 1, 'ce': 1}`` (``bce`` is an alias of ``ce``; ``focal`` is the
+    categorical focal loss, gamma 2). ``class_weights``: one factor per class for the
+    cross-entropy/focal terms and the foreground Dice mean (None: all 1). Dice is the soft
+    Dice of each foreground class over the batch (nnU-Net's batch Dice), averaged."""
+    from segx.data.labels import IGNORE_INDEX
+
+    k = int(n_classes)
+    terms = {}
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        name = look_up_option(name, CLASS_LOSSES, "loss for several classes", "trainer.loss")
+        if name == "bce":
+            name = "ce"
+        terms[name] = terms.get(name, 0.0) + float(weight)
+    if not terms:
+        raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
+    cw = np.ones(k, np.float32) if class_weights is None else np.asarray(class_weights, np.float32)
+    if cw.shape != (k,) or not np.all(np.isfinite(cw)) or np.any(cw < 0) or not cw[1:].sum() > 0:
+        raise SegxError(
+            f"trainer.class_weights={list(np.ravel(cw))} must give {k} non-negative factors (one per class "
+            "of data.labels, background first), not all zero on the foreground"
+        )
+    eps = 1e-7
+
+    def loss(y_true, y_pred):
+        labels = tf.cast(tf.round(y_true[..., 0]), tf.int32)
+        valid = tf.cast(tf.not_equal(labels, IGNORE_INDEX), y_pred.dtype)
+        onehot = tf.one_hot(tf.where(labels == IGNORE_INDEX, 0, labels), k, dtype=y_pred.dtype) * valid[..., None]
+        p = tf.clip_by_value(y_pred, eps, 1.0 - eps)
+        weights_c = tf.constant(cw, y_pred.dtype)
+        n_valid = tf.maximum(tf.reduce_sum(valid), 1.0)
+        total = tf.constant(0.0, y_pred.dtype)
+        if "ce" in terms:
+            ce = -tf.reduce_sum(onehot * tf.math.log(p) * weights_c, axis=-1)
+            total += terms["ce"] * tf.reduce_sum(ce) / n_valid
+        if "focal" in terms:
+            focal = -tf.reduce_sum(onehot * tf.square(1.0 - p) * tf.math.log(p) * weights_c, axis=-1)
+            total += terms["focal"] * tf.reduce_sum(focal) / n_valid
+        if "dice" in terms:
+            masked = y_pred * valid[..., None]
+            inter = tf.reduce_sum(onehot * masked, axis=(0, 1, 2))
+            denom = tf.reduce_sum(onehot, axis=(0, 1, 2)) + tf.reduce_sum(masked, axis=(0, 1, 2))
+            dice = (2.0 * inter + 1.0) / (denom + 1.0)
+            fg = weights_c[1:]
+            total += terms["dice"] * (1.0 - tf.reduce_sum(dice[1:] * fg) / tf.reduce_sum(fg))
+        return total
+
+    loss.__name__ = "class_loss"
+    return loss
+
+
+def build_class_metrics(n_classes: int) -> list:
+    """Training-curve metric for several classes: the batch's mean foreground Dice of the
+    argmax labels (ignored pixels left out)."""
+    from segx.data.labels import IGNORE_INDEX
+
+    k = int(n_classes)
+
+    def dice(y_true, y_pred):
+        labels = tf.cast(tf.round(y_true[..., 0]), tf.int32)
+        valid = tf.cast(tf.not_equal(labels, IGNORE_INDEX), tf.float32)[..., None]
+        truth = tf.one_hot(tf.where(labels == IGNORE_INDEX, 0, labels), k) * valid
+        pred = tf.one_hot(tf.argmax(y_pred, axis=-1), k) * valid
+        inter = tf.reduce_sum(truth * pred, axis=(0, 1, 2))
+        denom = tf.reduce_sum(truth, axis=(0, 1, 2)) + tf.reduce_sum(pred, axis=(0, 1, 2))
+        return tf.reduce_mean(((2.0 * inter + 1e-6) / (denom + 1e-6))[1:])
+
+    return [dice]
+
+
 def build_metrics(names) -> list:
     table = {
         "dice": lambda: sm.metrics.FScore(threshold=0.5, name="dice"),
@@ -158,8 +240,16 @@ def build_metrics(names) -> list:
     return [table[look_up_option(n, table, "metric", "trainer.metrics")]() for n in names]
 
 
-def compile_model(model, optimizer, loss_weights: Mapping[str, float], metrics=("dice", "iou")):
-    model.compile(optimizer=optimizer, loss=build_loss(loss_weights), metrics=build_metrics(metrics))
+def compile_model(
+    model, optimizer, loss_weights: Mapping[str, float], metrics=("dice", "iou"), n_classes: int = 1, class_weights=None
+):
+    """Compile with segx's loss: segmentation_models' binary losses for one structure, or
+    :func:`build_class_loss` for ``n_classes`` > 1 (a softmax member)."""
+    if n_classes > 1:
+        loss = build_class_loss(n_classes, loss_weights, class_weights)
+        model.compile(optimizer=optimizer, loss=loss, metrics=build_class_metrics(n_classes))
+    else:
+        model.compile(optimizer=optimizer, loss=build_loss(loss_weights), metrics=build_metrics(metrics))
     return model
 
 
@@ -218,10 +308,12 @@ def preprocessing(backbone: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def loss_value(model, probs: np.ndarray, masks: np.ndarray) -> float:
-    """The compiled training loss of ``probs`` float32 (N, S, S) against ``masks`` bool (N, S, S):
-    the validation loss, on the scale of Keras' training loss (one batch of every case)."""
+    """The compiled training loss of ``probs`` float32 (N, S, S) against ``masks`` bool (N, S, S)
+    (or class probabilities (N, S, S, K) against label maps (N, S, S)): the validation loss, on
+    the scale of Keras' training loss (one batch of every case)."""
     y_true = tf.convert_to_tensor(np.asarray(masks, np.float32)[..., None])
-    y_pred = tf.convert_to_tensor(np.asarray(probs, np.float32)[..., None])
+    probs = np.asarray(probs, np.float32)
+    y_pred = tf.convert_to_tensor(probs if probs.ndim == y_true.shape.rank else probs[..., None])
     return float(model.loss(y_true, y_pred))
 
 
@@ -229,20 +321,21 @@ def predict_probs(model, images: np.ndarray, backbone: str, tta: str = "none") -
     """Foreground probabilities float32 (N, S, S) for uint8 RGB images (N, S, S, 3).
 
     ``tta='flip'``: the mean of the plain pass and the width- and height-flipped passes, each
-    flipped back. Same code as :func:`predict_probs_modes`, so it is bit for bit what a member
-    caches at training time for the ensemble search.
+    flipped back. Same code as :func:`predict_probs_modes` (whose ``swap``, data.flip_swap's class
+    permutation, applies to the mirrored passes), so it is bit for bit what a member caches at
+    training time for the ensemble search.
     """
     return predict_probs_modes(model, images, backbone, (tta,))[tta]
 
 
-def predict_probs_modes(model, images: np.ndarray, backbone: str, modes=TTA_MODES) -> dict[str, np.ndarray]:
+def predict_probs_modes(model, images: np.ndarray, backbone: str, modes=TTA_MODES, swap=None) -> dict[str, np.ndarray]:
     """``{mode: predict_probs(model, images, backbone, mode)}`` for several TTA modes at once.
 
     The plain forward pass of each batch is run once and shared by every mode (flip TTA then
     costs two extra passes, not three); each mode goes through the same operations, in the same
     order, as a call for that mode alone, so the results are identical to it.
     """
-    return _probs_modes(lambda batches: [_predict(model, batches[0])], [backbone], images, modes)[0]
+    return _probs_modes(lambda batches: [_predict(model, batches[0])], [backbone], images, modes, swap)[0]
 
 
 class NetworkGroup:
@@ -260,16 +353,16 @@ class NetworkGroup:
             lambda *xs: [m(x, training=False) for m, x in zip(self.models, xs, strict=True)], reduce_retracing=True
         )
         self._forward = lambda batches: [
-            out.numpy()[..., 0]
+            _channels(out.numpy())
             for out in forward(*[tf.constant(np.ascontiguousarray(b, dtype=np.float32)) for b in batches])
         ]
 
-    def probs_modes(self, images: np.ndarray, modes=TTA_MODES) -> list[dict[str, np.ndarray]]:
+    def probs_modes(self, images: np.ndarray, modes=TTA_MODES, swap=None) -> list[dict[str, np.ndarray]]:
         """Per network, ``{mode: float32 (N, S, S)}`` for uint8 RGB ``images`` (N, S, S, 3)."""
-        return _probs_modes(self._forward, self.backbones, images, modes)
+        return _probs_modes(self._forward, self.backbones, images, modes, swap)
 
 
-def _probs_modes(forward, backbones, images: np.ndarray, modes) -> list[dict[str, np.ndarray]]:
+def _probs_modes(forward, backbones, images: np.ndarray, modes, swap=None) -> list[dict[str, np.ndarray]]:
     """Per network, ``{mode: probabilities}``; ``forward`` maps one preprocessed batch per network
     to one (B, S, S) array per network. Flip TTA is the mean of the plain pass and the width- and
     height-flipped passes, each flipped back (axis 2 is width and axis 1 height of both the
@@ -282,9 +375,16 @@ def _probs_modes(forward, backbones, images: np.ndarray, modes) -> list[dict[str
     for start in range(0, len(images), INFERENCE_BATCH):
         batches = [prep(images[start : start + INFERENCE_BATCH].astype(np.float32)) for prep in preps]
         plain = forward(batches)
+        for i, maps in enumerate(out):  # several classes: (N, S, S, K), known at the first batch
+            if plain[i].ndim == 4 and next(iter(maps.values())).ndim == 3:
+                for mode in modes:
+                    maps[mode] = np.zeros((*images.shape[:3], plain[i].shape[-1]), np.float32)
         if any(mode != "none" for mode in modes):
             flipped_w = [p[:, :, ::-1] for p in forward([b[:, :, ::-1] for b in batches])]
             flipped_h = [p[:, ::-1] for p in forward([b[:, ::-1] for b in batches])]
+            if swap is not None:  # data.flip_swap: a mirrored pass labels left as right; swap back
+                flipped_w = [p[..., swap] if p.ndim == 4 else p for p in flipped_w]
+                flipped_h = [p[..., swap] if p.ndim == 4 else p for p in flipped_h]
         for i, maps in enumerate(out):
             for mode in modes:
                 maps[mode][start : start + len(batches[i])] = (
@@ -301,7 +401,12 @@ def _predict(model, batch: np.ndarray) -> np.ndarray:
         # Kept beside the model, not on it: Keras would track (and try to save) the attribute.
         forward = _FORWARD[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     result = forward(tf.constant(np.ascontiguousarray(batch, dtype=np.float32)))
-    return result.numpy()[..., 0]
+    return _channels(result.numpy())
+
+
+def _channels(out: np.ndarray) -> np.ndarray:
+    """A network's output as segx holds it: (B, S, S) for one sigmoid, (B, S, S, K) for K classes."""
+    return out[..., 0] if out.shape[-1] == 1 else out
 
 
 def clear_session() -> None:

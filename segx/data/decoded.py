@@ -48,6 +48,7 @@ import numpy as np
 
 from segx.data.folder import Case, read_case, rescale
 from segx.data.io import DEFAULT_MAX_PIXELS, shown
+from segx.data.labels import IGNORE_INDEX, Labels
 from segx.errors import SegxError
 
 CACHE_VERSION = 1
@@ -177,7 +178,7 @@ class DecodedCase:
             if self.has_mask:
                 mask = rescale(np.asarray(base.mask()), scale, is_mask=True)
                 hashes[f"mask{tag}.npy"] = _save_npy(self.folder / f"mask{tag}.npy", mask)
-                count = int(np.count_nonzero(mask))
+                count = foreground_count(mask)
                 sample = _foreground_sample(mask, self.digests[1])
                 hashes[f"foreground{tag}.npy"] = _save_npy(self.folder / f"foreground{tag}.npy", sample)
             meta = {
@@ -195,12 +196,32 @@ class DecodedCase:
         )
 
 
+def foreground_count(mask: np.ndarray) -> int:
+    """Pixels of any structure: non-zero and not ignored (a binary mask's ones; a label map's
+    foreground classes)."""
+    mask = np.asarray(mask)
+    return int(np.count_nonzero(mask)) - int(np.count_nonzero(mask == IGNORE_INDEX))
+
+
 def _foreground_sample(mask: np.ndarray, seed_hex: str) -> np.ndarray:
-    where = np.argwhere(mask > 0).astype(np.int32)
-    if len(where) > FOREGROUND_SAMPLES:
-        rng = np.random.default_rng(int(seed_hex[:8] or "0", 16))
-        where = where[np.sort(rng.choice(len(where), FOREGROUND_SAMPLES, replace=False))]
-    return where
+    """Foreground locations (K, 2), at most FOREGROUND_SAMPLES. With several classes, each class
+    present gets an equal share of the samples (all of its pixels when it has fewer), so a rare
+    class is still drawn by the patch sampler (nnU-Net samples the classes uniformly)."""
+    mask = np.asarray(mask)
+    where = np.argwhere((mask > 0) & (mask != IGNORE_INDEX)).astype(np.int32)
+    if len(where) <= FOREGROUND_SAMPLES:
+        return where
+    rng = np.random.default_rng(int(seed_hex[:8] or "0", 16))
+    classes = mask[where[:, 0], where[:, 1]]
+    present = np.unique(classes)
+    if len(present) == 1:  # one structure (binary): a uniform subset, as segx always drew
+        return where[np.sort(rng.choice(len(where), FOREGROUND_SAMPLES, replace=False))]
+    quota = FOREGROUND_SAMPLES // len(present)
+    keep = []
+    for c in present:
+        rows = np.flatnonzero(classes == c)
+        keep.append(rows if len(rows) <= quota else rng.choice(rows, quota, replace=False))
+    return where[np.sort(np.concatenate(keep))]
 
 
 def _read_meta(path: Path) -> tuple[dict | None, str, str | None]:
@@ -305,8 +326,8 @@ def _verify(folder: Path, tag: str, meta: dict, text: str, has_mask: bool) -> st
         mask, sample = arrays[1], arrays[2]
         if mask.dtype != np.uint8 or mask.shape != (height, width):
             return f"{names[1]} holds {mask.dtype} {mask.shape}, not uint8 {(height, width)}"
-        if int(np.count_nonzero(mask)) != count:
-            return f"{names[1]} has {np.count_nonzero(mask)} foreground pixels, {meta_name} records {count}"
+        if foreground_count(mask) != count:
+            return f"{names[1]} has {foreground_count(mask)} foreground pixels, {meta_name} records {count}"
         if sample.dtype != np.int32 or sample.shape != (min(count, FOREGROUND_SAMPLES), 2):
             return f"{names[2]} holds {sample.dtype} {sample.shape}, not int32 {(min(count, FOREGROUND_SAMPLES), 2)}"
         if len(sample) and (sample.min() < 0 or sample[:, 0].max() >= height or sample[:, 1].max() >= width):
@@ -324,18 +345,26 @@ def _warn(folder: Path, stem: str, what: str, problem: str, source: str) -> None
     )
 
 
-def entry_key(image_digest: str, mask_digest: str, mask_threshold: float) -> str:
-    return f"{image_digest}-{mask_digest or 'nomask'}-t{float(mask_threshold):g}"
+def mask_rule(mask_threshold) -> str | float:
+    """How masks are read, as the cache records it: the binary threshold (a number, as before)
+    or the classes' key (:attr:`segx.data.labels.Labels.key`)."""
+    return mask_threshold.key if isinstance(mask_threshold, Labels) else float(mask_threshold)
 
 
-def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedCase:
+def entry_key(image_digest: str, mask_digest: str, mask_threshold) -> str:
+    rule = mask_rule(mask_threshold)
+    tail = rule if isinstance(rule, str) else f"t{rule:g}"
+    return f"{image_digest}-{mask_digest or 'nomask'}-{tail}"
+
+
+def decode_case(case: Case, root: Path, mask_threshold, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedCase:
     """The cache entry of ``case``, decoding its files if the entry is missing, stale or damaged."""
     image_digest = _file_digest(case.image)
     mask_digest = _file_digest(case.mask) if case.mask is not None else ""
     has_mask = case.mask is not None
     folder = root / f"v{CACHE_VERSION}" / entry_key(image_digest, mask_digest, mask_threshold)
     meta, text, problem = _read_meta(folder / "meta.json")
-    expected = {"image_digest": image_digest, "mask_digest": mask_digest, "mask_threshold": float(mask_threshold)}
+    expected = {"image_digest": image_digest, "mask_digest": mask_digest, "mask_threshold": mask_rule(mask_threshold)}
     if meta is not None:
         if not all(meta.get(k) == v for k, v in expected.items()):
             problem = "meta.json records other source files"
@@ -383,7 +412,7 @@ def decode_case(case: Case, root: Path, mask_threshold: float, max_pixels: int =
     if mask is not None:
         hashes["mask.npy"] = _save_npy(folder / "mask.npy", mask)
         hashes["foreground.npy"] = _save_npy(folder / "foreground.npy", _foreground_sample(mask, mask_digest))
-        count = int(np.count_nonzero(mask))
+        count = foreground_count(mask)
     meta = {
         **expected,
         "version": CACHE_VERSION,
@@ -444,12 +473,12 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
 def decode_cases(
     cases: Sequence[Case],
     root: str | os.PathLike,
-    mask_threshold: float = 0,
+    mask_threshold=0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable | None = None,
 ) -> list[DecodedCase]:
     """Cache entries for ``cases`` (decoded now where missing or damaged). Raises on the first
-    bad file."""
+    bad file. ``mask_threshold``: a number (binary masks) or :class:`segx.data.labels.Labels`."""
     if not cases:
         raise SegxError("the dataset is empty; add image/mask pairs")
     root = Path(root)

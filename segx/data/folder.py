@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segx.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image, read_mask, shown
+from segx.data.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, read_image, read_label_map, read_mask, shown
 from segx.errors import SegxError
 
 
@@ -205,13 +205,19 @@ def load_cases(
     return Dataset([c.stem for c in cases], images, masks, sizes, digests)
 
 
-def read_case(case: Case, mask_threshold: float, max_pixels: int, image_hash=None, mask_hash=None):
+def read_case(case: Case, mask_threshold, max_pixels: int, image_hash=None, mask_hash=None):
     """(image uint8 (H, W, 3), mask uint8 (H, W) or None) of one case, checked to agree in size;
+    ``mask_threshold``: a number (binary: value > it is foreground) or a
+    :class:`segx.data.labels.Labels` (class indices, :func:`segx.data.io.read_label_map`);
     ``*_hash.update`` gets each file's bytes as it is read."""
     image = read_image(case.image, max_pixels, image_hash)
     if case.mask is None:
         return image, None
-    mask = read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
+    mask = (
+        read_mask(case.mask, mask_threshold, max_pixels, mask_hash)
+        if isinstance(mask_threshold, (int, float))
+        else read_label_map(case.mask, mask_threshold, max_pixels, mask_hash)
+    )
     if mask.shape != image.shape[:2]:
         raise SegxError(
             f"{shown(case.mask)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "

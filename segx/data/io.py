@@ -7,6 +7,8 @@ Conventions:
 - ``read_mask`` returns ``uint8 (H, W)`` in {0, 1}: a pixel is foreground when its value is
   greater than ``threshold`` (default 0: 0 is background, anything else foreground).
   Multi-channel masks are reduced with max over channels.
+- ``read_label_map`` returns class indices ``uint8 (H, W)`` of a multi-class mask through
+  ``data.labels`` (:mod:`segx.data.labels`); JPEG label masks are refused (lossy).
 - Both are returned as a viewer shows the file: a JPEG's EXIF orientation is applied.
 - The content must match the extension (a JPEG named ``.png`` is refused: its artefacts would
   pass for mask values), and a PNG or JPEG must end with its end marker (truncation).
@@ -210,6 +212,47 @@ def read_mask(
     if array.dtype.kind == "f":
         array = np.nan_to_num(array)
     return (array > threshold).astype(np.uint8)
+
+
+def read_label_map(
+    path: str | os.PathLike,
+    labels,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    digest=None,
+    *,
+    limit_key: str = "data.max_pixels",
+) -> np.ndarray:
+    """Read a multi-class mask as class indices ``uint8 (H, W)`` through ``labels``
+    (:class:`segx.data.labels.Labels`): an 8- or 16-bit label map, or RGB colours with
+    ``data.palette``. JPEG is refused: its lossy compression invents values between labels."""
+    path = Path(path)
+    name = shown(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise SegxError(
+            f"{name}: a JPEG label mask is lossy (its compression blends neighbouring labels); "
+            "save the masks as PNG or TIFF"
+        )
+    array = _decode(path, max_pixels, digest, limit_key)
+    if labels.colours is not None:
+        if array.ndim != 3:
+            raise SegxError(
+                f"{name}: data.palette needs RGB masks, this one is single-channel; describe label maps "
+                "with data.labels alone (set data.palette=null)"
+            )
+        rgb = cv2.cvtColor(np.ascontiguousarray(array[:, :, :3]), cv2.COLOR_BGR2RGB)
+        return labels.encode(rgb, name)
+    if array.ndim == 3:
+        channels = array[:, :, :3]
+        if not (
+            np.array_equal(channels[:, :, 0], channels[:, :, 1])
+            and np.array_equal(channels[:, :, 0], channels[:, :, 2])
+        ):
+            raise SegxError(
+                f"{name}: the mask holds colours, not label values; describe them with data.palette "
+                "(class name -> [r, g, b]) or save single-channel label maps"
+            )
+        array = channels[:, :, 0]
+    return labels.encode(array, name)
 
 
 def read_size(

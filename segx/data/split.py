@@ -39,8 +39,12 @@ def fingerprint_parts(
     digests: Mapping[str, tuple[str, str]] | None = None,
     resize_mode: str | None = None,
     mask_threshold: float | None = None,
+    labels: str | None = None,
 ) -> dict[str, str]:
     """The data fingerprint and its parts (keys of :data:`FINGERPRINT_TAGS`).
+
+    ``labels``: the classes' key (:attr:`segx.data.labels.Labels.key`) of a multi-class dataset:
+    members that name other classes, or read masks otherwise, never share a fingerprint.
 
     ``digests[stem] = (image file hash, mask file hash)`` as recorded by ``load_cases``; only
     the cases the split lists count, so pairs the split does not know leave it unchanged (they
@@ -59,6 +63,8 @@ def fingerprint_parts(
         settings.append(f"resize_mode={resize_mode}")
     if mask_threshold is not None:
         settings.append(f"mask_threshold={float(mask_threshold):g}")
+    if labels is not None:
+        settings.append(f"labels={labels}")
     parts["settings"] = " ".join(settings)
     parts["data"] = _hash(parts)
     return parts

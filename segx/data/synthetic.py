@@ -1,4 +1,9 @@
-"""Procedural, seeded 2D microscopy-like images with binary masks (no download needed).
+"""Procedural, seeded 2D images with masks (no download needed).
+
+Two scenes. ``nuclei`` (the default): microscopy-like images with binary masks.
+``lateral``: a multi-class scene with label maps (0 background, 1 left_lobe, 2 right_lobe,
+3 vessel): two organs of the same look, one in each half of the image (only their side tells
+them apart, as left and right lungs), and a rare, thin, curved vessel; see :data:`LATERAL_LABELS`.
 
 Each image is either fluorescence-like (bright textured nuclei on a dark background) or
 brightfield/H&E-like (purple nuclei on a pink background), with uneven illumination, blur
@@ -57,10 +62,51 @@ def synth_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return image, mask * 255
 
 
-def generate(root: str | os.PathLike, n_images: int = 60, size: int = 128, seed: int = 0) -> Path:
-    """Write ``n_images`` synthetic cases under ``root`` unless the same set is already there."""
+# The lateral scene's classes and their mask values (conf/data/synthetic_multiclass.yaml).
+LATERAL_LABELS = {"background": 0, "left_lobe": 1, "right_lobe": 2, "vessel": 3}
+
+
+def lateral_case(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 (size, size, 3), label map uint8 (size, size)) of the lateral scene.
+
+    The two lobes are drawn alike (texture, brightness), each in its own half: a network can
+    only tell them apart by where they are, so a horizontal flip that does not swap the two
+    classes teaches it the wrong side. The vessel is a thin (1-2 px) curve, under 2% of the
+    pixels: the rare class that class-uniform patch sampling is for."""
+    labels = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for label, cx in ((1, 0.27), (2, 0.73)):
+        center = (int((cx + rng.uniform(-0.05, 0.05)) * size), int(rng.uniform(0.4, 0.6) * size))
+        axes = (max(3, int(rng.uniform(0.12, 0.18) * size)), max(4, int(rng.uniform(0.22, 0.32) * size)))
+        cv2.ellipse(labels, center, axes, float(rng.uniform(-15, 15)), 0, 360, int(label), -1)
+    # The vessel: a sine-like curve across the image, drawn over the lobes.
+    x0 = rng.uniform(0, 2 * np.pi)
+    xs = np.arange(0, size, 2)
+    ys = size * (0.5 + 0.3 * np.sin(x0 + xs / size * rng.uniform(2.5, 4.5)))
+    points = np.stack([xs, ys], axis=1).astype(np.int32).reshape(-1, 1, 2)
+    cv2.polylines(labels, [points], False, 3, thickness=max(1, round(size / 96)))
+    organ = np.isin(labels, (1, 2)).astype(np.float32)
+    texture = cv2.GaussianBlur(rng.normal(1.0, 0.3, (size, size)).astype(np.float32), (0, 0), 1.5)
+    gray = 0.15 + 0.45 * organ * np.clip(texture, 0.4, 1.6) + 0.35 * (labels == 3)
+    gray = cv2.GaussianBlur(gray, (0, 0), 0.6) * (1.0 + rng.uniform(-0.2, 0.2) * (xx / size - 0.5))
+    gray = gray + rng.normal(0, 0.03, gray.shape)
+    image = np.repeat(np.clip(gray * 255, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    return image, labels
+
+
+SCENES = {"nuclei": synth_case, "lateral": lateral_case}
+
+
+def generate(
+    root: str | os.PathLike, n_images: int = 60, size: int = 128, seed: int = 0, scene: str = "nuclei"
+) -> Path:
+    """Write ``n_images`` synthetic cases of ``scene`` under ``root`` unless the same set is already there."""
     root = Path(root)
+    if scene not in SCENES:
+        raise SegxError(f"data.scene={scene!r} is not a synthetic scene; use one of {', '.join(SCENES)}")
     params = {"version": GENERATOR_VERSION, "n_images": n_images, "size": size, "seed": seed}
+    if scene != "nuclei":  # the default scene's record is as it always was, so existing sets stay valid
+        params["scene"] = scene
     record = root / "GENERATOR.json"
     if record.exists():
         if json.loads(record.read_text()) == params:
@@ -75,7 +121,7 @@ def generate(root: str | os.PathLike, n_images: int = 60, size: int = 128, seed:
     (root / "train_images").mkdir(parents=True, exist_ok=True)
     (root / "train_masks").mkdir(parents=True, exist_ok=True)
     for i in range(n_images):
-        image, mask = synth_case(rng, size)
+        image, mask = SCENES[scene](rng, size)
         stem = f"case_{i:04d}"
         cv2.imwrite(str(root / "train_images" / f"{stem}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(root / "train_masks" / f"{stem}.png"), mask)

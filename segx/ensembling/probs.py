@@ -29,6 +29,8 @@ from segx.errors import SegxError
 # Version 2: ragged probabilities at each case's own size. Version 1 held (N, S, S) maps at the
 # network's input size, scored against resized masks; members that wrote it must be retrained.
 CACHE_FORMAT = 2
+# Version 3: several classes: (pixels, K) probabilities, label maps as the truth, class names.
+CLASSES_FORMAT = 3
 
 
 def quantize(probs: np.ndarray) -> np.ndarray:
@@ -220,27 +222,42 @@ def save_cached(
     probs,
     masks,
     previews=None,
+    classes: Sequence[str] | None = None,
 ) -> Path:
-    """Write ``stems``, uint8 ``probs`` and binary ``masks`` (both ragged cases at each case's own
+    """Write ``stems``, uint8 ``probs`` and the ground truth (both ragged cases at each case's own
     size, or (N, H, W) arrays) and optionally the first few input images (uint8 (H, W, 3) each,
-    for figures) to ``path``."""
+    for figures) to ``path``.
+
+    One structure (``classes`` None): probabilities (H, W) and binary masks, bit-packed (format 2,
+    as segx always wrote). Several classes: ``classes`` names them, probabilities are (H, W, K)
+    and the truth is label maps of class indices (format 3)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probs, masks = Ragged.of(probs), Ragged.of(masks)
     if not probs.same_shapes(masks) or len(probs) != len(stems):
         raise ValueError("one probability map and one mask per stem, of equal sizes")
-    flat_masks = np.asarray(masks.flat, bool)
     previews = Ragged.from_list(list(previews), np.uint8) if previews is not None and len(previews) else None
-    np.savez_compressed(
-        path,
-        format=np.int64(CACHE_FORMAT),
+    common = dict(
         stems=np.asarray(list(stems), dtype=str),
         shapes=probs.shapes,
         probs=np.asarray(probs.flat, np.uint8),
-        masks=np.packbits(flat_masks),
         preview_shapes=np.zeros((0, 2), np.int64) if previews is None else previews.shapes,
         previews=np.zeros((0, 3), np.uint8) if previews is None else previews.flat,
     )
+    if classes is None:
+        np.savez_compressed(
+            path, format=np.int64(CACHE_FORMAT), masks=np.packbits(np.asarray(masks.flat, bool)), **common
+        )
+    else:
+        if probs.flat.ndim != 2 or probs.flat.shape[1] != len(classes):
+            raise ValueError(f"probabilities hold {probs.flat.shape[1:]} classes, {len(classes)} are named")
+        np.savez_compressed(
+            path,
+            format=np.int64(CLASSES_FORMAT),
+            classes=np.asarray(list(classes), dtype=str),
+            masks=np.asarray(masks.flat, np.uint8),
+            **common,
+        )
     return path
 
 
@@ -253,6 +270,7 @@ class Cached:
     probs: Ragged
     masks: Ragged
     previews: Ragged
+    classes: tuple[str, ...] | None = None  # several classes: their names (masks are label maps)
 
 
 def content_key(path: str | os.PathLike) -> str:
@@ -290,13 +308,13 @@ def _drop_stale(target: Path, stem: str, keep: Path) -> None:
                 pass
 
 
-def _mapped(out: Path, n_pixels: int):
+def _mapped(out: Path, shape: tuple[int, ...]):
     """The extracted probabilities memory-mapped, or None when the file is missing or not them."""
     try:
         probs = np.load(out, mmap_mode="r")
     except (OSError, ValueError, EOFError):
         return None
-    return probs if probs.dtype == np.uint8 and probs.shape == (n_pixels,) else None
+    return probs if probs.dtype == np.uint8 and probs.shape == shape else None
 
 
 def load_cached(
@@ -327,7 +345,7 @@ def load_cached(
         key = content_key(path)
         with np.load(path) as data:
             version = int(data["format"]) if "format" in data.files else 1
-            if version != CACHE_FORMAT:
+            if version not in (CACHE_FORMAT, CLASSES_FORMAT):
                 raise SegxError(
                     f"{what}: probability cache of format {version} (segx 0.2 and later score each image at "
                     "its own size and writes format 2); retrain this member with the current segx"
@@ -338,22 +356,30 @@ def load_cached(
                 raise ValueError("stems and shapes disagree")
             n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
             packed = data["masks"]
-            if packed.dtype != np.uint8 or packed.shape != ((n_pixels + 7) // 8,):
-                raise ValueError("masks do not match the shapes")
-            masks = np.unpackbits(packed, count=n_pixels).astype(bool)
+            classes = None
+            if version == CLASSES_FORMAT:
+                classes = tuple(str(c) for c in data["classes"])
+                if packed.dtype != np.uint8 or packed.shape != (n_pixels,) or len(classes) < 2:
+                    raise ValueError("label maps do not match the shapes")
+                masks = packed
+            else:
+                if packed.dtype != np.uint8 or packed.shape != ((n_pixels + 7) // 8,):
+                    raise ValueError("masks do not match the shapes")
+                masks = np.unpackbits(packed, count=n_pixels).astype(bool)
             previews = Ragged(data["previews"], data["preview_shapes"])
+        probs_shape = (n_pixels,) if classes is None else (n_pixels, len(classes))
         target = Path(workdir or path.parent)
         target.mkdir(parents=True, exist_ok=True)
         out = target / f"{path.stem}.{key}.probs.npy"
-        probs = _mapped(out, n_pixels)
+        probs = _mapped(out, probs_shape)
         if probs is None:
             with zipfile.ZipFile(path) as archive:
                 _extract(archive, out)
-            probs = _mapped(out, n_pixels)
+            probs = _mapped(out, probs_shape)
             if probs is None:
                 raise ValueError("probs do not match the shapes")
         _drop_stale(target, path.stem, out)
-        return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews)
+        return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews, classes)
     except SegxError:
         raise
     except (OSError, EOFError, KeyError, IndexError, TypeError, ValueError, zlib.error, zipfile.BadZipFile) as exc:
@@ -364,3 +390,29 @@ def load_cached(
             + (f": {reason}" if reason else "")
             + f"); {advice}"
         ) from None
+
+
+# -- several classes -------------------------------------------------------------------------
+# A multi-class member caches K uint8 probabilities per pixel: a ragged array whose flat part
+# is (pixels, K). The ensemble's class scores are the same exact integer sums as the binary
+# case's, one per class, and the label is the class of the highest score. Ties go to the lowest
+# class index (numpy's argmax keeps the first maximum), in the search and in prediction alike.
+
+
+def combine_classes(member_probs: Sequence, weights: Weights | Sequence[float]) -> Score:
+    """Weighted class scores ``sum_m k_m p_m[..., c]``: int32 (..., K), exact (see :func:`combine`)."""
+    return combine(member_probs, weights)
+
+
+def argmax_labels(score: Score):
+    """Class indices ``uint8`` of the highest class score per pixel; ties to the lowest index."""
+    if isinstance(score.values, Ragged):
+        return score.values.like(np.argmax(score.values.flat, axis=-1).astype(np.uint8))
+    return np.argmax(score.values, axis=-1).astype(np.uint8)
+
+
+def member_labels(probs):
+    """One member's label map (uint8) from its uint8 class probabilities, by the same tie rule."""
+    if isinstance(probs, Ragged):
+        return probs.like(np.argmax(probs.flat, axis=-1).astype(np.uint8))
+    return np.argmax(probs, axis=-1).astype(np.uint8)

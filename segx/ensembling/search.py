@@ -259,6 +259,8 @@ def evaluate(data: Compact, counts: np.ndarray, denominator: int) -> np.ndarray:
     if np.any(counts < 0) or not np.all(np.asarray(counts, np.int64) == counts):
         raise ValueError("counts must be non-negative integers")
     counts = counts.astype(np.int64)
+    if not isinstance(data, Compact):  # several classes: segx.ensembling.classes.CompactClasses
+        return data.evaluate(counts, denominator)
     table = bin_table(data.thresholds, denominator)
     dtype = _score_dtype(denominator)
     out = np.empty((len(counts), len(data.thresholds)))
@@ -276,6 +278,8 @@ def evaluate_additions(data: Compact, bag: np.ndarray) -> np.ndarray:
     member's probabilities to it, so a step costs about one pass per member.
     """
     bag = np.asarray(bag, np.int64)
+    if not isinstance(data, Compact):  # several classes: segx.ensembling.classes.CompactClasses
+        return data.evaluate_additions(bag)
     denominator = int(bag.sum()) + 1
     dtype = _score_dtype(denominator)
     probs = _member_probs(data, dtype)

@@ -35,14 +35,15 @@ class Prediction:
 
 
 def member_probs(
-    model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str]
+    model, backbone: str, view: View, images: Sequence[np.ndarray], modes: Sequence[str], swap=None
 ) -> dict[str, Ragged]:
     """``{tta mode: uint8 probabilities}`` of one member for ``images``, at each image's own size:
-    what a member caches for the search and what the ensemble predicts with."""
+    what a member caches for the search and what the ensemble predicts with (``swap``: the class
+    permutation of data.flip_swap for flip TTA's mirrored passes)."""
     from segx.models import predict_probs_modes
 
     out: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
-    for maps in predict_cases(images, view, lambda batch: predict_probs_modes(model, batch, backbone, modes)):
+    for maps in predict_cases(images, view, lambda batch: predict_probs_modes(model, batch, backbone, modes, swap)):
         for mode in modes:
             out[mode].append(quantize(maps[mode]))
     return {mode: Ragged.from_list(maps, np.uint8) for mode, maps in out.items()}

@@ -147,6 +147,8 @@ def sliding_window(
     ``batch_size`` (the last may be smaller): the same calls for the same input size, always.
     importance: (window, window) weights > 0, default ``gaussian_importance(window)``.
 
+    Several classes: ``predict`` returns (B, window, window, K) and the result is (H, W, K).
+
     Returns ``{mode: float32 (H, W)}``: per pixel, sum(importance * p) / sum(importance) over
     the windows covering it (so a pixel covered by one window gets exactly that prediction).
     """
@@ -178,22 +180,25 @@ def sliding_window(
         if not isinstance(out, dict) or not out:
             raise ValueError(f"predict must return a non-empty dict {{mode: array}}, got {type(out).__name__}")
         if sums is None:
-            sums = {mode: np.zeros((padded_h, padded_w), np.float32) for mode in out}
+            # (B, w, w): one probability per pixel; (B, w, w, K): K class probabilities
+            classes = np.shape(next(iter(out.values())))[3:]
+            sums = {mode: np.zeros((padded_h, padded_w, *classes), np.float32) for mode in out}
+            weight = importance[..., None] if classes else importance
         elif set(out) != set(sums):
             raise ValueError(f"predict returned modes {sorted(out)} but earlier batches returned {sorted(sums)}")
-        expected = (len(positions), window, window)
+        expected = (len(positions), window, window, *classes)
         for mode, probs in out.items():
             probs = np.asarray(probs, dtype=np.float32)
             if probs.shape != expected:
                 raise ValueError(f"predict returned shape {probs.shape} for mode '{mode}', expected {expected}")
             acc = sums[mode]
             for (y, x), p in zip(positions, probs, strict=True):
-                acc[y : y + window, x : x + window] += importance * p
+                acc[y : y + window, x : x + window] += weight * p
 
     assert sums is not None  # there is always at least one window
     result = {}
     for mode, acc in sums.items():
-        np.divide(acc, weights, out=acc)
+        np.divide(acc, weights[..., None] if acc.ndim == 3 else weights, out=acc)
         # Copy the crop of a padded map so the caller does not keep the padding alive.
         result[mode] = acc if acc.shape == (height, width) else acc[:height, :width].copy()
     return result

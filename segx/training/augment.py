@@ -30,10 +30,13 @@ class SeededAugmenter:
     from (run seed, epoch, case), so a run is reproducible and resumable mid-training.
     """
 
-    def __init__(self, pipeline: A.Compose):
+    def __init__(self, pipeline: A.Compose, swap: np.ndarray | None = None):
         self._spec = A.to_dict(pipeline)
         self._local = threading.local()
         self.is_identity = len(pipeline.transforms) == 0
+        # data.flip_swap: a 256-entry table of class indices (identity but for the swapped pairs),
+        # applied to the label map whenever the sample's transforms mirror it (see _mirrored).
+        self.swap = None if swap is None else np.asarray(swap, np.uint8)
 
     def _pipeline(self) -> A.Compose:
         pipeline = getattr(self._local, "pipeline", None)
@@ -46,5 +49,23 @@ class SeededAugmenter:
             return image, mask
         pipeline = self._pipeline()
         pipeline.set_random_seed(int(seed))
-        out = pipeline(image=image, mask=mask)
-        return out["image"], out["mask"]
+        if self.swap is None:
+            out = pipeline(image=image, mask=mask)
+            return out["image"], out["mask"]
+        rows, cols = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]].astype(np.uint16)
+        out = pipeline(image=image, mask=mask, masks=[cols, rows])
+        mask = out["mask"]
+        if mirrored(*out["masks"]):
+            mask = self.swap[mask]
+        return out["image"], mask
+
+
+def mirrored(cols: np.ndarray, rows: np.ndarray) -> bool:
+    """Whether a transform mirrored the image, read off where each output pixel came from
+    (``cols``, ``rows``: the source column and row, moved as masks are): the sign of the mean
+    Jacobian's determinant. Any composition counts (a flip, a transpose, a flip then a 90-degree
+    turn, an affine with a reflection): left and right swap iff it is negative."""
+    cols, rows = cols.astype(np.float64), rows.astype(np.float64)
+    dc_dx, dr_dx = np.diff(cols, axis=1).mean(), np.diff(rows, axis=1).mean()
+    dc_dy, dr_dy = np.diff(cols, axis=0).mean(), np.diff(rows, axis=0).mean()
+    return dc_dx * dr_dy - dr_dx * dc_dy < 0

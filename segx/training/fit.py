@@ -22,6 +22,7 @@ import numpy as np
 from segx import metric_keys as keys
 from segx.backend import keras, tf
 from segx.models import loss_value, predict_probs, preprocessing
+from segx.scoring.classes import class_dice, class_iou, class_means, confusion_counts, foreground_mean
 from segx.scoring.metrics import dice_per_case, iou_per_case
 from segx.training.augment import SeededAugmenter
 
@@ -216,9 +217,14 @@ class MemberCallback(keras.callbacks.Callback):
             self.state.failure = f"the model's outputs became NaN/inf at epoch {epoch + 1}; lower the learning rate"
             self.model.stop_training = True
             return
-        pred = probs >= 0.5
-        val_dice = float(dice_per_case(pred, self.val_masks).mean())
-        val_iou = float(iou_per_case(pred, self.val_masks).mean())
+        if probs.ndim == 4:  # several classes: the foreground mean of per-class means (the search's)
+            counts = confusion_counts(np.argmax(probs, axis=-1).astype(np.uint8), self.val_masks, probs.shape[-1])
+            val_dice = float(foreground_mean(class_means(class_dice(*counts))))
+            val_iou = float(foreground_mean(class_means(class_iou(*counts))))
+        else:
+            pred = probs >= 0.5
+            val_dice = float(dice_per_case(pred, self.val_masks).mean())
+            val_iou = float(iou_per_case(pred, self.val_masks).mean())
         logs["val/dice"], logs["val/iou"] = val_dice, val_iou
         metrics = {
             "val/dice": val_dice,

@@ -69,9 +69,12 @@ def _start_around(position: int, length: int, patch: int, rng: np.random.Generat
 class PatchSampler:
     """Training patches from cases in the on-disk cache; ``sample(index, seed, slot, batch)``."""
 
-    def __init__(self, cases: Sequence[DecodedCase], patch: int, foreground_fraction: float = 1 / 3):
+    def __init__(
+        self, cases: Sequence[DecodedCase], patch: int, foreground_fraction: float = 1 / 3, n_classes: int = 2
+    ):
         self.cases, self.patch = list(cases), int(patch)
         self.foreground_fraction = float(foreground_fraction)
+        self.n_classes = int(n_classes)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -80,9 +83,19 @@ class PatchSampler:
         case = self.cases[index]
         force = slot >= batch_size - forced_slots(batch_size, self.foreground_fraction)
         rng = np.random.default_rng([seed, 7])  # the augmentation uses the seed on its own
-        return cut_patch(
-            case.image(), case.mask(), case.foreground() if force else np.zeros((0, 2)), self.patch, rng, force
-        )
+        foreground = case.foreground() if force else np.zeros((0, 2))
+        if force and self.n_classes > 2 and len(foreground):
+            foreground = one_class(foreground, case.mask(), rng)
+        return cut_patch(case.image(), case.mask(), foreground, self.patch, rng, force)
+
+
+def one_class(foreground: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The stored locations of one foreground class, drawn uniformly among the classes the case
+    holds (nnU-Net's class-uniform oversampling: a rare, thin class is seen as often as a large one)."""
+    classes = np.asarray(mask)[foreground[:, 0], foreground[:, 1]]
+    present = np.unique(classes)
+    chosen = present[rng.integers(len(present))]
+    return foreground[classes == chosen]
 
 
 def validation_patches(cases: Sequence[DecodedCase], patch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -263,6 +263,10 @@ def train_member(
     backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
     check_model_options(arch, backbone, size, "data.patch_size" if view.mode == "patch" else "data.image_size")
     pipeline = build_augmentation(cfg.augment.transforms)
+    from segx.workflows.prepare import flip_swap_of, labels_of
+
+    labels = labels_of(cfg.data)
+    swap = flip_swap_of(cfg.data, labels, OmegaConf.to_container(cfg.augment.transforms, resolve=True) or ())
     prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"), cfg.get("fold"))
     train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
 
@@ -329,12 +333,21 @@ def train_member(
             size,
             encoder_weights=cfg.backbone.encoder_weights,
             encoder_freeze=bool(cfg.backbone.encoder_freeze),
+            classes=prepared.n_classes,
+            activation="softmax" if labels is not None else "sigmoid",
             **OmegaConf.to_container(cfg.arch.options, resolve=True),
         )
         model = models.float32_outputs(model)
         models.set_bn_momentum(model, cfg.trainer.bn_momentum)
         optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
-        models.compile_model(model, optimizer, OmegaConf.to_container(cfg.trainer.loss, resolve=True))
+        class_weights = cfg.trainer.get("class_weights")
+        models.compile_model(
+            model,
+            optimizer,
+            OmegaConf.to_container(cfg.trainer.loss, resolve=True),
+            n_classes=prepared.n_classes,
+            class_weights=None if class_weights is None else list(class_weights),
+        )
         extra = []
         if cfg.trainer.lr_schedule is not None:
             extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
@@ -380,7 +393,12 @@ def train_member(
             from segx.training.patches import PatchSampler, validation_patches
 
             train_images, train_masks = (
-                PatchSampler(prepared.cases("train", view.scale), size, float(cfg.data.foreground_fraction)),
+                PatchSampler(
+                    prepared.cases("train", view.scale),
+                    size,
+                    float(cfg.data.foreground_fraction),
+                    labels.n_classes if labels is not None else 2,
+                ),
                 None,
             )
             val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
@@ -392,7 +410,7 @@ def train_member(
             train_masks,
             val_images,
             val_masks,
-            SeededAugmenter(pipeline),
+            SeededAugmenter(pipeline, swap),
             backbone,
             folder,
             epochs=int(cfg.trainer.epochs),
@@ -417,6 +435,10 @@ def train_member(
             "view": view.to_dict(),
             "options": OmegaConf.to_container(cfg.arch.options, resolve=True),
         }
+        if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
+            spec["labels"] = labels.to_record()
+            if swap is not None:
+                spec["flip_swap"] = [int(i) for i in swap[: labels.n_classes]]
         if cfg.trainer.get("precision") == "mixed_float16":
             spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
@@ -563,14 +585,16 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
     """
     from segx import models, tracking
     from segx.data.ragged import Ragged
-    from segx.ensembling.probs import cache_artifact, save_cached
+    from segx.ensembling.probs import cache_artifact, member_labels, save_cached
     from segx.evaluation import plots
     from segx.inference.predictor import member_probs
     from segx.inference.view import View
     from segx.progress import progress, stage
+    from segx.scoring.classes import class_metrics
     from segx.scoring.metrics import case_metrics
 
     backbone, view = spec["backbone"], View.from_dict(spec["view"])
+    names = tuple(spec["labels"]["names"]) if "labels" in spec else None
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         stage("training done: saving the model and logging it to MLflow")
@@ -602,13 +626,22 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                 f"{what} cases at their own size ({view.describe()}), probabilities cached for the ensemble",
                 total=len(cases),
             )
-            by_mode = member_probs(model, backbone, view, images, models.TTA_MODES)
-            masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
+            swap = spec.get("flip_swap")
+            by_mode = member_probs(model, backbone, view, images, models.TTA_MODES, swap)
+            if names:  # several classes: label maps of class indices, probabilities (pixels, K)
+                masks = Ragged.from_list([np.asarray(c.mask(), np.uint8) for c in cases], np.uint8)
+            else:
+                masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
             previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
             stems = [c.stem for c in cases]
             for mode, mode_probs in by_mode.items():
-                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews)
+                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names)
             probs = by_mode["none"]  # the member's own metrics and figure: no TTA
+            if names:
+                pred = member_labels(probs)
+                scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
+                final.update(_class_finals(role, scores, names))
+                continue  # per-class case figures: not drawn yet for several classes
             pred = probs.like(probs.flat >= 128)
             scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
             # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
@@ -637,6 +670,24 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
     return final
+
+
+def _class_finals(role: str, scores: dict, names) -> dict[str, float]:
+    """MLflow metrics of a multi-class member: ``<role>/dice`` (the foreground mean of per-class
+    means, the search's objective), ``<role>/dice/<class>`` per class, the same for IoU and HD95."""
+    from segx.scoring.classes import class_means, foreground_mean
+
+    out = {}
+    for metric in ("dice", "iou", "hd95"):
+        if f"{metric}/{names[1]}" not in scores:
+            continue
+        per_class = np.stack([np.full(len(scores[metric]), np.nan)] + [scores[f"{metric}/{n}"] for n in names[1:]], 1)
+        means = class_means(per_class)
+        out[keys.final(role, metric)] = float(foreground_mean(means, 0.0 if metric == "hd95" else 1.0))
+        for c, name in enumerate(names[1:], start=1):
+            if not np.isnan(means[c]):
+                out[keys.final(role, f"{metric}/{name}")] = float(means[c])
+    return out
 
 
 def _history_from_store(client, run_id) -> dict[str, list[tuple[int, float]]]:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from segx.config import require_choice, require_float, require_int
 from segx.data.decoded import DecodedCase, decode_cases
 from segx.data.folder import Dataset, discover_cases, to_model_size
+from segx.data.labels import Labels
 from segx.data.split import (
     CV_TAGS,
     FINGERPRINT_TAGS,
@@ -41,6 +42,12 @@ class Prepared:
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
     decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
     cv_tags: dict[str, str] = field(default_factory=dict)  # cross-validation: layout fingerprint, fold, folds
+    labels: Labels | None = None  # several classes (data.labels); None: one structure
+
+    @property
+    def n_classes(self) -> int:
+        """Output channels of a member: 1 (a sigmoid) for one structure, K (a softmax) for K classes."""
+        return 1 if self.labels is None else self.labels.n_classes
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
@@ -88,10 +95,74 @@ def validate_data_config(data: DictConfig) -> None:
         require_int(data, "limit_cases", 1, prefix="data.")
     require_int(data, "split_seed", 0, prefix="data.")
     require_float(data, "mask_threshold", 0.0, 65535.0, high_open=False, prefix="data.")
+    labels_of(data)
     if data.kind == "synthetic":
         require_int(data, "n_images", 4, prefix="data.")
         require_int(data, "source_size", 16, 4096, prefix="data.")
         require_int(data, "generator_seed", 0, prefix="data.")
+
+
+def labels_of(data: DictConfig) -> Labels | None:
+    """``data.labels``, ``data.palette`` and ``data.ignore`` checked (one line naming the key), or
+    None for one structure."""
+
+    def plain(key):
+        value = data.get(key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    return Labels.from_config(plain("labels"), plain("palette"), plain("ignore"))
+
+
+MIRRORING = ("HorizontalFlip", "VerticalFlip", "Transpose", "D4", "SquareSymmetry")
+
+
+def flip_swap_of(data: DictConfig, labels: Labels | None, transforms=(), tta: str | None = None):
+    """The class permutation of ``data.flip_swap`` (None without pairs), after refusing, in one
+    line naming the key, a mirroring (augmentation ``transforms`` or flip TTA) of classes whose
+    names say left or right when no swap is declared: it would teach the wrong side."""
+    pairs = data.get("flip_swap")
+    pairs = OmegaConf.to_container(pairs, resolve=True) if OmegaConf.is_config(pairs) else pairs
+    if labels is None:
+        if pairs:
+            raise SegxError("data.flip_swap is set but data.labels is null; name the classes in data.labels")
+        return None
+    table = labels.swap_table(pairs)
+    sided = labels.sided()
+    if table is None and sided:
+        names = [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in transforms or ()]
+        mirror = next((n for n in names if n in MIRRORING), None)
+        if mirror or tta == "flip":
+            what = f"augment has {mirror}" if mirror else "ensemble.tta=flip mirrors the images"
+            raise SegxError(
+                f"{what}, and classes {', '.join(sided)} name a side: a mirrored image shows each on the other side; "
+                f"set data.flip_swap (e.g. data.flip_swap='[[{sided[0]},{sided[-1]}]]') or use augment=none"
+            )
+    return table
+
+
+def check_classes(labels: Labels, decoded: list[DecodedCase], train: list[str], root: Path) -> dict[str, list[int]]:
+    """Every class of ``labels`` appears in some training case (a class never seen cannot be
+    learned, and its score would be noise); returns, per class, [pixels, cases] over every case
+    with a mask (for ``segx.data.check``)."""
+    k = labels.n_classes
+    pixels, cases, in_train = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, bool)
+    train = set(train)
+    for case in decoded:
+        if not case.has_mask:
+            continue
+        counts = np.bincount(np.asarray(case.mask()).ravel(), minlength=256)
+        present = counts[:k] > 0
+        pixels += counts[:k]
+        cases += present
+        if case.stem in train:
+            in_train |= present
+    missing = [labels.names[c] for c in range(1, k) if not in_train[c]]
+    if missing:
+        raise SegxError(
+            f"class {missing[0]} (data.labels.{missing[0]}={labels.values[labels.index(missing[0])]}) appears in no "
+            f"training case of {root}; check its mask value, or drop it from data.labels"
+        )
+    return {name: [int(pixels[c]), int(cases[c])] for c, name in enumerate(labels.names)}
 
 
 def _check_spacing(spacing) -> None:
@@ -188,7 +259,9 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
     check_fold(data, fold)
     root = Path(str(data.root))
     if data.kind == "synthetic":
-        generate(root, int(data.n_images), int(data.source_size), int(data.generator_seed))
+        generate(
+            root, int(data.n_images), int(data.source_size), int(data.generator_seed), str(data.get("scene", "nuclei"))
+        )
     cases = discover_cases(root)
     test_cases = []
     if (root / "test_images").is_dir():
@@ -198,9 +271,12 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
             raise SegxError(f"{root}: stem '{sorted(clash)[0]}' is in both train_images/ and test_images/; rename one")
     all_cases = cases + test_cases
     cache_root = Path(str(data.cache_dir)) if data.get("cache_dir") else Path(output_dir) / "cache" / "decoded"
-    decoded = decode_cases(all_cases, cache_root, float(data.mask_threshold), int(data.max_pixels), progress)
+    labels = labels_of(data)
+    rule = labels if labels is not None else float(data.mask_threshold)
+    decoded = decode_cases(all_cases, cache_root, rule, int(data.max_pixels), progress)
     if not any(c.foreground_pixels for c in decoded[: len(cases)]):
-        raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or data.mask_threshold")
+        key = "data.labels" if labels is not None else "data.mask_threshold"
+        raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or {key}")
     check_view(data, decoded)
     dataset = _model_size_dataset(decoded, data)
     stems = [c.stem for c in cases]
@@ -243,13 +319,20 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
         split = {role: stems_[: int(data.limit_cases)] for role, stems_ in split.items()}
     # How a member sees the images (size, mode, scale) is not part of the data: members are
     # scored at each image's own size, so members that see the data differently still combine.
+    if labels is not None:
+        check_classes(labels, decoded, split["train"], root)
     parts = fingerprint_parts(
-        split, None, dict(zip(dataset.stems, dataset.digests, strict=True)), None, float(data.mask_threshold)
+        split,
+        None,
+        dict(zip(dataset.stems, dataset.digests, strict=True)),
+        None,
+        None if labels is not None else float(data.mask_threshold),
+        labels.key if labels is not None else None,
     )
     cv = {}
     if layout is not None:
         cv = {CV_TAGS["cv"]: cv_fingerprint(layout, parts), CV_TAGS["fold"]: str(fold), CV_TAGS["folds"]: str(folds)}
-    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv)
+    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, labels)
 
 
 def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig) -> Dataset:

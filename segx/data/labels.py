@@ -1,0 +1,305 @@
+"""The structures a dataset names, named once (as nnU-Net's ``dataset.json`` ``labels``).
+
+``data.labels`` maps class names to the mask values that mean them, ``{background: 0, tumour: 1,
+oedema: 2}``; colour-coded masks (the sandstone tutorial's, CamVid's) are read through
+``data.palette`` (class name -> ``[r, g, b]``), and ``data.ignore`` marks unannotated pixels
+(a value, or a colour with a palette) that no loss, metric or search counts.
+
+Internally a mask is a label map of class *indices*: ``uint8 (H, W)`` with ``0..K-1`` in the
+order of the classes' values (background, the class of value 0, is always index 0) and
+:data:`IGNORE_INDEX` (255) for ignored pixels. ``data.labels: null`` keeps segx's binary case
+exactly as it was: one structure, a mask is ``value > data.mask_threshold``.
+
+Nothing here knows whether a case is a 2D image or a volume: :meth:`Labels.encode` maps any
+array of mask values, so a volume's label map goes through the same check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from segx.errors import SegxError
+
+IGNORE_INDEX = 255  # a label map's value for pixels no loss, metric or search counts
+MAX_CLASSES = 64  # uint8 label maps with room for IGNORE_INDEX; K probability maps per member
+# Class names that say which side of the body they are on (right_lung, left_kidney, lung_L):
+# a horizontal flip turns one into the other (see data.flip_swap).
+_SIDE = re.compile(r"(^|[_\-\s])(left|right|l|r)($|[_\-\s])", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """K named classes: ``names[i]`` is class index ``i``, stored in masks as ``values[i]``
+    (a label map) or drawn in ``colours[i]`` (a colour-coded mask). ``ignore`` is the value (or
+    colour) of unannotated pixels, or None."""
+
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+    colours: tuple[tuple[int, int, int], ...] | None = None
+    ignore: int | tuple[int, int, int] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def foreground(self) -> tuple[str, ...]:
+        """Every class but background (index 0): the classes that are scored and averaged."""
+        return self.names[1:]
+
+    def index(self, name: str) -> int:
+        if name not in self.names:
+            from segx.errors import suggest
+
+            raise SegxError(
+                f"'{name}' is not a class of data.labels ({', '.join(self.names)}){suggest(name, self.names)}"
+            )
+        return self.names.index(name)
+
+    def swap_table(self, pairs) -> np.ndarray | None:
+        """``data.flip_swap`` (pairs of class names) as a 256-entry table of class indices that
+        swaps each pair and keeps every other index (ignore included); None without pairs."""
+        if not pairs:
+            return None
+        table = np.arange(256, dtype=np.uint8)
+        seen: set[str] = set()
+        for pair in pairs:
+            if isinstance(pair, str) or len(pair) != 2:
+                raise SegxError(
+                    f"data.flip_swap: {pair!r} is not a pair of class names; write e.g. [[right_lung, left_lung]]"
+                )
+            for name in pair:
+                if str(name) not in self.names:
+                    from segx.errors import suggest
+
+                    raise SegxError(
+                        f"data.flip_swap names '{name}', not a class of data.labels ({', '.join(self.names)})"
+                        f"{suggest(str(name), self.names)}"
+                    )
+                if str(name) in seen or pair[0] == pair[1]:
+                    raise SegxError(f"data.flip_swap: class '{name}' is in more than one pair; swap each class once")
+                seen.add(str(name))
+            a, b = self.index(str(pair[0])), self.index(str(pair[1]))
+            table[a], table[b] = b, a
+        return table
+
+    def sided(self) -> list[str]:
+        """Class names that say left or right (a horizontal flip would swap them)."""
+        return [n for n in self.names if _SIDE.search(n)]
+
+    @property
+    def key(self) -> str:
+        """A short, stable description for cache keys and fingerprints: two label definitions
+        read the same masks to the same label maps iff their keys are equal."""
+        return (
+            "labels-"
+            + hashlib.blake2b(json.dumps(self.to_record(), sort_keys=True).encode(), digest_size=8).hexdigest()
+        )
+
+    def to_record(self) -> dict:
+        """Plain JSON: what a member's run and an ensemble's record say about the classes."""
+        out: dict = {"names": list(self.names), "values": list(self.values)}
+        if self.colours is not None:
+            out["colours"] = [list(c) for c in self.colours]
+        if self.ignore is not None:
+            out["ignore"] = list(self.ignore) if isinstance(self.ignore, tuple) else int(self.ignore)
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> Labels:
+        colours = record.get("colours")
+        ignore = record.get("ignore")
+        return cls(
+            tuple(str(n) for n in record["names"]),
+            tuple(int(v) for v in record["values"]),
+            None if colours is None else tuple(tuple(int(x) for x in c) for c in colours),
+            None if ignore is None else (tuple(int(x) for x in ignore) if isinstance(ignore, list) else int(ignore)),
+        )
+
+    @classmethod
+    def from_config(cls, labels, palette=None, ignore=None) -> Labels | None:
+        """``data.labels``, ``data.palette`` and ``data.ignore`` (plain dicts and lists) checked, or
+        None when ``labels`` is None (binary). Every problem is one line naming the key."""
+        if labels is None:
+            if palette is not None:
+                raise SegxError("data.palette is set but data.labels is null; name the classes in data.labels too")
+            if ignore is not None:
+                raise SegxError("data.ignore is set but data.labels is null; name the classes in data.labels too")
+            return None
+        if not isinstance(labels, Mapping) or len(labels) < 2:
+            raise SegxError(
+                f"data.labels={labels!r} must name at least two classes with their mask values, e.g. "
+                "data.labels='{background: 0, tumour: 1}'"
+            )
+        if len(labels) > MAX_CLASSES:
+            raise SegxError(f"data.labels names {len(labels)} classes; segx supports at most {MAX_CLASSES}")
+        items = []
+        for name, value in labels.items():
+            name = str(name)
+            if not _NAME.match(name):
+                raise SegxError(
+                    f"data.labels: class name '{name}' must start with a letter and hold only letters, digits, "
+                    "'_' and '-' (it becomes a metric name)"
+                )
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise SegxError(f"data.labels.{name}={value!r} must be a mask value, an integer in 0..65535")
+            items.append((int(value), name))
+        values = [v for v, _ in items]
+        if len(set(values)) != len(values):
+            twice = next(v for v in values if values.count(v) > 1)
+            names = [n for v, n in items if v == twice]
+            raise SegxError(
+                f"data.labels: {' and '.join(names)} share the value {twice}; give each class its own value"
+            )
+        if 0 not in values:
+            raise SegxError(
+                f"data.labels has no class of value 0; name the background, e.g. data.labels.background=0 "
+                f"(values: {sorted(values)})"
+            )
+        items.sort()
+        names, values = tuple(n for _, n in items), tuple(v for v, _ in items)
+        colours = None if palette is None else _palette(palette, names)
+        return cls(names, values, colours, _ignore(ignore, values, colours, names))
+
+    # -- reading masks ---------------------------------------------------------------------
+
+    def encode(self, raw: np.ndarray, where: str) -> np.ndarray:
+        """Mask values (``(..., )`` integers; ``(..., 3)`` RGB with a palette) as class indices
+        ``uint8``, :data:`IGNORE_INDEX` for ignored pixels. A value or colour no class names is
+        one line naming ``where``, the values and the key to fix."""
+        if self.colours is not None:
+            return self._encode_colours(raw, where)
+        raw = np.asarray(raw)
+        if raw.dtype.kind == "f":
+            if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+                raise SegxError(
+                    f"{where}: a label map must hold whole numbers, this one holds fractions; save it as 8- or 16-bit integers"
+                )
+            raw = raw.astype(np.int64)
+        lookup_size = 65536 if raw.dtype.itemsize > 1 else 256
+        if raw.size and (raw.min() < 0 or raw.max() >= lookup_size):
+            raise SegxError(f"{where}: mask values outside 0..65535; save the label map as 8- or 16-bit integers")
+        table = np.full(lookup_size, 254, np.uint16)  # 254: not named (MAX_CLASSES < 254)
+        for i, v in enumerate(self.values):
+            if v < lookup_size:
+                table[v] = i
+        if self.ignore is not None and int(self.ignore) < lookup_size:
+            table[int(self.ignore)] = IGNORE_INDEX
+        out = table[raw.astype(np.intp, copy=False)].astype(np.uint8)
+        stray = out == 254
+        if stray.any():
+            values, counts = np.unique(raw[stray], return_counts=True)
+            shown = ", ".join(f"{int(v)} ({int(c)} px)" for v, c in list(zip(values, counts, strict=True))[:6])
+            more = f" and {len(values) - 6} more" if len(values) > 6 else ""
+            hint = (
+                " (in-between values: anti-aliased or resized edges? save label maps without smoothing, "
+                "with nearest-neighbour resizing)"
+                if len(values) > 2
+                else ""
+            )
+            raise SegxError(
+                f"{where}: mask value(s) {shown}{more} are not in data.labels "
+                f"({', '.join(f'{n}={v}' for n, v in zip(self.names, self.values, strict=True))}){hint}; "
+                "add them to data.labels, or set data.ignore to the value of unannotated pixels"
+            )
+        return out
+
+    def _encode_colours(self, raw: np.ndarray, where: str) -> np.ndarray:
+        raw = np.asarray(raw)
+        if raw.ndim < 3 or raw.shape[-1] != 3 or raw.dtype != np.uint8:
+            raise SegxError(
+                f"{where}: data.palette needs 8-bit RGB masks, this one is {raw.dtype} of shape {raw.shape}; "
+                "save it as an RGB PNG, or describe a label map with data.labels alone"
+            )
+        code = (raw[..., 0].astype(np.int32) << 16) | (raw[..., 1].astype(np.int32) << 8) | raw[..., 2]
+        out = np.full(code.shape, 254, np.uint8)
+        for i, (r, g, b) in enumerate(self.colours or ()):
+            out[code == (r << 16 | g << 8 | b)] = i
+        if self.ignore is not None:
+            r, g, b = self.ignore  # type: ignore[misc]
+            out[code == (r << 16 | g << 8 | b)] = IGNORE_INDEX
+        stray = out == 254
+        if stray.any():
+            colours, counts = np.unique(code[stray], return_counts=True)
+            shown = ", ".join(
+                f"[{c >> 16}, {(c >> 8) & 255}, {c & 255}] ({int(n)} px)"
+                for c, n in list(zip(colours, counts, strict=True))[:4]
+            )
+            more = f" and {len(colours) - 4} more" if len(colours) > 4 else ""
+            raise SegxError(
+                f"{where}: colour(s) {shown}{more} are not in data.palette; add them to data.palette "
+                "(or data.ignore), or save the masks without anti-aliasing"
+            )
+        return out
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """Class indices back to the user's own encoding: mask values (uint8, or uint16 when a
+        value exceeds 255) or, with a palette, RGB colours ``uint8 (..., 3)``."""
+        indices = np.asarray(indices)
+        if self.colours is not None:
+            table = np.zeros((256, 3), np.uint8)
+            table[: self.n_classes] = np.asarray(self.colours, np.uint8)
+            return table[indices]
+        dtype = np.uint8 if max(self.values) <= 255 else np.uint16
+        table = np.zeros(256, dtype)
+        table[: self.n_classes] = np.asarray(self.values, dtype)
+        return table[indices]
+
+
+def _palette(palette, names: Sequence[str]) -> tuple[tuple[int, int, int], ...]:
+    if not isinstance(palette, Mapping):
+        raise SegxError(f"data.palette={palette!r} must map class names to colours, e.g. '{{background: [0, 0, 0]}}'")
+    unknown = [str(n) for n in palette if str(n) not in names]
+    if unknown:
+        from segx.errors import suggest
+
+        raise SegxError(
+            f"data.palette.{unknown[0]} is not a class of data.labels ({', '.join(names)}){suggest(unknown[0], names)}"
+        )
+    missing = [n for n in names if n not in palette]
+    if missing:
+        raise SegxError(f"data.palette has no colour for {missing[0]}; give every class of data.labels a colour")
+    out = []
+    for name in names:
+        out.append(_colour(palette[name], f"data.palette.{name}"))
+    if len(set(out)) != len(out):
+        raise SegxError("data.palette: two classes share a colour; give each class its own")
+    return tuple(out)
+
+
+def _colour(value, key: str) -> tuple[int, int, int]:
+    ok = (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 3
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in value)
+    )
+    if not ok:
+        raise SegxError(f"{key}={value!r} must be an RGB colour [r, g, b] with 0..255 each")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _ignore(ignore, values: Sequence[int], colours, names: Sequence[str]):
+    if ignore is None:
+        return None
+    if colours is not None:
+        colour = _colour(ignore, "data.ignore")
+        if colour in colours:
+            name = names[colours.index(colour)]
+            raise SegxError(
+                f"data.ignore={list(colour)} is also the colour of class {name}; give unannotated pixels their own colour"
+            )
+        return colour
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 65535:
+        raise SegxError(f"data.ignore={ignore!r} must be the mask value of unannotated pixels (0..65535) or null")
+    if ignore in values:
+        name = names[list(values).index(ignore)]
+        raise SegxError(f"data.ignore={ignore} is also the value of class {name} in data.labels; use another value")
+    return int(ignore)
