@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segx.benchmark.helpers import read_results, subset_folder, write_results
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "experiments" / "cv_ensemble"
 QUICK_OUT = REPO / "outputs" / "cv_ensemble-quick"
@@ -65,41 +67,6 @@ AT_VAL = "member@val-threshold:"  # a member at the threshold of its validation 
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
-def load_results(out: Path) -> dict:
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_results(out: Path, results: dict) -> None:
-    """results.json (atomically) and RESULTS.md from it, after every stage."""
-    out.mkdir(parents=True, exist_ok=True)
-    results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    os.replace(tmp, out / "results.json")
-    (out / "RESULTS.md").write_text(report(results))
-
-
-def subset_folder(root: Path, n: int, work: Path) -> Path:
-    """A folder of symlinks to ``n`` cases of ``root`` (stratified by appearance), for --quick."""
-    meta = pd.read_csv(root / "metadata.csv")
-    rng = np.random.default_rng(0)
-    parts = []
-    for _, group in meta.groupby("appearance"):
-        keep = max(6, round(n * len(group) / len(meta)))  # 3 folds need >= 3 non-test cases per stratum
-        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
-    picked = pd.concat(parts)
-    target = work / f"subset-{n}"
-    for sub in ("train_images", "train_masks"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-        for stem in picked["stem"]:
-            link = target / sub / f"{stem}.png"
-            if not link.exists():
-                link.symlink_to((root / sub / f"{stem}.png").resolve())
-    picked.to_csv(target / "metadata.csv", index=False)
-    return target
-
-
 def label(backbone: str, arch: str) -> str:
     return f"{backbone}-{arch}"
 
@@ -485,7 +452,8 @@ def run(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data_root = DATASET
     if args.quick:
-        data_root = str(subset_folder(REPO / DATASET, args.max_cases, work))
+        # 3 folds need >= 3 non-test cases per stratum
+        data_root = str(subset_folder(REPO / DATASET, args.max_cases, work, min_per_group=6))
     settings = {
         "quick": args.quick,
         "configs": [label(*c) for c in CONFIGS],
@@ -498,7 +466,7 @@ def run(args) -> None:
         "bootstrap": args.bootstrap,
         "segx_pinned_at": args.pin,
     }
-    results = load_results(out)
+    results = read_results(out, required=False)
     if results.get("settings") != settings:
         results = {"settings": settings}
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -524,7 +492,7 @@ def run(args) -> None:
             "default_split_differed": True,
         }
     results["test_sets"] = {k: v for k, v in sets.items() if k not in ("plain_test", "fold_test")}
-    save_results(out, results)
+    write_results(out, results, report, stamp="updated")
     print(
         f"cv: test set: {sets['n_test']} cases, the same in the plain split and the fold layout: {sets['same']}",
         flush=True,
@@ -539,7 +507,7 @@ def run(args) -> None:
         results["ensembles"][setting] = entry
         per_case[setting] = table
         pd.concat(per_case.values(), ignore_index=True).to_csv(out / "test_per_case.csv", index=False)
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
         g = entry["gain"]
         print(
             f"cv: {setting} ensemble {entry['run_id']}: test Dice {g['ensemble_test_dice']:.4f} vs best member "
@@ -563,7 +531,7 @@ def run(args) -> None:
             **results.get("stage_seconds", {}),
             name: time.perf_counter() - t0,
         }
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
         status = entry.get("error") or f"test Dice {entry['test_dice']:.4f}"
         print(f"cv: member {name}: {status}", flush=True)
     singles = [results["members"][f"single:{label(*c)}"] for c in CONFIGS]
@@ -573,7 +541,7 @@ def run(args) -> None:
         results["ensembles"]["single"] = {
             "error": "members missing or failed: " + ", ".join(m["name"] for m in singles if "run_id" not in m)
         }
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
 
     # Stage 2: the cross-validated members (K fold runs each), then their ensemble.
     parents = []
@@ -594,7 +562,7 @@ def run(args) -> None:
                 **results.get("stage_seconds", {}),
                 name: time.perf_counter() - t0,
             }
-            save_results(out, results)
+            write_results(out, results, report, stamp="updated")
             status = entry.get("error") or f"val Dice {entry['val_dice']:.4f}, test Dice {entry['test_dice']:.4f}"
             print(f"cv: member {name}: {status}", flush=True)
             folds.append(entry)
@@ -609,18 +577,18 @@ def run(args) -> None:
             )
         else:
             results["cv_parents"][lab] = {"error": f"folds failed or under different parents ({sorted(map(str, ids))})"}
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
     if len(parents) == len(CONFIGS) and all(p["complete"] for p in parents):
         build("cv", [p["run_id"] for p in parents])
     else:
         results["ensembles"]["cv"] = {"error": "a cross-validated member is incomplete (see cv_parents)"}
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
 
     if set(per_case) == set(SETTINGS):
         results["comparison"] = compare(results, per_case, args.bootstrap)
     results["total_seconds"] = time.perf_counter() - t0
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save_results(out, results)
+    write_results(out, results, report, stamp="updated")
     print((out / "RESULTS.md").read_text())
 
 
@@ -1083,10 +1051,10 @@ def main() -> None:
         args.epochs = 1 if args.quick else EPOCHS
     if args.report_only:
         out = Path(args.results_dir)
-        results = load_results(out)
+        results = read_results(out, required=False)
         if not results:
             sys.exit(f"cv: error: {out / 'results.json'} does not exist; run the study first")
-        (out / "RESULTS.md").write_text(report(results))
+        write_results(out, report=report(results))
         print((out / "RESULTS.md").read_text())
         return
     run(args)

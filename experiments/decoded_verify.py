@@ -13,7 +13,6 @@ the full check. Writes experiments/decoded_verify/results.json and RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from segx.benchmark.helpers import write_results
 
 OUT = Path(__file__).resolve().parent / "decoded_verify"
 
@@ -64,7 +65,7 @@ def main() -> None:
             med, base = statistics.median(full), statistics.median(again)
             rows.append((size, megabytes, med, min(full), max(full), base, med - base, megabytes / (med - base)))
     OUT.mkdir(exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"cases": args.cases, "rounds": args.rounds, "sizes": raw}, indent=2))
+    write_results(OUT, {"cases": args.cases, "rounds": args.rounds, "sizes": raw}, indent=2)
     lines = [
         "# Verifying the decoded cache",
         "",
@@ -83,7 +84,7 @@ def main() -> None:
             f"{again * 1e3:.2f} ms | {added * 1e3:.2f} ms | {rate:.0f} MB/s |"
         )
     text = "\n".join(lines) + "\n"
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     sys.stdout.write(text)
 
 

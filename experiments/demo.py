@@ -10,7 +10,6 @@ ensemble run logged) and experiments/demo/test_summary.csv, the table itself.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from segx.benchmark.helpers import read_results, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "demo"
@@ -69,7 +70,7 @@ def main() -> None:
         "python": platform.python_version(),
         "command": "make ensemble (python -m segx.ensemble ensemble.train_missing=true)",
     }
-    (OUT / "run.json").write_text(json.dumps(facts, indent=1))
+    write_results(OUT, facts, name="run.json")
     write_report()
 
 
@@ -84,7 +85,7 @@ def write_report() -> None:
     """RESULTS.md from run.json and test_summary.csv (``--report-only`` rewrites it)."""
     import pandas as pd
 
-    facts = json.loads((OUT / "run.json").read_text())
+    facts = read_results(OUT, "run.json")
     table = pd.read_csv(OUT / "test_summary.csv", index_col=0)
     minutes, secs = divmod(round(facts["seconds"]), 60)
     best_member = table[table.index.str.startswith("member:")]["dice_mean"].max()
@@ -110,7 +111,7 @@ def write_report() -> None:
         + markdown(table)
         + "\n"
     )
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

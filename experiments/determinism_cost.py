@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from segx.benchmark.helpers import read_results, spread, write_results
+
 OUT = Path(__file__).resolve().parent / "determinism_cost"
 
 CHILD = r"""
@@ -50,10 +52,6 @@ def time_one(backbone: str, deterministic: bool, size: int, steps: int) -> float
     return json.loads(out.stdout.strip().splitlines()[-1])["img_s"]
 
 
-def spread(values: list[float], digits: int = 1) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbones", default="resnet18,efficientnetb0")
@@ -78,13 +76,13 @@ def main() -> None:
                 print(f"{backbone} deterministic={deterministic}: {value:.1f} img/s", flush=True)
         results[backbone] = {"deterministic": on, "non_deterministic": off}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"args": vars(args), "started": started, "img_s": results}, indent=1))
+    write_results(OUT, {"args": vars(args), "started": started, "img_s": results})
     write_report()
 
 
 def write_report() -> None:
     """RESULTS.md from results.json (``--report-only`` rewrites it without timing anything)."""
-    saved = json.loads((OUT / "results.json").read_text())
+    saved = read_results(OUT)
     args, started, results = saved["args"], saved["started"], saved["img_s"]
     rows = []
     for backbone, r in results.items():
@@ -96,7 +94,7 @@ def write_report() -> None:
         fast_on, fast_off = [v for v in on if v > middle], [v for v in off if v > middle]
         fast = f"{statistics.median(fast_on) / statistics.median(fast_off):.3f}" if fast_on and fast_off else "n/a"
         rows.append(
-            f"| {backbone} | {spread(on)} | {spread(off)} | {spread(ratios, 3)} | "
+            f"| {backbone} | {spread(on, 1)} | {spread(off, 1)} | {spread(ratios, 3)} | "
             f"{len(on) - len(fast_on)}/{len(on)} | {len(off) - len(fast_off)}/{len(off)} | {fast} |"
         )
     text = (
@@ -113,7 +111,7 @@ def write_report() -> None:
         + "\n".join(rows)
         + "\n"
     )
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

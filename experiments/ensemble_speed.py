@@ -26,7 +26,6 @@ Writes experiments/ensemble_speed/results.json (after each setting) and RESULTS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from segx.benchmark.helpers import read_results, spread, write_results
 
 OUT = Path(__file__).resolve().parent / "ensemble_speed"
 ROOT = OUT.parents[1]
@@ -138,10 +139,6 @@ def measure(size: int, tta: str, images: list[np.ndarray], rounds: int, work: Pa
     }
 
 
-def spread(values: list[float], fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
-
-
 def write_report(results: dict) -> None:
     lines = [
         "# Ensemble prediction: three members against the sum of their times",
@@ -161,8 +158,8 @@ def write_report(results: dict) -> None:
         r = row["ratios"]
         lines.append(
             f"| {row['size']} | {row['tta']} | {each} | {spread(row['sum_of_members'])} | {spread(row['seconds']['separate'])} | "
-            f"{spread(row['seconds']['fused'])} | {spread(r['fused_over_sum'], '{:.3f}')} | {spread(r['separate_over_sum'], '{:.3f}')} | "
-            f"x{spread(r['speedup_fused_over_separate'], '{:.3f}')} | {'yes' if row['masks_equal'] else 'NO'} |"
+            f"{spread(row['seconds']['fused'])} | {spread(r['fused_over_sum'], 3)} | {spread(r['separate_over_sum'], 3)} | "
+            f"x{spread(r['speedup_fused_over_separate'], 3)} | {'yes' if row['masks_equal'] else 'NO'} |"
         )
     lines += [
         "",
@@ -174,7 +171,7 @@ def write_report(results: dict) -> None:
         "not; `separate / sum` near 1 says that costs little.",
         "",
     ]
-    (OUT / "RESULTS.md").write_text("\n".join(lines))
+    write_results(OUT, report="\n".join(lines))
 
 
 def main() -> None:
@@ -187,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        write_report(json.loads((OUT / "results.json").read_text()))
+        write_report(read_results(OUT))
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     images, described = load_images(args.images)
@@ -202,7 +199,7 @@ def main() -> None:
         for size in args.sizes:
             for tta in args.tta:
                 results["rows"].append(measure(size, tta, images, args.rounds, Path(work)))
-                (OUT / "results.json").write_text(json.dumps(results, indent=1))
+                write_results(OUT, results)
                 write_report(results)
     print((OUT / "RESULTS.md").read_text())
 

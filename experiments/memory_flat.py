@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segx.benchmark.helpers import read_results, write_results
+
 OUT = Path(__file__).resolve().parent / "memory_flat"
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -355,7 +357,7 @@ def main() -> None:
     saved = fresh
     if (OUT / "results.json").exists():
         # A run of some stages keeps the other stages' results of the same data and settings.
-        old = json.loads((OUT / "results.json").read_text())
+        old = read_results(OUT)
         same = ("work", "sizes", "side", "val", "test")
         if all(old["args"].get(k) == fresh["args"][k] for k in same):
             saved = old
@@ -364,7 +366,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        (OUT / "results.json").write_text(json.dumps(saved, indent=1))
+        write_results(OUT, saved)
         write_report(quiet=True)
 
     if "train" in stages:
@@ -441,7 +443,7 @@ def main() -> None:
 
 def write_report(quiet: bool = False) -> None:
     """RESULTS.md from results.json (``--report-only`` rewrites it without running anything)."""
-    saved = json.loads((OUT / "results.json").read_text())
+    saved = read_results(OUT)
     args, info, runs = saved["args"], saved["machine"], saved["runs"]
     side = args["side"]
     rows = []
@@ -548,7 +550,7 @@ def write_report(quiet: bool = False) -> None:
     notes = OUT / "NOTES.md"
     if notes.exists():  # findings written by hand after reading the numbers
         text += "\n" + notes.read_text()
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     if not quiet:
         print(text)
 

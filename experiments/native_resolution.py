@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segx.benchmark.helpers import read_results, subset_folder, write_results
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "experiments" / "native_resolution"
 QUICK_OUT = REPO / "outputs" / "native_resolution-quick"
@@ -58,41 +60,6 @@ GROUPS = ("resize", "patch", "all")
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
-def load_results(out: Path) -> dict:
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_results(out: Path, results: dict) -> None:
-    """results.json (atomically) and RESULTS.md from it, after every stage."""
-    out.mkdir(parents=True, exist_ok=True)
-    results["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    os.replace(tmp, out / "results.json")
-    (out / "RESULTS.md").write_text(report(results))
-
-
-def subset_folder(root: Path, n: int, work: Path) -> Path:
-    """A folder of symlinks to ``n`` cases of ``root`` (stratified by appearance), for --quick."""
-    meta = pd.read_csv(root / "metadata.csv")
-    rng = np.random.default_rng(0)
-    parts = []
-    for _, group in meta.groupby("appearance"):
-        keep = max(4, round(n * len(group) / len(meta)))
-        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
-    picked = pd.concat(parts)
-    target = work / f"subset-{n}"
-    for sub in ("train_images", "train_masks"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-        for stem in picked["stem"]:
-            link = target / sub / f"{stem}.png"
-            if not link.exists():
-                link.symlink_to((root / sub / f"{stem}.png").resolve())
-    picked.to_csv(target / "metadata.csv", index=False)
-    return target
-
-
 # --- stage 0: what resizing alone costs (copied from experiments/resize_ceiling) ------------------
 def ceiling(test_stems: list[str] | None) -> dict:
     """Mean/median Dice of a perfect prediction at 96/128/256 px brought back to each image's own
@@ -396,7 +363,7 @@ def run(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data_root = DATASET
     if args.quick:
-        data_root = str(subset_folder(REPO / DATASET, args.max_cases, work))
+        data_root = str(subset_folder(REPO / DATASET, args.max_cases, work, min_per_group=4))
     settings = {
         "quick": args.quick,
         "backbones": args.backbones,
@@ -405,7 +372,7 @@ def run(args) -> None:
         "epochs": args.epochs or "experiment=dsb2018 (30)",
         "experiment_name": args.experiment_name,
     }
-    results = load_results(out)
+    results = read_results(out, required=False)
     if results.get("settings") != settings:
         results = {"settings": settings}
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -414,7 +381,7 @@ def run(args) -> None:
     results.setdefault("members", {})
     results.setdefault("ensembles", {})
     results["ceiling"] = ceiling(None)
-    save_results(out, results)
+    write_results(out, results, report, stamp="updated")
 
     client = tracking.connect("sqlite:///outputs/mlflow.db")
     experiment = tracking.experiment_id(client, args.experiment_name, "outputs/mlartifacts")
@@ -422,7 +389,7 @@ def run(args) -> None:
         for mode in MODES:
             entry = member(args, client, experiment, data_root, backbone, mode)
             results["members"][entry["name"]] = entry
-            save_results(out, results)
+            write_results(out, results, report, stamp="updated")
             status = entry.get("error") or (
                 f"val Dice (original size) {entry['val_dice_original']:.4f}, "
                 f"{entry['epochs_run']} epochs, {entry['train_seconds'] or 0:.0f} s"
@@ -436,7 +403,7 @@ def run(args) -> None:
         if any("run_id" not in m for m in chosen):
             missing = [n for n, m in zip(names, chosen, strict=True) if "run_id" not in m]
             results["ensembles"][group] = {"error": f"members missing or failed: {', '.join(missing)}"}
-            save_results(out, results)
+            write_results(out, results, report, stamp="updated")
             continue
         entry, per_case = ensemble(args, client, experiment, group, chosen, data_root, work)
         per_case, check = relabel_members(per_case, group, chosen, per_cases)
@@ -447,9 +414,9 @@ def run(args) -> None:
         results["ensembles"][group] = entry
         results["ceiling"] = ceiling(sorted(per_case["stem"].unique()))
         pd.concat(per_cases.values(), ignore_index=True).to_csv(out / "test_per_case.csv", index=False)
-        save_results(out, results)
+        write_results(out, results, report, stamp="updated")
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save_results(out, results)
+    write_results(out, results, report, stamp="updated")
     print((out / "RESULTS.md").read_text())
 
 
@@ -769,10 +736,10 @@ def main() -> None:
         args.epochs = 2
     if args.report_only:
         out = Path(args.results_dir)
-        results = load_results(out)
+        results = read_results(out, required=False)
         if not results:
             sys.exit(f"native: error: {out / 'results.json'} does not exist; run the study first")
-        (out / "RESULTS.md").write_text(report(results))
+        write_results(out, report=report(results))
         print((out / "RESULTS.md").read_text())
         return
     run(args)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segx.benchmark.helpers import write_results
 from segx.data.folder import discover_cases, from_model_size, to_model_size
 from segx.data.io import read_mask
 from segx.scoring.metrics import dice_per_case
@@ -93,7 +94,7 @@ def main() -> None:
             means = g.groupby("appearance").dice.mean()
             lines.append(f"| {size} | " + " | ".join(f"{means[a]:.4f}" for a in sorted(means.index)) + " |")
     text = "\n".join(lines) + "\n"
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

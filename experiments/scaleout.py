@@ -21,7 +21,6 @@ against a fresh SQLite store and against ``segx.server`` (PostgreSQL + proxied a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from segx.benchmark import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "scaleout"
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
     if args.report_only:
-        saved = json.loads((OUT / "results.json").read_text())
+        saved = helpers.read_results(OUT)
         modes = [m for m in MODES if any(r["mode"] == m for r in saved["rows"])]
         write_results(
             saved["rows"],
@@ -195,7 +196,7 @@ def main() -> None:
                 row = {"round": r, **run_sweep(mode, work, data, settings)}
                 rows.append(row)
                 print(row, flush=True)
-                (OUT / "results.json").write_text(json.dumps({"rows": rows}, indent=1))  # each stage as it ends
+                helpers.write_results(OUT, {"rows": rows})  # each stage as it ends
         latency = logging_latency(work, calls=20 if args.quick else 50, rounds=2 if args.quick else 4)
         print(latency, flush=True)
     write_results(rows, latency, modes, settings, rounds, args.quick)
@@ -232,7 +233,7 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
 
     params = build_model("unet", "resnet34", 64).count_params()
     results.update(resnet34_unet_params=params, resnet34_unet_weights_mb=round(params * 4 / 2**20, 1))
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    helpers.write_results(OUT, results)
     lines = [
         "# Scale-out on one machine: serial, joblib and SLURM sweeps; metric logging against SQLite and the server",
         "",
@@ -312,7 +313,7 @@ def write_results(rows, latency, modes, settings, rounds, quick, date: str | Non
         '(make server ARGS="workers=4") covers UI users and artifact uploads at the same time.',
     ]
     text = "\n".join(lines) + "\n"
-    (OUT / "RESULTS.md").write_text(text)
+    helpers.write_results(OUT, report=text)
     print(text)
 
 

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from segx.benchmark.helpers import spread, write_results
 from segx.benchmark.naive import naive_grid
 from segx.ensembling import search
 from segx.ensembling.probs import quantize
@@ -116,11 +117,6 @@ def _naive_estimate(probs_float, truth, combos: int, sample: int = 20):
     return (time.perf_counter() - t0) / sample * combos
 
 
-def _spread(values) -> str:
-    values = np.asarray(values, float)
-    return f"{np.median(values):.3g} ({values.min():.3g}-{values.max():.3g})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes, for the smoke test")
@@ -198,7 +194,7 @@ def _summarise(frame: pd.DataFrame, n_members: int, combos: int) -> dict:
     out = {"members": n_members, "combos": combos, "kept": by["segx greedy"]["kept_%"].iloc[0]}
     naive = by.get("naive grid")
     for name, g in by.items():
-        out[name] = {"wall": _spread(g["wall_s"]), "dice": g["dice"].iloc[0], "row": g.iloc[0]}
+        out[name] = {"wall": spread(g["wall_s"], 3, style="g"), "dice": g["dice"].iloc[0], "row": g.iloc[0]}
     if naive is not None:
         for name in ("segx greedy", "segx grid t=0.5", "segx grid"):
             ratios = naive["wall_s"].to_numpy() / by[name]["wall_s"].to_numpy()
@@ -267,7 +263,7 @@ def _write_report(args, summary: list[dict], thresholds: list[float]) -> None:
         "kept pixels and tables stay in cache), so speed-ups measured on a busy machine are larger than "
         "on an idle one. The CPU-time column counts the naive grid's BLAS threads too.",
     ]
-    (args.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, report="\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

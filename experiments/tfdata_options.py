@@ -16,15 +16,15 @@ Writes experiments/tfdata_options/{results.json,RESULTS.md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from segx.benchmark.helpers import spread, write_results
 
 OUT = Path(__file__).resolve().parent / "tfdata_options"
 ROOT = OUT.parents[1]
@@ -124,7 +124,7 @@ def main() -> None:
             "rates": rates,
             "ratios": ratios,
         }
-        (OUT / "results.json").write_text(json.dumps(results, indent=1))
+        write_results(OUT, results)
     lines = [
         "# tf.data options on segx's training pipeline",
         "",
@@ -136,12 +136,9 @@ def main() -> None:
         "|---|---|---|",
     ]
     for n in names:
-        lines.append(
-            f"| {n} | {statistics.median(rates[n]):.1f} ({min(rates[n]):.1f}-{max(rates[n]):.1f}) | "
-            f"{statistics.median(ratios[n]):.3f} ({min(ratios[n]):.3f}-{max(ratios[n]):.3f}) |"
-        )
+        lines.append(f"| {n} | {spread(rates[n], 1)} | {spread(ratios[n], 3)} |")
     text = "\n".join(lines) + "\n"
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

@@ -14,7 +14,6 @@ process, alternating over rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from segx.benchmark.helpers import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "training_overhead"
@@ -108,7 +109,7 @@ def main() -> None:
                 series = train(work, name, SETTINGS[name], args.epochs, data)
                 rows.append({"round": r, "setting": name, **series})
                 print(name, {k: [round(v, 3) for v in vals] for k, vals in series.items()}, flush=True)
-                (OUT / "results.json").write_text(json.dumps({"rows": rows}, indent=1))
+                write_results(OUT, {"rows": rows})
     write(rows, args, checkpoint_cost())
 
 
@@ -159,7 +160,7 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
         "summary": summary,
         "checkpoint": checkpoint,
     }
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(OUT, results)
     lines = [
         "# The training loop's own overhead per epoch",
         "",
@@ -214,7 +215,7 @@ def write(rows: list[dict], args, checkpoint: dict | None = None) -> None:
             f"on the idle machine it takes {checkpoint['sync_write_s']:.2f} s (median of 3).",
         ]
     text = "\n".join(lines) + "\n"
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

@@ -10,7 +10,6 @@ alternate over rounds; medians and ranges are reported.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -22,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+from segx.benchmark.helpers import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "ui_memory"
@@ -124,7 +125,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(OUT, results)
     text = (
         "# MLflow UI memory: `make ui` (one worker) against the default\n\n"
         f"`python experiments/ui_memory.py` ({results['date']}, {results['machine']}): resident memory of the whole "
@@ -136,7 +137,7 @@ def main() -> None:
         )
         + f"\nOne worker uses {ratio:.2f} of the default's memory.\n"
     )
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     print(text)
 
 

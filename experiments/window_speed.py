@@ -29,7 +29,6 @@ after each round) and RESULTS.md (rewrite it with ``--report-only``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from segx.benchmark.helpers import read_results, spread, write_results
 
 OUT = Path(__file__).resolve().parent / "window_speed"
 BACKBONE = "resnet18"
@@ -139,13 +140,9 @@ def main() -> None:
                 print(f"round {round_ + 1} {size[1]}x{size[0]} {variant}: {seconds:.3f} s", flush=True)
         saved["load"].append(os.getloadavg()[0])
         saved["rounds_done"] = round_ + 1
-        (OUT / "results.json").write_text(json.dumps(saved, indent=1))
+        write_results(OUT, saved)
         write_report(quiet=True)
     write_report()
-
-
-def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def mpx(values: list[float]) -> str:
@@ -154,7 +151,7 @@ def mpx(values: list[float]) -> str:
 
 def write_report(quiet: bool = False) -> None:
     """RESULTS.md from results.json (``--report-only`` rewrites it without timing anything)."""
-    saved = json.loads((OUT / "results.json").read_text())
+    saved = read_results(OUT)
     args, window = saved["args"], saved["args"]["window"]
     overlaps = [float(o) for o in args["overlaps"].split(",")]
     info = saved["machine"]
@@ -263,7 +260,7 @@ def write_report(quiet: bool = False) -> None:
         + "\n\nCost of more overlap (time ratio within a round, against the ratio of window counts):\n\n"
         "| image (WxH) | overlaps | windows | time ratio |\n|---|---|---|---|\n" + "\n".join(overhead_rows) + "\n"
     )
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     if not quiet:
         print(text)
 

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segx.benchmark.helpers import read_results, spread, write_results
+
 OUT = Path(__file__).resolve().parent
 ROOT = OUT.parent.parent
 BACKBONES = ("resnet18", "mobilenetv2", "efficientnetb0")
@@ -245,18 +247,14 @@ def main() -> None:
             print(f"round {round_ + 1} {runtime}: {args.images / seconds:.1f} img/s", flush=True)
         saved["load"].append(os.getloadavg()[0])
         saved["rounds_done"] = round_ + 1
-        (OUT / "results.json").write_text(json.dumps(saved, indent=1))
+        write_results(OUT, saved)
         write_report(quiet=True)
     write_report()
 
 
-def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def write_report(quiet: bool = False) -> None:
     """RESULTS.md from results.json."""
-    saved = json.loads((OUT / "results.json").read_text())
+    saved = read_results(OUT)
     args, info, n = saved["args"], saved["machine"], saved["args"]["images"]
     rate = {r: [n / s for s in saved["seconds"][r]] for r in RUNTIMES}
     ratio = {r: [a / b for a, b in zip(rate[r], rate["keras"], strict=True)] for r in RUNTIMES}
@@ -324,7 +322,7 @@ def write_report(quiet: bool = False) -> None:
         f"probability on the export's check batch: SavedModel {exports['savedmodel']['check']:.2g}, ONNX "
         f"{exports['onnx']['check']:.2g}).\n"
     )
-    (OUT / "RESULTS.md").write_text(text)
+    write_results(OUT, report=text)
     if not quiet:
         print(text)
 

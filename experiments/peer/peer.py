@@ -29,15 +29,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+
+from segx.benchmark.helpers import machine, read_results, spread, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -94,15 +95,6 @@ class Worker:
             pass
         self.proc.wait(timeout=60)
         self.log.close()
-
-
-def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def git(*args: str) -> str:
@@ -212,7 +204,7 @@ def run(args) -> None:
                     "load": os.getloadavg(),
                 }
             )
-            out_path.write_text(json.dumps(results, indent=1))
+            write_results(out_path.parent, results, name=out_path.name)
             summary = "; ".join(
                 f"{key} {task} "
                 + "/".join(
@@ -248,10 +240,7 @@ def rate(results: dict, key: str, task: str, side: str, timings: dict) -> float:
     return n / timings[key][task][side]
 
 
-def med(values: list[float], fmt: str = "{:.1f}") -> str:
-    if not values:
-        return "-"
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+med = partial(spread, empty="-")  # median (min-max); "-" for no values
 
 
 def peak(results: dict) -> float:
@@ -326,9 +315,9 @@ def speed_table(results: dict) -> list[str]:
             gratio = [a / b for a, b in zip(s["gflops"], m["gflops"], strict=True)]
             lines.append(
                 f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
-                f"{med(s['img_s'])} | {med(m['img_s'])} | **{med(ratio, '{:.2f}')}** | {med(s['gflops'])} | "
-                f"{med(m['gflops'])} | {med(gratio, '{:.2f}')} | {med([100 * f for f in s['fraction']], '{:.0f}')} | "
-                f"{med([100 * f for f in m['fraction']], '{:.0f}')} | {max(s['img_s']) / max(m['img_s']):.2f} |"
+                f"{med(s['img_s'], 1)} | {med(m['img_s'], 1)} | **{med(ratio, 2)}** | {med(s['gflops'], 1)} | "
+                f"{med(m['gflops'], 1)} | {med(gratio, 2)} | {med([100 * f for f in s['fraction']], 0)} | "
+                f"{med([100 * f for f in m['fraction']], 0)} | {max(s['img_s']) / max(m['img_s']):.2f} |"
             )
     return lines
 
@@ -346,7 +335,7 @@ def matmul_table(results: dict) -> list[str]:
         "numpy_peer_venv": "numpy (peer venv)",
     }
     lines = [f"| {MATMUL_N}x{MATMUL_N} float32 matmul | GFLOP/s |", "|---|---|"]
-    lines += [f"| {names.get(lib, lib)} | {med(values)} |" for lib, values in libs.items()]
+    lines += [f"| {names.get(lib, lib)} | {med(values, 1)} |" for lib, values in libs.items()]
     lines.append(f"| highest of the run (the reference for '% of matmul') | {peak(results):.1f} |")
     return lines
 
@@ -368,11 +357,11 @@ def lever_table(lev: dict) -> list[str]:
                 peer = "monai-threads-1" if lever == "threads-1" and "monai-threads-1" in lev["sides"] else "monai"
                 lines.append(
                     f"| {NAMES.get(backbone, backbone)} U-Net | {size} | {'training' if task == 'train' else 'inference'} | "
-                    f"{lever} | {med(base['img_s'])} | {med(after['img_s'])} | "
-                    f"**{med(ratios(lev, key, task, lever, 'segx'), '{:.2f}')}** | "
-                    f"{med(ratios(lev, key, task, 'segx', 'monai'), '{:.2f}')} | "
-                    f"{med(ratios(lev, key, task, lever, peer), '{:.2f}')}{' (vs MONAI 1 thread)' if peer != 'monai' else ''} | "
-                    f"{med([100 * f for f in after['fraction']], '{:.0f}')} |"
+                    f"{lever} | {med(base['img_s'], 1)} | {med(after['img_s'], 1)} | "
+                    f"**{med(ratios(lev, key, task, lever, 'segx'), 2)}** | "
+                    f"{med(ratios(lev, key, task, 'segx', 'monai'), 2)} | "
+                    f"{med(ratios(lev, key, task, lever, peer), 2)}{' (vs MONAI 1 thread)' if peer != 'monai' else ''} | "
+                    f"{med([100 * f for f in after['fraction']], 0)} |"
                 )
     return lines
 
@@ -381,7 +370,7 @@ def write_report() -> None:
     results_path, levers_path = HERE / "results.json", HERE / "levers.json"
     if not results_path.exists():
         raise SystemExit(f"peer: {results_path} missing; run the benchmark first")
-    results = json.loads(results_path.read_text())
+    results = read_results(HERE)
     notes_path = HERE / "notes.md"  # the reading of the numbers, written by hand after a run
     lines = ["# segx against MONAI (CPU torch): training and inference side by side", ""]
     lines += header(results) + [""]
@@ -414,7 +403,7 @@ def write_report() -> None:
     lines += ["## Networks", ""] + network_table(results, ["segx"]) + [""]
     lines += ["## Matmul rate (same run)", ""] + matmul_table(results) + [""]
     if levers_path.exists():
-        lev = json.loads(levers_path.read_text())
+        lev = read_results(HERE, "levers.json")
         lines += ["## Levers on segx's side", ""] + header(lev) + [""]
         lines += [
             f"Each lever is a separate segx worker ({', '.join(s for s in lev['sides'] if s != 'segx' and s not in PEERS)}) "
@@ -423,7 +412,7 @@ def write_report() -> None:
             "",
         ]
         lines += lever_table(lev) + [""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    write_results(HERE, report="\n".join(lines))
 
 
 def main() -> None:

@@ -5,9 +5,7 @@ the search on real cached probabilities."""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +14,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from segx.benchmark import helpers
+from segx.benchmark.helpers import subset_folder, write_results
 from segx.benchmark.naive import naive_grid
 from segx.benchmark.report import load_stage, write_report
 from segx.config import TTA_MODES
@@ -25,17 +25,10 @@ STAGES = ("accuracy", "throughput", "efficiency", "inference", "search")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """:func:`segx.benchmark.helpers.machine` with the versions segx records for its runs."""
     from segx.tracking.provenance import package_versions
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **package_versions()}
+    return {**helpers.machine(), **package_versions()}
 
 
 def rss_mb() -> float:
@@ -59,29 +52,6 @@ def check_dataset(root: Path) -> None:
         raise SegxError(f"{root}/metadata.csv is missing; the study needs its 'appearance' column")
 
 
-def subset_folder(root: Path, n: int | None, work: Path) -> Path:
-    """``root`` itself, or a folder of symlinks to a stratified subset of ``n`` cases."""
-    if not n:
-        return root
-    meta = pd.read_csv(root / "metadata.csv")
-    rng = np.random.default_rng(0)
-    parts = []
-    for _, group in meta.groupby("appearance"):
-        keep = max(2, round(n * len(group) / len(meta)))
-        parts.append(group.iloc[rng.permutation(len(group))[:keep]])
-    picked = pd.concat(parts)
-    target = work / f"subset-{n}"
-    for sub in ("train_images", "train_masks"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-    for stem in picked["stem"]:
-        for sub in ("train_images", "train_masks"):
-            link = target / sub / f"{stem}.png"
-            if not link.exists():
-                link.symlink_to((root / sub / f"{stem}.png").resolve())
-    picked.to_csv(target / "metadata.csv", index=False)
-    return target
-
-
 class Study:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -95,7 +65,7 @@ class Study:
     # --- bookkeeping -------------------------------------------------------------------------
     def save(self, stage: str, payload: dict) -> None:
         payload = {"stage": stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-        (self.results / f"{stage}.json").write_text(json.dumps(payload, indent=1, default=float))
+        write_results(self.results, payload, name=f"{stage}.json")
         write_report(self.results, self.profile)
         print(f"segx bench: stage '{stage}' done -> {self.results / (stage + '.json')}", flush=True)
 
