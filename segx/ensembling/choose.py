@@ -70,9 +70,16 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     truth = members[0].val.masks
     from segx.progress import stage
 
+    classes = members[0].val.classes
     t0 = time.perf_counter()
-    stage(f"searching weights and threshold on validation ({e.method}, {len(members)} members, {len(truth)} cases)")
-    data = search.compact(probs, truth, list(e.thresholds))
+    if classes is not None:  # several classes: argmax of the weighted class probabilities, no threshold
+        from segx.ensembling.classes import compact_classes
+
+        stage(f"searching weights on validation ({e.method}, {len(members)} members, {len(classes)} classes)")
+        data = compact_classes(probs, truth, len(classes))
+    else:
+        stage(f"searching weights and threshold on validation ({e.method}, {len(members)} members, {len(truth)} cases)")
+        data = search.compact(probs, truth, list(e.thresholds))
     run = {
         "grid": lambda: search.search_grid(data, e.grid_step),
         "greedy": lambda: search.search_greedy(data, e.greedy_steps, e.greedy_patience, e.greedy_min_gain),
@@ -89,6 +96,31 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
     # The search scored the candidate in prediction's arithmetic; the prediction path itself
     # must give the same number to the last bit.
+    if classes is not None:
+        from segx.ensembling.classes import exact_class_dice, majority_vote_labels
+        from segx.scoring.classes import mean_foreground_dice
+
+        val_dice = exact_class_dice(probs, truth, weights, len(classes))
+        if val_dice != chosen.val_dice:
+            raise RuntimeError(
+                f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report"
+            )
+        from segx.scoring.postprocess import PostProcess
+
+        # Per-class post-processing is not chosen yet for several classes: the labels are the argmax.
+        majority = mean_foreground_dice(majority_vote_labels(probs), truth, len(classes))
+        return SearchOutcome(
+            chosen=chosen,
+            searched=result,
+            baselines=base,
+            weights=weights,
+            val_dice=val_dice,
+            postprocess=PostProcess(),
+            postprocess_results=[],
+            majority_val_dice=majority,
+            search_seconds=seconds,
+            kept_fraction=data.kept_fraction,
+        )
     val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
     if val_dice != chosen.val_dice:
         raise RuntimeError(f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report")

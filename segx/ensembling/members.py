@@ -29,6 +29,9 @@ class Member:
     # then out-of-fold (every training case from the fold model that did not see it) and test
     # the mean of the fold models. Empty for a single-split member.
     folds: list[str] = field(default_factory=list)
+    # Several classes: data.labels as the member's run recorded it (segx.data.labels.Labels.to_record,
+    # plus "flip_swap" when declared); None for one structure.
+    labels: dict | None = None
 
     @property
     def label(self) -> str:

@@ -26,7 +26,11 @@ REQUIRED = ("members", "threshold")
 # the record's Dice is scored at each image's own size. Versions 1 and 2 had one top-level
 # ``image_size``/``resize_mode`` shared by every member (resize mode).
 RECORD_VERSION = 3
-_VERSIONS = (1, 2, 3)
+# Version 4: several classes. The record names them (``labels``: names, mask values, palette,
+# ignore, the flip swap) and has no threshold (argmax). A binary ensemble keeps writing version 3,
+# which every segx since 0.2 reads.
+CLASSES_RECORD_VERSION = 4
+_VERSIONS = (1, 2, 3, 4)
 
 
 def _is_number(value: Any) -> bool:
@@ -78,7 +82,20 @@ def validate_record(record: Any, where: str = "ensemble.json") -> dict:
     elif abs(sum(weights) - 1.0) > 1e-6:
         raise SegxError(f"{where}: member weights sum to {sum(weights):.6f}, not 1; divide each by their sum")
     t = record["threshold"]
-    if not _is_number(t) or not 0 <= t <= 1:
+    if version >= 4 and record.get("labels") is not None:
+        from segx.data.labels import Labels
+
+        try:
+            Labels.from_record(record["labels"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegxError(
+                f"{where}: 'labels' is not a segx class list ({exc}); rebuild it with python -m segx.ensemble"
+            ) from None
+        if t is not None:
+            raise SegxError(
+                f"{where}: threshold={t!r} in a multi-class record (labels are chosen by argmax); set it to null"
+            )
+    elif not _is_number(t) or not 0 <= t <= 1:
         raise SegxError(f"{where}: threshold={t!r} must be a number in [0, 1]")
     if record.get("tta", "none") not in TTA_MODES:
         raise SegxError(f"{where}: tta={record.get('tta')!r} must be 'none' or 'flip'")
@@ -139,6 +156,7 @@ def make_record(
     tolerance: float,
     thresholds: Sequence[float],
     git: tuple[str | None, bool | None] = (None, None),
+    labels: dict | None = None,
 ) -> dict:
     """The ``ensemble.json`` of a chosen ensemble (``found``: the :class:`~segx.ensembling.choose.SearchOutcome`; ``git``:
     the commit and dirty flag of the code that chose it, ``provenance.git_sha()``)."""
@@ -149,7 +167,7 @@ def make_record(
     per_member, weight_total = weight_fields(found.weights)
     return {
         "format": "segx-ensemble",
-        "version": RECORD_VERSION,
+        "version": RECORD_VERSION if labels is None else CLASSES_RECORD_VERSION,
         "segx_version": segx.__version__,
         "git_sha": sha,
         "git_dirty": dirty,
@@ -168,7 +186,8 @@ def make_record(
             for m, w in zip(members, per_member, strict=True)
         ],
         **weight_total,
-        "threshold": chosen.threshold,
+        "threshold": None if labels is not None else chosen.threshold,
+        **({"labels": labels} if labels is not None else {}),
         "postprocess": found.postprocess.to_dict(),
         "tta": str(tta),
         "search": {

@@ -27,6 +27,9 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
     from segx.ensembling.members import unique_labels
 
+    if test.classes is not None:
+        return _score_classes(members, weights, spacing)
+
     # Unique names: two members with one backbone and arch (resize and patch) must not share a row.
     methods = {
         f"member:{label}": (lambda i=i: probs[i].like(probs[i].flat >= 128))
@@ -49,6 +52,50 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
         for i, stem in enumerate(test.stems):
             rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
     return pd.DataFrame(rows), preds
+
+
+def _score_classes(members: list[Member], weights, spacing=None):
+    """:func:`score_test_split` for several classes: label maps by argmax (ties to the lowest
+    index), per-case foreground means in ``dice``, ``iou``, ``hd95`` and per-class columns
+    ``dice/<class>`` (NaN where the empty-class rule leaves the class out of a case)."""
+    from segx.ensembling.classes import exact_labels, majority_vote_labels
+    from segx.ensembling.members import unique_labels
+    from segx.ensembling.probs import Weights, member_labels
+    from segx.scoring.classes import class_metrics
+
+    test = members[0].test
+    names = test.classes
+    probs = [m.test.probs for m in members]
+    methods = {
+        f"member:{label}": (lambda i=i: member_labels(probs[i])) for i, label in enumerate(unique_labels(members))
+    }
+    methods["equal-weights"] = lambda: exact_labels(probs, Weights((1,) * len(members), len(members)))
+    methods["majority-vote"] = lambda: majority_vote_labels(probs)
+    methods["ensemble"] = lambda: exact_labels(probs, weights)
+    rows, preds = [], {}
+    for name, make in methods.items():
+        pred = make()
+        preds[name] = pred
+        scores = class_metrics(pred, test.masks, names, spacing=spacing)
+        for i, stem in enumerate(test.stems):
+            rows.append(
+                {"method": name, "threshold": None, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}}
+            )
+    return pd.DataFrame(rows), preds
+
+
+def class_summary(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Per method, the multi-class scores as the search counts them: for each class the mean over
+    the cases that count it (pandas skips NaN), then ``dice``/``iou``/``hd95`` as the mean over
+    foreground classes of those (nnU-Net's foreground mean)."""
+    order = list(dict.fromkeys(per_case["method"]))
+    per_class = [c for c in per_case.columns if "/" in c]
+    table = per_case.groupby("method", sort=False)[per_class].mean()
+    for metric in ("dice", "iou", "hd95"):
+        cols = [c for c in per_class if c.startswith(metric + "/")]
+        if cols:
+            table[metric] = table[cols].mean(axis=1)
+    return table.loc[order]
 
 
 def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0) -> dict:
@@ -88,6 +135,23 @@ def honest_gain(
 
     member_rows = [b for b in found.baselines if b.name.startswith("member:")]
     index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)
+    if members[index].test.classes is not None:  # several classes: per-case foreground means, no threshold
+        stems = members[0].test.stems
+        by_method = per_case.set_index(["method", "stem"])["dice"]
+        member_test = by_method.loc[best.name].loc[stems].to_numpy()
+        ensemble = by_method.loc["ensemble"].loc[stems].to_numpy()
+        out = paired_bootstrap(ensemble, member_test, resamples, seed)
+        return {
+            **out,
+            "best_member": best.name,
+            "best_member_threshold": None,
+            "best_member_val_dice": best.val_dice,
+            "best_member_test_dice": float(member_test.mean()),
+            "ensemble_val_dice": found.val_dice,
+            "ensemble_test_dice": float(ensemble.mean()),
+            "ensemble_optimism": found.val_dice - float(ensemble.mean()),
+            "best_member_optimism": best.val_dice - float(member_test.mean()),
+        }
     # Like for like: the member on test at the threshold validation chose for it (as the
     # ensemble is at its own), not at 0.5; both are then what a user would deploy.
     test = members[index].test
@@ -235,9 +299,13 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
             if gain["high"] < 0
             else "not shown to be better: the interval includes zero"
         )
+        at = (
+            f"at its validation threshold {gain['best_member_threshold']}"
+            if gain["best_member_threshold"] is not None
+            else "per-case foreground-mean Dice"
+        )
         print(
-            f"\nEnsemble minus best member ({gain['best_member']}, best on validation, at its validation "
-            f"threshold {gain['best_member_threshold']}), test Dice: "
+            f"\nEnsemble minus best member ({gain['best_member']}, best on validation, {at}), test Dice: "
             f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
             f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}."
         )
@@ -245,8 +313,9 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
             f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
             f"best member {gain['best_member_optimism']:+.4f}"
         )
-    print(
-        f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict "
-        f"ensemble_run_id={record['run_id']} input_dir=... output_dir=...)",
-        flush=True,
+    rebuild = (
+        f"rebuild: python -m segx.predict ensemble_run_id={record['run_id']} input_dir=... output_dir=..."
+        if record.get("labels") is None
+        else "several classes: its record and per-class tables are in the run; prediction of such records comes later"
     )
+    print(f"\nsegx: ensemble run {record['run_id']}  ({rebuild})", flush=True)

@@ -17,6 +17,7 @@ import numpy as np
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import Score, binarize, combine, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
+from segx.errors import SegxError
 from segx.inference.view import View, predict_cases
 from segx.scoring.postprocess import PostProcess, apply
 
@@ -61,6 +62,12 @@ class EnsemblePredictor:
 
     def __init__(self, record: dict, model_paths: Sequence, tta: str | None = None, fused: bool = True):
         self.record = validate_record(record)
+        if record.get("labels") is not None:
+            raise SegxError(
+                "this ensemble segments several classes (its record names data.labels); segx.predict, segx.export "
+                "and the pyfunc model read one-structure ensembles only in this segx version; its test scores are "
+                "in the ensemble run's tables/"
+            )
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
         self.members = record["members"]

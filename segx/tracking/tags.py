@@ -25,3 +25,6 @@ FOLD = "segx.fold"
 CV_PARENT = "segx.cv_parent"  # on a fold run: its cross-validated configuration's parent run
 CV_CONFIG_HASH = "segx.cv_config_hash"
 EXPORT = "segx.export."  # + format, on an ensemble run: the export's child run ID
+LABELS = (
+    "segx.labels"  # several classes: JSON of data.labels as segx reads them (names, values, palette, ignore, flip swap)
+)

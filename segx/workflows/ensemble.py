@@ -27,6 +27,7 @@ from segx.ensembling.members import check_compatible, unique_labels
 from segx.ensembling.record import make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
+    class_summary,
     honest_gain,
     plot_ensemble,
     print_report,
@@ -161,14 +162,22 @@ def build_ensemble(cfg: DictConfig) -> dict:
         f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members),
         flush=True,
     )
+    labels = _common_labels(members, str(e.tta))
     found = run_search(members, search_settings(cfg))
     from segx.tracking.provenance import git_sha
 
-    record = make_record(members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha())
+    record = make_record(
+        members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha(), labels
+    )
     per_case, preds = score_test_split(
         members, found.weights, record["threshold"], found.postprocess, members[0].pixel_spacing
     )
     summary = summarise(per_case)
+    per_class = class_summary(per_case) if labels is not None else None
+    if per_class is not None:  # several classes: the foreground mean of per-class means (the search's)
+        summary["dice_mean"] = per_class["dice"]
+        summary["iou_mean"] = per_class["iou"]
+        summary["hd95_mean"] = per_class["hd95"]
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
 
@@ -189,10 +198,10 @@ def build_ensemble(cfg: DictConfig) -> dict:
     if own is not None:  # the same search over the same member runs, whatever selected them
         tags["segx.overrides"] = json.dumps(own)
         tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
-    labels = unique_labels(members)
+    names = unique_labels(members)
     note = _description(
         members,
-        labels,
+        names,
         found,
         record,
         summary,
@@ -219,7 +228,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
             {
                 **{
                     f"chosen.weight.{i}.{label}": f"{w:.6g}"
-                    for i, (label, w) in enumerate(zip(labels, found.weights, strict=True))
+                    for i, (label, w) in enumerate(zip(names, found.weights, strict=True))
                 },
                 "chosen.threshold": str(record["threshold"]),
                 "chosen.method": found.chosen.name,
@@ -236,11 +245,16 @@ def build_ensemble(cfg: DictConfig) -> dict:
             pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
                 tmp / "tables" / "val_postprocess.csv", index=False
             )
-        plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
+        if per_class is not None:
+            per_class.to_csv(tmp / "tables" / "test_per_class.csv")
+        else:  # the figures draw one structure; per-class figures are not drawn yet
+            plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
         member_runs = [f for m in members for f in (m.folds or [m.run_id])]
         tracking.link_models(client, run_id, [MemberRun.of(client.get_run(r)).logged_model_id for r in member_runs])
         for name in ("ensemble.json", "tables", "plots"):
+            if not (tmp / name).exists():
+                continue
             tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
         # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
         # chart for members and ensembles; every method of the test table under methods/
@@ -268,14 +282,49 @@ def build_ensemble(cfg: DictConfig) -> dict:
         )
         pd.DataFrame([gain]).to_csv(tmp / "tables" / "gain.csv", index=False)
         tracking.log_artifact(client, run_id, tmp / "tables" / "gain.csv", "tables")
+        if per_class is not None:  # test/dice/<class> beside test/dice (one chart per class)
+            for column in per_class.columns:
+                if "/" in column and np.isfinite(per_class.loc["ensemble", column]):
+                    metrics[f"test/{column}"] = float(per_class.loc["ensemble", column])
+        metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
         tracking.log_metrics(client, run_id, metrics)
-        from segx.tracking.pyfunc_model import log_pyfunc
+        if labels is None:
+            from segx.tracking.pyfunc_model import log_pyfunc
 
-        stage("logging the pyfunc model (a copy of every member's weights travels with it)")
-        log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
+            stage("logging the pyfunc model (a copy of every member's weights travels with it)")
+            log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
+        else:
+            print(
+                "segx: several classes: the pyfunc model, segx.predict and segx.export do not read "
+                "multi-class records yet; the record, tables and metrics are logged",
+                flush=True,
+            )
     record["run_id"] = run_id
     print_report(record, members, validation, summary, found, gain)
     return record
+
+
+def _common_labels(members, tta: str) -> dict | None:
+    """The members' classes, which must be the same for all (one line naming the two members
+    otherwise); None for one structure."""
+    first = members[0].labels
+    for m in members[1:]:
+        if m.labels != first:
+            what = lambda x: "one structure" if x is None else ", ".join(x["names"])  # noqa: E731
+            raise SegxError(
+                f"members {members[0].run_id} ({what(first)}) and {m.run_id} ({what(m.labels)}) name different "
+                "classes (data.labels); ensemble members trained with the same data.labels"
+            )
+    if first is not None and tta == "flip":
+        from segx.data.labels import Labels
+
+        sided = Labels.from_record(first).sided()
+        if sided and "flip_swap" not in first:
+            raise SegxError(
+                f"ensemble.tta=flip mirrors the images, and classes {', '.join(sided)} name a side; retrain "
+                "the members with data.flip_swap set, or use ensemble.tta=none"
+            )
+    return first
 
 
 def _g(value: float) -> str:

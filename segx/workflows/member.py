@@ -289,6 +289,12 @@ def train_member(
     run_id, parent_id, overrides = _open_run(
         cfg, client, experiment, prepared, view, identity, resume_id, overrides, base_name, run_name, placement
     )
+    if labels is not None:  # the ensemble names its classes from here (its members' own)
+        record = {
+            **labels.to_record(),
+            **({"flip_swap": [int(i) for i in swap[: labels.n_classes]]} if swap is not None else {}),
+        }
+        tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
     if on_run is not None:
         on_run(run_id)
     print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)

@@ -4,11 +4,13 @@ fingerprint. What the search does with them: :mod:`segx.ensembling.members`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from segx.ensembling.members import Member, assemble_out_of_fold, view_of
 from segx.errors import SegxError
+from segx.tracking import tags as tag_names
 from segx.tracking.readers import MemberRun
 
 
@@ -72,6 +74,7 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
         pixel_spacing=ref.pixel_spacing,
         fingerprint_parts={**ref.fingerprint_parts, "split": cv_fp, "data": cv_fp},
         folds=[runs[f].info.run_id for f in sorted(runs)],
+        labels=ref.labels,
     )
 
 
@@ -124,6 +127,7 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         val=val,
         test=test,
         fingerprint_parts={k: run.data.tags.get(tag, "") for k, tag in FINGERPRINT_TAGS.items()},
+        labels=json.loads(run.data.tags[tag_names.LABELS]) if tag_names.LABELS in run.data.tags else None,
     )
 
 
