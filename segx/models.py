@@ -322,7 +322,7 @@ def predict_probs(model, images: np.ndarray, backbone: str, tta: str = "none") -
 
     ``tta='flip'``: the mean of the plain pass and the width- and height-flipped passes, each
     flipped back. Same code as :func:`predict_probs_modes` (whose ``swap``, data.flip_swap's class
-    permutation, applies to the mirrored passes), so it is bit for bit what a member caches at
+    permutation, applies to the horizontally flipped pass), so it is bit for bit what a member caches at
     training time for the ensemble search.
     """
     return predict_probs_modes(model, images, backbone, (tta,))[tta]
@@ -382,9 +382,8 @@ def _probs_modes(forward, backbones, images: np.ndarray, modes, swap=None) -> li
         if any(mode != "none" for mode in modes):
             flipped_w = [p[:, :, ::-1] for p in forward([b[:, :, ::-1] for b in batches])]
             flipped_h = [p[:, ::-1] for p in forward([b[:, ::-1] for b in batches])]
-            if swap is not None:  # data.flip_swap: a mirrored pass labels left as right; swap back
+            if swap is not None:  # data.flip_swap: the horizontally flipped pass labels left as right; swap back
                 flipped_w = [p[..., swap] if p.ndim == 4 else p for p in flipped_w]
-                flipped_h = [p[..., swap] if p.ndim == 4 else p for p in flipped_h]
         for i, maps in enumerate(out):
             for mode in modes:
                 maps[mode][start : start + len(batches[i])] = (

@@ -61,11 +61,9 @@ class SeededAugmenter:
 
 
 def mirrored(cols: np.ndarray, rows: np.ndarray) -> bool:
-    """Whether a transform mirrored the image, read off where each output pixel came from
-    (``cols``, ``rows``: the source column and row, moved as masks are): the sign of the mean
-    Jacobian's determinant. Any composition counts (a flip, a transpose, a flip then a 90-degree
-    turn, an affine with a reflection): left and right swap iff it is negative."""
-    cols, rows = cols.astype(np.float64), rows.astype(np.float64)
-    dc_dx, dr_dx = np.diff(cols, axis=1).mean(), np.diff(rows, axis=1).mean()
-    dc_dy, dr_dy = np.diff(cols, axis=0).mean(), np.diff(rows, axis=0).mean()
-    return dc_dx * dr_dy - dr_dx * dc_dy < 0
+    """Whether a transform flipped the image horizontally, read off where each output pixel came
+    from (``cols``, ``rows``: the source column and row, moved as masks are): the output's left
+    comes from the source's right when the source column falls, on average, from left to right.
+    Any composition counts (HorizontalFlip, a flip inside D4, an affine with a horizontal
+    reflection); a vertical flip or a rotation keeps left and right, and swaps nothing."""
+    return float(np.diff(cols.astype(np.float64), axis=1).mean()) < 0

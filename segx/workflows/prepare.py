@@ -113,7 +113,7 @@ def labels_of(data: DictConfig) -> Labels | None:
     return Labels.from_config(plain("labels"), plain("palette"), plain("ignore"))
 
 
-MIRRORING = ("HorizontalFlip", "VerticalFlip", "Transpose", "D4", "SquareSymmetry")
+MIRRORING = ("HorizontalFlip", "D4", "SquareSymmetry")  # transforms that may flip an image horizontally
 
 
 def flip_swap_of(data: DictConfig, labels: Labels | None, transforms=(), tta: str | None = None):

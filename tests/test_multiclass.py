@@ -1,0 +1,378 @@
+"""Several classes: labels, label maps, per-class scores, the exact class search, flip swap.
+
+Hand-built cases with known answers; one slow end-to-end test trains real members."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from segx.data.io import read_label_map
+from segx.data.labels import IGNORE_INDEX, Labels
+from segx.data.ragged import Ragged
+from segx.ensembling import search
+from segx.ensembling.classes import compact_classes, exact_class_dice, exact_labels
+from segx.ensembling.probs import Weights
+from segx.errors import SegxError
+from segx.scoring.classes import class_dice, class_means, class_metrics, confusion_counts, foreground_mean
+
+LUNGS = {"background": 0, "right_lung": 1, "left_lung": 2, "vessel": 3}
+
+
+# -- labels and label maps ---------------------------------------------------------------------
+
+
+def test_labels_are_ordered_by_value_with_background_first():
+    labels = Labels.from_config({"tumour": 255, "background": 0, "oedema": 128})
+    assert labels.names == ("background", "oedema", "tumour")
+    assert labels.foreground == ("oedema", "tumour")
+    raw = np.array([[0, 128], [255, 0]], np.uint8)
+    assert labels.encode(raw, "m.png").tolist() == [[0, 1], [2, 0]]
+    assert labels.decode(labels.encode(raw, "m.png")).tolist() == raw.tolist()
+
+
+@pytest.mark.parametrize(
+    "labels, palette, ignore, message",
+    [
+        ({"background": 0}, None, None, "at least two classes"),
+        ({"a": 1, "b": 2}, None, None, "no class of value 0"),
+        ({"background": 0, "a": 1, "b": 1}, None, None, "a and b share the value 1"),
+        ({"background": 0, "a": 1}, None, 1, r"data.ignore=1 is also the value of class a"),
+        ({"background": 0, "a": 1}, {"background": [0, 0, 0]}, None, "data.palette has no colour for a"),
+        ({"background": 0, "a": 1}, {"background": [0, 0, 0], "b": [1, 1, 1]}, None, "data.palette.b is not a class"),
+        (None, None, 255, "data.ignore is set but data.labels is null"),
+    ],
+)
+def test_bad_label_configs_are_one_line_naming_the_key(labels, palette, ignore, message):
+    with pytest.raises(SegxError, match=message) as info:
+        Labels.from_config(labels, palette, ignore)
+    assert "\n" not in str(info.value)
+
+
+def test_a_mask_value_not_in_the_labels_names_the_file_the_value_and_the_key(tmp_path):
+    labels = Labels.from_config(LUNGS)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2, 2] = 7
+    cv2.imwrite(str(tmp_path / "case.png"), mask)
+    with pytest.raises(SegxError, match=r"case.png: mask value\(s\) 7 \(1 px\) are not in data.labels"):
+        read_label_map(tmp_path / "case.png", labels)
+
+
+def test_anti_aliased_edges_are_named_with_their_stray_values(tmp_path):
+    labels = Labels.from_config({"background": 0, "organ": 255})
+    mask = np.zeros((16, 16), np.uint8)
+    cv2.circle(mask, (8, 8), 5, 255, -1, lineType=cv2.LINE_AA)
+    cv2.imwrite(str(tmp_path / "smooth.png"), mask)
+    with pytest.raises(SegxError, match=r"smooth.png: .*anti-aliased") as info:
+        read_label_map(tmp_path / "smooth.png", labels)
+    stray = sorted(set(np.unique(mask)) - {0, 255})
+    assert f"{stray[0]} (" in str(info.value)
+
+
+def test_a_jpeg_label_mask_is_refused(tmp_path):
+    cv2.imwrite(str(tmp_path / "m.jpg"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(SegxError, match="m.jpg: a JPEG label mask is lossy"):
+        read_label_map(tmp_path / "m.jpg", Labels.from_config(LUNGS))
+
+
+def test_a_palette_round_trip_from_colours_in_to_colours_out(tmp_path):
+    palette = {"background": [0, 0, 0], "right_lung": [255, 0, 0], "left_lung": [0, 0, 255], "vessel": [0, 255, 0]}
+    labels = Labels.from_config(LUNGS, palette, [255, 255, 255])
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[0, :] = [255, 0, 0]
+    rgb[1, :] = [0, 0, 255]
+    rgb[2, :] = [0, 255, 0]
+    rgb[3, :] = [255, 255, 255]
+    cv2.imwrite(str(tmp_path / "colours.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    indices = read_label_map(tmp_path / "colours.png", labels)
+    assert indices[:4, 0].tolist() == [1, 2, 3, IGNORE_INDEX]
+    assert (indices[4:] == 0).all()
+    back = labels.decode(np.where(indices == IGNORE_INDEX, 0, indices))
+    assert np.array_equal(back[:3], rgb[:3]) and (back[3:] == 0).all()
+    rgb[5, 5] = [9, 9, 9]
+    cv2.imwrite(str(tmp_path / "odd.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    with pytest.raises(SegxError, match=r"odd.png: colour\(s\) \[9, 9, 9\] \(1 px\) are not in data.palette"):
+        read_label_map(tmp_path / "odd.png", labels)
+
+
+# -- per-class scores ---------------------------------------------------------------------------
+
+
+def test_per_class_dice_and_the_empty_class_rule():
+    truth = np.array([[[0, 1, 1, 0], [0, 0, 0, 0]], [[2, 2, 0, 0], [0, 0, 0, 0]]], np.uint8)
+    pred = np.array([[[0, 1, 0, 0], [0, 0, 0, 2]], [[2, 2, 0, 0], [0, 0, 0, 0]]], np.uint8)
+    names = ("background", "a", "b", "c")
+    scores = class_metrics(pred, truth, names, with_hd95=False)
+    # case 0: a has tp 1, pred 1, true 2 -> 2/3; b absent from the truth but predicted -> 0;
+    # c absent from both -> not counted (NaN).
+    assert scores["dice/a"][0] == pytest.approx(2 / 3)
+    assert scores["dice/b"][0] == 0.0
+    assert np.isnan(scores["dice/c"][0])
+    # case 1: a absent from both (NaN), b perfect.
+    assert np.isnan(scores["dice/a"][1]) and scores["dice/b"][1] == 1.0
+    assert scores["dice"].tolist() == pytest.approx([(2 / 3 + 0) / 2, 1.0])
+    # The objective: per class the mean over the cases that count it, then the foreground mean;
+    # c is counted nowhere and left out.
+    per_class = class_means(class_dice(*confusion_counts(pred, truth, 4)))
+    assert per_class[1] == pytest.approx(2 / 3) and per_class[2] == pytest.approx(0.5) and np.isnan(per_class[3])
+    assert foreground_mean(per_class) == pytest.approx((2 / 3 + 0.5) / 2)
+
+
+def test_ignored_pixels_count_for_nothing():
+    truth = np.array([[[1, 1, IGNORE_INDEX, IGNORE_INDEX]]], np.uint8)
+    right = np.array([[[1, 1, 0, 0]]], np.uint8)
+    other = np.array([[[1, 1, 1, 1]]], np.uint8)
+    names = ("background", "a")
+    assert class_metrics(right, truth, names, False)["dice/a"][0] == 1.0
+    assert class_metrics(other, truth, names, False)["dice/a"][0] == 1.0  # what is predicted there does not matter
+
+
+def test_the_class_loss_ignores_unannotated_pixels():
+    from segx.backend import tf
+    from segx.models import build_class_loss
+
+    loss = build_class_loss(3, {"dice": 1.0, "ce": 1.0})
+    labels = np.zeros((1, 4, 4, 1), np.float32)
+    labels[0, :2] = 1
+    labels[0, 3, :] = IGNORE_INDEX
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), (1, 4, 4)).astype(np.float32)
+    changed = probs.copy()
+    changed[0, 3] = rng.dirichlet(np.ones(3), 4)  # only the ignored row differs
+    elsewhere = probs.copy()
+    elsewhere[0, 0] = rng.dirichlet(np.ones(3), 4)
+    base = float(loss(tf.constant(labels), tf.constant(probs)))
+    assert float(loss(tf.constant(labels), tf.constant(changed))) == pytest.approx(base, abs=1e-6)
+    assert abs(float(loss(tf.constant(labels), tf.constant(elsewhere))) - base) > 1e-3
+
+
+# -- the exact class search ------------------------------------------------------------------
+
+
+def _tied_members(seed: int, k: int = 4, members: int = 3):
+    """Coarse probabilities (multiples of 60) so that class scores tie often, for every weighting."""
+    rng = np.random.default_rng(seed)
+    shapes = [(9, 13), (17, 6), (11, 11), (5, 20)]
+    truth = Ragged.from_list([rng.integers(0, k, s).astype(np.uint8) for s in shapes])
+    truth.flat[:7] = IGNORE_INDEX
+    probs = [
+        Ragged((rng.integers(0, 5, (truth.n_pixels, k)) * 60).astype(np.uint8), truth.shapes) for _ in range(members)
+    ]
+    return probs, truth
+
+
+def _brute_force(probs, truth, counts, k):
+    """Every weighting the slow way: float class scores from every pixel, argmax, per-case counts."""
+    out = []
+    for row in counts:
+        score = sum(c * p.flat.astype(np.float64) for c, p in zip(row, probs, strict=True))
+        pred = truth.like(np.argmax(score, axis=-1).astype(np.uint8))
+        out.append(foreground_mean(class_means(class_dice(*confusion_counts(pred, truth, k)))))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_class_search_equals_brute_force_with_ties(seed):
+    probs, truth = _tied_members(seed)
+    grid = search.simplex_counts(3, 10)
+    raw = sum(p.flat.astype(np.int64) for p in probs)
+    ties = (raw == raw.max(axis=-1, keepdims=True)).sum(axis=-1) > 1
+    assert ties.mean() > 0.05  # the case is built to tie
+    data = compact_classes(probs, truth, 4)
+    assert 0 < data.kept_fraction < 1
+    got = search.evaluate(data, grid, 10)[:, 0]
+    assert np.array_equal(got, _brute_force(probs, truth, grid, 4))
+    result = search.search_grid(data, 0.1)
+    assert result.best.val_dice == got.max()
+    # The prediction path's labels give the search's number for the chosen weights, bit for bit.
+    assert exact_class_dice(probs, truth, result.best.weights, 4) == result.best.val_dice
+    greedy = search.search_greedy(data)
+    assert exact_class_dice(probs, truth, greedy.best.weights, 4) == greedy.best.val_dice
+
+
+def test_ties_go_to_the_lowest_class_index():
+    probs = [
+        Ragged(np.array([[0, 100, 100, 0]], np.uint8), [(1, 1)]),
+        Ragged(np.array([[0, 0, 100, 100]], np.uint8), [(1, 1)]),
+    ]
+    assert exact_labels(probs, Weights((1, 1), 2)).flat.tolist() == [2]
+    assert exact_labels(probs, Weights((1, 0), 1)).flat.tolist() == [1]
+    assert exact_labels(probs, Weights((0, 1), 1)).flat.tolist() == [2]
+
+
+def test_pixels_where_members_agree_are_decided_for_every_weighting():
+    probs, truth = _tied_members(5)
+    labels = [np.argmax(p.flat, axis=-1) for p in probs]
+    agree = (labels[0] == labels[1]) & (labels[1] == labels[2])
+    for row in itertools.islice(search.simplex_counts(3, 6), 0, None, 3):
+        if not sum(row):
+            continue
+        pred = exact_labels(probs, Weights(tuple(int(v) for v in row), int(sum(row)))).flat
+        assert np.array_equal(pred[agree], labels[0][agree])
+
+
+# -- data: class-uniform sampling, classes in no training case, flips ------------------------
+
+
+def test_foreground_samples_give_a_rare_class_its_share():
+    from segx.data.decoded import FOREGROUND_SAMPLES, _foreground_sample
+
+    mask = np.zeros((400, 400), np.uint8)
+    mask[:, :300] = 1  # a large class
+    mask[10, 310:330] = 2  # a thin, rare one: 20 pixels
+    sample = _foreground_sample(mask, "ab12")
+    classes = mask[sample[:, 0], sample[:, 1]]
+    assert len(sample) <= FOREGROUND_SAMPLES
+    assert (classes == 2).sum() == 20  # all of its pixels, where a uniform draw would keep ~0
+
+
+def test_a_class_in_no_training_case_is_refused(tmp_path):
+    from segx.data.decoded import decode_cases
+    from segx.data.folder import discover_cases
+    from segx.workflows.prepare import check_classes
+
+    labels = Labels.from_config(LUNGS)
+    for folder in ("train_images", "train_masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / "train_images" / f"c{i}.png"), np.full((8, 8, 3), 50, np.uint8))
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, :4], mask[:, 4:] = 1, 2  # no vessel anywhere
+        cv2.imwrite(str(tmp_path / "train_masks" / f"c{i}.png"), mask)
+    decoded = decode_cases(discover_cases(tmp_path), tmp_path / "cache", labels)
+    with pytest.raises(SegxError, match=r"class vessel \(data.labels.vessel=3\) appears in no training case"):
+        check_classes(labels, decoded, ["c0", "c1", "c2"], tmp_path)
+
+
+def _lateral():
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8], mask[:, 8:] = 1, 2  # right_lung on the image's left, as radiographs show it
+    return np.zeros((16, 16, 3), np.uint8), mask
+
+
+def test_a_flip_with_swap_keeps_each_side_its_class_and_one_without_does_not():
+    from segx.training.augment import SeededAugmenter
+
+    labels = Labels.from_config(LUNGS)
+    swap = labels.swap_table([["right_lung", "left_lung"]])
+    image, mask = _lateral()
+    flip = A.Compose([A.HorizontalFlip(p=1.0)])
+    _, plain = SeededAugmenter(flip)(image, mask, 1)
+    _, swapped = SeededAugmenter(flip, swap)(image, mask, 1)
+    assert plain[0, 0] == 2  # unswapped: the left of the image now says left_lung, the wrong side
+    assert np.array_equal(swapped, mask)  # swapped: each side keeps its class
+    _, upside_down = SeededAugmenter(A.Compose([A.VerticalFlip(p=1.0)]), swap)(image, mask, 1)
+    assert np.array_equal(upside_down, mask)  # a vertical flip keeps left and right: nothing is swapped
+
+
+def test_a_flip_of_sided_classes_without_a_swap_is_refused_naming_the_key():
+    from segx.workflows.prepare import flip_swap_of
+
+    labels = Labels.from_config(LUNGS)
+    data = OmegaConf.create({"flip_swap": None})
+    flips = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]
+    with pytest.raises(SegxError, match=r"augment has HorizontalFlip.*set data.flip_swap"):
+        flip_swap_of(data, labels, flips)
+    with pytest.raises(SegxError, match=r"ensemble.tta=flip .*set data.flip_swap"):
+        flip_swap_of(data, labels, (), tta="flip")
+    assert flip_swap_of(data, labels, ()) is None  # no mirroring: nothing to swap
+    with pytest.raises(SegxError, match="data.flip_swap names 'left_lng'.*did you mean 'left_lung'"):
+        flip_swap_of(OmegaConf.create({"flip_swap": [["right_lung", "left_lng"]]}), labels, flips)
+
+
+def test_flip_tta_swaps_the_classes_of_its_mirrored_passes():
+    from segx.models import _probs_modes
+
+    images = np.zeros((1, 4, 4, 3), np.uint8)
+
+    def forward(batches):  # a "network" that calls the image's left half class 1, the right half class 2
+        out = np.zeros((len(batches[0]), 4, 4, 3), np.float32)
+        out[:, :, :2, 1], out[:, :, 2:, 2] = 1.0, 1.0
+        return [out]
+
+    plain = _probs_modes(forward, ["resnet18"], images, ("flip",))[0]["flip"]
+    swapped = _probs_modes(forward, ["resnet18"], images, ("flip",), [0, 2, 1])[0]["flip"]
+    assert plain[0, 0, 0, 1] == pytest.approx(2 / 3)  # the width-flipped pass says class 2 on the left
+    assert swapped[0, 0, 0, 1] == pytest.approx(1.0) and swapped[0, 0, 3, 2] == pytest.approx(1.0)
+    assert swapped[0, 0, 0, 2] == 0.0
+
+
+def test_the_lateral_synthetic_scene_has_every_class_and_a_rare_thin_vessel():
+    from segx.data.synthetic import LATERAL_LABELS, lateral_case
+
+    image, labels = lateral_case(np.random.default_rng(3), 128)
+    assert image.shape == (128, 128, 3) and set(np.unique(labels)) == set(LATERAL_LABELS.values())
+    assert (labels == 3).mean() < 0.02
+    left, right = np.nonzero(labels == 1)[1].mean(), np.nonzero(labels == 2)[1].mean()
+    assert left < 64 < right
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_multiclass_members_and_their_ensemble_end_to_end(tmp_path):
+    """Two softmax members on the lateral scene, then segx.ensemble: per-class metrics, a record
+    naming the classes, and predict's one-line refusal (prediction of such records comes later)."""
+    import json
+
+    import mlflow
+
+    common = [
+        "data=synthetic_multiclass",
+        f"data.root={tmp_path / 'data'}",
+        "data.n_images=12",
+        "data.image_size=32",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "mlflow.system_metrics=false",
+    ]
+    train = [*common, "augment=none", "trainer.epochs=1", "trainer.batch_size=4"]
+    for backbone in ("resnet18", "mobilenetv2"):
+        subprocess.run([sys.executable, "-m", "segx.train", f"backbone={backbone}", *train], check=True, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.ensemble",
+            *common,
+            "ensemble.members=[resnet18,mobilenetv2]",
+            "ensemble.search=grid",
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert "searching weights on validation (grid, 2 members, 4 classes)" in done.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("segx").experiment_id, "tags.`segx.role` = 'ensemble'")
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert {"test/dice/left_lobe", "test/dice/right_lobe", "test/dice/vessel", "test/dice"} <= set(metrics)
+    record = json.loads((tmp_path / "ensemble.json").read_text()) if (tmp_path / "ensemble.json").exists() else None
+    path = client.download_artifacts(runs[0].info.run_id, "ensemble.json", str(tmp_path))
+    record = json.loads(open(path).read())
+    assert record["version"] == 4 and record["threshold"] is None
+    assert record["labels"]["names"] == ["background", "left_lobe", "right_lobe", "vessel"]
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.predict",
+            f"ensemble_run_id={runs[0].info.run_id}",
+            f"input_dir={tmp_path / 'data' / 'train_images'}",
+            f"output_dir={tmp_path / 'pred'}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "several classes" in refused.stderr
