@@ -281,8 +281,17 @@ def load_member(folder: str | os.PathLike):
         raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
     try:
         spec = json.loads(spec_path.read_text())
+        # Several classes: a K-way softmax (the spec names the classes); otherwise one sigmoid.
+        classes = len(spec["labels"]["names"]) if spec.get("labels") else 1
         model = build_model(
-            spec["arch"], spec["backbone"], int(spec["image_size"]), None, False, **spec.get("options", {})
+            spec["arch"],
+            spec["backbone"],
+            int(spec["image_size"]),
+            None,
+            False,
+            classes=classes,
+            activation="softmax" if classes > 1 else "sigmoid",
+            **spec.get("options", {}),
         )
         model.load_weights(str(weights))
     except SegxError:

@@ -313,9 +313,8 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
             f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
             f"best member {gain['best_member_optimism']:+.4f}"
         )
-    rebuild = (
-        f"rebuild: python -m segx.predict ensemble_run_id={record['run_id']} input_dir=... output_dir=..."
-        if record.get("labels") is None
-        else "several classes: its record and per-class tables are in the run; prediction of such records comes later"
+    print(
+        f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict "
+        f"ensemble_run_id={record['run_id']} input_dir=... output_dir=...)",
+        flush=True,
     )
-    print(f"\nsegx: ensemble run {record['run_id']}  ({rebuild})", flush=True)

@@ -1,7 +1,8 @@
 """Predicting a folder of images with an :class:`~segx.inference.predictor.EnsemblePredictor`
 (``python -m segx.predict`` is the command; this is the library).
 
-Writes ``masks/<stem>.png`` (0/255, at each input's own size), optionally
+Writes ``masks/<stem>.png`` (0/255, at each input's own size; for several classes the label map
+in the data's own encoding: data.labels' mask values, or data.palette's colours), optionally
 ``overlays/<stem>.png``, ``uncertainty/<stem>.png`` and ``probabilities/<stem>.png``, the
 ensemble's record ``ensemble.json`` and ``segx-manifest.json``, the list of every file written.
 
@@ -258,15 +259,25 @@ def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels:
 
 
 def planned_files(
-    stems: Iterable[str], overlays: bool, uncertainty: bool, save_probabilities: bool, record: bool = True
+    stems: Iterable[str],
+    overlays: bool,
+    uncertainty: bool,
+    save_probabilities: bool,
+    record: bool = True,
+    classes: Iterable[str] | None = None,
 ) -> list[str]:
-    """The files a prediction writes, relative to ``output_dir``."""
+    """The files a prediction writes, relative to ``output_dir`` (``classes``: a multi-class
+    ensemble's foreground class names, one probability map each)."""
+    stems = list(stems)
     folders = [
         name
         for name, wanted in zip(OUTPUT_FOLDERS, (True, overlays, uncertainty, save_probabilities), strict=True)
-        if wanted
+        if wanted and not (name == "probabilities" and classes is not None)
     ]
-    return [f"{name}/{stem}.png" for name in folders for stem in stems] + ([RECORD] if record else [])
+    files = [f"{name}/{stem}.png" for name in folders for stem in stems]
+    if save_probabilities and classes is not None:
+        files += [f"probabilities/{stem}_{c}.png" for stem in stems for c in classes]
+    return files + ([RECORD] if record else [])
 
 
 def predict_folder(
@@ -294,7 +305,10 @@ def predict_folder(
     from segx.progress import stage as say
 
     files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
-    new = planned_files(files, overlays, uncertainty, save_probabilities, record is not None)
+    labels = getattr(predictor, "labels", None)
+    new = planned_files(
+        files, overlays, uncertainty, save_probabilities, record is not None, labels.foreground if labels else None
+    )
     old = check_output_dir(input_dir, output_dir, overwrite, new)
     entered = False  # the staging folder exists (else output_dir could not be written at all)
     try:
@@ -339,8 +353,13 @@ def _predict_batch(
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     images = [read_image(item.path, limit, limit_key="max_pixels") for _, item in batch]
     predictions = predictor.predict(images)
+    labels = getattr(predictor, "labels", None)
     for i, (stem, _) in enumerate(batch):
         image, pred = images[i], predictions[i]
+        if labels is not None:  # several classes: the user's own encoding, a legend, one map per class
+            _write_classes(labels, stem, image, pred, stage, overlays, uncertainty, save_probabilities)
+            images[i] = predictions[i] = None
+            continue
         outputs = {"masks": pred.mask.astype(np.uint8) * 255}
         if overlays:
             outputs["overlays"] = cv2.cvtColor(overlay(image, pred.mask), cv2.COLOR_RGB2BGR)
@@ -352,3 +371,32 @@ def _predict_batch(
             (stage / name).mkdir(exist_ok=True)
             write_png(safe_output_path(stage / name, stem), array)
         images[i] = predictions[i] = None  # this image's full-size arrays can go now
+
+
+def _write_classes(
+    labels, stem: str, image, pred, stage: Path, overlays: bool, uncertainty: bool, save_probabilities: bool
+):
+    """One image of a multi-class ensemble: ``masks/<stem>.png`` in the data's own encoding (the
+    mask values of data.labels, 16-bit where a value needs it, or the palette's colours), the
+    overlay with a legend, the uncertainty (normalised entropy x 255) and, on request, one
+    probability map per foreground class (``probabilities/<stem>_<class>.png``, 0..255)."""
+    import cv2
+
+    from segx.data.io import write_png
+    from segx.inference.overlay import class_colours, overlay_classes
+
+    encoded = labels.decode(pred.mask)
+    outputs = {"masks": cv2.cvtColor(encoded, cv2.COLOR_RGB2BGR) if encoded.ndim == 3 else encoded}
+    if overlays:
+        colours = class_colours(labels.n_classes, labels.colours)
+        outputs["overlays"] = cv2.cvtColor(overlay_classes(image, pred.mask, labels.names, colours), cv2.COLOR_RGB2BGR)
+    if uncertainty:
+        outputs["uncertainty"] = np.clip(np.rint(pred.uncertainty * 255), 0, 255).astype(np.uint8)
+    for name, array in outputs.items():
+        (stage / name).mkdir(exist_ok=True)
+        write_png(safe_output_path(stage / name, stem), array)
+    if save_probabilities:
+        (stage / "probabilities").mkdir(exist_ok=True)
+        for c, name in enumerate(labels.names[1:], start=1):
+            plane = np.clip(np.rint(pred.probability[..., c] * 255), 0, 255).astype(np.uint8)
+            write_png(safe_output_path(stage / "probabilities", f"{stem}_{name}"), plane)

@@ -43,3 +43,41 @@ def at(mask: np.ndarray | None, shape) -> np.ndarray | None:
 def overlay(image: np.ndarray, pred: np.ndarray, true: np.ndarray | None = None) -> np.ndarray:
     """RGB image with the predicted contour in red (and the true one in green)."""
     return contours(image, true, pred)
+
+
+# One colour per class for overlays and figures (matplotlib's tab10, RGB), unless the data's own
+# palette gives the classes colours; background (index 0) is never drawn.
+CLASS_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+
+
+def class_colours(n_classes: int, palette=None) -> list[tuple[int, int, int]]:
+    """RGB colour of each class: the data's palette where it has one, else :data:`CLASS_COLOURS`
+    in turn (foreground classes from the first colour on)."""
+    if palette is not None:
+        return [tuple(int(x) for x in c) for c in palette]
+    return [(0, 0, 0)] + [CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)] for c in range(1, n_classes)]
+
+
+def overlay_classes(image: np.ndarray, labels: np.ndarray, names, colours) -> np.ndarray:
+    """RGB image with each foreground class's contours in its colour and a legend (top left)
+    naming the classes drawn; contours, not fills, so the tissue under them stays visible."""
+    out = np.ascontiguousarray(np.asarray(image, np.uint8).copy())
+    thickness = max(1, image.shape[0] // 128)
+    for c in range(1, len(names)):
+        found, _ = cv2.findContours((labels == c).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, found, -1, tuple(int(x) for x in colours[c]), thickness)
+    scale = max(0.3, min(1.0, image.shape[0] / 512))
+    row = max(10, int(22 * scale))
+    width = max(cv2.getTextSize(str(n), cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names[1:]) + row + 8
+    height = row * (len(names) - 1) + 4
+    if width < out.shape[1] and height < out.shape[0]:
+        panel = out[:height, :width].astype(np.float32)
+        out[:height, :width] = (panel * 0.35 + 255 * 0.65).astype(np.uint8)
+        for i, c in enumerate(range(1, len(names))):
+            y = 2 + i * row
+            cv2.rectangle(out, (4, y + 2), (row - 2, y + row - 4), tuple(int(x) for x in colours[c]), -1)
+            cv2.putText(out, str(names[c]), (row + 2, y + row - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
+    return out

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segx.data.labels import Labels
 from segx.data.ragged import Ragged
-from segx.ensembling.probs import Score, binarize, combine, fold_mean, quantize
+from segx.ensembling.probs import Score, argmax_labels, binarize, combine, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
 from segx.inference.view import View, predict_cases
@@ -28,7 +29,9 @@ from segx.scoring.postprocess import PostProcess, apply
 @dataclass
 class Prediction:
     """mask: bool (H, W); probability: float32 (H, W) ensemble score in [0, 1];
-    uncertainty: float32 (H, W), weighted std of member probabilities in [0, 0.5]."""
+    uncertainty: float32 (H, W), weighted std of member probabilities in [0, 0.5].
+    Several classes: mask is the label map of class indices, uint8 (H, W); probability the mean
+    class probabilities (H, W, K); uncertainty their normalised entropy in [0, 1]."""
 
     mask: np.ndarray
     probability: np.ndarray
@@ -60,20 +63,33 @@ class EnsemblePredictor:
     all of them; False runs each network on its own, as a member does when it caches its
     probabilities. Both give the same numbers, bit for bit."""
 
-    def __init__(self, record: dict, model_paths: Sequence, tta: str | None = None, fused: bool = True):
+    def __init__(
+        self,
+        record: dict,
+        model_paths: Sequence,
+        tta: str | None = None,
+        fused: bool = True,
+        threshold: float | None = None,
+    ):
         self.record = validate_record(record)
-        if record.get("labels") is not None:
-            raise SegxError(
-                "this ensemble segments several classes (its record names data.labels); segx.predict, segx.export "
-                "and the pyfunc model read one-structure ensembles only in this segx version; its test scores are "
-                "in the ensemble run's tables/"
-            )
         if len(model_paths) != len(record["members"]):
             raise ValueError("one model path per member")
         self.members = record["members"]
         self.views = [View.from_dict(v) for v in member_views(record)]
         self.weights = record_weights(record)  # exact counts over a denominator
-        self.threshold = float(record["threshold"])
+        # Several classes: labelled by argmax (no threshold); masks written in the user's encoding.
+        self.labels = Labels.from_record(record["labels"]) if record.get("labels") is not None else None
+        swap = (record.get("labels") or {}).get("flip_swap")
+        self.swap = None if swap is None else [int(i) for i in swap]
+        if self.labels is not None:
+            if threshold is not None:
+                raise SegxError(
+                    f"threshold={threshold} but this ensemble segments {self.labels.n_classes} classes "
+                    f"({', '.join(self.labels.names)}), labelled by argmax; drop the threshold override"
+                )
+            self.threshold = None
+        else:
+            self.threshold = float(record["threshold"] if threshold is None else threshold)
         self.post = PostProcess(**record.get("postprocess", {}))
         self.tta = tta or record.get("tta", "none")
         from segx.models import NetworkGroup, load_member
@@ -103,7 +119,8 @@ class EnsemblePredictor:
         for view, nets in self.networks.items():
             if self.groups is None:
                 results = [
-                    member_probs(n, self.members[i]["backbone"], view, images, (self.tta,))[self.tta] for i, n in nets
+                    member_probs(n, self.members[i]["backbone"], view, images, (self.tta,), self.swap)[self.tta]
+                    for i, n in nets
                 ]
             else:
                 results = self._group_probs(self.groups[view], view, images)
@@ -118,7 +135,7 @@ class EnsemblePredictor:
         """:func:`member_probs` of every network of ``group`` at once (keys: network index)."""
 
         def predict(batch):
-            return dict(enumerate(m[self.tta] for m in group.probs_modes(batch, (self.tta,))))
+            return dict(enumerate(m[self.tta] for m in group.probs_modes(batch, (self.tta,), self.swap)))
 
         maps: list[list[np.ndarray]] = [[] for _ in group.models]
         for case in predict_cases(images, view, predict):
@@ -131,7 +148,7 @@ class EnsemblePredictor:
         probs = self.member_probs(images)
         shapes = next(p for p in probs if p is not None)
         # Members with count 0 add nothing: all members, with their counts, give the same sum.
-        filled = [shapes.like(np.zeros(shapes.n_pixels, np.uint8)) if p is None else p for p in probs]
+        filled = [shapes.like(np.zeros(shapes.flat.shape, np.uint8)) if p is None else p for p in probs]
         return combine(filled, self.weights), probs
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
@@ -139,6 +156,8 @@ class EnsemblePredictor:
         images = [np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3] for im in images]
         images = [np.asarray(im, np.uint8) for im in images]
         score, probs = self.score(images)
+        if self.labels is not None:
+            return self._predict_classes(score, probs, len(images))
         masks = apply(binarize(score, self.threshold), self.post)
         # Maps for people (not masks): the exact mean score / (255 D) and the weighted spread.
         mean = score.probability()
@@ -151,4 +170,18 @@ class EnsemblePredictor:
         return [
             Prediction(mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(spread[i], 0, 0.5))
             for i in range(len(images))
+        ]
+
+    def _predict_classes(self, score: Score, probs, n: int) -> list[Prediction]:
+        """Several classes: the label map (argmax of the exact class scores, ties to the lowest
+        index: the search's labels), the mean class probabilities, and their normalised entropy
+        as the uncertainty (0: one class certain, 1: every class equally likely)."""
+        labels = argmax_labels(score)
+        mean = score.probability()
+        k = mean.flat.shape[-1]
+        p = np.clip(mean.flat, 1e-12, 1.0)
+        entropy = mean.like((-(p * np.log(p)).sum(axis=-1) / np.log(k)).astype(np.float32))
+        return [
+            Prediction(mask=labels[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(entropy[i], 0, 1))
+            for i in range(n)
         ]

@@ -3,6 +3,7 @@
     model = mlflow.pyfunc.load_model("runs:/<ensemble_run_id>/pyfunc")
     model = mlflow.pyfunc.load_model("models:/<member's logged model ID>")   # one member
     masks = model.predict(images)   # uint8 (N, H, W, 3) or a list of images -> uint8 masks {0, 1}
+                                    # (several classes: label maps of class indices 0..K-1)
 
 Both predict at each image's own size, as ``segx.predict`` does. The ensemble's model carries its
 members' weights; a member's model is a one-member record whose weights stay in the member run's
@@ -225,10 +226,12 @@ def log_member_pyfunc(client, model_id: str, run_id: str, member: dict, signatur
     import numpy as np
     from mlflow.models import Model
 
+    labels = member.pop("labels", None)  # several classes: argmax, no threshold (record version 4)
     record = {
         "format": "segx-ensemble",
-        "version": 3,
-        "threshold": 0.5,
+        "version": 3 if labels is None else 4,
+        "threshold": 0.5 if labels is None else None,
+        **({"labels": labels} if labels is not None else {}),
         "tta": "none",
         "weight_denominator": 1,
         "members": [{**member, "run_id": run_id, "weight": 1.0, "weight_count": 1}],

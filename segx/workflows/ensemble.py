@@ -288,17 +288,10 @@ def build_ensemble(cfg: DictConfig) -> dict:
                     metrics[f"test/{column}"] = float(per_class.loc["ensemble", column])
         metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
         tracking.log_metrics(client, run_id, metrics)
-        if labels is None:
-            from segx.tracking.pyfunc_model import log_pyfunc
+        from segx.tracking.pyfunc_model import log_pyfunc
 
-            stage("logging the pyfunc model (a copy of every member's weights travels with it)")
-            log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
-        else:
-            print(
-                "segx: several classes: the pyfunc model, segx.predict and segx.export do not read "
-                "multi-class records yet; the record, tables and metrics are logged",
-                flush=True,
-            )
+        stage("logging the pyfunc model (a copy of every member's weights travels with it)")
+        log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
     record["run_id"] = run_id
     print_report(record, members, validation, summary, found, gain)
     return record

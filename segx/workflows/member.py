@@ -617,7 +617,12 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             experiment,
             f"{spec['backbone']}-{spec['arch']}",
             {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
-            {"backbone": spec["backbone"], "arch": spec["arch"], "view": spec["view"]},
+            {
+                "backbone": spec["backbone"],
+                "arch": spec["arch"],
+                "view": spec["view"],
+                **({"labels": {**spec["labels"], **_swap_field(spec)}} if "labels" in spec else {}),
+            },
         )
         final = {}
         for role in ("val", "test"):
@@ -676,6 +681,10 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
     return final
+
+
+def _swap_field(spec: dict) -> dict:
+    return {"flip_swap": spec["flip_swap"]} if "flip_swap" in spec else {}
 
 
 def _class_finals(role: str, scores: dict, names) -> dict[str, float]:

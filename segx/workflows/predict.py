@@ -40,6 +40,12 @@ def run_predict(cfg: DictConfig) -> int:
             f"backend={backend} is not valid; use one of {', '.join(BACKENDS)} (keras: the members "
             "in TensorFlow; savedmodel, onnx: the ensemble's export, made by python -m segx.export)"
         )
+    threshold = cfg.get("threshold")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise SegxError(f"threshold={threshold!r} must be a number in [0, 1], or null for the recorded one")
+        if backend != "keras":
+            raise SegxError(f"threshold={threshold} overrides the ensemble's threshold with backend=keras only")
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     # Everything that can be checked without the models, before any is downloaded or loaded.
     files = check_inputs(input_dir, output_dir, max_pixels)
@@ -51,7 +57,7 @@ def run_predict(cfg: DictConfig) -> int:
     client = tracking.connect(str(cfg.mlflow.tracking_uri), create=False)  # reads only: never creates a store
     workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / str(cfg.ensemble_run_id)
     if backend == "keras":
-        record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta)
+        record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta, threshold)
     else:  # the exported model, with the same resize or sliding-window loop and arithmetic around it
         from segx.workflows.export import export_predictor
 
@@ -70,11 +76,12 @@ def run_predict(cfg: DictConfig) -> int:
         max_pixels=max_pixels,
         batch_pixels=batch_pixels,
     )
-    print(f"segx: wrote {n} masks to {shown(output_dir / 'masks')}", flush=True)
+    what = "label maps" if getattr(predictor, "labels", None) is not None else "masks"
+    print(f"segx: wrote {n} {what} to {shown(output_dir / 'masks')}", flush=True)
     return n
 
 
-def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
+def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None, threshold: float | None = None):
     """(record, EnsemblePredictor) for an ensemble run, with its weighted members downloaded
     (members of weight 0 cannot change a mask and are neither fetched nor loaded)."""
     from segx.inference.predictor import EnsemblePredictor
@@ -91,4 +98,4 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None):
             file=sys.stderr,
             flush=True,
         )
-    return record, EnsemblePredictor(record, model_paths, tta)
+    return record, EnsemblePredictor(record, model_paths, tta, threshold=threshold)
