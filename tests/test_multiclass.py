@@ -318,61 +318,82 @@ def test_the_lateral_synthetic_scene_has_every_class_and_a_rare_thin_vessel():
 
 
 @pytest.mark.slow
-def test_multiclass_members_and_their_ensemble_end_to_end(tmp_path):
-    """Two softmax members on the lateral scene, then segx.ensemble: per-class metrics, a record
-    naming the classes, and predict's one-line refusal (prediction of such records comes later)."""
+def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
+    """Two softmax members on the lateral scene, then segx.ensemble: per-class metrics and a record
+    naming the classes; segx.predict's label maps equal the search's labels on the cached test
+    probabilities bit for bit, and the SavedModel (bit for bit) and ONNX exports predict them too."""
     import json
+    import shutil
 
     import mlflow
 
+    from segx.ensembling.probs import load_cached
+    from segx.ensembling.record import record_weights
+
+    out = tmp_path / "out"
     common = [
         "data=synthetic_multiclass",
         f"data.root={tmp_path / 'data'}",
         "data.n_images=12",
         "data.image_size=32",
-        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.output_dir={out}",
         "mlflow.system_metrics=false",
     ]
     train = [*common, "augment=none", "trainer.epochs=1", "trainer.batch_size=4"]
     for backbone in ("resnet18", "mobilenetv2"):
         subprocess.run([sys.executable, "-m", "segx.train", f"backbone={backbone}", *train], check=True, cwd=tmp_path)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segx.ensemble",
-            *common,
-            "ensemble.members=[resnet18,mobilenetv2]",
-            "ensemble.search=grid",
-        ],
+        [sys.executable, "-m", "segx.ensemble", *common, "ensemble.members=[resnet18,mobilenetv2]"],
         check=True,
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
-    assert "searching weights on validation (grid, 2 members, 4 classes)" in done.stdout
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    assert "searching weights on validation (greedy, 2 members, 4 classes)" in done.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs(client.get_experiment_by_name("segx").experiment_id, "tags.`segx.role` = 'ensemble'")
     assert len(runs) == 1
+    run_id = runs[0].info.run_id
     metrics = runs[0].data.metrics
     assert {"test/dice/left_lobe", "test/dice/right_lobe", "test/dice/vessel", "test/dice"} <= set(metrics)
-    record = json.loads((tmp_path / "ensemble.json").read_text()) if (tmp_path / "ensemble.json").exists() else None
-    path = client.download_artifacts(runs[0].info.run_id, "ensemble.json", str(tmp_path))
-    record = json.loads(open(path).read())
+    record = json.loads(open(client.download_artifacts(run_id, "ensemble.json", str(tmp_path))).read())
     assert record["version"] == 4 and record["threshold"] is None
     assert record["labels"]["names"] == ["background", "left_lobe", "right_lobe", "vessel"]
+
+    # The search's labels on the cached test probabilities, through the prediction arithmetic.
+    cached = []
+    for i, member in enumerate(record["members"]):
+        local = client.download_artifacts(member["run_id"], "predictions/test.npz", str(tmp_path / f"m{i}"))
+        cached.append(load_cached(local, tmp_path / f"x{i}"))
+    expected = exact_labels([c.probs for c in cached], record_weights(record))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for stem in cached[0].stems:
+        shutil.copy(tmp_path / "data" / "train_images" / f"{stem}.png", inputs / f"{stem}.png")
+    for backend in ("keras", "savedmodel", "onnx"):
+        if backend != "keras":
+            fmt = backend
+            subprocess.run(
+                [sys.executable, "-m", "segx.export", f"ensemble_run_id={run_id}", f"format={fmt}",
+                 f"output_dir={tmp_path / ('export-' + fmt)}", f"paths.output_dir={out}"],
+                check=True, cwd=tmp_path, capture_output=True,
+            )  # fmt: skip
+        target = tmp_path / f"pred-{backend}"
+        subprocess.run(
+            [sys.executable, "-m", "segx.predict", f"ensemble_run_id={run_id}", f"input_dir={inputs}",
+             f"output_dir={target}", f"paths.output_dir={out}", f"backend={backend}", "tta=none"],
+            check=True, cwd=tmp_path, capture_output=True,
+        )  # fmt: skip
+        for i, stem in enumerate(cached[0].stems):
+            got = cv2.imread(str(target / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+            same = np.array_equal(got, expected[i])
+            if backend == "onnx":  # within a rounding step of the probabilities: at most a few pixels
+                assert (got != expected[i]).mean() < 0.01, (backend, stem)
+            else:
+                assert same, (backend, stem)
     refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segx.predict",
-            f"ensemble_run_id={runs[0].info.run_id}",
-            f"input_dir={tmp_path / 'data' / 'train_images'}",
-            f"output_dir={tmp_path / 'pred'}",
-            f"paths.output_dir={tmp_path / 'out'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode != 0 and "several classes" in refused.stderr
+        [sys.executable, "-m", "segx.predict", f"ensemble_run_id={run_id}", f"input_dir={inputs}",
+         f"output_dir={tmp_path / 'refused'}", f"paths.output_dir={out}", "threshold=0.4"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "labelled by argmax; drop the threshold override" in refused.stderr

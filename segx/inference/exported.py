@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from segx.data import staging
+from segx.data.labels import Labels
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import MAX_DENOMINATOR, cut, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
@@ -102,12 +103,20 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
     return graphs
 
 
-def signature(graph: dict, single: bool) -> dict:
-    """Input and outputs of one graph: name -> {dtype, shape} (-1: any batch size)."""
+def n_classes(record: dict) -> int:
+    """Output channels per network: 1 (a sigmoid) for one structure, K for K classes."""
+    return len(record["labels"]["names"]) if record.get("labels") else 1
+
+
+def signature(graph: dict, single: bool, classes: int = 1) -> dict:
+    """Input and outputs of one graph: name -> {dtype, shape} (-1: any batch size). Several
+    classes: each network's K probabilities side by side (network j: channels jK..jK+K-1), the
+    ensemble's class probabilities, and the label map as ``mask``."""
     size, n = int(graph["view"]["size"]), len(graph["networks"])
-    outputs = {MEMBERS_OUTPUT: {"dtype": "float32", "shape": [-1, size, size, n]}}
+    outputs = {MEMBERS_OUTPUT: {"dtype": "float32", "shape": [-1, size, size, n * classes]}}
     if single:
-        outputs["probability"] = {"dtype": "float32", "shape": [-1, size, size]}
+        tail = [] if classes == 1 else [classes]
+        outputs["probability"] = {"dtype": "float32", "shape": [-1, size, size, *tail]}
         outputs["mask"] = {"dtype": "uint8", "shape": [-1, size, size]}
     return {"inputs": {INPUT: {"dtype": "uint8", "shape": [-1, size, size, 3]}}, "outputs": outputs}
 
@@ -254,7 +263,9 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
     from segx.backend import tf
 
     weights = record_weights(record)
-    threshold_cut = cut(float(record["threshold"]), weights.denominator)
+    k = n_classes(record)
+    threshold_cut = cut(float(record["threshold"]), weights.denominator) if k == 1 else None
+    swap = (record.get("labels") or {}).get("flip_swap")  # flip TTA's width-flipped pass, several classes
     single = len(graphs) == 1
     functions = {}
     index = 0
@@ -263,12 +274,12 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
         nets = [(models[index + j], tables[net["backbone"]]) for j, net in enumerate(graph["networks"])]
         index += len(nets)
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
-        probs_spec = tf.TensorSpec([None, size, size, len(nets)], tf.float32, name=MEMBERS_OUTPUT)
-        tail = _tail(tf, graph["networks"], weights, threshold_cut) if single else None
+        probs_spec = tf.TensorSpec([None, size, size, len(nets) * k], tf.float32, name=MEMBERS_OUTPUT)
+        tail = _tail(tf, graph["networks"], weights, threshold_cut, k) if single else None
         functions[graph["name"]] = {
-            "whole": tf.function(_whole(tf, nets, tta, tail), input_signature=[image_spec], autograph=False),
+            "whole": tf.function(_whole(tf, nets, tta, tail, k, swap), input_signature=[image_spec], autograph=False),
             "networks": [
-                tf.function(_one(tf, model, table, tta), input_signature=[image_spec], autograph=False)
+                tf.function(_one(tf, model, table, tta, k, swap), input_signature=[image_spec], autograph=False)
                 for model, table in nets
             ],
             "tail": None if tail is None else tf.function(tail, input_signature=[probs_spec], autograph=False),
@@ -279,8 +290,9 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
 # Closures, not default arguments: tf.function would turn numpy defaults into tensors.
 
 
-def _network_probs(tf, model, table, tta: str, images, batched: bool = False):
-    """One network's float32 probabilities (B, S, S) for uint8 images, as segx.models computes them.
+def _network_probs(tf, model, table, tta: str, images, batched: bool = False, classes: int = 1, swap=None):
+    """One network's float32 probabilities (B, S, S) for uint8 images, as segx.models computes them
+    (several classes: (B, S, S, K), the width-flipped TTA pass's classes permuted by ``swap``).
 
     ``batched``: the three flip-TTA passes as one network call on a batch of 3B (for ONNX: the
     converter then holds one copy of the network instead of three; ONNX Runtime computes each
@@ -291,47 +303,62 @@ def _network_probs(tf, model, table, tta: str, images, batched: bool = False):
         perm, lut = table
         idx = tf.gather(tf.cast(images, tf.int32), perm, axis=3) + tf.constant([0, 256, 512], tf.int32)
         x = tf.gather(tf.constant(lut.reshape(-1)), idx)
+
+    def net(z):
+        out = model(z, training=False)
+        return out[..., 0] if classes == 1 else out
+
     if tta == "flip" and batched:
         b = tf.shape(x)[0]
-        y = model(tf.concat([x, tf.reverse(x, [2]), tf.reverse(x, [1])], 0), training=False)[..., 0]
+        y = net(tf.concat([x, tf.reverse(x, [2]), tf.reverse(x, [1])], 0))
         p, fw, fh = y[:b], tf.reverse(y[b : 2 * b], [2]), tf.reverse(y[2 * b :], [1])
     else:
-        p = model(x, training=False)[..., 0]
+        p = net(x)
     if tta == "flip":  # as segx.models: (plain + width-flipped + height-flipped) / 3
         if not batched:
-            fw = tf.reverse(model(tf.reverse(x, [2]), training=False)[..., 0], [2])
-            fh = tf.reverse(model(tf.reverse(x, [1]), training=False)[..., 0], [1])
+            fw = tf.reverse(net(tf.reverse(x, [2])), [2])
+            fh = tf.reverse(net(tf.reverse(x, [1])), [1])
+        if swap is not None and classes > 1:  # data.flip_swap, as segx.models does it
+            fw = tf.gather(fw, [int(i) for i in swap], axis=3)
         # float32 division on TensorFlow's CPU kernels is not always correctly rounded (numpy's
         # is); in float64, rounded once to float32, it is (an innocuous double rounding).
         p = tf.cast(tf.cast(p + fw + fh, tf.float64) / tf.constant(3.0, tf.float64), tf.float32)
     return p
 
 
-def _one(tf, model, table, tta: str):
+def _one(tf, model, table, tta: str, classes: int = 1, swap=None):
     def network(images):
-        return {"p": _network_probs(tf, model, table, tta, images, batched=True)[..., None]}
+        p = _network_probs(tf, model, table, tta, images, batched=True, classes=classes, swap=swap)
+        return {"p": p[..., None] if classes == 1 else p}
 
     return network
 
 
-def _whole(tf, nets: list, tta: str, tail):
+def _whole(tf, nets: list, tta: str, tail, classes: int = 1, swap=None):
     def whole(images):
-        probs = tf.stack([_network_probs(tf, model, table, tta, images) for model, table in nets], axis=-1)
+        each = [_network_probs(tf, model, table, tta, images, classes=classes, swap=swap) for model, table in nets]
+        probs = tf.stack(each, axis=-1) if classes == 1 else tf.concat(each, axis=-1)
         return {MEMBERS_OUTPUT: probs, **(tail(probs) if tail is not None else {})}
 
     return whole
 
 
-def _tail(tf, networks: list[dict], weights, threshold_cut: int):
+def _tail(tf, networks: list[dict], weights, threshold_cut: int | None, classes: int = 1):
     def tail(probs):
-        return _ensemble_outputs(tf, [probs[..., j] for j in range(len(networks))], networks, weights, threshold_cut)
+        if classes == 1:
+            each = [probs[..., j] for j in range(len(networks))]
+        else:
+            each = [probs[..., j * classes : (j + 1) * classes] for j in range(len(networks))]
+        return _ensemble_outputs(tf, each, networks, weights, threshold_cut)
 
     return tail
 
 
-def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut: int) -> dict:
+def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut: int | None) -> dict:
     """segx's arithmetic on the network grid: quantize (round half to even, as numpy's rint),
-    integer fold means, the integer weighted score, the exact threshold."""
+    integer fold means, the integer weighted score, the exact threshold (several classes,
+    ``threshold_cut`` None: the label of the highest class score, ties to the lowest index,
+    written out so that no runtime's argmax tie rule is relied on)."""
     quantized = [tf.cast(tf.clip_by_value(tf.round(p * 255.0), 0.0, 255.0), tf.int32) for p in probs]
     by_member: dict[int, list] = {}
     for q, net in zip(quantized, nets, strict=True):
@@ -343,10 +370,14 @@ def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut:
         terms.append(q * weights.counts[member])
     score = _sum(terms)
     denominator = float(255 * weights.denominator)
-    return {
-        "probability": tf.cast(tf.cast(score, tf.float64) / tf.constant(denominator, tf.float64), tf.float32),
-        "mask": tf.cast(score >= threshold_cut, tf.uint8),
-    }
+    probability = tf.cast(tf.cast(score, tf.float64) / tf.constant(denominator, tf.float64), tf.float32)
+    if threshold_cut is None:
+        k = int(score.shape[-1])
+        top = tf.reduce_max(score, axis=-1, keepdims=True)
+        index = tf.reshape(tf.range(k, dtype=tf.int32), [1, 1, 1, k])
+        label = tf.reduce_min(tf.where(score == top, index, tf.fill(tf.shape(score), k)), axis=-1)
+        return {"probability": probability, "mask": tf.cast(label, tf.uint8)}
+    return {"probability": probability, "mask": tf.cast(score >= threshold_cut, tf.uint8)}
 
 
 def _sum(tensors: list):
@@ -365,7 +396,7 @@ def _save_savedmodel(module, functions: dict, folder: Path) -> list[str]:
     return ["saved_model"]
 
 
-def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) -> list[str]:
+def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int, classes: int = 1) -> list[str]:
     """Each network, then the ensemble tail, converted on its own and joined into one ONNX graph
     per view: tf2onnx needs some 60-70 times a network's weights in memory while it converts it
     (peak 3.9 GB for a resnet18 Unet, 9.5 GB for a resnet50 one, measured here), so converting the
@@ -392,6 +423,7 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) ->
     for graph in graphs:
         name = "model.onnx" if graph["name"] == "serving_default" else f"model-{graph['name']}.onnx"
         size, n = int(graph["view"]["size"]), len(graph["networks"])
+        k = classes
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         parts = []
         for j, (function, net) in enumerate(zip(functions[graph["name"]]["networks"], graph["networks"], strict=True)):
@@ -401,9 +433,9 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int) ->
             parts.append(onnx.compose.add_prefix(convert(function, image_spec, what), f"n{j}/"))
         tail = functions[graph["name"]]["tail"]
         if tail is not None:
-            probs_spec = tf.TensorSpec([None, size, size, n], tf.float32, name=MEMBERS_OUTPUT)
+            probs_spec = tf.TensorSpec([None, size, size, n * k], tf.float32, name=MEMBERS_OUTPUT)
             parts.append(onnx.compose.add_prefix(convert(tail, probs_spec, "the ensemble arithmetic"), "tail/"))
-        model = _join(onnx, parts, n, tail is not None, size)
+        model = _join(onnx, parts, n, tail is not None, size, k)
         path = folder / name
         if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights beside the graph
             onnx.save_model(
@@ -427,7 +459,7 @@ def _release_memory() -> None:
         pass
 
 
-def _join(onnx, parts: list, n: int, has_tail: bool, size: int):
+def _join(onnx, parts: list, n: int, has_tail: bool, size: int, classes: int = 1):
     """One graph from the prefixed network models (input ``n{j}/images``, output ``n{j}/p``)
     and the tail (input ``tail/member_probabilities``): every network reads ``images``, their
     outputs are concatenated into ``member_probabilities``, which the tail reads."""
@@ -447,13 +479,14 @@ def _join(onnx, parts: list, n: int, has_tail: bool, size: int):
     networks_end = sum(len(p.graph.node) for p in parts[:n])
     nodes.insert(networks_end, concat)  # topological order: networks, stack, tail
     t = onnx.TensorProto
-    outputs = [helper.make_tensor_value_info(MEMBERS_OUTPUT, t.FLOAT, ["batch", size, size, n])]
+    outputs = [helper.make_tensor_value_info(MEMBERS_OUTPUT, t.FLOAT, ["batch", size, size, n * classes])]
     if has_tail:
         names = {o.name.removeprefix("tail/"): o.name for o in parts[-1].graph.output}
         nodes.append(helper.make_node("Identity", [names["probability"]], ["probability"], name="segx/probability"))
         nodes.append(helper.make_node("Identity", [names["mask"]], ["mask"], name="segx/mask"))
+        shape = ["batch", size, size] + ([classes] if classes > 1 else [])
         outputs += [
-            helper.make_tensor_value_info("probability", t.FLOAT, ["batch", size, size]),
+            helper.make_tensor_value_info("probability", t.FLOAT, shape),
             helper.make_tensor_value_info("mask", t.UINT8, ["batch", size, size]),
         ]
     graph = helper.make_graph(
@@ -671,7 +704,7 @@ def export_ensemble(
         files = (
             _save_savedmodel(module, functions, stage)
             if fmt == "savedmodel"
-            else _save_onnx(functions, graphs, stage, opset)
+            else _save_onnx(functions, graphs, stage, opset, n_classes(record))
         )
         (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
         manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
@@ -715,6 +748,7 @@ def _manifest(
         "packages": {k: version(k) for k in ("tensorflow", "tf-keras", "tf2onnx", "onnx", "onnxruntime")},
         "source": dict(source or {}),
         "threshold": record["threshold"],
+        **({"labels": record["labels"]} if record.get("labels") else {}),
         "postprocess": record.get("postprocess", {}),
         "weights": {"counts": list(record_weights(record).counts), "denominator": record_weights(record).denominator},
         "graphs": [
@@ -723,7 +757,7 @@ def _manifest(
                 "file": files[i] if fmt == "onnx" else files[0],
                 "view": g["view"],
                 "networks": [{k: n[k] for k in ("member", "fold", "backbone", "run_id")} for n in g["networks"]],
-                **signature(g, single),
+                **signature(g, single, n_classes(record)),
             }
             for i, g in enumerate(graphs)
         ],
@@ -871,7 +905,9 @@ class ExportedPredictor(EnsemblePredictor):
         self.members = self.record["members"]
         self.views = [View.from_dict(v) for v in member_views(self.record)]
         self.weights = record_weights(self.record)
-        self.threshold = float(self.record["threshold"])
+        self.labels = Labels.from_record(self.record["labels"]) if self.record.get("labels") else None
+        self.swap = None  # flip TTA (and its class swap) runs inside the exported graph
+        self.threshold = None if self.labels is not None else float(self.record["threshold"])
         self.post = PostProcess(**self.record.get("postprocess", {}))
         self.tta = manifest["tta"]
         if tta not in (None, self.tta):
@@ -888,9 +924,13 @@ class ExportedPredictor(EnsemblePredictor):
         for graph in self.graphs:
             names = [f"n{j}" for j in range(len(graph.graph["networks"]))]
 
-            def predict(batch: np.ndarray, graph=graph, names=names) -> dict[str, np.ndarray]:
+            k = 1 if self.labels is None else self.labels.n_classes
+
+            def predict(batch: np.ndarray, graph=graph, names=names, k=k) -> dict[str, np.ndarray]:
                 probs = graph.run(batch, [MEMBERS_OUTPUT])[MEMBERS_OUTPUT]
-                return {name: probs[..., j] for j, name in enumerate(names)}
+                if k == 1:
+                    return {name: probs[..., j] for j, name in enumerate(names)}
+                return {name: probs[..., j * k : (j + 1) * k] for j, name in enumerate(names)}
 
             maps: dict[str, list[np.ndarray]] = {name: [] for name in names}
             for case in predict_cases(images, View.from_dict(graph.graph["view"]), predict):
