@@ -397,3 +397,66 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode != 0 and "labelled by argmax; drop the threshold override" in refused.stderr
+
+
+# -- post-processing per class, cross-validation ---------------------------------------------
+
+
+def test_per_class_post_processing_is_kept_only_where_it_helps_that_class():
+    from segx.scoring.postprocess import PostProcess, apply_classes, choose_class_postprocess
+
+    truth = np.zeros((4, 40, 40), np.uint8)
+    truth[:, 5:20, 5:20] = 1  # one blob of class 1
+    truth[:, 25:35, 25:35] = 2  # one of class 2
+    pred = truth.copy()
+    pred[:, 30, 2] = 1  # specks of class 1 in the background: removing them helps class 1 only
+    pred[:, 2, 30] = 1
+    pred[:, 28:30, 28:30] = 0  # a hole in class 2's blob: filling it helps class 2
+    chosen, rows = choose_class_postprocess(Ragged.of(pred), Ragged.of(truth), 3, [10], 1e-3)
+    assert chosen[1].min_size == 10 or chosen[1].keep_largest
+    assert chosen[2].fill_holes
+    assert rows and all(r[0] in (1, 2) for r in rows)
+    cleaned = apply_classes(pred, chosen)
+    assert np.array_equal(cleaned, truth)
+    # A filled hole never takes another class's pixels.
+    other = np.zeros((1, 9, 9), np.uint8)
+    other[0, 2:7, 2:7] = 1
+    other[0, 4, 4] = 2
+    assert apply_classes(other, {1: PostProcess(fill_holes=True)})[0, 4, 4] == 2
+
+
+def test_out_of_fold_probabilities_keep_their_classes(tmp_path):
+    from segx.ensembling.members import assemble_out_of_fold
+    from segx.ensembling.probs import load_cached, save_cached
+
+    rng = np.random.default_rng(0)
+    names = ("background", "a", "b")
+    folds = []
+    for k, stems in enumerate((["c2", "c0"], ["c1"])):
+        shapes = [(5, 7)] * len(stems)
+        probs = Ragged.from_list([rng.integers(0, 256, (*s, 3)).astype(np.uint8) for s in shapes])
+        labels = Ragged.from_list([rng.integers(0, 3, s).astype(np.uint8) for s in shapes])
+        path = save_cached(tmp_path / f"f{k}.npz", stems, probs, labels, None, names)
+        folds.append(load_cached(path))
+    oof = assemble_out_of_fold(folds, tmp_path / "oof.npy")
+    assert oof.stems == ["c0", "c1", "c2"] and oof.classes == names
+    assert np.array_equal(oof.probs[0], folds[0].probs[1]) and np.array_equal(oof.masks[2], folds[0].masks[0])
+    assert oof.probs.flat.shape[1] == 3 and oof.masks.flat.dtype == np.uint8
+
+
+def test_members_naming_other_classes_never_combine():
+    from types import SimpleNamespace
+
+    from segx.workflows.ensemble import _common_labels
+
+    lungs = Labels.from_config(LUNGS).to_record()
+    other = Labels.from_config({"background": 0, "liver": 1}).to_record()
+    members = [SimpleNamespace(run_id="aaa", labels=lungs), SimpleNamespace(run_id="bbb", labels=other)]
+    with pytest.raises(SegxError, match=r"members aaa \(background, right_lung, left_lung, vessel\) and bbb"):
+        _common_labels(members, "none")
+    binary = [SimpleNamespace(run_id="aaa", labels=lungs), SimpleNamespace(run_id="ccc", labels=None)]
+    with pytest.raises(SegxError, match=r"and ccc \(one structure\) name different classes"):
+        _common_labels(binary, "none")
+    assert _common_labels([SimpleNamespace(run_id="a", labels=lungs)] * 2, "none") == lungs
+    with pytest.raises(SegxError, match="ensemble.tta=flip mirrors the images, and classes right_lung, left_lung"):
+        _common_labels([SimpleNamespace(run_id="a", labels=lungs)], "flip")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from segx.ensembling.members import Member
@@ -59,6 +59,10 @@ class SearchOutcome:
     majority_val_dice: float  # the majority vote's validation Dice (a baseline)
     search_seconds: float
     kept_fraction: float  # pixels the search kept after compaction (the rest are decided for any weights)
+    # Several classes: class name -> PostProcess kept for it (nnU-Net's per-class rule), and every try
+    # as (class, candidate, the class's validation Dice).
+    class_postprocess: dict = field(default_factory=dict)
+    class_postprocess_results: list = field(default_factory=list)
 
 
 def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOutcome:
@@ -105,9 +109,15 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
             raise RuntimeError(
                 f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report"
             )
-        from segx.scoring.postprocess import PostProcess
+        from segx.ensembling.classes import exact_labels
+        from segx.scoring.postprocess import PostProcess, choose_class_postprocess
 
-        # Per-class post-processing is not chosen yet for several classes: the labels are the argmax.
+        per_class, tried = {}, []
+        if e.postprocess:
+            stage("choosing post-processing per class on validation")
+            per_class, tried = choose_class_postprocess(
+                exact_labels(probs, weights), truth, len(classes), list(e.postprocess_min_sizes), e.tolerance
+            )
         majority = mean_foreground_dice(majority_vote_labels(probs), truth, len(classes))
         return SearchOutcome(
             chosen=chosen,
@@ -120,6 +130,8 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
             majority_val_dice=majority,
             search_seconds=seconds,
             kept_fraction=data.kept_fraction,
+            class_postprocess={classes[c]: p for c, p in per_class.items()},
+            class_postprocess_results=[(classes[c], d, v) for c, d, v in tried],
         )
     val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
     if val_dice != chosen.val_dice:

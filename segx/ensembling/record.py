@@ -188,6 +188,11 @@ def make_record(
         **weight_total,
         "threshold": None if labels is not None else chosen.threshold,
         **({"labels": labels} if labels is not None else {}),
+        **(
+            {"class_postprocess": {name: p.to_dict() for name, p in found.class_postprocess.items()}}
+            if labels is not None
+            else {}
+        ),
         "postprocess": found.postprocess.to_dict(),
         "tta": str(tta),
         "search": {

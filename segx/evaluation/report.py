@@ -28,7 +28,7 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     from segx.ensembling.members import unique_labels
 
     if test.classes is not None:
-        return _score_classes(members, weights, spacing)
+        return _score_classes(members, weights, spacing, post)
 
     # Unique names: two members with one backbone and arch (resize and patch) must not share a row.
     methods = {
@@ -54,7 +54,7 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     return pd.DataFrame(rows), preds
 
 
-def _score_classes(members: list[Member], weights, spacing=None):
+def _score_classes(members: list[Member], weights, spacing=None, per_class: dict | None = None):
     """:func:`score_test_split` for several classes: label maps by argmax (ties to the lowest
     index), per-case foreground means in ``dice``, ``iou``, ``hd95`` and per-class columns
     ``dice/<class>`` (NaN where the empty-class rule leaves the class out of a case)."""
@@ -71,7 +71,12 @@ def _score_classes(members: list[Member], weights, spacing=None):
     }
     methods["equal-weights"] = lambda: exact_labels(probs, Weights((1,) * len(members), len(members)))
     methods["majority-vote"] = lambda: majority_vote_labels(probs)
-    methods["ensemble"] = lambda: exact_labels(probs, weights)
+    from segx.scoring.postprocess import apply_classes
+
+    post = {names.index(n): p for n, p in (per_class or {}).items() if not p.is_identity}
+    if post:
+        methods["ensemble (no post-processing)"] = lambda: exact_labels(probs, weights)
+    methods["ensemble"] = lambda: apply_classes(exact_labels(probs, weights), post)
     rows, preds = [], {}
     for name, make in methods.items():
         pred = make()

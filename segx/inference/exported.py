@@ -46,7 +46,7 @@ from segx.data.ragged import Ragged
 from segx.ensembling.probs import MAX_DENOMINATOR, cut, fold_mean, quantize
 from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
-from segx.inference.predictor import EnsemblePredictor
+from segx.inference.predictor import EnsemblePredictor, class_postprocess
 from segx.inference.view import View, predict_cases
 from segx.scoring.postprocess import PostProcess
 
@@ -907,6 +907,7 @@ class ExportedPredictor(EnsemblePredictor):
         self.weights = record_weights(self.record)
         self.labels = Labels.from_record(self.record["labels"]) if self.record.get("labels") else None
         self.swap = None  # flip TTA (and its class swap) runs inside the exported graph
+        self.class_post = class_postprocess(self.record, self.labels)
         self.threshold = None if self.labels is not None else float(self.record["threshold"])
         self.post = PostProcess(**self.record.get("postprocess", {}))
         self.tta = manifest["tta"]

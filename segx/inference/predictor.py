@@ -20,7 +20,7 @@ from segx.ensembling.probs import Score, argmax_labels, binarize, combine, fold_
 from segx.ensembling.record import member_views, record_weights, validate_record
 from segx.errors import SegxError
 from segx.inference.view import View, predict_cases
-from segx.scoring.postprocess import PostProcess, apply
+from segx.scoring.postprocess import PostProcess, apply, apply_classes
 
 # segx.models (TensorFlow) is imported where a network is loaded or run, not here: an exported
 # ensemble (segx.inference.exported) reuses this arithmetic on ONNX Runtime without TensorFlow.
@@ -36,6 +36,13 @@ class Prediction:
     mask: np.ndarray
     probability: np.ndarray
     uncertainty: np.ndarray
+
+
+def class_postprocess(record: dict, labels) -> dict[int, PostProcess]:
+    """A multi-class record's per-class post-processing, by class index (empty: none)."""
+    if labels is None:
+        return {}
+    return {labels.index(name): PostProcess(**p) for name, p in (record.get("class_postprocess") or {}).items()}
 
 
 def member_probs(
@@ -79,6 +86,7 @@ class EnsemblePredictor:
         self.weights = record_weights(record)  # exact counts over a denominator
         # Several classes: labelled by argmax (no threshold); masks written in the user's encoding.
         self.labels = Labels.from_record(record["labels"]) if record.get("labels") is not None else None
+        self.class_post = class_postprocess(record, self.labels)
         swap = (record.get("labels") or {}).get("flip_swap")
         self.swap = None if swap is None else [int(i) for i in swap]
         if self.labels is not None:
@@ -176,7 +184,7 @@ class EnsemblePredictor:
         """Several classes: the label map (argmax of the exact class scores, ties to the lowest
         index: the search's labels), the mean class probabilities, and their normalised entropy
         as the uncertainty (0: one class certain, 1: every class equally likely)."""
-        labels = argmax_labels(score)
+        labels = apply_classes(argmax_labels(score), self.class_post)
         mean = score.probability()
         k = mean.flat.shape[-1]
         p = np.clip(mean.flat, 1e-12, 1.0)

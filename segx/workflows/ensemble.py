@@ -170,7 +170,11 @@ def build_ensemble(cfg: DictConfig) -> dict:
         members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha(), labels
     )
     per_case, preds = score_test_split(
-        members, found.weights, record["threshold"], found.postprocess, members[0].pixel_spacing
+        members,
+        found.weights,
+        record["threshold"],
+        found.class_postprocess if labels is not None else found.postprocess,
+        members[0].pixel_spacing,
     )
     summary = summarise(per_case)
     per_class = class_summary(per_case) if labels is not None else None
@@ -233,6 +237,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
                 "chosen.threshold": str(record["threshold"]),
                 "chosen.method": found.chosen.name,
                 "chosen.postprocess": found.postprocess.describe(),
+                **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
             },
         )
         (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
@@ -241,6 +246,10 @@ def build_ensemble(cfg: DictConfig) -> dict:
         summary.to_csv(tmp / "tables" / "test_summary.csv")
         validation.to_csv(tmp / "tables" / "val_summary.csv", index=False)
         pd.DataFrame(found.searched.history).to_csv(tmp / "tables" / "search_history.csv", index=False)
+        if found.class_postprocess_results:
+            pd.DataFrame(found.class_postprocess_results, columns=["class", "postprocess", "val_dice"]).to_csv(
+                tmp / "tables" / "val_postprocess.csv", index=False
+            )
         if found.postprocess_results:
             pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
                 tmp / "tables" / "val_postprocess.csv", index=False

@@ -61,7 +61,9 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
                 f"cross-validated member {parent.info.run_id}: fold run {m.run_id} has other test cases; retrain it on the same fold file"
             )
     val = assemble_out_of_fold([m.val for m in singles], workdir / parent.info.run_id / f"oof_{tta}.npy")
-    test = type(ref.test)(ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews)
+    test = type(ref.test)(
+        ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews, ref.test.classes
+    )
     cv_fp = MemberRun.of(runs[sorted(runs)[0]]).cv_fingerprint
     return Member(
         run_id=parent.info.run_id,
