@@ -211,7 +211,10 @@ def val_table(members: list[Member], found: SearchOutcome) -> pd.DataFrame:
     rows.append(
         {"method": f"chosen ({found.chosen.name})", "val_dice": found.val_dice, "threshold": found.chosen.threshold}
     )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if members and members[0].val.classes is not None:  # several classes: argmax, no threshold
+        table = table.drop(columns="threshold")
+    return table
 
 
 def plot_ensemble(
@@ -290,9 +293,14 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
     weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if record.get("labels") is not None:  # several classes: argmax, post-processing per class
+        post = ", ".join(f"{n}: {p.describe()}" for n, p in found.class_postprocess.items()) or "none"
+        how = f"labels: argmax of {len(record['labels']['names'])} classes"
+    else:
+        post, how = found.postprocess.describe(), f"threshold: {record['threshold']}"
     print(
-        f"\nchosen: {found.chosen.name}  weights: {weights}  threshold: {record['threshold']}  "
-        f"post-processing: {found.postprocess.describe()}  (search {found.search_seconds:.2f}s)"
+        f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
+        f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
     )
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
