@@ -87,10 +87,18 @@ def plot_cases(
     n: int = 4,
     title: str = "",
     row_labels: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    colours: Sequence | None = None,
 ) -> Path:
     """Grid: one row per case, one column per prediction; true contour green, predicted red.
     ``title`` says which split (and which cases) the figure shows; ``row_labels`` (one per row,
-    e.g. "worst", "median") are printed beside each case's name."""
+    e.g. "worst", "median") are printed beside each case's name.
+
+    Several classes (``classes``: names, background first; ``true`` and ``preds`` label maps): the
+    first column is the ground truth, every column draws each class's contours in its colour
+    (``colours``, RGB), and a legend names the classes."""
+    if classes is not None:
+        return _plot_class_cases(images, true, preds, stems, path, scores, n, title, row_labels, classes, colours)
     n = min(n, len(images))
     names = list(preds)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n), squeeze=False)
@@ -107,4 +115,43 @@ def plot_cases(
         label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
         axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
     fig.suptitle(f"{title + ' - ' if title else ''}green: ground truth, red: prediction", fontsize=9)
+    return _save(fig, path)
+
+
+def _labels_at(labels: np.ndarray, shape) -> np.ndarray:
+    """A label map at a thumbnail's size (nearest neighbour: a label is never blended)."""
+    import cv2
+
+    if labels.shape[:2] == tuple(shape[:2]):
+        return np.asarray(labels, np.uint8)
+    return cv2.resize(np.asarray(labels, np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST)
+
+
+def _plot_class_cases(images, true, preds, stems, path, scores, n, title, row_labels, classes, colours) -> Path:
+    from matplotlib.patches import Patch
+
+    from segx.inference.overlay import class_colours, overlay_classes
+
+    colours = list(colours) if colours is not None else class_colours(len(classes))
+    n = min(n, len(images))
+    columns = {"ground truth": true, **preds}
+    names = list(columns)
+    fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n + 0.6), squeeze=False)
+    for row in range(n):
+        image = images[row]
+        for col, name in enumerate(names):
+            ax = axes[row][col]
+            drawn = overlay_classes(image, _labels_at(columns[name][row], image.shape), classes, colours, legend=False)
+            ax.imshow(drawn)
+            heading = name if row == 0 else ""
+            if scores is not None and name in scores:
+                heading = f"{heading}\nforeground Dice {scores[name][row]:.3f}".strip()
+            ax.set_title(heading, fontsize=8)
+            ax.set_axis_off()
+        label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
+        axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
+    handles = [Patch(color=np.asarray(colours[c]) / 255.0, label=classes[c]) for c in range(1, len(classes))]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"{title + ' - ' if title else ''}each class's contours in its colour", fontsize=9)
+    fig.subplots_adjust(bottom=0.6 / (3 * n + 0.6))
     return _save(fig, path)

@@ -253,10 +253,15 @@ def plot_ensemble(
         ms=14,
         color="crimson",
         ls="none",
-        label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}, threshold {chosen.threshold})",
+        label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}"
+        + (", argmax)" if members[0].val.classes is not None else f", threshold {chosen.threshold})"),
     )
     ax.set_xlabel("search step / candidate")
-    ax.set_ylabel("validation Dice (whole images, own size)")
+    ax.set_ylabel(
+        "validation Dice (whole images, own size)"
+        if members[0].val.classes is None
+        else "validation foreground-mean Dice (per-class means)"
+    )
     ax.set_title("validation split: the ensemble search against its members", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -273,6 +278,12 @@ def plot_ensemble(
         shown, labels = list(range(min(len(test.previews), preview_cases))), None
         what = f"the first {min(len(test.previews), preview_cases)} of {len(test.stems)} cases"
     if shown:
+        colours = None
+        if test.classes is not None:
+            from segx.inference.overlay import class_colours
+
+            record_labels = members[0].labels or {}
+            colours = class_colours(len(test.classes), record_labels.get("colours"))
         plot_cases(
             [test.previews[i] for i in shown],
             [test.masks[i] for i in shown],
@@ -283,6 +294,8 @@ def plot_ensemble(
             n=len(shown),
             title=f"test split (never seen by the search): {what}",
             row_labels=labels,
+            classes=test.classes,
+            colours=colours,
         )
 
 

@@ -61,14 +61,16 @@ def class_colours(n_classes: int, palette=None) -> list[tuple[int, int, int]]:
     return [(0, 0, 0)] + [CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)] for c in range(1, n_classes)]
 
 
-def overlay_classes(image: np.ndarray, labels: np.ndarray, names, colours) -> np.ndarray:
-    """RGB image with each foreground class's contours in its colour and a legend (top left)
-    naming the classes drawn; contours, not fills, so the tissue under them stays visible."""
+def overlay_classes(image: np.ndarray, labels: np.ndarray, names, colours, legend: bool = True) -> np.ndarray:
+    """RGB image with each foreground class's contours in its colour and (``legend``) a legend at
+    the top left naming the classes; contours, not fills, so the tissue under them stays visible."""
     out = np.ascontiguousarray(np.asarray(image, np.uint8).copy())
     thickness = max(1, image.shape[0] // 128)
     for c in range(1, len(names)):
         found, _ = cv2.findContours((labels == c).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, found, -1, tuple(int(x) for x in colours[c]), thickness)
+    if not legend:
+        return out
     scale = max(0.3, min(1.0, image.shape[0] / 512))
     row = max(10, int(22 * scale))
     width = max(cv2.getTextSize(str(n), cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names[1:]) + row + 8

@@ -256,8 +256,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
             )
         if per_class is not None:
             per_class.to_csv(tmp / "tables" / "test_per_class.csv")
-        else:  # the figures draw one structure; per-class figures are not drawn yet
-            plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
+        plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
         # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
         member_runs = [f for m in members for f in (m.folds or [m.run_id])]
         tracking.link_models(client, run_id, [MemberRun.of(client.get_run(r)).logged_model_id for r in member_runs])

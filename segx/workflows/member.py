@@ -652,7 +652,21 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                 pred = member_labels(probs)
                 scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
                 final.update(_class_finals(role, scores, names))
-                continue  # per-class case figures: not drawn yet for several classes
+                if role == "val":
+                    shown, labels = plots.pick_cases(scores["dice"])
+                    plots.plot_cases(
+                        [previews[i] for i in shown],
+                        [masks[i] for i in shown],
+                        {"prediction": [pred[i] for i in shown]},
+                        [stems[i] for i in shown],
+                        tmp / "plots" / "val_cases.png",
+                        {"prediction": scores["dice"][shown]},
+                        title=f"validation split: worst and typical of {len(stems)} cases (argmax)",
+                        row_labels=labels,
+                        classes=names,
+                        colours=_colours(spec),
+                    )
+                continue
             pred = probs.like(probs.flat >= 128)
             scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
             # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
@@ -681,6 +695,14 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
         tracking.log_artifact(client, run_id, tmp / "plots", "plots")
         tracking.log_metrics(client, run_id, final)
     return final
+
+
+def _colours(spec: dict):
+    """The classes' colours for figures: the data's palette where it has one."""
+    from segx.inference.overlay import class_colours
+
+    labels = spec["labels"]
+    return class_colours(len(labels["names"]), labels.get("colours"))
 
 
 def _swap_field(spec: dict) -> dict:
