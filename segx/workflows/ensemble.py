@@ -385,6 +385,18 @@ def _experiment_choice() -> str | None:
     return None if choice in (None, "null", "None") else str(choice)
 
 
+def _data_overrides() -> list[str]:
+    """The ``data=...`` and ``data.<key>=...`` overrides of this command line (none outside a Hydra
+    job): members trained first by ``ensemble.train_missing`` read the data the ensemble was given."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - a library call: no command line
+        return []
+    return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data"]
+
+
 def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     """Train each backbone of ``ensemble.members`` that has no finished run yet (first use)."""
     from segx import tracking
@@ -403,6 +415,7 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
         f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
         f"mlflow.artifact_root={cfg.mlflow.artifact_root}",
         f"mlflow.experiment_name={cfg.mlflow.experiment_name}",
+        *_data_overrides(),
         *map(str, cfg.ensemble.train_overrides),
     ]
     experiment_choice = _experiment_choice()
