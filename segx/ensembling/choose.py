@@ -100,62 +100,47 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
     # The search scored the candidate in prediction's arithmetic; the prediction path itself
     # must give the same number to the last bit.
+    from segx.scoring.postprocess import PostProcess
+
+    post, post_results, per_class, tried = PostProcess(), [], {}, []
     if classes is not None:
-        from segx.ensembling.classes import exact_class_dice, majority_vote_labels
+        from segx.ensembling.classes import exact_class_dice, exact_labels, majority_vote_labels
         from segx.scoring.classes import mean_foreground_dice
+        from segx.scoring.postprocess import choose_class_postprocess
 
         val_dice = exact_class_dice(probs, truth, weights, len(classes))
-        if val_dice != chosen.val_dice:
-            raise RuntimeError(
-                f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report"
-            )
-        from segx.ensembling.classes import exact_labels
-        from segx.scoring.postprocess import PostProcess, choose_class_postprocess
-
-        per_class, tried = {}, []
+        _same(chosen.val_dice, val_dice)
         if e.postprocess:
             stage("choosing post-processing per class on validation")
             per_class, tried = choose_class_postprocess(
                 exact_labels(probs, weights), truth, len(classes), list(e.postprocess_min_sizes), e.tolerance
             )
         majority = mean_foreground_dice(majority_vote_labels(probs), truth, len(classes))
-        return SearchOutcome(
-            chosen=chosen,
-            searched=result,
-            baselines=base,
-            weights=weights,
-            val_dice=val_dice,
-            postprocess=PostProcess(),
-            postprocess_results=[],
-            majority_val_dice=majority,
-            search_seconds=seconds,
-            kept_fraction=data.kept_fraction,
-            class_postprocess={classes[c]: p for c, p in per_class.items()},
-            class_postprocess_results=[(classes[c], d, v) for c, d, v in tried],
-        )
-    val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
-    if val_dice != chosen.val_dice:
-        raise RuntimeError(f"internal: search scored {chosen.val_dice!r}, prediction gives {val_dice!r}; please report")
-    if e.postprocess:
-        stage("choosing post-processing on validation")
-    post, post_results = (
-        choose_postprocess(members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance)
-        if e.postprocess
-        else (None, [])
-    )
-    from segx.scoring.postprocess import PostProcess
-
-    post = post or PostProcess()
-    majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
+    else:
+        val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
+        _same(chosen.val_dice, val_dice)
+        if e.postprocess:
+            stage("choosing post-processing on validation")
+            post, post_results = choose_postprocess(
+                members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance
+            )
+        majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
     return SearchOutcome(
         chosen=chosen,
         searched=result,
         baselines=base,
         weights=weights,
         val_dice=val_dice,
-        postprocess=post,
+        postprocess=post or PostProcess(),
         postprocess_results=post_results,
         majority_val_dice=majority,
         search_seconds=seconds,
         kept_fraction=data.kept_fraction,
+        class_postprocess={classes[c]: p for c, p in per_class.items()} if classes is not None else {},
+        class_postprocess_results=[(classes[c], d, v) for c, d, v in tried] if classes is not None else [],
     )
+
+
+def _same(searched: float, predicted: float) -> None:
+    if predicted != searched:
+        raise RuntimeError(f"internal: search scored {searched!r}, prediction gives {predicted!r}; please report")

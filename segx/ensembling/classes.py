@@ -29,6 +29,7 @@ import numpy as np
 from segx.data.labels import IGNORE_INDEX
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import argmax_labels, combine_classes, member_labels
+from segx.ensembling.search import segments
 from segx.errors import SegxError
 from segx.scoring.classes import class_dice, class_means, confusion_counts, foreground_mean
 
@@ -155,14 +156,12 @@ def compact_classes(member_probs: Sequence, truth, n_classes: int, chunk: int = 
         kept_case.append(np.searchsorted(local, flat, side="right") - 1 + start)
     m = len(member_probs)
     probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((m, 0, k), np.uint8)
-    case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
-    starts = np.ones(len(case_of_pixel), bool)
-    starts[1:] = case_of_pixel[1:] != case_of_pixel[:-1]
+    segment, cases = segments(kept_case)
     return CompactClasses(
         probs=probs,
         truth=np.concatenate(kept_truth) if kept_truth else np.zeros(0, np.uint8),
-        segment=(np.cumsum(starts) - 1).astype(np.int64),
-        cases=case_of_pixel[starts],
+        segment=segment,
+        cases=cases,
         fixed_tp=fixed[0],
         fixed_pp=fixed[1],
         fixed_tt=fixed[2],

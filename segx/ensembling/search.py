@@ -119,15 +119,11 @@ def compact(
         kept_case.append(np.searchsorted(local, flat, side="right") - 1 + start)
     m = len(member_probs)
     probs = np.concatenate(kept_probs, axis=1) if kept_probs else np.zeros((m, 0), np.uint8)
-    case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
-    # Pixels come in case order: a segment starts wherever the case changes.
-    starts = np.ones(len(case_of_pixel), bool)
-    starts[1:] = case_of_pixel[1:] != case_of_pixel[:-1]
-    cases, segment = case_of_pixel[starts], np.cumsum(starts) - 1
+    segment, cases = segments(kept_case)
     return Compact(
         probs=probs,
         truth=np.concatenate(kept_truth) if kept_truth else np.zeros(0, bool),
-        segment=segment.astype(np.int64),
+        segment=segment,
         cases=cases,
         fixed_tp=fixed_tp,
         fixed_pp=fixed_pp,
@@ -135,6 +131,15 @@ def compact(
         thresholds=thresholds,
         n_pixels=truth.n_pixels,
     )
+
+
+def segments(kept_case: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(segment of each kept pixel, case of each segment) from the kept pixels' case indices, one
+    array per chunk of cases. Pixels come in case order: a segment starts wherever the case changes."""
+    case_of_pixel = np.concatenate(kept_case) if kept_case else np.zeros(0, np.int64)
+    starts = np.ones(len(case_of_pixel), bool)
+    starts[1:] = case_of_pixel[1:] != case_of_pixel[:-1]
+    return (np.cumsum(starts) - 1).astype(np.int64), case_of_pixel[starts]
 
 
 def bin_table(thresholds: Sequence[float], denominator: int) -> np.ndarray:

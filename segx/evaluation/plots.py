@@ -102,20 +102,35 @@ def plot_cases(
     n = min(n, len(images))
     names = list(preds)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n), squeeze=False)
-    for row in range(n):
+    _fill_grid(
+        axes,
+        images,
+        names,
+        lambda image, row, name: _contours(image, _at(true[row], image.shape), _at(preds[name][row], image.shape)),
+        scores,
+        "Dice",
+        stems,
+        row_labels,
+    )
+    fig.suptitle(f"{title + ' - ' if title else ''}green: ground truth, red: prediction", fontsize=9)
+    return _save(fig, path)
+
+
+def _fill_grid(axes, images, names, draw, scores, score_name: str, stems, row_labels) -> None:
+    """One row per case, one column per name: ``draw(image, row, name)`` shown, the column's name
+    and the case's score as its title, the case's name (and row label) beside the row."""
+    for row, axes_row in enumerate(axes):
+        image = images[row]
         for col, name in enumerate(names):
-            ax = axes[row][col]
-            image = images[row]
-            ax.imshow(_contours(image, _at(true[row], image.shape), _at(preds[name][row], image.shape)))
+            ax = axes_row[col]
+            ax.imshow(draw(image, row, name))
             heading = name if row == 0 else ""
             if scores is not None and name in scores:
-                heading = f"{heading}\nDice {scores[name][row]:.3f}".strip()
+                heading = f"{heading}\n{score_name} {scores[name][row]:.3f}".strip()
             ax.set_title(heading, fontsize=8)
             ax.set_axis_off()
         label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
-        axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
-    fig.suptitle(f"{title + ' - ' if title else ''}green: ground truth, red: prediction", fontsize=9)
-    return _save(fig, path)
+        axes_row[0].text(-2, image.shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
 
 
 def _labels_at(labels: np.ndarray, shape) -> np.ndarray:
@@ -137,19 +152,18 @@ def _plot_class_cases(images, true, preds, stems, path, scores, n, title, row_la
     columns = {"ground truth": true, **preds}
     names = list(columns)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n + 0.6), squeeze=False)
-    for row in range(n):
-        image = images[row]
-        for col, name in enumerate(names):
-            ax = axes[row][col]
-            drawn = overlay_classes(image, _labels_at(columns[name][row], image.shape), classes, colours, legend=False)
-            ax.imshow(drawn)
-            heading = name if row == 0 else ""
-            if scores is not None and name in scores:
-                heading = f"{heading}\nforeground Dice {scores[name][row]:.3f}".strip()
-            ax.set_title(heading, fontsize=8)
-            ax.set_axis_off()
-        label = stems[row] if row_labels is None else f"{row_labels[row]}: {stems[row]}"
-        axes[row][0].text(-2, images[row].shape[0] // 2, label, rotation=90, va="center", ha="right", fontsize=7)
+    _fill_grid(
+        axes[:n],
+        images,
+        names,
+        lambda image, row, name: overlay_classes(
+            image, _labels_at(columns[name][row], image.shape), classes, colours, legend=False
+        ),
+        scores,
+        "foreground Dice",
+        stems,
+        row_labels,
+    )
     handles = [Patch(color=np.asarray(colours[c]) / 255.0, label=classes[c]) for c in range(1, len(classes))]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{title + ' - ' if title else ''}each class's contours in its colour", fontsize=9)

@@ -140,34 +140,21 @@ def honest_gain(
 
     member_rows = [b for b in found.baselines if b.name.startswith("member:")]
     index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)
+    stems = members[0].test.stems
     if members[index].test.classes is not None:  # several classes: per-case foreground means, no threshold
-        stems = members[0].test.stems
         by_method = per_case.set_index(["method", "stem"])["dice"]
         member_test = by_method.loc[best.name].loc[stems].to_numpy()
-        ensemble = by_method.loc["ensemble"].loc[stems].to_numpy()
-        out = paired_bootstrap(ensemble, member_test, resamples, seed)
-        return {
-            **out,
-            "best_member": best.name,
-            "best_member_threshold": None,
-            "best_member_val_dice": best.val_dice,
-            "best_member_test_dice": float(member_test.mean()),
-            "ensemble_val_dice": found.val_dice,
-            "ensemble_test_dice": float(ensemble.mean()),
-            "ensemble_optimism": found.val_dice - float(ensemble.mean()),
-            "best_member_optimism": best.val_dice - float(member_test.mean()),
-        }
-    # Like for like: the member on test at the threshold validation chose for it (as the
-    # ensemble is at its own), not at 0.5; both are then what a user would deploy.
-    test = members[index].test
-    probs = test.probs
-    member_test = dice_per_case(binarize(_single(probs), best.threshold), test.masks)
-    ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[test.stems, "dice"].to_numpy()
+    else:
+        # Like for like: the member on test at the threshold validation chose for it (as the
+        # ensemble is at its own), not at 0.5; both are then what a user would deploy.
+        test = members[index].test
+        member_test = dice_per_case(binarize(_single(test.probs), best.threshold), test.masks)
+    ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[stems, "dice"].to_numpy()
     out = paired_bootstrap(ensemble, member_test, resamples, seed)
     return {
         **out,
         "best_member": best.name,
-        "best_member_threshold": best.threshold,
+        "best_member_threshold": None if members[index].test.classes is not None else best.threshold,
         "best_member_val_dice": best.val_dice,
         "best_member_test_dice": float(member_test.mean()),
         "ensemble_val_dice": found.val_dice,

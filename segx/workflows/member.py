@@ -648,29 +648,15 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             for mode, mode_probs in by_mode.items():
                 save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names)
             probs = by_mode["none"]  # the member's own metrics and figure: no TTA
-            if names:
+            if names:  # several classes: argmax labels, per-class scores and their foreground mean
                 pred = member_labels(probs)
                 scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
                 final.update(_class_finals(role, scores, names))
-                if role == "val":
-                    shown, labels = plots.pick_cases(scores["dice"])
-                    plots.plot_cases(
-                        [previews[i] for i in shown],
-                        [masks[i] for i in shown],
-                        {"prediction": [pred[i] for i in shown]},
-                        [stems[i] for i in shown],
-                        tmp / "plots" / "val_cases.png",
-                        {"prediction": scores["dice"][shown]},
-                        title=f"validation split: worst and typical of {len(stems)} cases (argmax)",
-                        row_labels=labels,
-                        classes=names,
-                        colours=_colours(spec),
-                    )
-                continue
-            pred = probs.like(probs.flat >= 128)
-            scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
-            # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
-            final.update({keys.final(role, k): float(v.mean()) for k, v in scores.items()})
+            else:
+                pred = probs.like(probs.flat >= 128)
+                scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
+                # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
+                final.update({keys.final(role, k): float(v.mean()) for k, v in scores.items()})
             if role == "val":
                 shown, labels = plots.pick_cases(scores["dice"])
                 plots.plot_cases(
@@ -680,8 +666,11 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                     [stems[i] for i in shown],
                     tmp / "plots" / "val_cases.png",
                     {"prediction": scores["dice"][shown]},
-                    title=f"validation split: worst and typical of {len(stems)} cases (threshold 0.5)",
+                    title=f"validation split: worst and typical of {len(stems)} cases "
+                    + ("(argmax)" if names else "(threshold 0.5)"),
                     row_labels=labels,
+                    classes=names,
+                    colours=_colours(spec) if names else None,
                 )
         stage("uploading the cached probabilities; drawing the figures")
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
