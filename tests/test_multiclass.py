@@ -460,3 +460,38 @@ def test_members_naming_other_classes_never_combine():
     assert _common_labels([SimpleNamespace(run_id="a", labels=lungs)] * 2, "none") == lungs
     with pytest.raises(SegxError, match="ensemble.tta=flip mirrors the images, and classes right_lung, left_lung"):
         _common_labels([SimpleNamespace(run_id="a", labels=lungs)], "flip")
+
+
+def test_the_class_search_memory_is_bounded_by_its_chunk_not_the_data(tmp_path):
+    """16 classes, members that agree on most pixels: the compaction reads the memory-mapped caches
+    a few cases at a time, so its peak is a small share of the cached probabilities (the bound is
+    members x (chunk pixels x (K + 8) + kept pixels x K) bytes; README)."""
+    import tracemalloc
+
+    from segx.ensembling.probs import load_cached, save_cached
+
+    rng = np.random.default_rng(0)
+    k, members, cases, side = 16, 3, 48, 128
+    names = tuple(f"c{i}" for i in range(k))
+    truth = Ragged.from_list([rng.integers(0, k, (side, side)).astype(np.uint8) for _ in range(cases)])
+    cached = []
+    for m in range(members):
+        probs = np.full((truth.n_pixels, k), 5, np.uint8)
+        probs[np.arange(truth.n_pixels), truth.flat] = 200  # every member right, so they agree ...
+        flip = rng.random(truth.n_pixels) < 0.02  # ... but on 2 % of the pixels, each its own way
+        probs[flip, (truth.flat[flip].astype(int) + 1 + m) % k] = 250
+        path = save_cached(
+            tmp_path / f"m{m}.npz", [f"s{i}" for i in range(cases)], Ragged(probs, truth.shapes), truth, None, names
+        )
+        cached.append(load_cached(path, tmp_path / f"x{m}"))
+    del probs
+    total = members * truth.n_pixels * k  # bytes of the members' cached probabilities
+    tracemalloc.start()
+    data = compact_classes([c.probs for c in cached], cached[0].masks, k, chunk=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    kept = data.probs.shape[1]
+    assert 0.02 < kept / truth.n_pixels < 0.1
+    chunk_pixels = 2 * side * side
+    assert peak < members * (chunk_pixels * (k + 8) + kept * k) * 1.5 + (1 << 20)
+    assert peak < total / 4
