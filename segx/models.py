@@ -213,6 +213,51 @@ def build_class_loss(n_classes: int, weights: Mapping[str, float], class_weights
     return loss
 
 
+def build_region_loss(regions, weights: Mapping[str, float]):
+    """Loss of one sigmoid per region (B, S, S, R) against label maps (B, S, S, 1) of class
+    indices (nnU-Net's region-based training): each region's target is "the pixel's class is one
+    of the region's"; soft Dice per region over the batch, averaged, plus binary cross-entropy
+    (``bce``/``ce``) and focal (``focal``); ignored pixels count in no term."""
+    from segx.data.labels import IGNORE_INDEX
+
+    terms = {}
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        name = look_up_option(name, CLASS_LOSSES, "loss for regions", "trainer.loss")
+        name = "ce" if name == "bce" else name
+        terms[name] = terms.get(name, 0.0) + float(weight)
+    if not terms:
+        raise SegxError("trainer.loss has no term with a non-zero weight; e.g. trainer.loss.dice=1")
+    table = np.zeros((256, len(regions)), np.float32)
+    for r, members in enumerate(regions):
+        table[list(members), r] = 1.0
+    eps = 1e-7
+
+    def loss(y_true, y_pred):
+        labels = tf.cast(tf.round(y_true[..., 0]), tf.int32)
+        valid = tf.cast(tf.not_equal(labels, IGNORE_INDEX), y_pred.dtype)[..., None]
+        target = tf.gather(tf.constant(table, y_pred.dtype), labels) * valid
+        p = tf.clip_by_value(y_pred, eps, 1.0 - eps)
+        n_valid = tf.maximum(tf.reduce_sum(valid) * len(regions), 1.0)
+        total = tf.constant(0.0, y_pred.dtype)
+        if "ce" in terms:
+            bce = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p)) * valid
+            total += terms["ce"] * tf.reduce_sum(bce) / n_valid
+        if "focal" in terms:
+            pt = target * p + (1.0 - target) * (1.0 - p)
+            total += terms["focal"] * tf.reduce_sum(-tf.square(1.0 - pt) * tf.math.log(pt) * valid) / n_valid
+        if "dice" in terms:
+            masked = y_pred * valid
+            inter = tf.reduce_sum(target * masked, axis=(0, 1, 2))
+            denom = tf.reduce_sum(target, axis=(0, 1, 2)) + tf.reduce_sum(masked, axis=(0, 1, 2))
+            total += terms["dice"] * (1.0 - tf.reduce_mean((2.0 * inter + 1.0) / (denom + 1.0)))
+        return total
+
+    loss.__name__ = "region_loss"
+    return loss
+
+
 def build_class_metrics(n_classes: int) -> list:
     """Training-curve metric for several classes: the batch's mean foreground Dice of the
     argmax labels (ignored pixels left out)."""
@@ -241,11 +286,20 @@ def build_metrics(names) -> list:
 
 
 def compile_model(
-    model, optimizer, loss_weights: Mapping[str, float], metrics=("dice", "iou"), n_classes: int = 1, class_weights=None
+    model,
+    optimizer,
+    loss_weights: Mapping[str, float],
+    metrics=("dice", "iou"),
+    n_classes: int = 1,
+    class_weights=None,
+    regions=None,
 ):
-    """Compile with segx's loss: segmentation_models' binary losses for one structure, or
-    :func:`build_class_loss` for ``n_classes`` > 1 (a softmax member)."""
-    if n_classes > 1:
+    """Compile with segx's loss: segmentation_models' binary losses for one structure,
+    :func:`build_class_loss` for ``n_classes`` > 1 (a softmax member), or :func:`build_region_loss`
+    for ``regions`` (lists of class indices: one sigmoid per region)."""
+    if regions:
+        model.compile(optimizer=optimizer, loss=build_region_loss(regions, loss_weights))
+    elif n_classes > 1:
         loss = build_class_loss(n_classes, loss_weights, class_weights)
         model.compile(optimizer=optimizer, loss=loss, metrics=build_class_metrics(n_classes))
     else:
@@ -281,8 +335,10 @@ def load_member(folder: str | os.PathLike):
         raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
     try:
         spec = json.loads(spec_path.read_text())
-        # Several classes: a K-way softmax (the spec names the classes); otherwise one sigmoid.
-        classes = len(spec["labels"]["names"]) if spec.get("labels") else 1
+        # Several classes: a K-way softmax (the spec names the classes); regions: one sigmoid each.
+        labels = spec.get("labels") or {}
+        regions = labels.get("regions")
+        classes = len(regions) if regions else len(labels["names"]) if labels else 1
         model = build_model(
             spec["arch"],
             spec["backbone"],
@@ -290,7 +346,7 @@ def load_member(folder: str | os.PathLike):
             None,
             False,
             classes=classes,
-            activation="softmax" if classes > 1 else "sigmoid",
+            activation="softmax" if classes > 1 and not regions else "sigmoid",
             **spec.get("options", {}),
         )
         model.load_weights(str(weights))

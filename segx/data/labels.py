@@ -44,6 +44,42 @@ class Labels:
     values: tuple[int, ...]
     colours: tuple[tuple[int, int, int], ...] | None = None
     ignore: int | tuple[int, int, int] | None = None
+    # Overlapping regions (data.regions, nnU-Net's region-based training): (name, class indices
+    # it unites), in decoding order; each region paints the one class it adds over later ones.
+    regions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        """Output channels of a member: one sigmoid per region, else a K-way softmax."""
+        return len(self.regions) if self.regions else self.n_classes
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.regions or ())
+
+    def paints(self) -> tuple[int, ...]:
+        """The class each region writes when decoding (regions in order, later ones over earlier):
+        the one class of the region that no later region holds."""
+        out = []
+        for r, (_, members) in enumerate(self.regions or ()):
+            later = {c for _, m in (self.regions or ())[r + 1 :] for c in m}
+            out.append(next(c for c in members if c not in later))
+        return tuple(out)
+
+    def region_masks(self, labels: np.ndarray) -> np.ndarray:
+        """bool (..., R): for each region, whether a pixel's class is in it (ignored pixels: none)."""
+        table = np.zeros((256, len(self.regions or ())), bool)
+        for r, (_, members) in enumerate(self.regions or ()):
+            table[list(members), r] = True
+        return table[np.asarray(labels)]
+
+    def decode_regions(self, on: np.ndarray) -> np.ndarray:
+        """Class indices uint8 (...) from region decisions bool (..., R): background, then each
+        region in order paints its class where it is on (a later region over an earlier one)."""
+        out = np.zeros(on.shape[:-1], np.uint8)
+        for r, paint in enumerate(self.paints()):
+            out[on[..., r]] = paint
+        return out
 
     @property
     def n_classes(self) -> int:
@@ -90,6 +126,24 @@ class Labels:
             table[a], table[b] = b, a
         return table
 
+    def output_swap(self, table: np.ndarray | None) -> list[int] | None:
+        """The permutation of a member's outputs that a swap of classes (``table``, from
+        :meth:`swap_table`) means: the classes' own for a softmax; for regions, each region to the
+        region of the swapped classes, or None when some region has no such partner (flip TTA
+        then cannot be undone, and is not offered)."""
+        if table is None:
+            return None
+        if not self.regions:
+            return [int(i) for i in table[: self.n_classes]]
+        sets = [frozenset(m) for _, m in self.regions]
+        out = []
+        for members in sets:
+            swapped = frozenset(int(table[c]) for c in members)
+            if swapped not in sets:
+                return None
+            out.append(sets.index(swapped))
+        return out
+
     def sided(self) -> list[str]:
         """Class names that say left or right (a horizontal flip would swap them)."""
         return [n for n in self.names if _SIDE.search(n)]
@@ -110,21 +164,26 @@ class Labels:
             out["colours"] = [list(c) for c in self.colours]
         if self.ignore is not None:
             out["ignore"] = list(self.ignore) if isinstance(self.ignore, tuple) else int(self.ignore)
+        if self.regions:
+            out["regions"] = [[name, [self.names[c] for c in members]] for name, members in self.regions]
         return out
 
     @classmethod
     def from_record(cls, record: Mapping) -> Labels:
         colours = record.get("colours")
         ignore = record.get("ignore")
+        names = tuple(str(n) for n in record["names"])
+        regions = record.get("regions")
         return cls(
-            tuple(str(n) for n in record["names"]),
+            names,
             tuple(int(v) for v in record["values"]),
             None if colours is None else tuple(tuple(int(x) for x in c) for c in colours),
             None if ignore is None else (tuple(int(x) for x in ignore) if isinstance(ignore, list) else int(ignore)),
+            None if not regions else tuple((str(n), tuple(names.index(m) for m in ms)) for n, ms in regions),
         )
 
     @classmethod
-    def from_config(cls, labels, palette=None, ignore=None) -> Labels | None:
+    def from_config(cls, labels, palette=None, ignore=None, regions=None) -> Labels | None:
         """``data.labels``, ``data.palette`` and ``data.ignore`` (plain dicts and lists) checked, or
         None when ``labels`` is None (binary). Every problem is one line naming the key."""
         if labels is None:
@@ -132,6 +191,8 @@ class Labels:
                 raise SegxError("data.palette is set but data.labels is null; name the classes in data.labels too")
             if ignore is not None:
                 raise SegxError("data.ignore is set but data.labels is null; name the classes in data.labels too")
+            if regions:
+                raise SegxError("data.regions is set but data.labels is null; name the classes in data.labels too")
             return None
         if not isinstance(labels, Mapping) or len(labels) < 2:
             raise SegxError(
@@ -166,7 +227,7 @@ class Labels:
         items.sort()
         names, values = tuple(n for _, n in items), tuple(v for v, _ in items)
         colours = None if palette is None else _palette(palette, names)
-        return cls(names, values, colours, _ignore(ignore, values, colours, names))
+        return cls(names, values, colours, _ignore(ignore, values, colours, names), _regions(regions, names))
 
     # -- reading masks ---------------------------------------------------------------------
 
@@ -303,3 +364,48 @@ def _ignore(ignore, values: Sequence[int], colours, names: Sequence[str]):
         name = names[list(values).index(ignore)]
         raise SegxError(f"data.ignore={ignore} is also the value of class {name} in data.labels; use another value")
     return int(ignore)
+
+
+def _regions(regions, names: Sequence[str]):
+    """``data.regions`` (region name -> list of class names, in decoding order) checked."""
+    if not regions:
+        return None
+    if not isinstance(regions, Mapping):
+        raise SegxError(
+            f"data.regions={regions!r} must map region names to lists of classes, e.g. "
+            "'{whole: [oedema, core, enhancing], core: [core, enhancing], enhancing: [enhancing]}'"
+        )
+    out = []
+    for region, members in regions.items():
+        region = str(region)
+        if not _NAME.match(region):
+            raise SegxError(f"data.regions: region name '{region}' must start with a letter (it becomes a metric name)")
+        if isinstance(members, str) or not isinstance(members, Sequence) or not members:
+            raise SegxError(
+                f"data.regions.{region}={members!r} must list the classes it unites, e.g. [core, enhancing]"
+            )
+        indices = []
+        for name in members:
+            if str(name) not in names:
+                from segx.errors import suggest
+
+                raise SegxError(
+                    f"data.regions.{region} names '{name}', not a class of data.labels ({', '.join(names)})"
+                    f"{suggest(str(name), names)}"
+                )
+            if names.index(str(name)) == 0:
+                raise SegxError(
+                    f"data.regions.{region} holds the background ({name}); regions unite foreground classes"
+                )
+            indices.append(names.index(str(name)))
+        out.append((region, tuple(sorted(set(indices)))))
+    for r, (region, members) in enumerate(out):
+        later = {c for _, m in out[r + 1 :] for c in m}
+        adds = [names[c] for c in members if c not in later]
+        if len(adds) != 1:
+            raise SegxError(
+                f"data.regions: {region} adds {len(adds)} classes over the regions after it "
+                f"({', '.join(adds) or 'none'}); order the regions from the largest to the smallest, each adding one "
+                "class (e.g. whole, core, enhancing), so that the label map can be decoded"
+            )
+    return tuple(out)

@@ -63,6 +63,8 @@ class SearchOutcome:
     # as (class, candidate, the class's validation Dice).
     class_postprocess: dict = field(default_factory=dict)
     class_postprocess_results: list = field(default_factory=list)
+    # Regions: region name -> its threshold for the chosen weights (each region's best on validation).
+    region_thresholds: dict = field(default_factory=dict)
 
 
 def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOutcome:
@@ -74,9 +76,17 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     truth = members[0].val.masks
     from segx.progress import stage
 
-    classes = members[0].val.classes
+    classes, regions = members[0].val.classes, members[0].val.regions
+    members_of = None
     t0 = time.perf_counter()
-    if classes is not None:  # several classes: argmax of the weighted class probabilities, no threshold
+    if regions is not None:  # overlapping regions: one weighting, a threshold per region
+        from segx.data.labels import Labels
+        from segx.ensembling.regions import compact_regions
+
+        members_of = [m for _, m in Labels.from_record(members[0].labels).regions]
+        stage(f"searching weights and a threshold per region on validation ({e.method}, {len(regions)} regions)")
+        data = compact_regions(probs, truth, members_of, list(e.thresholds))
+    elif classes is not None:  # several classes: argmax of the weighted class probabilities, no threshold
         from segx.ensembling.classes import compact_classes
 
         stage(f"searching weights on validation ({e.method}, {len(members)} members, {len(classes)} classes)")
@@ -102,8 +112,17 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     # must give the same number to the last bit.
     from segx.scoring.postprocess import PostProcess
 
-    post, post_results, per_class, tried = PostProcess(), [], {}, []
-    if classes is not None:
+    post, post_results, per_class, tried, region_thresholds = PostProcess(), [], {}, [], {}
+    if regions is not None:
+        from segx.ensembling.regions import exact_region_dice, majority_region_decisions
+        from segx.scoring.classes import mean_region_dice
+
+        thresholds = data.thresholds_for(weights)
+        region_thresholds = dict(zip(regions, thresholds, strict=True))
+        val_dice = exact_region_dice(probs, truth, weights, thresholds, members_of)
+        _same(chosen.val_dice, val_dice)
+        majority = mean_region_dice(majority_region_decisions(probs), truth, members_of)
+    elif classes is not None:
         from segx.ensembling.classes import exact_class_dice, exact_labels, majority_vote_labels
         from segx.scoring.classes import mean_foreground_dice
         from segx.scoring.postprocess import choose_class_postprocess
@@ -138,6 +157,7 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
         kept_fraction=data.kept_fraction,
         class_postprocess={classes[c]: p for c, p in per_class.items()} if classes is not None else {},
         class_postprocess_results=[(classes[c], d, v) for c, d, v in tried] if classes is not None else [],
+        region_thresholds=region_thresholds,
     )
 
 

@@ -223,6 +223,7 @@ def save_cached(
     masks,
     previews=None,
     classes: Sequence[str] | None = None,
+    regions: Sequence[str] | None = None,
 ) -> Path:
     """Write ``stems``, uint8 ``probs`` and the ground truth (both ragged cases at each case's own
     size, or (N, H, W) arrays) and optionally the first few input images (uint8 (H, W, 3) each,
@@ -230,7 +231,8 @@ def save_cached(
 
     One structure (``classes`` None): probabilities (H, W) and binary masks, bit-packed (format 2,
     as segx always wrote). Several classes: ``classes`` names them, probabilities are (H, W, K)
-    and the truth is label maps of class indices (format 3)."""
+    and the truth is label maps of class indices (format 3); overlapping regions (``regions``
+    names them): probabilities are (H, W, R), one per region, and the truth is the label maps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probs, masks = Ragged.of(probs), Ragged.of(masks)
@@ -249,12 +251,14 @@ def save_cached(
             path, format=np.int64(CACHE_FORMAT), masks=np.packbits(np.asarray(masks.flat, bool)), **common
         )
     else:
-        if probs.flat.ndim != 2 or probs.flat.shape[1] != len(classes):
-            raise ValueError(f"probabilities hold {probs.flat.shape[1:]} classes, {len(classes)} are named")
+        channels = len(regions) if regions else len(classes)
+        if probs.flat.ndim != 2 or probs.flat.shape[1] != channels:
+            raise ValueError(f"probabilities hold {probs.flat.shape[1:]} channels, {channels} are named")
         np.savez_compressed(
             path,
             format=np.int64(CLASSES_FORMAT),
             classes=np.asarray(list(classes), dtype=str),
+            regions=np.asarray(list(regions or []), dtype=str),
             masks=np.asarray(masks.flat, np.uint8),
             **common,
         )
@@ -271,6 +275,7 @@ class Cached:
     masks: Ragged
     previews: Ragged
     classes: tuple[str, ...] | None = None  # several classes: their names (masks are label maps)
+    regions: tuple[str, ...] | None = None  # overlapping regions: their names (probs: one per region)
 
 
 def content_key(path: str | os.PathLike) -> str:
@@ -356,9 +361,11 @@ def load_cached(
                 raise ValueError("stems and shapes disagree")
             n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
             packed = data["masks"]
-            classes = None
+            classes = regions = None
             if version == CLASSES_FORMAT:
                 classes = tuple(str(c) for c in data["classes"])
+                regions = tuple(str(r) for r in data["regions"]) if "regions" in data.files else ()
+                regions = regions or None
                 if packed.dtype != np.uint8 or packed.shape != (n_pixels,) or len(classes) < 2:
                     raise ValueError("label maps do not match the shapes")
                 masks = packed
@@ -367,7 +374,8 @@ def load_cached(
                     raise ValueError("masks do not match the shapes")
                 masks = np.unpackbits(packed, count=n_pixels).astype(bool)
             previews = Ragged(data["previews"], data["preview_shapes"])
-        probs_shape = (n_pixels,) if classes is None else (n_pixels, len(classes))
+        channels = len(regions) if regions else len(classes) if classes else 0
+        probs_shape = (n_pixels,) if classes is None else (n_pixels, channels)
         target = Path(workdir or path.parent)
         target.mkdir(parents=True, exist_ok=True)
         out = target / f"{path.stem}.{key}.probs.npy"
@@ -379,7 +387,7 @@ def load_cached(
             if probs is None:
                 raise ValueError("probs do not match the shapes")
         _drop_stale(target, path.stem, out)
-        return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews, classes)
+        return Cached(stems, Ragged(probs, shapes), Ragged(masks, shapes), previews, classes, regions)
     except SegxError:
         raise
     except (OSError, EOFError, KeyError, IndexError, TypeError, ValueError, zlib.error, zipfile.BadZipFile) as exc:

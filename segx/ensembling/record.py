@@ -193,6 +193,7 @@ def make_record(
             if labels is not None
             else {}
         ),
+        **({"region_thresholds": dict(found.region_thresholds)} if found.region_thresholds else {}),
         "postprocess": found.postprocess.to_dict(),
         "tta": str(tta),
         "search": {

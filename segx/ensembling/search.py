@@ -30,6 +30,7 @@ import numpy as np
 from segx.data.ragged import Ragged, per_case_count
 from segx.ensembling.probs import Weights, binarize, combine, cut
 from segx.errors import SegxError
+from segx.scoring.classes import nan_mean_last
 from segx.scoring.metrics import dice_counts, dice_per_case
 
 # Nelder-Mead's continuous weights are rounded to counts over this denominator before scoring.
@@ -65,6 +66,9 @@ class Compact:
 
     n_pixels: int = 0
     cache: dict = field(default_factory=dict, repr=False)
+    # "one": a case where truth and prediction are both empty scores 1 (segx's binary rule);
+    # "skip": it is not counted, and the mean is over the cases that count (regions, several classes).
+    empty: str = "one"
 
 
 def compact(
@@ -72,6 +76,7 @@ def compact(
     truth: np.ndarray,
     thresholds: Sequence[float],
     chunk: int = 16,
+    empty: str = "one",
 ) -> Compact:
     """Reduce members' uint8 maps and the truth: (N, H, W) arrays or ragged cases of any sizes
     (:class:`segx.data.ragged.Ragged`, memory-mapped is fine).
@@ -130,6 +135,7 @@ def compact(
         true_sum=true_sum,
         thresholds=thresholds,
         n_pixels=truth.n_pixels,
+        empty=empty,
     )
 
 
@@ -226,6 +232,11 @@ def _mean_dice(data: Compact, hist: np.ndarray) -> np.ndarray:
     pp[:] = data.fixed_pp
     tp[:, :, data.cases] += reach[:, :, 1, :].transpose(0, 2, 1)
     pp[:, :, data.cases] += reach.sum(axis=2).transpose(0, 2, 1)
+    if data.empty == "skip":  # not counted where both are empty; NaN where no case counts
+        denom = pp + data.true_sum
+        dice = np.full(tp.shape, np.nan)
+        np.divide(2.0 * tp, denom, out=dice, where=denom > 0)
+        return nan_mean_last(dice)
     dice = dice_counts(tp, pp, np.broadcast_to(data.true_sum, tp.shape))
     return dice.mean(axis=-1)
 

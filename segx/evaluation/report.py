@@ -5,6 +5,7 @@ ensemble at its validation-chosen threshold (the tables carry a threshold column
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,8 @@ def score_test_split(members: list[Member], weights, threshold, post, spacing=No
     weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
     from segx.ensembling.members import unique_labels
 
+    if test.regions is not None:
+        return _score_regions(members, weights, threshold, spacing)
     if test.classes is not None:
         return _score_classes(members, weights, spacing, post)
 
@@ -86,6 +89,39 @@ def _score_classes(members: list[Member], weights, spacing=None, per_class: dict
             rows.append(
                 {"method": name, "threshold": None, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}}
             )
+    return pd.DataFrame(rows), preds
+
+
+def _score_regions(members: list[Member], weights, thresholds: dict, spacing=None):
+    """:func:`score_test_split` for overlapping regions: each member and equal weights at 0.5 per
+    region, the majority vote, and the ensemble at its thresholds per region (``thresholds``:
+    region name -> threshold); per-case means over regions and per-region columns."""
+    from segx.data.labels import Labels
+    from segx.ensembling.members import unique_labels
+    from segx.ensembling.probs import Weights
+    from segx.ensembling.regions import majority_region_decisions, region_decisions
+    from segx.scoring.classes import region_metrics
+
+    test = members[0].test
+    labels = Labels.from_record(members[0].labels)
+    members_of = [m for _, m in labels.regions]
+    half = [0.5] * len(test.regions)
+    probs = [m.test.probs for m in members]
+    methods = {
+        f"member:{label}": (lambda i=i: region_decisions([probs[i]], Weights((1,), 1), half))
+        for i, label in enumerate(unique_labels(members))
+    }
+    methods["equal-weights"] = lambda: region_decisions(probs, Weights((1,) * len(members), len(members)), half)
+    methods["majority-vote"] = lambda: majority_region_decisions(probs)
+    methods["ensemble"] = lambda: region_decisions(probs, weights, [thresholds[r] for r in test.regions])
+    rows, preds = [], {}
+    for name, make in methods.items():
+        on = make()
+        preds[name] = on.like(labels.decode_regions(on.flat))  # label maps, for the figures
+        scores = region_metrics(on, test.masks, test.regions, members_of, spacing=spacing)
+        at = json.dumps(thresholds) if name == "ensemble" else 0.5
+        for i, stem in enumerate(test.stems):
+            rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
     return pd.DataFrame(rows), preds
 
 
@@ -293,7 +329,10 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
     weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if record.get("labels") is not None:  # several classes: argmax, post-processing per class
+    if record.get("region_thresholds"):  # regions: a threshold each, decoded in order
+        post = "none"
+        how = "thresholds: " + ", ".join(f"{r}={t:g}" for r, t in record["region_thresholds"].items())
+    elif record.get("labels") is not None:  # several classes: argmax, post-processing per class
         post = ", ".join(f"{n}: {p.describe()}" for n, p in found.class_postprocess.items()) or "none"
         how = f"labels: argmax of {len(record['labels']['names'])} classes"
     else:

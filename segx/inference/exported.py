@@ -104,8 +104,9 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
 
 
 def n_classes(record: dict) -> int:
-    """Output channels per network: 1 (a sigmoid) for one structure, K for K classes."""
-    return len(record["labels"]["names"]) if record.get("labels") else 1
+    """Output channels per network: 1 (a sigmoid) for one structure, K for K classes, R for R regions."""
+    labels = record.get("labels") or {}
+    return len(labels["regions"]) if labels.get("regions") else len(labels["names"]) if labels else 1
 
 
 def signature(graph: dict, single: bool, classes: int = 1) -> dict:
@@ -265,6 +266,11 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
     weights = record_weights(record)
     k = n_classes(record)
     threshold_cut = cut(float(record["threshold"]), weights.denominator) if k == 1 else None
+    regions = None
+    if (record.get("labels") or {}).get("regions"):  # regions: (exact cut, class painted) each, in order
+        labels = Labels.from_record(record["labels"])
+        cuts = [cut(float(record["region_thresholds"][r]), weights.denominator) for r in labels.region_names]
+        regions = list(zip(cuts, labels.paints(), strict=True))
     swap = (record.get("labels") or {}).get("flip_swap")  # flip TTA's width-flipped pass, several classes
     single = len(graphs) == 1
     functions = {}
@@ -275,7 +281,7 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
         index += len(nets)
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         probs_spec = tf.TensorSpec([None, size, size, len(nets) * k], tf.float32, name=MEMBERS_OUTPUT)
-        tail = _tail(tf, graph["networks"], weights, threshold_cut, k) if single else None
+        tail = _tail(tf, graph["networks"], weights, threshold_cut, k, regions) if single else None
         functions[graph["name"]] = {
             "whole": tf.function(_whole(tf, nets, tta, tail, k, swap), input_signature=[image_spec], autograph=False),
             "networks": [
@@ -343,18 +349,18 @@ def _whole(tf, nets: list, tta: str, tail, classes: int = 1, swap=None):
     return whole
 
 
-def _tail(tf, networks: list[dict], weights, threshold_cut: int | None, classes: int = 1):
+def _tail(tf, networks: list[dict], weights, threshold_cut: int | None, classes: int = 1, regions=None):
     def tail(probs):
         if classes == 1:
             each = [probs[..., j] for j in range(len(networks))]
         else:
             each = [probs[..., j * classes : (j + 1) * classes] for j in range(len(networks))]
-        return _ensemble_outputs(tf, each, networks, weights, threshold_cut)
+        return _ensemble_outputs(tf, each, networks, weights, threshold_cut, regions)
 
     return tail
 
 
-def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut: int | None) -> dict:
+def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut: int | None, regions=None) -> dict:
     """segx's arithmetic on the network grid: quantize (round half to even, as numpy's rint),
     integer fold means, the integer weighted score, the exact threshold (several classes,
     ``threshold_cut`` None: the label of the highest class score, ties to the lowest index,
@@ -371,6 +377,11 @@ def _ensemble_outputs(tf, probs: list, nets: list[dict], weights, threshold_cut:
     score = _sum(terms)
     denominator = float(255 * weights.denominator)
     probability = tf.cast(tf.cast(score, tf.float64) / tf.constant(denominator, tf.float64), tf.float32)
+    if regions is not None:  # each region at its exact cut, painting its class, later over earlier
+        label = tf.zeros(tf.shape(score)[:-1], tf.int32)
+        for r, (region_cut, paint) in enumerate(regions):
+            label = tf.where(score[..., r] >= region_cut, tf.constant(paint, tf.int32), label)
+        return {"probability": probability, "mask": tf.cast(label, tf.uint8)}
     if threshold_cut is None:
         k = int(score.shape[-1])
         top = tf.reduce_max(score, axis=-1, keepdims=True)
@@ -909,6 +920,12 @@ class ExportedPredictor(EnsemblePredictor):
         self.swap = None  # flip TTA (and its class swap) runs inside the exported graph
         self.class_post = class_postprocess(self.record, self.labels)
         self.threshold = None if self.labels is not None else float(self.record["threshold"])
+        regions = self.record.get("region_thresholds") or {}
+        self.region_thresholds = (
+            [float(regions[r]) for r in self.labels.region_names]
+            if self.labels is not None and self.labels.regions
+            else None
+        )
         self.post = PostProcess(**self.record.get("postprocess", {}))
         self.tta = manifest["tta"]
         if tta not in (None, self.tta):
@@ -925,7 +942,7 @@ class ExportedPredictor(EnsemblePredictor):
         for graph in self.graphs:
             names = [f"n{j}" for j in range(len(graph.graph["networks"]))]
 
-            k = 1 if self.labels is None else self.labels.n_classes
+            k = 1 if self.labels is None else self.labels.n_outputs
 
             def predict(batch: np.ndarray, graph=graph, names=names, k=k) -> dict[str, np.ndarray]:
                 probs = graph.run(batch, [MEMBERS_OUTPUT])[MEMBERS_OUTPUT]

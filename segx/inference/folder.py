@@ -307,7 +307,12 @@ def predict_folder(
     files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
     labels = getattr(predictor, "labels", None)
     new = planned_files(
-        files, overlays, uncertainty, save_probabilities, record is not None, labels.foreground if labels else None
+        files,
+        overlays,
+        uncertainty,
+        save_probabilities,
+        record is not None,
+        (labels.region_names if labels.regions else labels.foreground) if labels else None,
     )
     old = check_output_dir(input_dir, output_dir, overwrite, new)
     entered = False  # the staging folder exists (else output_dir could not be written at all)
@@ -397,6 +402,8 @@ def _write_classes(
         write_png(safe_output_path(stage / name, stem), array)
     if save_probabilities:
         (stage / "probabilities").mkdir(exist_ok=True)
-        for c, name in enumerate(labels.names[1:], start=1):
+        # One map per foreground class, or per region (its own sigmoid) for a region ensemble.
+        planes = enumerate(labels.region_names) if labels.regions else enumerate(labels.names[1:], start=1)
+        for c, name in planes:
             plane = np.clip(np.rint(pred.probability[..., c] * 255), 0, 255).astype(np.uint8)
             write_png(safe_output_path(stage / "probabilities", f"{stem}_{name}"), plane)

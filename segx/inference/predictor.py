@@ -96,6 +96,11 @@ class EnsemblePredictor:
                     f"({', '.join(self.labels.names)}), labelled by argmax; drop the threshold override"
                 )
             self.threshold = None
+            # Regions: one threshold each (chosen on validation), decoded into the label map in order.
+            region = record.get("region_thresholds") or {}
+            self.region_thresholds = (
+                [float(region[r]) for r in self.labels.region_names] if self.labels.regions else None
+            )
         else:
             self.threshold = float(record["threshold"] if threshold is None else threshold)
         self.post = PostProcess(**record.get("postprocess", {}))
@@ -184,11 +189,21 @@ class EnsemblePredictor:
         """Several classes: the label map (argmax of the exact class scores, ties to the lowest
         index: the search's labels), the mean class probabilities, and their normalised entropy
         as the uncertainty (0: one class certain, 1: every class equally likely)."""
-        labels = apply_classes(argmax_labels(score), self.class_post)
         mean = score.probability()
-        k = mean.flat.shape[-1]
-        p = np.clip(mean.flat, 1e-12, 1.0)
-        entropy = mean.like((-(p * np.log(p)).sum(axis=-1) / np.log(k)).astype(np.float32))
+        if self.labels.regions:  # regions: each at its threshold, painted in order; binary entropy
+            on = np.zeros(score.values.flat.shape, bool)
+            for r, t in enumerate(self.region_thresholds):
+                part = Score(score.values.like(np.ascontiguousarray(score.values.flat[:, r])), score.denominator)
+                on[:, r] = binarize(part, t).flat
+            labels = mean.like(self.labels.decode_regions(on))
+            p = np.clip(mean.flat, 1e-12, 1 - 1e-12)
+            bits = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+            entropy = mean.like(bits.max(axis=-1).astype(np.float32))
+        else:
+            labels = apply_classes(argmax_labels(score), self.class_post)
+            k = mean.flat.shape[-1]
+            p = np.clip(mean.flat, 1e-12, 1.0)
+            entropy = mean.like((-(p * np.log(p)).sum(axis=-1) / np.log(k)).astype(np.float32))
         return [
             Prediction(mask=labels[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(entropy[i], 0, 1))
             for i in range(n)

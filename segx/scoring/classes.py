@@ -66,6 +66,19 @@ def class_iou(tp: np.ndarray, pp: np.ndarray, tt: np.ndarray) -> np.ndarray:
     return out
 
 
+def nan_mean_last(values: np.ndarray) -> np.ndarray:
+    """Mean over the last (contiguous) axis of the values that are not NaN; NaN where none is.
+    Written out (zeros summed in place of NaN, then one division), so a 1-D array and the last
+    axis of a larger one give the same bits."""
+    values = np.ascontiguousarray(values)
+    counted = ~np.isnan(values)
+    total = np.where(counted, values, 0.0).sum(axis=-1)
+    n = counted.sum(axis=-1)
+    out = np.full(np.shape(total), np.nan)
+    np.divide(total, n, out=out, where=n > 0)
+    return out
+
+
 def class_means(per_case: np.ndarray) -> np.ndarray:
     """Mean over cases (axis -2) of per-case, per-class scores (..., N, K), ignoring NaN (cases
     that do not count the class); NaN for a class no case counts."""
@@ -114,4 +127,84 @@ def class_metrics(pred, true, names, with_hd95: bool = True, spacing=None) -> di
         out["hd95"] = foreground_mean(dist, empty=0.0)
         for c in range(1, k):
             out[f"hd95/{names[c]}"] = dist[:, c]
+    return out
+
+
+# -- overlapping regions ------------------------------------------------------------------------
+# Each region (data.regions) is scored as a structure of its own against "the pixel's class is one
+# of the region's", with the same empty rule: a region absent from both truth and prediction in a
+# case is not counted there. ``dice``/``iou``/``hd95`` are then the mean over regions (there is no
+# background to leave out).
+
+
+def region_counts(on, truth, regions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per case and region (tp, predicted, true) pixel counts, int64 (N, R); ``on``: bool region
+    decisions, ragged cases whose flat part is (pixels, R); ``truth``: label maps;
+    ``regions``: class indices per region. Ignored pixels are left out."""
+    on, truth = Ragged.of(on), Ragged.of(truth)
+    r = len(regions)
+    table = np.zeros((256, r), bool)
+    for j, members in enumerate(regions):
+        table[list(members), j] = True
+    n = len(truth)
+    tp, pp, tt = (np.zeros((n, r), np.int64) for _ in range(3))
+    for i in range(n):
+        a, b = truth.offsets[i], truth.offsets[i + 1]
+        t = np.asarray(truth.flat[a:b])
+        keep = t != IGNORE_INDEX
+        want, got = table[t[keep]], np.asarray(on.flat[a:b])[keep]
+        tt[i], pp[i], tp[i] = want.sum(axis=0), got.sum(axis=0), (want & got).sum(axis=0)
+    return tp, pp, tt
+
+
+def _with_background(per_region: np.ndarray) -> np.ndarray:
+    """A NaN column in front, so the foreground helpers (which drop index 0) average every region."""
+    pad = np.full((*per_region.shape[:-1], 1), np.nan)
+    return np.concatenate([pad, per_region], axis=-1)
+
+
+def mean_over_regions(per_region) -> np.ndarray:
+    """Elementwise mean of per-region values (a list of equal-shape arrays or floats), leaving out
+    NaN (a region no case counts); 1.0 where every region is NaN. Summed in region order, one
+    division: the search and the prediction path get the same bits."""
+    per_region = [np.asarray(v, np.float64) for v in per_region]
+    total = np.zeros(np.shape(per_region[0]))
+    n = np.zeros(np.shape(per_region[0]))
+    for v in per_region:
+        counted = ~np.isnan(v)
+        total = total + np.where(counted, v, 0.0)
+        n = n + counted
+    return np.where(n > 0, total / np.maximum(n, 1), 1.0)
+
+
+def mean_region_dice(on, truth, regions) -> float:
+    """The region objective: per region the mean over the cases that count it, then the mean over
+    regions (:func:`mean_over_regions`)."""
+    dice = class_dice(*region_counts(on, truth, regions))
+    return float(mean_over_regions([nan_mean_last(dice[:, j]) for j in range(dice.shape[1])]))
+
+
+def region_metrics(on, truth, names, regions, with_hd95: bool = True, spacing=None) -> dict[str, np.ndarray]:
+    """Per-case scores of region decisions: ``dice``, ``iou`` (``hd95``) as the case's mean over the
+    regions it counts, and ``dice/<region>``, ... per region (NaN where the region is not counted)."""
+    tp, pp, tt = region_counts(on, truth, regions)
+    dice, iou = class_dice(tp, pp, tt), class_iou(tp, pp, tt)
+    out: dict[str, np.ndarray] = {
+        "dice": foreground_mean(_with_background(dice)),
+        "iou": foreground_mean(_with_background(iou)),
+    }
+    for j, name in enumerate(names):
+        out[f"dice/{name}"], out[f"iou/{name}"] = dice[:, j], iou[:, j]
+    if with_hd95:
+        on, truth = Ragged.of(on), Ragged.of(truth)
+        dist = np.full(tp.shape, np.nan)
+        for i in range(len(truth)):
+            t = truth[i]
+            keep = t != IGNORE_INDEX
+            for j, members in enumerate(regions):
+                if tt[i, j] or pp[i, j]:
+                    dist[i, j] = hd95(on[i][..., j] & keep, np.isin(t, members) & keep, spacing)
+        out["hd95"] = foreground_mean(_with_background(dist), empty=0.0)
+        for j, name in enumerate(names):
+            out[f"hd95/{name}"] = dist[:, j]
     return out

@@ -173,8 +173,10 @@ class MemberCallback(keras.callbacks.Callback):
         epochs: int = 0,
         checkpoint_every_s: float = 0.0,
         val_every: int = 1,
+        regions=None,
     ):
         super().__init__()
+        self.regions = [list(m) for m in regions] if regions else None  # class indices per region
         self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
         self.folder, self.state, self.checkpoint, self.final_checkpoint = folder, state, checkpoint, final_checkpoint
         self.best = checkpoint.best
@@ -217,7 +219,18 @@ class MemberCallback(keras.callbacks.Callback):
             self.state.failure = f"the model's outputs became NaN/inf at epoch {epoch + 1}; lower the learning rate"
             self.model.stop_training = True
             return
-        if probs.ndim == 4:  # several classes: the foreground mean of per-class means (the search's)
+        if self.regions:  # regions: each region's mask at 0.5 against "the class is in the region"
+            truth = np.zeros((*np.shape(self.val_masks), len(self.regions)), bool)
+            for r, members in enumerate(self.regions):
+                truth[..., r] = np.isin(self.val_masks, members)
+            on = probs >= 0.5
+            per_region = [
+                (dice_per_case(on[..., r], truth[..., r]), iou_per_case(on[..., r], truth[..., r]))
+                for r in range(len(self.regions))
+            ]
+            val_dice = float(np.mean([d.mean() for d, _ in per_region]))
+            val_iou = float(np.mean([i.mean() for _, i in per_region]))
+        elif probs.ndim == 4:  # several classes: the foreground mean of per-class means (the search's)
             counts = confusion_counts(np.argmax(probs, axis=-1).astype(np.uint8), self.val_masks, probs.shape[-1])
             val_dice = float(foreground_mean(class_means(class_dice(*counts))))
             val_iou = float(foreground_mean(class_means(class_iou(*counts))))
@@ -384,6 +397,7 @@ def fit_member(
     threads: int | None = None,
     checkpoint_every_s: float = 0.0,
     val_every: int = 1,
+    regions=None,
 ) -> FitState:
     """Train (or continue training) ``model`` and leave it holding its best weights.
 
@@ -426,6 +440,7 @@ def fit_member(
         epochs,
         checkpoint_every_s,
         val_every,
+        regions,
     )
     if state.next_epoch < epochs and not (patience and state.wait >= patience):
         dataset, steps = make_train_dataset(

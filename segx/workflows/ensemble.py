@@ -172,7 +172,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     per_case, preds = score_test_split(
         members,
         found.weights,
-        record["threshold"],
+        found.region_thresholds or record["threshold"],
         found.class_postprocess if labels is not None else found.postprocess,
         members[0].pixel_spacing,
     )

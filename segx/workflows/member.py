@@ -292,7 +292,7 @@ def train_member(
     if labels is not None:  # the ensemble names its classes from here (its members' own)
         record = {
             **labels.to_record(),
-            **({"flip_swap": [int(i) for i in swap[: labels.n_classes]]} if swap is not None else {}),
+            **({"flip_swap": labels.output_swap(swap)} if labels.output_swap(swap) is not None else {}),
         }
         tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
     if on_run is not None:
@@ -340,7 +340,7 @@ def train_member(
             encoder_weights=cfg.backbone.encoder_weights,
             encoder_freeze=bool(cfg.backbone.encoder_freeze),
             classes=prepared.n_classes,
-            activation="softmax" if labels is not None else "sigmoid",
+            activation="softmax" if labels is not None and not labels.regions else "sigmoid",
             **OmegaConf.to_container(cfg.arch.options, resolve=True),
         )
         model = models.float32_outputs(model)
@@ -353,6 +353,7 @@ def train_member(
             OmegaConf.to_container(cfg.trainer.loss, resolve=True),
             n_classes=prepared.n_classes,
             class_weights=None if class_weights is None else list(class_weights),
+            regions=[list(m) for _, m in labels.regions] if labels is not None and labels.regions else None,
         )
         extra = []
         if cfg.trainer.lr_schedule is not None:
@@ -431,6 +432,7 @@ def train_member(
             threads=threads,
             checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
             val_every=int(cfg.trainer.get("val_every") or 1),
+            regions=[list(m) for _, m in labels.regions] if labels is not None and labels.regions else None,
         )
         epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
         stack.close()  # out of the strategy's scope: outputs are predicted on one device
@@ -443,8 +445,10 @@ def train_member(
         }
         if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
             spec["labels"] = labels.to_record()
-            if swap is not None:
-                spec["flip_swap"] = [int(i) for i in swap[: labels.n_classes]]
+            if labels.output_swap(swap) is not None:  # the outputs' permutation (classes, or regions)
+                spec["flip_swap"] = labels.output_swap(swap)
+            elif swap is not None:  # regions the swap does not map onto each other: no flip TTA
+                spec["no_flip_tta"] = True
         if cfg.trainer.get("precision") == "mixed_float16":
             spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
         spacing = pixel_spacing(cfg.data)
@@ -590,17 +594,20 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
     original masks: what the ensemble search reads and what ``segx.predict`` computes.
     """
     from segx import models, tracking
+    from segx.data.labels import Labels
     from segx.data.ragged import Ragged
     from segx.ensembling.probs import cache_artifact, member_labels, save_cached
     from segx.evaluation import plots
     from segx.inference.predictor import member_probs
     from segx.inference.view import View
     from segx.progress import progress, stage
-    from segx.scoring.classes import class_metrics
+    from segx.scoring.classes import class_metrics, region_metrics
     from segx.scoring.metrics import case_metrics
 
     backbone, view = spec["backbone"], View.from_dict(spec["view"])
     names = tuple(spec["labels"]["names"]) if "labels" in spec else None
+    record_labels = Labels.from_record(spec["labels"]) if "labels" in spec else None
+    regions = record_labels.region_names if record_labels is not None and record_labels.regions else None
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         stage("training done: saving the model and logging it to MLflow")
@@ -638,7 +645,8 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
                 total=len(cases),
             )
             swap = spec.get("flip_swap")
-            by_mode = member_probs(model, backbone, view, images, models.TTA_MODES, swap)
+            modes = ("none",) if spec.get("no_flip_tta") else models.TTA_MODES
+            by_mode = member_probs(model, backbone, view, images, modes, swap)
             if names:  # several classes: label maps of class indices, probabilities (pixels, K)
                 masks = Ragged.from_list([np.asarray(c.mask(), np.uint8) for c in cases], np.uint8)
             else:
@@ -646,9 +654,15 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
             stems = [c.stem for c in cases]
             for mode, mode_probs in by_mode.items():
-                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names)
+                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names, regions)
             probs = by_mode["none"]  # the member's own metrics and figure: no TTA
-            if names:  # several classes: argmax labels, per-class scores and their foreground mean
+            if regions:  # regions: each at 0.5, scored per region; the label map decoded for figures
+                on = probs.like(probs.flat >= 128)
+                members_of = [m for _, m in record_labels.regions]
+                scores = region_metrics(on, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
+                final.update(_class_finals(role, scores, ("", *regions)))
+                pred = on.like(record_labels.decode_regions(on.flat))
+            elif names:  # several classes: argmax labels, per-class scores and their foreground mean
                 pred = member_labels(probs)
                 scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
                 final.update(_class_finals(role, scores, names))

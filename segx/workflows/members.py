@@ -62,7 +62,12 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
             )
     val = assemble_out_of_fold([m.val for m in singles], workdir / parent.info.run_id / f"oof_{tta}.npy")
     test = type(ref.test)(
-        ref.test.stems, fold_mean([m.test.probs for m in singles]), ref.test.masks, ref.test.previews, ref.test.classes
+        ref.test.stems,
+        fold_mean([m.test.probs for m in singles]),
+        ref.test.masks,
+        ref.test.previews,
+        ref.test.classes,
+        ref.test.regions,
     )
     cv_fp = MemberRun.of(runs[sorted(runs)[0]]).cv_fingerprint
     return Member(

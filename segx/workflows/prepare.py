@@ -46,8 +46,9 @@ class Prepared:
 
     @property
     def n_classes(self) -> int:
-        """Output channels of a member: 1 (a sigmoid) for one structure, K (a softmax) for K classes."""
-        return 1 if self.labels is None else self.labels.n_classes
+        """Output channels of a member: 1 (a sigmoid) for one structure, K (a softmax) for K classes,
+        R (sigmoids) for R regions."""
+        return 1 if self.labels is None else self.labels.n_outputs
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
@@ -110,7 +111,7 @@ def labels_of(data: DictConfig) -> Labels | None:
         value = data.get(key)
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
-    return Labels.from_config(plain("labels"), plain("palette"), plain("ignore"))
+    return Labels.from_config(plain("labels"), plain("palette"), plain("ignore"), plain("regions"))
 
 
 MIRRORING = ("HorizontalFlip", "D4", "SquareSymmetry")  # transforms that may flip an image horizontally
