@@ -495,3 +495,97 @@ def test_the_class_search_memory_is_bounded_by_its_chunk_not_the_data(tmp_path):
     chunk_pixels = 2 * side * side
     assert peak < members * (chunk_pixels * (k + 8) + kept * k) * 1.5 + (1 << 20)
     assert peak < total / 4
+
+
+# -- overlapping regions ---------------------------------------------------------------------
+
+TUMOUR = {"background": 0, "necrosis": 1, "oedema": 2, "enhancing": 4}
+NESTED = {"whole": ["oedema", "necrosis", "enhancing"], "core": ["necrosis", "enhancing"], "enhancing": ["enhancing"]}
+
+
+def test_regions_decode_in_their_order_each_painting_the_class_it_adds():
+    labels = Labels.from_config(TUMOUR, regions=NESTED)
+    assert labels.region_names == ("whole", "core", "enhancing")
+    assert [labels.names[c] for c in labels.paints()] == ["oedema", "necrosis", "enhancing"]
+    truth = np.array([0, 1, 2, 3], np.uint8)  # class indices: background, necrosis, oedema, enhancing
+    on = labels.region_masks(truth)
+    assert on.astype(int).tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert labels.decode_regions(on).tolist() == truth.tolist()
+    # A later region wins where regions disagree: enhancing on, core off -> enhancing.
+    assert labels.decode_regions(np.array([[True, False, True]])).tolist() == [3]
+    assert Labels.from_record(labels.to_record()) == labels
+
+
+@pytest.mark.parametrize(
+    "regions, message",
+    [
+        ({"whole": ["oedema", "tumor"]}, r"data.regions.whole names 'tumor', not a class"),
+        ({"all": ["background", "oedema"]}, r"data.regions.all holds the background"),
+        (
+            {"core": ["necrosis", "enhancing"], "whole": ["oedema", "necrosis", "enhancing"]},
+            r"data.regions: core adds 0 classes over the regions after it .*order the regions from the largest",
+        ),
+        ({"whole": "oedema"}, r"data.regions.whole='oedema' must list the classes"),
+    ],
+)
+def test_bad_regions_are_one_line_naming_the_key(regions, message):
+    with pytest.raises(SegxError, match=message):
+        Labels.from_config(TUMOUR, regions=regions)
+
+
+def test_the_region_search_equals_brute_force_over_weights_and_every_threshold_combination():
+    from segx.ensembling.regions import compact_regions, exact_region_dice
+
+    rng = np.random.default_rng(4)
+    regions = [(1, 2, 3), (1, 3), (3,)]
+    shapes = [(12, 15), (9, 20), (14, 14), (6, 6)]
+    truth = Ragged.from_list([rng.integers(0, 4, s).astype(np.uint8) for s in shapes])
+    truth.flat[:9] = IGNORE_INDEX
+    truth[3][...] = 0  # a case without any region: not counted
+    probs = [Ragged((rng.integers(0, 6, (truth.n_pixels, 3)) * 50).astype(np.uint8), truth.shapes) for _ in range(3)]
+    thresholds = [0.3, 0.5, 0.7]
+    data = compact_regions(probs, truth, regions, thresholds)
+    grid = search.simplex_counts(3, 5)
+    got = search.evaluate(data, grid, 5)[:, 0]
+    for row, value in zip(grid, got, strict=True):
+        w = Weights(tuple(int(v) for v in row), 5)
+        brute = max(
+            exact_region_dice(probs, truth, w, list(ts), regions) for ts in itertools.product(thresholds, repeat=3)
+        )
+        assert value == brute
+        assert exact_region_dice(probs, truth, w, data.thresholds_for(w), regions) == value
+
+
+def test_the_region_loss_targets_the_regions_and_ignores_unannotated_pixels():
+    from segx.backend import tf
+    from segx.models import build_region_loss
+
+    loss = build_region_loss([(1, 2, 3), (3,)], {"dice": 1.0, "bce": 1.0})
+    labels = np.zeros((1, 4, 4, 1), np.float32)
+    labels[0, 0] = 1
+    labels[0, 1] = 3
+    labels[0, 3] = IGNORE_INDEX
+    perfect = np.full((1, 4, 4, 2), 0.001, np.float32)
+    perfect[0, :2, :, 0] = 0.999  # region 0: classes 1, 2, 3 -> rows 0 and 1
+    perfect[0, 1, :, 1] = 0.999  # region 1: class 3 -> row 1
+    wrong_where_ignored = perfect.copy()
+    wrong_where_ignored[0, 3] = 0.999
+    wrong = perfect.copy()
+    wrong[0, 1, :, 1] = 0.001
+    value = float(loss(tf.constant(labels), tf.constant(perfect)))
+    assert value < 0.05
+    assert float(loss(tf.constant(labels), tf.constant(wrong_where_ignored))) == pytest.approx(value, abs=1e-6)
+    assert float(loss(tf.constant(labels), tf.constant(wrong))) > value + 0.3
+
+
+def test_flip_tta_of_regions_needs_regions_the_swap_maps_onto_each_other():
+    # Nested regions each add one class, so a left/right pair is added at two levels: the swap maps
+    # {left_lung, vessel} to {right_lung, vessel}, which is no region, and flip TTA is not offered.
+    lungs = Labels.from_config(
+        LUNGS,
+        regions={"lungs": ["right_lung", "left_lung", "vessel"], "left": ["left_lung", "vessel"], "v": ["vessel"]},
+    )
+    table = lungs.swap_table([["right_lung", "left_lung"]])
+    assert lungs.output_swap(table) is None
+    assert lungs.output_swap(None) is None
+    assert Labels.from_config(LUNGS).output_swap(table) == [0, 2, 1, 3]  # a softmax: the classes' own
