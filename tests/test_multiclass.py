@@ -317,11 +317,16 @@ def test_the_lateral_synthetic_scene_has_every_class_and_a_rare_thin_vessel():
 # -- end to end ---------------------------------------------------------------------------------
 
 
+REGIONS = "data.regions={all: [left_lobe, right_lobe, vessel], right: [right_lobe, vessel], vessel: [vessel]}"
+
+
 @pytest.mark.slow
-def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
-    """Two softmax members on the lateral scene, then segx.ensemble: per-class metrics and a record
-    naming the classes; segx.predict's label maps equal the search's labels on the cached test
-    probabilities bit for bit, and the SavedModel (bit for bit) and ONNX exports predict them too."""
+@pytest.mark.parametrize("mode", ["classes", "regions"])
+def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mode):
+    """Two members on the lateral scene (softmax, or one sigmoid per region), then segx.ensemble:
+    per-class (per-region) metrics and a record naming the classes; segx.predict's label maps equal
+    the search's labels on the cached test probabilities bit for bit, and the SavedModel (bit for
+    bit) and ONNX exports predict them too."""
     import json
     import shutil
 
@@ -338,6 +343,7 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
         "data.image_size=32",
         f"paths.output_dir={out}",
         "mlflow.system_metrics=false",
+        *([REGIONS] if mode == "regions" else []),
     ]
     train = [*common, "augment=none", "trainer.epochs=1", "trainer.batch_size=4"]
     for backbone in ("resnet18", "mobilenetv2"):
@@ -349,13 +355,19 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert "searching weights on validation (greedy, 2 members, 4 classes)" in done.stdout
+    searched = (
+        "a threshold per region on validation (greedy, 3 regions)"
+        if mode == "regions"
+        else "(greedy, 2 members, 4 classes)"
+    )
+    assert searched in done.stdout
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs(client.get_experiment_by_name("segx").experiment_id, "tags.`segx.role` = 'ensemble'")
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     metrics = runs[0].data.metrics
-    assert {"test/dice/left_lobe", "test/dice/right_lobe", "test/dice/vessel", "test/dice"} <= set(metrics)
+    parts = ("all", "right", "vessel") if mode == "regions" else ("left_lobe", "right_lobe", "vessel")
+    assert {*(f"test/dice/{p}" for p in parts), "test/dice"} <= set(metrics)
     record = json.loads(open(client.download_artifacts(run_id, "ensemble.json", str(tmp_path))).read())
     assert record["version"] == 4 and record["threshold"] is None
     assert record["labels"]["names"] == ["background", "left_lobe", "right_lobe", "vessel"]
@@ -365,7 +377,15 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path):
     for i, member in enumerate(record["members"]):
         local = client.download_artifacts(member["run_id"], "predictions/test.npz", str(tmp_path / f"m{i}"))
         cached.append(load_cached(local, tmp_path / f"x{i}"))
-    expected = exact_labels([c.probs for c in cached], record_weights(record))
+    if mode == "regions":
+        from segx.ensembling.regions import region_decisions
+
+        labels = Labels.from_record(record["labels"])
+        thresholds = [record["region_thresholds"][r] for r in labels.region_names]
+        on = region_decisions([c.probs for c in cached], record_weights(record), thresholds)
+        expected = on.like(labels.decode_regions(on.flat))
+    else:
+        expected = exact_labels([c.probs for c in cached], record_weights(record))
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for stem in cached[0].stems:
