@@ -137,10 +137,25 @@ def _ensemble_lines(client, run) -> list[str]:
         if tables["test_summary"] is not None
         else {}
     )
-    lines = [
-        f"  {len(weights)} members (weight, validation Dice at its own threshold, test Dice at 0.5; "
-        f"threshold {params.get('chosen.threshold', '?')}, post-processing {params.get('chosen.postprocess', '?')}):"
-    ]
+    regions = {k.removeprefix("chosen.threshold."): v for k, v in params.items() if k.startswith("chosen.threshold.")}
+    per_class = {
+        k.removeprefix("chosen.postprocess."): v for k, v in params.items() if k.startswith("chosen.postprocess.")
+    }
+    if "chosen.classes" in params:  # several classes: argmax (or a threshold per region), post-processing per class
+        how = (
+            "thresholds " + ", ".join(f"{r}={t}" for r, t in regions.items())
+            if regions
+            else f"labels by argmax of {params['chosen.classes'].replace(',', ', ')}"
+        )
+        post = ", ".join(f"{c}: {p}" for c, p in per_class.items()) or "none"
+        lines = [
+            f"  {len(weights)} members (weight, validation and test foreground-mean Dice; {how}, post-processing {post}):"
+        ]
+    else:
+        lines = [
+            f"  {len(weights)} members (weight, validation Dice at its own threshold, test Dice at 0.5; "
+            f"threshold {params.get('chosen.threshold', '?')}, post-processing {params.get('chosen.postprocess', '?')}):"
+        ]
     for i in sorted(weights):
         label, weight = weights[i]
         lines.append(

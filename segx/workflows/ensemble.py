@@ -238,6 +238,8 @@ def build_ensemble(cfg: DictConfig) -> dict:
                 "chosen.method": found.chosen.name,
                 "chosen.postprocess": found.postprocess.describe(),
                 **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
+                **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
+                **({"chosen.classes": ",".join(labels["names"])} if labels is not None else {}),
             },
         )
         (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
