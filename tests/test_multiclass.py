@@ -609,3 +609,25 @@ def test_flip_tta_of_regions_needs_regions_the_swap_maps_onto_each_other():
     assert lungs.output_swap(table) is None
     assert lungs.output_swap(None) is None
     assert Labels.from_config(LUNGS).output_swap(table) == [0, 2, 1, 3]  # a softmax: the classes' own
+
+
+def test_the_data_check_reports_each_class_share_and_cases(tmp_path, capsys):
+    from segx.check import check_folder, print_report
+
+    labels = Labels.from_config(LUNGS)
+    for folder in ("train_images", "train_masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "train_images" / f"c{i}.png"), np.full((10, 10, 3), 60, np.uint8))
+        mask = np.zeros((10, 10), np.uint8)
+        mask[:, :5] = 1
+        if i == 0:
+            mask[0, :] = 3  # the vessel, in one case: 10 of 400 pixels
+        cv2.imwrite(str(tmp_path / "train_masks" / f"c{i}.png"), mask)
+    summary, problems = check_folder(tmp_path, labels=labels)
+    assert problems == []
+    classes = summary["train_images"]["classes"]
+    assert classes["vessel"] == {"pixel_fraction": 10 / 400, "cases": 1}
+    assert classes["left_lung"]["cases"] == 0 and classes["right_lung"]["cases"] == 4
+    print_report(summary, problems)
+    assert "vessel: 0.0250 of annotated pixels, in 1 of 4 cases" in capsys.readouterr().out
