@@ -138,6 +138,9 @@ def test_experiment_applies_to_every_entry_point():
         assert "experiment_name: dsb2018" in result.stdout
 
 
+# Slow (about a minute idle, 155 s under load in CI): the optional hparams extra's sweeper; the
+# fast suite keeps `make test` under CI's 30 minutes with the multi-class tests added.
+@pytest.mark.slow
 def test_debug_run_and_an_optuna_search_on_a_tiny_problem(tmp_path, synthetic_root):
     from segx import tracking
 
