@@ -384,8 +384,12 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
         thresholds = [record["region_thresholds"][r] for r in labels.region_names]
         on = region_decisions([c.probs for c in cached], record_weights(record), thresholds)
         expected = on.like(labels.decode_regions(on.flat))
-    else:
-        expected = exact_labels([c.probs for c in cached], record_weights(record))
+    else:  # the argmax labels, then the per-class post-processing the ensemble kept (predict applies it)
+        from segx.inference.predictor import class_postprocess
+        from segx.scoring.postprocess import apply_classes
+
+        post = class_postprocess(record, Labels.from_record(record["labels"]))
+        expected = apply_classes(exact_labels([c.probs for c in cached], record_weights(record)), post)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for stem in cached[0].stems:
@@ -411,6 +415,14 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
                 assert (got != expected[i]).mean() < 0.01, (backend, stem)
             else:
                 assert same, (backend, stem)
+    # The ONNX export's K (or R) probabilities per member: within one uint8 step of the cached ones.
+    from segx.inference.exported import load_exported
+
+    images = [cv2.cvtColor(cv2.imread(str(inputs / f"{stem}.png")), cv2.COLOR_BGR2RGB) for stem in cached[0].stems]
+    onnx_probs = load_exported(tmp_path / "export-onnx").member_probs(images)
+    for c, p in zip(cached, onnx_probs, strict=True):
+        assert p.flat.shape == c.probs.flat.shape
+        assert np.abs(p.flat.astype(int) - np.asarray(c.probs.flat, int)).max() <= 1
     refused = subprocess.run(
         [sys.executable, "-m", "segx.predict", f"ensemble_run_id={run_id}", f"input_dir={inputs}",
          f"output_dir={tmp_path / 'refused'}", f"paths.output_dir={out}", "threshold=0.4"],
