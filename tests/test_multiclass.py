@@ -309,7 +309,7 @@ def test_the_lateral_synthetic_scene_has_every_class_and_a_rare_thin_vessel():
 
     image, labels = lateral_case(np.random.default_rng(3), 128)
     assert image.shape == (128, 128, 3) and set(np.unique(labels)) == set(LATERAL_LABELS.values())
-    assert (labels == 3).mean() < 0.02
+    assert (labels == 3).mean() < 0.04  # rare: a lobe holds about 12 %
     left, right = np.nonzero(labels == 1)[1].mean(), np.nonzero(labels == 2)[1].mean()
     assert left < 64 < right
 

@@ -62,8 +62,8 @@ def class_colours(n_classes: int, palette=None) -> list[tuple[int, int, int]]:
 
 
 def overlay_classes(image: np.ndarray, labels: np.ndarray, names, colours, legend: bool = True) -> np.ndarray:
-    """RGB image with each foreground class's contours in its colour and (``legend``) a legend at
-    the top left naming the classes; contours, not fills, so the tissue under them stays visible."""
+    """RGB image with each foreground class's contours in its colour and (``legend``) a legend strip
+    below it naming the classes; contours, not fills, so the tissue under them stays visible."""
     out = np.ascontiguousarray(np.asarray(image, np.uint8).copy())
     thickness = max(1, image.shape[0] // 128)
     for c in range(1, len(names)):
@@ -71,15 +71,30 @@ def overlay_classes(image: np.ndarray, labels: np.ndarray, names, colours, legen
         cv2.drawContours(out, found, -1, tuple(int(x) for x in colours[c]), thickness)
     if not legend:
         return out
-    scale = max(0.3, min(1.0, image.shape[0] / 512))
-    row = max(10, int(22 * scale))
-    width = max(cv2.getTextSize(str(n), cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names[1:]) + row + 8
-    height = row * (len(names) - 1) + 4
-    if width < out.shape[1] and height < out.shape[0]:
-        panel = out[:height, :width].astype(np.float32)
-        out[:height, :width] = (panel * 0.35 + 255 * 0.65).astype(np.uint8)
-        for i, c in enumerate(range(1, len(names))):
-            y = 2 + i * row
-            cv2.rectangle(out, (4, y + 2), (row - 2, y + row - 4), tuple(int(x) for x in colours[c]), -1)
-            cv2.putText(out, str(names[c]), (row + 2, y + row - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
-    return out
+    return _with_legend(out, names, colours)
+
+
+def _with_legend(image: np.ndarray, names, colours) -> np.ndarray:
+    """The image with a legend strip below it (one swatch and name per foreground class), so the
+    legend never hides the image, whatever its size."""
+    width = image.shape[1]
+    scale = 0.4
+    row = 14
+    entries = []
+    for c in range(1, len(names)):
+        text_w = cv2.getTextSize(str(names[c]), cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+        entries.append((c, row + text_w + 10))
+    lines, x = [[]], 0
+    for c, w in entries:  # wrap to the image's width
+        if lines[-1] and x + w > width:
+            lines.append([])
+            x = 0
+        lines[-1].append((c, x))
+        x += w
+    strip = np.full((row * len(lines) + 4, width, 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        y = 2 + i * row
+        for c, x0 in line:
+            cv2.rectangle(strip, (x0 + 2, y + 2), (x0 + row - 4, y + row - 4), tuple(int(v) for v in colours[c]), -1)
+            cv2.putText(strip, str(names[c]), (x0 + row, y + row - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
+    return np.concatenate([image, strip], axis=0)
