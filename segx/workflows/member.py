@@ -333,84 +333,16 @@ def train_member(
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         stack.callback(models.set_precision, None)  # the next member in this process starts float32
         stack.enter_context(scope)
-        model = models.build_model(
-            arch,
-            backbone,
-            size,
-            encoder_weights=cfg.backbone.encoder_weights,
-            encoder_freeze=bool(cfg.backbone.encoder_freeze),
-            classes=prepared.n_classes,
-            activation="softmax" if labels is not None and not labels.regions else "sigmoid",
-            **OmegaConf.to_container(cfg.arch.options, resolve=True),
-        )
-        model = models.float32_outputs(model)
-        models.set_bn_momentum(model, cfg.trainer.bn_momentum)
-        optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
-        class_weights = cfg.trainer.get("class_weights")
-        models.compile_model(
-            model,
-            optimizer,
-            OmegaConf.to_container(cfg.trainer.loss, resolve=True),
-            n_classes=prepared.n_classes,
-            class_weights=None if class_weights is None else list(class_weights),
-            regions=[list(m) for _, m in labels.regions] if labels is not None and labels.regions else None,
-        )
-        extra = []
-        if cfg.trainer.lr_schedule is not None:
-            extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
+        model, extra = _compiled_network(cfg, arch, backbone, size, labels)
         history: dict[str, list[tuple[int, float]]] = {}  # key -> (epoch, value), for curves.png
-
-        # A tracking server that goes away does not stop training: the epoch's metrics are kept
-        # (also beside the checkpoint, for a resume) and sent with the next epoch's.
-        epoch_log = tracking.EpochLog(client, run_id, folder / "unsent-metrics.json")
-
-        # Epochs a resumed run repeats (those after its last checkpoint) were logged before, with
-        # the same values (training is deterministic): they are not logged twice.
-        logged_until = 0
-        if resume_id:
-            sent = client.get_metric_history(run_id, keys.TRAIN_LOSS)
-            logged_until = max(
-                [m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0
-            )
-
-        from segx.progress import EpochClock
-
-        clock = EpochClock(int(cfg.trainer.epochs), first_epoch=logged_until + 1)
-
-        def log_epoch(metrics: dict, step: int) -> None:
-            if step <= logged_until:
-                return
-            epoch_log.log(metrics, step)
-            for key, value in metrics.items():
-                history.setdefault(key, []).append((step, value))
-            if keys.TRAIN_LOSS in metrics:  # one line per epoch: where the training is, and how long it has left
-                val = f", val dice {metrics[keys.curve('val/dice')]:.4f}" if keys.curve("val/dice") in metrics else ""
-                print(
-                    f"segx: {run_name} epoch {step}/{cfg.trainer.epochs}: train loss {metrics[keys.TRAIN_LOSS]:.4f}{val}; "
-                    f"{clock.line(step)}",
-                    flush=True,
-                )
+        epoch_log, log_epoch = _epoch_logging(cfg, client, run_id, folder, resume_id, run_name, history)
 
         from segx.training.fit import fit_member
 
         verbose = cfg.trainer.verbose
         if verbose == "auto":
             verbose = 1 if sys.stdout.isatty() else 2
-        if view.mode == "patch":
-            from segx.training.patches import PatchSampler, validation_patches
-
-            train_images, train_masks = (
-                PatchSampler(
-                    prepared.cases("train", view.scale),
-                    size,
-                    float(cfg.data.foreground_fraction),
-                    labels.n_classes if labels is not None else 2,
-                ),
-                None,
-            )
-            val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
-        else:
-            train_images, train_masks, val_images, val_masks = train.images, train.masks, val.images, val.masks
+        train_images, train_masks, val_images, val_masks = _training_arrays(cfg, view, prepared, labels)
         state = fit_member(
             model,
             train_images,
@@ -432,25 +364,11 @@ def train_member(
             threads=threads,
             checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
             val_every=int(cfg.trainer.get("val_every") or 1),
-            regions=[list(m) for _, m in labels.regions] if labels is not None and labels.regions else None,
+            regions=_region_classes(labels),
         )
         epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
         stack.close()  # out of the strategy's scope: outputs are predicted on one device
-        spec = {
-            "arch": arch,
-            "backbone": backbone,
-            "image_size": size,
-            "view": view.to_dict(),
-            "options": OmegaConf.to_container(cfg.arch.options, resolve=True),
-        }
-        if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
-            spec["labels"] = labels.to_record()
-            if labels.output_swap(swap) is not None:  # the outputs' permutation (classes, or regions)
-                spec["flip_swap"] = labels.output_swap(swap)
-            elif swap is not None:  # regions the swap does not map onto each other: no flip TTA
-                spec["no_flip_tta"] = True
-        if cfg.trainer.get("precision") == "mixed_float16":
-            spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
+        spec = _member_spec(cfg, arch, backbone, size, view, labels, swap)
         spacing = pixel_spacing(cfg.data)
         final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing, state.best_epoch + 1)
         tracking.log_metrics(
@@ -469,6 +387,122 @@ def train_member(
     if parent_id is not None:  # after the fold's run is FINISHED, so the summary counts it
         _report_folds(client, experiment, parent_id, int(cfg.data.folds))
     return MemberResult(run_id, float(state.best_dice), final_scores)
+
+
+def _epoch_logging(cfg: DictConfig, client, run_id: str, folder: Path, resume_id, run_name: str, history: dict):
+    """(the run's EpochLog, ``log_epoch(metrics, step)``): each epoch's metrics to MLflow, to
+    ``history`` (for curves.png) and as one printed line with the time left."""
+    from segx import tracking
+    from segx.progress import EpochClock
+
+    # A tracking server that goes away does not stop training: the epoch's metrics are kept
+    # (also beside the checkpoint, for a resume) and sent with the next epoch's.
+    epoch_log = tracking.EpochLog(client, run_id, folder / "unsent-metrics.json")
+
+    # Epochs a resumed run repeats (those after its last checkpoint) were logged before, with
+    # the same values (training is deterministic): they are not logged twice.
+    logged_until = 0
+    if resume_id:
+        sent = client.get_metric_history(run_id, keys.TRAIN_LOSS)
+        logged_until = max(
+            [m.step for m in sent] + [int(m[3]) for m in epoch_log.pending if m[0] == keys.TRAIN_LOSS], default=0
+        )
+    clock = EpochClock(int(cfg.trainer.epochs), first_epoch=logged_until + 1)
+
+    def log_epoch(metrics: dict, step: int) -> None:
+        if step <= logged_until:
+            return
+        epoch_log.log(metrics, step)
+        for key, value in metrics.items():
+            history.setdefault(key, []).append((step, value))
+        if keys.TRAIN_LOSS in metrics:  # one line per epoch: where the training is, and how long it has left
+            val = f", val dice {metrics[keys.curve('val/dice')]:.4f}" if keys.curve("val/dice") in metrics else ""
+            print(
+                f"segx: {run_name} epoch {step}/{cfg.trainer.epochs}: train loss {metrics[keys.TRAIN_LOSS]:.4f}{val}; "
+                f"{clock.line(step)}",
+                flush=True,
+            )
+
+    return epoch_log, log_epoch
+
+
+def _region_classes(labels) -> list[list[int]] | None:
+    """Class indices per region (data.regions), or None."""
+    return [list(m) for _, m in labels.regions] if labels is not None and labels.regions else None
+
+
+def _compiled_network(cfg: DictConfig, arch: str, backbone: str, size: int, labels):
+    """The member's network, compiled with its optimizer and loss (one sigmoid, a K-way softmax,
+    or one sigmoid per region), and the extra callbacks (the learning-rate schedule)."""
+    from segx import models
+
+    model = models.build_model(
+        arch,
+        backbone,
+        size,
+        encoder_weights=cfg.backbone.encoder_weights,
+        encoder_freeze=bool(cfg.backbone.encoder_freeze),
+        classes=1 if labels is None else labels.n_outputs,
+        activation="softmax" if labels is not None and not labels.regions else "sigmoid",
+        **OmegaConf.to_container(cfg.arch.options, resolve=True),
+    )
+    model = models.float32_outputs(model)
+    models.set_bn_momentum(model, cfg.trainer.bn_momentum)
+    optimizer = instantiate(cfg.trainer.optimizer, "trainer.optimizer")
+    class_weights = cfg.trainer.get("class_weights")
+    models.compile_model(
+        model,
+        optimizer,
+        OmegaConf.to_container(cfg.trainer.loss, resolve=True),
+        n_classes=1 if labels is None else labels.n_outputs,
+        class_weights=None if class_weights is None else list(class_weights),
+        regions=_region_classes(labels),
+    )
+    extra = []
+    if cfg.trainer.lr_schedule is not None:
+        extra.append(instantiate(cfg.trainer.lr_schedule, "trainer.lr_schedule"))
+    return model, extra
+
+
+def _training_arrays(cfg: DictConfig, view, prepared, labels):
+    """(train images, train masks, val images, val masks): arrays at model size in resize mode;
+    in patch mode a patch sampler over the cached cases (masks None) and one fixed patch per
+    validation case."""
+    size = view.size
+    if view.mode != "patch":
+        train, val = prepared.part("train"), prepared.part("val")
+        return train.images, train.masks, val.images, val.masks
+    from segx.training.patches import PatchSampler, validation_patches
+
+    sampler = PatchSampler(
+        prepared.cases("train", view.scale),
+        size,
+        float(cfg.data.foreground_fraction),
+        labels.n_classes if labels is not None else 2,
+    )
+    val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
+    return sampler, None, val_images, val_masks
+
+
+def _member_spec(cfg: DictConfig, arch: str, backbone: str, size: int, view, labels, swap) -> dict:
+    """What the member's saved model says about itself (``spec.json``): network, view, and for
+    several classes their names and flip TTA's permutation of the outputs."""
+    spec = {
+        "arch": arch,
+        "backbone": backbone,
+        "image_size": size,
+        "view": view.to_dict(),
+        "options": OmegaConf.to_container(cfg.arch.options, resolve=True),
+    }
+    if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
+        spec["labels"] = labels.to_record()
+        if labels.output_swap(swap) is not None:  # the outputs' permutation (classes, or regions)
+            spec["flip_swap"] = labels.output_swap(swap)
+        elif swap is not None:  # regions the swap does not map onto each other: no flip TTA
+            spec["no_flip_tta"] = True
+    if cfg.trainer.get("precision") == "mixed_float16":
+        spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
+    return spec
 
 
 def _open_run(
