@@ -35,6 +35,13 @@ from pathlib import Path
 
 from segx.benchmark.helpers import machine, read_results, write_results
 
+
+def _image_size() -> int:
+    """The members' input size, as conf/data/synthetic_multiclass.yaml sets it."""
+    text = (Path(__file__).resolve().parent.parent / "conf" / "data" / "synthetic_multiclass.yaml").read_text()
+    return int(re.search(r"^image_size:\s*(\d+)", text, re.M).group(1))
+
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "multiclass_demo"
 CLASSES = {"background": 0, "left_lobe": 1, "right_lobe": 2, "vessel": 3}  # conf/data/synthetic_multiclass.yaml
@@ -369,7 +376,7 @@ def write_report() -> None:
         "# Multi-class ensemble on the embedded synthetic data, from an empty store\n\n"
         f"`python experiments/multiclass_demo.py` ({facts['date']}; {where}).\n\n"
         f"- `{facts['commands']['ensemble']}`: **{minutes} min {secs} s** wall time ({facts['seconds']} s), "
-        f"install excluded: the data generated ({maps['files']} cases, 128 px, trained at 64 px), the three "
+        f"install excluded: the data generated ({maps['files']} cases, 128 px, trained at {_image_size()} px), the three "
         "default members trained with their default epochs, the ensemble searched and logged. "
         f"Ensemble run `{facts['ensemble_run_id']}` (in a temporary store, deleted afterwards).\n"
         f"- `{facts['commands']['predict']}`: {facts['predict_seconds']} s for {maps['files']} images. "
