@@ -643,3 +643,25 @@ def test_the_data_check_reports_each_class_share_and_cases(tmp_path, capsys):
     assert classes["left_lung"]["cases"] == 0 and classes["right_lung"]["cases"] == 4
     print_report(summary, problems)
     assert "vessel: 0.0250 of annotated pixels, in 1 of 4 cases" in capsys.readouterr().out
+
+
+def test_a_stratified_foreground_sample_is_verified_as_written(tmp_path):
+    """The decoded cache's check expects the rows the class-uniform sample keeps (every class's
+    share), so a multi-class entry is not rebuilt on every read."""
+    from segx.data.decoded import FOREGROUND_SAMPLES, _foreground_sample, sample_rows
+
+    mask = np.zeros((300, 300), np.uint8)
+    mask[:, :100], mask[:, 100:200], mask[:, 200:] = 1, 2, 3  # 3 classes of 30000 pixels each
+    sample = _foreground_sample(mask, "00ff")
+    assert len(sample) == sample_rows(mask, 90000) == 3 * (FOREGROUND_SAMPLES // 3) != FOREGROUND_SAMPLES
+    binary = (mask > 0).astype(np.uint8)
+    assert len(_foreground_sample(binary, "00ff")) == sample_rows(binary, 90000) == FOREGROUND_SAMPLES
+
+
+def test_the_gain_verdict_refuses_to_read_two_cases():
+    from segx.evaluation.report import gain_verdict
+
+    assert gain_verdict({"cases": 2, "low": 0.01, "high": 0.02}).startswith("too few test cases (2)")
+    assert gain_verdict({"cases": 40, "low": 0.01, "high": 0.02}).startswith("the gain is real")
+    assert gain_verdict({"cases": 40, "low": -0.01, "high": 0.02}).startswith("not shown to be better")
+    assert gain_verdict({"cases": 40, "low": -0.03, "high": -0.02}).startswith("the ensemble is worse")

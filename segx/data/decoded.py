@@ -203,6 +203,20 @@ def foreground_count(mask: np.ndarray) -> int:
     return int(np.count_nonzero(mask)) - int(np.count_nonzero(mask == IGNORE_INDEX))
 
 
+def sample_rows(mask: np.ndarray, count: int) -> int:
+    """How many locations :func:`_foreground_sample` keeps of a mask with ``count`` foreground
+    pixels: all of them up to FOREGROUND_SAMPLES; beyond, FOREGROUND_SAMPLES for one structure,
+    and for several classes each present class's pixels up to its equal share."""
+    if count <= FOREGROUND_SAMPLES:
+        return count
+    counts = np.bincount(np.asarray(mask).ravel(), minlength=256)[1:IGNORE_INDEX]
+    present = counts[counts > 0]
+    if len(present) <= 1:
+        return FOREGROUND_SAMPLES
+    quota = FOREGROUND_SAMPLES // len(present)
+    return int(np.minimum(present, quota).sum())
+
+
 def _foreground_sample(mask: np.ndarray, seed_hex: str) -> np.ndarray:
     """Foreground locations (K, 2), at most FOREGROUND_SAMPLES. With several classes, each class
     present gets an equal share of the samples (all of its pixels when it has fewer), so a rare
@@ -328,8 +342,9 @@ def _verify(folder: Path, tag: str, meta: dict, text: str, has_mask: bool) -> st
             return f"{names[1]} holds {mask.dtype} {mask.shape}, not uint8 {(height, width)}"
         if foreground_count(mask) != count:
             return f"{names[1]} has {foreground_count(mask)} foreground pixels, {meta_name} records {count}"
-        if sample.dtype != np.int32 or sample.shape != (min(count, FOREGROUND_SAMPLES), 2):
-            return f"{names[2]} holds {sample.dtype} {sample.shape}, not int32 {(min(count, FOREGROUND_SAMPLES), 2)}"
+        rows = sample_rows(mask, count)
+        if sample.dtype != np.int32 or sample.shape != (rows, 2):
+            return f"{names[2]} holds {sample.dtype} {sample.shape}, not int32 {(rows, 2)}"
         if len(sample) and (sample.min() < 0 or sample[:, 0].max() >= height or sample[:, 1].max() >= width):
             return f"{names[2]} holds locations outside the {width}x{height} mask"
     _VERIFIED.add(key)

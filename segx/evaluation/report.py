@@ -322,6 +322,24 @@ def plot_ensemble(
         )
 
 
+MIN_BOOTSTRAP_CASES = 10  # fewer test cases: a bootstrap interval only spans their own differences
+
+
+def gain_verdict(gain: dict) -> str:
+    """What the paired bootstrap says, in words; with fewer than MIN_BOOTSTRAP_CASES test cases it
+    says that it cannot tell (resampling 2 or 3 cases gives an interval, not evidence)."""
+    if gain["cases"] < MIN_BOOTSTRAP_CASES:
+        return (
+            f"too few test cases ({gain['cases']}) for the interval to mean anything; "
+            f"add test cases (at least {MIN_BOOTSTRAP_CASES}) before reading a gain"
+        )
+    if gain["low"] > 0:
+        return "the gain is real (the whole interval is above zero)"
+    if gain["high"] < 0:
+        return "the ensemble is worse (the whole interval is below zero)"
+    return "not shown to be better: the interval includes zero"
+
+
 def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
@@ -344,13 +362,7 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
-        verdict = (
-            "the gain is real (the whole interval is above zero)"
-            if gain["low"] > 0
-            else "the ensemble is worse (the whole interval is below zero)"
-            if gain["high"] < 0
-            else "not shown to be better: the interval includes zero"
-        )
+        verdict = gain_verdict(gain)
         at = (
             f"at its validation threshold {gain['best_member_threshold']}"
             if gain["best_member_threshold"] is not None

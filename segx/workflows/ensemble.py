@@ -28,6 +28,7 @@ from segx.ensembling.record import make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
     class_summary,
+    gain_verdict,
     honest_gain,
     plot_ensemble,
     print_report,
@@ -352,17 +353,29 @@ def _description(
         f"| **ensemble** ({found.chosen.name}) | | | **{_g(found.val_dice)}** | "
         f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |"
     )
-    verdict = (
-        "the gain is real"
-        if gain["low"] > 0
-        else "the ensemble is worse"
-        if gain["high"] < 0
-        else "not shown to be better"
-    )
+    verdict = gain_verdict(gain)
+    if record.get("labels") is not None:  # several classes: argmax, or a threshold per region
+        regions = record.get("region_thresholds")
+        how = (
+            "thresholds " + ", ".join(f"{r} {t:g}" for r, t in regions.items())
+            if regions
+            else f"labels by argmax of {len(record['labels']['names'])} classes"
+        )
+        post = ", ".join(f"{c}: {p.describe()}" for c, p in found.class_postprocess.items()) or "none"
+        first = (
+            f"segx ensemble of {len(members)} members, chosen on validation by {search} search; {how}, "
+            f"post-processing {post}. Dice is the foreground mean of per-class means; every score on whole "
+            "images at their own size."
+        )
+    else:
+        first = (
+            f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
+            f"{record['threshold']}, post-processing {found.postprocess.describe()}. Validation: members at their "
+            "own chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images "
+            "at their own size."
+        )
     lines = [
-        f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
-        f"{record['threshold']}, post-processing {found.postprocess.describe()}. Validation: members at their own "
-        "chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images at their own size.",
+        first,
         "",
         *rows,
         "",
