@@ -81,7 +81,9 @@ def test_each_command_help_lists_its_own_groups():
     assert "profile:" not in helps["train"].stdout  # a bench group, which train refuses
     for name in ("ensemble", "predict"):
         groups = helps[name].stdout.split("== Groups")[1].split("== Config")[0]
-        assert groups.split("\n")[1:-2] == ["mlflow: local", "experiment: dsb2018"], groups  # not the training groups
+        assert groups.split("\n")[1:-2] == ["mlflow: local", "experiment: dsb2018 | sandstone"], (
+            groups
+        )  # not training groups
         assert f"segx.{name}:" in helps[name].stdout
     assert "profile: full | quick" in helps["bench"].stdout
 
