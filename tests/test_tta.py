@@ -149,8 +149,6 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, sy
 def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_path):
     """A member logged before flip caches existed: one line naming it and the two ways out."""
     from segx.ensembling.probs import cache_artifact
-    from segx.workflows.ensemble import build_ensemble
-    from segx.workflows.members import member_from_run
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
@@ -162,6 +160,15 @@ def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_pat
         client.log_artifact(old.info.run_id, str(path), "predictions")
     client.set_terminated(old.info.run_id)
     old = client.get_run(old.info.run_id)
+    try:
+        _refused_without_flip_cache(client, out, runs, real, old, tmp_path)
+    finally:  # the shared store's newest resnet18 member must stay a real one for the tests after this
+        client.delete_run(old.info.run_id)
+
+
+def _refused_without_flip_cache(client, out, runs, real, old, tmp_path):
+    from segx.workflows.ensemble import build_ensemble
+    from segx.workflows.members import member_from_run
 
     assert len(member_from_run(client, old, tmp_path / "c").val.probs) > 0  # tta=none still works
     cfg = compose_config(
