@@ -18,7 +18,7 @@ from segx import cli
 from segx.config import CONF_PATH
 from segx.workflows.hydra_job import is_multirun
 from segx.workflows.member import train_member
-from segx.workflows.sweep import sweep_job
+from segx.workflows.sweep import sweep_job, unfinished_jobs
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
@@ -36,6 +36,10 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     cli.run(_hydra_main, "train")
+    unfinished = unfinished_jobs()
+    if unfinished:  # after the summary and its rerun command: `segx.train -m ... && segx.ensemble` stops
+        print(f"segx: {unfinished} sweep job(s) did not finish (summary above); exit status 1", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

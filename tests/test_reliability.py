@@ -115,9 +115,27 @@ def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
     proc = cli(["segx.train", "-m", "arch=pspnet,unet", "backbone=resnet18", *overrides])
     out, err = proc.communicate(timeout=600)
     assert "1 finished, 1 failed" in out, out + err
+    assert proc.returncode == 1  # the sweep went on, but a script must not
     assert "pspnet" in err and "multiple of 48" in err
     _, runs = runs_in(tmp_path, status="FINISHED")
     assert [r.data.tags["segx.arch"] for r in runs] == ["unet"]
+
+
+def test_a_sweep_whose_jobs_all_failed_exits_1_after_its_summary(tmp_path, synthetic_root):
+    overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone")]
+    # PSPNet cannot take 64 px inputs: the one job is refused before any training.
+    result = subprocess.run(
+        [sys.executable, "-m", "segx.train", "-m", "arch=pspnet", "backbone=mobilenetv2", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "0 finished, 1 failed" in result.stdout and "rerun exactly those" in result.stdout
+    assert (
+        result.stderr.rstrip().splitlines()[-1] == "segx: 1 sweep job(s) did not finish (summary above); exit status 1"
+    )
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_error():

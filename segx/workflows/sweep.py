@@ -32,6 +32,7 @@ from segx.workflows.member import MemberResult, train_member
 RESULTS = "segx_results.jsonl"  # one line per job event, appended by the jobs themselves
 JOBS = "segx_jobs.json"  # every job's overrides, written by the submitting process
 _pending: dict[str, Any] = {}  # the sweep this process launched, until its summary is printed
+_unfinished: list[int] = []  # per summary printed: its jobs that did not finish (the exit status)
 
 
 class SweepSummary(Callback):
@@ -77,6 +78,14 @@ def print_pending_summary() -> None:
     rows = read_results(info["dir"])
     for line in summary_lines(rows, info["jobs"], info["command"], info["dir"]):
         print(line, flush=True)
+    outcomes = job_outcomes(rows, info["jobs"])
+    _unfinished.append(sum(row["status"] != "FINISHED" for row in outcomes))
+
+
+def unfinished_jobs() -> int:
+    """How many jobs of the sweeps this process launched did not finish (FAILED, KILLED, LOST,
+    NOT RUN), as their summaries counted them: ``segx.train -m`` then exits 1."""
+    return sum(_unfinished)
 
 
 def read_results(sweep_dir: Path) -> list[dict]:
