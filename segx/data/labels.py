@@ -28,10 +28,36 @@ from segx.errors import SegxError
 
 IGNORE_INDEX = 255  # a label map's value for pixels no loss, metric or search counts
 MAX_CLASSES = 64  # uint8 label maps with room for IGNORE_INDEX; K probability maps per member
-# Class names that say which side of the body they are on (right_lung, left_kidney, lung_L):
-# a horizontal flip turns one into the other (see data.flip_swap).
-_SIDE = re.compile(r"(^|[_\-\s])(left|right|l|r)($|[_\-\s])", re.IGNORECASE)
+# Class names that say which side of the body they are on (right_lung, left_kidney, lung_L,
+# LeftLung, leftlung, lungright): a horizontal flip turns one into the other (see data.flip_swap).
+_SEPARATOR = re.compile(r"[_\-\s]+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# Words that begin or end with left/right and say no side: 'bright' spots, a 'cleft', 'leftover'.
+_NOT_SIDES = frozenset(
+    "bright upright fright wright alright aright cleft copyright downright outright forthright birthright "
+    "playwright shipwright wheelwright cartwright eyebright leftover leftovers lefty righteous rightful rightly".split()
+)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+def names_a_side(name: str) -> bool:
+    """Whether a class name says left or right: a word ``left``/``right`` (``left_lung``,
+    ``LeftLung``), a word that begins or ends with one (``leftlung``, ``lungright``), or ``l``/``r``
+    between separators (``lung_L``, ``r-kidney``; not inside a word: ``liver``)."""
+    for part in _SEPARATOR.split(name):
+        if part.lower() in ("l", "r"):
+            return True
+        for word in _CAMEL.split(part):
+            word = word.lower()
+            if word in ("left", "right"):
+                return True
+            if word in _NOT_SIDES:
+                continue
+            if word.startswith(("left", "right")) and len(word) > 6:
+                return True
+            if (word.endswith("left") and len(word) >= 7) or (word.endswith("right") and len(word) >= 8):
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -119,6 +145,11 @@ class Labels:
                         f"data.flip_swap names '{name}', not a class of data.labels ({', '.join(self.names)})"
                         f"{suggest(str(name), self.names)}"
                     )
+                if self.names.index(str(name)) == 0:
+                    raise SegxError(
+                        f"data.flip_swap: {name} is the background (value 0), which a flip never swaps; pair only "
+                        "classes that name a side, e.g. [[right_lung, left_lung]]"
+                    )
                 if str(name) in seen or pair[0] == pair[1]:
                     raise SegxError(f"data.flip_swap: class '{name}' is in more than one pair; swap each class once")
                 seen.add(str(name))
@@ -146,7 +177,7 @@ class Labels:
 
     def sided(self) -> list[str]:
         """Class names that say left or right (a horizontal flip would swap them)."""
-        return [n for n in self.names if _SIDE.search(n)]
+        return [n for n in self.names if names_a_side(n)]
 
     @property
     def key(self) -> str:
@@ -203,7 +234,7 @@ class Labels:
             raise SegxError(f"data.labels names {len(labels)} classes; segx supports at most {MAX_CLASSES}")
         items = []
         for name, value in labels.items():
-            name = str(name)
+            name = _text(name, "data.labels", "class", value)
             if not _NAME.match(name):
                 raise SegxError(
                     f"data.labels: class name '{name}' must start with a letter and hold only letters, digits, "
@@ -262,7 +293,7 @@ class Labels:
             hint = (
                 " (in-between values: anti-aliased or resized edges? save label maps without smoothing, "
                 "with nearest-neighbour resizing)"
-                if len(values) > 2
+                if len(values) > 2 or any(min(self.values) < v < max(self.values) for v in values)
                 else ""
             )
             raise SegxError(
@@ -377,7 +408,7 @@ def _regions(regions, names: Sequence[str]):
         )
     out = []
     for region, members in regions.items():
-        region = str(region)
+        region = _text(region, "data.regions", "region", members)
         if not _NAME.match(region):
             raise SegxError(f"data.regions: region name '{region}' must start with a letter (it becomes a metric name)")
         if isinstance(members, str) or not isinstance(members, Sequence) or not members:
@@ -408,4 +439,23 @@ def _regions(regions, names: Sequence[str]):
                 f"({', '.join(adds) or 'none'}); order the regions from the largest to the smallest, each adding one "
                 "class (e.g. whole, core, enhancing), so that the label map can be decoded"
             )
+    covered = {c for _, members in out for c in members}
+    lost = [name for c, name in enumerate(names) if c and c not in covered]
+    if lost:
+        raise SegxError(
+            f"data.regions: class {lost[0]} is in no region, so no prediction can ever paint it; add it to the "
+            f"regions that contain it (at least a last region: data.regions.{lost[0]}=[{lost[0]}])"
+        )
     return tuple(out)
+
+
+def _text(name, key: str, what: str, value) -> str:
+    """A name from YAML as text, or one line: YAML 1.1 reads unquoted yes, no, on, off, true and
+    false as booleans (two of them then become one key) and null as no name at all."""
+    if not isinstance(name, bool) and name is not None:
+        return str(name)
+    example = {True: "yes", False: "no", None: "none"}[name]
+    raise SegxError(
+        f"{key}: {what} name {name} is not a name (YAML reads unquoted yes, no, on, off, true, false as "
+        f"booleans and null as nothing); quote it in the YAML, e.g. '{example}': {value!r}"
+    )
