@@ -189,6 +189,7 @@ def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
         check_config_files,
         check_group_choices,
         check_override_keys,
+        check_override_values,
         search_dirs,
     )
 
@@ -198,6 +199,7 @@ def preflight(config_name: str, argv: Sequence[str] | None = None) -> None:
     dirs = [CONF_DIR, *search_dirs(argv)]  # the folders Hydra will search, a user's own included
     check_config_files(dirs)  # before anything composes them
     check_group_choices(argv, dirs)
+    check_override_values(config_name, argv, dirs)
     check_override_keys(config_name, argv, dirs)
     _check_output_dir(config_name, argv)
     if config_name == "train" and any(a in ("-m", "--multirun") for a in argv):

@@ -118,11 +118,144 @@ def _expanded_size(node, path: Path, memo: dict[int, int], depth: int = 0) -> in
         raise SegxError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep; flatten it")
     if id(node) not in memo:
         if isinstance(node, yaml.MappingNode):
+            for key, _ in node.value:
+                _check_key_node(key, path)
             children = [c for pair in node.value for c in pair]
         else:
             children = node.value if isinstance(node, yaml.SequenceNode) else []
         memo[id(node)] = 1 + sum(_expanded_size(c, path, memo, depth + 1) for c in children)
     return memo[id(node)]
+
+
+_YAML_BOOL, _YAML_NULL = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null"
+
+
+def _check_key_node(key, path: Path) -> None:
+    """A YAML key that is not a name: ``null:`` (which OmegaConf cannot hold: Hydra stops in many
+    lines) or an unquoted yes, no, on, off (YAML 1.1 booleans: two become one key)."""
+    import yaml
+
+    if isinstance(key, yaml.ScalarNode) and key.tag in (_YAML_BOOL, _YAML_NULL):
+        kind = "null" if key.tag == _YAML_NULL else "a boolean"
+        raise SegxError(
+            f"{path}:{key.start_mark.line + 1}: the key {key.value or '(empty)'!s} is read as {kind}, not a name; "
+            f"quote it ('{key.value or 'name'}':) or rename it"
+        )
+
+
+# Dicts that name classes: on the command line each replaces, never merges into, a config's own
+# (Hydra merges a dict override into the dict it overrides, keeping the config's other keys).
+CLASS_DICTS = ("data.labels", "data.palette", "data.regions")
+
+
+def check_override_values(config_name: str, argv: Sequence[str], conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:
+    """Fail fast, in one line, on an override Hydra cannot read (a quoted or non-ASCII class name,
+    a ``null`` key) and on a class dict that Hydra would merge into the config's own: a command-line
+    ``data.labels`` with other classes than the YAML's would keep the YAML's extra classes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = {}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        name = key.lstrip("+~")
+        try:
+            override = parser.parse_override(arg)
+        except Exception as exc:  # noqa: BLE001 - Hydra's parse errors have several types
+            if name in CLASS_DICTS:
+                _check_dict_names(name, value)
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise SegxError(
+                f"cannot read the override {arg!r} ({first}); see Hydra's override grammar "
+                "(https://hydra.cc/docs/advanced/override_grammar/basic/)"
+            ) from None
+        if override.is_sweep_override():
+            continue
+        found = _null_key(override.value())
+        if found is not None:
+            raise SegxError(
+                f"{name}: a key{' under ' + found.rstrip('.') if found else ''} is null, which names nothing; "
+                "name it (class names: a letter, then letters, digits, '_' or '-')"
+            )
+        if name in CLASS_DICTS and not key.startswith(("+", "~")) and isinstance(override.value(), dict):
+            given[arg] = (name, override.value())
+    if given:
+        _check_dict_replacements(config_name, argv, given, conf_dir)
+
+
+def _null_key(value, where: str = "") -> str | None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k is None:
+                return where
+            found = _null_key(v, f"{where}{k}.")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for v in value:
+            found = _null_key(v, where)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_dict_names(key: str, value: str) -> None:
+    """The class names of a dict Hydra's grammar cannot read (``"left lung"``, ``a:b``, ``é``), read
+    as YAML to name the one at fault; nothing when YAML cannot read it either."""
+    import yaml
+
+    try:
+        names = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return
+    if not isinstance(names, dict):
+        return
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", name):
+            plain = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_")
+            raise SegxError(
+                f"{key}: the name {name!r} must start with a letter and hold only letters, digits, '_' and '-' "
+                f"(it becomes a metric name); rename it{', e.g. ' + plain if plain[:1].isalpha() else ''}"
+            )
+
+
+def _check_dict_replacements(config_name: str, argv: Sequence[str], given: dict, conf_dir) -> None:
+    """A command-line class dict over a config's own dict with other keys: Hydra would merge the two
+    (keeping the config's extra classes) or stop in many lines (a new key): refuse in one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return
+    dirs = _dirs(conf_dir)
+    overrides = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.")) and a not in given]
+    if len(dirs) > 1:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs[1:]) + "]")
+    try:
+        with initialize_config_dir(str(dirs[0]), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
+    except Exception:  # noqa: BLE001 - leave the full diagnosis to Hydra itself
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for key, value in given.values():
+        own = OmegaConf.select(cfg, key)
+        if not isinstance(own, DictConfig):
+            continue
+        extra = [str(k) for k in own if k not in value]
+        new = [str(k) for k in value if k not in own]
+        if extra or new:
+            held = f"{key} of the config ({', '.join(map(str, own))})"
+            what = (
+                f"lacks {', '.join(extra)} of {held}, which Hydra would keep (it merges dicts)"
+                if extra
+                else f"adds {', '.join(new)} to {held}, which Hydra cannot merge"
+            )
+            raise SegxError(
+                f"{key} on the command line {what}; to replace it, clear it first: {key}=null '{key}={{...}}'"
+            )
 
 
 def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | Sequence[Path] = CONF_DIR) -> None:

@@ -181,7 +181,7 @@ def build_class_loss(n_classes: int, weights: Mapping[str, float], class_weights
     cw = np.ones(k, np.float32) if class_weights is None else np.asarray(class_weights, np.float32)
     if cw.shape != (k,) or not np.all(np.isfinite(cw)) or np.any(cw < 0) or not cw[1:].sum() > 0:
         raise SegxError(
-            f"trainer.class_weights={list(np.ravel(cw))} must give {k} non-negative factors (one per class "
+            f"trainer.class_weights=[{', '.join(f'{x:g}' for x in np.ravel(cw))}] must give {k} non-negative factors (one per class "
             "of data.labels, background first), not all zero on the foreground"
         )
     eps = 1e-7

@@ -56,3 +56,117 @@ def test_a_single_in_between_mask_value_gets_the_anti_aliasing_hint():
     with pytest.raises(SegxError) as info:  # a value past every class: an unnamed class, no hint
         labels.encode(np.array([[0, 100, 250]], np.uint8), "m.png")
     assert "anti-aliased" not in str(info.value)
+
+
+def test_class_weights_are_checked_against_the_classes_in_plain_numbers():
+    from segx.data.labels import check_class_weights
+
+    labels = Labels.from_config({"background": 0, "a": 1, "b": 2})
+    with pytest.raises(SegxError, match=r"^trainer.class_weights=\[1, 2\] must give 3 non-negative factors"):
+        check_class_weights([1, 2], labels)
+    assert check_class_weights([1, 2, 0.5], labels) == [1.0, 2.0, 0.5]
+    with pytest.raises(SegxError, match="data.labels is null"):
+        check_class_weights([1, 2], None)
+
+
+def test_class_weights_of_the_wrong_length_are_refused_before_any_run(tmp_path):
+    from segx.errors import SegxError
+    from segx.workflows.member import validate_config
+    from tests.conftest import compose_config, store_overrides
+
+    cfg = compose_config(
+        "train",
+        [
+            *store_overrides(tmp_path),
+            "data=synthetic_multiclass",
+            f"data.root={tmp_path}/d",
+            "trainer.class_weights=[1,2]",
+        ],
+    )
+    with pytest.raises(SegxError, match=r"trainer.class_weights=\[1, 2\] must give 4"):
+        validate_config(cfg)
+
+
+def test_a_threshold_on_a_region_ensemble_is_refused_saying_regions_are_thresholded():
+    from segx.data.view import View
+    from segx.inference.predictor import EnsemblePredictor
+
+    labels = Labels.from_config(
+        TUMOUR,
+        regions={
+            "whole": ["oedema", "necrosis", "enhancing"],
+            "core": ["necrosis", "enhancing"],
+            "enhancing": ["enhancing"],
+        },
+    )
+    record = {
+        "format": "segx-ensemble",
+        "version": 4,
+        "members": [
+            {"run_id": "a", "backbone": "resnet18", "weight": 1.0, "weight_count": 1, "view": View().to_dict()}
+        ],
+        "weight_denominator": 1,
+        "threshold": None,
+        "labels": labels.to_record(),
+        "region_thresholds": {"whole": 0.45, "core": 0.5, "enhancing": 0.35},
+    }
+    with pytest.raises(
+        SegxError,
+        match=r"3 regions \(whole, core, enhancing\), each at its own threshold chosen on "
+        r"validation \(whole=0.45, core=0.5, enhancing=0.35\); drop the threshold override",
+    ):
+        EnsemblePredictor(record, ["unused"], threshold=0.4)
+
+
+def run_command(module: str, args: list[str], cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ('data.labels={background: 0, "left lung": 1}', "data.labels: the name 'left lung' must start with a letter"),
+        ('data.labels={background: 0, "a:b": 1}', "data.labels: the name 'a:b' must start with a letter"),
+        ("data.labels={background: 0, é: 1}", "data.labels: the name 'é' must start with a letter"),
+        ("data.labels={background: 0, null: 1}", "data.labels: a key is null, which names nothing"),
+        (
+            "data.labels={background: 0, left_lobe: 1, right_lobe: 2, extra: 3, vessel: 4}",
+            "data.labels on the command line adds extra to data.labels of the config",
+        ),
+        (
+            "data.labels={background: 0, left_lobe: 1, right_lobe: 2}",
+            "data.labels on the command line lacks vessel of data.labels of the config (background, left_lobe, "
+            "right_lobe, vessel), which Hydra would keep",
+        ),
+    ],
+)
+def test_class_names_hydra_cannot_read_or_would_merge_are_one_line(tmp_path, override, message):
+    args = ["data=synthetic_multiclass", f"paths.output_dir={tmp_path}/out", override]
+    result = run_command("segx.train", args, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"segx: error: {message}"), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cleared_labels_on_the_command_line_replace_the_configs(tmp_path):
+    from segx.config import check_override_values
+
+    check_override_values(
+        "train", ["data=synthetic_multiclass", "data.labels=null", "data.labels={background: 0, a: 1}"]
+    )
+
+
+def test_a_null_or_boolean_key_in_a_config_file_is_one_line_naming_the_line(tmp_path):
+    from segx.config import CONF_DIR, check_config_files
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text("labels:\n  background: 0\n  on: 1\n")
+    with pytest.raises(SegxError, match=r"mine.yaml:3: the key on is read as a boolean, not a name; quote it"):
+        check_config_files([CONF_DIR, tmp_path])
+    (tmp_path / "data" / "mine.yaml").write_text("labels:\n  background: 0\n  null: 1\n")
+    with pytest.raises(SegxError, match=r"mine.yaml:3: the key null is read as null"):
+        check_config_files([CONF_DIR, tmp_path])

@@ -345,6 +345,29 @@ class Labels:
         return table[indices]
 
 
+def check_class_weights(weights, labels: Labels | None) -> list[float] | None:
+    """``trainer.class_weights`` (None, or one non-negative factor per class of ``labels``,
+    background first, not all zero on the foreground) as plain floats; one line otherwise."""
+    if weights is None:
+        return None
+    if labels is None or labels.regions:
+        what = "data.labels is null (one structure)" if labels is None else "data.regions trains one sigmoid per region"
+        raise SegxError(
+            f"trainer.class_weights is set but {what}: nothing would use it; set trainer.class_weights=null"
+        )
+    items = list(weights) if isinstance(weights, Sequence) and not isinstance(weights, str) else [weights]
+    ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in items)
+    values = [float(w) for w in items] if ok else []
+    good = ok and len(values) == labels.n_classes and all(0 <= w < float("inf") for w in values)
+    if not good or not sum(values[1:]) > 0:
+        shown = ", ".join(f"{w:g}" for w in values) if ok else ", ".join(map(str, items))
+        raise SegxError(
+            f"trainer.class_weights=[{shown}] must give {labels.n_classes} non-negative factors, one per class of "
+            f"data.labels ({', '.join(labels.names)}), not all zero on the foreground"
+        )
+    return values
+
+
 def _palette(palette, names: Sequence[str]) -> tuple[tuple[int, int, int], ...]:
     if not isinstance(palette, Mapping):
         raise SegxError(f"data.palette={palette!r} must map class names to colours, e.g. '{{background: [0, 0, 0]}}'")

@@ -90,6 +90,14 @@ class EnsemblePredictor:
         swap = (record.get("labels") or {}).get("flip_swap")
         self.swap = None if swap is None else [int(i) for i in swap]
         if self.labels is not None:
+            if threshold is not None and self.labels.regions:
+                chosen = record.get("region_thresholds") or {}
+                shown = ", ".join(f"{r}={float(chosen[r]):g}" for r in self.labels.region_names if r in chosen)
+                raise SegxError(
+                    f"threshold={threshold} but this ensemble segments {len(self.labels.regions)} regions "
+                    f"({', '.join(self.labels.region_names)}), each at its own threshold chosen on validation"
+                    f"{f' ({shown})' if shown else ''}; drop the threshold override"
+                )
             if threshold is not None:
                 raise SegxError(
                     f"threshold={threshold} but this ensemble segments {self.labels.n_classes} classes "

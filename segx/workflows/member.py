@@ -100,10 +100,15 @@ def validate_config(cfg: DictConfig) -> None:
         require_choice(cfg, "trainer.strategy", ("mirrored",))
     if cfg.trainer.get("precision") is not None:
         require_choice(cfg, "trainer.precision", ("float32", "mixed_float16"))
-    from segx.workflows.prepare import check_fold, validate_data_config
+    from segx.data.labels import check_class_weights
+    from segx.workflows.prepare import check_fold, labels_of, validate_data_config
 
     validate_data_config(cfg.data)
     check_fold(cfg.data, cfg.get("fold"))
+    weights = cfg.trainer.get("class_weights")
+    check_class_weights(
+        OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights, labels_of(cfg.data)
+    )
     # The same nodes train_member builds (the optimizer after the run is created), and no
     # `_target_` anywhere else: nothing would build it there.
     if cfg.trainer.optimizer is None:
