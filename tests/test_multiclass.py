@@ -320,6 +320,15 @@ def test_the_lateral_synthetic_scene_has_every_class_and_a_rare_thin_vessel():
 REGIONS = "data.regions={all: [left_lobe, right_lobe, vessel], right: [right_lobe, vessel], vessel: [vessel]}"
 
 
+def labels_of(written: np.ndarray, record: dict) -> np.ndarray:
+    """A written mask (the data's own label values) as class indices, for scoring."""
+    labels = Labels.from_record(record["labels"])
+    table = np.zeros(256, np.uint8)
+    table[list(labels.values)] = np.arange(labels.n_classes, dtype=np.uint8)
+    assert set(np.unique(written)) <= set(labels.values)
+    return table[written]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["classes", "regions"])
 def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mode):
@@ -415,12 +424,37 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
                 assert (got != expected[i]).mean() < 0.01, (backend, stem)
             else:
                 assert same, (backend, stem)
+    # The report's per-case table is the score of the files segx.predict wrote (nnU-Net's rule for
+    # regions: the decoded label map, converted back to regions), recomputed from those files.
+    import pandas as pd
+
+    from segx.scoring.classes import class_metrics, region_metrics
+
+    table = pd.read_csv(client.download_artifacts(run_id, "tables/test_per_case.csv", str(tmp_path / "t")))
+    rows = table[table["method"] == "ensemble"].set_index("stem")
+    written = Ragged.from_list(
+        [labels_of(cv2.imread(str(tmp_path / "pred-keras" / "masks" / f"{s}.png"), cv2.IMREAD_UNCHANGED), record)
+         for s in cached[0].stems]
+    )  # fmt: skip
+    truth = cached[0].masks
+    if mode == "regions":
+        scores = region_metrics(written, truth, labels.region_names, labels.region_members)
+        parts = labels.region_names
+    else:
+        scores = class_metrics(written, truth, Labels.from_record(record["labels"]).names)
+        parts = Labels.from_record(record["labels"]).foreground
+    for i, stem in enumerate(cached[0].stems):
+        for key in ("dice", *(f"dice/{p}" for p in parts)):
+            want, got = rows.loc[stem, key], scores[key][i]
+            assert (np.isnan(want) and np.isnan(got)) or want == pytest.approx(got, rel=1e-12, abs=1e-12), (stem, key)
     # The ONNX export's K (or R) probabilities per member: within one uint8 step of the cached ones.
     from segx.inference.exported import load_exported
 
     images = [cv2.cvtColor(cv2.imread(str(inputs / f"{stem}.png")), cv2.COLOR_BGR2RGB) for stem in cached[0].stems]
     onnx_probs = load_exported(tmp_path / "export-onnx").member_probs(images)
     for c, p in zip(cached, onnx_probs, strict=True):
+        if p is None:  # a member the search gave weight 0 is not run
+            continue
         assert p.flat.shape == c.probs.flat.shape
         assert np.abs(p.flat.astype(int) - np.asarray(c.probs.flat, int)).max() <= 1
     refused = subprocess.run(
@@ -566,27 +600,101 @@ def test_bad_regions_are_one_line_naming_the_key(regions, message):
         Labels.from_config(TUMOUR, regions=regions)
 
 
-def test_the_region_search_equals_brute_force_over_weights_and_every_threshold_combination():
-    from segx.ensembling.regions import compact_regions, exact_region_dice
+def _raw_region_dice(on, truth, regions) -> float:
+    """The search's own objective, by hand: each region's Dice of its raw decision (not decoded)."""
+    from segx.scoring.classes import class_dice, mean_over_regions, nan_mean_last
 
-    rng = np.random.default_rng(4)
-    regions = [(1, 2, 3), (1, 3), (3,)]
+    on, truth = Ragged.of(on), Ragged.of(truth)
+    per_region = []
+    for j, members in enumerate(regions):
+        tp, pp, tt = (np.zeros((len(truth), 1), np.int64) for _ in range(3))
+        for i in range(len(truth)):
+            t = truth[i]
+            keep = t != IGNORE_INDEX
+            want, got = np.isin(t, members)[keep], on[i][..., j][keep]
+            tp[i], pp[i], tt[i] = (want & got).sum(), got.sum(), want.sum()
+        per_region.append(nan_mean_last(class_dice(tp, pp, tt)[:, 0]))
+    return float(mean_over_regions(per_region))
+
+
+def _random_region_problem(seed: int):
+    rng = np.random.default_rng(seed)
     shapes = [(12, 15), (9, 20), (14, 14), (6, 6)]
     truth = Ragged.from_list([rng.integers(0, 4, s).astype(np.uint8) for s in shapes])
     truth.flat[:9] = IGNORE_INDEX
     truth[3][...] = 0  # a case without any region: not counted
     probs = [Ragged((rng.integers(0, 6, (truth.n_pixels, 3)) * 50).astype(np.uint8), truth.shapes) for _ in range(3)]
+    return truth, probs
+
+
+def test_the_region_search_equals_brute_force_over_weights_and_every_threshold_combination():
+    # The search's stage one: each region's raw decision, separable by region, searched exactly.
+    from segx.ensembling.regions import compact_regions, region_decisions
+
+    regions = [(1, 2, 3), (1, 3), (3,)]
+    truth, probs = _random_region_problem(4)
     thresholds = [0.3, 0.5, 0.7]
     data = compact_regions(probs, truth, regions, thresholds)
     grid = search.simplex_counts(3, 5)
     got = search.evaluate(data, grid, 5)[:, 0]
     for row, value in zip(grid, got, strict=True):
         w = Weights(tuple(int(v) for v in row), 5)
-        brute = max(
-            exact_region_dice(probs, truth, w, list(ts), regions) for ts in itertools.product(thresholds, repeat=3)
+        raw = {
+            ts: _raw_region_dice(region_decisions(probs, w, ts), truth, regions)
+            for ts in itertools.product(thresholds, repeat=3)
+        }
+        assert value == max(raw.values())
+        assert raw[tuple(data.thresholds_for(w))] == value
+
+
+def test_region_scores_are_the_scores_of_the_decoded_label_map():
+    # One case, three pixels, nested regions whole > core > enhancing (BraTS). Pixel 0: core on,
+    # whole off -> decoded necrosis, which is in whole; pixel 1: enhancing only -> enhancing, in
+    # all three; pixel 2: nothing. Raw decisions would count pixel 0 out of whole and pixel 1
+    # out of core; the file (and so the score) has them in.
+    from segx.scoring.classes import region_metrics
+
+    labels = Labels.from_config(TUMOUR, regions=NESTED)
+    on = np.array([[[[False, True, False], [False, False, True], [False, False, False]]]])  # (1 case, 1x3 px, R)
+    truth = np.array([[[1, 3, 0]]], np.uint8)  # class indices: necrosis, enhancing, background
+    decoded = labels.decode_regions(on)
+    assert decoded.tolist() == [[[1, 3, 0]]]
+    scores = region_metrics(decoded, truth, labels.region_names, labels.region_members, with_hd95=False)
+    assert scores["dice/whole"].tolist() == [1.0]
+    assert scores["dice/core"].tolist() == [1.0]
+    assert scores["dice/enhancing"].tolist() == [1.0]
+    assert _raw_region_dice(on, truth, labels.region_members) < 1.0  # what the report used to say
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_region_choice_scores_the_decoded_label_maps_it_records(seed):
+    # run_search's region choice: the validation Dice it records is the Dice of the decoded label
+    # maps at the recorded thresholds (what segx.predict writes), and refining the thresholds on
+    # those maps never scores below the search's own per-region thresholds.
+    from segx.ensembling.choose import SearchSettings, run_search
+    from segx.ensembling.members import Member
+    from segx.ensembling.probs import Cached
+    from segx.ensembling.regions import compact_regions, exact_region_dice, region_labels
+    from segx.scoring.classes import mean_region_dice
+
+    labels = Labels.from_config(TUMOUR, regions=NESTED)
+    truth, probs = _random_region_problem(seed)
+    thresholds = (0.3, 0.5, 0.7)
+    stems = [f"case{i}" for i in range(len(truth))]
+    members = [
+        Member(
+            run_id=f"run{i}", backbone=f"net{i}", arch="unet", fingerprint="f", view={},
+            val=Cached(stems, p, truth, None, labels.names, labels.region_names),
+            test=None, labels=labels.to_record(),
         )
-        assert value == brute
-        assert exact_region_dice(probs, truth, w, data.thresholds_for(w), regions) == value
+        for i, p in enumerate(probs)
+    ]  # fmt: skip
+    found = run_search(members, SearchSettings(method="greedy", thresholds=thresholds, postprocess=False))
+    ts = [found.region_thresholds[r] for r in labels.region_names]
+    decoded = region_labels(probs, found.weights, ts, labels)
+    assert found.val_dice == mean_region_dice(decoded, truth, labels.region_members)
+    proxy = compact_regions(probs, truth, labels.region_members, list(thresholds)).thresholds_for(found.weights)
+    assert found.val_dice >= exact_region_dice(probs, truth, found.weights, proxy, labels)
 
 
 def test_the_region_loss_targets_the_regions_and_ignores_unannotated_pixels():

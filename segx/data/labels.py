@@ -83,6 +83,11 @@ class Labels:
     def region_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.regions or ())
 
+    @property
+    def region_members(self) -> list[tuple[int, ...]]:
+        """The class indices each region unites, in the regions' order (what region scores need)."""
+        return [members for _, members in self.regions or ()]
+
     def paints(self) -> tuple[int, ...]:
         """The class each region writes when decoding (regions in order, later ones over earlier):
         the one class of the region that no later region holds."""

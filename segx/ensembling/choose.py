@@ -63,7 +63,7 @@ class SearchOutcome:
     # as (class, candidate, the class's validation Dice).
     class_postprocess: dict = field(default_factory=dict)
     class_postprocess_results: list = field(default_factory=list)
-    # Regions: region name -> its threshold for the chosen weights (each region's best on validation).
+    # Regions: region name -> its threshold for the chosen weights (refined on the decoded label maps).
     region_thresholds: dict = field(default_factory=dict)
 
 
@@ -77,15 +77,15 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
     from segx.progress import stage
 
     classes, regions = members[0].val.classes, members[0].val.regions
-    members_of = None
+    labels = None
     t0 = time.perf_counter()
     if regions is not None:  # overlapping regions: one weighting, a threshold per region
         from segx.data.labels import Labels
         from segx.ensembling.regions import compact_regions
 
-        members_of = [m for _, m in Labels.from_record(members[0].labels).regions]
+        labels = Labels.from_record(members[0].labels)
         stage(f"searching weights and a threshold per region on validation ({e.method}, {len(regions)} regions)")
-        data = compact_regions(probs, truth, members_of, list(e.thresholds))
+        data = compact_regions(probs, truth, labels.region_members, list(e.thresholds))
     elif classes is not None:  # several classes: argmax of the weighted class probabilities, no threshold
         from segx.ensembling.classes import compact_classes
 
@@ -106,6 +106,18 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
 
     for b, label in zip(base, unique_labels(members), strict=False):
         b.name = f"member:{label}"
+    region_choice: dict[int, list[float]] = {}
+    if regions is not None:
+        # The search ranked weightings by each region's raw decision; the user gets the decoded
+        # label map. Every candidate is scored on that, its thresholds refined there, before the choice.
+        from segx.ensembling.regions import refine_region_thresholds
+
+        stage("scoring the candidates on their decoded label maps (region thresholds refined there)")
+        for c in [*base, result.best]:
+            region_choice[id(c)], c.val_dice = refine_region_thresholds(
+                probs, truth, c.weights, data.thresholds_for(c.weights), list(e.thresholds), labels
+            )
+        seconds = time.perf_counter() - t0
     chosen = search.choose([*base, result.best], e.tolerance)
     weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
     # The search scored the candidate in prediction's arithmetic; the prediction path itself
@@ -117,11 +129,14 @@ def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOut
         from segx.ensembling.regions import exact_region_dice, majority_region_decisions
         from segx.scoring.classes import mean_region_dice
 
-        thresholds = data.thresholds_for(weights)
+        thresholds = region_choice[id(chosen)]
         region_thresholds = dict(zip(regions, thresholds, strict=True))
-        val_dice = exact_region_dice(probs, truth, weights, thresholds, members_of)
+        val_dice = exact_region_dice(probs, truth, weights, thresholds, labels)
         _same(chosen.val_dice, val_dice)
-        majority = mean_region_dice(majority_region_decisions(probs), truth, members_of)
+        majority_on = majority_region_decisions(probs)
+        majority = mean_region_dice(
+            majority_on.like(labels.decode_regions(majority_on.flat)), truth, labels.region_members
+        )
     elif classes is not None:
         from segx.ensembling.classes import exact_class_dice, exact_labels, majority_vote_labels
         from segx.scoring.classes import mean_foreground_dice

@@ -1,6 +1,14 @@
 """The ensemble search for overlapping regions (numpy only): one weighting of the members, and a
 threshold per region, chosen on validation by the mean over regions of each region's Dice.
 
+Two stages. The *search* ranks weightings by each region's raw decision (the thresholded
+weighted sigmoid), which is separable by region and so exact and fast (below). The user's file
+is the decoded label map, where each pixel takes the class of the last region that is on; that
+couples the regions. So every candidate the choice compares (each member, equal weights, the
+search's best) is then scored on its decoded label maps, its region thresholds refined there
+(:func:`refine_region_thresholds`), and the ensemble is chosen by that score: the number the
+report, ``segx.predict``, the exports and the pyfunc model all reproduce.
+
 Each region is one sigmoid per member; for a weighting its exact integer score is thresholded
 as segx's binary ensembles are (:func:`segx.ensembling.probs.binarize`), so every region is the
 binary search's problem, compacted exactly as the binary search compacts it
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segx.data.labels import IGNORE_INDEX
+from segx.data.labels import IGNORE_INDEX, Labels
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import Weights, binarize, combine
 from segx.ensembling.search import Compact, compact, evaluate, evaluate_additions
@@ -96,23 +104,89 @@ def compact_regions(member_probs: Sequence, truth, regions: Sequence[Sequence[in
     return RegionData(out)
 
 
-def region_decisions(member_probs: Sequence, weights, thresholds: Sequence[float]):
-    """The ensemble's region decisions, bool ragged (pixels, R): the prediction path."""
-    score = combine([Ragged.of(p) for p in member_probs], Weights.of(weights))
+def _combined(member_probs: Sequence, weights):
+    return combine([Ragged.of(p) for p in member_probs], Weights.of(weights))
+
+
+def _decide(score, r: int, threshold: float) -> np.ndarray:
+    """Region ``r``'s decisions of a combined score at ``threshold``: bool (pixels,)."""
     values = score.values
-    on = np.zeros(values.flat.shape, bool)
+    plane = type(score)(values.like(np.ascontiguousarray(values.flat[:, r])), score.denominator)
+    return binarize(plane, threshold).flat
+
+
+def region_decisions(member_probs: Sequence, weights, thresholds: Sequence[float]):
+    """The ensemble's raw region decisions, bool ragged (pixels, R), each region at its threshold
+    (before decoding: :func:`region_labels` gives what prediction writes)."""
+    score = _combined(member_probs, weights)
+    on = np.zeros(score.values.flat.shape, bool)
     for r, t in enumerate(thresholds):
-        on[:, r] = binarize(
-            type(score)(values.like(np.ascontiguousarray(values.flat[:, r])), score.denominator), t
-        ).flat
-    return values.like(on)
+        on[:, r] = _decide(score, r, t)
+    return score.values.like(on)
 
 
-def exact_region_dice(member_probs: Sequence, truth, weights, thresholds, regions) -> float:
-    """The objective of one weighting and its thresholds through the prediction path."""
+def region_labels(member_probs: Sequence, weights, thresholds: Sequence[float], labels: Labels):
+    """The ensemble's label maps (class indices, ragged): its region decisions decoded in the
+    regions' order, the prediction path (:meth:`segx.inference.predictor.Predictor.predict`)."""
+    on = region_decisions(member_probs, weights, thresholds)
+    return on.like(labels.decode_regions(on.flat))
+
+
+def exact_region_dice(member_probs: Sequence, truth, weights, thresholds, labels: Labels) -> float:
+    """The Dice the user's files get: the mean region Dice of :func:`region_labels`."""
     from segx.scoring.classes import mean_region_dice
 
-    return mean_region_dice(region_decisions(member_probs, weights, thresholds), truth, regions)
+    return mean_region_dice(region_labels(member_probs, weights, thresholds, labels), truth, labels.region_members)
+
+
+def refine_region_thresholds(
+    member_probs: Sequence,
+    truth,
+    weights,
+    start: Sequence[float],
+    grid: Sequence[float],
+    labels: Labels,
+    passes: int = 3,
+) -> tuple[list[float], float]:
+    """Region thresholds for one weighting, chosen on the decoded label maps, and their Dice.
+
+    The search picks each region's threshold on its own raw decision, which is exact for that
+    decision but not for the file: decoding couples the regions (an inner region's pixels count
+    for the outer ones, a later region paints over an earlier one). Starting from the search's
+    thresholds, coordinate ascent over ``grid`` on :func:`exact_region_dice`'s objective, one
+    region at a time, keeping a change only if it scores strictly higher (so ties keep the
+    search's choice); at most ``passes`` sweeps. The Dice returned equals
+    :func:`exact_region_dice` for the thresholds returned, to the last bit."""
+    from segx.scoring.classes import mean_region_dice
+
+    score = _combined(member_probs, weights)
+    members_of = labels.region_members
+    cache: dict[tuple[int, float], np.ndarray] = {}
+
+    def value(ts: list[float]) -> float:
+        on = np.zeros(score.values.flat.shape, bool)
+        for r, t in enumerate(ts):
+            if (r, t) not in cache:
+                cache[(r, t)] = _decide(score, r, t)
+            on[:, r] = cache[(r, t)]
+        return mean_region_dice(score.values.like(labels.decode_regions(on)), truth, members_of)
+
+    best_ts = [float(t) for t in start]
+    best = value(best_ts)
+    grid = sorted({float(t) for t in grid})
+    for _ in range(passes):
+        improved = False
+        for r in range(len(best_ts)):
+            for t in grid:
+                if t == best_ts[r]:
+                    continue
+                trial = [*best_ts[:r], t, *best_ts[r + 1 :]]
+                v = value(trial)
+                if v > best:
+                    best, best_ts, improved = v, trial, True
+        if not improved:
+            break
+    return best_ts, best
 
 
 def majority_region_decisions(member_probs: Sequence, start: int = 0, stop: int | None = None):

@@ -104,7 +104,6 @@ def _score_regions(members: list[Member], weights, thresholds: dict, spacing=Non
 
     test = members[0].test
     labels = Labels.from_record(members[0].labels)
-    members_of = [m for _, m in labels.regions]
     half = [0.5] * len(test.regions)
     probs = [m.test.probs for m in members]
     methods = {
@@ -117,8 +116,8 @@ def _score_regions(members: list[Member], weights, thresholds: dict, spacing=Non
     rows, preds = [], {}
     for name, make in methods.items():
         on = make()
-        preds[name] = on.like(labels.decode_regions(on.flat))  # label maps, for the figures
-        scores = region_metrics(on, test.masks, test.regions, members_of, spacing=spacing)
+        preds[name] = on.like(labels.decode_regions(on.flat))  # the label maps segx.predict writes
+        scores = region_metrics(preds[name], test.masks, test.regions, labels.region_members, spacing=spacing)
         at = json.dumps(thresholds) if name == "ensemble" else 0.5
         for i, stem in enumerate(test.stems):
             rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})

@@ -134,25 +134,33 @@ def class_metrics(pred, true, names, with_hd95: bool = True, spacing=None) -> di
 # Each region (data.regions) is scored as a structure of its own against "the pixel's class is one
 # of the region's", with the same empty rule: a region absent from both truth and prediction in a
 # case is not counted there. ``dice``/``iou``/``hd95`` are then the mean over regions (there is no
-# background to leave out).
+# background to leave out). As nnU-Net, a prediction's regions are read off its *decoded label map*
+# (the file segx.predict writes), never off the raw per-region decisions: where the decisions
+# disagree (core on, whole off) the label map decides, so the score is the score of the file.
 
 
-def region_counts(on, truth, regions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per case and region (tp, predicted, true) pixel counts, int64 (N, R); ``on``: bool region
-    decisions, ragged cases whose flat part is (pixels, R); ``truth``: label maps;
-    ``regions``: class indices per region. Ignored pixels are left out."""
-    on, truth = Ragged.of(on), Ragged.of(truth)
-    r = len(regions)
-    table = np.zeros((256, r), bool)
+def _region_table(regions) -> np.ndarray:
+    """bool (256, R): whether class index ``c`` is in region ``r``."""
+    table = np.zeros((256, len(regions)), bool)
     for j, members in enumerate(regions):
         table[list(members), j] = True
+    return table
+
+
+def region_counts(pred, truth, regions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per case and region (tp, predicted, true) pixel counts, int64 (N, R); ``pred``: the decoded
+    label maps (class indices, :meth:`segx.data.labels.Labels.decode_regions`); ``truth``: label
+    maps; ``regions``: class indices per region. Ignored pixels are left out."""
+    pred, truth = Ragged.of(pred), Ragged.of(truth)
+    r = len(regions)
+    table = _region_table(regions)
     n = len(truth)
     tp, pp, tt = (np.zeros((n, r), np.int64) for _ in range(3))
     for i in range(n):
         a, b = truth.offsets[i], truth.offsets[i + 1]
         t = np.asarray(truth.flat[a:b])
         keep = t != IGNORE_INDEX
-        want, got = table[t[keep]], np.asarray(on.flat[a:b])[keep]
+        want, got = table[t[keep]], table[np.asarray(pred.flat[a:b])[keep]]
         tt[i], pp[i], tp[i] = want.sum(axis=0), got.sum(axis=0), (want & got).sum(axis=0)
     return tp, pp, tt
 
@@ -177,17 +185,18 @@ def mean_over_regions(per_region) -> np.ndarray:
     return np.where(n > 0, total / np.maximum(n, 1), 1.0)
 
 
-def mean_region_dice(on, truth, regions) -> float:
-    """The region objective: per region the mean over the cases that count it, then the mean over
-    regions (:func:`mean_over_regions`)."""
-    dice = class_dice(*region_counts(on, truth, regions))
+def mean_region_dice(pred, truth, regions) -> float:
+    """The region objective of decoded label maps ``pred``: per region the mean over the cases that
+    count it, then the mean over regions (:func:`mean_over_regions`)."""
+    dice = class_dice(*region_counts(pred, truth, regions))
     return float(mean_over_regions([nan_mean_last(dice[:, j]) for j in range(dice.shape[1])]))
 
 
-def region_metrics(on, truth, names, regions, with_hd95: bool = True, spacing=None) -> dict[str, np.ndarray]:
-    """Per-case scores of region decisions: ``dice``, ``iou`` (``hd95``) as the case's mean over the
-    regions it counts, and ``dice/<region>``, ... per region (NaN where the region is not counted)."""
-    tp, pp, tt = region_counts(on, truth, regions)
+def region_metrics(pred, truth, names, regions, with_hd95: bool = True, spacing=None) -> dict[str, np.ndarray]:
+    """Per-case scores of decoded label maps ``pred`` by region: ``dice``, ``iou`` (``hd95``) as the
+    case's mean over the regions it counts, and ``dice/<region>``, ... per region (NaN where the
+    region is not counted)."""
+    tp, pp, tt = region_counts(pred, truth, regions)
     dice, iou = class_dice(tp, pp, tt), class_iou(tp, pp, tt)
     out: dict[str, np.ndarray] = {
         "dice": foreground_mean(_with_background(dice)),
@@ -196,14 +205,15 @@ def region_metrics(on, truth, names, regions, with_hd95: bool = True, spacing=No
     for j, name in enumerate(names):
         out[f"dice/{name}"], out[f"iou/{name}"] = dice[:, j], iou[:, j]
     if with_hd95:
-        on, truth = Ragged.of(on), Ragged.of(truth)
+        pred, truth = Ragged.of(pred), Ragged.of(truth)
+        table = _region_table(regions)
         dist = np.full(tp.shape, np.nan)
         for i in range(len(truth)):
-            t = truth[i]
+            t, got = truth[i], table[pred[i]]
             keep = t != IGNORE_INDEX
-            for j, members in enumerate(regions):
+            for j in range(len(regions)):
                 if tt[i, j] or pp[i, j]:
-                    dist[i, j] = hd95(on[i][..., j] & keep, np.isin(t, members) & keep, spacing)
+                    dist[i, j] = hd95(got[..., j] & keep, table[t][..., j] & keep, spacing)
         out["hd95"] = foreground_mean(_with_background(dist), empty=0.0)
         for j, name in enumerate(names):
             out[f"hd95/{name}"] = dist[:, j]

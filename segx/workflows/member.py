@@ -695,12 +695,12 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             for mode, mode_probs in by_mode.items():
                 save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names, regions)
             probs = by_mode["none"]  # the member's own metrics and figure: no TTA
-            if regions:  # regions: each at 0.5, scored per region; the label map decoded for figures
+            if regions:  # regions: each at 0.5, decoded to the label map, its regions scored
                 on = probs.like(probs.flat >= 128)
-                members_of = [m for _, m in record_labels.regions]
-                scores = region_metrics(on, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
-                final.update(_class_finals(role, scores, ("", *regions)))
                 pred = on.like(record_labels.decode_regions(on.flat))
+                members_of = record_labels.region_members
+                scores = region_metrics(pred, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
+                final.update(_class_finals(role, scores, ("", *regions)))
             elif names:  # several classes: argmax labels, per-class scores and their foreground mean
                 pred = member_labels(probs)
                 scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
