@@ -9,13 +9,25 @@ import shutil
 import tempfile
 
 # Keras, TensorFlow and matplotlib write under $HOME on import: point them at a temp folder
-# before anything imports them.
+# before anything imports them. So do segx's own defaults: a test (or a command it starts) that
+# sets no paths.output_dir writes under this session's temp folder, never the checkout's outputs/
+# (conf/paths/default.yaml reads SEGX_OUTPUT_DIR), and MLflow's fluent API, pointed nowhere, does
+# not create ./mlruns. The session check at the end (pytest_sessionfinish) fails the run if the
+# checkout still gained a file.
 _HOME = tempfile.mkdtemp(prefix="segx-tests-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["KERAS_HOME"] = os.path.join(_HOME, "keras")
 os.environ["MPLCONFIGDIR"] = os.path.join(_HOME, "matplotlib")
+os.environ["SEGX_OUTPUT_DIR"] = os.path.join(_HOME, "outputs")
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(_HOME, "default-mlflow.db")
 
 from pathlib import Path  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis keeps its example database in ./.hypothesis of the working folder: not in the checkout.
+settings.register_profile("segx", database=None)
+settings.load_profile("segx")
 
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -23,6 +35,37 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ROOT = CONF.parent
+
+# -- the checkout stays as it was ---------------------------------------------------------------
+# Folders that are not the project's files: git's, the venvs, and Python's and the tools' caches.
+_NOT_OURS = {".git", ".venv", ".venv-peer", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def checkout_files(root: Path = ROOT) -> set[str]:
+    """Every file under the checkout, relative, outside :data:`_NOT_OURS`."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _NOT_OURS and not d.endswith(".egg-info")]
+        out.update(os.path.relpath(os.path.join(folder, f), root) for f in files)
+    return out
+
+
+def pytest_sessionstart(session):
+    session.config._segx_checkout = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_segx_checkout", None)
+    if before is None:
+        return
+    gained = sorted(checkout_files() - before)
+    if gained:
+        shown = "\n  ".join(gained[:20]) + (f"\n  ... and {len(gained) - 20} more" if len(gained) > 20 else "")
+        session.config.get_terminal_writer().line(
+            f"segx: the tests wrote {len(gained)} file(s) into the checkout (every test works in tmp_path):\n  {shown}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def compose_config(name: str, overrides: list[str]):

@@ -40,8 +40,10 @@ def test_every_console_script_answers_help_from_another_folder(name, tmp_path):
     assert not any(tmp_path.iterdir()), "--help wrote into the folder it was started from"
 
 
-def test_the_installed_train_script_trains_a_member_from_another_folder(tmp_path, synthetic_root):
-    # The defaults a user gets: outputs/ under the folder the command starts in.
+def test_the_installed_train_script_trains_a_member_from_another_folder(tmp_path, synthetic_root, monkeypatch):
+    # The defaults a user gets: outputs/ under the folder the command starts in (the session's
+    # SEGX_OUTPUT_DIR, which keeps other tests out of the checkout, is not set here).
+    monkeypatch.delenv("SEGX_OUTPUT_DIR")
     overrides = [
         f"data.root={synthetic_root}",
         "data.n_images=16",
