@@ -19,21 +19,28 @@ from omegaconf import DictConfig
 
 from segx import cli
 from segx.config import CONF_PATH
-from segx.data.folder import discover_cases, list_images
+from segx.data.folder import check_disjoint, discover_cases, list_images
 from segx.data.io import IMAGE_EXTENSIONS, read_image, read_label_map, read_mask
 from segx.data.labels import IGNORE_INDEX
 from segx.errors import SegxError
 
 
 def check_folder(
-    root: Path, mask_threshold: float = 0, max_pixels: int = 64_000_000, labels=None
+    root: Path, mask_threshold: float = 0, max_pixels: int = 64_000_000, labels=None, training=None
 ) -> tuple[dict, list[str]]:
     """(summary, problems) for ``root``; problems are one-line messages naming files.
 
     ``labels`` (:class:`segx.data.labels.Labels`, several classes): masks are read as label maps
-    and the summary gives, per class, its share of the annotated pixels and how many cases hold it."""
+    and the summary gives, per class, its share of the annotated pixels and how many cases hold it.
+    ``training(stems, test_stems)``: the training cases ``segx.train`` would use (a list per
+    fold), for its rule that every class is in some training case (None: every training pair).
+    The rules ``segx.train`` applies to the folder as a whole are applied here too, shared."""
+    from segx.workflows.prepare import require_trained_classes
+
     problems: list[str] = []
     summary: dict = {"root": str(root)}
+    found: dict[str, list] = {}
+    present: dict[str, np.ndarray] = {}  # stem -> bool (K,): the classes a training pair holds
     for images_dir, masks_dir in (("train_images", "train_masks"), ("test_images", "test_masks")):
         if images_dir == "test_images" and not (root / images_dir).is_dir():
             continue
@@ -41,6 +48,7 @@ def check_folder(
             cases = discover_cases(root, images_dir, masks_dir)
         except SegxError as exc:
             cases = _loose_pairs(root, images_dir, masks_dir, problems, exc)
+        found[images_dir] = cases
         sizes, fg, empty = Counter(), [], 0
         k = labels.n_classes if labels is not None else 0
         class_pixels, class_cases = np.zeros(k, np.int64), np.zeros(k, np.int64)
@@ -55,6 +63,8 @@ def check_folder(
                     counts = np.bincount(indices.ravel(), minlength=256)[:k]
                     class_pixels += counts
                     class_cases += counts > 0
+                    if images_dir == "train_images":
+                        present[case.stem] = counts > 0
                     mask = ((indices > 0) & (indices != IGNORE_INDEX)).astype(np.uint8)
                 else:
                     mask = read_mask(case.mask, mask_threshold, max_pixels)
@@ -82,6 +92,21 @@ def check_folder(
             }
         if cases and fg and empty == len(fg):
             problems.append(f"{root / masks_dir}: every mask is empty; check the masks or data.mask_threshold")
+    train, test = found.get("train_images", []), found.get("test_images", [])
+    try:
+        check_disjoint(root, train, test)
+    except SegxError as exc:
+        problems.append(str(exc))
+    try:
+        if labels is not None and train:
+            stems, test_stems = [c.stem for c in train], [c.stem for c in test] or None
+            for stems_ in training(stems, test_stems) if training is not None else [stems]:
+                in_train = np.zeros(labels.n_classes, bool)
+                for stem in stems_:
+                    in_train |= present.get(stem, False)
+                require_trained_classes(labels, in_train, root)
+    except SegxError as exc:
+        problems.append(str(exc))
     return summary, problems
 
 
@@ -130,7 +155,7 @@ def print_report(summary: dict, problems: list[str]) -> None:
 def run_check(cfg: DictConfig) -> list[str]:
     """Check the configured data folder, print the report; return the problems found."""
     from segx.data.synthetic import generate
-    from segx.workflows.prepare import labels_of, validate_data_config
+    from segx.workflows.prepare import labels_of, training_stems, validate_data_config
 
     validate_data_config(cfg.data)
     root = Path(str(cfg.data.root))
@@ -145,7 +170,11 @@ def run_check(cfg: DictConfig) -> list[str]:
     if not root.is_dir():
         raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
     summary, problems = check_folder(
-        root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels), labels_of(cfg.data)
+        root,
+        float(cfg.data.mask_threshold),
+        int(cfg.data.max_pixels),
+        labels_of(cfg.data),
+        lambda stems, test_stems: training_stems(cfg.data, str(cfg.paths.output_dir), stems, test_stems),
     )
     print_report(summary, problems)
     return problems

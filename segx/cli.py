@@ -142,13 +142,16 @@ class _Tee:
 @contextlib.contextmanager
 def _job_log() -> Iterator[None]:
     """What the job prints, also in ``<Hydra job folder>/<command>.log`` (as the Lightning-Hydra
-    template keeps a log per run); nothing if Hydra's runtime is not set (a library call)."""
+    template keeps a log per run); nothing if Hydra's runtime is not set (a library call) or the
+    command keeps no record (``hydra.output_subdir: null``: ``segx.data.check`` writes nothing)."""
     from pathlib import Path
 
     try:
         from hydra.core.hydra_config import HydraConfig
 
         runtime = HydraConfig.get()
+        if runtime.output_subdir is None:
+            raise LookupError("no record kept")
         path = Path(runtime.runtime.output_dir) / f"{runtime.job.name}.log"
         log = open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 - closed below
     except Exception:  # noqa: BLE001 - no Hydra run folder: no log file, the job runs as ever

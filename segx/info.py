@@ -6,6 +6,7 @@ python -m segx.info run_id=<id>
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
@@ -202,15 +203,36 @@ def _exports(client, run_id: str, tags: dict) -> list[str]:
     return lines or ["  exports: none (python -m segx.export ensemble_run_id=" + run_id + " format=onnx|savedmodel)"]
 
 
-USAGE = "usage: python -m segx.info run_id=<id> [mlflow.tracking_uri=URI]"
+USAGE = "usage: python -m segx.info run_id=<id> [paths.output_dir=DIR] [mlflow.tracking_uri=URI]"
+KEYS = ("run_id", "paths.output_dir", "mlflow.tracking_uri")
 HELP = f"""segx.info: what produced an MLflow run (member, ensemble or export), and the command that reproduces it
 
 {USAGE}
 
   run_id=<id>               the run (printed by segx.train and segx.ensemble; the MLflow UI's run page)
-  mlflow.tracking_uri=URI   the store (default sqlite:///outputs/mlflow.db, as segx.train writes it)
+  paths.output_dir=DIR      where the other commands wrote (default outputs): the store is DIR/mlflow.db
+  mlflow.tracking_uri=URI   the store itself (default sqlite:///<paths.output_dir>/mlflow.db, as segx.train writes it)
+  -sc install=SHELL         print a completion script for bash, zsh or fish (-sc uninstall=SHELL removes it)
 
 Reads the store, never writes it."""
+
+
+def completion(action: str) -> str:
+    """``-sc install=bash|zsh|fish`` (or ``uninstall=``): the script that completes segx-info's
+    keys, as the Hydra commands' ``-sc`` prints theirs (``eval "$(segx-info -sc install=bash)"``)."""
+    what, _, shell = action.partition("=")
+    words = " ".join(f"{k}=" for k in KEYS) + " --help"
+    scripts = {
+        ("install", "bash"): f'complete -o nospace -W "{words}" segx-info',
+        ("install", "zsh"): f'autoload -Uz bashcompinit && bashcompinit\ncomplete -o nospace -W "{words}" segx-info',
+        ("install", "fish"): f'complete -c segx-info -f -a "{words}"',
+        ("uninstall", "bash"): "complete -r segx-info",
+        ("uninstall", "zsh"): "complete -r segx-info",
+        ("uninstall", "fish"): "complete -c segx-info -e",
+    }
+    if (what, shell) not in scripts:
+        raise SegxError(f"-sc {action}: give install=SHELL or uninstall=SHELL with bash, zsh or fish")
+    return scripts[(what, shell)]
 
 
 def run_info(argv: list[str]) -> None:
@@ -218,18 +240,25 @@ def run_info(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(HELP)
         return
+    for i, arg in enumerate(argv):
+        if arg in ("-sc", "--shell-completion") or arg.startswith("--shell-completion="):
+            action = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            print(completion(action))
+            return
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ("run_id", "mlflow.tracking_uri"):
-            hint = suggest(key, ["run_id", "mlflow.tracking_uri"]) if sep else ""
+        if not sep or key not in KEYS:
+            hint = suggest(key, KEYS) if sep else ""
             raise SegxError(f"unknown argument '{arg}';{hint} {USAGE}")
         args[key] = value
     if not args.get("run_id"):
         raise SegxError(USAGE)
     from segx import tracking
 
-    client = tracking.connect(args.get("mlflow.tracking_uri", "sqlite:///outputs/mlflow.db"), create=False)
+    output_dir = args.get("paths.output_dir") or os.environ.get("SEGX_OUTPUT_DIR") or "outputs"  # as conf/paths
+    store = args.get("mlflow.tracking_uri") or f"sqlite:///{output_dir}/mlflow.db"
+    client = tracking.connect(store, create=False)
     print(describe(client, args["run_id"]))
 
 

@@ -170,3 +170,97 @@ def test_a_null_or_boolean_key_in_a_config_file_is_one_line_naming_the_line(tmp_
     (tmp_path / "data" / "mine.yaml").write_text("labels:\n  background: 0\n  null: 1\n")
     with pytest.raises(SegxError, match=r"mine.yaml:3: the key null is read as null"):
         check_config_files([CONF_DIR, tmp_path])
+
+
+# -- segx.data.check runs segx.train's rules and writes nothing -----------------------------------
+
+
+def _folder(root, cases: dict[str, dict[str, int]]):
+    """``cases``: 'train/c0' -> {mask value: rows}; 8x8 images, masks of those values by rows."""
+    import cv2
+
+    for key, rows in cases.items():
+        part, stem = key.split("/")
+        for kind in ("images", "masks"):
+            (root / f"{part}_{kind}").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / f"{part}_images" / f"{stem}.png"), np.full((8, 8, 3), 50, np.uint8))
+        mask, row = np.zeros((8, 8), np.uint8), 0
+        for value, n in rows.items():
+            mask[row : row + n] = value
+            row += n
+        cv2.imwrite(str(root / f"{part}_masks" / f"{stem}.png"), mask)
+
+
+def test_the_data_check_refuses_what_training_refuses_and_writes_nothing(tmp_path):
+    data = tmp_path / "data"
+    _folder(data, {**{f"train/c{i}": {1: 3} for i in range(6)}, "test/c0": {1: 2, 2: 2}, "test/t1": {2: 4}})
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [f"data.root={data}", "data.labels={background: 0, a: 1, b: 2}", f"paths.output_dir={work}/out"]
+    result = run_command("segx.data.check", args, work)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{data}: stem 'c0' is in both train_images/ and test_images/; rename one" in result.stdout
+    assert "class b (data.labels.b=2) appears in no training case" in result.stdout
+    assert list(work.iterdir()) == [], list(work.rglob("*"))  # no outputs/hydra, no check.log
+
+
+def test_the_data_check_judges_classes_on_the_training_cases_of_the_split(tmp_path):
+    from segx.check import check_folder
+
+    _folder(tmp_path, {"train/c0": {1: 2, 2: 2}, "train/c1": {1: 4}, "train/c2": {1: 4}})
+    labels = Labels.from_config({"background": 0, "a": 1, "b": 2})
+    assert check_folder(tmp_path, labels=labels)[1] == []
+    problems = check_folder(tmp_path, labels=labels, training=lambda stems, test: [["c0", "c1"], ["c1", "c2"]])[1]
+    assert problems == [
+        f"class b (data.labels.b=2) appears in no training case of {tmp_path}; check its mask value, or drop it from data.labels"
+    ]
+
+
+# -- segx.info takes what the other commands take ---------------------------------------------------
+
+
+def test_info_takes_paths_output_dir_and_prints_a_completion_script(tmp_path):
+    result = run_command("segx.info", ["run_id=0123", f"paths.output_dir={tmp_path}/elsewhere"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"segx: error: no MLflow store at {tmp_path}/elsewhere/mlflow.db; check mlflow.tracking_uri or train first"
+    )
+    result = run_command("segx.info", ["-sc", "install=bash"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("complete ") and "run_id=" in result.stdout and "segx-info" in result.stdout
+
+
+# -- members with other labels: what differs, not two hashes ----------------------------------------
+
+
+def test_members_with_other_labels_are_refused_saying_what_differs():
+    from types import SimpleNamespace
+
+    from segx.data.split import fingerprint_parts
+    from segx.ensembling.members import check_compatible
+
+    nested = {
+        "whole": ["oedema", "necrosis", "enhancing"],
+        "core": ["necrosis", "enhancing"],
+        "enhancing": ["enhancing"],
+    }
+    split = {"train": ["a"], "val": ["b"], "test": ["c"]}
+
+    def member(run_id, labels):
+        parts = fingerprint_parts(split, None, None, None, None, labels.key)
+        return SimpleNamespace(
+            run_id=run_id, label=run_id, folds=None, fingerprint=parts["data"], fingerprint_parts=parts,
+            labels=labels.to_record(),
+        )  # fmt: skip
+
+    softmax = member("aaa", Labels.from_config(TUMOUR))
+    regions = member("bbb", Labels.from_config(TUMOUR, regions=nested))
+    with pytest.raises(SegxError) as info:
+        check_compatible([softmax, regions])
+    assert "one softmax over the classes vs regions whole, core, enhancing" in str(info.value)
+    assert "labels-" not in str(info.value)
+    other = member("ccc", Labels.from_config({"background": 0, "oedema": 1, "necrosis": 2}))
+    with pytest.raises(
+        SegxError, match="classes background, oedema, necrosis, enhancing vs background, oedema, necrosis"
+    ):
+        check_compatible([softmax, other])

@@ -744,12 +744,14 @@ def test_the_data_check_reports_each_class_share_and_cases(tmp_path, capsys):
         mask[:, :5] = 1
         if i == 0:
             mask[0, :] = 3  # the vessel, in one case: 10 of 400 pixels
+        if i == 1:
+            mask[5:, 5:] = 2  # the left lung, in one case (a class in no training case is a problem)
         cv2.imwrite(str(tmp_path / "train_masks" / f"c{i}.png"), mask)
     summary, problems = check_folder(tmp_path, labels=labels)
     assert problems == []
     classes = summary["train_images"]["classes"]
     assert classes["vessel"] == {"pixel_fraction": 10 / 400, "cases": 1}
-    assert classes["left_lung"]["cases"] == 0 and classes["right_lung"]["cases"] == 4
+    assert classes["left_lung"]["cases"] == 1 and classes["right_lung"]["cases"] == 4
     print_report(summary, problems)
     assert "vessel: 0.0250 of annotated pixels, in 1 of 4 cases" in capsys.readouterr().out
 

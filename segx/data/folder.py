@@ -132,6 +132,14 @@ def discover_cases(
     return [Case(stem, images[stem], masks[stem]) for stem in images]
 
 
+def check_disjoint(root: str | os.PathLike, cases: list[Case], test_cases: list[Case]) -> None:
+    """No stem in both train_images/ and test_images/: a case would be trained on and tested on
+    (``segx.train`` and ``segx.data.check`` apply this one rule)."""
+    clash = {c.stem for c in cases} & {c.stem for c in test_cases}
+    if clash:
+        raise SegxError(f"{root}: stem '{sorted(clash)[0]}' is in both train_images/ and test_images/; rename one")
+
+
 def to_model_size(array: np.ndarray, size: int, mode: str, is_mask: bool) -> np.ndarray:
     """Resize (``mode='resize'``) or zero-pad to a square then resize (``'pad'``)."""
     if mode == "pad":

@@ -350,6 +350,43 @@ class Labels:
         return table[indices]
 
 
+def difference(a: Mapping | None, b: Mapping | None) -> str:
+    """What differs between two label records (:meth:`Labels.to_record`; None: one structure),
+    in words a user can act on: 'classes background, a vs background, b', 'regions whole, core vs
+    one softmax over the classes'. '' when they read masks alike."""
+
+    def kind(r):
+        if r is None:
+            return "one structure (data.labels null)"
+        if r.get("regions"):
+            return f"regions {', '.join(n for n, _ in r['regions'])}"
+        return "one softmax over the classes"
+
+    if a is None or b is None:
+        if a is b:
+            return ""
+        return f"{kind(a) if a is None else 'classes ' + ', '.join(a['names'])} vs " + (
+            kind(b) if b is None else "classes " + ", ".join(b["names"])
+        )
+    out = []
+    if list(a["names"]) != list(b["names"]):
+        out.append(f"classes {', '.join(a['names'])} vs {', '.join(b['names'])}")
+    elif list(a["values"]) != list(b["values"]):
+        shown = lambda r: ", ".join(f"{n}={v}" for n, v in zip(r["names"], r["values"], strict=True))  # noqa: E731
+        out.append(f"mask values {shown(a)} vs {shown(b)}")
+    if [list(map(str, x)) for x in a.get("regions") or []] != [list(map(str, x)) for x in b.get("regions") or []]:
+        regions = lambda r: "; ".join(f"{n}: {', '.join(m)}" for n, m in r["regions"])  # noqa: E731
+        same_names = [n for n, _ in a.get("regions") or []] == [n for n, _ in b.get("regions") or []]
+        if a.get("regions") and b.get("regions") and same_names:
+            out.append(f"regions {regions(a)} vs {regions(b)}")
+        else:
+            out.append(f"{kind(a)} vs {kind(b)}")
+    for key, what in (("colours", "data.palette"), ("ignore", "data.ignore")):
+        if a.get(key) != b.get(key):
+            out.append(f"{what} {a.get(key)} vs {b.get(key)}")
+    return "; ".join(out)
+
+
 def check_class_weights(weights, labels: Labels | None) -> list[float] | None:
     """``trainer.class_weights`` (None, or one non-negative factor per class of ``labels``,
     background first, not all zero on the foreground) as plain floats; one line otherwise."""

@@ -122,6 +122,14 @@ def _fingerprint_difference(a: Member, b: Member) -> str:
             f"same split, different file contents: the {' and '.join(changed)} changed between "
             "the trainings; retrain the older member on the current files"
         )
+    labels_a, labels_b = (None if m.labels is None else {**m.labels, "flip_swap": None} for m in (a, b))
+    if labels_a != labels_b:  # the settings then show two hashes of data.labels: say what differs
+        from segx.data.labels import difference
+
+        return (
+            f"same files, read as other classes ({difference(a.labels, b.labels)}); retrain one with the "
+            "other's data.labels (and data.regions, data.palette, data.ignore)"
+        )
     if pa.get("settings") != pb.get("settings"):
         return (
             f"same files, read differently ({_settings_difference(pa['settings'], pb['settings'])}); "

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.config import require_choice, require_float, require_int
 from segx.data.decoded import DecodedCase, decode_cases
-from segx.data.folder import Dataset, discover_cases, to_model_size
+from segx.data.folder import Dataset, check_disjoint, discover_cases, to_model_size
 from segx.data.labels import Labels
 from segx.data.split import (
     CV_TAGS,
@@ -157,13 +157,62 @@ def check_classes(labels: Labels, decoded: list[DecodedCase], train: list[str], 
         cases += present
         if case.stem in train:
             in_train |= present
-    missing = [labels.names[c] for c in range(1, k) if not in_train[c]]
+    require_trained_classes(labels, in_train, root)
+    return {name: [int(pixels[c]), int(cases[c])] for c, name in enumerate(labels.names)}
+
+
+def require_trained_classes(labels: Labels, in_train: np.ndarray, root: Path) -> None:
+    """Every foreground class in some training case (``in_train``: bool (K,)); ``segx.train`` and
+    ``segx.data.check`` apply this one rule."""
+    missing = [labels.names[c] for c in range(1, labels.n_classes) if not in_train[c]]
     if missing:
         raise SegxError(
             f"class {missing[0]} (data.labels.{missing[0]}={labels.values[labels.index(missing[0])]}) appears in no "
             f"training case of {root}; check its mask value, or drop it from data.labels"
         )
-    return {name: [int(pixels[c]), int(cases[c])] for c, name in enumerate(labels.names)}
+
+
+def training_stems(
+    data: DictConfig, output_dir: str, stems: list[str], test_stems: list[str] | None
+) -> list[list[str]]:
+    """The training cases ``segx.train`` would use (one list; with ``data.folds``, one per fold),
+    from the split file where it exists, else as it would be made; writes nothing."""
+    from segx.data.split import make_folds, make_split
+
+    groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
+    path = split_file_path(data, output_dir, stems, test_stems, groups)
+    folds = data.get("folds")
+    args = (float(data.test_fraction), int(data.split_seed), test_stems, groups)
+    if folds:
+        layout = (
+            load_or_create_folds(path, stems, int(folds), *args)
+            if path.exists()
+            else make_folds(stems, int(folds), *args)
+        )
+        sets = [fold_split(layout, i)["train"] for i in range(int(folds))]
+    else:
+        val = float(data.val_fraction)
+        split = load_or_create_split(path, stems, val, *args) if path.exists() else make_split(stems, val, *args)
+        sets = [split["train"]]
+    return [s[: int(data.limit_cases)] for s in sets] if data.get("limit_cases") else sets
+
+
+def split_file_path(data: DictConfig, output_dir: str, stems: list[str], test_stems: list[str] | None, groups) -> Path:
+    """``data.split_file``, or the split file named after what the split is made from."""
+    if data.split_file:
+        return Path(data.split_file)
+    folds = data.get("folds")
+    name = str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data"
+    return default_split_path(
+        Path(output_dir) / "splits",
+        f"{name}-cv{folds}" if folds else name,
+        stems,
+        -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
+        float(data.test_fraction),
+        int(data.split_seed),
+        test_stems,
+        data.stratify_column if groups else None,
+    )
 
 
 def _check_spacing(spacing) -> None:
@@ -267,9 +316,7 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
     test_cases = []
     if (root / "test_images").is_dir():
         test_cases = discover_cases(root, "test_images", "test_masks")
-        clash = {c.stem for c in cases} & {c.stem for c in test_cases}
-        if clash:
-            raise SegxError(f"{root}: stem '{sorted(clash)[0]}' is in both train_images/ and test_images/; rename one")
+        check_disjoint(root, cases, test_cases)
     all_cases = cases + test_cases
     cache_root = Path(str(data.cache_dir)) if data.get("cache_dir") else Path(output_dir) / "cache" / "decoded"
     labels = labels_of(data)
@@ -284,21 +331,7 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
     test_stems = [c.stem for c in test_cases] or None
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
     folds = data.get("folds")
-    name = str(data.name).strip("/").replace("/", "_").replace("\\", "_") or "data"
-    split_path = (
-        Path(data.split_file)
-        if data.split_file
-        else default_split_path(
-            Path(output_dir) / "splits",
-            f"{name}-cv{folds}" if folds else name,
-            stems,
-            -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
-            float(data.test_fraction),
-            int(data.split_seed),
-            test_stems,
-            data.stratify_column if groups else None,
-        )
-    )
+    split_path = split_file_path(data, output_dir, stems, test_stems, groups)
     layout = None
     if folds:
         layout = load_or_create_folds(
