@@ -52,8 +52,9 @@ def disk_full(exc: BaseException | None) -> str | None:
             continue
         path = getattr(item, "filename", None) if is_os else None
         if not path:
-            # A path of two parts at least: TensorFlow's messages also hold device names (/job:localhost).
-            found = re.search(r"(/[^\s;:'\"\]/]+/[^\s;:'\"\]]+)", text)
+            # A path of two parts at least: TensorFlow's messages also hold device names (/job:localhost);
+            # not the tail of a URL (SQLAlchemy's messages end with https://sqlalche.me/e/...).
+            found = re.search(r"(?<![\w:/.])(/[^\s;:'\"\]/]+/[^\s;:'\"\]]+)", text)
             path = found.group(1) if found else None
         if not path and "database or disk is full" in text and "mlflow" in sys.modules:  # the SQLite store
             uri = str(sys.modules["mlflow"].get_tracking_uri())

@@ -67,3 +67,53 @@ def test_a_full_disk_during_training_fails_the_run_in_one_line_and_resume_finish
     assert again.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss"))
     assert steps == [1, 2]  # each epoch once
+
+
+def test_a_full_disk_while_logging_the_ensembles_pyfunc_model_names_the_stores_disk_and_leaves_no_partial_model(
+    small_disk, member_store, tmp_path
+):
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    from mlflow.entities import LoggedModelStatus
+
+    from tests.conftest import store_overrides
+
+    # The members' store copied onto a disk with room for the ensemble's tables but not for the
+    # pyfunc model (a copy of every member's weights); caches and Hydra's folder elsewhere.
+    src, store = member_store[0], small_disk / "store"
+    used = sum(p.stat().st_size for p in (src / "mlartifacts").rglob("*") if p.is_file()) >> 20
+    subprocess.run(["mount", "-o", f"remount,size={used + 24}m", str(small_disk)], check=True)
+    store.mkdir()
+    shutil.copy2(src / "mlflow.db", store / "mlflow.db")
+    shutil.copytree(src / "mlartifacts", store / "mlartifacts")
+    with closing(sqlite3.connect(store / "mlflow.db")) as con, con:
+        con.execute(
+            "UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(store))
+        )
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(store)))
+    models_before = {p.name for p in (store / "mlartifacts" / "segx" / "models").iterdir()}
+    args = [
+        sys.executable,
+        "-m",
+        "segx.ensemble",
+        *store_overrides(store),
+        f"paths.output_dir={tmp_path / 'work'}",
+        "ensemble.members=[resnet18,mobilenetv2]",
+        "ensemble.bootstrap=100",
+    ]
+    failed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()], failed.stderr[-3000:]  # one line
+    assert f"segx: error: the disk mounted on {small_disk} is full" in failed.stderr, failed.stderr
+    assert "sqlalche.me" not in failed.stderr
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    experiment = client.get_experiment_by_name("segx").experiment_id
+    (run,) = tracking.find_runs(client, experiment, "ensemble", None)
+    assert run.info.status == "FAILED" and run.data.tags["segx.disk_full"] == "true"
+    (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert model.status == LoggedModelStatus.FAILED
+    models = store / "mlartifacts" / "segx" / "models"
+    partial = [p for p in models.rglob("*") if p.is_file() and p.relative_to(models).parts[0] not in models_before]
+    assert not partial, partial  # the failed model's files are removed: the disk gets its space back

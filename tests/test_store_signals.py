@@ -407,3 +407,38 @@ def test_a_run_created_but_not_yet_in_its_scope_never_stays_running(tmp_path, ho
     expected = {"signal": ("KILLED", 130), "error": ("FAILED", 2)}[how]
     assert (client.get_run(run_id).info.status, exited.value.code) == expected
     assert not tracking._unscoped
+
+
+def test_sigterm_while_the_ensembles_pyfunc_model_is_pending_fails_it_and_exits_at_once(tmp_path, member_store):
+    """SIGTERM once the ensemble's pyfunc logged model exists (PENDING, its files being written):
+    the run ends KILLED, the model FAILED (never PENDING for good), and the process exits within
+    seconds (the signal is not held until the model's upload ends)."""
+    store = copy_store(member_store[0], tmp_path / "store")
+
+    def ensemble_models() -> int:
+        with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
+            return con.execute(
+                "SELECT count(*) FROM logged_models l JOIN tags t ON t.run_uuid = l.source_run_id "
+                "WHERE t.key = 'segx.role' AND t.value = 'ensemble'"
+            ).fetchone()[0]
+
+    proc = start(ensemble_args(store))
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.OperationalError):  # locked by the writer for a moment
+            if ensemble_models():
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143, err[-3000:]
+    assert statuses(store, "ensemble") == ["KILLED"]
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    experiment = client.get_experiment_by_name("segx").experiment_id
+    (run,) = tracking.find_runs(client, experiment, "ensemble", status=None)
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [str(m.status) for m in models] == ["FAILED"]
+    assert took < 10, f"{took:.1f} s from SIGTERM to exit"

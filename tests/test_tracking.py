@@ -108,3 +108,29 @@ def test_a_run_created_before_its_scope_is_ended_by_the_commands_failure_hook(st
     assert run.info.status == "FAILED"
     assert run.data.tags[tags.FAILURE] == "a check failed after the run was created"
     assert run_id not in tracking._unscoped
+
+
+def test_a_run_that_ends_failed_or_is_resumed_leaves_no_logged_model_pending(store):
+    """A run that fails while its logged model is being logged ends FAILED, and so does the model
+    (as MLflow's own log_model does); one a process killed outright left PENDING is failed when
+    its run is resumed, so it never stays PENDING beside the READY one the resumed run logs."""
+    from mlflow.entities import LoggedModelStatus
+
+    client, exp = store
+    run_id = tracking.start_run(client, exp, "member", {tags.ROLE: "member"})
+    with pytest.raises(KeyError, match="view"), tracking.run_scope(client, run_id):
+        # The model is created, then its pyfunc is logged: a member without a view fails there.
+        tracking.log_member_model(client, run_id, exp, "resnet18-unet", {}, {"backbone": "resnet18", "arch": "unet"})
+    (model,) = client.search_logged_models([exp])
+    assert (client.get_run(run_id).info.status, model.name, model.status) == (
+        "FAILED",
+        "resnet18-unet",
+        LoggedModelStatus.FAILED,
+    )
+
+    killed = tracking.start_run(client, exp, "killed", {tags.ROLE: "member"})
+    tracking._unscoped.pop(killed)  # SIGKILL: nothing ended the run or finalized its model
+    left = client.create_logged_model(exp, name="left", source_run_id=killed)
+    tracking.reopen_run(client, killed)  # resume
+    assert client.get_logged_model(left.model_id).status == LoggedModelStatus.FAILED
+    tracking.end_unscoped("FINISHED")

@@ -160,6 +160,8 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
                 client.set_tag(run_id, "segx.failure", failure)
                 failure = None
             client.set_terminated(run_id, status)
+            if status != "FINISHED":
+                fail_pending_models(client, run_id)
             return True
         except Exception as exc:  # noqa: BLE001 - retried, then reported in one line
             error = exc
@@ -177,6 +179,29 @@ def _end_run(client: MlflowClient, run_id: str, status: str, failure: str | None
         flush=True,
     )
     return False
+
+
+def fail_pending_models(client: MlflowClient, run_id: str) -> list[str]:
+    """Mark FAILED the logged models of ``run_id`` still PENDING (interrupted while being logged),
+    as MLflow's own ``log_model`` does when it fails: none stays PENDING for good, nor beside the
+    READY one a resumed run logs. Their partial files in a local artifact folder are removed (a
+    full disk gets its space back). Best effort (the run's status comes first); returns their IDs."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow.entities import LoggedModelStatus
+
+    failed = []
+    with contextlib.suppress(Exception):
+        experiment = client.get_run(run_id).info.experiment_id
+        for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                failed.append(model.model_id)
+                where = urlparse(str(model.artifact_location))
+                if where.scheme in ("", "file") and where.path:
+                    shutil.rmtree(where.path, ignore_errors=True)
+    return failed
 
 
 def start_run(
@@ -201,6 +226,7 @@ def start_run(
 def reopen_run(client: MlflowClient, run_id: str) -> None:
 
     signals.on_failure(end_unscoped)
+    fail_pending_models(client, run_id)  # left PENDING by a process killed outright (SIGKILL)
     with signals.signals_deferred():
         client.update_run(run_id, status="RUNNING")
         _unscoped[run_id] = client
