@@ -319,15 +319,9 @@ def _common_labels(members, tta: str) -> dict | None:
                 f"members {members[0].run_id} ({what(first)}) and {m.run_id} ({what(m.labels)}) name different "
                 "classes (data.labels); ensemble members trained with the same data.labels"
             )
-    if first is not None and tta == "flip":
-        from segx.data.labels import Labels
+    from segx.inference.tta import check_tta
 
-        sided = Labels.from_record(first).sided()
-        if sided and "flip_swap" not in first:
-            raise SegxError(
-                f"ensemble.tta=flip mirrors the images, and classes {', '.join(sided)} name a side; retrain "
-                "the members with data.flip_swap set, or use ensemble.tta=none"
-            )
+    check_tta(tta, tta, first, key="ensemble.tta")  # the rule segx.predict and segx.export apply too
     return first
 
 

@@ -5,6 +5,7 @@ Usage: :mod:`segx.export` (``python -m segx.export``)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,12 +97,18 @@ def export_run(
 ) -> tuple[dict, str | None]:
     """Export ensemble ``run_id`` into ``output_dir`` (and log it); (manifest, child run ID)."""
     from segx.inference.exported import check_opset, check_output_dir, export_ensemble
+    from segx.inference.tta import check_tta, members_without_flip
 
     fmt = check_format(fmt)
     check_output_dir(output_dir, overwrite)  # before anything is imported, downloaded or built
     if fmt == "onnx":
         check_opset(opset)  # imports tf2onnx and so TensorFlow
     record, paths = fetch_ensemble(client, run_id, workdir)
+    recorded = record.get("tta", "none")
+    # The rule segx.ensemble and segx.predict apply: refused where wrong, warned where untuned.
+    warning = check_tta(tta or recorded, recorded, record.get("labels"), no_flip=members_without_flip(paths))
+    if warning:
+        print(f"segx: warning: ensemble {run_id}: {warning}", file=sys.stderr, flush=True)
     source = {"ensemble_run_id": run_id}
     manifest = export_ensemble(record, paths, output_dir, fmt, opset, tta, overwrite, source)
     child = log_export(client, run_id, output_dir, manifest) if log else None

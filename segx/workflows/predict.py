@@ -85,17 +85,14 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None, th
     """(record, EnsemblePredictor) for an ensemble run, with its weighted members downloaded
     (members of weight 0 cannot change a mask and are neither fetched nor loaded)."""
     from segx.inference.predictor import EnsemblePredictor
+    from segx.inference.tta import check_tta, members_without_flip
     from segx.tracking.ensembles import fetch_ensemble
 
     record, model_paths = fetch_ensemble(client, run_id, workdir)
     recorded = record.get("tta", "none")
-    if tta not in (None, recorded):
-        # Weights, threshold and post-processing were chosen on the recorded pipeline's
-        # probabilities; another TTA runs, but the record's Dice no longer describes it.
-        print(
-            f"segx: warning: ensemble {run_id} was tuned for tta={recorded}; predicting with "
-            f"tta={tta} (drop the tta override to predict as tuned)",
-            file=sys.stderr,
-            flush=True,
-        )
+    # Refused where flip TTA would be wrong, a warning where it is only untuned (as segx.ensemble
+    # and segx.export decide), before any network is loaded.
+    warning = check_tta(tta or recorded, recorded, record.get("labels"), no_flip=members_without_flip(model_paths))
+    if warning:
+        print(f"segx: warning: ensemble {run_id}: {warning}", file=sys.stderr, flush=True)
     return record, EnsemblePredictor(record, model_paths, tta, threshold=threshold)
