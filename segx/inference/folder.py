@@ -3,8 +3,10 @@
 
 Writes ``masks/<stem>.png`` (0/255, at each input's own size; for several classes the label map
 in the data's own encoding: data.labels' mask values, or data.palette's colours), optionally
-``overlays/<stem>.png``, ``uncertainty/<stem>.png`` and ``probabilities/<stem>.png``, the
-ensemble's record ``ensemble.json`` and ``segx-manifest.json``, the list of every file written.
+``overlays/<stem>.png``, ``uncertainty/<stem>.png`` and ``probabilities/<stem>.png`` (several
+classes: a folder per case, ``probabilities/<stem>/<class>.png``, as MONAI's SaveImage keeps one
+folder per subject: no stem and class can make the name of another's map), the ensemble's record
+``ensemble.json`` and ``segx-manifest.json``, the list of every file written.
 
 How the user's files are kept safe:
 
@@ -24,10 +26,13 @@ How the user's files are kept safe:
   the folder is exactly as before and the same command can be rerun. A partial folder left by
   a killed process is removed by the next run.
 - Moving into place: the manifest is first rewritten to list old and new files, then each file
-  is renamed over its final name (atomic: a reader sees the old file or the new one), then old
-  files the new run did not write are removed and the manifest is rewritten with the new list.
-  A crash at any point leaves a folder whose manifest lists every segx file in it, so
-  ``overwrite=true`` can always replace it.
+  is renamed over its final name (atomic: a reader sees the old file or the new one; the old one
+  is kept as a hard link in the partial folder), then old files the new run did not write are
+  moved into the partial folder and the manifest is rewritten with the new list. A failure on
+  the way (an error, a signal) undoes every step: the old files and manifest go back, the new
+  ones and the folders made for them are removed, and ``output_dir`` is exactly as before. A
+  crash (SIGKILL, power) at any point leaves a folder whose manifest lists every segx file in
+  it, so ``overwrite=true`` can always replace it.
 
 Images are read in batches bounded by count (``batch_size``) and by total input pixels
 (``batch_pixels``; a larger image goes alone), so memory stays flat however many and however
@@ -36,9 +41,10 @@ large the inputs. File names that are not valid UTF-8 are read and written with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,14 +134,17 @@ def check_output_location(input_dir: Path, output_dir: Path) -> None:
 
 
 def _own_file(rel: object) -> bool:
-    """Whether a manifest entry names a file segx may write: ``ensemble.json`` or
-    ``<output folder>/<name>``. A hand-edited manifest cannot make segx delete anything else."""
+    """Whether a manifest entry names a file segx may write: ``ensemble.json``,
+    ``<output folder>/<name>`` or ``probabilities/<stem>/<name>`` (a class's map). A hand-edited
+    manifest cannot make segx delete anything else."""
     if rel == RECORD:
         return True
     if not isinstance(rel, str) or "\\" in rel or "\x00" in rel:
         return False
     parts = rel.split("/")
-    return len(parts) == 2 and parts[0] in OUTPUT_FOLDERS and parts[1] not in ("", ".", "..")
+    if any(part in ("", ".", "..") for part in parts) or parts[0] not in OUTPUT_FOLDERS:
+        return False
+    return len(parts) == 2 or (len(parts) == 3 and parts[0] == "probabilities")
 
 
 def read_manifest(output_dir: Path) -> list[str] | None:
@@ -199,19 +208,24 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool, planned
             raise SegxError(f"{shown(sub)} is a link or a file, not segx's output folder; move it away")
     known = set(old)
     for rel in planned:
-        if rel not in known and os.path.lexists(output_dir / rel):
+        target = output_dir / rel
+        if rel not in known and os.path.lexists(target):
             raise SegxError(
-                f"{shown(output_dir / rel)} was not written by segx and would be replaced; "
-                "move it away or choose a new output_dir"
+                f"{shown(target)} was not written by segx and would be replaced; move it away or choose a new output_dir"
             )
+        if target.is_dir() and not target.is_symlink():
+            raise SegxError(f"{shown(target)} is a folder where segx writes a file; move it away")
+        case = target.parent  # probabilities/<stem>/ of several classes: a real folder or none
+        if case.parent.name == "probabilities" and (case.is_symlink() or (case.exists() and not case.is_dir())):
+            raise SegxError(f"{shown(case)} is a link or a file, not segx's folder of this case's maps; move it away")
     return old
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str | bytes) -> None:
     """Atomic: a temporary name in the same folder, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -225,23 +239,64 @@ def _write_manifest(output_dir: Path, files: Iterable[str], complete: bool) -> N
 
 
 def _commit(stage: Path, output_dir: Path, new: list[str], old: list[str]) -> None:
-    """Move the staged files into ``output_dir`` and remove the earlier prediction's others.
-    The manifest lists every segx file present at each step (see the module docstring)."""
-    _write_manifest(output_dir, [*old, *new], complete=False)
-    for rel in new:
-        target = output_dir / rel
-        target.parent.mkdir(exist_ok=True)
-        os.replace(stage / rel, target)
-    for rel in set(old) - set(new):
-        target = output_dir / rel
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-    used = {rel.split("/")[0] for rel in new}
-    for name in OUTPUT_FOLDERS:
-        sub = output_dir / name
-        if name not in used and sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
-            sub.rmdir()
-    _write_manifest(output_dir, new, complete=True)
+    """Move the staged files into ``output_dir`` and remove the earlier prediction's others, all
+    or nothing (module docstring): every step is undone if a later one fails, the earlier files
+    and manifest are put back and ``output_dir`` is as it was. Replaced and removed files wait in
+    ``<stage>/.old/``, which goes with the staging folder once the new manifest is written."""
+    manifest = output_dir / MANIFEST
+    before = manifest.read_bytes() if manifest.is_file() and not manifest.is_symlink() else None
+    backup = stage / ".old"
+    undo: list[Callable[[], object]] = []  # the steps taken so far, each as its reversal
+    try:
+        _write_manifest(output_dir, [*old, *new], complete=False)
+        for rel in new:
+            target = output_dir / rel
+            for folder in reversed(Path(rel).parents[:-1]):  # masks/, probabilities/<stem>/, ...
+                made = output_dir / folder
+                if not os.path.lexists(made):
+                    made.mkdir()
+                    undo.append(made.rmdir)
+            kept = _set_aside(target, backup / rel) if os.path.lexists(target) else None
+            undo.append(lambda target=target, kept=kept: os.replace(kept, target) if kept else target.unlink(True))
+            os.replace(stage / rel, target)
+        for rel in sorted(set(old) - set(new)):
+            target = output_dir / rel
+            if target.is_symlink() or target.is_file():
+                aside = backup / rel
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, aside)
+                undo.append(lambda target=target, aside=aside: os.replace(aside, target))
+        _write_manifest(output_dir, new, complete=True)
+    except BaseException:
+        for step in reversed(undo):
+            with contextlib.suppress(OSError):
+                step()
+        with contextlib.suppress(OSError):
+            if before is None:
+                manifest.unlink(missing_ok=True)
+            else:
+                _write_text(manifest, before)
+        raise
+    # Done: the folders the earlier prediction's removed files leave empty go too, and empty
+    # output folders this run does not use (older versions left them after a crash).
+    empty = {folder for rel in set(old) - set(new) for folder in Path(rel).parents[:-1]}
+    empty |= {Path(name) for name in OUTPUT_FOLDERS if name not in {rel.split("/")[0] for rel in new}}
+    for folder in sorted(empty, key=lambda f: -len(f.parts)):  # innermost first
+        path = output_dir / folder
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if empty
+
+
+def _set_aside(target: Path, aside: Path) -> Path:
+    """Keep the file at ``target`` as ``aside`` before it is replaced: a hard link where the file
+    system allows it (``target`` stays in place, so the rename over it stays atomic), else moved."""
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(target, aside, follow_symlinks=False)
+    except OSError:
+        os.replace(target, aside)
+    return aside
 
 
 def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels: int) -> Iterator[list]:
@@ -275,8 +330,8 @@ def planned_files(
         if wanted and not (name == "probabilities" and classes is not None)
     ]
     files = [f"{name}/{stem}.png" for name in folders for stem in stems]
-    if save_probabilities and classes is not None:
-        files += [f"probabilities/{stem}_{c}.png" for stem in stems for c in classes]
+    if save_probabilities and classes is not None:  # a folder per case: no stem and class collide
+        files += [f"probabilities/{stem}/{c}.png" for stem in stems for c in classes]
     return files + ([RECORD] if record else [])
 
 
@@ -314,6 +369,8 @@ def predict_folder(
         record is not None,
         (labels.region_names if labels.regions else labels.foreground) if labels else None,
     )
+    if len(set(new)) != len(new):  # two outputs of one name: one would be lost (a bug, never a user's error)
+        raise AssertionError(f"two outputs named {next(f for f in new if new.count(f) > 1)}")
     old = check_output_dir(input_dir, output_dir, overwrite, new)
     entered = False  # the staging folder exists (else output_dir could not be written at all)
     try:
@@ -341,7 +398,7 @@ def predict_folder(
                 f"cannot write into output_dir={shown(output_dir)} ({exc.strerror or exc}); choose a writable folder"
             ) from None
         raise SegxError(
-            f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); "
+            f"writing into output_dir={shown(output_dir)} failed ({exc.strerror or exc}); it is as it was: "
             "free space or fix permissions and run again"
         ) from None
     return len(items)
@@ -384,7 +441,7 @@ def _write_classes(
     """One image of a multi-class ensemble: ``masks/<stem>.png`` in the data's own encoding (the
     mask values of data.labels, 16-bit where a value needs it, or the palette's colours), the
     overlay with a legend, the uncertainty (normalised entropy x 255) and, on request, one
-    probability map per foreground class (``probabilities/<stem>_<class>.png``, 0..255)."""
+    probability map per foreground class (``probabilities/<stem>/<class>.png``, 0..255)."""
     import cv2
 
     from segx.data.io import write_png
@@ -402,8 +459,10 @@ def _write_classes(
         write_png(safe_output_path(stage / name, stem), array)
     if save_probabilities:
         (stage / "probabilities").mkdir(exist_ok=True)
+        case = safe_output_path(stage / "probabilities", stem, "")
+        case.mkdir()
         # One map per foreground class, or per region (its own sigmoid) for a region ensemble.
         planes = enumerate(labels.region_names) if labels.regions else enumerate(labels.names[1:], start=1)
         for c, name in planes:
             plane = np.clip(np.rint(pred.probability[..., c] * 255), 0, 255).astype(np.uint8)
-            write_png(safe_output_path(stage / "probabilities", f"{stem}_{name}"), plane)
+            write_png(safe_output_path(case, name), plane)
