@@ -279,7 +279,7 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | 
                 choices.append(arg)
         elif "." in key or key.isidentifier():
             keys.append(key)
-    if not keys:
+    if not keys and not choices:
         return
     if GlobalHydra.instance().is_initialized():
         return  # inside a running Hydra app: Hydra has already composed the config
@@ -288,7 +288,15 @@ def check_override_keys(config_name: str, argv: Sequence[str], conf_dir: Path | 
     try:
         with initialize_config_dir(str(dirs[0]), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
-    except Exception:  # noqa: BLE001 - leave the full diagnosis to Hydra itself
+    except Exception as exc:  # noqa: BLE001 - leave the full diagnosis to Hydra itself, but for:
+        # a group this command does not use (segx.predict backbone=resnet18, which completion offers)
+        unused = re.match(r"Could not override '([^']+)'\. No match in the defaults list", str(exc))
+        if unused:
+            arg = next(a for a in choices if a.split("=", 1)[0] == unused.group(1))
+            raise SegxError(
+                f"{arg}: conf/{config_name}.yaml has no {unused.group(1)} group (this command does not choose "
+                f"one); drop {arg}"
+            ) from None
         return
     finally:
         GlobalHydra.instance().clear()

@@ -10,7 +10,9 @@ graph that takes uint8 images ``images`` (B, S, S, 3) and returns
 - ``probability``: float32 (B, S, S), the ensemble score of those maps in segx's arithmetic
   (each map quantised to uint8, fold means rounded in integers, integer weights), / (255 D);
 - ``mask``: uint8 (B, S, S), 1 where the score reaches the record's threshold (no
-  post-processing).
+  post-processing). Several classes: the label map in the data's own mask values (data.labels:
+  a region's class of value 4 is 4, as ``segx.predict`` writes it; uint16 where a value needs it;
+  with a palette, too, the values of data.labels).
 
 ``probability`` and ``mask`` answer for an image that already is S x S (a serving system that
 resizes itself). Images of any size go through :class:`ExportedPredictor`, which runs segx's own
@@ -109,16 +111,23 @@ def n_classes(record: dict) -> int:
     return len(labels["regions"]) if labels.get("regions") else len(labels["names"]) if labels else 1
 
 
-def signature(graph: dict, single: bool, classes: int = 1) -> dict:
+def mask_dtype(record: dict) -> str:
+    """The ``mask`` output's dtype: uint8 (0/1, or label values up to 255), uint16 for larger values."""
+    values = (record.get("labels") or {}).get("values") or [0]
+    return "uint8" if max(int(v) for v in values) <= 255 else "uint16"
+
+
+def signature(graph: dict, single: bool, classes: int = 1, mask: str = "uint8") -> dict:
     """Input and outputs of one graph: name -> {dtype, shape} (-1: any batch size). Several
     classes: each network's K probabilities side by side (network j: channels jK..jK+K-1), the
-    ensemble's class probabilities, and the label map as ``mask``."""
+    ensemble's class probabilities, and the label map in data.labels' values as ``mask``
+    (``mask``: its dtype, :func:`mask_dtype`)."""
     size, n = int(graph["view"]["size"]), len(graph["networks"])
     outputs = {MEMBERS_OUTPUT: {"dtype": "float32", "shape": [-1, size, size, n * classes]}}
     if single:
         tail = [] if classes == 1 else [classes]
         outputs["probability"] = {"dtype": "float32", "shape": [-1, size, size, *tail]}
-        outputs["mask"] = {"dtype": "uint8", "shape": [-1, size, size]}
+        outputs["mask"] = {"dtype": mask, "shape": [-1, size, size]}
     return {"inputs": {INPUT: {"dtype": "uint8", "shape": [-1, size, size, 3]}}, "outputs": outputs}
 
 
@@ -271,6 +280,8 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
         labels = Labels.from_record(record["labels"])
         cuts = [cut(float(record["region_thresholds"][r]), weights.denominator) for r in labels.region_names]
         regions = list(zip(cuts, labels.paints(), strict=True))
+    named = record.get("labels")  # several classes: the mask output in data.labels' values
+    values = None if named is None else ([int(v) for v in named["values"]], mask_dtype(record))
     swap = (record.get("labels") or {}).get("flip_swap")  # flip TTA's width-flipped pass, several classes
     single = len(graphs) == 1
     functions = {}
@@ -281,7 +292,7 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: dic
         index += len(nets)
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         probs_spec = tf.TensorSpec([None, size, size, len(nets) * k], tf.float32, name=MEMBERS_OUTPUT)
-        tail = _tail(tf, graph["networks"], weights, threshold_cut, k, regions) if single else None
+        tail = _tail(tf, graph["networks"], weights, threshold_cut, k, regions, values) if single else None
         functions[graph["name"]] = {
             "whole": tf.function(_whole(tf, nets, tta, tail, k, swap), input_signature=[image_spec], autograph=False),
             "networks": [
@@ -349,13 +360,19 @@ def _whole(tf, nets: list, tta: str, tail, classes: int = 1, swap=None):
     return whole
 
 
-def _tail(tf, networks: list[dict], weights, threshold_cut: int | None, classes: int = 1, regions=None):
+def _tail(tf, networks: list[dict], weights, threshold_cut: int | None, classes: int = 1, regions=None, values=None):
     def tail(probs):
         if classes == 1:
             each = [probs[..., j] for j in range(len(networks))]
         else:
             each = [probs[..., j * classes : (j + 1) * classes] for j in range(len(networks))]
-        return _ensemble_outputs(tf, each, networks, weights, threshold_cut, regions)
+        out = _ensemble_outputs(tf, each, networks, weights, threshold_cut, regions)
+        if values is not None:  # several classes: class indices -> the data's own mask values
+            table, dtype = values
+            index = tf.cast(out["mask"], tf.int32)
+            out["mask"] = tf.gather(tf.constant(table, tf.int32), index)
+            out["mask"] = tf.cast(out["mask"], tf.uint16 if dtype == "uint16" else tf.uint8)
+        return out
 
     return tail
 
@@ -407,7 +424,9 @@ def _save_savedmodel(module, functions: dict, folder: Path) -> list[str]:
     return ["saved_model"]
 
 
-def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int, classes: int = 1) -> list[str]:
+def _save_onnx(
+    functions: dict, graphs: list[dict], folder: Path, opset: int, classes: int = 1, mask: str = "uint8"
+) -> list[str]:
     """Each network, then the ensemble tail, converted on its own and joined into one ONNX graph
     per view: tf2onnx needs some 60-70 times a network's weights in memory while it converts it
     (peak 3.9 GB for a resnet18 Unet, 9.5 GB for a resnet50 one, measured here), so converting the
@@ -446,7 +465,7 @@ def _save_onnx(functions: dict, graphs: list[dict], folder: Path, opset: int, cl
         if tail is not None:
             probs_spec = tf.TensorSpec([None, size, size, n * k], tf.float32, name=MEMBERS_OUTPUT)
             parts.append(onnx.compose.add_prefix(convert(tail, probs_spec, "the ensemble arithmetic"), "tail/"))
-        model = _join(onnx, parts, n, tail is not None, size, k)
+        model = _join(onnx, parts, n, tail is not None, size, k, mask)
         path = folder / name
         if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights beside the graph
             onnx.save_model(
@@ -470,7 +489,7 @@ def _release_memory() -> None:
         pass
 
 
-def _join(onnx, parts: list, n: int, has_tail: bool, size: int, classes: int = 1):
+def _join(onnx, parts: list, n: int, has_tail: bool, size: int, classes: int = 1, mask: str = "uint8"):
     """One graph from the prefixed network models (input ``n{j}/images``, output ``n{j}/p``)
     and the tail (input ``tail/member_probabilities``): every network reads ``images``, their
     outputs are concatenated into ``member_probabilities``, which the tail reads."""
@@ -498,7 +517,7 @@ def _join(onnx, parts: list, n: int, has_tail: bool, size: int, classes: int = 1
         shape = ["batch", size, size] + ([classes] if classes > 1 else [])
         outputs += [
             helper.make_tensor_value_info("probability", t.FLOAT, shape),
-            helper.make_tensor_value_info("mask", t.UINT8, ["batch", size, size]),
+            helper.make_tensor_value_info("mask", t.UINT16 if mask == "uint16" else t.UINT8, ["batch", size, size]),
         ]
     graph = helper.make_graph(
         nodes,
@@ -620,6 +639,12 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
     if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
         raise SegxError(f"output_dir={shown(output_dir)} is a file or a link, not a folder; choose a new output_dir")
+    # The export is staged beside output_dir: its nearest existing parent must be a folder it can write.
+    parent = next(p for p in output_dir.absolute().parents if os.path.lexists(p))
+    if not parent.is_dir():
+        raise SegxError(f"output_dir={shown(output_dir)} lies under {shown(parent)}, a file; choose another output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SegxError(f"cannot write into {shown(parent)} (permission denied); choose a writable output_dir")
     if not output_dir.exists():
         return
     try:
@@ -662,7 +687,13 @@ def _move_into_place(stage: Path, output_dir: Path) -> None:
     """Rename the finished export over ``output_dir`` (an earlier export is moved aside first and
     removed after: a reader sees the old export or the new one, never a mixture)."""
     old = staging.set_aside(output_dir, PARTIAL_PREFIX) if output_dir.exists() else None
-    os.replace(stage, output_dir)
+    try:
+        os.replace(stage, output_dir)
+    except BaseException:
+        if old is not None:  # the earlier export goes back where it was
+            os.replace(old / output_dir.name, output_dir)
+            old.rmdir()
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -711,21 +742,32 @@ def export_ensemble(
     # 8.7 s -> 0.8 s for two Unets), which the signatures never call.
     module.network_variables = [v for model in models for v in model.variables]
     functions = _build_functions(graphs, models, tables, record, tta)
-    with staging.staged_folder(output_dir.parent, PARTIAL_PREFIX) as stage:
-        files = (
-            _save_savedmodel(module, functions, stage)
-            if fmt == "savedmodel"
-            else _save_onnx(functions, graphs, stage, opset, n_classes(record))
-        )
-        (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
-        manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
-        manifest["check"] = _check_export(stage, manifest, functions)
-        manifest["sizes_bytes"] = {f: _folder_bytes(stage / f) for f in files}
-        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        manifest["contents"] = _contents(stage)  # what overwrite=true may replace, and nothing else
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        check_output_dir(output_dir, overwrite)  # someone may have written there meanwhile
-        _move_into_place(stage, output_dir)
+    entered = False  # the staging folder exists (else output_dir's parent cannot be written at all)
+    try:
+        with staging.staged_folder(output_dir.parent, PARTIAL_PREFIX) as stage:
+            entered = True
+            files = (
+                _save_savedmodel(module, functions, stage)
+                if fmt == "savedmodel"
+                else _save_onnx(functions, graphs, stage, opset, n_classes(record), mask_dtype(record))
+            )
+            (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
+            manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
+            manifest["check"] = _check_export(stage, manifest, functions)
+            manifest["sizes_bytes"] = {f: _folder_bytes(stage / f) for f in files}
+            manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+            manifest["contents"] = _contents(stage)  # what overwrite=true may replace, and nothing else
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            check_output_dir(output_dir, overwrite)  # someone may have written there meanwhile
+            _move_into_place(stage, output_dir)
+    except OSError as exc:
+        if entered:
+            raise  # a full disk is said in one line by the command; anything else is a bug
+        from segx.data.io import shown
+
+        raise SegxError(
+            f"cannot write into {shown(output_dir.parent)} ({exc.strerror or exc}); choose a writable output_dir"
+        ) from None
     return manifest
 
 
@@ -768,12 +810,13 @@ def _manifest(
                 "file": files[i] if fmt == "onnx" else files[0],
                 "view": g["view"],
                 "networks": [{k: n[k] for k in ("member", "fold", "backbone", "run_id")} for n in g["networks"]],
-                **signature(g, single, n_classes(record)),
+                **signature(g, single, n_classes(record), mask_dtype(record)),
             }
             for i, g in enumerate(graphs)
         ],
         "files": files,
-        "notes": "probability and mask are at the network's input size, before post-processing; "
+        "notes": "probability and mask are at the network's input size, before post-processing (several "
+        "classes: mask holds data.labels' mask values, as segx.predict writes them); "
         "segx.predict backend=" + fmt + " runs the resize or sliding-window loop around the model",
     }
 

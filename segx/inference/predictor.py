@@ -204,7 +204,8 @@ class EnsemblePredictor:
                 part = Score(score.values.like(np.ascontiguousarray(score.values.flat[:, r])), score.denominator)
                 on[:, r] = binarize(part, t).flat
             labels = mean.like(self.labels.decode_regions(on))
-            p = np.clip(mean.flat, 1e-12, 1 - 1e-12)
+            # Bounds float32 can hold (1 - 1e-12 is 1.0 in float32: a certain region's 0 * log2(0) was NaN).
+            p = np.clip(mean.flat, np.float32(1e-12), np.nextafter(np.float32(1), np.float32(0)))
             bits = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
             entropy = mean.like(bits.max(axis=-1).astype(np.float32))
         else:

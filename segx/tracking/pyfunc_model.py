@@ -3,7 +3,9 @@
     model = mlflow.pyfunc.load_model("runs:/<ensemble_run_id>/pyfunc")
     model = mlflow.pyfunc.load_model("models:/<member's logged model ID>")   # one member
     masks = model.predict(images)   # uint8 (N, H, W, 3) or a list of images -> uint8 masks {0, 1}
-                                    # (several classes: label maps of class indices 0..K-1)
+                                    # (several classes: label maps in data.labels' own mask values,
+                                    # uint16 where a value needs it, or data.palette's colours (H, W, 3):
+                                    # what segx.predict writes, and the export's ``mask`` values)
 
 Both predict at each image's own size, as ``segx.predict`` does. The ensemble's model carries its
 members' weights; a member's model is a one-member record whose weights stay in the member run's
@@ -69,7 +71,8 @@ try:
             return paths
 
         def predict(self, context, model_input, params=None):
-            """Masks as uint8 {0, 1}: an array (N, H, W) for an array input (N, H, W[, C]),
+            """Masks as uint8 {0, 1} (several classes: label maps in the data's own encoding, as
+            segx.predict writes them): an array (N, H, W) for an array input (N, H, W[, C]),
             a list for a list of images of any sizes, a dict for a dict of named images (what
             the server makes of JSON ``{"inputs": {"a": image, "b": image}}``). Pixel values are
             integers 0..255 with 1, 3 or 4 channels; anything else is refused with the reason
@@ -91,7 +94,11 @@ try:
                     error_code=INVALID_PARAMETER_VALUE,
                 ) from None
             try:
-                masks = [p.mask.astype(np.uint8) for p in self.predictor.predict(images)]
+                labels = self.predictor.labels  # several classes: the user's mask values, not class indices
+                masks = [
+                    p.mask.astype(np.uint8) if labels is None else labels.decode(p.mask)
+                    for p in self.predictor.predict(images)
+                ]
             except Exception as exc:  # noqa: BLE001 - the trace (install and artifact paths) stays in the server's log
                 import logging
 
