@@ -303,7 +303,6 @@ def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
         assert mask.dtype == np.uint8 and (mask == 4).all(), fmt
     record = json.loads(Path(tracking.download(client, run, "ensemble.json", tmp_path / "r")).read_text())
     uri = log_pyfunc(client, run, record)
-    mlflow.set_tracking_uri(f"sqlite:///{store['out']}/mlflow.db")
     image = cv2.cvtColor(cv2.imread(str(inputs / "x.png")), cv2.COLOR_BGR2RGB)
     masks = mlflow.pyfunc.load_model(uri).predict([image])
     assert np.array_equal(masks[0], written)
