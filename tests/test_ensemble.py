@@ -324,3 +324,76 @@ def test_exact_run_ids_need_no_member_list(member_store):
     )
     record = build_ensemble(cfg)
     assert sorted(m["run_id"] for m in record["members"]) == ids
+
+
+def _other_data(tmp_path):
+    """Data B: the tiny synthetic set of the member store's members, generated with another seed."""
+    from segx.data.synthetic import generate
+
+    root = generate(tmp_path / "other", n_images=16, size=64, seed=1)
+    return root, [
+        "data=synthetic",
+        f"data.root={root}",
+        "data.n_images=16",
+        "data.source_size=64",
+        "data.generator_seed=1",
+        "data.image_size=64",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
+    ]
+
+
+def test_an_ensemble_naming_other_data_refuses_members_of_the_stores_data(tmp_path, member_store, synthetic_root):
+    from tests.test_store_signals import copy_store
+
+    store = copy_store(member_store[0], tmp_path / "store")
+    root, data = _other_data(tmp_path)
+    from segx.workflows.ensemble import build_ensemble
+
+    cfg = compose_config("ensemble", [*store_overrides(store), *data, "ensemble.members=[resnet18]"])
+    with pytest.raises(SegxError) as refused:
+        build_ensemble(cfg)
+    message = str(refused.value)
+    assert "no finished resnet18 member of the data this command names" in message, message
+    assert f"data.root {synthetic_root} vs {root}" in message and "data.generator_seed 0 vs 1" in message, message
+    assert "ensemble.train_missing=true" in message and "\n" not in message
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    assert not tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "ensemble", None)
+
+
+def test_an_ensemble_naming_other_data_trains_its_missing_member_on_that_data(tmp_path, member_store):
+    import subprocess
+    import sys
+
+    from tests.test_store_signals import copy_store
+
+    store = copy_store(member_store[0], tmp_path / "store")
+    _, data = _other_data(tmp_path)
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    experiment = client.get_experiment_by_name("segx").experiment_id
+    theirs = {r.info.run_id for r in tracking.find_runs(client, experiment, "member")}
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segx.ensemble",
+            *store_overrides(store),
+            *data,
+            "ensemble.train_missing=true",
+            "ensemble.members=[resnet18]",
+            "ensemble.train_overrides=['trainer.epochs=1','trainer.batch_size=4','trainer.verbose=0','mlflow.system_metrics=false']",
+            "ensemble.bootstrap=100",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "no finished runs of this data yet for resnet18" in built.stdout
+    (new,) = [r for r in tracking.find_runs(client, experiment, "member") if r.info.run_id not in theirs]
+    (ensemble,) = tracking.find_runs(client, experiment, "ensemble")
+    assert ensemble.data.tags["segx.members"] == new.info.run_id
+    fingerprint = ensemble.data.tags["segx.data_fingerprint"]
+    assert fingerprint == new.data.tags["segx.data_fingerprint"]
+    assert all(client.get_run(r).data.tags["segx.data_fingerprint"] != fingerprint for r in theirs)

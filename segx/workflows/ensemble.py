@@ -134,9 +134,21 @@ def build_ensemble(cfg: DictConfig) -> dict:
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
-    if cfg.ensemble.train_missing:
-        train_missing_members(cfg, client, experiment)
     e = cfg.ensemble
+    fingerprint, named = e.data_fingerprint, None
+    if e.select == "list" and not e.run_ids and e.members:
+        named = named_data(cfg)  # data on this command line: members are of that data, or none
+    if named is not None:
+        if fingerprint and str(fingerprint) != named["fingerprint"]:
+            raise SegxError(
+                f"ensemble.data_fingerprint={fingerprint} is not the fingerprint of the data this command "
+                f"names ({named['fingerprint']}); drop one of the two"
+            )
+        fingerprint = named["fingerprint"]
+    if cfg.ensemble.train_missing:
+        train_missing_members(cfg, client, experiment, fingerprint if named is not None else None)
+    elif named is not None:
+        refuse_other_data(client, experiment, [str(b) for b in e.members], named)
     runs = select_runs(
         client,
         experiment,
@@ -144,7 +156,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         str(e.select),
         [str(r) for r in e.run_ids or []],
         [str(b) for b in e.members or []],
-        e.data_fingerprint,
+        fingerprint,
     )
     cache = Path(cfg.paths.output_dir) / "cache" / "probs"
     for folder in (cache.parent, cache):
@@ -220,10 +232,6 @@ def build_ensemble(cfg: DictConfig) -> dict:
     with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         stage(f"ensemble run {run_id}: logging its record, tables and figures")
-        for m in members:  # each member names the ensembles that use it (tag segx.ensembles)
-            for member_run in [m.run_id, *m.folds]:
-                used = MemberRun.of(client.get_run(member_run)).ensembles
-                tracking.set_tags(client, member_run, {tag_names.ENSEMBLES: ",".join([*used, run_id])})
         tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
         tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
         # What was chosen, as params (searchable, comparable across ensembles in the UI).
@@ -303,9 +311,30 @@ def build_ensemble(cfg: DictConfig) -> dict:
 
         stage("logging the pyfunc model (a copy of every member's weights travels with it)")
         log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
+    _name_in_members(client, members, run_id)
     record["run_id"] = run_id
     print_report(record, members, validation, summary, found, gain)
     return record
+
+
+def _name_in_members(client, members, run_id: str) -> None:
+    """Each member names the FINISHED ensembles that use it (tag ``segx.ensembles``): written once
+    this run has ended FINISHED (a signal is held until the tags are written), and dropping
+    ensembles that did not finish (KILLED, FAILED, deleted: listed by an older segx)."""
+    from segx import signals, tracking
+
+    def finished(ensemble: str) -> bool:
+        try:
+            run = client.get_run(ensemble)
+        except Exception:  # noqa: BLE001 - a run deleted for good
+            return False
+        return run.info.status == "FINISHED" and run.info.lifecycle_stage != "deleted"
+
+    with signals.signals_deferred():
+        for m in members:
+            for member_run in [m.run_id, *m.folds]:
+                used = [e for e in MemberRun.of(client.get_run(member_run)).ensembles if e != run_id and finished(e)]
+                tracking.set_tags(client, member_run, {tag_names.ENSEMBLES: ",".join([*used, run_id])})
 
 
 def _common_labels(members, tta: str) -> dict | None:
@@ -406,19 +435,100 @@ def _data_overrides() -> list[str]:
     return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data"]
 
 
-def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
-    """Train each backbone of ``ensemble.members`` that has no finished run yet (first use)."""
-    from segx import tracking
+def _in_hydra_job() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.initialized()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _member_train_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The ``segx.train`` config a member trained first would have. Outside a Hydra job (a library
+    call) the command line is unknown: the ensemble config's own ``data`` is used as it is."""
+    from omegaconf import open_dict
+
     from segx.config import compose
 
-    runs = tracking.find_runs(client, experiment, "member")
-    have = {MemberRun.of(r).backbone for r in runs}
-    missing = [b for b in cfg.ensemble.members or [] if b not in have]
-    if not missing:
-        return
-    from segx.models import clear_session
-    from segx.workflows.member import train_member
+    train_cfg = compose("train", overrides=overrides)
+    if cfg.get("data") is not None and not _in_hydra_job():
+        with open_dict(train_cfg):
+            train_cfg.data = cfg.data
+    return train_cfg
 
+
+def named_data(cfg: DictConfig) -> dict | None:
+    """The data this command names (``data=...``, ``data.*=...``, an ``experiment=``, or data
+    overrides in ``ensemble.train_overrides``), as a member trained by this command would read it:
+    ``fingerprint`` (a cross-validated layout's with ``data.folds``), ``params`` (its ``data.*``
+    settings, as a member run logs them) and ``parts`` (the fingerprint's parts). None when the
+    command names no data: then the members' own data is taken (and must agree)."""
+    from segx import tracking
+    from segx.config import recorded_container
+    from segx.workflows.prepare import prepare
+
+    own = [str(o) for o in cfg.ensemble.train_overrides] if cfg.ensemble.train_missing else []
+    if cfg.get("data") is None and not any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "data" for o in own):
+        return None
+    train_cfg = _member_train_config(cfg, [*_member_overrides(cfg), f"backbone={cfg.ensemble.members[0]}"])
+    folds = train_cfg.data.get("folds")
+    stage("reading the data this command names, for its fingerprint")
+    prepared = prepare(train_cfg.data, str(train_cfg.paths.output_dir), fold=0 if folds else None, images=False)
+    params = tracking.flatten({"data": recorded_container(train_cfg)["data"]})
+    fingerprint = prepared.cv_tags.get("segx.cv_fingerprint") or prepared.fingerprint
+    return {"fingerprint": fingerprint, "params": params, "parts": prepared.fingerprint_parts}
+
+
+# How a member sees the data (not part of its fingerprint), and where segx caches it.
+_VIEW_KEYS = (
+    "image_size mode patch_size scale overlap foreground_fraction pad samples_per_epoch pixel_spacing "
+    "cache_dir max_pixels resize_mode name"
+).split()
+
+
+def data_difference(run, named: dict) -> str:
+    """What differs between the data ``run`` was trained on and the data this command names, in
+    the settings' own words (``data.root /a vs /b``), else which part of the files."""
+    params = run.data.params
+    keys = [
+        k
+        for k in dict.fromkeys([*named["params"], *(k for k in params if k.startswith("data."))])
+        if k.split(".")[1] not in _VIEW_KEYS and not k.startswith("data.n_")
+    ]
+    changed = [k for k in keys if params.get(k, "?") != named["params"].get(k, "?")]
+    if changed:
+        return ", ".join(f"{k} {params.get(k, '?')} vs {named['params'].get(k, '?')}" for k in changed)
+    from segx.data.split import FINGERPRINT_TAGS
+
+    parts = [p for p in ("split", "images", "masks") if run.data.tags.get(FINGERPRINT_TAGS[p]) != named["parts"].get(p)]
+    what = {"split": "the split", "images": "the image files' contents", "masks": "the mask files' contents"}
+    return "same settings, but " + (" and ".join(what[p] for p in parts) or "the data") + " differ"
+
+
+def refuse_other_data(client, experiment: str, backbones: list[str], named: dict) -> None:
+    """Members of other data than this command names are never taken silently: a backbone whose
+    finished runs are all of other data is refused in one line saying what differs."""
+    from segx import tracking
+
+    runs = tracking.find_runs(client, experiment, "member")
+    for backbone in backbones:
+        mine = [r for r in runs if MemberRun.of(r).backbone == backbone]
+        fits = [
+            r
+            for r in mine
+            if named["fingerprint"] in (MemberRun.of(r).data_fingerprint, MemberRun.of(r).cv_fingerprint)
+        ]
+        if mine and not fits:
+            raise SegxError(
+                f"ensemble.members: no finished {backbone} member of the data this command names; the newest, "
+                f"run {mine[0].info.run_id}, was trained on other data ({data_difference(mine[0], named)}); "
+                "train one on this data (ensemble.train_missing=true), or drop the data overrides to use it"
+            )
+
+
+def _member_overrides(cfg: DictConfig) -> list[str]:
+    """The ``segx.train`` overrides (without the backbone) of a member this command trains."""
     overrides = [
         f"paths.output_dir={cfg.paths.output_dir}",
         f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
@@ -430,10 +540,30 @@ def train_missing_members(cfg: DictConfig, client, experiment: str) -> None:
     experiment_choice = _experiment_choice()
     if experiment_choice:  # `segx.ensemble experiment=dsb2018` trains its members the same way
         overrides.insert(0, f"experiment={experiment_choice}")
-    print(f"segx: no finished runs yet for {', '.join(missing)}: training them first", flush=True)
+    return overrides
+
+
+def train_missing_members(cfg: DictConfig, client, experiment: str, fingerprint: str | None = None) -> None:
+    """Train each backbone of ``ensemble.members`` that has no finished run yet (first use); with
+    the ``fingerprint`` of the data this command names, none yet *of that data*."""
+    from segx import tracking
+
+    runs = tracking.find_runs(client, experiment, "member")
+    if fingerprint:
+        runs = [r for r in runs if fingerprint in (MemberRun.of(r).data_fingerprint, MemberRun.of(r).cv_fingerprint)]
+    have = {MemberRun.of(r).backbone for r in runs}
+    missing = [b for b in cfg.ensemble.members or [] if b not in have]
+    if not missing:
+        return
+    from segx.models import clear_session
+    from segx.workflows.member import train_member
+
+    overrides = _member_overrides(cfg)
+    what = "of this data " if fingerprint else ""
+    print(f"segx: no finished runs {what}yet for {', '.join(missing)}: training them first", flush=True)
     for n, backbone in enumerate(missing, start=1):
         member_overrides = [*overrides, f"backbone={backbone}"]
-        train_cfg = compose("train", overrides=member_overrides)
+        train_cfg = _member_train_config(cfg, member_overrides)
         print(f"segx: member {n}/{len(missing)} ({backbone}-{train_cfg.arch.name})", flush=True)
         try:
             train_member(train_cfg, member_overrides)  # its own command, not the ensemble's

@@ -304,7 +304,11 @@ def check_fold(data: DictConfig, fold) -> None:
         )
 
 
-def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None, fold: int | None = None) -> Prepared:
+def prepare(
+    data: DictConfig, output_dir: str, progress: Callable | None = None, fold: int | None = None, images: bool = True
+) -> Prepared:
+    """``images=False``: the split and fingerprint only (``segx.ensemble`` naming its data); no
+    case is held in memory at the model's size."""
     validate_data_config(data)
     check_fold(data, fold)
     root = Path(str(data.root))
@@ -326,7 +330,7 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
         key = "data.labels" if labels is not None else "data.mask_threshold"
         raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or {key}")
     check_view(data, decoded)
-    dataset = _model_size_dataset(decoded, data)
+    dataset = _model_size_dataset(decoded, data, images)
     stems = [c.stem for c in cases]
     test_stems = [c.stem for c in test_cases] or None
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
@@ -369,13 +373,13 @@ def prepare(data: DictConfig, output_dir: str, progress: Callable | None = None,
     return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, labels)
 
 
-def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig) -> Dataset:
+def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig, images: bool = True) -> Dataset:
     """Resize mode trains on every case at the model's input size, held in memory (small: N x S x S);
     patch mode reads patches from the on-disk cache instead and holds no images."""
     stems = [c.stem for c in decoded]
     sizes = [tuple(c.shape) for c in decoded]
     digests = [c.digests for c in decoded]
-    if data.mode == "patch":
+    if data.mode == "patch" or not images:
         return Dataset(stems, None, None, sizes, digests)
     size, how = int(data.image_size), str(data.resize_mode)
     images = np.zeros((len(decoded), size, size, 3), np.uint8)
