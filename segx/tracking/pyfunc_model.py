@@ -183,16 +183,23 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
                     tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact)
                 )
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="pyfunc",
-                python_model=str(Path(__file__).resolve()),
-                artifacts=artifacts,
-                code_paths=[str(_PACKAGE_DIR)],
-                # No signature: MLflow's schema enforcement would refuse a list of images of different
-                # sizes, which predict() takes (its docstring says what goes in and out).
-                pip_requirements=_requirements(),
-                registered_model_name=register_name or None,
-            )
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="pyfunc",
+                    python_model=str(Path(__file__).resolve()),
+                    artifacts=artifacts,
+                    code_paths=[str(_PACKAGE_DIR)],
+                    # No signature: MLflow's schema enforcement would refuse a list of images of different
+                    # sizes, which predict() takes (its docstring says what goes in and out).
+                    pip_requirements=_requirements(),
+                    registered_model_name=register_name or None,
+                )
+            except KeyboardInterrupt as exc:
+                # A signal inside one of log_model's SQLite writes leaves that connection holding the
+                # lock; start_run's exit writes the run's status next, and waited for it (SQLite's 20 s
+                # busy timeout) before segx could end the run KILLED. Closed first.
+                tracking.release_interrupted_connections(exc)
+                raise
     tracking.set_tags(client, run_id, {"segx.pyfunc_uri": info.model_uri})
     return info.model_uri
 

@@ -75,7 +75,7 @@ def run_scope(client: MlflowClient, run_id: str, on_disk_full: Callable[[], None
                 if signals.signal_since(mark) is not None or signals.pending_signal() is not None:
                     status, failure = "KILLED", None
                 if status == "KILLED":
-                    _release_interrupted_connections(sys.exc_info()[1])
+                    release_interrupted_connections(sys.exc_info()[1])
                 if failure and failure.startswith("disk full: "):
                     with contextlib.suppress(Exception):
                         client.set_tag(run_id, "segx.disk_full", "true")
@@ -118,7 +118,7 @@ class _Reserve:
             self.path = None
 
 
-def _release_interrupted_connections(exc: BaseException | None) -> None:
+def release_interrupted_connections(exc: BaseException | None) -> None:
     """A signal inside an SQLite statement can leave its connection open with the statement
     unfinished (SQLAlchemy does not clean up after a KeyboardInterrupt); that connection keeps
     a lock which makes every later write in this process wait and fail. Drop the references the
