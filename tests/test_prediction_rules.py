@@ -339,3 +339,21 @@ def test_a_group_the_command_does_not_use_is_one_line(tmp_path):
         "segx: error: backbone=resnet18: conf/predict.yaml has no backbone group (this command does not choose "
         "one); drop backbone=resnet18"
     ]
+
+
+def test_an_ensemble_with_flip_tta_of_regions_that_cannot_be_undone_says_why_not_retrain(store, tmp_path):
+    # segx.train tags such a region member's labels with no_flip_tta and caches no flip TTA; the
+    # ensemble's member loader says the flip cannot be undone (what is true), not "retrain it".
+    from segx import tracking
+    from segx.tracking import tags as tag_names
+    from segx.workflows.members import member_from_run
+
+    client = store["client"]
+    experiment = tracking.experiment_id(client, "segx", str(store["out"] / "mlartifacts"))
+    labels = {**REGIONS, "no_flip_tta": True}
+    run_id = tracking.start_run(client, experiment, "regions-member", {tracking.ROLE: "member"})
+    tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(labels)})
+    client.set_terminated(run_id, "FINISHED")
+    with pytest.raises(SegxError, match=r"ensemble.tta=flip cannot be undone for this ensemble's regions") as e:
+        member_from_run(client, client.get_run(run_id), tmp_path, "flip")
+    assert "retrain" not in str(e.value)

@@ -298,6 +298,8 @@ def train_member(
         record = {
             **labels.to_record(),
             **({"flip_swap": labels.output_swap(swap)} if labels.output_swap(swap) is not None else {}),
+            # regions the swap maps onto no region: no flip-TTA cache, and segx.inference.tta says why
+            **({"no_flip_tta": True} if swap is not None and labels.output_swap(swap) is None else {}),
         }
         tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
     if on_run is not None:

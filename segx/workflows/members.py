@@ -102,14 +102,19 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         raise SegxError(f"run '{run.info.run_id}' is not a segx member (tag {tracking.ROLE}); pick member runs")
     params = run.data.params
     folder = workdir / run.info.run_id
+    if tta != "none":  # a TTA the member cannot undo is refused for what it is, before any download
+        from segx.inference.tta import check_tta
+
+        labels_tag = run.data.tags.get(tag_names.LABELS)
+        check_tta(tta, tta, json.loads(labels_tag) if labels_tag else None, key="ensemble.tta")
     try:
         val_path = tracking.download(client, run.info.run_id, cache_artifact("val", tta), folder)
     except SegxError:
         if tta == "none":
             raise
         raise SegxError(
-            f"member {run.info.run_id} has no {tta}-TTA cache ({cache_artifact('val', tta)}; trained "
-            "before segx cached TTA probabilities); retrain it or use ensemble.tta=none"
+            f"member {run.info.run_id} has no {tta}-TTA cache ({cache_artifact('val', tta)}): it was trained by a "
+            "segx that cached no TTA probabilities; retrain it to search with TTA, or use ensemble.tta=none"
         ) from None
     run_id = run.info.run_id
     val = load_cached(val_path, folder, run_id=run_id, artifact=cache_artifact("val", tta))
