@@ -9,7 +9,7 @@ export KERAS_HOME ?= $(CURDIR)/outputs/.keras
 export MPLCONFIGDIR ?= $(CURDIR)/outputs/.matplotlib
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install ensemble demo train export ui server test test-slow test-all bench bench-quick lint format slurm-local test-slurm clean clean-all
+.PHONY: help install ensemble demo train export ui server test test-random test-slow test-all bench bench-quick lint format slurm-local test-slurm clean clean-all
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,11 +40,17 @@ ui:  ## MLflow UI for outputs/mlflow.db on http://127.0.0.1:5000, opening experi
 server: install  ## shared MLflow tracking server (PostgreSQL, proxied artifacts) on http://127.0.0.1:5001: make server ARGS="port=5002"
 	$(PY) -m segx.server $(ARGS)
 
+# Every test's duration, kept (JUnit XML: name and seconds per test); the 15 slowest are printed.
+TEST_REPORT ?= outputs/tests/fast.xml
+
 test: install  ## the layer contracts and the formatter, then the fast tests (real TF models, real MLflow store in tmp)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check segx tests experiments
 	$(VENV)/bin/ruff format --check segx tests experiments
-	$(PY) -m pytest -m "not slow" -q --durations=15
+	$(PY) -m pytest -m "not slow" -q -p no:randomly --durations=15 --junitxml=$(TEST_REPORT)
+
+test-random: install  ## the fast tests in a random order (pytest-randomly; it prints the seed: ARGS="-p randomly -p no:cacheprovider --randomly-seed=N" repeats one)
+	$(PY) -m pytest -m "not slow" -q --durations=15 $(ARGS)
 
 test-slow: install  ## slow tests only (every backbone builds, benchmark smoke test)
 	$(PY) -m pytest -m slow -q

@@ -58,7 +58,8 @@ def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_segx_checkout", None)
     if before is None:
         return
-    gained = sorted(checkout_files() - before)
+    report = session.config.option.xmlpath  # make test's durations file (gitignored outputs/), written after this
+    gained = sorted(f for f in checkout_files() - before if not (report and ROOT / f == Path(report).absolute()))
     if gained:
         shown = "\n  ".join(gained[:20]) + (f"\n  ... and {len(gained) - 20} more" if len(gained) > 20 else "")
         session.config.get_terminal_writer().line(
