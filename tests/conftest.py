@@ -20,6 +20,7 @@ os.environ["KERAS_HOME"] = os.path.join(_HOME, "keras")
 os.environ["MPLCONFIGDIR"] = os.path.join(_HOME, "matplotlib")
 os.environ["SEGX_OUTPUT_DIR"] = os.path.join(_HOME, "outputs")
 os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(_HOME, "default-mlflow.db")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_HOME, "hypothesis")  # not ./.hypothesis
 
 from pathlib import Path  # noqa: E402
 

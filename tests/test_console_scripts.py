@@ -97,8 +97,26 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
     """``pip install .`` (not -e): the wheel holds every package and every config, and the
     commands compose their configs from it, from a folder far from the repository."""
     wheels = tmp_path / "wheels"
+    # Built from a copy of the project's files: setuptools builds in the source folder (build/,
+    # *.egg-info), which would be the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "segx", source / "segx", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
         cwd=tmp_path,
         timeout=300,
     )

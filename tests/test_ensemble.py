@@ -351,14 +351,16 @@ def test_an_ensemble_naming_other_data_refuses_members_of_the_stores_data(tmp_pa
     from segx.workflows.ensemble import build_ensemble
 
     cfg = compose_config("ensemble", [*store_overrides(store), *data, "ensemble.members=[resnet18]"])
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    experiment = client.get_experiment_by_name("segx").experiment_id
+    before = {r.info.run_id for r in tracking.find_runs(client, experiment, "ensemble", None)}  # earlier tests'
     with pytest.raises(SegxError) as refused:
         build_ensemble(cfg)
     message = str(refused.value)
     assert "no finished resnet18 member of the data this command names" in message, message
     assert f"data.root {synthetic_root} vs {root}" in message and "data.generator_seed 0 vs 1" in message, message
     assert "ensemble.train_missing=true" in message and "\n" not in message
-    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
-    assert not tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "ensemble", None)
+    assert {r.info.run_id for r in tracking.find_runs(client, experiment, "ensemble", None)} == before  # no new run
 
 
 def test_an_ensemble_naming_other_data_trains_its_missing_member_on_that_data(tmp_path, member_store):
@@ -372,6 +374,7 @@ def test_an_ensemble_naming_other_data_trains_its_missing_member_on_that_data(tm
     client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
     experiment = client.get_experiment_by_name("segx").experiment_id
     theirs = {r.info.run_id for r in tracking.find_runs(client, experiment, "member")}
+    earlier = {r.info.run_id for r in tracking.find_runs(client, experiment, "ensemble")}  # other tests'
     built = subprocess.run(
         [
             sys.executable,
@@ -392,7 +395,7 @@ def test_an_ensemble_naming_other_data_trains_its_missing_member_on_that_data(tm
     assert built.returncode == 0, built.stderr[-3000:]
     assert "no finished runs of this data yet for resnet18" in built.stdout
     (new,) = [r for r in tracking.find_runs(client, experiment, "member") if r.info.run_id not in theirs]
-    (ensemble,) = tracking.find_runs(client, experiment, "ensemble")
+    (ensemble,) = [r for r in tracking.find_runs(client, experiment, "ensemble") if r.info.run_id not in earlier]
     assert ensemble.data.tags["segx.members"] == new.info.run_id
     fingerprint = ensemble.data.tags["segx.data_fingerprint"]
     assert fingerprint == new.data.tags["segx.data_fingerprint"]

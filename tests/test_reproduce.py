@@ -40,6 +40,11 @@ def assert_reproduces_config(run_id: str, out: Path, cwd=ROOT) -> list[str]:
     assert shown.returncode == 0, shown.stderr[-2000:]
     client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
     recorded = yaml.safe_load(tracking.download(client, run_id, "config.yaml").read_text())
+    # Values from the environment are recorded as written (${oc.env:SEGX_OUTPUT_DIR,outputs}, the
+    # default output folder included): the printed command rebuilds them in the same environment.
+    from omegaconf import OmegaConf
+
+    recorded = OmegaConf.to_container(OmegaConf.create(recorded), resolve=True)
     assert yaml.safe_load(shown.stdout) == recorded
     return command
 

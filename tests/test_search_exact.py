@@ -276,9 +276,11 @@ def _ensemble_run(client, record: dict, folder) -> str:
     """A hand-written record logged as an ensemble run, as a user could."""
     from segx import tracking
 
-    experiment = tracking.experiment_id(client, "hand-written", None)
-    run_id = tracking.start_run(client, experiment, "hand-written", {tracking.ROLE: "ensemble"})
     folder.mkdir(parents=True, exist_ok=True)
+    # Its own artifact folder: with none, MLflow puts a SQLite store's artifacts in ./mlruns of
+    # the working folder (the checkout).
+    experiment = tracking.experiment_id(client, "hand-written", str(folder / "mlartifacts"))
+    run_id = tracking.start_run(client, experiment, "hand-written", {tracking.ROLE: "ensemble"})
     (folder / "ensemble.json").write_text(json.dumps(record))
     tracking.log_artifact(client, run_id, folder / "ensemble.json")
     client.set_terminated(run_id, "FINISHED")

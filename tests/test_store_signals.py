@@ -6,6 +6,7 @@ first epoch of training and during prediction. Real stores, real subprocesses, r
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -409,6 +410,16 @@ def test_a_run_created_but_not_yet_in_its_scope_never_stays_running(tmp_path, ho
     assert not tracking._unscoped
 
 
+def _model_ids(store: Path) -> list[tuple[str]]:
+    with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
+        return con.execute("SELECT model_id FROM logged_models").fetchall()
+
+
+def _ensemble_runs(store: Path) -> list:
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    return tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "ensemble", status=None)
+
+
 def test_sigterm_while_the_ensembles_pyfunc_model_is_pending_fails_it_and_exits_at_once(tmp_path, member_store):
     """SIGTERM while the ensemble's pyfunc logged model is PENDING (its files being written): the
     run ends KILLED, the model FAILED (never PENDING for good), no member names the KILLED
@@ -419,14 +430,19 @@ def test_sigterm_while_the_ensembles_pyfunc_model_is_pending_fails_it_and_exits_
     for attempt in range(5):
         store = copy_store(member_store[0], tmp_path / f"store{attempt}")
 
-        def ensemble_models(store: Path = store) -> list[int]:
+        def ensemble_models(store: Path = store, earlier: frozenset = frozenset()) -> list[int]:
+            """Statuses of the ensemble models this try's command made (the copied store may hold
+            ensembles that earlier tests built)."""
             with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
                 rows = con.execute(
-                    "SELECT l.status FROM logged_models l JOIN tags t ON t.run_uuid = l.source_run_id "
+                    "SELECT l.model_id, l.status FROM logged_models l JOIN tags t ON t.run_uuid = l.source_run_id "
                     "WHERE t.key = 'segx.role' AND t.value = 'ensemble'"
                 ).fetchall()
-            return [r[0] for r in rows]
+            return [status for model_id, status in rows if model_id not in earlier]
 
+        earlier_models = frozenset(m for (m,) in _model_ids(store))
+        earlier_runs = {r.info.run_id for r in _ensemble_runs(store)}
+        ensemble_models = functools.partial(ensemble_models, earlier=earlier_models)
         proc = start(ensemble_args(store))
         deadline = time.monotonic() + 300
         found: list[int] = []
@@ -445,10 +461,10 @@ def test_sigterm_while_the_ensembles_pyfunc_model_is_pending_fails_it_and_exits_
             break
     assert pending, "the model was READY before the signal in every try"
     assert proc.returncode == 143, err[-3000:]
-    assert statuses(store, "ensemble") == ["KILLED"]
     client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
     experiment = client.get_experiment_by_name("segx").experiment_id
-    (run,) = tracking.find_runs(client, experiment, "ensemble", status=None)
+    (run,) = [r for r in _ensemble_runs(store) if r.info.run_id not in earlier_runs]
+    assert run.info.status == "KILLED"
     models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert [str(m.status) for m in models] == ["FAILED"]
     for member in tracking.find_runs(client, experiment, "member"):  # only FINISHED ensembles are named

@@ -179,6 +179,6 @@ def _refused_without_flip_cache(client, out, runs, real, old, tmp_path):
         build_ensemble(cfg)
     message = str(info.value)
     assert "\n" not in message and old.info.run_id in message
-    assert "no flip-TTA cache" in message and "retrain it or use ensemble.tta=none" in message
+    assert "no flip-TTA cache" in message and "retrain it to search with TTA, or use ensemble.tta=none" in message
     ensembles = tracking.find_runs(client, real.info.experiment_id, "ensemble", status=None)
     assert all(old.info.run_id not in r.data.tags.get("segx.members", "") for r in ensembles)  # refused before logging
