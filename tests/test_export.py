@@ -290,7 +290,7 @@ def export_store(tmp_path_factory):
         "client": client,
         "experiment": exp,
         "members": ids,
-        "searched": searched["run_id"],
+        "searched": searched.run_id,
         "equal": equal,
     }
 
