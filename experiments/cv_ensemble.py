@@ -305,7 +305,7 @@ def ensemble(args, client, experiment: str, setting: str, ids: list[str], work: 
                 "ensemble.run_ids=[" + ",".join(ids) + "]",
             ],
         )
-        record = build_ensemble(cfg)
+        record = build_ensemble(cfg).to_json()  # the record as JSON (with run_id), as read back above
     seconds = time.perf_counter() - started
     run_id = record["run_id"]
     gain = pd.read_csv(tracking.download(client, run_id, "tables/gain.csv", folder)).iloc[0].to_dict()

@@ -92,6 +92,7 @@ def build_members(work: Path, size: int) -> tuple[dict, list[Path]]:
 
 
 def measure(size: int, tta: str, images: list[np.ndarray], rounds: int, work: Path) -> dict:
+    from segx.ensembling.record import EnsembleRecord
     from segx.inference.predictor import EnsemblePredictor
 
     record, paths = build_members(work, size)
@@ -99,12 +100,15 @@ def measure(size: int, tta: str, images: list[np.ndarray], rounds: int, work: Pa
     predictors = {
         **{
             b: EnsemblePredictor(
-                {**record, "weight_denominator": 1, "members": [dict(m, weight=1.0, weight_count=1)]}, [p]
+                EnsembleRecord.from_json(
+                    {**record, "weight_denominator": 1, "members": [dict(m, weight=1.0, weight_count=1)]}
+                ),
+                [p],
             )
             for b, m, p in zip(BACKBONES, record["members"], paths, strict=True)
         },
-        "separate": EnsemblePredictor(record, paths, fused=False),
-        "fused": EnsemblePredictor(record, paths, fused=True),
+        "separate": EnsemblePredictor(EnsembleRecord.from_json(record), paths, fused=False),
+        "fused": EnsemblePredictor(EnsembleRecord.from_json(record), paths, fused=True),
     }
     for predictor in predictors.values():
         predictor.predict(images[:8])  # traces the graphs

@@ -267,7 +267,7 @@ def ensemble(
                 "ensemble.run_ids=[" + ",".join(ids) + "]",
             ],
         )
-        record = build_ensemble(cfg)
+        record = build_ensemble(cfg).to_json()  # the record as JSON (with run_id), as read back above
     per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
     val = pd.read_csv(tracking.download(client, record["run_id"], "tables/val_summary.csv", folder))
     names = [m["name"] for m in members]

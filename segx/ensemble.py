@@ -25,7 +25,7 @@ from segx.workflows.ensemble import build_ensemble
 @cli.task
 def _hydra_main(cfg: DictConfig) -> float:
     """The ensemble's validation Dice, for sweepers."""
-    return float(build_ensemble(cfg)["val_dice"])
+    return float(build_ensemble(cfg).val_dice)
 
 
 def main() -> None:

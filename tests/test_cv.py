@@ -146,7 +146,6 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
     from segx.data.io import read_image
     from segx.ensembling.probs import fold_mean, load_cached
     from segx.inference.predictor import member_probs
-    from segx.inference.view import View
     from segx.models import load_member
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.predict import load_ensemble
@@ -164,32 +163,32 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
             ],
         )
     )
-    assert all(len(m["folds"]) == 2 for m in record["members"])
-    run = client.get_run(record["run_id"])
+    assert all(len(m.folds) == 2 for m in record.members)
+    run = client.get_run(record.run_id)
     assert {"test/gain_vs_best_member", "test/gain_ci_low", "test/gain_ci_high", "selection/optimism"} <= set(
         run.data.metrics
     )
     # Out-of-fold arrays: every training case, exactly the fold run's cached validation map.
-    member = record["members"][0]
+    member = record.members[0]
     fold_caches = [
         load_cached(tracking.download(client, f, "predictions/val.npz", tmp_path / f), tmp_path / f)
-        for f in member["folds"]
+        for f in member.folds
     ]
     from segx.workflows.members import load_member as load_ensemble_member
 
-    cvm = load_ensemble_member(client, client.get_run(member["run_id"]), tmp_path / "cache")
+    cvm = load_ensemble_member(client, client.get_run(member.run_id), tmp_path / "cache")
     assert cvm.val.stems == sorted(s for c in fold_caches for s in c.stems) and len(cvm.val.stems) == 12
     for cache in fold_caches:
         for i, stem in enumerate(cache.stems):
             j = cvm.val.stems.index(stem)
             assert np.array_equal(cvm.val.probs[j], cache.probs[i]) and np.array_equal(cvm.val.masks[j], cache.masks[i])
     # Prediction with a cross-validated member is the mean of its fold models.
-    _, predictor = load_ensemble(client, record["run_id"], tmp_path / "rebuild")
+    _, predictor = load_ensemble(client, record.run_id, tmp_path / "rebuild")
     files = {c.stem: c.image for c in discover_cases(out / "data")}
     images = [read_image(files[s]) for s in cvm.test.stems]
-    folds = [load_member(tracking.download_member_model(client, f, tmp_path / "m" / f)) for f in member["folds"]]
-    view = View.from_dict(member["view"])
-    expected = fold_mean([member_probs(m, member["backbone"], view, images, ("none",))["none"] for m in folds])
+    folds = [load_member(tracking.download_member_model(client, f, tmp_path / "m" / f)) for f in member.folds]
+    view = member.view
+    expected = fold_mean([member_probs(m, member.backbone, view, images, ("none",))["none"] for m in folds])
     got = predictor.member_probs(images)[0]
     if got is not None:  # weight 0 members are not run
         assert np.array_equal(got.flat, expected.flat)
@@ -204,7 +203,7 @@ def test_cv_ensemble_searches_out_of_fold_and_predicts_the_fold_mean(cv_store, t
         "predict",
         [
             *store_overrides(out),
-            f"ensemble_run_id={record['run_id']}",
+            f"ensemble_run_id={record.run_id}",
             f"input_dir={tmp_path / 'in'}",
             f"output_dir={tmp_path / 'pred'}",
         ],
@@ -234,7 +233,7 @@ def test_missing_fold_is_refused_with_the_command_unless_opted_in(cv_store, tmp_
         with pytest.raises(SegxError, match=r"is missing fold\(s\) 1 .*train them: .*segx.train .*fold=1"):
             build_ensemble(compose_config("ensemble", base))
         record = build_ensemble(compose_config("ensemble", [*base, "ensemble.allow_incomplete_cv=true"]))
-        assert record["members"][0]["folds"] == [
+        assert list(record.members[0].folds) == [
             tracking.find_runs(
                 client, exp, "member", tags={"mlflow.parentRunId": parent.info.run_id, "segx.fold": "0"}
             )[0].info.run_id

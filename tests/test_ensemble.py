@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from segx import tracking
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
 
@@ -16,7 +17,7 @@ from tests.conftest import compose_config, store_overrides
 def test_ensemble_run_records_members_weights_and_reports(ensemble_record, member_store):
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    run = client.get_run(ensemble_record["run_id"])
+    run = client.get_run(ensemble_record.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["segx.role"] == "ensemble"
     record = json.loads(tracking.download(client, run.info.run_id, "ensemble.json", out / "dl").read_text())
     assert {m["run_id"] for m in record["members"]} == set(runs.values())
@@ -33,7 +34,7 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     for key in ("val/dice", "test/dice", "test/iou", "test/hd95"):
         assert key in run.data.metrics and all(key in m.data.metrics for m in member_runs), key
         assert all(len(client.get_metric_history(r.info.run_id, key)) == 1 for r in [run, *member_runs]), key
-    assert run.data.metrics["val/dice"] == ensemble_record["val_dice"]
+    assert run.data.metrics["val/dice"] == ensemble_record.val_dice
     per_epoch = [
         k for k in member_runs[0].data.metrics if len(client.get_metric_history(member_runs[0].info.run_id, k)) > 1
     ]
@@ -61,28 +62,26 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
 
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    run_id = ensemble_record["run_id"]
+    run_id = ensemble_record.run_id
     record, predictor = load_ensemble(client, run_id, tmp_path / "rebuild")
     # Rebuilt members reproduce the cached validation probabilities used in the search, exactly.
     cached = [
         load_cached(
-            tracking.download(client, m["run_id"], "predictions/val.npz", tmp_path / m["run_id"]),
-            tmp_path / m["run_id"],
+            tracking.download(client, m.run_id, "predictions/val.npz", tmp_path / m.run_id),
+            tmp_path / m.run_id,
         )
-        for m in record["members"]
+        for m in record.members
     ]
     stems = cached[0].stems
     files = {c.stem: c.image for c in discover_cases(synthetic_root)}
     images = [read_image(files[stem]) for stem in stems]  # at their own size, as a user gives them
     score, probs = predictor.score(images)
-    searched = binarize(
-        combine([c.probs for c in cached], [m["weight"] for m in record["members"]]), record["threshold"]
-    )
-    assert np.array_equal(binarize(score, record["threshold"]).flat, searched.flat)
+    searched = binarize(combine([c.probs for c in cached], [m.weight for m in record.members]), record.threshold)
+    assert np.array_equal(binarize(score, record.threshold).flat, searched.flat)
     # ... and so the recorded validation Dice, exactly.
     from segx.scoring.metrics import dice_per_case
 
-    assert dice_per_case(binarize(score, record["threshold"]), cached[0].masks).mean() == record["val_dice"]
+    assert dice_per_case(binarize(score, record.threshold), cached[0].masks).mean() == record.val_dice
 
     # The CLI writes one mask per input at the input's own size, and never overwrites.
     inputs = tmp_path / "inputs"
@@ -155,9 +154,7 @@ def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(
 
     out, _ = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    record = json.loads(
-        tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text()
-    )
+    record = json.loads(tracking.download(client, ensemble_record.run_id, "ensemble.json", tmp_path / "dl").read_text())
     first, second = (
         tracking.download_member_model(client, m["run_id"], tmp_path / f"m{i}") for i, m in enumerate(record["members"])
     )
@@ -170,6 +167,7 @@ def test_fused_networks_predict_bit_for_bit_what_each_predicts_alone(
         cv2.resize(image, (40, 50)),
         image[:33, :61],
     ] * 3  # 12: batches of 8 + 4
+    record = EnsembleRecord.from_json(record)
     fused = EnsemblePredictor(record, [first, [second, second]], tta=tta)
     alone = EnsemblePredictor(record, [first, [second, second]], tta=tta, fused=False)
     assert len(fused.groups) == 1 and len(fused.groups[fused.views[0]].models) == 3
@@ -192,7 +190,7 @@ def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member
         "predict",
         [
             *store_overrides(out),
-            f"ensemble_run_id={ensemble_record['run_id']}",
+            f"ensemble_run_id={ensemble_record.run_id}",
             f"input_dir={inputs}",
             f"output_dir={tmp_path / 'pred'}",
         ],
@@ -214,14 +212,12 @@ def test_logging_the_pyfunc_model_leaves_no_temp_folder(ensemble_record, member_
 
     out, _ = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    record = json.loads(
-        tracking.download(client, ensemble_record["run_id"], "ensemble.json", tmp_path / "dl").read_text()
-    )
+    record = json.loads(tracking.download(client, ensemble_record.run_id, "ensemble.json", tmp_path / "dl").read_text())
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    run = client.create_run(client.get_run(ensemble_record["run_id"]).info.experiment_id)
-    uri = log_pyfunc(client, run.info.run_id, record)
+    run = client.create_run(client.get_run(ensemble_record.run_id).info.experiment_id)
+    uri = log_pyfunc(client, run.info.run_id, EnsembleRecord.from_json(record))
     client.set_terminated(run.info.run_id)
     assert client.get_run(run.info.run_id).data.tags["segx.pyfunc_uri"] == uri
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("segx-pyfunc-")]
@@ -303,8 +299,8 @@ def test_select_auto_takes_every_finished_member_of_the_split(member_store, ense
         "ensemble", [*store_overrides(out), "ensemble.select=auto", "ensemble.search=grid", "ensemble.grid_step=0.5"]
     )
     record = build_ensemble(cfg)
-    assert {m["run_id"] for m in record["members"]} == set(runs.values())
-    assert record["data_fingerprint"] == ensemble_record["data_fingerprint"]
+    assert {m.run_id for m in record.members} == set(runs.values())
+    assert record.data_fingerprint == ensemble_record.data_fingerprint
 
 
 def test_exact_run_ids_need_no_member_list(member_store):
@@ -323,7 +319,7 @@ def test_exact_run_ids_need_no_member_list(member_store):
         ],
     )
     record = build_ensemble(cfg)
-    assert sorted(m["run_id"] for m in record["members"]) == ids
+    assert sorted(m.run_id for m in record.members) == ids
 
 
 def _other_data(tmp_path):

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 import pytest
 
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import CONF, ROOT, compose_config, store_overrides
 from tests.test_native import make_folder
@@ -188,6 +189,7 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     )
     paths = [folds, other]
     images = _images()
+    record = EnsembleRecord.from_json(record)
     reference = EnsemblePredictor(record, paths)
     expected = reference.predict(images)
     score_ref, _ = reference.score(images)
@@ -207,8 +209,8 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
         _compare(expected, got, fmt, score_ref, score_exp, 3)
         # The in-graph ensemble on an image already at the network's size.
         outputs = predictor.graphs[0].run(np.stack(square))
-        ref_mask = binarize(reference.score(square)[0], record["threshold"])
-        exp_mask = binarize(predictor.score(square)[0], record["threshold"])
+        ref_mask = binarize(reference.score(square)[0], record.threshold)
+        exp_mask = binarize(predictor.score(square)[0], record.threshold)
         assert np.array_equal(outputs["mask"][0].astype(bool), exp_mask[0])  # the graph = segx's arithmetic
         assert np.array_equal(outputs["probability"][0], predictor.score(square)[0].probability()[0])
         if fmt == "savedmodel":
@@ -276,7 +278,7 @@ def export_store(tmp_path_factory):
         )
     )
     # The same members at equal weights, as a hand-written record (segx reads those too).
-    record = {k: v for k, v in searched.items() if k != "run_id"}
+    record = {k: v for k, v in searched.to_json().items() if k != "run_id"}
     record["members"] = [{**m, "weight": 0.5, "weight_count": 1} for m in record["members"]]
     record.update(
         weight_denominator=2, threshold=0.5, postprocess={"min_size": 0, "fill_holes": False, "keep_largest": False}
@@ -288,7 +290,7 @@ def export_store(tmp_path_factory):
         "client": client,
         "experiment": exp,
         "members": ids,
-        "searched": searched["run_id"],
+        "searched": searched.run_id,
         "equal": equal,
     }
 
@@ -795,6 +797,7 @@ def test_every_backbone_converts_to_onnx(backbone, arch, tmp_path):
     view = {"mode": "resize", "size": size, "resize_mode": "resize"}
     record = _record([{"run_id": "r", "backbone": name, "view": view}], [1], "none", 0.5)
     record["members"][0]["arch"] = arch
+    record = EnsembleRecord.from_json(record)
     manifest = export_ensemble(record, [folder], tmp_path / "onnx", "onnx")
     assert manifest["check"]["member_probabilities_max_abs_diff"] < 1e-3
     images = _images()[:2]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from segx.data.labels import Labels
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 
 TUMOUR = {"background": 0, "oedema": 1, "necrosis": 2, "enhancing": 4}
@@ -115,7 +116,7 @@ def test_a_threshold_on_a_region_ensemble_is_refused_saying_regions_are_threshol
         match=r"3 regions \(whole, core, enhancing\), each at its own threshold chosen on "
         r"validation \(whole=0.45, core=0.5, enhancing=0.35\); drop the threshold override",
     ):
-        EnsemblePredictor(record, ["unused"], threshold=0.4)
+        EnsemblePredictor(EnsembleRecord.from_json(record), ["unused"], threshold=0.4)
 
 
 def run_command(module: str, args: list[str], cwd):

@@ -20,6 +20,7 @@ from segx.data.ragged import Ragged
 from segx.ensembling import search
 from segx.ensembling.classes import compact_classes, exact_class_dice, exact_labels
 from segx.ensembling.probs import Weights
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from segx.scoring.classes import class_dice, class_means, class_metrics, confusion_counts, foreground_mean
 
@@ -397,7 +398,7 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
         from segx.inference.predictor import class_postprocess
         from segx.scoring.postprocess import apply_classes
 
-        post = class_postprocess(record, Labels.from_record(record["labels"]))
+        post = class_postprocess(EnsembleRecord.from_json(record))
         expected = apply_classes(exact_labels([c.probs for c in cached], record_weights(record)), post)
     inputs = tmp_path / "inputs"
     inputs.mkdir()

@@ -111,18 +111,16 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
             ],
         )
     )
-    assert [m["view"]["mode"] for m in record["members"]] == ["patch", "resize"]
-    assert record["members"][0]["view"]["size"] == 32 and record["members"][1]["view"]["size"] == 64
-    _, predictor = load_ensemble(client, record["run_id"], tmp_path / "rebuild")
+    assert [m.view.mode for m in record.members] == ["patch", "resize"]
+    assert record.members[0].view.size == 32 and record.members[1].view.size == 64
+    _, predictor = load_ensemble(client, record.run_id, tmp_path / "rebuild")
     stems = cached["patch"].stems
     images = [read_image(root / "train_images" / f"{s}.png") for s in stems]
     score, probs = predictor.score(images)
     for name, p in zip(["patch", "resize"], probs, strict=True):
         assert p is None or np.array_equal(p.flat, cached[name].probs.flat), name  # bit for bit
-    searched = binarize(
-        combine([cached["patch"].probs, cached["resize"].probs], predictor.weights), record["threshold"]
-    )
-    assert dice_per_case(searched, cached["patch"].masks).mean() == record["val_dice"]
+    searched = binarize(combine([cached["patch"].probs, cached["resize"].probs], predictor.weights), record.threshold)
+    assert dice_per_case(searched, cached["patch"].masks).mean() == record.val_dice
     predictions = predictor.predict(images)
     for i, prediction in enumerate(predictions):
         assert prediction.mask.shape == images[i].shape[:2]

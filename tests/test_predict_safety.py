@@ -28,7 +28,7 @@ def _predict(member_store, ensemble_record, inputs, output_dir, *extra, work=Non
     out, _ = member_store
     overrides = [
         *store_overrides(out),
-        f"ensemble_run_id={ensemble_record['run_id']}",
+        f"ensemble_run_id={ensemble_record.run_id}",
         f"input_dir={inputs}",
         f"output_dir={output_dir}",
         *extra,
@@ -186,7 +186,7 @@ def test_non_utf8_file_name_round_trips_through_predict(member_store, ensemble_r
         "-m",
         "segx.predict",
         *store_overrides(out),
-        f"ensemble_run_id={ensemble_record['run_id']}",
+        f"ensemble_run_id={ensemble_record.run_id}",
         f"input_dir={inputs}",
         f"output_dir={pred}",
     ]
@@ -254,9 +254,7 @@ def test_batches_are_bounded_by_input_pixels(member_store, ensemble_record, synt
     inputs = _scans(tmp_path / "in", synthetic_root, 5)
     big = cv2.imread(str(inputs / "scan4.png"))
     cv2.imwrite(str(inputs / "scan4.png"), cv2.resize(big, (128, 128)))  # 4 small images' pixels
-    _, predictor = load_ensemble(
-        tracking.connect(f"sqlite:///{out}/mlflow.db"), ensemble_record["run_id"], tmp_path / "m"
-    )
+    _, predictor = load_ensemble(tracking.connect(f"sqlite:///{out}/mlflow.db"), ensemble_record.run_id, tmp_path / "m")
     done = []
     n = predict_folder(
         predictor,

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
 
@@ -277,7 +278,7 @@ def test_an_export_that_cannot_make_its_staging_folder_is_one_line(tmp_path):
         pytest.skip("/sys is writable here")
     record = _record("m", LUNGS)
     with pytest.raises(SegxError, match=r"^(cannot write into /sys|cannot write into /sys/segx-test-\d+) \("):
-        export_ensemble(record, [_member(tmp_path / "m", LUNGS)], target, "savedmodel")
+        export_ensemble(EnsembleRecord.from_json(record), [_member(tmp_path / "m", LUNGS)], target, "savedmodel")
 
 
 def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
@@ -302,7 +303,7 @@ def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
         mask = graph.run(np.zeros((1, 32, 32, 3), np.uint8))["mask"]
         assert mask.dtype == np.uint8 and (mask == 4).all(), fmt
     record = json.loads(Path(tracking.download(client, run, "ensemble.json", tmp_path / "r")).read_text())
-    uri = log_pyfunc(client, run, record)
+    uri = log_pyfunc(client, run, EnsembleRecord.from_json(record))
     image = cv2.cvtColor(cv2.imread(str(inputs / "x.png")), cv2.COLOR_BGR2RGB)
     masks = mlflow.pyfunc.load_model(uri).predict([image])
     assert np.array_equal(masks[0], written)
@@ -313,7 +314,7 @@ def test_region_uncertainty_of_certain_regions_is_zero_without_warnings(tmp_path
     0 * log2(0): NaN, with numpy's divide-by-zero warnings."""
     from segx.inference.predictor import EnsemblePredictor
 
-    predictor = EnsemblePredictor(_record("m", REGIONS), [_member(tmp_path / "m", REGIONS)])
+    predictor = EnsemblePredictor(EnsembleRecord.from_json(_record("m", REGIONS)), [_member(tmp_path / "m", REGIONS)])
     image = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -217,7 +217,7 @@ def test_run_search_reports_and_records_prediction_numbers(method):
     assert found.val_dice == found.chosen.val_dice
     # The record holds the exact counts; read back, they predict the recorded Dice.
     record = validate_record(
-        json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg))))
+        json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg)).to_json()))
     )
     assert record["version"] == 3
     weights, chosen = record_weights(record), found.chosen.weights

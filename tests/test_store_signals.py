@@ -365,7 +365,7 @@ def test_sigterm_during_prediction_exits_143_in_one_line(tmp_path, member_store,
         [
             "segx.predict",
             *store_overrides(out),
-            f"ensemble_run_id={ensemble_record['run_id']}",
+            f"ensemble_run_id={ensemble_record.run_id}",
             f"input_dir={synthetic_root / 'train_images'}",
             f"output_dir={tmp_path / 'masks'}",
             f"paths.output_dir={tmp_path / 'work'}",

@@ -109,11 +109,11 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, sy
         ],
     )
     record = build_ensemble(cfg)
-    assert record["tta"] == "flip"
+    assert record.tta == "flip"
 
-    _, predictor = load_ensemble(client, record["run_id"], tmp_path / "flip")
+    _, predictor = load_ensemble(client, record.run_id, tmp_path / "flip")
     assert predictor.tta == "flip"
-    first = record["members"][0]["run_id"]
+    first = record.members[0].run_id
     folder = tmp_path / "cache"
     cached = {
         role: load_cached(tracking.download(client, first, cache_artifact(role, "flip"), folder), folder)
@@ -133,14 +133,14 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, sy
         return dice_per_case(masks, data.masks).mean(), masks
 
     val_dice, flip_masks = dice(predictor, val)
-    assert val_dice == record["val_dice"]
-    metrics = client.get_run(record["run_id"]).data.metrics
+    assert val_dice == record.val_dice
+    metrics = client.get_run(record.run_id).data.metrics
     assert dice(predictor, test)[0] == metrics["test/dice"]
 
     # The test is sensitive: the same record predicted without TTA gives other masks, and says
     # in one line that it was tuned for another TTA.
     capsys.readouterr()
-    _, plain = load_ensemble(client, record["run_id"], tmp_path / "plain", tta="none")
+    _, plain = load_ensemble(client, record.run_id, tmp_path / "plain", tta="none")
     warning = capsys.readouterr().err.strip()
     assert warning.startswith("segx: warning:") and "tuned for tta=flip" in warning and "\n" not in warning
     assert not np.array_equal(dice(plain, val)[1], flip_masks)

@@ -26,19 +26,19 @@ def test_runs_say_who_made_them_what_they_are_and_what_was_chosen(ensemble_recor
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     member = client.get_run(runs["resnet18"])
-    for run in (member, client.get_run(ensemble_record["run_id"])):
+    for run in (member, client.get_run(ensemble_record.run_id)):
         tags = run.data.tags
         assert tags["mlflow.user"] and tags["mlflow.source.name"]  # "Created by", "Source"
         assert tags["mlflow.note.content"].startswith("segx ")  # the UI's description
     assert "resnet18 encoder" in member.data.tags["mlflow.note.content"]
-    ensemble = client.get_run(ensemble_record["run_id"])
+    ensemble = client.get_run(ensemble_record.run_id)
     params = ensemble.data.params
-    assert params["chosen.threshold"] == str(ensemble_record["threshold"])
+    assert params["chosen.threshold"] == str(ensemble_record.threshold)
     weights = {k: float(v) for k, v in params.items() if k.startswith("chosen.weight.")}
     assert len(weights) == 2
-    for i, m in enumerate(ensemble_record["members"]):  # in member order, named by member
+    for i, m in enumerate(ensemble_record.members):  # in member order, named by member
         (value,) = [v for k, v in weights.items() if k.startswith(f"chosen.weight.{i}.")]
-        assert abs(value - m["weight"]) < 1e-5
+        assert abs(value - m.weight) < 1e-5
     # The run is named for what won (a member alone, equal weights or the search), written out
     # here for this fixture's two members rather than rebuilt by the ensemble's own rule.
     expected = {
@@ -80,9 +80,9 @@ def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record,
         assert model.tags["segx.model_artifact"] == f"runs:/{run_id}/model"
         assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
         member_models[run_id] = model.model_id
-    ensemble = client.get_run(ensemble_record["run_id"])
+    ensemble = client.get_run(ensemble_record.run_id)
     inputs = {i.model_id for i in ensemble.inputs.model_inputs}
-    assert inputs == {member_models[m["run_id"]] for m in ensemble_record["members"]}
+    assert inputs == {member_models[m.run_id] for m in ensemble_record.members}
     import mlflow
 
     # The ensemble's pyfunc takes a list of images of different sizes (a tensor signature would

@@ -103,12 +103,15 @@ def export_child(fmt: str, work: str) -> None:
     """One fresh process: export_ensemble; prints one JSON line (seconds, peak memory, sizes)."""
     import resource
 
+    from segx.ensembling.record import EnsembleRecord
     from segx.inference.exported import export_ensemble
 
     work = Path(work)
     record = json.loads((work / "record.json").read_text())
     started = time.perf_counter()
-    manifest = export_ensemble(record, [work / "members" / b for b in BACKBONES], work / fmt, fmt)
+    manifest = export_ensemble(
+        EnsembleRecord.from_json(record), [work / "members" / b for b in BACKBONES], work / fmt, fmt
+    )
     print(
         json.dumps(
             {
@@ -130,6 +133,7 @@ def load_child(runtime: str, work: str) -> None:
     """One fresh process: import, load, first batch; prints one JSON line."""
     t0 = time.perf_counter()
     if runtime == "keras":
+        from segx.ensembling.record import EnsembleRecord
         from segx.inference.predictor import EnsemblePredictor
         from segx.models import build_model  # noqa: F401 - TensorFlow, as segx.predict imports it
     else:
@@ -143,7 +147,7 @@ def load_child(runtime: str, work: str) -> None:
     work = Path(work)
     if runtime == "keras":
         record = json.loads((work / "record.json").read_text())
-        predictor = EnsemblePredictor(record, [work / "members" / b for b in BACKBONES])
+        predictor = EnsemblePredictor(EnsembleRecord.from_json(record), [work / "members" / b for b in BACKBONES])
     else:
         predictor = load_exported(work / runtime)
     t2 = time.perf_counter()
@@ -177,6 +181,7 @@ def main() -> None:
         return
 
     from segx.benchmark.study import machine
+    from segx.ensembling.record import EnsembleRecord
     from segx.inference.exported import load_exported
     from segx.inference.predictor import EnsemblePredictor
 
@@ -221,7 +226,7 @@ def main() -> None:
 
     # Throughput, one process, rotated order.
     predictors = {
-        "keras": EnsemblePredictor(record, paths),
+        "keras": EnsemblePredictor(EnsembleRecord.from_json(record), paths),
         "savedmodel": load_exported(work / "savedmodel"),
         "onnx": load_exported(work / "onnx"),
     }

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,9 @@ from segx.benchmark.naive import naive_grid
 from segx.benchmark.report import load_stage, write_report
 from segx.config import TTA_MODES
 from segx.errors import SegxError
+
+if TYPE_CHECKING:
+    from segx.ensembling.record import EnsembleRecord
 
 STAGES = ("accuracy", "throughput", "efficiency", "inference", "search")
 
@@ -133,9 +138,9 @@ class Study:
             ],
         )
         record = build_ensemble(ens_cfg)
-        folder = self.work / "accuracy" / record["run_id"]  # under the study's own work folder, not /tmp
-        per_case = pd.read_csv(tracking.download(client, record["run_id"], "tables/test_per_case.csv", folder))
-        val = pd.read_csv(tracking.download(client, record["run_id"], "tables/val_summary.csv", folder))
+        folder = self.work / "accuracy" / record.run_id  # under the study's own work folder, not /tmp
+        per_case = pd.read_csv(tracking.download(client, record.run_id, "tables/test_per_case.csv", folder))
+        val = pd.read_csv(tracking.download(client, record.run_id, "tables/val_summary.csv", folder))
         per_case = pd.concat([per_case, self.forced_postprocess(client, record, folder)], ignore_index=True)
         meta = pd.read_csv(data_root / "metadata.csv")[["stem", "appearance"]]
         per_case = per_case.merge(meta, on="stem", how="left")
@@ -156,11 +161,11 @@ class Study:
         self.plot_accuracy(pd.DataFrame(table))
         return {
             "members": members,
-            "ensemble_run_id": record["run_id"],
-            "weights": {m["backbone"]: m["weight"] for m in record["members"]},
-            "threshold": record["threshold"],
-            "postprocess": record["postprocess"],
-            "chosen": record["search"]["chosen"],
+            "ensemble_run_id": record.run_id,
+            "weights": {m.backbone: m.weight for m in record.members},
+            "threshold": record.threshold,
+            "postprocess": record.postprocess.to_dict(),
+            "chosen": record.chosen_method,
             "val_table": val.to_dict(orient="records"),
             "test_table": table,
             "image_size": int(self.profile.image_size),
@@ -168,22 +173,18 @@ class Study:
             "scored_at": "original size",
         }
 
-    def forced_postprocess(self, client, record: dict, folder: Path) -> pd.DataFrame:
+    def forced_postprocess(self, client, record: EnsembleRecord, folder: Path) -> pd.DataFrame:
         """Test rows for the ensemble with the best post-processing other than none, as chosen on
         validation, applied even if validation rejected it: post-processing on vs off."""
         from segx.ensembling.choose import choose_postprocess
-        from segx.ensembling.record import record_weights
         from segx.evaluation.report import score_test_split
         from segx.workflows.members import load_member
 
-        members = [
-            load_member(client, client.get_run(m["run_id"]), folder / "cache", record.get("tta", "none"))
-            for m in record["members"]
-        ]
-        weights = record_weights(record)  # the exact counts, as prediction uses them
-        _, results = choose_postprocess(members, weights, record["threshold"], [10, 20, 50, 100], 0.0)
+        members = [load_member(client, client.get_run(m.run_id), folder / "cache", record.tta) for m in record.members]
+        weights = record.weights  # the exact counts, as prediction uses them
+        _, results = choose_postprocess(members, weights, record.threshold, [10, 20, 50, 100], 0.0)
         post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
-        rows, _ = score_test_split(members, weights, record["threshold"], post)
+        rows, _ = score_test_split(members, weights, record.threshold, post)
         rows = rows[rows.method == "ensemble"].copy()
         rows["method"] = f"ensemble + {post.describe()} (forced on; val Dice {val_dice:.4f})"
         return rows
@@ -345,12 +346,20 @@ class Study:
         work = self.work / "inference"
         record, ensemble = load_ensemble(client, accuracy["ensemble_run_id"], work / "models")
         # Time every member, even those the search gave weight 0, so the sum is the full cost.
-        full = {**record, "members": [dict(m, weight=1.0 / len(record["members"])) for m in record["members"]]}
-        model_dirs = [work / "models" / f"m{i}" for i in range(len(record["members"]))]
+        # (Equal weights as exact counts: a float weight beside the searched weight_count would be refused.)
+        n_members = len(record.members)
+        full = replace(
+            record,
+            members=tuple(replace(m, weight=1.0 / n_members, weight_count=1) for m in record.members),
+            weight_denominator=n_members,
+        )
+        model_dirs = [work / "models" / f"m{i}" for i in range(n_members)]
         ensemble = EnsemblePredictor(full, model_dirs)
         singles = [
-            EnsemblePredictor({**record, "members": [dict(m, weight=1.0)]}, [d])
-            for m, d in zip(record["members"], model_dirs, strict=True)
+            EnsemblePredictor(
+                replace(record, members=(replace(m, weight=1.0, weight_count=1),), weight_denominator=1), [d]
+            )
+            for m, d in zip(record.members, model_dirs, strict=True)
         ]
         cases = discover_cases(self.dataset)[: int(self.profile.inference_timing_images)]
         images = [read_image(c.image) for c in cases]
@@ -384,7 +393,7 @@ class Study:
         out_dir = work / "predictions"
         shutil.rmtree(out_dir, ignore_errors=True)  # the previous timing's masks; this run rewrites them
         samples = []
-        ensemble.tta = record.get("tta", "none")
+        ensemble.tta = record.tta
         t0 = time.perf_counter()
         n = predict_folder(
             ensemble,

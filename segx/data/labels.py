@@ -205,14 +205,15 @@ class Labels:
         return out
 
     @classmethod
-    def from_record(cls, record: Mapping) -> Labels:
-        colours = record.get("colours")
-        ignore = record.get("ignore")
-        names = tuple(str(n) for n in record["names"])
-        regions = record.get("regions")
+    def from_record(cls, written: Mapping) -> Labels:
+        """Labels from their JSON (:meth:`to_record`), as a member's run and an ensemble's record hold it."""
+        colours = written.get("colours")
+        ignore = written.get("ignore")
+        names = tuple(str(n) for n in written["names"])
+        regions = written.get("regions")
         return cls(
             names,
-            tuple(int(v) for v in record["values"]),
+            tuple(int(v) for v in written["values"]),
             None if colours is None else tuple(tuple(int(x) for x in c) for c in colours),
             None if ignore is None else (tuple(int(x) for x in ignore) if isinstance(ignore, list) else int(ignore)),
             None if not regions else tuple((str(n), tuple(names.index(m) for m in ms)) for n, ms in regions),

@@ -12,6 +12,7 @@ import pandas as pd
 
 from segx.ensembling.choose import SearchOutcome
 from segx.ensembling.members import Member
+from segx.ensembling.record import EnsembleRecord
 
 
 def score_test_split(members: list[Member], weights, threshold, post, spacing=None):
@@ -339,21 +340,21 @@ def gain_verdict(gain: dict) -> str:
     return "not shown to be better: the interval includes zero"
 
 
-def print_report(record, members, val_table, summary, found, gain: dict | None = None) -> None:
+def print_report(record: EnsembleRecord, members, val_table, summary, found, gain: dict | None = None) -> None:
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
 
     weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if record.get("region_thresholds"):  # regions: a threshold each, decoded in order
+    if record.region_thresholds:  # regions: a threshold each, decoded in order
         post = "none"
-        how = "thresholds: " + ", ".join(f"{r}={t:g}" for r, t in record["region_thresholds"].items())
-    elif record.get("labels") is not None:  # several classes: argmax, post-processing per class
+        how = "thresholds: " + ", ".join(f"{r}={t:g}" for r, t in record.region_thresholds.items())
+    elif record.labels is not None:  # several classes: argmax, post-processing per class
         post = ", ".join(f"{n}: {p.describe()}" for n, p in found.class_postprocess.items()) or "none"
-        how = f"labels: argmax of {len(record['labels']['names'])} classes"
+        how = f"labels: argmax of {record.labels.n_classes} classes"
     else:
-        post, how = found.postprocess.describe(), f"threshold: {record['threshold']}"
+        post, how = found.postprocess.describe(), f"threshold: {record.threshold}"
     print(
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
@@ -377,7 +378,7 @@ def print_report(record, members, val_table, summary, found, gain: dict | None =
             f"best member {gain['best_member_optimism']:+.4f}"
         )
     print(
-        f"\nsegx: ensemble run {record['run_id']}  (rebuild: python -m segx.predict "
-        f"ensemble_run_id={record['run_id']} input_dir=... output_dir=...)",
+        f"\nsegx: ensemble run {record.run_id}  (rebuild: python -m segx.predict "
+        f"ensemble_run_id={record.run_id} input_dir=... output_dir=...)",
         flush=True,
     )

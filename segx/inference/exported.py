@@ -43,14 +43,12 @@ from typing import Any
 import numpy as np
 
 from segx.data import staging
-from segx.data.labels import Labels
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import MAX_DENOMINATOR, cut, fold_mean, quantize
-from segx.ensembling.record import member_views, record_weights, validate_record
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from segx.inference.predictor import EnsemblePredictor, class_postprocess
 from segx.inference.view import View, predict_cases
-from segx.scoring.postprocess import PostProcess
 
 FORMATS = ("savedmodel", "onnx")
 MANIFEST = "export.json"
@@ -69,24 +67,20 @@ PARTIAL_PREFIX = ".segx-partial-export-"
 # What goes into the graph (no TensorFlow)
 
 
-def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
+def plan_graphs(record: EnsembleRecord, model_paths: Sequence) -> list[dict]:
     """The networks of a validated record grouped by view: one graph per distinct view, in the
     order members first appear. Weight-0 members are left out (they cannot change a pixel).
     Each graph: ``{"name", "view", "networks": [{"member", "fold", "backbone", "run_id", "path"}]}``."""
-    weights = record_weights(record)
-    views = member_views(record)
     graphs: list[dict] = []
-    for i, (member, view, path, count) in enumerate(
-        zip(record["members"], views, model_paths, weights.counts, strict=True)
-    ):
+    for i, (member, path, count) in enumerate(zip(record.members, model_paths, record.weights.counts, strict=True)):
         if count == 0:
             continue
-        view = View.from_dict(view).to_dict()
+        view = member.view.to_dict()
         graph = next((g for g in graphs if g["view"] == view), None)
         if graph is None:
             graph = {"view": view, "networks": []}
             graphs.append(graph)
-        folds = member.get("folds")
+        folds = member.folds
         paths = list(path) if folds else [path]
         if folds and len(paths) != len(folds):
             raise ValueError(f"member {i}: {len(folds)} folds but {len(paths)} model folders")
@@ -95,8 +89,8 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
                 {
                     "member": i,
                     "fold": k if folds else None,
-                    "backbone": str(member["backbone"]),
-                    "run_id": str(folds[k] if folds else member["run_id"]),
+                    "backbone": member.backbone,
+                    "run_id": str(folds[k] if folds else member.run_id),
                     "path": str(p),
                 }
             )
@@ -105,15 +99,14 @@ def plan_graphs(record: dict, model_paths: Sequence) -> list[dict]:
     return graphs
 
 
-def n_classes(record: dict) -> int:
+def n_classes(record: EnsembleRecord) -> int:
     """Output channels per network: 1 (a sigmoid) for one structure, K for K classes, R for R regions."""
-    labels = record.get("labels") or {}
-    return len(labels["regions"]) if labels.get("regions") else len(labels["names"]) if labels else 1
+    return record.n_outputs
 
 
-def mask_dtype(record: dict) -> str:
+def mask_dtype(record: EnsembleRecord) -> str:
     """The ``mask`` output's dtype: uint8 (0/1, or label values up to 255), uint16 for larger values."""
-    values = (record.get("labels") or {}).get("values") or [0]
+    values = record.labels.values if record.labels is not None else (0,)
     return "uint8" if max(int(v) for v in values) <= 255 else "uint16"
 
 
@@ -265,24 +258,23 @@ def preprocessing_table(backbone: str) -> tuple[list[int], np.ndarray] | None:
     return perm, lut
 
 
-def _build_functions(graphs: list[dict], models: list, tables: dict, record: dict, tta: str):
+def _build_functions(graphs: list[dict], models: list, tables: dict, record: EnsembleRecord, tta: str):
     """Per graph: the whole graph as one ``tf.function`` (what the SavedModel signs, bit for bit
     segx's network calls), and for ONNX one ``tf.function`` per network (uint8 images ->
     (B, S, S, 1)) and the ensemble tail (member probabilities -> probability, mask), which are
     converted one at a time and joined (:func:`_save_onnx`)."""
     from segx.backend import tf
 
-    weights = record_weights(record)
+    weights = record.weights
     k = n_classes(record)
-    threshold_cut = cut(float(record["threshold"]), weights.denominator) if k == 1 else None
+    threshold_cut = cut(float(record.threshold), weights.denominator) if k == 1 else None
     regions = None
-    if (record.get("labels") or {}).get("regions"):  # regions: (exact cut, class painted) each, in order
-        labels = Labels.from_record(record["labels"])
-        cuts = [cut(float(record["region_thresholds"][r]), weights.denominator) for r in labels.region_names]
+    labels = record.labels  # several classes: the mask output in data.labels' values
+    if labels is not None and labels.regions:  # regions: (exact cut, class painted) each, in order
+        cuts = [cut(float(record.region_thresholds[r]), weights.denominator) for r in labels.region_names]
         regions = list(zip(cuts, labels.paints(), strict=True))
-    named = record.get("labels")  # several classes: the mask output in data.labels' values
-    values = None if named is None else ([int(v) for v in named["values"]], mask_dtype(record))
-    swap = (record.get("labels") or {}).get("flip_swap")  # flip TTA's width-flipped pass, several classes
+    values = None if labels is None else ([int(v) for v in labels.values], mask_dtype(record))
+    swap = None if record.flip_swap is None else list(record.flip_swap)  # flip TTA's mirrored pass, several classes
     single = len(graphs) == 1
     functions = {}
     index = 0
@@ -699,7 +691,7 @@ def _move_into_place(stage: Path, output_dir: Path) -> None:
 
 
 def export_ensemble(
-    record: dict,
+    record: EnsembleRecord,
     model_paths: Sequence,
     output_dir: str | os.PathLike,
     fmt: str,
@@ -717,8 +709,7 @@ def export_ensemble(
     difference of ``member_probabilities`` is recorded in ``export.json`` (``check``). Returns the
     manifest (``export.json``: record, graphs with their signatures, files, sizes, versions)."""
     fmt = check_format(fmt)
-    record = validate_record(record)
-    tta = tta or record.get("tta", "none")
+    tta = tta or record.tta
     if fmt == "onnx":
         opset = check_opset(opset)
     output_dir = Path(output_dir)
@@ -726,7 +717,7 @@ def export_ensemble(
     graphs = plan_graphs(record, model_paths)
     if not graphs:
         raise SegxError("every member of this ensemble has weight 0; nothing to export")
-    weights = record_weights(record)
+    weights = record.weights
     if weights.denominator > MAX_DENOMINATOR:
         raise SegxError(f"weight_denominator {weights.denominator} is over {MAX_DENOMINATOR}")
     started = time.perf_counter()
@@ -751,7 +742,7 @@ def export_ensemble(
                 if fmt == "savedmodel"
                 else _save_onnx(functions, graphs, stage, opset, n_classes(record), mask_dtype(record))
             )
-            (stage / "ensemble.json").write_text(json.dumps(record, indent=2))
+            (stage / "ensemble.json").write_text(json.dumps(record.to_json(), indent=2))
             manifest = _manifest(record, graphs, fmt, opset if fmt == "onnx" else None, tta, files, source)
             manifest["check"] = _check_export(stage, manifest, functions)
             manifest["sizes_bytes"] = {f: _folder_bytes(stage / f) for f in files}
@@ -772,7 +763,7 @@ def export_ensemble(
 
 
 def _manifest(
-    record: dict,
+    record: EnsembleRecord,
     graphs: list[dict],
     fmt: str,
     opset: int | None,
@@ -791,6 +782,7 @@ def _manifest(
             return "missing"
 
     single = len(graphs) == 1
+    written = record.to_json()  # the manifest repeats the record's labels and post-processing as written
     return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -800,10 +792,10 @@ def _manifest(
         "segx_version": segx.__version__,
         "packages": {k: version(k) for k in ("tensorflow", "tf-keras", "tf2onnx", "onnx", "onnxruntime")},
         "source": dict(source or {}),
-        "threshold": record["threshold"],
-        **({"labels": record["labels"]} if record.get("labels") else {}),
-        "postprocess": record.get("postprocess", {}),
-        "weights": {"counts": list(record_weights(record).counts), "denominator": record_weights(record).denominator},
+        "threshold": record.threshold,
+        **({"labels": written["labels"]} if written.get("labels") else {}),
+        "postprocess": written.get("postprocess", {}),
+        "weights": {"counts": list(record.weights.counts), "denominator": record.weights.denominator},
         "graphs": [
             {
                 "name": g["name"],
@@ -952,24 +944,24 @@ class ExportedPredictor(EnsemblePredictor):
         manifest = read_manifest(folder)
         self.manifest = manifest
         try:
-            record = json.loads((folder / "ensemble.json").read_text())
+            written = json.loads((folder / "ensemble.json").read_text())
         except (OSError, ValueError):
             raise SegxError(f"{folder}/ensemble.json is missing or not JSON; export the ensemble again") from None
-        self.record = validate_record(record, f"{folder}/ensemble.json")
-        self.members = self.record["members"]
-        self.views = [View.from_dict(v) for v in member_views(self.record)]
-        self.weights = record_weights(self.record)
-        self.labels = Labels.from_record(self.record["labels"]) if self.record.get("labels") else None
+        self.record = record = EnsembleRecord.from_json(written, f"{folder}/ensemble.json")
+        self.members = record.members
+        self.views = record.views
+        self.weights = record.weights
+        self.labels = record.labels
         self.swap = None  # flip TTA (and its class swap) runs inside the exported graph
-        self.class_post = class_postprocess(self.record, self.labels)
-        self.threshold = None if self.labels is not None else float(self.record["threshold"])
-        regions = self.record.get("region_thresholds") or {}
+        self.class_post = class_postprocess(record)
+        self.threshold = None if self.labels is not None else float(record.threshold)
+        regions = record.region_thresholds
         self.region_thresholds = (
             [float(regions[r]) for r in self.labels.region_names]
             if self.labels is not None and self.labels.regions
             else None
         )
-        self.post = PostProcess(**self.record.get("postprocess", {}))
+        self.post = record.postprocess
         self.tta = manifest["tta"]
         if tta not in (None, self.tta):
             raise SegxError(
@@ -1003,8 +995,8 @@ class ExportedPredictor(EnsemblePredictor):
         for i, member in enumerate(self.members):
             if self.weights.counts[i] == 0:
                 out.append(None)
-            elif member.get("folds"):
-                out.append(fold_mean([per_network[(i, k)] for k in range(len(member["folds"]))]))
+            elif member.folds:
+                out.append(fold_mean([per_network[(i, k)] for k in range(len(member.folds))]))
             else:
                 out.append(per_network[(i, None)])
         return out

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segx.data.labels import Labels
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import Score, argmax_labels, binarize, combine, fold_mean, quantize
-from segx.ensembling.record import member_views, record_weights, validate_record
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from segx.inference.view import View, predict_cases
 from segx.scoring.postprocess import PostProcess, apply, apply_classes
@@ -38,11 +37,11 @@ class Prediction:
     uncertainty: np.ndarray
 
 
-def class_postprocess(record: dict, labels) -> dict[int, PostProcess]:
+def class_postprocess(record: EnsembleRecord) -> dict[int, PostProcess]:
     """A multi-class record's per-class post-processing, by class index (empty: none)."""
-    if labels is None:
+    if record.labels is None:
         return {}
-    return {labels.index(name): PostProcess(**p) for name, p in (record.get("class_postprocess") or {}).items()}
+    return {record.labels.index(name): p for name, p in record.class_postprocess.items()}
 
 
 def member_probs(
@@ -72,26 +71,25 @@ class EnsemblePredictor:
 
     def __init__(
         self,
-        record: dict,
+        record: EnsembleRecord,
         model_paths: Sequence,
         tta: str | None = None,
         fused: bool = True,
         threshold: float | None = None,
     ):
-        self.record = validate_record(record)
-        if len(model_paths) != len(record["members"]):
+        self.record = record
+        if len(model_paths) != len(record.members):
             raise ValueError("one model path per member")
-        self.members = record["members"]
-        self.views = [View.from_dict(v) for v in member_views(record)]
-        self.weights = record_weights(record)  # exact counts over a denominator
+        self.members = record.members
+        self.views = record.views
+        self.weights = record.weights  # exact counts over a denominator
         # Several classes: labelled by argmax (no threshold); masks written in the user's encoding.
-        self.labels = Labels.from_record(record["labels"]) if record.get("labels") is not None else None
-        self.class_post = class_postprocess(record, self.labels)
-        swap = (record.get("labels") or {}).get("flip_swap")
-        self.swap = None if swap is None else [int(i) for i in swap]
+        self.labels = record.labels
+        self.class_post = class_postprocess(record)
+        self.swap = None if record.flip_swap is None else list(record.flip_swap)
         if self.labels is not None:
             if threshold is not None and self.labels.regions:
-                chosen = record.get("region_thresholds") or {}
+                chosen = record.region_thresholds
                 shown = ", ".join(f"{r}={float(chosen[r]):g}" for r in self.labels.region_names if r in chosen)
                 raise SegxError(
                     f"threshold={threshold} but this ensemble segments {len(self.labels.regions)} regions "
@@ -105,14 +103,14 @@ class EnsemblePredictor:
                 )
             self.threshold = None
             # Regions: one threshold each (chosen on validation), decoded into the label map in order.
-            region = record.get("region_thresholds") or {}
+            region = record.region_thresholds
             self.region_thresholds = (
                 [float(region[r]) for r in self.labels.region_names] if self.labels.regions else None
             )
         else:
-            self.threshold = float(record["threshold"] if threshold is None else threshold)
-        self.post = PostProcess(**record.get("postprocess", {}))
-        self.tta = tta or record.get("tta", "none")
+            self.threshold = float(record.threshold if threshold is None else threshold)
+        self.post = record.postprocess
+        self.tta = tta or record.tta
         from segx.models import NetworkGroup, load_member
 
         # Members with weight 0 cannot change the output: skip loading and running them.
@@ -127,7 +125,7 @@ class EnsemblePredictor:
                 self.networks.setdefault(view, []).append((i, network))
         self.groups = (
             {
-                view: NetworkGroup([n for _, n in nets], [self.members[i]["backbone"] for i, _ in nets])
+                view: NetworkGroup([n for _, n in nets], [self.members[i].backbone for i, _ in nets])
                 for view, nets in self.networks.items()
             }
             if fused
@@ -140,7 +138,7 @@ class EnsemblePredictor:
         for view, nets in self.networks.items():
             if self.groups is None:
                 results = [
-                    member_probs(n, self.members[i]["backbone"], view, images, (self.tta,), self.swap)[self.tta]
+                    member_probs(n, self.members[i].backbone, view, images, (self.tta,), self.swap)[self.tta]
                     for i, n in nets
                 ]
             else:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from segx.data.labels import Labels
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 
 
@@ -38,21 +39,28 @@ def members_without_flip(model_paths: Iterable) -> bool:
 
 
 def check_tta(
-    tta: str, recorded: str, labels: Mapping | None, *, no_flip: bool = False, key: str = "tta"
+    tta: str,
+    recorded: str,
+    labels: Labels | None,
+    *,
+    swapped: bool = False,
+    no_flip: bool = False,
+    key: str = "tta",
 ) -> str | None:
     """Refuse (:class:`SegxError`, one line naming ``key``) a TTA that would be wrong for an
-    ensemble whose record has ``labels`` (None: one structure) and ``tta=recorded``; return a
-    warning line when ``tta`` is only untuned (not what the ensemble was searched with), else None.
-    ``no_flip``: some member's flip cannot be undone (:func:`members_without_flip`)."""
+    ensemble of ``labels`` (None: one structure) searched with ``tta=recorded``; return a warning
+    line when ``tta`` is only untuned (not what the ensemble was searched with), else None.
+    ``swapped``: the members were trained with data.flip_swap; ``no_flip``: some member's flip
+    cannot be undone (:func:`members_without_flip`, or the record's ``no_flip_tta``)."""
     if tta == "flip":
-        if no_flip or (labels or {}).get("no_flip_tta"):
-            regions = ", ".join(Labels.from_record(labels).region_names) if labels else ""
+        if no_flip:
+            regions = ", ".join(labels.region_names) if labels is not None else ""
             raise SegxError(
                 f"{key}=flip cannot be undone for this ensemble's regions ({regions}): data.flip_swap maps a "
                 f"region onto no region, so its members were trained without flip TTA; use {key}=none"
             )
-        sided = Labels.from_record(labels).sided() if labels else []
-        if sided and "flip_swap" not in labels:
+        sided = labels.sided() if labels is not None else []
+        if sided and not swapped:
             raise SegxError(
                 f"{key}=flip mirrors the images, and classes {', '.join(sided)} name a side, but the members were "
                 f"trained without data.flip_swap: a mirrored pass labels each side as the other; use {key}=none, or "
@@ -64,3 +72,23 @@ def check_tta(
             f"running {key}={tta}, which its recorded scores do not describe (drop the {key} override to run as tuned)"
         )
     return None
+
+
+def check_record_tta(record: EnsembleRecord, tta: str | None, model_paths: Iterable) -> str | None:
+    """:func:`check_tta` for an ensemble's record (``tta``: the override, None for the recorded one)
+    and its members' model folders."""
+    return check_tta(
+        tta or record.tta,
+        record.tta,
+        record.labels,
+        swapped=record.flip_swap is not None,
+        no_flip=record.no_flip_tta or members_without_flip(model_paths),
+    )
+
+
+def check_tagged_tta(tta: str, tagged: Mapping | None, key: str) -> None:
+    """:func:`check_tta` for members whose runs tag their classes (``tagged``: the tag's JSON,
+    :meth:`Labels.to_record` plus ``flip_swap`` and ``no_flip_tta``; None for one structure)."""
+    labels = None if tagged is None else Labels.from_record(tagged)
+    swapped = tagged is not None and "flip_swap" in tagged
+    check_tta(tta, tta, labels, swapped=swapped, no_flip=bool((tagged or {}).get("no_flip_tta")), key=key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from segx.ensembling.record import record_weights, validate_record
+from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from segx.tracking import runs
 from segx.tracking.readers import EnsembleRun
@@ -21,7 +21,7 @@ def ensemble_run(client, run_id: str):
     return run
 
 
-def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
+def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[EnsembleRecord, list]:
     """(record, model paths) of an ensemble run, every member with a non-zero weight downloaded
     (a cross-validated member: a list of fold model folders); None for weight-0 members.
     Each missing piece is one line naming the run and what to do."""
@@ -34,17 +34,17 @@ def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
             "rebuild the ensemble with python -m segx.ensemble"
         ) from None
     try:
-        record = json.loads(Path(path).read_text())
+        written = json.loads(Path(path).read_text())
     except ValueError:
         raise SegxError(f"run '{run_id}': ensemble.json is not valid JSON; rebuild the ensemble") from None
-    validate_record(record, f"run {run_id} ensemble.json")
+    record = EnsembleRecord.from_json(written, f"run {run_id} ensemble.json")
     paths: list = []
-    for i, (member, count) in enumerate(zip(record["members"], record_weights(record).counts, strict=True)):
+    for i, (member, count) in enumerate(zip(record.members, record.weights.counts, strict=True)):
         if count == 0:
             paths.append(None)
             continue
-        artifact = member.get("model_artifact", "model")
-        member_runs = member.get("folds") or [member["run_id"]]
+        artifact = member.model_artifact
+        member_runs = member.runs
         folders = []
         for k, member_run in enumerate(member_runs):
             try:
@@ -54,7 +54,7 @@ def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
                     f"ensemble '{run_id}' needs member run {member_run} (members[{i}]), but: {exc}; "
                     "restore that run or rebuild the ensemble without it"
                 ) from None
-            dst = workdir / f"m{i}" / (f"fold{k}" if member.get("folds") else "")
+            dst = workdir / f"m{i}" / (f"fold{k}" if member.folds else "")
             try:
                 folders.append(runs.download_member_model(client, member_run, dst, artifact))
             except SegxError:
@@ -63,5 +63,5 @@ def fetch_ensemble(client, run_id: str, workdir: Path) -> tuple[dict, list]:
                     f"({artifact}/spec.json, {artifact}/weights.h5); retrain it or rebuild the "
                     "ensemble without it"
                 ) from None
-        paths.append(folders if member.get("folds") else folders[0])
+        paths.append(folders if member.folds else folders[0])
     return record, paths

@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
+
+if TYPE_CHECKING:
+    from segx.ensembling.record import EnsembleRecord
 
 # MLflow warns at class creation, through its own 'once' filter, that predict() has no type
 # hints. Untyped is deliberate (typed inputs get converted; segx checks images itself), so the
@@ -33,20 +37,21 @@ try:
 
     class SegxEnsembleModel(PythonModel):
         def load_context(self, context):
+            from segx.ensembling.record import EnsembleRecord
             from segx.inference.predictor import EnsemblePredictor
 
             _limit_served_requests()
             with open(context.artifacts["record"]) as fh:
-                record = json.load(fh)
+                record = EnsembleRecord.from_json(json.load(fh))
             if "member0" not in context.artifacts and "member0_fold0" not in context.artifacts:
                 context_paths = self._fetch_members(record)  # a member's model: weights from its run
             else:
                 context_paths = context.artifacts
             paths = [
-                [context_paths[f"member{i}_fold{k}"] for k in range(len(m["folds"]))]
-                if m.get("folds")
+                [context_paths[f"member{i}_fold{k}"] for k in range(len(m.folds))]
+                if m.folds
                 else context_paths[f"member{i}"]
-                for i, m in enumerate(record["members"])
+                for i, m in enumerate(record.members)
             ]
             self.predictor = EnsemblePredictor(record, paths)
 
@@ -60,12 +65,11 @@ try:
             folder = Path(tempfile.mkdtemp(prefix="segx-member-model-"))
             weakref.finalize(self, shutil.rmtree, folder, True)
             paths = {}
-            for i, m in enumerate(record["members"]):
+            for i, m in enumerate(record.members):
                 dst = folder / f"m{i}"
-                artifact = m.get("model_artifact", "model")
                 for name in ("spec.json", "weights.h5"):
                     mlflow.artifacts.download_artifacts(
-                        run_id=m["run_id"], artifact_path=f"{artifact}/{name}", dst_path=str(dst)
+                        run_id=m.run_id, artifact_path=f"{m.model_artifact}/{name}", dst_path=str(dst)
                     )
                 paths[f"member{i}"] = str(dst)  # each file lands as dst/<name>
             return paths
@@ -159,7 +163,7 @@ mlflow.models.set_model(SegxEnsembleModel())
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole segx package travels with a model
 
 
-def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = None) -> str:
+def log_pyfunc(client, run_id: str, record: EnsembleRecord, register_name: str | None = None) -> str:
     """Log the ensemble under ``pyfunc/`` of ``run_id`` (and register it if a name is given)."""
     import tempfile
 
@@ -169,18 +173,18 @@ def log_pyfunc(client, run_id: str, record: dict, register_name: str | None = No
     # the copies removed: an ensemble can be hundreds of MB, and /tmp is not ours to fill.
     with tempfile.TemporaryDirectory(prefix="segx-pyfunc-") as tmp_dir:
         tmp = Path(tmp_dir)
-        (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
+        (tmp / "ensemble.json").write_text(json.dumps(record.to_json(), indent=2))
         artifacts = {"record": str(tmp / "ensemble.json")}
-        for i, member in enumerate(record["members"]):
-            artifact = member.get("model_artifact", "model")
-            if member.get("folds"):  # a cross-validated member travels as all its fold models
-                for k, fold_run in enumerate(member["folds"]):
+        for i, member in enumerate(record.members):
+            artifact = member.model_artifact
+            if member.folds:  # a cross-validated member travels as all its fold models
+                for k, fold_run in enumerate(member.folds):
                     artifacts[f"member{i}_fold{k}"] = str(
                         tracking.download_member_model(client, fold_run, tmp / f"m{i}" / f"fold{k}", artifact)
                     )
             else:
                 artifacts[f"member{i}"] = str(
-                    tracking.download_member_model(client, member["run_id"], tmp / f"m{i}", artifact)
+                    tracking.download_member_model(client, member.run_id, tmp / f"m{i}", artifact)
                 )
         with mlflow.start_run(run_id=run_id):
             try:

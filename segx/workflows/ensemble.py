@@ -24,7 +24,7 @@ from segx.config import (
 )
 from segx.ensembling.choose import SearchSettings, run_search
 from segx.ensembling.members import check_compatible, unique_labels
-from segx.ensembling.record import make_record
+from segx.ensembling.record import EnsembleRecord, make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
     class_summary,
@@ -127,7 +127,7 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
     )
 
 
-def build_ensemble(cfg: DictConfig) -> dict:
+def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
     """The whole ensemble stage; returns the record (with ``run_id``)."""
     validate_config(cfg)
     from segx import tracking
@@ -185,7 +185,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
     per_case, preds = score_test_split(
         members,
         found.weights,
-        found.region_thresholds or record["threshold"],
+        found.region_thresholds or record.threshold,
         found.class_postprocess if labels is not None else found.postprocess,
         members[0].pixel_spacing,
     )
@@ -243,15 +243,15 @@ def build_ensemble(cfg: DictConfig) -> dict:
                     f"chosen.weight.{i}.{label}": f"{w:.6g}"
                     for i, (label, w) in enumerate(zip(names, found.weights, strict=True))
                 },
-                "chosen.threshold": str(record["threshold"]),
+                "chosen.threshold": str(record.threshold),
                 "chosen.method": found.chosen.name,
                 "chosen.postprocess": found.postprocess.describe(),
                 **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
                 **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
-                **({"chosen.classes": ",".join(labels["names"])} if labels is not None else {}),
+                **({"chosen.classes": ",".join(record.labels.names)} if record.labels is not None else {}),
             },
         )
-        (tmp / "ensemble.json").write_text(json.dumps(record, indent=2))
+        (tmp / "ensemble.json").write_text(json.dumps(record.to_json(), indent=2))
         (tmp / "tables").mkdir()
         per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)
         summary.to_csv(tmp / "tables" / "test_summary.csv")
@@ -312,7 +312,7 @@ def build_ensemble(cfg: DictConfig) -> dict:
         stage("logging the pyfunc model (a copy of every member's weights travels with it)")
         log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
     _name_in_members(client, members, run_id)
-    record["run_id"] = run_id
+    record = record.with_run_id(run_id)
     print_report(record, members, validation, summary, found, gain)
     return record
 
@@ -348,9 +348,9 @@ def _common_labels(members, tta: str) -> dict | None:
                 f"members {members[0].run_id} ({what(first)}) and {m.run_id} ({what(m.labels)}) name different "
                 "classes (data.labels); ensemble members trained with the same data.labels"
             )
-    from segx.inference.tta import check_tta
+    from segx.inference.tta import check_tagged_tta
 
-    check_tta(tta, tta, first, key="ensemble.tta")  # the rule segx.predict and segx.export apply too
+    check_tagged_tta(tta, first, key="ensemble.tta")  # the rule segx.predict and segx.export apply too
     return first
 
 
@@ -377,12 +377,12 @@ def _description(
         f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |"
     )
     verdict = gain_verdict(gain)
-    if record.get("labels") is not None:  # several classes: argmax, or a threshold per region
-        regions = record.get("region_thresholds")
+    if record.labels is not None:  # several classes: argmax, or a threshold per region
+        regions = record.region_thresholds
         how = (
             "thresholds " + ", ".join(f"{r} {t:g}" for r, t in regions.items())
             if regions
-            else f"labels by argmax of {len(record['labels']['names'])} classes"
+            else f"labels by argmax of {record.labels.n_classes} classes"
         )
         post = ", ".join(f"{c}: {p.describe()}" for c, p in found.class_postprocess.items()) or "none"
         first = (
@@ -393,7 +393,7 @@ def _description(
     else:
         first = (
             f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
-            f"{record['threshold']}, post-processing {found.postprocess.describe()}. Validation: members at their "
+            f"{record.threshold}, post-processing {found.postprocess.describe()}. Validation: members at their "
             "own chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images "
             "at their own size."
         )

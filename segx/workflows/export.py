@@ -97,16 +97,15 @@ def export_run(
 ) -> tuple[dict, str | None]:
     """Export ensemble ``run_id`` into ``output_dir`` (and log it); (manifest, child run ID)."""
     from segx.inference.exported import check_opset, check_output_dir, export_ensemble
-    from segx.inference.tta import check_tta, members_without_flip
+    from segx.inference.tta import check_record_tta
 
     fmt = check_format(fmt)
     check_output_dir(output_dir, overwrite)  # before anything is imported, downloaded or built
     if fmt == "onnx":
         check_opset(opset)  # imports tf2onnx and so TensorFlow
     record, paths = fetch_ensemble(client, run_id, workdir)
-    recorded = record.get("tta", "none")
     # The rule segx.ensemble and segx.predict apply: refused where wrong, warned where untuned.
-    warning = check_tta(tta or recorded, recorded, record.get("labels"), no_flip=members_without_flip(paths))
+    warning = check_record_tta(record, tta, paths)
     if warning:
         print(f"segx: warning: ensemble {run_id}: {warning}", file=sys.stderr, flush=True)
     source = {"ensemble_run_id": run_id}

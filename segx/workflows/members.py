@@ -103,10 +103,10 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
     params = run.data.params
     folder = workdir / run.info.run_id
     if tta != "none":  # a TTA the member cannot undo is refused for what it is, before any download
-        from segx.inference.tta import check_tta
+        from segx.inference.tta import check_tagged_tta
 
         labels_tag = run.data.tags.get(tag_names.LABELS)
-        check_tta(tta, tta, json.loads(labels_tag) if labels_tag else None, key="ensemble.tta")
+        check_tagged_tta(tta, json.loads(labels_tag) if labels_tag else None, key="ensemble.tta")
     try:
         val_path = tracking.download(client, run.info.run_id, cache_artifact("val", tta), folder)
     except SegxError:

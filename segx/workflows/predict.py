@@ -72,7 +72,12 @@ def run_predict(cfg: DictConfig) -> int:
         flags["save_probabilities"],
         files=files,
         overwrite=flags["overwrite"],
-        record={**record, "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
+        record={
+            **record.to_json(),
+            "predict_tta": predictor.tta,
+            "run_id": str(cfg.ensemble_run_id),
+            "backend": backend,
+        },
         max_pixels=max_pixels,
         batch_pixels=batch_pixels,
     )
@@ -85,14 +90,13 @@ def load_ensemble(client, run_id: str, workdir: Path, tta: str | None = None, th
     """(record, EnsemblePredictor) for an ensemble run, with its weighted members downloaded
     (members of weight 0 cannot change a mask and are neither fetched nor loaded)."""
     from segx.inference.predictor import EnsemblePredictor
-    from segx.inference.tta import check_tta, members_without_flip
+    from segx.inference.tta import check_record_tta
     from segx.tracking.ensembles import fetch_ensemble
 
     record, model_paths = fetch_ensemble(client, run_id, workdir)
-    recorded = record.get("tta", "none")
     # Refused where flip TTA would be wrong, a warning where it is only untuned (as segx.ensemble
     # and segx.export decide), before any network is loaded.
-    warning = check_tta(tta or recorded, recorded, record.get("labels"), no_flip=members_without_flip(model_paths))
+    warning = check_record_tta(record, tta, model_paths)
     if warning:
         print(f"segx: warning: ensemble {run_id}: {warning}", file=sys.stderr, flush=True)
     return record, EnsemblePredictor(record, model_paths, tta, threshold=threshold)
