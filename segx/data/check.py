@@ -1,9 +1,8 @@
 """``python -m segx.data.check``: the data check's first address (the README's and users'
-scripts). The command is :mod:`segx.check` (``segx-check``); this runs it."""
+scripts). The command is :mod:`segx.check` (``segx-check``, ``python -m segx.check``); this runs
+that module as the program, the way ``python -m`` would, so no stage package imports a command."""
 
 if __name__ == "__main__":
-    from segx.check import (
-        main,  # the one import of a command from a stage package (pyproject's contracts allow it)
-    )
+    import runpy
 
-    main()
+    runpy.run_module("segx.check", run_name="__main__", alter_sys=True)

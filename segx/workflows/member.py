@@ -347,8 +347,8 @@ def train_member(
         from segx.training.fit import fit_member
 
         verbose = cfg.trainer.verbose
-        if verbose == "auto":
-            verbose = 1 if sys.stdout.isatty() else 2
+        if verbose == "auto":  # a log gets segx's own line per epoch only, a terminal Keras's bar too
+            verbose = 1 if sys.stdout.isatty() else 0
         train_images, train_masks, val_images, val_masks = _training_arrays(cfg, view, prepared, labels)
         state = fit_member(
             model,
