@@ -368,7 +368,19 @@ def log_dataset(
         source=json.dumps({"uri": source}),
         profile=json.dumps(dict(profile)),
     )
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+    # MLflow's store looks the dataset up and inserts it if absent, not atomically: two members
+    # starting at once on the same split (a sweep on a shared server) can both insert it, and one
+    # gets the database's unique-key error. Its second try finds the row the other one wrote.
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            duplicate = "dataset_pk" in str(e) or "UNIQUE constraint failed: datasets" in str(e)
+            if not duplicate or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @contextlib.contextmanager
