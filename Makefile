@@ -50,7 +50,7 @@ test: install  ## the layer contracts and the formatter, then the fast tests (re
 	$(PY) -m pytest -m "not slow" -q -p no:randomly --durations=15 --junitxml=$(TEST_REPORT)
 
 test-random: install  ## the fast tests in a random order (pytest-randomly; it prints the seed, ARGS="--randomly-seed=N" repeats one)
-	$(PY) -m pytest -m "not slow" -q --durations=15 $(ARGS)
+	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-slow: install  ## slow tests only (every backbone builds, benchmark smoke test)
 	$(PY) -m pytest -m slow -q

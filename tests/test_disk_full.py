@@ -46,7 +46,9 @@ def test_a_full_disk_during_training_fails_the_run_in_one_line_and_resume_finish
     ]
     failed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert failed.returncode == 2, failed.stderr[-3000:]
-    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()], failed.stderr[-3000:]  # one line
+    # One line (after segx's note of runs other tests deleted from the shared store, if any).
+    lines = [ln for ln in failed.stderr.strip().splitlines() if not ln.startswith("segx: skipped ")]
+    assert len(lines) == 1, failed.stderr[-3000:]
     assert f"segx: error: the disk mounted on {small_disk} is full" in failed.stderr
     client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
     (run,) = tracking.find_runs(client, client.get_experiment_by_name("segx").experiment_id, "member", None)
@@ -105,7 +107,9 @@ def test_a_full_disk_while_logging_the_ensembles_pyfunc_model_names_the_stores_d
     ]
     failed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert failed.returncode == 2, failed.stderr[-3000:]
-    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()], failed.stderr[-3000:]  # one line
+    # One line (after segx's note of runs other tests deleted from the shared store, if any).
+    lines = [ln for ln in failed.stderr.strip().splitlines() if not ln.startswith("segx: skipped ")]
+    assert len(lines) == 1, failed.stderr[-3000:]
     assert f"segx: error: the disk mounted on {small_disk} is full" in failed.stderr, failed.stderr
     assert "sqlalche.me" not in failed.stderr
     client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
