@@ -236,6 +236,35 @@ def test_connect_read_only_refuses_an_empty_database_without_touching_it(tmp_pat
     assert db.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
 
 
+_KILLED_WRITER = """
+import os, signal, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size=1")  # pages spill into the database before the commit
+con.execute("BEGIN IMMEDIATE")
+con.execute("CREATE TABLE unfinished (x TEXT)")
+for _ in range(200):
+    con.execute("INSERT INTO unfinished VALUES (?)", ("x" * 4000,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_outright_leaves_a_store_the_next_command_opens(tmp_path):
+    # A training killed by SIGKILL (the OOM killer, a node's power) leaves a hot journal: the
+    # next read must roll it back, which a read-only connection cannot ("attempt to write a
+    # readonly database", seen once resuming a killed training).
+    db = tmp_path / "mlflow.db"
+    tracking.connect(f"sqlite:///{db}").search_experiments()
+    writer = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(db)], timeout=60)
+    assert writer.returncode == -signal.SIGKILL
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # the unfinished write
+    for create in (False, True):  # read-only commands (predict, info) and writing ones
+        client = tracking.connect(f"sqlite:///{db}", create=create)
+        assert [e.name for e in client.search_experiments()] == ["Default"]
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "runs" in tables and "unfinished" not in tables  # rolled back, nothing half-written
+
+
 # --- signals -----------------------------------------------------------------------------------
 
 

@@ -196,9 +196,13 @@ def _check_sqlite_schema(db: Path, create: bool, deadline: float) -> None:
 
 
 def _read_schema(db: Path, deadline: float) -> tuple[set[str], str | None]:
-    """Table names and alembic revision, through a read-only connection (nothing is created)."""
+    """Table names and alembic revision; the connection never creates a file. It is read-write
+    where the store may be written: a writer killed outright (SIGKILL, power loss) leaves a hot
+    journal, which SQLite must roll back before the first read, and a read-only connection cannot."""
+    writable = os.access(db, os.W_OK) and os.access(db.parent, os.W_OK | os.X_OK)
+    mode = "rw" if writable else "ro"
     try:
-        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=_remaining(deadline))
+        con = sqlite3.connect(f"{db.as_uri()}?mode={mode}", uri=True, timeout=_remaining(deadline))
     except sqlite3.Error as exc:
         raise SegxError(f"cannot open the MLflow store {db} ({exc}); check the path and its permissions") from None
     try:
@@ -211,6 +215,12 @@ def _read_schema(db: Path, deadline: float) -> tuple[set[str], str | None]:
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc):
             raise _locked(db) from None
+        journal = db.with_name(db.name + "-journal")
+        if not writable and journal.exists():
+            raise SegxError(
+                f"the MLflow store {db} holds a write a stopped process left unfinished ({journal.name}) and is "
+                "read-only here: run any segx command once where it is writable, which rolls the write back"
+            ) from None
         raise SegxError(f"cannot read the MLflow store {db} ({exc}); it may be damaged: restore a backup") from None
     except sqlite3.DatabaseError as exc:
         raise SegxError(
