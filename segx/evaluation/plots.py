@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -77,50 +78,60 @@ def plot_curves(
     return _save(fig, path)
 
 
+@dataclass(frozen=True)
+class ShownCases:
+    """What a case figure draws: one row per case (its thumbnail, ground truth and name), one
+    column per prediction. ``true`` and each of ``preds``: one mask per case (label maps where the
+    figure has several classes). ``scores``: column name -> one score per case, printed in the
+    column's titles. ``row_labels`` (one per row, e.g. "worst", "median") are printed beside each
+    case's name."""
+
+    images: Sequence[np.ndarray]
+    true: Sequence[np.ndarray]
+    preds: Mapping[str, Sequence[np.ndarray]]
+    stems: Sequence[str]
+    scores: Mapping[str, np.ndarray] | None = None
+    row_labels: Sequence[str] | None = None
+
+
 def plot_cases(
-    images: np.ndarray,
-    true: np.ndarray,
-    preds: Mapping[str, np.ndarray],
-    stems: Sequence[str],
+    shown: ShownCases,
     path: str | os.PathLike,
-    scores: Mapping[str, np.ndarray] | None = None,
     n: int = 4,
     title: str = "",
-    row_labels: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     colours: Sequence | None = None,
 ) -> Path:
-    """Grid: one row per case, one column per prediction; true contour green, predicted red.
-    ``title`` says which split (and which cases) the figure shows; ``row_labels`` (one per row,
-    e.g. "worst", "median") are printed beside each case's name.
+    """Grid: the first ``n`` of ``shown``'s cases, one row each, one column per prediction; true
+    contour green, predicted red. ``title`` says which split (and which cases) the figure shows.
 
-    Several classes (``classes``: names, background first; ``true`` and ``preds`` label maps): the
-    first column is the ground truth, every column draws each class's contours in its colour
-    (``colours``, RGB), and a legend names the classes."""
+    Several classes (``classes``: names, background first; ``shown.true`` and ``shown.preds`` label
+    maps): the first column is the ground truth, every column draws each class's contours in its
+    colour (``colours``, RGB), and a legend names the classes."""
     if classes is not None:
-        return _plot_class_cases(images, true, preds, stems, path, scores, n, title, row_labels, classes, colours)
-    n = min(n, len(images))
-    names = list(preds)
+        return _plot_class_cases(shown, path, n, title, classes, colours)
+    n = min(n, len(shown.images))
+    names = list(shown.preds)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n), squeeze=False)
     _fill_grid(
         axes,
-        images,
+        shown,
         names,
-        lambda image, row, name: _contours(image, _at(true[row], image.shape), _at(preds[name][row], image.shape)),
-        scores,
+        lambda image, row, name: _contours(
+            image, _at(shown.true[row], image.shape), _at(shown.preds[name][row], image.shape)
+        ),
         "Dice",
-        stems,
-        row_labels,
     )
     fig.suptitle(f"{title + ' - ' if title else ''}green: ground truth, red: prediction", fontsize=9)
     return _save(fig, path)
 
 
-def _fill_grid(axes, images, names, draw, scores, score_name: str, stems, row_labels) -> None:
+def _fill_grid(axes, shown: ShownCases, names, draw, score_name: str) -> None:
     """One row per case, one column per name: ``draw(image, row, name)`` shown, the column's name
     and the case's score as its title, the case's name (and row label) beside the row."""
+    scores, stems, row_labels = shown.scores, shown.stems, shown.row_labels
     for row, axes_row in enumerate(axes):
-        image = images[row]
+        image = shown.images[row]
         for col, name in enumerate(names):
             ax = axes_row[col]
             ax.imshow(draw(image, row, name))
@@ -142,27 +153,24 @@ def _labels_at(labels: np.ndarray, shape) -> np.ndarray:
     return cv2.resize(np.asarray(labels, np.uint8), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST)
 
 
-def _plot_class_cases(images, true, preds, stems, path, scores, n, title, row_labels, classes, colours) -> Path:
+def _plot_class_cases(shown: ShownCases, path, n, title, classes, colours) -> Path:
     from matplotlib.patches import Patch
 
     from segx.inference.overlay import class_colours, overlay_classes
 
     colours = list(colours) if colours is not None else class_colours(len(classes))
-    n = min(n, len(images))
-    columns = {"ground truth": true, **preds}
+    n = min(n, len(shown.images))
+    columns = {"ground truth": shown.true, **shown.preds}
     names = list(columns)
     fig, axes = plt.subplots(n, len(names), figsize=(3 * len(names), 3 * n + 0.6), squeeze=False)
     _fill_grid(
         axes[:n],
-        images,
+        shown,
         names,
         lambda image, row, name: overlay_classes(
             image, _labels_at(columns[name][row], image.shape), classes, colours, legend=False
         ),
-        scores,
         "foreground Dice",
-        stems,
-        row_labels,
     )
     handles = [Patch(color=np.asarray(colours[c]) / 255.0, label=classes[c]) for c in range(1, len(classes))]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)

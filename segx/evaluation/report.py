@@ -254,7 +254,7 @@ def plot_ensemble(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from segx.evaluation.plots import pick_cases, plot_cases
+    from segx.evaluation.plots import ShownCases, pick_cases, plot_cases
 
     history = found.searched.history
     searched, chosen = found.searched.best, found.chosen
@@ -308,15 +308,17 @@ def plot_ensemble(
             record_labels = members[0].labels or {}
             colours = class_colours(len(test.classes), record_labels.get("colours"))
         plot_cases(
-            [test.previews[i] for i in shown],
-            [test.masks[i] for i in shown],
-            {n: [preds[n][i] for i in shown] for n in names},
-            [test.stems[i] for i in shown],
+            ShownCases(
+                [test.previews[i] for i in shown],
+                [test.masks[i] for i in shown],
+                {n: [preds[n][i] for i in shown] for n in names},
+                [test.stems[i] for i in shown],
+                {n: s[shown] for n, s in scores.items()},
+                row_labels=labels,
+            ),
             folder / "test_cases.png",
-            {n: s[shown] for n, s in scores.items()},
             n=len(shown),
             title=f"test split (never seen by the search): {what}",
-            row_labels=labels,
             classes=test.classes,
             colours=colours,
         )

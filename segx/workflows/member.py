@@ -715,15 +715,17 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
             if role == "val":
                 shown, labels = plots.pick_cases(scores["dice"])
                 plots.plot_cases(
-                    [previews[i] for i in shown],
-                    [masks[i] for i in shown],
-                    {"prediction": [pred[i] for i in shown]},
-                    [stems[i] for i in shown],
+                    plots.ShownCases(
+                        [previews[i] for i in shown],
+                        [masks[i] for i in shown],
+                        {"prediction": [pred[i] for i in shown]},
+                        [stems[i] for i in shown],
+                        {"prediction": scores["dice"][shown]},
+                        row_labels=labels,
+                    ),
                     tmp / "plots" / "val_cases.png",
-                    {"prediction": scores["dice"][shown]},
                     title=f"validation split: worst and typical of {len(stems)} cases "
                     + ("(argmax)" if names else "(threshold 0.5)"),
-                    row_labels=labels,
                     classes=names,
                     colours=_colours(spec) if names else None,
                 )
