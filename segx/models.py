@@ -5,16 +5,17 @@ All TensorFlow/Keras/segmentation_models access goes through :mod:`segx.backend`
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from segx.backend import keras, sm, tf
 from segx.errors import SegxError, look_up_option
+from segx.member_spec import MemberSpec
 from segx.tta import TTA_MODES
 
 ARCHS = {"unet": "Unet", "fpn": "FPN", "linknet": "Linknet", "pspnet": "PSPNet"}
@@ -57,17 +58,25 @@ def check_model_options(arch: str, backbone: str, image_size: int, key: str = "d
         )
 
 
+@dataclass(frozen=True)
+class Head:
+    """A network's output layer: ``classes`` channels through ``activation`` (one sigmoid for one
+    structure, a K-way softmax for classes, one sigmoid per region)."""
+
+    classes: int = 1
+    activation: str = "sigmoid"
+
+
 def build_model(
     arch: str,
     backbone: str,
     image_size: int,
     encoder_weights: str | None = None,
     encoder_freeze: bool = False,
-    classes: int = 1,
-    activation: str = "sigmoid",
+    head: Head = Head(),
     **arch_kwargs,
 ):
-    """A segmentation_models network for ``(image_size, image_size, 3)`` inputs.
+    """A segmentation_models network for ``(image_size, image_size, 3)`` inputs, ``head`` its outputs.
 
     ``encoder_weights``: None (random init), ``'imagenet'`` (downloaded by Keras, needs
     internet) or a path to a local ``.h5`` weights file for the encoder (loaded by layer name).
@@ -88,8 +97,8 @@ def build_model(
         model = factory(
             backbone,
             input_shape=(image_size, image_size, 3),
-            classes=classes,
-            activation=activation,
+            classes=head.classes,
+            activation=head.activation,
             encoder_weights=encoder_weights,
             encoder_freeze=encoder_freeze,
             **arch_kwargs,
@@ -307,7 +316,7 @@ def compile_model(
     return model
 
 
-def save_member(model, folder: str | os.PathLike, spec: Mapping) -> Path:
+def save_member(model, folder: str | os.PathLike, spec: MemberSpec) -> Path:
     """Write a member as ``folder/{weights.h5, spec.json, model.keras}``.
 
     ``spec`` (arch, backbone, image_size, options) plus the weights rebuild the network in about
@@ -317,7 +326,7 @@ def save_member(model, folder: str | os.PathLike, spec: Mapping) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(folder / "weights.h5"))
-    (folder / "spec.json").write_text(json.dumps(dict(spec), indent=1))
+    spec.write(folder / "spec.json")
     # For deployment, not for training on: without the optimizer's state (Adam's two moments
     # tripled the file). tf-keras' .keras format has no include_optimizer, so an uncompiled
     # clone with the same weights is saved.
@@ -334,20 +343,18 @@ def load_member(folder: str | os.PathLike):
     if not spec_path.is_file() or not weights.is_file():
         raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = MemberSpec.read(spec_path)
         # Several classes: a K-way softmax (the spec names the classes); regions: one sigmoid each.
-        labels = spec.get("labels") or {}
-        regions = labels.get("regions")
-        classes = len(regions) if regions else len(labels["names"]) if labels else 1
+        regions = spec.labels is not None and spec.labels.regions
+        classes = spec.labels.n_outputs if spec.labels is not None else 1
         model = build_model(
-            spec["arch"],
-            spec["backbone"],
-            int(spec["image_size"]),
+            spec.arch,
+            spec.backbone,
+            spec.image_size,
             None,
             False,
-            classes=classes,
-            activation="softmax" if classes > 1 and not regions else "sigmoid",
-            **spec.get("options", {}),
+            Head(classes, "softmax" if classes > 1 and not regions else "sigmoid"),
+            **spec.options,
         )
         model.load_weights(str(weights))
     except SegxError:

@@ -96,14 +96,15 @@ def test_a_bad_record_is_refused_once_on_reading(tmp_path):
 
 def _member(folder: Path, classes: int, activation: str) -> Path:
     from segx.backend import keras
-    from segx.models import build_model, save_member
+    from segx.member_spec import MemberSpec
+    from segx.models import Head, build_model, save_member
 
     keras.utils.set_random_seed(0)
-    model = build_model("unet", "mobilenetv2", 32, classes=classes, activation=activation, **SMALL)
+    model = build_model("unet", "mobilenetv2", 32, head=Head(classes, activation), **SMALL)
     spec = {"arch": "unet", "backbone": "mobilenetv2", "image_size": 32, "options": SMALL}
     if classes > 1:
         spec["labels"] = {"names": ["background", "left_lung", "right_lung", "heart"], "values": [0, 1, 2, 4]}
-    return save_member(model, folder, spec)
+    return save_member(model, folder, MemberSpec.from_json(spec))
 
 
 def test_old_records_predict(tmp_path):

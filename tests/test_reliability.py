@@ -267,7 +267,7 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
     from segx.models import build_model, compile_model
     from segx.objects import build_augmentation
     from segx.training.augment import SeededAugmenter
-    from segx.training.fit import FitState, fit_member
+    from segx.training.fit import FitData, FitSettings, FitState, fit_member
 
     class InterruptAfterEpoch2(keras.callbacks.Callback):  # runs after segx's own callback
         def on_epoch_end(self, epoch, logs=None):
@@ -281,24 +281,9 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
     def fit(folder, epochs, extra, model=None):
         model = model or build_model("unet", "resnet18", 32)
         compile_model(model, keras.optimizers.Adam(1e-3), {"dice": 1.0})
-        fit_member(
-            model,
-            images[:6],
-            masks[:6],
-            images[6:],
-            masks[6:],
-            SeededAugmenter(build_augmentation([])),
-            "resnet18",
-            folder,
-            epochs=epochs,
-            batch_size=2,
-            seed=0,
-            patience=0,
-            min_delta=0.0,
-            extra_callbacks=extra,
-            verbose=0,
-            checkpoint_every_s=every_s,
-        )
+        data = FitData(images[:6], masks[:6], SeededAugmenter(build_augmentation([])), images[6:], masks[6:])
+        settings = FitSettings(epochs=epochs, batch_size=2, seed=0, verbose=0, checkpoint_every_s=every_s)
+        fit_member(model, data, "resnet18", folder, settings, extra_callbacks=extra)
         return model
 
     with pytest.raises(KeyboardInterrupt):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from segx.models import loss_value, predict_probs, preprocessing
 from segx.scoring.classes import class_dice, class_iou, class_means, confusion_counts, foreground_mean
 from segx.scoring.metrics import dice_per_case, iou_per_case
 from segx.training.augment import SeededAugmenter
+from segx.training.settings import FitSettings
 
 
 def epoch_plan(
@@ -49,20 +51,30 @@ def epoch_plan(
     return order.astype(np.int64), seeds.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class FitData:
+    """What a member is fitted on: ``train_images`` uint8 (N, S, S, 3) at model size with
+    ``train_masks`` (resize mode), or a :class:`segx.training.patches.PatchSampler` and None
+    (patch mode), each sample through ``augmenter``; validation each epoch on ``val_images`` and
+    ``val_masks`` at model size (fixed patches in patch mode)."""
+
+    train_images: Any
+    train_masks: np.ndarray | None
+    augmenter: SeededAugmenter
+    val_images: np.ndarray
+    val_masks: np.ndarray
+
+
 def make_train_dataset(
     images,
     masks: np.ndarray | None,
     augmenter: SeededAugmenter,
     backbone: str,
-    batch_size: int,
-    seed: int,
-    epochs: int,
+    settings: FitSettings,
     initial_epoch: int = 0,
-    samples_per_epoch: int | None = None,
-    threads: int | None = None,
 ):
     """A ``tf.data.Dataset`` of (image float32 (B,S,S,3), mask float32 (B,S,S,1)) batches for
-    epochs ``initial_epoch..epochs-1``, and the steps per epoch.
+    epochs ``initial_epoch..settings.epochs-1``, and the steps per epoch.
 
     ``images``: uint8 (N, S, S, 3) in memory with ``masks`` uint8 (N, S, S) in {0, 1} (resize
     mode); or a :class:`segx.training.patches.PatchSampler` (patch mode, ``masks`` None), which
@@ -70,11 +82,12 @@ def make_train_dataset(
     the batch. Augmentation and the encoder's preprocessing run in parallel worker threads,
     ahead of the model.
     """
+    batch_size, seed, threads = settings.batch_size, settings.seed, settings.threads
     sampler = images if masks is None else None
     n = len(sampler) if sampler is not None else len(images)
     size = sampler.patch if sampler is not None else images.shape[1]
-    per_epoch = samples_per_epoch or n
-    plans = [epoch_plan(n, batch_size, seed, e, per_epoch) for e in range(initial_epoch, epochs)]
+    per_epoch = settings.samples_per_epoch or n
+    plans = [epoch_plan(n, batch_size, seed, e, per_epoch) for e in range(initial_epoch, settings.epochs)]
     order = np.concatenate([p[0] for p in plans])
     seeds = np.concatenate([p[1] for p in plans])
     slots = np.tile(np.arange(batch_size), len(order) // batch_size)
@@ -154,35 +167,64 @@ class FitState:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+class Checkpoints:
+    """The member's checkpoints in ``folder``, both with the best weights: ``resumable`` (weights
+    and optimizer state, written while epochs remain) and ``final`` (after the last epoch nothing
+    trains: the weights without the optimizer's state)."""
+
+    def __init__(self, model, folder: Path):
+        self.folder = folder
+        model.optimizer.build(model.trainable_variables)
+        self.best = BestWeights(model)
+        self.resumable = tf.train.Checkpoint(model=model, optimizer=model.optimizer, best=self.best)
+        # A Keras model carries its optimizer into a checkpoint, so its variables are listed.
+        self.final = tf.train.Checkpoint(weights=list(model.weights), best=self.best)
+
+    def restore(self, model, state: FitState) -> None:
+        """Continue from where ``state`` says training stopped (nothing to do on a fresh folder)."""
+        if (self.folder / "best.weights.h5").exists() and state.best_epoch >= 0:
+            model.load_weights(str(self.folder / "best.weights.h5"))  # a folder from segx 0.2: best weights in .h5
+            self.best.keep(model)
+        if state.checkpoint:
+            (self.final if Path(state.checkpoint).name.startswith("final") else self.resumable).restore(
+                state.checkpoint
+            ).expect_partial()
+            self.best.kept = state.best_epoch >= 0
+
+    def sync(self) -> None:
+        """Wait for the background writes (and their state.json) to be on disk."""
+        self.resumable.sync()
+        self.final.sync()
+
+    def raise_background_errors(self) -> None:
+        for checkpoint in (self.resumable, self.final):
+            _raise_background_error(checkpoint)
+
+
 class MemberCallback(keras.callbacks.Callback):
     """Per-case validation Dice/IoU each epoch, best-weights tracking, early stopping,
     resumable checkpoints, NaN detection, and metric logging through ``log_fn``."""
 
     def __init__(
         self,
-        val_images: np.ndarray,
-        val_masks: np.ndarray,
+        data: FitData,
         backbone: str,
-        folder: Path,
+        settings: FitSettings,
         state: FitState,
-        checkpoint: tf.train.Checkpoint,
-        final_checkpoint: tf.train.Checkpoint,
-        patience: int,
-        min_delta: float,
+        checkpoints: Checkpoints,
         log_fn: Callable[[dict, int], None],
-        epochs: int = 0,
-        checkpoint_every_s: float = 0.0,
-        val_every: int = 1,
-        regions=None,
     ):
         super().__init__()
+        regions = settings.regions
         self.regions = [list(m) for m in regions] if regions else None  # class indices per region
-        self.val_images, self.val_masks, self.backbone = val_images, val_masks, backbone
-        self.folder, self.state, self.checkpoint, self.final_checkpoint = folder, state, checkpoint, final_checkpoint
-        self.best = checkpoint.best
-        self.patience, self.min_delta, self.log_fn = patience, min_delta, log_fn
+        self.val_images, self.val_masks, self.backbone = data.val_images, data.val_masks, backbone
+        self.folder, self.state = checkpoints.folder, state
+        self.checkpoint, self.final_checkpoint = checkpoints.resumable, checkpoints.final
+        self.best = checkpoints.best
+        self.patience, self.min_delta, self.log_fn = settings.patience, settings.min_delta, log_fn
         self.epoch = state.next_epoch
-        self.epochs, self.checkpoint_every_s, self.val_every = epochs, float(checkpoint_every_s), max(1, int(val_every))
+        self.epochs, self.checkpoint_every_s = settings.epochs, float(settings.checkpoint_every_s)
+        self.val_every = max(1, int(settings.val_every))
         self.last_checkpoint = time.monotonic()  # training (re)starts from a checkpoint, or from scratch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -378,106 +420,34 @@ class TrainingDiverged(RuntimeError):
 
 def fit_member(
     model,
-    train_images,
-    train_masks: np.ndarray | None,
-    val_images: np.ndarray,
-    val_masks: np.ndarray,
-    augmenter: SeededAugmenter,
+    data: FitData,
     backbone: str,
     folder: Path,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    patience: int,
-    min_delta: float,
+    settings: FitSettings,
     extra_callbacks: Sequence = (),
     log_fn: Callable[[dict, int], None] = lambda metrics, step: None,
-    verbose: int = 2,
-    samples_per_epoch: int | None = None,
-    threads: int | None = None,
-    checkpoint_every_s: float = 0.0,
-    val_every: int = 1,
-    regions=None,
 ) -> FitState:
-    """Train (or continue training) ``model`` and leave it holding its best weights.
+    """Train (or continue training) ``model`` on ``data`` and leave it holding its best weights.
 
     ``folder`` holds the resumable state: if it has a checkpoint, training continues from the
     epoch after it, with the optimizer's state. A checkpoint is written after an epoch when
-    ``checkpoint_every_s`` seconds have passed since the last one (0: after every epoch), and
-    after the last epoch. Validation runs every ``val_every`` epochs and after the last. Raises :class:`TrainingDiverged` on NaN loss
-    (the last good checkpoint stays in ``folder``). ``train_images``/``train_masks``: arrays at
-    model size, or a patch sampler and None (see :func:`make_train_dataset`); validation each
-    epoch runs on ``val_images``/``val_masks`` at model size (fixed patches in patch mode).
+    ``settings.checkpoint_every_s`` seconds have passed since the last one (0: after every
+    epoch), and after the last epoch. Validation runs every ``settings.val_every`` epochs and
+    after the last. Raises :class:`TrainingDiverged` on NaN loss (the last good checkpoint stays
+    in ``folder``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = FitState.load(folder) or FitState()
     state.failure = None
-    model.optimizer.build(model.trainable_variables)
-    best = BestWeights(model)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, best=best)
-    # After the last epoch nothing trains: the weights and best weights without the optimizer's
-    # state (a Keras model carries its optimizer into a checkpoint, so its variables are listed).
-    final_checkpoint = tf.train.Checkpoint(weights=list(model.weights), best=best)
-    if (folder / "best.weights.h5").exists() and state.best_epoch >= 0:
-        model.load_weights(str(folder / "best.weights.h5"))  # a folder from segx 0.2: best weights in .h5
-        best.keep(model)
-    if state.checkpoint:
-        (final_checkpoint if Path(state.checkpoint).name.startswith("final") else checkpoint).restore(
-            state.checkpoint
-        ).expect_partial()
-        best.kept = state.best_epoch >= 0
-    callback = MemberCallback(
-        val_images,
-        val_masks,
-        backbone,
-        folder,
-        state,
-        checkpoint,
-        final_checkpoint,
-        patience,
-        min_delta,
-        log_fn,
-        epochs,
-        checkpoint_every_s,
-        val_every,
-        regions,
-    )
-    if state.next_epoch < epochs and not (patience and state.wait >= patience):
-        dataset, steps = make_train_dataset(
-            train_images,
-            train_masks,
-            augmenter,
-            backbone,
-            batch_size,
-            seed,
-            epochs,
-            state.next_epoch,
-            samples_per_epoch,
-            threads,
-        )
-        try:
-            model.fit(
-                dataset,
-                epochs=epochs,
-                initial_epoch=state.next_epoch,
-                steps_per_epoch=steps,
-                callbacks=[callback, *(OnValidatedEpochs(c) if val_every > 1 else c for c in extra_callbacks)],
-                verbose=verbose,
-            )
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM, a preemption): a checkpoint being written in the
-            # background is finished and committed first, so resume finds it. Its own failure
-            # (a full disk) is not this error's to replace.
-            for ckpt in (checkpoint, callback.final_checkpoint):
-                ckpt.sync()
-                with contextlib.suppress(Exception):
-                    _raise_background_error(ckpt)
-            raise
+    checkpoints = Checkpoints(model, folder)
+    checkpoints.restore(model, state)
+    callback = MemberCallback(data, backbone, settings, state, checkpoints, log_fn)
+    if state.next_epoch < settings.epochs and not (settings.patience and state.wait >= settings.patience):
+        callbacks = [callback, *(OnValidatedEpochs(c) if settings.val_every > 1 else c for c in extra_callbacks)]
+        _run_epochs(model, data, backbone, settings, state.next_epoch, callbacks, checkpoints)
     waited = time.perf_counter()
-    checkpoint.sync()  # the last background writes (and their state.json) are on disk from here
-    callback.final_checkpoint.sync()
-    for ckpt in (checkpoint, callback.final_checkpoint):
-        _raise_background_error(ckpt)
+    checkpoints.sync()  # the last background writes (and their state.json) are on disk from here
+    checkpoints.raise_background_errors()
     if callback.committed is not None and not state.failure:
         # The last epoch's checkpoint: its blocking part and the wait for its write (the
         # per-epoch `time/checkpoint_s` of an epoch is reported with the next one).
@@ -489,6 +459,31 @@ def fit_member(
         kept.failure = state.failure
         kept.save(folder)
         raise TrainingDiverged(state.failure)
-    if best.kept:
-        best.restore_into(model)
+    if checkpoints.best.kept:
+        checkpoints.best.restore_into(model)
     return state
+
+
+def _run_epochs(model, data: FitData, backbone: str, settings: FitSettings, first_epoch: int, callbacks, checkpoints):
+    """Keras' fit from ``first_epoch`` to the last; an interruption leaves its checkpoint committed."""
+    dataset, steps = make_train_dataset(
+        data.train_images, data.train_masks, data.augmenter, backbone, settings, first_epoch
+    )
+    try:
+        model.fit(
+            dataset,
+            epochs=settings.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=settings.verbose,
+        )
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM, a preemption): a checkpoint being written in the
+        # background is finished and committed first, so resume finds it. Its own failure
+        # (a full disk) is not this error's to replace.
+        for ckpt in (checkpoints.resumable, checkpoints.final):
+            ckpt.sync()
+            with contextlib.suppress(Exception):
+                _raise_background_error(ckpt)
+        raise

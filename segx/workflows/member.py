@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -29,10 +30,17 @@ from segx.config import (
     require_float,
     require_int,
 )
+from segx.data.labels import Labels
+from segx.data.view import View
 from segx.errors import SegxError, look_up_option
+from segx.member_spec import MemberSpec
 from segx.objects import check_no_stray_targets, checked_container, instantiate
 from segx.tracking import tags as tag_names
 from segx.tracking.readers import MemberRun
+from segx.training.settings import FitSettings
+
+if TYPE_CHECKING:  # segx.training.fit starts TensorFlow: imported once threads and devices are set
+    from segx.training.fit import FitData
 
 log = logging.getLogger("segx.train")
 
@@ -44,6 +52,60 @@ class MemberResult:
     run_id: str
     best_val_dice: float  # curves/best_val_dice: the kept epoch's Dice on the validation patches
     scores: dict[str, float]  # val/* and test/*: whole images at their own size
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """What the member is and how it is trained, read from its config once (:func:`train_member`)
+    and handed to each step: the network, how it sees images, its classes, its run's names, how
+    it is fitted and where it runs."""
+
+    arch: str
+    backbone: str
+    arch_options: dict  # arch.options, resolved
+    view: View
+    labels: Labels | None  # None: one structure
+    flip_swap: np.ndarray | None  # data.flip_swap's class table; None without pairs
+    augmentation: Any  # the albumentations pipeline (augment.transforms)
+    fold: int | None
+    base_name: str  # the run's name without its fold (the cross-validation parent's stem)
+    run_name: str
+    identity: str  # config_identity: what resume=auto matches
+    fit: FitSettings
+    strategy: Any  # TensorFlow's distribution strategy over several devices, or None
+    precision: str | None  # trainer.precision
+    spacing: Any  # data.pixel_spacing: HD95's units (None: pixels)
+
+    @property
+    def size(self) -> int:
+        return self.view.size
+
+    @property
+    def placement(self) -> dict[str, str]:
+        """Where it runs: TensorFlow's threads (the launcher's share of the cores) and devices."""
+        devices = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+        return {"segx.threads": str(self.fit.threads or "all"), "segx.devices": str(devices)}
+
+    def spec(self) -> MemberSpec:
+        """What the member's saved model says about itself (``spec.json``): network, view, and for
+        several classes their names and flip TTA's permutation of the outputs."""
+        labels, swap = self.labels, self.flip_swap
+        output_swap, no_flip_tta = None, False
+        if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
+            output_swap = labels.output_swap(swap)  # the outputs' permutation (classes, or regions)
+            no_flip_tta = output_swap is None and swap is not None  # regions the swap does not map onto each other
+        return MemberSpec(
+            arch=self.arch,
+            backbone=self.backbone,
+            image_size=self.size,
+            options=self.arch_options,
+            view=self.view,
+            labels=labels,
+            flip_swap=None if output_swap is None else tuple(output_swap),
+            no_flip_tta=no_flip_tta,
+            # trained so; rebuilt and predicted in float32
+            precision="mixed_float16" if self.precision == "mixed_float16" else None,
+        )
 
 
 # Keys that do not change what is trained: left out of the resume identity.
@@ -245,144 +307,35 @@ def train_member(
     such as ``segx.ensemble ensemble.train_missing=true``); None: this ``segx.train`` job's own.
     They are recorded as the run's reproduce command (``segx.info``)."""
     validate_config(cfg)
-    from segx.training.resources import batch_per_device, cpu_cores, job_threads
-    from segx.workflows.hydra_job import launcher_config
+    plan = _plan(cfg)
+    from segx.workflows.prepare import prepare
 
-    threads = job_threads(cfg.trainer.threads, launcher_config(), os.environ, cpu_cores())
-    from segx import models  # TensorFlow: threads and devices are set before its runtime starts
-
-    strategy = models.configure_runtime(
-        threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy
-    )
-    if strategy is not None:
-        batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
-    # Every cheap check comes before a single image is read: sizes against the arch, the
-    # backbone's options, the augmentation pipeline.
-    from segx.inference.view import View
-    from segx.models import check_model_options
-    from segx.objects import build_augmentation
-    from segx.training.augment import SeededAugmenter, save_augmentation
-    from segx.workflows.prepare import pixel_spacing, prepare
-
-    view = View.from_data_config(cfg.data)
-    backbone, arch, size = str(cfg.backbone.name), str(cfg.arch.name), view.size
-    check_model_options(arch, backbone, size, "data.patch_size" if view.mode == "patch" else "data.image_size")
-    pipeline = build_augmentation(cfg.augment.transforms)
-    from segx.workflows.prepare import flip_swap_of, labels_of
-
-    labels = labels_of(cfg.data)
-    swap = flip_swap_of(cfg.data, labels, OmegaConf.to_container(cfg.augment.transforms, resolve=True) or ())
     prepared = prepare(cfg.data, cfg.paths.output_dir, _progress("reading data"), cfg.get("fold"))
-    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
 
     from segx import tracking
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
-    identity = config_identity(cfg)
-    resume_id = _resume_target(cfg, client, experiment, identity, prepared.fingerprint)
-
-    from segx import models
-
-    fold = cfg.get("fold")
-    base_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
-    run_name = base_name if fold is None else f"{base_name}-fold{fold}"
-    placement = {
-        "segx.threads": str(threads or "all"),
-        "segx.devices": str(strategy.num_replicas_in_sync if strategy is not None else 1),
-    }
-    run_id, parent_id, overrides = _open_run(
-        cfg, client, experiment, prepared, view, identity, resume_id, overrides, base_name, run_name, placement
-    )
-    if labels is not None:  # the ensemble names its classes from here (its members' own)
-        record = {
-            **labels.to_record(),
-            **({"flip_swap": labels.output_swap(swap)} if labels.output_swap(swap) is not None else {}),
-            # regions the swap maps onto no region: no flip-TTA cache, and segx.inference.tta says why
-            **({"no_flip_tta": True} if swap is not None and labels.output_swap(swap) is None else {}),
-        }
-        tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
+    resume_id = _resume_target(cfg, client, experiment, plan.identity, prepared.fingerprint)
+    run_id, parent_id, overrides = _open_run(cfg, plan, client, experiment, prepared, resume_id, overrides)
+    _tag_labels(client, run_id, plan)
     if on_run is not None:
         on_run(run_id)
-    print(f"segx: member run {run_id} ({run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
+    print(f"segx: member run {run_id} ({plan.run_name}) in experiment '{cfg.mlflow.experiment_name}'", flush=True)
     folder = _checkpoint_dir(cfg, run_id)
     metrics_on = bool(cfg.mlflow.get("system_metrics", False))
     with (
         tracking.run_scope(client, run_id, lambda: _remove_partial_checkpoints(folder)),
         tracking.system_metrics(run_id, str(cfg.mlflow.tracking_uri), metrics_on),
-        contextlib.ExitStack() as stack,
     ):
-        recorded = recorded_container(cfg)  # values from the environment as written, not their values
-        tracking.log_params(client, run_id, tracking.flatten(recorded))
-        sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
-        tracking.log_params(client, run_id, sizes)
-        if not resume_id:  # the split as an MLflow dataset, digest = the data fingerprint
-            tracking.log_dataset(
-                client,
-                run_id,
-                str(cfg.data.name),
-                prepared.fingerprint,
-                str(cfg.data.root),
-                {**sizes, "split_file": str(prepared.split_path)},
-            )
-        with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
-            tmp = Path(tmp)
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(recorded)))
-            save_augmentation(pipeline, tmp / "augmentation.json")
-            tracking.log_artifact(client, run_id, tmp / "config.yaml")
-            tracking.log_artifact(client, run_id, tmp / "augmentation.json")
-            tracking.log_artifact(client, run_id, prepared.split_path, "split")
-
-        models.set_determinism(int(cfg.seed), bool(cfg.trainer.deterministic))
-        models.set_precision(cfg.trainer.precision)
-        # Variables are created in the strategy's scope (mirrored on every device), and so is the
-        # optimizer's state; fit then splits each batch across the devices.
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        stack.callback(models.set_precision, None)  # the next member in this process starts float32
-        stack.enter_context(scope)
-        model, extra = _compiled_network(cfg, arch, backbone, size, labels)
-        history: dict[str, list[tuple[int, float]]] = {}  # key -> (epoch, value), for curves.png
-        epoch_log, log_epoch = _epoch_logging(cfg, client, run_id, folder, resume_id, run_name, history)
-
-        from segx.training.fit import fit_member
-
-        verbose = cfg.trainer.verbose
-        if verbose == "auto":  # a log gets segx's own line per epoch only, a terminal Keras's bar too
-            verbose = 1 if sys.stdout.isatty() else 0
-        train_images, train_masks, val_images, val_masks = _training_arrays(cfg, view, prepared, labels)
-        state = fit_member(
-            model,
-            train_images,
-            train_masks,
-            val_images,
-            val_masks,
-            SeededAugmenter(pipeline, swap),
-            backbone,
-            folder,
-            epochs=int(cfg.trainer.epochs),
-            batch_size=int(cfg.trainer.batch_size),
-            seed=int(cfg.seed),
-            patience=int(cfg.trainer.early_stopping.patience),
-            min_delta=float(cfg.trainer.early_stopping.min_delta),
-            extra_callbacks=extra,
-            log_fn=log_epoch,
-            verbose=int(verbose),
-            samples_per_epoch=cfg.data.get("samples_per_epoch") if view.mode == "patch" else None,
-            threads=threads,
-            checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
-            val_every=int(cfg.trainer.get("val_every") or 1),
-            regions=_region_classes(labels),
-        )
-        epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
-        stack.close()  # out of the strategy's scope: outputs are predicted on one device
-        spec = _member_spec(cfg, arch, backbone, size, view, labels, swap)
-        spacing = pixel_spacing(cfg.data)
-        final_scores = _log_outputs(client, run_id, model, spec, prepared, history, spacing, state.best_epoch + 1)
+        _log_inputs(cfg, client, run_id, plan, prepared, resume_id)
+        model, state, history = _fit(cfg, client, run_id, plan, prepared, resume_id, overrides)
+        final_scores = _log_outputs(client, run_id, model, plan, prepared, history, state.best_epoch + 1)
         tracking.log_metrics(
             client, run_id, {keys.BEST_VAL_DICE: state.best_dice, keys.BEST_EPOCH: state.best_epoch + 1}
         )
         print(
-            f"segx: {run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
+            f"segx: {plan.run_name}: best epoch {state.best_epoch + 1} (curves/val_dice {state.best_dice:.4f}); "
             f"val/dice {final_scores.get(keys.VAL_DICE, float('nan')):.4f} on whole images at their own size",
             flush=True,
         )
@@ -394,6 +347,142 @@ def train_member(
     if parent_id is not None:  # after the fold's run is FINISHED, so the summary counts it
         _report_folds(client, experiment, parent_id, int(cfg.data.folds))
     return MemberResult(run_id, float(state.best_dice), final_scores)
+
+
+def _plan(cfg: DictConfig) -> MemberPlan:
+    """The member's plan, with every cheap check before a single image is read: the runtime
+    (threads and devices, before TensorFlow's starts), sizes against the arch, the backbone's
+    options, the augmentation pipeline."""
+    from segx.training.resources import batch_per_device, cpu_cores, job_threads
+    from segx.workflows.hydra_job import launcher_config
+
+    threads = job_threads(cfg.trainer.threads, launcher_config(), os.environ, cpu_cores())
+    from segx import models  # TensorFlow: threads and devices are set before its runtime starts
+
+    strategy = models.configure_runtime(
+        threads, str(cfg.trainer.accelerator), cfg.trainer.devices, cfg.trainer.strategy
+    )
+    if strategy is not None:
+        batch_per_device(int(cfg.trainer.batch_size), strategy.num_replicas_in_sync)
+    from segx.models import check_model_options
+    from segx.objects import build_augmentation
+    from segx.workflows.prepare import flip_swap_of, labels_of, pixel_spacing
+
+    view = View.from_data_config(cfg.data)
+    backbone, arch = str(cfg.backbone.name), str(cfg.arch.name)
+    check_model_options(arch, backbone, view.size, "data.patch_size" if view.mode == "patch" else "data.image_size")
+    pipeline = build_augmentation(cfg.augment.transforms)
+    labels = labels_of(cfg.data)
+    swap = flip_swap_of(cfg.data, labels, OmegaConf.to_container(cfg.augment.transforms, resolve=True) or ())
+    fold = cfg.get("fold")
+    base_name = cfg.mlflow.run_name or f"{backbone}-{arch}-s{cfg.seed}"
+    return MemberPlan(
+        arch=arch,
+        backbone=backbone,
+        arch_options=OmegaConf.to_container(cfg.arch.options, resolve=True),
+        view=view,
+        labels=labels,
+        flip_swap=swap,
+        augmentation=pipeline,
+        fold=fold,
+        base_name=base_name,
+        run_name=base_name if fold is None else f"{base_name}-fold{fold}",
+        identity=config_identity(cfg),
+        fit=fit_settings(cfg, view, labels, threads),
+        strategy=strategy,
+        precision=cfg.trainer.get("precision"),
+        spacing=pixel_spacing(cfg.data),
+    )
+
+
+def fit_settings(cfg: DictConfig, view: View, labels: Labels | None, threads: int | None) -> FitSettings:
+    """How the member is fitted: the ``trainer`` section and the seed, as plain values."""
+    verbose = cfg.trainer.verbose
+    if verbose == "auto":  # a log gets segx's own line per epoch only, a terminal Keras's bar too
+        verbose = 1 if sys.stdout.isatty() else 0
+    regions = _region_classes(labels)
+    return FitSettings(
+        epochs=int(cfg.trainer.epochs),
+        batch_size=int(cfg.trainer.batch_size),
+        seed=int(cfg.seed),
+        patience=int(cfg.trainer.early_stopping.patience),
+        min_delta=float(cfg.trainer.early_stopping.min_delta),
+        verbose=int(verbose),
+        samples_per_epoch=cfg.data.get("samples_per_epoch") if view.mode == "patch" else None,
+        threads=threads,
+        checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
+        val_every=int(cfg.trainer.get("val_every") or 1),
+        regions=None if regions is None else tuple(tuple(m) for m in regions),
+    )
+
+
+def _tag_labels(client, run_id: str, plan: MemberPlan) -> None:
+    """The member's classes as a run tag: the ensemble names its classes from here (its members' own)."""
+    from segx import tracking
+
+    labels, swap = plan.labels, plan.flip_swap
+    if labels is not None:
+        record = {
+            **labels.to_record(),
+            **({"flip_swap": labels.output_swap(swap)} if labels.output_swap(swap) is not None else {}),
+            # regions the swap maps onto no region: no flip-TTA cache, and segx.inference.tta says why
+            **({"no_flip_tta": True} if swap is not None and labels.output_swap(swap) is None else {}),
+        }
+        tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
+
+
+def _log_inputs(cfg: DictConfig, client, run_id: str, plan: MemberPlan, prepared, resume_id: str | None) -> None:
+    """What the member is trained from: params, split sizes, the split as an MLflow dataset, the
+    recorded config, the augmentation and the split file."""
+    from segx import tracking
+    from segx.training.augment import save_augmentation
+
+    recorded = recorded_container(cfg)  # values from the environment as written, not their values
+    tracking.log_params(client, run_id, tracking.flatten(recorded))
+    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
+    sizes = {"data.n_train": len(train.stems), "data.n_val": len(val.stems), "data.n_test": len(test.stems)}
+    tracking.log_params(client, run_id, sizes)
+    if not resume_id:  # the split as an MLflow dataset, digest = the data fingerprint
+        tracking.log_dataset(
+            client,
+            run_id,
+            str(cfg.data.name),
+            prepared.fingerprint,
+            str(cfg.data.root),
+            {**sizes, "split_file": str(prepared.split_path)},
+        )
+    with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(recorded)))
+        save_augmentation(plan.augmentation, tmp / "augmentation.json")
+        tracking.log_artifact(client, run_id, tmp / "config.yaml")
+        tracking.log_artifact(client, run_id, tmp / "augmentation.json")
+        tracking.log_artifact(client, run_id, prepared.split_path, "split")
+
+
+def _fit(cfg: DictConfig, client, run_id: str, plan: MemberPlan, prepared, resume_id, overrides):
+    """(the trained model holding its best weights, its FitState, the curves' history): the
+    network built and fitted in the strategy's scope, its epochs logged to the run."""
+    from segx import models
+    from segx.training.fit import fit_member
+
+    models.set_determinism(plan.fit.seed, bool(cfg.trainer.deterministic))
+    models.set_precision(cfg.trainer.precision)
+    folder = _checkpoint_dir(cfg, run_id)
+    with contextlib.ExitStack() as stack:
+        # Variables are created in the strategy's scope (mirrored on every device), and so is the
+        # optimizer's state; fit then splits each batch across the devices.
+        scope = plan.strategy.scope() if plan.strategy is not None else contextlib.nullcontext()
+        stack.callback(models.set_precision, None)  # the next member in this process starts float32
+        stack.enter_context(scope)
+        model, extra = _compiled_network(cfg, plan)
+        history: dict[str, list[tuple[int, float]]] = {}  # key -> (epoch, value), for curves.png
+        epoch_log, log_epoch = _epoch_logging(cfg, client, run_id, folder, resume_id, plan.run_name, history)
+        data = _fit_data(cfg, plan, prepared)
+        state = fit_member(model, data, plan.backbone, folder, plan.fit, extra_callbacks=extra, log_fn=log_epoch)
+        epoch_log.flush(float(cfg.mlflow.get("offline_wait", 300)), _resume_advice(folder, run_id, overrides))
+    # Out of the strategy's scope from here: outputs are predicted on one device.
+    return model, state, history
 
 
 def _epoch_logging(cfg: DictConfig, client, run_id: str, folder: Path, resume_id, run_name: str, history: dict):
@@ -438,20 +527,23 @@ def _region_classes(labels) -> list[list[int]] | None:
     return [list(m) for _, m in labels.regions] if labels is not None and labels.regions else None
 
 
-def _compiled_network(cfg: DictConfig, arch: str, backbone: str, size: int, labels):
+def _compiled_network(cfg: DictConfig, plan: MemberPlan):
     """The member's network, compiled with its optimizer and loss (one sigmoid, a K-way softmax,
     or one sigmoid per region), and the extra callbacks (the learning-rate schedule)."""
     from segx import models
 
+    labels = plan.labels
     model = models.build_model(
-        arch,
-        backbone,
-        size,
+        plan.arch,
+        plan.backbone,
+        plan.size,
         encoder_weights=cfg.backbone.encoder_weights,
         encoder_freeze=bool(cfg.backbone.encoder_freeze),
-        classes=1 if labels is None else labels.n_outputs,
-        activation="softmax" if labels is not None and not labels.regions else "sigmoid",
-        **OmegaConf.to_container(cfg.arch.options, resolve=True),
+        head=models.Head(
+            classes=1 if labels is None else labels.n_outputs,
+            activation="softmax" if labels is not None and not labels.regions else "sigmoid",
+        ),
+        **plan.arch_options,
     )
     model = models.float32_outputs(model)
     models.set_bn_momentum(model, cfg.trainer.bn_momentum)
@@ -471,79 +563,54 @@ def _compiled_network(cfg: DictConfig, arch: str, backbone: str, size: int, labe
     return model, extra
 
 
-def _training_arrays(cfg: DictConfig, view, prepared, labels):
-    """(train images, train masks, val images, val masks): arrays at model size in resize mode;
-    in patch mode a patch sampler over the cached cases (masks None) and one fixed patch per
-    validation case."""
-    size = view.size
+def _fit_data(cfg: DictConfig, plan: MemberPlan, prepared) -> FitData:
+    """What the member is fitted on: arrays at model size in resize mode; in patch mode a patch
+    sampler over the cached cases (masks None) and one fixed patch per validation case."""
+    from segx.training.augment import SeededAugmenter
+    from segx.training.fit import FitData
+
+    view, labels = plan.view, plan.labels
+    augmenter = SeededAugmenter(plan.augmentation, plan.flip_swap)
     if view.mode != "patch":
         train, val = prepared.part("train"), prepared.part("val")
-        return train.images, train.masks, val.images, val.masks
+        return FitData(train.images, train.masks, augmenter, val.images, val.masks)
     from segx.training.patches import PatchSampler, validation_patches
 
     sampler = PatchSampler(
         prepared.cases("train", view.scale),
-        size,
+        view.size,
         float(cfg.data.foreground_fraction),
         labels.n_classes if labels is not None else 2,
     )
-    val_images, val_masks = validation_patches(prepared.cases("val", view.scale), size)
-    return sampler, None, val_images, val_masks
-
-
-def _member_spec(cfg: DictConfig, arch: str, backbone: str, size: int, view, labels, swap) -> dict:
-    """What the member's saved model says about itself (``spec.json``): network, view, and for
-    several classes their names and flip TTA's permutation of the outputs."""
-    spec = {
-        "arch": arch,
-        "backbone": backbone,
-        "image_size": size,
-        "view": view.to_dict(),
-        "options": OmegaConf.to_container(cfg.arch.options, resolve=True),
-    }
-    if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
-        spec["labels"] = labels.to_record()
-        if labels.output_swap(swap) is not None:  # the outputs' permutation (classes, or regions)
-            spec["flip_swap"] = labels.output_swap(swap)
-        elif swap is not None:  # regions the swap does not map onto each other: no flip TTA
-            spec["no_flip_tta"] = True
-    if cfg.trainer.get("precision") == "mixed_float16":
-        spec["precision"] = "mixed_float16"  # trained so; rebuilt and predicted in float32
-    return spec
+    val_images, val_masks = validation_patches(prepared.cases("val", view.scale), view.size)
+    return FitData(sampler, None, augmenter, val_images, val_masks)
 
 
 def _open_run(
     cfg: DictConfig,
+    plan: MemberPlan,
     client,
     experiment: str,
     prepared,
-    view,
-    identity: str,
     resume_id: str | None,
     overrides: Sequence[str] | None,
-    base_name: str,
-    run_name: str,
-    placement: dict[str, str],
 ) -> tuple[str, str | None, list[str] | None]:
     """The member's run, created (tags, description) or reopened for a resume, and a fold's
     cross-validation parent; (run ID, parent run ID or None, the overrides it records)."""
     from segx import tracking
     from segx.tracking import provenance
 
-    fold = cfg.get("fold")
-    backbone, arch = str(cfg.backbone.name), str(cfg.arch.name)
-    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
     tags = {
         tracking.ROLE: "member",
-        tag_names.BACKBONE: backbone,
-        tag_names.ARCH: arch,
+        tag_names.BACKBONE: plan.backbone,
+        tag_names.ARCH: plan.arch,
         **prepared.fingerprint_tags,  # segx.data_fingerprint and its parts (split, files)
-        tag_names.CONFIG_HASH: identity,
+        tag_names.CONFIG_HASH: plan.identity,
         tag_names.COMMAND: provenance.command_line(),
         **provenance.provenance_tags(),
         **_user_tags(cfg),
         # Where it ran: TensorFlow's threads (the launcher's share of the cores) and devices.
-        **placement,
+        **plan.placement,
     }
     overrides = provenance.job_overrides("train") if overrides is None else [str(o) for o in overrides]
     if overrides is not None:  # exactly this member's overrides: what segx.info's reproduce prints
@@ -555,37 +622,41 @@ def _open_run(
         tracking.set_tags(client, run_id, {tag_names.RESUMED: "true"})
         log.info("resuming run %s", run_id)
     else:
-        what = (
-            f"fold {fold} of {cfg.data.folds} of a cross-validated configuration"
-            if fold is not None
-            else "an ensemble member"
-        )
-        note = (
-            f"segx member ({what}): {arch} with a {backbone} encoder, trained on {len(train.stems)} cases, "
-            f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
-            f"{view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags[tag_names.COMMAND]}`"
-            + (f"\n\nReproduce: `{tags[tag_names.REPRODUCE]}`" if tag_names.REPRODUCE in tags else "")
-        )
-        if cfg.get("note"):
-            note = f"{cfg.note}\n\n{note}"  # the user's words first
-        run_id = tracking.start_run(client, experiment, run_name, tags, note)
+        run_id = tracking.start_run(client, experiment, plan.run_name, tags, _run_note(cfg, plan, prepared, tags))
     parent_id = None
-    if fold is not None:
+    if plan.fold is not None:
         from segx.tracking import cv
 
         folds = int(cfg.data.folds)
         parent_id = cv.parent_run(
             client,
             experiment,
-            config_identity(cfg, ("fold",)),
-            prepared.cv_tags["segx.cv_fingerprint"],
-            folds,
-            f"{base_name}-cv{folds}",
+            cv.CrossValidation(config_identity(cfg, ("fold",)), prepared.cv_tags["segx.cv_fingerprint"], folds),
+            f"{plan.base_name}-cv{folds}",
             {k: v for k, v in tags.items() if k in (tag_names.BACKBONE, tag_names.ARCH, tag_names.COMMAND)},
             Path(cfg.paths.output_dir) / "locks",
         )
         tracking.set_tags(client, run_id, {cv.PARENT_TAG: parent_id, cv.PARENT_RUN_ID: parent_id})
     return run_id, parent_id, overrides
+
+
+def _run_note(cfg: DictConfig, plan: MemberPlan, prepared, tags: dict[str, str]) -> str:
+    """The new run's description: what the member is, how it sees images, how to reproduce it."""
+    train, val, test = (prepared.part(r) for r in ("train", "val", "test"))
+    what = (
+        f"fold {plan.fold} of {cfg.data.folds} of a cross-validated configuration"
+        if plan.fold is not None
+        else "an ensemble member"
+    )
+    note = (
+        f"segx member ({what}): {plan.arch} with a {plan.backbone} encoder, trained on {len(train.stems)} cases, "
+        f"validated on {len(val.stems)}, tested on {len(test.stems)}; sees images "
+        f"{plan.view.describe()}; val/* and test/* are scored at each image's own size.\n\nCommand: `{tags[tag_names.COMMAND]}`"
+        + (f"\n\nReproduce: `{tags[tag_names.REPRODUCE]}`" if tag_names.REPRODUCE in tags else "")
+    )
+    if cfg.get("note"):
+        note = f"{cfg.note}\n\n{note}"  # the user's words first
+    return note
 
 
 def _report_folds(client, experiment: str, parent_id: str, folds: int) -> None:
@@ -627,108 +698,27 @@ def _resume_advice(folder: Path, run_id: str, overrides: Sequence[str] | None) -
     return f"the checkpoint is kept in {folder}; once the server answers, continue with: {command}"
 
 
-def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, best_epoch=None) -> dict[str, float]:
+def _log_outputs(client, run_id, model, plan: MemberPlan, prepared, history, best_epoch=None) -> dict[str, float]:
     """Model, cached probabilities, final metrics and figures, as artifacts of the run.
 
     Validation and test cases are predicted whole, at each image's own size, the way the member
     sees images (resized, or a sliding window over patches), and scored there against the
     original masks: what the ensemble search reads and what ``segx.predict`` computes.
     """
-    from segx import models, tracking
-    from segx.data.labels import Labels
-    from segx.data.ragged import Ragged
-    from segx.ensembling.probs import cache_artifact, member_labels, save_cached
+    from segx import tracking
     from segx.evaluation import plots
-    from segx.inference.predictor import member_probs
-    from segx.inference.view import View
-    from segx.progress import progress, stage
-    from segx.scoring.classes import class_metrics, region_metrics
-    from segx.scoring.metrics import case_metrics
+    from segx.progress import stage
 
-    backbone, view = spec["backbone"], View.from_dict(spec["view"])
-    names = tuple(spec["labels"]["names"]) if "labels" in spec else None
-    record_labels = Labels.from_record(spec["labels"]) if "labels" in spec else None
-    regions = record_labels.region_names if record_labels is not None and record_labels.regions else None
+    spec, view = plan.spec(), plan.view
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         stage("training done: saving the model and logging it to MLflow")
-        models.save_member(model, tmp / "model", spec)
-        tracking.log_artifact(client, run_id, tmp / "model", "model")
-        if spec.get("precision") == "mixed_float16":
-            # Trained in float16: predict with the float32 network that segx.predict rebuilds
-            # from these weights, so the caches the search reads are what prediction computes.
-            model = models.load_member(tmp / "model")
-        experiment = client.get_run(run_id).info.experiment_id
-        tracking.log_member_model(
-            client,
-            run_id,
-            experiment,
-            f"{spec['backbone']}-{spec['arch']}",
-            {"arch": spec["arch"], "backbone": spec["backbone"], **{f"view.{k}": v for k, v in spec["view"].items()}},
-            {
-                "backbone": spec["backbone"],
-                "arch": spec["arch"],
-                "view": spec["view"],
-                **({"labels": {**spec["labels"], **_swap_field(spec)}} if "labels" in spec else {}),
-            },
-        )
+        model = _log_model(client, run_id, model, spec, tmp)
         final = {}
         for role in ("val", "test"):
             cases = prepared.cases(role)
-            if not cases:
-                continue
-            # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
-            # threshold and post-processing on the probabilities segx.predict will compute.
-            what = "validation" if role == "val" else "test"
-            images = progress(
-                (np.asarray(c.image()) for c in cases),
-                f"{what} cases at their own size ({view.describe()}), probabilities cached for the ensemble",
-                total=len(cases),
-            )
-            swap = spec.get("flip_swap")
-            modes = ("none",) if spec.get("no_flip_tta") else models.TTA_MODES
-            by_mode = member_probs(model, backbone, view, images, modes, swap)
-            if names:  # several classes: label maps of class indices, probabilities (pixels, K)
-                masks = Ragged.from_list([np.asarray(c.mask(), np.uint8) for c in cases], np.uint8)
-            else:
-                masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
-            previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
-            stems = [c.stem for c in cases]
-            for mode, mode_probs in by_mode.items():
-                save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names, regions)
-            probs = by_mode["none"]  # the member's own metrics and figure: no TTA
-            if regions:  # regions: each at 0.5, decoded to the label map, its regions scored
-                on = probs.like(probs.flat >= 128)
-                pred = on.like(record_labels.decode_regions(on.flat))
-                members_of = record_labels.region_members
-                scores = region_metrics(pred, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
-                final.update(_class_finals(role, scores, ("", *regions)))
-            elif names:  # several classes: argmax labels, per-class scores and their foreground mean
-                pred = member_labels(probs)
-                scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
-                final.update(_class_finals(role, scores, names))
-            else:
-                pred = probs.like(probs.flat >= 128)
-                scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
-                # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
-                final.update({keys.final(role, k): float(v.mean()) for k, v in scores.items()})
-            if role == "val":
-                shown, labels = plots.pick_cases(scores["dice"])
-                plots.plot_cases(
-                    plots.ShownCases(
-                        [previews[i] for i in shown],
-                        [masks[i] for i in shown],
-                        {"prediction": [pred[i] for i in shown]},
-                        [stems[i] for i in shown],
-                        {"prediction": scores["dice"][shown]},
-                        row_labels=labels,
-                    ),
-                    tmp / "plots" / "val_cases.png",
-                    title=f"validation split: worst and typical of {len(stems)} cases "
-                    + ("(argmax)" if names else "(threshold 0.5)"),
-                    classes=names,
-                    colours=_colours(spec) if names else None,
-                )
+            if cases:
+                final.update(_cache_and_score(model, spec, role, cases, tmp, plan.spacing))
         stage("uploading the cached probabilities; drawing the figures")
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
         if history:
@@ -743,16 +733,123 @@ def _log_outputs(client, run_id, model, spec, prepared, history, spacing=None, b
     return final
 
 
-def _colours(spec: dict):
+def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path):
+    """The member saved (weights, spec.json, model.keras) as the run's ``model`` artifact and
+    logged as an MLflow model; returns the network to predict the outputs with."""
+    from segx import models, tracking
+
+    models.save_member(model, tmp / "model", spec)
+    tracking.log_artifact(client, run_id, tmp / "model", "model")
+    if spec.precision == "mixed_float16":
+        # Trained in float16: predict with the float32 network that segx.predict rebuilds
+        # from these weights, so the caches the search reads are what prediction computes.
+        model = models.load_member(tmp / "model")
+    experiment = client.get_run(run_id).info.experiment_id
+    view = spec.view.to_dict()
+    tracking.log_member_model(
+        client,
+        run_id,
+        experiment,
+        f"{spec.backbone}-{spec.arch}",
+        {"arch": spec.arch, "backbone": spec.backbone, **{f"view.{k}": v for k, v in view.items()}},
+        {
+            "backbone": spec.backbone,
+            "arch": spec.arch,
+            "view": view,
+            **({"labels": {**spec.labels.to_record(), **_swap_field(spec)}} if spec.labels is not None else {}),
+        },
+    )
+    return model
+
+
+def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spacing) -> dict[str, float]:
+    """The role's cases predicted whole (every TTA mode), their probabilities cached for the
+    ensemble, scored (the role's final metrics), and for validation its figure of cases."""
+    from segx import models
+    from segx.data.ragged import Ragged
+    from segx.ensembling.probs import cache_artifact, save_cached
+    from segx.evaluation import plots
+    from segx.inference.predictor import member_probs
+    from segx.progress import progress
+
+    view, labels = spec.view, spec.labels
+    names = labels.names if labels is not None else None
+    regions = labels.region_names if labels is not None and labels.regions else None
+    # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
+    # threshold and post-processing on the probabilities segx.predict will compute.
+    what = "validation" if role == "val" else "test"
+    images = progress(
+        (np.asarray(c.image()) for c in cases),
+        f"{what} cases at their own size ({view.describe()}), probabilities cached for the ensemble",
+        total=len(cases),
+    )
+    swap = None if spec.flip_swap is None else list(spec.flip_swap)
+    modes = ("none",) if spec.no_flip_tta else models.TTA_MODES
+    by_mode = member_probs(model, spec.backbone, view, images, modes, swap)
+    if names:  # several classes: label maps of class indices, probabilities (pixels, K)
+        masks = Ragged.from_list([np.asarray(c.mask(), np.uint8) for c in cases], np.uint8)
+    else:
+        masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
+    previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
+    stems = [c.stem for c in cases]
+    for mode, mode_probs in by_mode.items():
+        save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names, regions)
+    probs = by_mode["none"]  # the member's own metrics and figure: no TTA
+    pred, scores, final = _scored(role, probs, masks, labels, spacing)
+    if role == "val":
+        shown, row_labels = plots.pick_cases(scores["dice"])
+        plots.plot_cases(
+            plots.ShownCases(
+                [previews[i] for i in shown],
+                [masks[i] for i in shown],
+                {"prediction": [pred[i] for i in shown]},
+                [stems[i] for i in shown],
+                {"prediction": scores["dice"][shown]},
+                row_labels=row_labels,
+            ),
+            tmp / "plots" / "val_cases.png",
+            title=f"validation split: worst and typical of {len(stems)} cases "
+            + ("(argmax)" if names else "(threshold 0.5)"),
+            classes=names,
+            colours=_colours(labels) if names else None,
+        )
+    return final
+
+
+def _scored(role: str, probs, masks, labels, spacing):
+    """(predicted masks, per-case scores, the role's final metrics) of the untransformed
+    probabilities: regions, several classes, or one structure."""
+    from segx.ensembling.probs import member_labels
+    from segx.scoring.classes import class_metrics, region_metrics
+    from segx.scoring.metrics import case_metrics
+
+    names = labels.names if labels is not None else None
+    regions = labels.region_names if labels is not None and labels.regions else None
+    if regions:  # regions: each at 0.5, decoded to the label map, its regions scored
+        on = probs.like(probs.flat >= 128)
+        pred = on.like(labels.decode_regions(on.flat))
+        members_of = labels.region_members
+        scores = region_metrics(pred, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
+        return pred, scores, _class_finals(role, scores, ("", *regions))
+    if names:  # several classes: argmax labels, per-class scores and their foreground mean
+        pred = member_labels(probs)
+        scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
+        return pred, scores, _class_finals(role, scores, names)
+    pred = probs.like(probs.flat >= 128)
+    scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
+    # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
+    return pred, scores, {keys.final(role, k): float(v.mean()) for k, v in scores.items()}
+
+
+def _colours(labels: Labels):
     """The classes' colours for figures: the data's palette where it has one."""
     from segx.inference.overlay import class_colours
 
-    labels = spec["labels"]
-    return class_colours(len(labels["names"]), labels.get("colours"))
+    return class_colours(len(labels.names), labels.colours)
 
 
-def _swap_field(spec: dict) -> dict:
-    return {"flip_swap": spec["flip_swap"]} if "flip_swap" in spec else {}
+def _swap_field(spec: MemberSpec) -> dict:
+    return {"flip_swap": list(spec.flip_swap)} if spec.flip_swap is not None else {}
 
 
 def _class_finals(role: str, scores: dict, names) -> dict[str, float]:
