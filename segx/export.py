@@ -7,7 +7,7 @@ Writes ``<output_dir>/`` (default ``outputs/exports/<id>/<format>``): the model
 TensorFlow, sizes, versions) and ``ensemble.json``; whole or not at all. Logs it as a child run
 of the ensemble run (``segx.role=export``), whose ID the ensemble run's tag
 ``segx.export.<format>`` names, so ``segx.predict backend=<format>`` and ``segx.info`` find it.
-What the graph holds and how it is run: :mod:`segx.inference.exported`.
+What the graph holds: :mod:`segx.inference.export_plan`; how it is run: :mod:`segx.inference.export_runtime`.
 
 The work is :func:`segx.workflows.export.run_export`; this module is the command.
 """

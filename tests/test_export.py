@@ -122,7 +122,7 @@ def _images(seed: int = 1) -> list[np.ndarray]:
 
 
 def test_request_images_are_checked_with_the_reason():
-    from segx.inference.exported import check_request_images, names_of
+    from segx.inference.export_plan import check_request_images, names_of
 
     ok = check_request_images(np.zeros((2, 5, 7, 3), np.int64))  # what JSON integers become
     assert [im.dtype for im in ok] == [np.uint8, np.uint8] and ok[0].shape == (5, 7, 3)
@@ -145,7 +145,7 @@ def test_request_images_are_checked_with_the_reason():
 
 
 def test_every_export_option_is_checked_before_models_load(tmp_path):
-    from segx.inference.exported import check_format, check_opset, check_output_dir
+    from segx.inference.export_plan import check_format, check_opset, check_output_dir
 
     with pytest.raises(SegxError, match="format=tflite is not an export format"):
         check_format("tflite")
@@ -172,7 +172,9 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     to 32 px: both exports predict what EnsemblePredictor does; on 32 px images the in-graph
     probability and mask are its score and mask."""
     from segx.ensembling.probs import binarize
-    from segx.inference.exported import export_ensemble, load_exported, read_manifest
+    from segx.inference.export_graph import export_ensemble
+    from segx.inference.export_plan import ExportSettings, read_manifest
+    from segx.inference.export_runtime import load_exported
     from segx.inference.predictor import EnsemblePredictor
 
     folds = [_member_folder(tmp_path / f"fold{k}", "mobilenetv2", 32, k, options=SMALL) for k in range(2)]
@@ -196,7 +198,7 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     assert 0 < sum(int(p.mask.sum()) for p in expected) < sum(p.mask.size for p in expected)  # not trivial
     square = [im for im in images if im.shape[:2] == (32, 32)]
     for fmt in FORMATS:
-        manifest = export_ensemble(record, paths, tmp_path / fmt, fmt)
+        manifest = export_ensemble(record, paths, tmp_path / fmt, ExportSettings(fmt))
         assert read_manifest(tmp_path / fmt) == manifest
         assert manifest["tta"] == "flip" and [g["name"] for g in manifest["graphs"]] == ["serving_default"]
         assert [(n["member"], n["fold"]) for n in manifest["graphs"][0]["networks"]] == [(0, 0), (0, 1), (1, None)]
@@ -568,8 +570,8 @@ def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(exp
     refuses, naming it, a file the user added at the top or inside saved_model/ (also when it
     appears while the new export is being built), and replaces a clean earlier export."""
     import segx.workflows.export
-    from segx.inference import exported
-    from segx.inference.exported import check_output_dir, read_manifest
+    from segx.inference import export_graph
+    from segx.inference.export_plan import check_output_dir, read_manifest
     from segx.workflows.export import run_export
 
     s = export_store
@@ -616,13 +618,13 @@ def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(exp
     monkeypatch.undo()
 
     # A file written while the new export is being built: the check just before the move refuses it.
-    check = exported._check_export
+    check = export_graph._check_export
 
     def check_and_intrude(stage, manifest, functions):
         (folder / "late.txt").write_text("written meanwhile\n")
         return check(stage, manifest, functions)
 
-    monkeypatch.setattr(exported, "_check_export", check_and_intrude)
+    monkeypatch.setattr(export_graph, "_check_export", check_and_intrude)
     with pytest.raises(SegxError, match=f"{folder}/late.txt was not written by segx"):
         run_export(compose_config("export", again))
     assert (folder / "late.txt").is_file() and (folder / "export.json").read_bytes() == manifest_bytes
@@ -785,7 +787,9 @@ def test_every_backbone_converts_to_onnx(backbone, arch, tmp_path):
     TensorFlow's on a check batch and through the predictor."""
     import yaml
 
-    from segx.inference.exported import _release_memory, export_ensemble, load_exported
+    from segx.inference.export_graph import _release_memory, export_ensemble
+    from segx.inference.export_plan import ExportSettings
+    from segx.inference.export_runtime import load_exported
     from segx.inference.predictor import EnsemblePredictor
     from segx.models import clear_session
 
@@ -798,7 +802,7 @@ def test_every_backbone_converts_to_onnx(backbone, arch, tmp_path):
     record = _record([{"run_id": "r", "backbone": name, "view": view}], [1], "none", 0.5)
     record["members"][0]["arch"] = arch
     record = EnsembleRecord.from_json(record)
-    manifest = export_ensemble(record, [folder], tmp_path / "onnx", "onnx")
+    manifest = export_ensemble(record, [folder], tmp_path / "onnx", ExportSettings("onnx"))
     assert manifest["check"]["member_probabilities_max_abs_diff"] < 1e-3
     images = _images()[:2]
     reference = EnsemblePredictor(record, [folder])

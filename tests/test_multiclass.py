@@ -449,7 +449,7 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
             want, got = rows.loc[stem, key], scores[key][i]
             assert (np.isnan(want) and np.isnan(got)) or want == pytest.approx(got, rel=1e-12, abs=1e-12), (stem, key)
     # The ONNX export's K (or R) probabilities per member: within one uint8 step of the cached ones.
-    from segx.inference.exported import load_exported
+    from segx.inference.export_runtime import load_exported
 
     images = [cv2.cvtColor(cv2.imread(str(inputs / f"{stem}.png")), cv2.COLOR_BGR2RGB) for stem in cached[0].stems]
     onnx_probs = load_exported(tmp_path / "export-onnx").member_probs(images)

@@ -247,7 +247,7 @@ def test_bad_input_is_one_line_before_any_model_loads(member_store, ensemble_rec
 
 def test_batches_are_bounded_by_input_pixels(member_store, ensemble_record, synthetic_root, tmp_path):
     from segx import tracking
-    from segx.inference.folder import predict_folder
+    from segx.inference.folder import Batching, PredictOutputs, predict_folder
     from segx.workflows.predict import load_ensemble
 
     out, _ = member_store
@@ -260,12 +260,8 @@ def test_batches_are_bounded_by_input_pixels(member_store, ensemble_record, synt
         predictor,
         inputs,
         tmp_path / "pred",
-        8,
-        overlays=False,
-        uncertainty=False,
-        save_probabilities=False,
-        on_batch=done.append,
-        batch_pixels=2 * 64 * 64,
+        PredictOutputs(),
+        Batching(8, batch_pixels=2 * 64 * 64, on_batch=done.append),
     )
     assert n == 5 and done == [2, 4, 5]  # two 64x64 images per batch; the 128x128 one alone
     assert _files(tmp_path / "pred") == {f"masks/scan{i}.png" for i in range(5)} | {"segx-manifest.json"}

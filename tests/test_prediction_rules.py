@@ -266,7 +266,8 @@ def test_export_into_a_folder_it_cannot_write_is_one_line(store, tmp_path):
 def test_an_export_that_cannot_make_its_staging_folder_is_one_line(tmp_path):
     """A folder the process may not write (here /sys, which root cannot write either): the
     staging folder's OSError was a traceback."""
-    from segx.inference.exported import export_ensemble
+    from segx.inference.export_graph import export_ensemble
+    from segx.inference.export_plan import ExportSettings
 
     target = Path("/sys") / f"segx-test-{os.getpid()}" / "export"
     try:
@@ -278,7 +279,9 @@ def test_an_export_that_cannot_make_its_staging_folder_is_one_line(tmp_path):
         pytest.skip("/sys is writable here")
     record = _record("m", LUNGS)
     with pytest.raises(SegxError, match=r"^(cannot write into /sys|cannot write into /sys/segx-test-\d+) \("):
-        export_ensemble(EnsembleRecord.from_json(record), [_member(tmp_path / "m", LUNGS)], target, "savedmodel")
+        export_ensemble(
+            EnsembleRecord.from_json(record), [_member(tmp_path / "m", LUNGS)], target, ExportSettings("savedmodel")
+        )
 
 
 def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
@@ -287,7 +290,8 @@ def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
     import mlflow
 
     from segx import tracking
-    from segx.inference.exported import load_exported
+    from segx.inference.export_plan import ExportSettings
+    from segx.inference.export_runtime import load_exported
     from segx.tracking.pyfunc_model import log_pyfunc
     from segx.workflows.export import export_run
 
@@ -297,7 +301,7 @@ def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
     written = cv2.imread(str(tmp_path / "pred" / "masks" / "x.png"), cv2.IMREAD_UNCHANGED)
     assert (written == 4).all()  # sigmoids (1, 0, 1): whole paints a, inner paints c over it
     for fmt in ("savedmodel", "onnx"):
-        export_run(client, run, fmt, tmp_path / fmt, tmp_path / "work", log=False)
+        export_run(client, run, tmp_path / fmt, tmp_path / "work", ExportSettings(fmt), log=False)
         graph = load_exported(tmp_path / fmt).graphs[0]
         assert graph.graph["outputs"]["mask"]["dtype"] == "uint8"
         mask = graph.run(np.zeros((1, 32, 32, 3), np.uint8))["mask"]

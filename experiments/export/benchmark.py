@@ -8,7 +8,7 @@ segx's TensorFlow predictor, the exported SavedModel and ONNX Runtime; file size
 The ensemble: the three members ``make ensemble`` trains (resnet18, mobilenetv2, efficientnetb0
 Unets, random init: speed does not depend on the weights), saved as segx saves members, at
 ``--size`` px in resize mode, equal weights, threshold 0.5, ``--tta``. It is exported with
-``segx.inference.exported.export_ensemble`` to both formats, each in a fresh process
+``segx.inference.export_graph.export_ensemble`` to both formats, each in a fresh process
 (time and peak memory recorded).
 
 - **throughput**: one process holds the three predictors (``EnsemblePredictor``: segx.predict's
@@ -104,13 +104,14 @@ def export_child(fmt: str, work: str) -> None:
     import resource
 
     from segx.ensembling.record import EnsembleRecord
-    from segx.inference.exported import export_ensemble
+    from segx.inference.export_graph import export_ensemble
+    from segx.inference.export_plan import ExportSettings
 
     work = Path(work)
     record = json.loads((work / "record.json").read_text())
     started = time.perf_counter()
     manifest = export_ensemble(
-        EnsembleRecord.from_json(record), [work / "members" / b for b in BACKBONES], work / fmt, fmt
+        EnsembleRecord.from_json(record), [work / "members" / b for b in BACKBONES], work / fmt, ExportSettings(fmt)
     )
     print(
         json.dumps(
@@ -137,7 +138,7 @@ def load_child(runtime: str, work: str) -> None:
         from segx.inference.predictor import EnsemblePredictor
         from segx.models import build_model  # noqa: F401 - TensorFlow, as segx.predict imports it
     else:
-        from segx.inference.exported import load_exported
+        from segx.inference.export_runtime import load_exported
 
         if runtime == "savedmodel":
             from segx.backend import tf  # noqa: F401
@@ -182,7 +183,7 @@ def main() -> None:
 
     from segx.benchmark.study import machine
     from segx.ensembling.record import EnsembleRecord
-    from segx.inference.exported import load_exported
+    from segx.inference.export_runtime import load_exported
     from segx.inference.predictor import EnsemblePredictor
 
     work = Path(tempfile.mkdtemp(prefix="segx-export-bench-"))
@@ -307,7 +308,7 @@ def write_report(quiet: bool = False) -> None:
         f"weights, threshold 0.5, tta={args['tta']}; {args['images']} random uint8 RGB images of "
         f"{args['image_size']} x {args['image_size']} px per round, through each predictor's `predict` (resize, "
         "networks, uint8 quantisation, weights, threshold, back at each image's size). Exported with "
-        f"`segx.inference.exported.export_ensemble` in a fresh process each: SavedModel in "
+        f"`segx.inference.export_graph.export_ensemble` in a fresh process each: SavedModel in "
         f"{exports['savedmodel']['seconds']:.0f} s (peak memory {exports['savedmodel']['peak_rss_mb'] / 1024:.1f} GB), "
         f"ONNX (opset {exports['onnx']['opset']}, tf2onnx) in {exports['onnx']['seconds']:.0f} s (peak memory "
         f"{exports['onnx']['peak_rss_mb'] / 1024:.1f} GB: tf2onnx needs some 60-70 times a network's weights while "

@@ -41,10 +41,10 @@ large the inputs. File names that are not valid UTF-8 are read and written with 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +53,7 @@ import numpy as np
 from segx.data import staging
 from segx.data.io import shown
 from segx.errors import SegxError
+from segx.inference import owned
 
 MANIFEST = "segx-manifest.json"
 
@@ -133,18 +134,18 @@ def check_output_location(input_dir: Path, output_dir: Path) -> None:
         raise SegxError(f"output_dir={shown(output_dir)} is a file, not a folder; give a folder")
 
 
-def _own_file(rel: object) -> bool:
-    """Whether a manifest entry names a file segx may write: ``ensemble.json``,
-    ``<output folder>/<name>`` or ``probabilities/<stem>/<name>`` (a class's map). A hand-edited
-    manifest cannot make segx delete anything else."""
-    if rel == RECORD:
+def _prediction_path(parts: list[str]) -> bool:
+    """``ensemble.json``, ``<output folder>/<name>`` or ``probabilities/<stem>/<name>`` (a class's map)."""
+    if parts == [RECORD]:
         return True
-    if not isinstance(rel, str) or "\\" in rel or "\x00" in rel:
-        return False
-    parts = rel.split("/")
-    if any(part in ("", ".", "..") for part in parts) or parts[0] not in OUTPUT_FOLDERS:
+    if parts[0] not in OUTPUT_FOLDERS:
         return False
     return len(parts) == 2 or (len(parts) == 3 and parts[0] == "probabilities")
+
+
+# What a prediction folder holds: a manifest entry names a file segx may write only if it is one of
+# these (a hand-edited manifest cannot make segx delete anything else).
+LAYOUT = owned.Layout(MANIFEST, PARTIAL_PREFIX, _prediction_path, OUTPUT_FOLDERS)
 
 
 def read_manifest(output_dir: Path) -> list[str] | None:
@@ -162,11 +163,7 @@ def read_manifest(output_dir: Path) -> list[str] | None:
             f"{shown(path)} is not a readable segx manifest; remove the earlier "
             "prediction by hand or choose a new output_dir"
         ) from None
-    return [f for f in files if _own_file(f)]
-
-
-def _is_partial(name: str) -> bool:
-    return staging.is_staging(name, PARTIAL_PREFIX)
+    return [f for f in files if LAYOUT.owns(f)]
 
 
 def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool, planned: Iterable[str] = ()) -> list[str]:
@@ -182,7 +179,7 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool, planned
         raise SegxError(f"cannot read output_dir={shown(output_dir)} ({exc.strerror}); check its permissions") from None
     content = []
     for entry in entries:
-        if _is_partial(entry.name):
+        if LAYOUT.is_partial(entry.name):
             continue  # a run in progress or a killed one's leftovers: segx's, removed when stale
         if entry.name in OUTPUT_FOLDERS and entry.is_dir(follow_symlinks=False) and not any(os.scandir(entry.path)):
             continue  # an empty output folder (older versions left them after a crash)
@@ -221,82 +218,16 @@ def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool, planned
     return old
 
 
-def _write_text(path: Path, text: str | bytes) -> None:
-    """Atomic: a temporary name in the same folder, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_manifest(output_dir: Path, files: Iterable[str], complete: bool) -> None:
     manifest = {"format": "segx-prediction", "complete": complete, "files": sorted(set(files))}
     # ensure_ascii keeps a name that is not UTF-8 (a surrogate escape) as \udcXX, read back as is.
-    _write_text(output_dir / MANIFEST, json.dumps(manifest, indent=1))
+    owned.write_atomic(output_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _commit(stage: Path, output_dir: Path, new: list[str], old: list[str]) -> None:
     """Move the staged files into ``output_dir`` and remove the earlier prediction's others, all
-    or nothing (module docstring): every step is undone if a later one fails, the earlier files
-    and manifest are put back and ``output_dir`` is as it was. Replaced and removed files wait in
-    ``<stage>/.old/``, which goes with the staging folder once the new manifest is written."""
-    manifest = output_dir / MANIFEST
-    before = manifest.read_bytes() if manifest.is_file() and not manifest.is_symlink() else None
-    backup = stage / ".old"
-    undo: list[Callable[[], object]] = []  # the steps taken so far, each as its reversal
-    try:
-        _write_manifest(output_dir, [*old, *new], complete=False)
-        for rel in new:
-            target = output_dir / rel
-            for folder in reversed(Path(rel).parents[:-1]):  # masks/, probabilities/<stem>/, ...
-                made = output_dir / folder
-                if not os.path.lexists(made):
-                    made.mkdir()
-                    undo.append(made.rmdir)
-            kept = _set_aside(target, backup / rel) if os.path.lexists(target) else None
-            undo.append(lambda target=target, kept=kept: os.replace(kept, target) if kept else target.unlink(True))
-            os.replace(stage / rel, target)
-        for rel in sorted(set(old) - set(new)):
-            target = output_dir / rel
-            if target.is_symlink() or target.is_file():
-                aside = backup / rel
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(target, aside)
-                undo.append(lambda target=target, aside=aside: os.replace(aside, target))
-        _write_manifest(output_dir, new, complete=True)
-    except BaseException:
-        for step in reversed(undo):
-            with contextlib.suppress(OSError):
-                step()
-        with contextlib.suppress(OSError):
-            if before is None:
-                manifest.unlink(missing_ok=True)
-            else:
-                _write_text(manifest, before)
-        raise
-    # Done: the folders the earlier prediction's removed files leave empty go too, and empty
-    # output folders this run does not use (older versions left them after a crash).
-    empty = {folder for rel in set(old) - set(new) for folder in Path(rel).parents[:-1]}
-    empty |= {Path(name) for name in OUTPUT_FOLDERS if name not in {rel.split("/")[0] for rel in new}}
-    for folder in sorted(empty, key=lambda f: -len(f.parts)):  # innermost first
-        path = output_dir / folder
-        if path.is_dir() and not path.is_symlink():
-            with contextlib.suppress(OSError):
-                path.rmdir()  # only if empty
-
-
-def _set_aside(target: Path, aside: Path) -> Path:
-    """Keep the file at ``target`` as ``aside`` before it is replaced: a hard link where the file
-    system allows it (``target`` stays in place, so the rename over it stays atomic), else moved."""
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(target, aside, follow_symlinks=False)
-    except OSError:
-        os.replace(target, aside)
-    return aside
+    or nothing (module docstring; :func:`segx.inference.owned.commit_files`)."""
+    owned.commit_files(stage, output_dir, new, old, LAYOUT, _write_manifest)
 
 
 def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels: int) -> Iterator[list]:
@@ -313,24 +244,44 @@ def _batches(items: list[tuple[str, InputImage]], batch_size: int, batch_pixels:
         yield batch
 
 
+@dataclass(frozen=True)
+class PredictOutputs:
+    """What :func:`predict_folder` writes beside the masks, and whether it may replace an earlier
+    prediction (``overwrite``): read once by the command from its config."""
+
+    overlays: bool = False
+    uncertainty: bool = False
+    save_probabilities: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the inputs are read: batches of at most ``batch_size`` images and ``batch_pixels``
+    input pixels (an image over the budget goes alone), no image over ``max_pixels`` (None: the
+    default of :mod:`segx.data.io`); ``on_batch(n_done)`` is called after each batch (the
+    benchmark samples memory there)."""
+
+    batch_size: int
+    batch_pixels: int = DEFAULT_BATCH_PIXELS
+    max_pixels: int | None = None
+    on_batch: Callable[[int], object] | None = None
+
+
 def planned_files(
-    stems: Iterable[str],
-    overlays: bool,
-    uncertainty: bool,
-    save_probabilities: bool,
-    record: bool = True,
-    classes: Iterable[str] | None = None,
+    stems: Iterable[str], outputs: PredictOutputs, record: bool = True, classes: Iterable[str] | None = None
 ) -> list[str]:
     """The files a prediction writes, relative to ``output_dir`` (``classes``: a multi-class
     ensemble's foreground class names, one probability map each)."""
     stems = list(stems)
+    extras = (True, outputs.overlays, outputs.uncertainty, outputs.save_probabilities)
     folders = [
         name
-        for name, wanted in zip(OUTPUT_FOLDERS, (True, overlays, uncertainty, save_probabilities), strict=True)
+        for name, wanted in zip(OUTPUT_FOLDERS, extras, strict=True)
         if wanted and not (name == "probabilities" and classes is not None)
     ]
     files = [f"{name}/{stem}.png" for name in folders for stem in stems]
-    if save_probabilities and classes is not None:  # a folder per case: no stem and class collide
+    if outputs.save_probabilities and classes is not None:  # a folder per case: no stem and class collide
         files += [f"probabilities/{stem}/{c}.png" for stem in stems for c in classes]
     return files + ([RECORD] if record else [])
 
@@ -339,39 +290,30 @@ def predict_folder(
     predictor,
     input_dir: Path,
     output_dir: Path,
-    batch_size: int,
-    overlays: bool,
-    uncertainty: bool,
-    save_probabilities: bool,
-    on_batch=None,
-    files=None,
-    *,
+    outputs: PredictOutputs,
+    batching: Batching,
+    files: dict[str, InputImage] | None = None,
     record: dict | None = None,
-    overwrite: bool = False,
-    max_pixels: int | None = None,
-    batch_pixels: int = DEFAULT_BATCH_PIXELS,
 ) -> int:
-    """Write masks (and extras, and ``record`` as ``ensemble.json``) for every image in
-    ``input_dir``, staged and then moved into ``output_dir`` (module docstring);
-    ``on_batch(n_done)`` is called after each batch (the benchmark samples memory there)."""
+    """Write masks (and ``outputs``' extras, and ``record`` as ``ensemble.json``) for every image
+    in ``input_dir`` (``files``: those :func:`check_inputs` found there, when already checked),
+    staged and then moved into ``output_dir`` (module docstring)."""
     from tqdm.auto import tqdm
 
     from segx.progress import interactive
     from segx.progress import stage as say
 
-    files = files if files is not None else check_inputs(input_dir, output_dir, max_pixels)
+    files = files if files is not None else check_inputs(input_dir, output_dir, batching.max_pixels)
     labels = getattr(predictor, "labels", None)
     new = planned_files(
         files,
-        overlays,
-        uncertainty,
-        save_probabilities,
+        outputs,
         record is not None,
         (labels.region_names if labels.regions else labels.foreground) if labels else None,
     )
     if len(set(new)) != len(new):  # two outputs of one name: one would be lost (a bug, never a user's error)
         raise AssertionError(f"two outputs named {next(f for f in new if new.count(f) > 1)}")
-    old = check_output_dir(input_dir, output_dir, overwrite, new)
+    old = check_output_dir(input_dir, output_dir, outputs.overwrite, new)
     entered = False  # the staging folder exists (else output_dir could not be written at all)
     try:
         with staging.staged_folder(output_dir, PARTIAL_PREFIX) as stage:
@@ -381,16 +323,16 @@ def predict_folder(
                 say(f"predicting {len(items)} images")
             with tqdm(total=len(items), desc="segx: predicting", unit="img", disable=not interactive()) as bar:
                 done = 0
-                for batch in _batches(items, batch_size, batch_pixels):
-                    _predict_batch(predictor, batch, stage, overlays, uncertainty, save_probabilities, max_pixels)
+                for batch in _batches(items, batching.batch_size, batching.batch_pixels):
+                    _predict_batch(predictor, batch, stage, outputs, batching.max_pixels)
                     done += len(batch)
                     bar.update(len(batch))
-                    if on_batch is not None:
-                        on_batch(done)
+                    if batching.on_batch is not None:
+                        batching.on_batch(done)
             if record is not None:
-                _write_text(stage / RECORD, json.dumps(record, indent=2))
+                owned.write_atomic(stage / RECORD, json.dumps(record, indent=2))
             # Someone may have written into output_dir meanwhile: check again just before moving.
-            old = check_output_dir(input_dir, output_dir, overwrite, new)
+            old = check_output_dir(input_dir, output_dir, outputs.overwrite, new)
             _commit(stage, output_dir, new, old)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile, or none to write into
         if not entered:
@@ -404,9 +346,7 @@ def predict_folder(
     return len(items)
 
 
-def _predict_batch(
-    predictor, batch, stage: Path, overlays: bool, uncertainty: bool, save_probabilities: bool, max_pixels: int | None
-) -> None:
+def _predict_batch(predictor, batch, stage: Path, outputs: PredictOutputs, max_pixels: int | None) -> None:
     import cv2
 
     from segx.data.io import DEFAULT_MAX_PIXELS, read_image, write_png
@@ -419,25 +359,23 @@ def _predict_batch(
     for i, (stem, _) in enumerate(batch):
         image, pred = images[i], predictions[i]
         if labels is not None:  # several classes: the user's own encoding, a legend, one map per class
-            _write_classes(labels, stem, image, pred, stage, overlays, uncertainty, save_probabilities)
+            _write_classes(labels, stem, image, pred, stage, outputs)
             images[i] = predictions[i] = None
             continue
-        outputs = {"masks": pred.mask.astype(np.uint8) * 255}
-        if overlays:
-            outputs["overlays"] = cv2.cvtColor(overlay(image, pred.mask), cv2.COLOR_RGB2BGR)
-        if uncertainty:
-            outputs["uncertainty"] = np.clip(pred.uncertainty * 510, 0, 255).astype(np.uint8)
-        if save_probabilities:
-            outputs["probabilities"] = np.clip(np.rint(pred.probability * 255), 0, 255).astype(np.uint8)
-        for name, array in outputs.items():
+        arrays = {"masks": pred.mask.astype(np.uint8) * 255}
+        if outputs.overlays:
+            arrays["overlays"] = cv2.cvtColor(overlay(image, pred.mask), cv2.COLOR_RGB2BGR)
+        if outputs.uncertainty:
+            arrays["uncertainty"] = np.clip(pred.uncertainty * 510, 0, 255).astype(np.uint8)
+        if outputs.save_probabilities:
+            arrays["probabilities"] = np.clip(np.rint(pred.probability * 255), 0, 255).astype(np.uint8)
+        for name, array in arrays.items():
             (stage / name).mkdir(exist_ok=True)
             write_png(safe_output_path(stage / name, stem), array)
         images[i] = predictions[i] = None  # this image's full-size arrays can go now
 
 
-def _write_classes(
-    labels, stem: str, image, pred, stage: Path, overlays: bool, uncertainty: bool, save_probabilities: bool
-):
+def _write_classes(labels, stem: str, image, pred, stage: Path, outputs: PredictOutputs):
     """One image of a multi-class ensemble: ``masks/<stem>.png`` in the data's own encoding (the
     mask values of data.labels, 16-bit where a value needs it, or the palette's colours), the
     overlay with a legend, the uncertainty (normalised entropy x 255) and, on request, one
@@ -448,16 +386,16 @@ def _write_classes(
     from segx.inference.overlay import class_colours, overlay_classes
 
     encoded = labels.decode(pred.mask)
-    outputs = {"masks": cv2.cvtColor(encoded, cv2.COLOR_RGB2BGR) if encoded.ndim == 3 else encoded}
-    if overlays:
+    arrays = {"masks": cv2.cvtColor(encoded, cv2.COLOR_RGB2BGR) if encoded.ndim == 3 else encoded}
+    if outputs.overlays:
         colours = class_colours(labels.n_classes, labels.colours)
-        outputs["overlays"] = cv2.cvtColor(overlay_classes(image, pred.mask, labels.names, colours), cv2.COLOR_RGB2BGR)
-    if uncertainty:
-        outputs["uncertainty"] = np.clip(np.rint(pred.uncertainty * 255), 0, 255).astype(np.uint8)
-    for name, array in outputs.items():
+        arrays["overlays"] = cv2.cvtColor(overlay_classes(image, pred.mask, labels.names, colours), cv2.COLOR_RGB2BGR)
+    if outputs.uncertainty:
+        arrays["uncertainty"] = np.clip(np.rint(pred.uncertainty * 255), 0, 255).astype(np.uint8)
+    for name, array in arrays.items():
         (stage / name).mkdir(exist_ok=True)
         write_png(safe_output_path(stage / name, stem), array)
-    if save_probabilities:
+    if outputs.save_probabilities:
         (stage / "probabilities").mkdir(exist_ok=True)
         case = safe_output_path(stage / "probabilities", stem, "")
         case.mkdir()

@@ -22,7 +22,7 @@ from segx.inference.view import View, predict_cases
 from segx.scoring.postprocess import PostProcess, apply, apply_classes
 
 # segx.models (TensorFlow) is imported where a network is loaded or run, not here: an exported
-# ensemble (segx.inference.exported) reuses this arithmetic on ONNX Runtime without TensorFlow.
+# ensemble (segx.inference.export_runtime) reuses this arithmetic on ONNX Runtime without TensorFlow.
 
 
 @dataclass

@@ -85,7 +85,7 @@ try:
             from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
             from segx.errors import SegxError
-            from segx.inference.exported import check_request_images, names_of
+            from segx.inference.export_plan import check_request_images, names_of
 
             try:
                 images = check_request_images(model_input)

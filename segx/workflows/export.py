@@ -1,5 +1,5 @@
 """The export workflow: a recorded ensemble fetched from its run, written as one SavedModel or
-ONNX model (:mod:`segx.inference.exported`), and logged as a child run of the ensemble.
+ONNX model (:mod:`segx.inference.export_plan`), and logged as a child run of the ensemble.
 Usage: :mod:`segx.export` (``python -m segx.export``)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.config import TTA_MODES
 from segx.errors import SegxError
-from segx.inference.exported import DEFAULT_OPSET, check_format
+from segx.inference.export_plan import ExportSettings, check_format
 from segx.tracking import tags as tag_names
 from segx.tracking.ensembles import ensemble_run, fetch_ensemble
 from segx.tracking.readers import EnsembleRun
@@ -85,40 +85,34 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
 
 
 def export_run(
-    client,
-    run_id: str,
-    fmt: str,
-    output_dir: Path,
-    workdir: Path,
-    opset: int = DEFAULT_OPSET,
-    tta: str | None = None,
-    overwrite: bool = False,
-    log: bool = True,
+    client, run_id: str, output_dir: Path, workdir: Path, settings: ExportSettings, log: bool = True
 ) -> tuple[dict, str | None]:
-    """Export ensemble ``run_id`` into ``output_dir`` (and log it); (manifest, child run ID)."""
-    from segx.inference.exported import check_opset, check_output_dir, export_ensemble
+    """Export ensemble ``run_id`` into ``output_dir`` as ``settings`` say (and log it); (manifest,
+    child run ID)."""
+    from segx.inference.export_graph import export_ensemble
+    from segx.inference.export_plan import check_opset, check_output_dir
     from segx.inference.tta import check_record_tta
 
-    fmt = check_format(fmt)
-    check_output_dir(output_dir, overwrite)  # before anything is imported, downloaded or built
-    if fmt == "onnx":
-        check_opset(opset)  # imports tf2onnx and so TensorFlow
+    check_format(settings.fmt)
+    check_output_dir(output_dir, settings.overwrite)  # before anything is imported, downloaded or built
+    if settings.fmt == "onnx":
+        check_opset(settings.opset)  # imports tf2onnx and so TensorFlow
     record, paths = fetch_ensemble(client, run_id, workdir)
     # The rule segx.ensemble and segx.predict apply: refused where wrong, warned where untuned.
-    warning = check_record_tta(record, tta, paths)
+    warning = check_record_tta(record, settings.tta, paths)
     if warning:
         print(f"segx: warning: ensemble {run_id}: {warning}", file=sys.stderr, flush=True)
     source = {"ensemble_run_id": run_id}
-    manifest = export_ensemble(record, paths, output_dir, fmt, opset, tta, overwrite, source)
+    manifest = export_ensemble(record, paths, output_dir, settings, source)
     child = log_export(client, run_id, output_dir, manifest) if log else None
     return manifest, child
 
 
 def export_predictor(client, run_id: str, fmt: str, workdir: Path, tta: str | None = None):
-    """(record, :class:`~segx.inference.exported.ExportedPredictor`) for the ``fmt`` export of
+    """(record, :class:`~segx.inference.export_runtime.ExportedPredictor`) for the ``fmt`` export of
     ensemble ``run_id`` (the newest one, named by the run's ``segx.export.<fmt>`` tag)."""
     from segx import tracking
-    from segx.inference.exported import load_exported
+    from segx.inference.export_runtime import load_exported
 
     run = ensemble_run(client, run_id)
     child = EnsembleRun.of(run).exports.get(fmt)
@@ -157,7 +151,8 @@ def run_export(cfg: DictConfig) -> dict:
     if cfg.log:
         client = tracking.connect(str(cfg.mlflow.tracking_uri), create=True)  # and it takes a write
     workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / run_id
-    manifest, child = export_run(client, run_id, fmt, output_dir, workdir, cfg.opset, cfg.tta, cfg.overwrite, cfg.log)
+    settings = ExportSettings(fmt, cfg.opset, cfg.tta, cfg.overwrite)
+    manifest, child = export_run(client, run_id, output_dir, workdir, settings, cfg.log)
     size = sum(manifest["sizes_bytes"].values()) / 1e6
     logged = f"; logged as run {child} (child of {run_id})" if child else ""
     print(

@@ -12,7 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from segx.config import TTA_MODES, require_int
 from segx.data.io import shown
 from segx.errors import SegxError
-from segx.inference.folder import check_inputs, check_output_dir, planned_files, predict_folder
+from segx.inference.folder import (
+    Batching,
+    PredictOutputs,
+    check_inputs,
+    check_output_dir,
+    planned_files,
+    predict_folder,
+)
 
 BACKENDS = ("keras", "savedmodel", "onnx")
 
@@ -31,7 +38,9 @@ def run_predict(cfg: DictConfig) -> int:
     batch_size = require_int(cfg, "batch_size", 1)
     max_pixels = require_int(cfg, "max_pixels", 1)
     batch_pixels = require_int(cfg, "batch_pixels", 1)
-    flags = {key: _require_bool(cfg, key) for key in ("overlays", "uncertainty", "save_probabilities", "overwrite")}
+    outputs = PredictOutputs(
+        **{key: _require_bool(cfg, key) for key in ("overlays", "uncertainty", "save_probabilities", "overwrite")}
+    )
     if cfg.tta is not None and cfg.tta not in TTA_MODES:
         raise SegxError(f"tta={cfg.tta} is not valid; use one of {', '.join(TTA_MODES)} (or null: as recorded)")
     backend = cfg.get("backend", "keras")
@@ -49,8 +58,7 @@ def run_predict(cfg: DictConfig) -> int:
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
     # Everything that can be checked without the models, before any is downloaded or loaded.
     files = check_inputs(input_dir, output_dir, max_pixels)
-    planned = planned_files(files, flags["overlays"], flags["uncertainty"], flags["save_probabilities"])
-    check_output_dir(input_dir, output_dir, flags["overwrite"], planned)
+    check_output_dir(input_dir, output_dir, outputs.overwrite, planned_files(files, outputs))
     from segx import tracking
     from segx.workflows.predict import load_ensemble
 
@@ -66,20 +74,15 @@ def run_predict(cfg: DictConfig) -> int:
         predictor,
         input_dir,
         output_dir,
-        batch_size,
-        flags["overlays"],
-        flags["uncertainty"],
-        flags["save_probabilities"],
-        files=files,
-        overwrite=flags["overwrite"],
+        outputs,
+        Batching(batch_size, batch_pixels, max_pixels),
+        files,
         record={
             **record.to_json(),
             "predict_tta": predictor.tta,
             "run_id": str(cfg.ensemble_run_id),
             "backend": backend,
         },
-        max_pixels=max_pixels,
-        batch_pixels=batch_pixels,
     )
     what = "label maps" if getattr(predictor, "labels", None) is not None else "masks"
     print(f"segx: wrote {n} {what} to {shown(output_dir / 'masks')}", flush=True)
