@@ -398,10 +398,11 @@ def test_folds_on_machines_sharing_only_the_server_agree_on_one_cv_parent(tmp_pa
 
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "art"))
-    first = cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a")
+    layout = cv.CrossValidation("h", "f", 2)
+    first = cv.parent_run(client, exp, layout, "p", {}, tmp_path / "locks-machine-a")
     racer = tracking.start_run(
         client, exp, "p", {tracking.ROLE: cv.ROLE_CV, "segx.cv_config_hash": "h", "segx.cv_fingerprint": "f"}
     )
     client.set_terminated(racer, "FINISHED")
-    assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-b") == first
-    assert cv.parent_run(client, exp, "h", "f", 2, "p", {}, tmp_path / "locks-machine-a") == first
+    assert cv.parent_run(client, exp, layout, "p", {}, tmp_path / "locks-machine-b") == first
+    assert cv.parent_run(client, exp, layout, "p", {}, tmp_path / "locks-machine-a") == first

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,20 +190,38 @@ def _write_once(path: Path, payload: object) -> None:
     os.replace(tmp, path)  # atomic: parallel members never read half a file
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """How a split is drawn from its cases: the validation and test fractions, the seed, and the
+    column it is stratified by (None: not stratified)."""
+
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    stratify: str | None = None
+
+
 def default_split_path(
     folder: str | os.PathLike,
     name: str,
     stems: Sequence[str],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
     test_stems: Sequence[str] | None,
-    stratify: str | None,
+    settings: SplitSettings,
 ) -> Path:
-    """A split file name that changes whenever the inputs to the split change."""
-    key = json.dumps([sorted(stems), sorted(test_stems or []), val_fraction, test_fraction, seed, stratify])
+    """A split file name that changes whenever the inputs to the split change: the cases
+    (``test_stems``: a separate test folder's) and the ``settings``."""
+    key = json.dumps(
+        [
+            sorted(stems),
+            sorted(test_stems or []),
+            settings.val_fraction,
+            settings.test_fraction,
+            settings.seed,
+            settings.stratify,
+        ]
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return Path(folder) / f"{name}-seed{seed}-{digest}.json"
+    return Path(folder) / f"{name}-seed{settings.seed}-{digest}.json"
 
 
 def make_folds(

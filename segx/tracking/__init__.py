@@ -20,7 +20,7 @@ Importing this package changes nothing: :func:`connect` sets MLflow's environmen
 """
 
 from segx.tracking.epochs import EpochLog
-from segx.tracking.logged_models import link_models, log_export_model, log_member_model
+from segx.tracking.logged_models import TensorSignature, link_models, log_export_model, log_member_model
 from segx.tracking.runs import (
     _unscoped,
     download,
@@ -56,6 +56,7 @@ __all__ = [
     "ROLE",
     "STORE_TIMEOUT_S",
     "EpochLog",
+    "TensorSignature",
     "_unscoped",
     "artifact_folder_name",
     "check_model_name",

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from segx.errors import SegxError
@@ -37,12 +38,22 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def parent_run(
-    client, experiment: str, cv_hash: str, cv_fingerprint: str, folds: int, name: str, tags: dict, lock_dir: Path
-) -> str:
+@dataclass(frozen=True)
+class CrossValidation:
+    """Which cross-validation a fold run belongs to: its configuration's hash without the fold
+    (``segx.cv_config_hash``), the fold layout's fingerprint (``segx.cv_fingerprint``) and the
+    number of folds."""
+
+    config_hash: str
+    fingerprint: str
+    folds: int
+
+
+def parent_run(client, experiment: str, cv: CrossValidation, name: str, tags: dict, lock_dir: Path) -> str:
     """The parent run of this configuration on this fold layout (created if none exists)."""
     from segx import tracking
 
+    cv_hash, cv_fingerprint, folds = cv.config_hash, cv.fingerprint, cv.folds
     key = {"segx.cv_config_hash": cv_hash, "segx.cv_fingerprint": cv_fingerprint}
     with _locked(Path(lock_dir) / f"cv-{cv_hash}-{cv_fingerprint}.lock"):
         found = tracking.find_runs(client, experiment, ROLE_CV, status=None, tags=key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +62,39 @@ def link_models(client: MlflowClient, run_id: str, model_ids: Sequence[str]) -> 
         client.log_inputs(run_id, models=[LoggedModelInput(m) for m in ids])
 
 
+@dataclass(frozen=True)
+class TensorSignature:
+    """A graph's named tensors: ``inputs`` and ``outputs``, each name -> {dtype, shape} (-1: any size)."""
+
+    inputs: Mapping[str, Mapping]
+    outputs: Mapping[str, Mapping]
+
+    def to_mlflow(self):
+        """The MLflow ModelSignature of these tensors."""
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        def schema(specs: Mapping[str, Mapping]) -> Schema:
+            return Schema([TensorSpec(np.dtype(s["dtype"]), tuple(s["shape"]), key) for key, s in specs.items()])
+
+        return ModelSignature(schema(self.inputs), schema(self.outputs))
+
+
 def log_export_model(
     client: MlflowClient,
     run_id: str,
     experiment: str,
     name: str,
-    inputs: Mapping[str, Mapping],
-    outputs: Mapping[str, Mapping],
+    signature: TensorSignature,
     params: Mapping[str, Any],
     artifact: str,
 ) -> str:
     """An exported ensemble graph (``segx.export``) as an MLflow 3 logged model of ``run_id``,
-    with its tensor signature (``inputs``/``outputs``: name -> {dtype, shape}, -1 any size); like
-    a member's, it points at the run's ``artifact`` folder instead of copying the model."""
-    import numpy as np
+    with its tensor ``signature``; like a member's, it points at the run's ``artifact`` folder
+    instead of copying the model."""
     from mlflow.entities import LoggedModelOutput
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    def schema(specs: Mapping[str, Mapping]) -> Schema:
-        return Schema([TensorSpec(np.dtype(s["dtype"]), tuple(s["shape"]), key) for key, s in specs.items()])
+    from mlflow.models import Model
 
     model = client.create_logged_model(
         experiment,
@@ -91,9 +105,7 @@ def log_export_model(
         tags={"segx.model_artifact": f"runs:/{run_id}/{artifact}"},
     )
     with tempfile.TemporaryDirectory(prefix="segx-model-") as tmp:
-        Model(model_id=model.model_id, run_id=run_id, signature=ModelSignature(schema(inputs), schema(outputs))).save(
-            str(Path(tmp) / "MLmodel")
-        )
+        Model(model_id=model.model_id, run_id=run_id, signature=signature.to_mlflow()).save(str(Path(tmp) / "MLmodel"))
         (Path(tmp) / "README.txt").write_text(
             f"segx export: the model files are the artifact runs:/{run_id}/{artifact}\n"
         )

@@ -75,8 +75,7 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
                 child,
                 run.info.experiment_id,
                 f"export-{fmt}-{graph['name']}",
-                graph["inputs"],
-                graph["outputs"],
+                tracking.TensorSignature(graph["inputs"], graph["outputs"]),
                 {"format": fmt, "graph": graph["name"], **{f"view.{k}": v for k, v in graph["view"].items()}},
                 "export",
             )

@@ -21,6 +21,7 @@ from segx.data.labels import Labels
 from segx.data.split import (
     CV_TAGS,
     FINGERPRINT_TAGS,
+    SplitSettings,
     cv_fingerprint,
     default_split_path,
     fingerprint_parts,
@@ -207,11 +208,13 @@ def split_file_path(data: DictConfig, output_dir: str, stems: list[str], test_st
         Path(output_dir) / "splits",
         f"{name}-cv{folds}" if folds else name,
         stems,
-        -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
-        float(data.test_fraction),
-        int(data.split_seed),
         test_stems,
-        data.stratify_column if groups else None,
+        SplitSettings(
+            -float(folds) if folds else float(data.val_fraction),  # a fold layout never shares a plain split's name
+            float(data.test_fraction),
+            int(data.split_seed),
+            data.stratify_column if groups else None,
+        ),
     )
 
 
