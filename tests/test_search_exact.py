@@ -197,7 +197,7 @@ def _hand_members(n_members: int, seed: int):
 def test_run_search_reports_and_records_prediction_numbers(method):
     from segx.ensembling.choose import run_search
     from segx.ensembling.record import make_record
-    from segx.workflows.ensemble import search_settings, threshold_list
+    from segx.workflows.ensemble import search_settings
     from tests.conftest import compose_config
 
     members, probs, truth = _hand_members(3, seed=17)
@@ -210,15 +210,14 @@ def test_run_search_reports_and_records_prediction_numbers(method):
             "ensemble.optimize_evals=30",
         ],
     )
-    found = run_search(members, search_settings(cfg))
+    settings = search_settings(cfg)
+    found = run_search(members, settings)
     for candidate in [*found.baselines, found.searched.best, found.chosen]:
         assert predicted_dice(probs, truth, candidate.weights, candidate.threshold) == candidate.val_dice, candidate
     check_rows(probs, truth, found.searched.history)
     assert found.val_dice == found.chosen.val_dice
     # The record holds the exact counts; read back, they predict the recorded Dice.
-    record = validate_record(
-        json.loads(json.dumps(make_record(members, found, "none", method, 0.0, threshold_list(cfg)).to_json()))
-    )
+    record = validate_record(json.loads(json.dumps(make_record(members, found, "none", settings).to_json())))
     assert record["version"] == 3
     weights, chosen = record_weights(record), found.chosen.weights
     assert [Fraction(k, weights.denominator) for k in weights.counts] == [

@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segx.data.labels import Labels
 from segx.data.view import View
@@ -29,6 +29,9 @@ from segx.ensembling.probs import MAX_DENOMINATOR, Weights
 from segx.errors import SegxError
 from segx.scoring.postprocess import PostProcess
 from segx.tta import TTA_MODES
+
+if TYPE_CHECKING:  # segx.ensembling.choose reads members and runs searches: the record needs its settings only
+    from segx.ensembling.choose import SearchSettings
 
 REQUIRED = ("members", "threshold")
 # Version 3: each member says how it sees an image (``view``: mode, size, scale, overlap), and
@@ -472,17 +475,17 @@ def make_record(
     members: Sequence,
     found,
     tta: str,
-    method: str,
-    tolerance: float,
-    thresholds: Sequence[float],
+    search: SearchSettings,
     git: tuple[str | None, bool | None] = (None, None),
     labels: Mapping | None = None,
 ) -> EnsembleRecord:
-    """The record of a chosen ensemble (``found``: the :class:`~segx.ensembling.choose.SearchOutcome`; ``git``:
+    """The record of a chosen ensemble (``found``: the :class:`~segx.ensembling.choose.SearchOutcome`
+    of a search run with ``search``, whose method, tolerance and thresholds the record keeps; ``git``:
     the commit and dirty flag of the code that chose it, ``provenance.git_sha()``; ``labels``: the members'
     classes as their runs recorded them, None for one structure)."""
     import segx
 
+    method, tolerance, thresholds = search.method, search.tolerance, search.thresholds
     sha, dirty = git
     chosen = found.chosen
     weights = found.weights

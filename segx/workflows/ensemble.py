@@ -179,9 +179,7 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
     found = run_search(members, search_settings(cfg))
     from segx.tracking.provenance import git_sha
 
-    record = make_record(
-        members, found, str(e.tta), str(e.search), float(e.tolerance), threshold_list(cfg), git_sha(), labels
-    )
+    record = make_record(members, found, str(e.tta), search_settings(cfg), git_sha(), labels)
     per_case, preds = score_test_split(
         members,
         found.weights,
