@@ -118,9 +118,9 @@ def epoch_metrics(step: int) -> dict[str, float]:
 
 def logging_latency(work: Path, calls: int, rounds: int) -> dict:
     from segx import tracking
-    from segx.server import free_port, tracking_server
+    from segx.tracking.server import ServerSettings, free_port, tracking_server
 
-    with tracking_server(work / "server", port=free_port()) as uri:
+    with tracking_server(work / "server", ServerSettings(port=free_port())) as uri:
         stores = {"sqlite": f"sqlite:///{work}/latency.db", "server": uri}
         runs = {}
         for name, store in stores.items():

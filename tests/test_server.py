@@ -20,8 +20,10 @@ import numpy as np
 import psutil
 import pytest
 
-from segx import server, tracking
+from segx import tracking
 from segx.errors import SegxError
+from segx.tracking import server
+from segx.tracking.server import ServerSettings
 from tests.conftest import ROOT, tiny_train_overrides
 
 
@@ -233,7 +235,7 @@ def test_members_in_separate_processes_log_to_the_server_and_the_ensemble_rebuil
     import mlflow
 
     folder = server_folder
-    with server.tracking_server(folder, port=server.free_port(), timeout=300) as uri:
+    with server.tracking_server(folder, ServerSettings(port=server.free_port(), timeout=300)) as uri:
         processes = _server_processes(folder)
         assert {"postgres", "python"} <= {p.name().split()[0] for p in processes}
         # Two members at once, each with its own output folder: no filesystem in common.
@@ -306,7 +308,7 @@ def _wait_for_first_epoch(client, job: subprocess.Popen, timeout: float = 900) -
 def test_member_keeps_training_while_the_server_restarts_and_loses_no_epoch(tmp_path, server_folder):
     folder, port, pg_port = server_folder, server.free_port(), server.free_port()
     epochs = 8
-    with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
+    with server.tracking_server(folder, ServerSettings(port=port, postgres_port=pg_port, timeout=300)) as uri:
         # Epochs of 16 training images, so that the outage falls during training, not after it.
         args = [
             o
@@ -318,7 +320,7 @@ def test_member_keeps_training_while_the_server_restarts_and_loses_no_epoch(tmp_
         processes = _server_processes(folder)
     assert not _alive(processes)  # MLflow and PostgreSQL are both down now
     assert job.poll() is None  # ... and the member trains on
-    with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
+    with server.tracking_server(folder, ServerSettings(port=port, postgres_port=pg_port, timeout=300)) as uri:
         out = job.communicate(timeout=1200)[0]
         assert job.returncode == 0, out[-4000:]
         assert f"did not take run {run_id}'s metrics" in out, "the outage fell after training: use longer epochs"
@@ -336,7 +338,7 @@ def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and
 ):
     folder, port, pg_port = server_folder, server.free_port(), server.free_port()
     epochs = 4
-    with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
+    with server.tracking_server(folder, ServerSettings(port=port, postgres_port=pg_port, timeout=300)) as uri:
         args = [
             o
             for o in _member_args(tmp_path / "client", tmp_path / "data", uri, "resnet18", epochs)
@@ -356,7 +358,7 @@ def test_server_away_after_training_fails_in_one_line_keeping_the_checkpoint_and
     assert (checkpoint / "state.json").is_file() and (checkpoint / "unsent-metrics.json").is_file()
     command = shlex.split(error.split("continue with: ", 1)[1])
     assert command[:3] == ["python", "-m", "segx.train"] and command[-1] == f"resume={run_id}"
-    with server.tracking_server(folder, port=port, postgres_port=pg_port, timeout=300) as uri:
+    with server.tracking_server(folder, ServerSettings(port=port, postgres_port=pg_port, timeout=300)) as uri:
         result = _run(*command[2:])  # exactly the command printed
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         client = tracking.connect(uri, create=False)

@@ -62,7 +62,7 @@ def _preempt_first_job_after_its_first_epoch(uri: str, sweep: subprocess.Popen, 
 
 
 def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, synthetic_root):
-    from segx.server import free_port, tracking_server
+    from segx.tracking.server import ServerSettings, free_port, tracking_server
 
     log_dir = ROOT / "experiments" / "scaleout"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def test_slurm_sweep_with_preemption_logs_to_the_server_and_ensembles(tmp_path, 
     server_dir = Path(tempfile.mkdtemp(prefix="segx-slurm-server-"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, server_dir, True)
-        uri = stack.enter_context(tracking_server(server_dir, port=free_port()))
+        uri = stack.enter_context(tracking_server(server_dir, ServerSettings(port=free_port())))
         out = tmp_path / "out"
         common = [
             f"paths.output_dir={out}",
