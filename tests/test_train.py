@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -85,9 +84,9 @@ def test_logged_model_reloads_and_reproduces_cached_probabilities(member_store, 
     model = load_member(folder)
     # The cache holds each test image at its own size: resized in, upsampled back, quantised.
     from segx.inference.predictor import member_probs
-    from segx.inference.view import View
+    from segx.member_spec import MemberSpec
 
-    view = View.from_dict(json.loads((folder / "spec.json").read_text())["view"])
+    view = MemberSpec.read(folder / "spec.json").view
     probs = member_probs(model, "resnet18", view, list(cached.previews), ("none",))["none"]
     assert len(cached.previews) and np.array_equal(probs.flat, cached.probs[: len(cached.previews)].flat)
     keras_file = tracking.download(client, run_id, "model/model.keras", tmp_path / "k")
