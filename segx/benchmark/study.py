@@ -176,15 +176,18 @@ class Study:
     def forced_postprocess(self, client, record: EnsembleRecord, folder: Path) -> pd.DataFrame:
         """Test rows for the ensemble with the best post-processing other than none, as chosen on
         validation, applied even if validation rejected it: post-processing on vs off."""
-        from segx.ensembling.choose import choose_postprocess
+        import dataclasses
+
+        from segx.ensembling.task import choose_postprocess
         from segx.evaluation.report import score_test_split
         from segx.workflows.members import load_member
 
         members = [load_member(client, client.get_run(m.run_id), folder / "cache", record.tta) for m in record.members]
         weights = record.weights  # the exact counts, as prediction uses them
-        _, results = choose_postprocess(members, weights, record.threshold, [10, 20, 50, 100], 0.0)
+        probs, truth = [m.val.probs for m in members], members[0].val.masks
+        _, results = choose_postprocess(probs, truth, weights, record.threshold, [10, 20, 50, 100], 0.0)
         post, val_dice = max((r for r in results if not r[0].is_identity), key=lambda r: r[1])
-        rows, _ = score_test_split(members, weights, record.threshold, post)
+        rows, _ = score_test_split(members, dataclasses.replace(record, postprocess=post))
         rows = rows[rows.method == "ensemble"].copy()
         rows["method"] = f"ensemble + {post.describe()} (forced on; val Dice {val_dice:.4f})"
         return rows
@@ -335,7 +338,7 @@ class Study:
         from segx import tracking
         from segx.data.folder import discover_cases
         from segx.data.io import read_image
-        from segx.inference.folder import predict_folder
+        from segx.inference.folder import Batching, PredictOutputs, predict_folder
         from segx.inference.predictor import EnsemblePredictor
         from segx.workflows.predict import load_ensemble
 
@@ -399,11 +402,8 @@ class Study:
             ensemble,
             folder,
             out_dir,
-            8,
-            overlays=False,
-            uncertainty=True,
-            save_probabilities=False,
-            on_batch=lambda done: samples.append((done, rss_mb())),
+            PredictOutputs(uncertainty=True),
+            Batching(8, on_batch=lambda done: samples.append((done, rss_mb()))),
         )
         elapsed = time.perf_counter() - t0
         marks = {}

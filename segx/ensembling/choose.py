@@ -12,22 +12,6 @@ from typing import Any
 from segx.ensembling.members import Member
 
 
-def choose_postprocess(members, weights, threshold, min_sizes, tolerance):
-    """Post-processing picked on validation only; identity unless a gain exceeds ``tolerance``."""
-    from segx.ensembling.probs import Weights, binarize, combine
-    from segx.scoring.metrics import dice_per_case
-    from segx.scoring.postprocess import apply, candidates
-
-    probs = [m.val.probs for m in members]
-    pred = binarize(combine(probs, Weights.of(weights)), threshold)
-    truth = members[0].val.masks
-    results = [(p, float(dice_per_case(apply(pred, p), truth).mean())) for p in candidates([0, *min_sizes])]
-    base = results[0][1]
-    best = max(results, key=lambda r: r[1])
-    chosen = best if best[1] > base + tolerance else results[0]
-    return chosen[0], results
-
-
 @dataclass(frozen=True)
 class SearchSettings:
     """How to search (the ``ensemble`` config section, as plain values)."""
@@ -70,109 +54,48 @@ class SearchOutcome:
 def run_search(members: Sequence[Member], settings: SearchSettings) -> SearchOutcome:
     """Weights, threshold and post-processing chosen on the members' validation probabilities."""
     from segx.ensembling import search
+    from segx.ensembling.members import unique_labels
+    from segx.ensembling.task import task_of_record
+    from segx.progress import stage
+    from segx.scoring.postprocess import PostProcess
 
     e = settings
+    task = task_of_record(members[0].labels)
     probs = [m.val.probs for m in members]
     truth = members[0].val.masks
-    from segx.progress import stage
-
-    classes, regions = members[0].val.classes, members[0].val.regions
-    labels = None
     t0 = time.perf_counter()
-    if regions is not None:  # overlapping regions: one weighting, a threshold per region
-        from segx.data.labels import Labels
-        from segx.ensembling.regions import compact_regions
-
-        labels = Labels.from_record(members[0].labels)
-        stage(f"searching weights and a threshold per region on validation ({e.method}, {len(regions)} regions)")
-        data = compact_regions(probs, truth, labels.region_members, list(e.thresholds))
-    elif classes is not None:  # several classes: argmax of the weighted class probabilities, no threshold
-        from segx.ensembling.classes import compact_classes
-
-        stage(f"searching weights on validation ({e.method}, {len(members)} members, {len(classes)} classes)")
-        data = compact_classes(probs, truth, len(classes))
-    else:
-        stage(f"searching weights and threshold on validation ({e.method}, {len(members)} members, {len(truth)} cases)")
-        data = search.compact(probs, truth, list(e.thresholds))
+    stage(task.search_stage(e.method, len(members), len(truth)))
+    data = task.compact(probs, truth, list(e.thresholds))
     run = {
         "grid": lambda: search.search_grid(data, e.grid_step),
         "greedy": lambda: search.search_greedy(data, e.greedy_steps, e.greedy_patience, e.greedy_min_gain),
         "optimize": lambda: search.search_optimize(data, max_evals=e.optimize_evals, tolerance=e.tolerance),
     }
     result = run[e.method]()
-    seconds = time.perf_counter() - t0
     base = search.baselines(data)
-    from segx.ensembling.members import unique_labels
-
     for b, label in zip(base, unique_labels(members), strict=False):
         b.name = f"member:{label}"
-    region_choice: dict[int, list[float]] = {}
-    if regions is not None:
-        # The search ranked weightings by each region's raw decision; the user gets the decoded
-        # label map. Every candidate is scored on that, its thresholds refined there, before the choice.
-        from segx.ensembling.regions import refine_region_thresholds
-
-        stage("scoring the candidates on their decoded label maps (region thresholds refined there)")
-        for c in [*base, result.best]:
-            region_choice[id(c)], c.val_dice = refine_region_thresholds(
-                probs, truth, c.weights, data.thresholds_for(c.weights), list(e.thresholds), labels
-            )
-        seconds = time.perf_counter() - t0
+    decisions = task.rescore(probs, truth, [*base, result.best], data, list(e.thresholds))
+    seconds = time.perf_counter() - t0
     chosen = search.choose([*base, result.best], e.tolerance)
-    weights = chosen.weights  # segx.ensembling.probs.Weights: exact counts, what the record stores
+    finish = task.finish(probs, truth, chosen, decisions.get(id(chosen)), e)
     # The search scored the candidate in prediction's arithmetic; the prediction path itself
     # must give the same number to the last bit.
-    from segx.scoring.postprocess import PostProcess
-
-    post, post_results, per_class, tried, region_thresholds = PostProcess(), [], {}, [], {}
-    if regions is not None:
-        from segx.ensembling.regions import exact_region_dice, majority_region_decisions
-        from segx.scoring.classes import mean_region_dice
-
-        thresholds = region_choice[id(chosen)]
-        region_thresholds = dict(zip(regions, thresholds, strict=True))
-        val_dice = exact_region_dice(probs, truth, weights, thresholds, labels)
-        _same(chosen.val_dice, val_dice)
-        majority_on = majority_region_decisions(probs)
-        majority = mean_region_dice(
-            majority_on.like(labels.decode_regions(majority_on.flat)), truth, labels.region_members
-        )
-    elif classes is not None:
-        from segx.ensembling.classes import exact_class_dice, exact_labels, majority_vote_labels
-        from segx.scoring.classes import mean_foreground_dice
-        from segx.scoring.postprocess import choose_class_postprocess
-
-        val_dice = exact_class_dice(probs, truth, weights, len(classes))
-        _same(chosen.val_dice, val_dice)
-        if e.postprocess:
-            stage("choosing post-processing per class on validation")
-            per_class, tried = choose_class_postprocess(
-                exact_labels(probs, weights), truth, len(classes), list(e.postprocess_min_sizes), e.tolerance
-            )
-        majority = mean_foreground_dice(majority_vote_labels(probs), truth, len(classes))
-    else:
-        val_dice = float(search.exact_dice(probs, truth, weights, chosen.threshold).mean())
-        _same(chosen.val_dice, val_dice)
-        if e.postprocess:
-            stage("choosing post-processing on validation")
-            post, post_results = choose_postprocess(
-                members, weights, chosen.threshold, list(e.postprocess_min_sizes), e.tolerance
-            )
-        majority = float(search.dice_per_case(search.majority_vote(probs), truth).mean())
+    _same(chosen.val_dice, finish.val_dice)
     return SearchOutcome(
         chosen=chosen,
         searched=result,
         baselines=base,
-        weights=weights,
-        val_dice=val_dice,
-        postprocess=post or PostProcess(),
-        postprocess_results=post_results,
-        majority_val_dice=majority,
+        weights=chosen.weights,  # segx.ensembling.probs.Weights: exact counts, what the record stores
+        val_dice=finish.val_dice,
+        postprocess=finish.postprocess or PostProcess(),
+        postprocess_results=finish.postprocess_results,
+        majority_val_dice=finish.majority_val_dice,
         search_seconds=seconds,
         kept_fraction=data.kept_fraction,
-        class_postprocess={classes[c]: p for c, p in per_class.items()} if classes is not None else {},
-        class_postprocess_results=[(classes[c], d, v) for c, d, v in tried] if classes is not None else [],
-        region_thresholds=region_thresholds,
+        class_postprocess=finish.class_postprocess,
+        class_postprocess_results=finish.class_postprocess_results,
+        region_thresholds=finish.region_thresholds,
     )
 
 

@@ -5,7 +5,6 @@ ensemble at its validation-chosen threshold (the tables carry a threshold column
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -15,114 +14,39 @@ from segx.ensembling.members import Member
 from segx.ensembling.record import EnsembleRecord
 
 
-def score_test_split(members: list[Member], weights, threshold, post, spacing=None):
-    """Per-case test metrics for each method, at each image's own size (HD95 in pixels, or in
-    the units of ``spacing``): a long DataFrame."""
-    from segx.ensembling.probs import Weights, binarize, combine
-    from segx.ensembling.search import majority_vote
-    from segx.scoring.metrics import case_metrics
-    from segx.scoring.postprocess import PostProcess, apply
-
-    test = members[0].test
-    truth = test.masks
-    probs = [m.test.probs for m in members]
-    weights = Weights.of(weights)  # exact counts; floats (an old record's) are read as decimals
+def score_test_split(members: list[Member], record: EnsembleRecord, spacing=None):
+    """Per-case test metrics for each method (each member, equal weights, majority vote, and the
+    ensemble ``record`` with its weights and decision), at each image's own size (HD95 in pixels,
+    or in the units of ``spacing``): a long DataFrame, and each method's label maps."""
     from segx.ensembling.members import unique_labels
+    from segx.ensembling.task import task_for
 
-    if test.regions is not None:
-        return _score_regions(members, weights, threshold, spacing)
-    if test.classes is not None:
-        return _score_classes(members, weights, spacing, post)
-
+    task = task_for(record.labels)
+    test = members[0].test
+    probs = [m.test.probs for m in members]
     # Unique names: two members with one backbone and arch (resize and patch) must not share a row.
-    methods = {
-        f"member:{label}": (lambda i=i: probs[i].like(probs[i].flat >= 128))
-        for i, label in enumerate(unique_labels(members))
-    }
-    equal = Weights((1,) * len(members), len(members))
-    methods["equal-weights"] = lambda: binarize(combine(probs, equal), 0.5)
-    methods["majority-vote"] = lambda: majority_vote(probs)
-    methods["ensemble (no post-processing)"] = lambda: binarize(combine(probs, weights), threshold)
-    methods["ensemble"] = lambda: apply(binarize(combine(probs, weights), threshold), post)
+    names = [f"member:{label}" for label in unique_labels(members)]
     rows, preds = [], {}
-    for name, make in methods.items():
-        if name == "ensemble (no post-processing)" and post == PostProcess():
-            continue
+    for name, make, at in task.test_methods(probs, names, record):
         pred = make()
         preds[name] = pred
-        scores = case_metrics(pred, truth, spacing=spacing)
-        # Only the ensemble's threshold was chosen (on validation); the others are at 0.5.
-        at = threshold if name.startswith("ensemble") else 0.5
+        scores = task.case_metrics(pred, test.masks, spacing)
         for i, stem in enumerate(test.stems):
             rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
     return pd.DataFrame(rows), preds
 
 
-def _score_classes(members: list[Member], weights, spacing=None, per_class: dict | None = None):
-    """:func:`score_test_split` for several classes: label maps by argmax (ties to the lowest
-    index), per-case foreground means in ``dice``, ``iou``, ``hd95`` and per-class columns
-    ``dice/<class>`` (NaN where the empty-class rule leaves the class out of a case)."""
-    from segx.ensembling.classes import exact_labels, majority_vote_labels
-    from segx.ensembling.members import unique_labels
-    from segx.ensembling.probs import Weights, member_labels
-    from segx.scoring.classes import class_metrics
-
-    test = members[0].test
-    names = test.classes
-    probs = [m.test.probs for m in members]
-    methods = {
-        f"member:{label}": (lambda i=i: member_labels(probs[i])) for i, label in enumerate(unique_labels(members))
-    }
-    methods["equal-weights"] = lambda: exact_labels(probs, Weights((1,) * len(members), len(members)))
-    methods["majority-vote"] = lambda: majority_vote_labels(probs)
-    from segx.scoring.postprocess import apply_classes
-
-    post = {names.index(n): p for n, p in (per_class or {}).items() if not p.is_identity}
-    if post:
-        methods["ensemble (no post-processing)"] = lambda: exact_labels(probs, weights)
-    methods["ensemble"] = lambda: apply_classes(exact_labels(probs, weights), post)
-    rows, preds = [], {}
-    for name, make in methods.items():
-        pred = make()
-        preds[name] = pred
-        scores = class_metrics(pred, test.masks, names, spacing=spacing)
-        for i, stem in enumerate(test.stems):
-            rows.append(
-                {"method": name, "threshold": None, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}}
-            )
-    return pd.DataFrame(rows), preds
-
-
-def _score_regions(members: list[Member], weights, thresholds: dict, spacing=None):
-    """:func:`score_test_split` for overlapping regions: each member and equal weights at 0.5 per
-    region, the majority vote, and the ensemble at its thresholds per region (``thresholds``:
-    region name -> threshold); per-case means over regions and per-region columns."""
-    from segx.data.labels import Labels
-    from segx.ensembling.members import unique_labels
-    from segx.ensembling.probs import Weights
-    from segx.ensembling.regions import majority_region_decisions, region_decisions
-    from segx.scoring.classes import region_metrics
-
-    test = members[0].test
-    labels = Labels.from_record(members[0].labels)
-    half = [0.5] * len(test.regions)
-    probs = [m.test.probs for m in members]
-    methods = {
-        f"member:{label}": (lambda i=i: region_decisions([probs[i]], Weights((1,), 1), half))
-        for i, label in enumerate(unique_labels(members))
-    }
-    methods["equal-weights"] = lambda: region_decisions(probs, Weights((1,) * len(members), len(members)), half)
-    methods["majority-vote"] = lambda: majority_region_decisions(probs)
-    methods["ensemble"] = lambda: region_decisions(probs, weights, [thresholds[r] for r in test.regions])
-    rows, preds = [], {}
-    for name, make in methods.items():
-        on = make()
-        preds[name] = on.like(labels.decode_regions(on.flat))  # the label maps segx.predict writes
-        scores = region_metrics(preds[name], test.masks, test.regions, labels.region_members, spacing=spacing)
-        at = json.dumps(thresholds) if name == "ensemble" else 0.5
-        for i, stem in enumerate(test.stems):
-            rows.append({"method": name, "threshold": at, "stem": stem, **{k: float(v[i]) for k, v in scores.items()}})
-    return pd.DataFrame(rows), preds
+def summarise_test(per_case: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The test summary per method, and where the scores are per class (several classes,
+    regions) the per-class table: the summary's means are then the foreground mean of the
+    per-class means, as the search counts them."""
+    summary = summarise(per_case)
+    if not any("/" in c for c in per_case.columns):
+        return summary, None
+    per_class = class_summary(per_case)
+    for score in ("dice", "iou", "hd95"):
+        summary[f"{score}_mean"] = per_class[score]
+    return summary, per_class
 
 
 def class_summary(per_case: pd.DataFrame) -> pd.DataFrame:
@@ -172,25 +96,27 @@ def honest_gain(
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
     from segx.ensembling.probs import binarize
+    from segx.ensembling.task import task_of_record
     from segx.scoring.metrics import dice_per_case
 
     member_rows = [b for b in found.baselines if b.name.startswith("member:")]
     index, best = max(enumerate(member_rows), key=lambda item: item[1].val_dice)
     stems = members[0].test.stems
-    if members[index].test.classes is not None:  # several classes: per-case foreground means, no threshold
-        by_method = per_case.set_index(["method", "stem"])["dice"]
-        member_test = by_method.loc[best.name].loc[stems].to_numpy()
-    else:
+    one_threshold = task_of_record(members[index].labels).one_threshold
+    if one_threshold:
         # Like for like: the member on test at the threshold validation chose for it (as the
         # ensemble is at its own), not at 0.5; both are then what a user would deploy.
         test = members[index].test
         member_test = dice_per_case(binarize(_single(test.probs), best.threshold), test.masks)
+    else:  # the member's test rows: no one threshold to choose (argmax, or regions at 0.5 each)
+        by_method = per_case.set_index(["method", "stem"])["dice"]
+        member_test = by_method.loc[best.name].loc[stems].to_numpy()
     ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[stems, "dice"].to_numpy()
     out = paired_bootstrap(ensemble, member_test, resamples, seed)
     return {
         **out,
         "best_member": best.name,
-        "best_member_threshold": None if members[index].test.classes is not None else best.threshold,
+        "best_member_threshold": best.threshold if one_threshold else None,
         "best_member_val_dice": best.val_dice,
         "best_member_test_dice": float(member_test.mean()),
         "ensemble_val_dice": found.val_dice,
@@ -235,8 +161,10 @@ def val_table(members: list[Member], found: SearchOutcome) -> pd.DataFrame:
         {"method": f"chosen ({found.chosen.name})", "val_dice": found.val_dice, "threshold": found.chosen.threshold}
     )
     table = pd.DataFrame(rows)
-    if members and members[0].val.classes is not None:  # several classes: argmax, no threshold
-        table = table.drop(columns="threshold")
+    from segx.ensembling.task import task_of_record
+
+    if members and not task_of_record(members[0].labels).one_threshold:
+        table = table.drop(columns="threshold")  # argmax, or a threshold per region (in the record)
     return table
 
 
@@ -254,8 +182,10 @@ def plot_ensemble(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from segx.ensembling.task import task_of_record
     from segx.evaluation.plots import ShownCases, pick_cases, plot_cases
 
+    task = task_of_record(members[0].labels)
     history = found.searched.history
     searched, chosen = found.searched.best, found.chosen
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -276,15 +206,10 @@ def plot_ensemble(
         ms=14,
         color="crimson",
         ls="none",
-        label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}"
-        + (", argmax)" if members[0].val.classes is not None else f", threshold {chosen.threshold})"),
+        label=f"chosen: {chosen.name} ({chosen.val_dice:.4f}, {task.decision_words(chosen)})",
     )
     ax.set_xlabel("search step / candidate")
-    ax.set_ylabel(
-        "validation Dice (whole images, own size)"
-        if members[0].val.classes is None
-        else "validation foreground-mean Dice (per-class means)"
-    )
+    ax.set_ylabel(task.dice_axis)
     ax.set_title("validation split: the ensemble search against its members", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -349,14 +274,9 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
     weights = ", ".join(f"{label}={w:.3f}" for label, w in zip(unique_labels(members), found.weights, strict=True))
     print("\nValidation (weights, threshold and post-processing chosen here)")
     print(val_table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if record.region_thresholds:  # regions: a threshold each, decoded in order
-        post = "none"
-        how = "thresholds: " + ", ".join(f"{r}={t:g}" for r, t in record.region_thresholds.items())
-    elif record.labels is not None:  # several classes: argmax, post-processing per class
-        post = ", ".join(f"{n}: {p.describe()}" for n, p in found.class_postprocess.items()) or "none"
-        how = f"labels: argmax of {record.labels.n_classes} classes"
-    else:
-        post, how = found.postprocess.describe(), f"threshold: {record.threshold}"
+    from segx.ensembling.task import task_for
+
+    how, post = task_for(record.labels).describe(record)
     print(
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"

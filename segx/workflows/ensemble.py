@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,17 @@ from segx.config import (
     require_float,
     require_int,
 )
-from segx.ensembling.choose import SearchSettings, run_search
+from segx.ensembling.choose import SearchOutcome, SearchSettings, run_search
 from segx.ensembling.members import check_compatible, unique_labels
 from segx.ensembling.record import EnsembleRecord, make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
-    class_summary,
     gain_verdict,
     honest_gain,
     plot_ensemble,
     print_report,
     score_test_split,
-    summarise,
+    summarise_test,
     val_table,
 )
 from segx.progress import stage
@@ -127,6 +127,20 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
     )
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """The ensemble chosen on validation and reported on test: what its run logs."""
+
+    found: SearchOutcome
+    record: EnsembleRecord
+    per_case: pd.DataFrame  # one row per method and test case
+    preds: dict  # method -> its test label maps (the figures draw them)
+    summary: pd.DataFrame  # per method
+    per_class: pd.DataFrame | None  # per method and class (several classes, regions)
+    validation: pd.DataFrame
+    gain: dict  # the ensemble against its best member (segx.evaluation.report.honest_gain)
+
+
 def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
     """The whole ensemble stage; returns the record (with ``run_id``)."""
     validate_config(cfg)
@@ -134,6 +148,23 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
 
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     experiment = tracking.experiment_id(client, str(cfg.mlflow.experiment_name), cfg.mlflow.artifact_root)
+    members = _load_members(cfg, client, experiment)
+    result = evaluate(cfg, members)
+    run_name, tags = _run_identity(cfg, members, result.found)
+    note = _description(members, result, experiment, str(cfg.ensemble.search), tags.get("segx.reproduce"))
+    run_id = tracking.start_run(client, experiment, run_name, tags, note)
+    with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
+        stage(f"ensemble run {run_id}: logging its record, tables and figures")
+        _log_ensemble(client, run_id, cfg, members, result, Path(tmp))
+    _name_in_members(client, members, run_id)
+    record = result.record.with_run_id(run_id)
+    print_report(record, members, result.validation, result.summary, result.found, result.gain)
+    return record
+
+
+def _load_members(cfg: DictConfig, client, experiment: str) -> list:
+    """The members named or selected, trained first where ``train_missing`` says so, their
+    cached probabilities read, and checked to be of one split, data and size."""
     e = cfg.ensemble
     fingerprint, named = e.data_fingerprint, None
     if e.select == "list" and not e.run_ids and e.members:
@@ -175,33 +206,33 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
         f"segx: ensembling {len(members)} members: " + ", ".join(f"{m.label} ({m.run_id[:8]})" for m in members),
         flush=True,
     )
+    return members
+
+
+def evaluate(cfg: DictConfig, members: list) -> Evaluation:
+    """The search on validation, the record of its choice, and the test split scored."""
+    e = cfg.ensemble
     labels = _common_labels(members, str(e.tta))
     found = run_search(members, search_settings(cfg))
     from segx.tracking.provenance import git_sha
 
     record = make_record(members, found, str(e.tta), search_settings(cfg), git_sha(), labels)
-    per_case, preds = score_test_split(
-        members,
-        found.weights,
-        found.region_thresholds or record.threshold,
-        found.class_postprocess if labels is not None else found.postprocess,
-        members[0].pixel_spacing,
-    )
-    summary = summarise(per_case)
-    per_class = class_summary(per_case) if labels is not None else None
-    if per_class is not None:  # several classes: the foreground mean of per-class means (the search's)
-        summary["dice_mean"] = per_class["dice"]
-        summary["iou_mean"] = per_class["iou"]
-        summary["hd95_mean"] = per_class["hd95"]
+    per_case, preds = score_test_split(members, record, members[0].pixel_spacing)
+    summary, per_class = summarise_test(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
+    return Evaluation(found, record, per_case, preds, summary, per_class, validation, gain)
 
-    # The name says what won, not what was searched: "ensemble-equal-3m" when equal weights won.
+
+def _run_identity(cfg: DictConfig, members: list, found: SearchOutcome) -> tuple[str, dict]:
+    """The run's name (what won, not what was searched: "ensemble-equal-3m" when equal weights
+    won) and its tags (members, data, command, and how to reproduce it)."""
+    from segx import tracking
+    from segx.tracking import provenance
+
     chosen = found.chosen.name
     chosen = "single-" + chosen.split(":", 1)[1] if chosen.startswith("member:") else chosen
     run_name = cfg.mlflow.run_name or f"ensemble-{chosen}-{len(members)}m"
-    from segx.tracking import provenance
-
     tags = {
         tracking.ROLE: "ensemble",
         "segx.members": ",".join(m.run_id for m in members),
@@ -213,106 +244,100 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
     if own is not None:  # the same search over the same member runs, whatever selected them
         tags["segx.overrides"] = json.dumps(own)
         tags["segx.reproduce"] = provenance.ensemble_reproduce(own, [m.run_id for m in members])
-    names = unique_labels(members)
-    note = _description(
-        members,
-        names,
-        found,
-        record,
-        summary,
-        validation,
-        gain,
-        experiment,
-        str(cfg.ensemble.search),
-        tags.get("segx.reproduce"),
-    )
-    run_id = tracking.start_run(client, experiment, run_name, tags, note)
-    with tracking.run_scope(client, run_id), tempfile.TemporaryDirectory(prefix="segx-") as tmp:
-        tmp = Path(tmp)
-        stage(f"ensemble run {run_id}: logging its record, tables and figures")
-        tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
-        tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
-        # What was chosen, as params (searchable, comparable across ensembles in the UI).
-        tracking.log_params(
-            client,
-            run_id,
-            {
-                **{
-                    f"chosen.weight.{i}.{label}": f"{w:.6g}"
-                    for i, (label, w) in enumerate(zip(names, found.weights, strict=True))
-                },
-                "chosen.threshold": str(record.threshold),
-                "chosen.method": found.chosen.name,
-                "chosen.postprocess": found.postprocess.describe(),
-                **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
-                **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
-                **({"chosen.classes": ",".join(record.labels.names)} if record.labels is not None else {}),
-            },
-        )
-        (tmp / "ensemble.json").write_text(json.dumps(record.to_json(), indent=2))
-        (tmp / "tables").mkdir()
-        per_case.to_csv(tmp / "tables" / "test_per_case.csv", index=False)
-        summary.to_csv(tmp / "tables" / "test_summary.csv")
-        validation.to_csv(tmp / "tables" / "val_summary.csv", index=False)
-        pd.DataFrame(found.searched.history).to_csv(tmp / "tables" / "search_history.csv", index=False)
-        if found.class_postprocess_results:
-            pd.DataFrame(found.class_postprocess_results, columns=["class", "postprocess", "val_dice"]).to_csv(
-                tmp / "tables" / "val_postprocess.csv", index=False
-            )
-        if found.postprocess_results:
-            pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
-                tmp / "tables" / "val_postprocess.csv", index=False
-            )
-        if per_class is not None:
-            per_class.to_csv(tmp / "tables" / "test_per_class.csv")
-        plot_ensemble(tmp / "plots", members, found, preds, per_case, int(e.preview_cases))
-        # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
-        member_runs = [f for m in members for f in (m.folds or [m.run_id])]
-        tracking.link_models(client, run_id, [MemberRun.of(client.get_run(r)).logged_model_id for r in member_runs])
-        for name in ("ensemble.json", "tables", "plots"):
-            if not (tmp / name).exists():
-                continue
-            tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
-        # The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
-        # chart for members and ensembles; every method of the test table under methods/
-        # (the UI sorts sections by name: curves/ then methods/, search/, test/, time/, val/).
-        ours = summary.loc["ensemble"]
-        metrics = {
-            "val/dice": found.val_dice,
-            "test/dice": ours["dice_mean"],
-            "test/iou": ours["iou_mean"],
-            "test/hd95": ours["hd95_mean"],
-            "search/seconds": found.search_seconds,
-            "search/kept_pixel_fraction": found.kept_fraction,
-        }
-        for method, row in summary.iterrows():
-            key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
-            metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
-        metrics.update(
-            {
-                "test/gain_vs_best_member": gain["diff"],
-                "test/gain_ci_low": gain["low"],
-                "test/gain_ci_high": gain["high"],
-                "selection/optimism": gain["ensemble_optimism"],
-                "selection/best_member_optimism": gain["best_member_optimism"],
-            }
-        )
-        pd.DataFrame([gain]).to_csv(tmp / "tables" / "gain.csv", index=False)
-        tracking.log_artifact(client, run_id, tmp / "tables" / "gain.csv", "tables")
-        if per_class is not None:  # test/dice/<class> beside test/dice (one chart per class)
-            for column in per_class.columns:
-                if "/" in column and np.isfinite(per_class.loc["ensemble", column]):
-                    metrics[f"test/{column}"] = float(per_class.loc["ensemble", column])
-        metrics = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
-        tracking.log_metrics(client, run_id, metrics)
-        from segx.tracking.pyfunc_model import log_pyfunc
+    return run_name, tags
 
-        stage("logging the pyfunc model (a copy of every member's weights travels with it)")
-        log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
-    _name_in_members(client, members, run_id)
-    record = record.with_run_id(run_id)
-    print_report(record, members, validation, summary, found, gain)
-    return record
+
+def _log_ensemble(client, run_id: str, cfg: DictConfig, members: list, result: Evaluation, tmp: Path) -> None:
+    """Params, the record, tables, figures, metrics and the pyfunc model of the ensemble run."""
+    from segx import tracking
+
+    found, record = result.found, result.record
+    tracking.log_params(client, run_id, tracking.flatten({"ensemble": recorded_container(cfg)["ensemble"]}))
+    tracking.log_params(client, run_id, {f"member.{i}.run_id": m.run_id for i, m in enumerate(members)})
+    tracking.log_params(client, run_id, _chosen_params(unique_labels(members), found, record))
+    (tmp / "ensemble.json").write_text(json.dumps(record.to_json(), indent=2))
+    _write_tables(tmp / "tables", result)
+    plot_ensemble(tmp / "plots", members, found, result.preds, result.per_case, int(cfg.ensemble.preview_cases))
+    # The members' logged models (a cross-validated member: each fold's) as this run's inputs.
+    member_runs = [f for m in members for f in (m.folds or [m.run_id])]
+    tracking.link_models(client, run_id, [MemberRun.of(client.get_run(r)).logged_model_id for r in member_runs])
+    for name in ("ensemble.json", "tables", "plots"):
+        if (tmp / name).exists():
+            tracking.log_artifact(client, run_id, tmp / name, None if name == "ensemble.json" else name)
+    tracking.log_metrics(client, run_id, _metrics(result))
+    from segx.tracking.pyfunc_model import log_pyfunc
+
+    stage("logging the pyfunc model (a copy of every member's weights travels with it)")
+    log_pyfunc(client, run_id, record, cfg.ensemble.register_name)
+
+
+def _chosen_params(names: list[str], found: SearchOutcome, record: EnsembleRecord) -> dict[str, str]:
+    """What was chosen, as params (searchable, comparable across ensembles in the UI)."""
+    return {
+        **{
+            f"chosen.weight.{i}.{label}": f"{w:.6g}"
+            for i, (label, w) in enumerate(zip(names, found.weights, strict=True))
+        },
+        "chosen.threshold": str(record.threshold),
+        "chosen.method": found.chosen.name,
+        "chosen.postprocess": found.postprocess.describe(),
+        **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
+        **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
+        **({"chosen.classes": ",".join(record.labels.names)} if record.labels is not None else {}),
+    }
+
+
+def _write_tables(tables: Path, result: Evaluation) -> None:
+    found = result.found
+    tables.mkdir()
+    result.per_case.to_csv(tables / "test_per_case.csv", index=False)
+    result.summary.to_csv(tables / "test_summary.csv")
+    result.validation.to_csv(tables / "val_summary.csv", index=False)
+    pd.DataFrame(found.searched.history).to_csv(tables / "search_history.csv", index=False)
+    if found.class_postprocess_results:
+        pd.DataFrame(found.class_postprocess_results, columns=["class", "postprocess", "val_dice"]).to_csv(
+            tables / "val_postprocess.csv", index=False
+        )
+    if found.postprocess_results:
+        pd.DataFrame([{"postprocess": p.describe(), "val_dice": d} for p, d in found.postprocess_results]).to_csv(
+            tables / "val_postprocess.csv", index=False
+        )
+    if result.per_class is not None:
+        result.per_class.to_csv(tables / "test_per_class.csv")
+    pd.DataFrame([result.gain]).to_csv(tables / "gain.csv", index=False)
+
+
+def _metrics(result: Evaluation) -> dict[str, float]:
+    """The members' keys (segx/metric_keys.py): val/dice, test/dice, test/iou, test/hd95 on one
+    chart for members and ensembles; every method of the test table under methods/ (the UI
+    sorts sections by name: curves/ then methods/, search/, test/, time/, val/)."""
+    found, summary, gain = result.found, result.summary, result.gain
+    ours = summary.loc["ensemble"]
+    metrics = {
+        "val/dice": found.val_dice,
+        "test/dice": ours["dice_mean"],
+        "test/iou": ours["iou_mean"],
+        "test/hd95": ours["hd95_mean"],
+        "search/seconds": found.search_seconds,
+        "search/kept_pixel_fraction": found.kept_fraction,
+    }
+    for method, row in summary.iterrows():
+        key = method.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
+        metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
+    metrics.update(
+        {
+            "test/gain_vs_best_member": gain["diff"],
+            "test/gain_ci_low": gain["low"],
+            "test/gain_ci_high": gain["high"],
+            "selection/optimism": gain["ensemble_optimism"],
+            "selection/best_member_optimism": gain["best_member_optimism"],
+        }
+    )
+    if result.per_class is not None:  # test/dice/<class> beside test/dice (one chart per class)
+        for column in result.per_class.columns:
+            if "/" in column and np.isfinite(result.per_class.loc["ensemble", column]):
+                metrics[f"test/{column}"] = float(result.per_class.loc["ensemble", column])
+    return {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
 
 
 def _name_in_members(client, members, run_id: str) -> None:
@@ -357,15 +382,16 @@ def _g(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _description(
-    members, labels, found, record, summary, validation, gain, experiment: str, search: str, reproduce: str | None
-) -> str:
+def _description(members, result: Evaluation, experiment: str, search: str, reproduce: str | None) -> str:
     """The ensemble run's description (Markdown, as MLflow renders it): each member linked to its
     run, with its weight and its validation and test Dice beside the ensemble's; the gain over the
     best member with its interval; how to predict with it and how to reproduce it."""
-    val = dict(zip(validation["method"], validation["val_dice"], strict=True))
+    from segx.ensembling.task import task_for
+
+    found, record, summary, gain = result.found, result.record, result.summary, result.gain
+    val = dict(zip(result.validation["method"], result.validation["val_dice"], strict=True))
     rows = ["| member | run | weight | val Dice | test Dice |", "|---|---|---|---|---|"]
-    for m, label, w in zip(members, labels, found.weights, strict=True):
+    for m, label, w in zip(members, unique_labels(members), found.weights, strict=True):
         rows.append(
             f"| [{label}](#/experiments/{experiment}/runs/{m.run_id}) | `{m.run_id[:8]}` | {_g(w)} | "
             f"{_g(val[f'member:{label}'])} | {_g(summary.loc[f'member:{label}', 'dice_mean'])} |"
@@ -374,34 +400,13 @@ def _description(
         f"| **ensemble** ({found.chosen.name}) | | | **{_g(found.val_dice)}** | "
         f"**{_g(summary.loc['ensemble', 'dice_mean'])}** |"
     )
-    verdict = gain_verdict(gain)
-    if record.labels is not None:  # several classes: argmax, or a threshold per region
-        regions = record.region_thresholds
-        how = (
-            "thresholds " + ", ".join(f"{r} {t:g}" for r, t in regions.items())
-            if regions
-            else f"labels by argmax of {record.labels.n_classes} classes"
-        )
-        post = ", ".join(f"{c}: {p.describe()}" for c, p in found.class_postprocess.items()) or "none"
-        first = (
-            f"segx ensemble of {len(members)} members, chosen on validation by {search} search; {how}, "
-            f"post-processing {post}. Dice is the foreground mean of per-class means; every score on whole "
-            "images at their own size."
-        )
-    else:
-        first = (
-            f"segx ensemble of {len(members)} members, chosen on validation by {search} search; threshold "
-            f"{record.threshold}, post-processing {found.postprocess.describe()}. Validation: members at their "
-            "own chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images "
-            "at their own size."
-        )
     lines = [
-        first,
+        task_for(record.labels).run_summary(record, len(members), search),
         "",
         *rows,
         "",
         f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
-        f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {verdict}.",
+        f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {gain_verdict(gain)}.",
         "",
         "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
     ]
