@@ -60,6 +60,7 @@ def _member_folder(folder: Path, backbone: str, size: int, seed: int, arch: str 
     images have mean 0 and standard deviation 1.5: probabilities spread over (0, 1), neither
     saturated nor all at 0.5 (what random initialisation gives), as a trained member's do."""
     from segx.backend import keras
+    from segx.member_spec import MemberSpec
     from segx.models import build_model, predict_probs, save_member
 
     options = dict(options or {})
@@ -72,7 +73,8 @@ def _member_folder(folder: Path, backbone: str, size: int, seed: int, arch: str 
     logits = np.log(p / (1 - p))
     scale = 1.5 / max(float(logits.std()), 1e-6)
     last.set_weights([kernel * scale, (bias - float(logits.mean())) * scale])
-    return save_member(model, folder, {"arch": arch, "backbone": backbone, "image_size": size, "options": options})
+    spec = MemberSpec.from_json({"arch": arch, "backbone": backbone, "image_size": size, "options": options})
+    return save_member(model, folder, spec)
 
 
 def _record(members: list[dict], counts: list[int], tta: str, threshold: float) -> dict:

@@ -34,16 +34,17 @@ def _member(folder: Path, labels: dict, extra: dict | None = None) -> Path:
     """A 3-output mobilenetv2 Unet at 32 px whose last layer answers the same everywhere: logits
     (+40, -40, +40), so softmax (0.5, 0, 0.5) and sigmoids (1, 0, 1), exactly (certain regions)."""
     from segx.backend import keras
-    from segx.models import build_model, save_member
+    from segx.member_spec import MemberSpec
+    from segx.models import Head, build_model, save_member
 
     keras.utils.set_random_seed(0)
     regions = bool(labels.get("regions"))
-    model = build_model("unet", "mobilenetv2", 32, classes=3, activation="sigmoid" if regions else "softmax", **SMALL)
+    model = build_model("unet", "mobilenetv2", 32, head=Head(3, "sigmoid" if regions else "softmax"), **SMALL)
     last = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
     kernel, _ = last.get_weights()
     last.set_weights([kernel * 0, np.array([40.0, -40.0, 40.0], np.float32)])
     spec = {"arch": "unet", "backbone": "mobilenetv2", "image_size": 32, "options": SMALL, "labels": labels}
-    return save_member(model, folder, {**spec, **(extra or {})})
+    return save_member(model, folder, MemberSpec.from_json({**spec, **(extra or {})}))
 
 
 def _record(member_run: str, labels: dict, tta: str = "none") -> dict:
