@@ -65,15 +65,14 @@ def load_images(n: int) -> tuple[list[np.ndarray], str]:
 
 def build_members(work: Path, size: int) -> tuple[dict, list[Path]]:
     from segx.backend import keras
+    from segx.member_spec import MemberSpec
     from segx.models import build_model, save_member
 
     paths = []
     for i, backbone in enumerate(BACKBONES):
         keras.utils.set_random_seed(i)
         model = build_model("unet", backbone, size)
-        paths.append(
-            save_member(model, work / f"{backbone}-{size}", {"arch": "unet", "backbone": backbone, "image_size": size})
-        )
+        paths.append(save_member(model, work / f"{backbone}-{size}", MemberSpec("unet", backbone, size)))
     view = {"mode": "resize", "size": size, "resize_mode": "resize"}
     n = len(BACKBONES)
     record = {

@@ -69,6 +69,7 @@ def main() -> None:
     from segx.objects import build_augmentation
     from segx.training.augment import SeededAugmenter
     from segx.training.fit import make_train_dataset
+    from segx.training.settings import FitSettings
     from segx.workflows.prepare import prepare
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,11 @@ def main() -> None:
         models.set_bn_momentum(model, 0.9)
         models.compile_model(model, models.keras.optimizers.Adam(1e-3), {"dice": 1, "bce": 1})
         base, _ = make_train_dataset(
-            train.images, train.masks, SeededAugmenter(pipeline), args.backbone, args.batch, 0, epochs=10_000
+            train.images,
+            train.masks,
+            SeededAugmenter(pipeline),
+            args.backbone,
+            FitSettings(epochs=10_000, batch_size=args.batch),
         )
         datasets = {name: base if opts is None else base.with_options(opts) for name, opts in variants(tf).items()}
         prep = models.preprocessing(args.backbone)

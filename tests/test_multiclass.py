@@ -395,10 +395,10 @@ def test_multiclass_members_ensemble_predict_and_export_end_to_end(tmp_path, mod
         on = region_decisions([c.probs for c in cached], record_weights(record), thresholds)
         expected = on.like(labels.decode_regions(on.flat))
     else:  # the argmax labels, then the per-class post-processing the ensemble kept (predict applies it)
-        from segx.inference.predictor import class_postprocess
         from segx.scoring.postprocess import apply_classes
 
-        post = class_postprocess(EnsembleRecord.from_json(record))
+        written = EnsembleRecord.from_json(record)
+        post = {written.labels.index(name): p for name, p in written.class_postprocess.items()}
         expected = apply_classes(exact_labels([c.probs for c in cached], record_weights(record)), post)
     inputs = tmp_path / "inputs"
     inputs.mkdir()

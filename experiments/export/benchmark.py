@@ -58,15 +58,14 @@ def build(work: Path, size: int, tta: str) -> tuple[dict, list[Path], dict]:
     """Members saved as segx saves them, the record, and both exports (each in a fresh process,
     for its time and peak memory)."""
     from segx.backend import keras
+    from segx.member_spec import MemberSpec
     from segx.models import build_model, save_member
 
     paths = []
     for i, backbone in enumerate(BACKBONES):
         keras.utils.set_random_seed(i)
         model = build_model("unet", backbone, size)
-        paths.append(
-            save_member(model, work / "members" / backbone, {"arch": "unet", "backbone": backbone, "image_size": size})
-        )
+        paths.append(save_member(model, work / "members" / backbone, MemberSpec("unet", backbone, size)))
     view = {"mode": "resize", "size": size, "resize_mode": "resize"}
     n = len(BACKBONES)
     record = {

@@ -227,6 +227,7 @@ class Study:
         from segx.objects import build_augmentation
         from segx.training.augment import SeededAugmenter
         from segx.training.fit import make_train_dataset
+        from segx.training.settings import FitSettings
         from segx.workflows.prepare import prepare
 
         data_root = subset_folder(self.dataset, self.profile.max_cases, self.work)
@@ -244,7 +245,7 @@ class Study:
             models.set_bn_momentum(model, 0.9)
             models.compile_model(model, models.keras.optimizers.Adam(1e-3), {"dice": 1, "bce": 1})
             real, _ = make_train_dataset(
-                train.images, train.masks, SeededAugmenter(pipeline), backbone, bs, 0, epochs=1000
+                train.images, train.masks, SeededAugmenter(pipeline), backbone, FitSettings(epochs=1000, batch_size=bs)
             )
             prep = models.preprocessing(backbone)
             x = prep(train.images[:bs].astype(np.float32)).astype(np.float32)

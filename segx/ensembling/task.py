@@ -43,6 +43,17 @@ class Finish:
     region_thresholds: dict = field(default_factory=dict)  # region name -> threshold
 
 
+@dataclass(frozen=True)
+class GraphDecision:
+    """How an exported graph turns the exact integer score into its ``mask`` output, as plain
+    numbers: one structure's cut (``score >= cut``), or the argmax, or each region's (cut, class
+    painted) in order; and the data's own mask values the class indices are written in."""
+
+    threshold_cut: int | None = None
+    region_cuts: tuple[tuple[int, int], ...] | None = None
+    values: tuple[int, ...] | None = None
+
+
 class Task(ABC):
     """One kind of segmentation. ``labels`` is None for one structure."""
 
@@ -63,6 +74,16 @@ class Task(ABC):
     @property
     def activation(self) -> str:
         return "sigmoid"
+
+    @property
+    def n_classes(self) -> int:
+        """The classes a label map holds, background included (patch sampling balances them)."""
+        return 2
+
+    @property
+    def region_members(self) -> tuple[tuple[int, ...], ...] | None:
+        """Regions: the class indices each unites (the loss and the validation Dice need them)."""
+        return None
 
     # --- the search on validation ------------------------------------------------------------
     @abstractmethod
@@ -107,6 +128,14 @@ class Task(ABC):
         """The dtype of the ground truth the scores read: bool masks, or uint8 label maps."""
         return bool
 
+    def epoch_scores(self, probs: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+        """(Dice, IoU) of a training epoch's validation: float probabilities (N, H, W[, C]) of
+        the network at its own size against its masks, the learning curve (not the final score)."""
+        from segx.scoring.metrics import dice_per_case, iou_per_case
+
+        pred = probs >= 0.5
+        return float(dice_per_case(pred, masks).mean()), float(iou_per_case(pred, masks).mean())
+
     @property
     def class_names(self) -> tuple[str, ...] | None:
         """The classes (background first) where the files are label maps; None for masks."""
@@ -121,6 +150,12 @@ class Task(ABC):
     def member_rule(self) -> str:
         """How a member alone makes its label map, in words (figure titles)."""
         return "threshold 0.5"
+
+    @property
+    def probability_planes(self) -> tuple[tuple[int, str], ...] | None:
+        """The probability maps prediction writes per case, as (output channel, name): one per
+        foreground class, or per region (its own sigmoid); None: one map, the case's own file."""
+        return None
 
     def describe(self, record) -> tuple[str, str]:
         """(how the ensemble ``record`` makes a label map, its post-processing), in words."""
@@ -143,6 +178,17 @@ class Task(ABC):
         from segx.scoring.postprocess import apply
 
         return apply(binarize(score, threshold), record.postprocess)
+
+    def graph_decision(self, record) -> GraphDecision:
+        """The decision of the ensemble ``record`` for an exported graph (its exact cut)."""
+        from segx.ensembling.probs import cut
+
+        return GraphDecision(threshold_cut=cut(float(record.threshold), record.weights.denominator))
+
+    def encode(self, label_map: np.ndarray) -> np.ndarray:
+        """One case's label map in the data's own encoding, as a served request returns it:
+        0/1 uint8 for one structure, the mask values (or palette colours) of data.labels else."""
+        return label_map.astype(np.uint8)
 
     def confidence(self, score, probs: Sequence, weights):
         """Maps for people, not masks: (probability, uncertainty, the uncertainty's upper bound).
@@ -244,6 +290,10 @@ class ClassesTask(Task):
     def activation(self) -> str:
         return "softmax"
 
+    @property
+    def n_classes(self) -> int:
+        return self.labels.n_classes
+
     def search_stage(self, method: str, n_members: int, n_cases: int) -> str:
         return f"searching weights on validation ({method}, {n_members} members, {self.labels.n_classes} classes)"
 
@@ -331,6 +381,15 @@ class ClassesTask(Task):
     def truth_dtype(self) -> type:
         return np.uint8
 
+    def epoch_scores(self, probs, masks) -> tuple[float, float]:
+        """The foreground mean of per-class means (the search's objective) of the argmax."""
+        from segx.scoring.classes import class_dice, class_iou, class_means, confusion_counts, foreground_mean
+
+        counts = confusion_counts(np.argmax(probs, axis=-1).astype(np.uint8), masks, probs.shape[-1])
+        return float(foreground_mean(class_means(class_dice(*counts)))), float(
+            foreground_mean(class_means(class_iou(*counts)))
+        )
+
     @property
     def class_names(self) -> tuple[str, ...] | None:
         return self.labels.names
@@ -338,6 +397,10 @@ class ClassesTask(Task):
     @property
     def member_rule(self) -> str:
         return "argmax"
+
+    @property
+    def probability_planes(self) -> tuple[tuple[int, str], ...] | None:
+        return tuple(enumerate(self.labels.names[1:], start=1))
 
     def describe(self, record) -> tuple[str, str]:
         post = ", ".join(f"{n}: {p.describe()}" for n, p in record.class_postprocess.items()) or "none"
@@ -364,6 +427,13 @@ class ClassesTask(Task):
 
         post = {self.labels.index(name): p for name, p in record.class_postprocess.items()}
         return apply_classes(argmax_labels(score), post)
+
+    def encode(self, label_map: np.ndarray) -> np.ndarray:
+        return self.labels.decode(label_map)
+
+    def graph_decision(self, record) -> GraphDecision:
+        """The argmax (ties to the lowest index), written in data.labels' values."""
+        return GraphDecision(values=tuple(int(v) for v in self.labels.values))
 
     def confidence(self, score, probs: Sequence, weights):
         """The mean class probabilities and their normalised entropy (0: one class certain, 1:
@@ -400,6 +470,10 @@ class RegionsTask(ClassesTask):
     @property
     def activation(self) -> str:
         return "sigmoid"
+
+    @property
+    def region_members(self) -> tuple[tuple[int, ...], ...] | None:
+        return tuple(tuple(m) for m in self.labels.region_members)
 
     def search_stage(self, method: str, n_members: int, n_cases: int) -> str:
         regions = len(self.labels.regions)
@@ -487,9 +561,25 @@ class RegionsTask(ClassesTask):
     def region_names(self) -> tuple[str, ...] | None:
         return self.labels.region_names
 
+    def epoch_scores(self, probs, masks) -> tuple[float, float]:
+        """Each region's raw decision at 0.5 against "the class is in the region", averaged
+        over regions (the curve; the final score decodes the label map)."""
+        from segx.scoring.metrics import dice_per_case, iou_per_case
+
+        on = probs >= 0.5
+        per_region = []
+        for r, members in enumerate(self.labels.region_members):
+            truth = np.isin(masks, members)
+            per_region.append((dice_per_case(on[..., r], truth), iou_per_case(on[..., r], truth)))
+        return float(np.mean([d.mean() for d, _ in per_region])), float(np.mean([i.mean() for _, i in per_region]))
+
     @property
     def member_rule(self) -> str:
         return "each region at 0.5"
+
+    @property
+    def probability_planes(self) -> tuple[tuple[int, str], ...] | None:
+        return tuple(enumerate(self.labels.region_names))
 
     def describe(self, record) -> tuple[str, str]:
         return "thresholds: " + ", ".join(f"{r}={t:g}" for r, t in record.region_thresholds.items()), "none"
@@ -510,6 +600,17 @@ class RegionsTask(ClassesTask):
                 f"{f' ({shown})' if shown else ''}; drop the threshold override"
             )
         return None
+
+    def graph_decision(self, record) -> GraphDecision:
+        """Each region at its exact cut, painting its class, later over earlier."""
+        from segx.ensembling.probs import cut
+
+        denominator = record.weights.denominator
+        cuts = [cut(float(record.region_thresholds[r]), denominator) for r in self.labels.region_names]
+        return GraphDecision(
+            region_cuts=tuple(zip(cuts, self.labels.paints(), strict=True)),
+            values=tuple(int(v) for v in self.labels.values),
+        )
 
     def label_maps(self, score, record, threshold: float | None):
         """Each region at its threshold (chosen on validation), painted in the regions' order."""

@@ -17,8 +17,9 @@ import onnx
 
 from segx.backend import tf
 from segx.data import staging
-from segx.ensembling.probs import MAX_DENOMINATOR, cut
+from segx.ensembling.probs import MAX_DENOMINATOR
 from segx.ensembling.record import EnsembleRecord
+from segx.ensembling.task import task_for
 from segx.errors import SegxError
 from segx.inference import owned
 from segx.inference.export_plan import (
@@ -77,13 +78,10 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: Ens
     converted one at a time and joined (:func:`_save_onnx`)."""
     weights = record.weights
     k = n_classes(record)
-    threshold_cut = cut(float(record.threshold), weights.denominator) if k == 1 else None
-    regions = None
-    labels = record.labels  # several classes: the mask output in data.labels' values
-    if labels is not None and labels.regions:  # regions: (exact cut, class painted) each, in order
-        cuts = [cut(float(record.region_thresholds[r]), weights.denominator) for r in labels.region_names]
-        regions = list(zip(cuts, labels.paints(), strict=True))
-    values = None if labels is None else ([int(v) for v in labels.values], mask_dtype(record))
+    decision = task_for(record.labels).graph_decision(record)
+    threshold_cut, regions = decision.threshold_cut, decision.region_cuts
+    # Several classes: the mask output in data.labels' values.
+    values = None if decision.values is None else (list(decision.values), mask_dtype(record))
     swap = None if record.flip_swap is None else list(record.flip_swap)  # flip TTA's mirrored pass, several classes
     single = len(graphs) == 1
     functions = {}

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from segx.ensembling.record import EnsembleRecord
+from segx.ensembling.task import task_for
 from segx.errors import SegxError
 from segx.inference import owned
 
@@ -114,7 +115,7 @@ def n_classes(record: EnsembleRecord) -> int:
 
 def mask_dtype(record: EnsembleRecord) -> str:
     """The ``mask`` output's dtype: uint8 (0/1, or label values up to 255), uint16 for larger values."""
-    values = record.labels.values if record.labels is not None else (0,)
+    values = task_for(record.labels).graph_decision(record).values or (0,)
     return "uint8" if max(int(v) for v in values) <= 255 else "uint16"
 
 

@@ -17,9 +17,10 @@ import numpy as np
 from segx.data.ragged import Ragged
 from segx.ensembling.probs import fold_mean, quantize
 from segx.ensembling.record import EnsembleRecord
+from segx.ensembling.task import task_for
 from segx.errors import SegxError
 from segx.inference.export_plan import INPUT, MEMBERS_OUTPUT, read_manifest
-from segx.inference.predictor import EnsemblePredictor, class_postprocess
+from segx.inference.predictor import EnsemblePredictor
 from segx.inference.view import View, predict_cases
 
 
@@ -120,16 +121,9 @@ class ExportedPredictor(EnsemblePredictor):
         self.views = record.views
         self.weights = record.weights
         self.labels = record.labels
+        self.task = task_for(record.labels)
         self.swap = None  # flip TTA (and its class swap) runs inside the exported graph
-        self.class_post = class_postprocess(record)
-        self.threshold = None if self.labels is not None else float(record.threshold)
-        regions = record.region_thresholds
-        self.region_thresholds = (
-            [float(regions[r]) for r in self.labels.region_names]
-            if self.labels is not None and self.labels.regions
-            else None
-        )
-        self.post = record.postprocess
+        self.threshold = self.task.prediction_threshold(record, None)
         self.tta = manifest["tta"]
         if tta not in (None, self.tta):
             raise SegxError(
@@ -145,7 +139,7 @@ class ExportedPredictor(EnsemblePredictor):
         for graph in self.graphs:
             names = [f"n{j}" for j in range(len(graph.graph["networks"]))]
 
-            k = 1 if self.labels is None else self.labels.n_outputs
+            k = self.task.n_outputs
 
             def predict(batch: np.ndarray, graph=graph, names=names, k=k) -> dict[str, np.ndarray]:
                 probs = graph.run(batch, [MEMBERS_OUTPUT])[MEMBERS_OUTPUT]

@@ -52,6 +52,7 @@ import numpy as np
 
 from segx.data import staging
 from segx.data.io import shown
+from segx.ensembling.task import task_for
 from segx.errors import SegxError
 from segx.inference import owned
 
@@ -304,13 +305,8 @@ def predict_folder(
     from segx.progress import stage as say
 
     files = files if files is not None else check_inputs(input_dir, output_dir, batching.max_pixels)
-    labels = getattr(predictor, "labels", None)
-    new = planned_files(
-        files,
-        outputs,
-        record is not None,
-        (labels.region_names if labels.regions else labels.foreground) if labels else None,
-    )
+    planes = predictor.task.probability_planes
+    new = planned_files(files, outputs, record is not None, None if planes is None else [n for _, n in planes])
     if len(set(new)) != len(new):  # two outputs of one name: one would be lost (a bug, never a user's error)
         raise AssertionError(f"two outputs named {next(f for f in new if new.count(f) > 1)}")
     old = check_output_dir(input_dir, output_dir, outputs.overwrite, new)
@@ -400,7 +396,6 @@ def _write_classes(labels, stem: str, image, pred, stage: Path, outputs: Predict
         case = safe_output_path(stage / "probabilities", stem, "")
         case.mkdir()
         # One map per foreground class, or per region (its own sigmoid) for a region ensemble.
-        planes = enumerate(labels.region_names) if labels.regions else enumerate(labels.names[1:], start=1)
-        for c, name in planes:
+        for c, name in task_for(labels).probability_planes:
             plane = np.clip(np.rint(pred.probability[..., c] * 255), 0, 255).astype(np.uint8)
             write_png(safe_output_path(case, name), plane)

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from segx.data.ragged import Ragged
-from segx.ensembling.probs import Score, argmax_labels, binarize, combine, fold_mean, quantize
+from segx.ensembling.probs import Score, combine, fold_mean, quantize
 from segx.ensembling.record import EnsembleRecord
-from segx.errors import SegxError
+from segx.ensembling.task import task_for
 from segx.inference.view import View, predict_cases
-from segx.scoring.postprocess import PostProcess, apply, apply_classes
 
 # segx.models (TensorFlow) is imported where a network is loaded or run, not here: an exported
 # ensemble (segx.inference.export_runtime) reuses this arithmetic on ONNX Runtime without TensorFlow.
@@ -35,13 +34,6 @@ class Prediction:
     mask: np.ndarray
     probability: np.ndarray
     uncertainty: np.ndarray
-
-
-def class_postprocess(record: EnsembleRecord) -> dict[int, PostProcess]:
-    """A multi-class record's per-class post-processing, by class index (empty: none)."""
-    if record.labels is None:
-        return {}
-    return {record.labels.index(name): p for name, p in record.class_postprocess.items()}
 
 
 def member_probs(
@@ -83,33 +75,12 @@ class EnsemblePredictor:
         self.members = record.members
         self.views = record.views
         self.weights = record.weights  # exact counts over a denominator
-        # Several classes: labelled by argmax (no threshold); masks written in the user's encoding.
+        # The kind of ensemble (one structure, several classes, regions) decides how its score
+        # becomes the label map; masks are written in the user's encoding.
+        self.task = task_for(record.labels)
         self.labels = record.labels
-        self.class_post = class_postprocess(record)
         self.swap = None if record.flip_swap is None else list(record.flip_swap)
-        if self.labels is not None:
-            if threshold is not None and self.labels.regions:
-                chosen = record.region_thresholds
-                shown = ", ".join(f"{r}={float(chosen[r]):g}" for r in self.labels.region_names if r in chosen)
-                raise SegxError(
-                    f"threshold={threshold} but this ensemble segments {len(self.labels.regions)} regions "
-                    f"({', '.join(self.labels.region_names)}), each at its own threshold chosen on validation"
-                    f"{f' ({shown})' if shown else ''}; drop the threshold override"
-                )
-            if threshold is not None:
-                raise SegxError(
-                    f"threshold={threshold} but this ensemble segments {self.labels.n_classes} classes "
-                    f"({', '.join(self.labels.names)}), labelled by argmax; drop the threshold override"
-                )
-            self.threshold = None
-            # Regions: one threshold each (chosen on validation), decoded into the label map in order.
-            region = record.region_thresholds
-            self.region_thresholds = (
-                [float(region[r]) for r in self.labels.region_names] if self.labels.regions else None
-            )
-        else:
-            self.threshold = float(record.threshold if threshold is None else threshold)
-        self.post = record.postprocess
+        self.threshold = self.task.prediction_threshold(record, threshold)
         self.tta = tta or record.tta
         from segx.models import NetworkGroup, load_member
 
@@ -175,43 +146,12 @@ class EnsemblePredictor:
         images = [np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3] for im in images]
         images = [np.asarray(im, np.uint8) for im in images]
         score, probs = self.score(images)
-        if self.labels is not None:
-            return self._predict_classes(score, probs, len(images))
-        masks = apply(binarize(score, self.threshold), self.post)
-        # Maps for people (not masks): the exact mean score / (255 D) and the weighted spread.
-        mean = score.probability()
-        used = [
-            (p.flat.astype(np.float32) / 255.0, w)
-            for p, w in zip(probs, self.weights.floats, strict=True)
-            if p is not None
-        ]
-        spread = mean.like(np.sqrt(sum(w * (p - mean.flat) ** 2 for p, w in used)).astype(np.float32))
+        masks = self.task.label_maps(score, self.record, self.threshold)
+        # Maps for people (not masks): the mean probabilities and how uncertain they are.
+        mean, uncertainty, bound = self.task.confidence(score, probs, self.weights)
         return [
-            Prediction(mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(spread[i], 0, 0.5))
+            Prediction(
+                mask=masks[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(uncertainty[i], 0, bound)
+            )
             for i in range(len(images))
-        ]
-
-    def _predict_classes(self, score: Score, probs, n: int) -> list[Prediction]:
-        """Several classes: the label map (argmax of the exact class scores, ties to the lowest
-        index: the search's labels), the mean class probabilities, and their normalised entropy
-        as the uncertainty (0: one class certain, 1: every class equally likely)."""
-        mean = score.probability()
-        if self.labels.regions:  # regions: each at its threshold, painted in order; binary entropy
-            on = np.zeros(score.values.flat.shape, bool)
-            for r, t in enumerate(self.region_thresholds):
-                part = Score(score.values.like(np.ascontiguousarray(score.values.flat[:, r])), score.denominator)
-                on[:, r] = binarize(part, t).flat
-            labels = mean.like(self.labels.decode_regions(on))
-            # Bounds float32 can hold (1 - 1e-12 is 1.0 in float32: a certain region's 0 * log2(0) was NaN).
-            p = np.clip(mean.flat, np.float32(1e-12), np.nextafter(np.float32(1), np.float32(0)))
-            bits = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-            entropy = mean.like(bits.max(axis=-1).astype(np.float32))
-        else:
-            labels = apply_classes(argmax_labels(score), self.class_post)
-            k = mean.flat.shape[-1]
-            p = np.clip(mean.flat, 1e-12, 1.0)
-            entropy = mean.like((-(p * np.log(p)).sum(axis=-1) / np.log(k)).astype(np.float32))
-        return [
-            Prediction(mask=labels[i].copy(), probability=np.clip(mean[i], 0, 1), uncertainty=np.clip(entropy[i], 0, 1))
-            for i in range(n)
         ]

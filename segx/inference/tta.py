@@ -15,13 +15,13 @@ weights, thresholds and post-processing were chosen on the recorded pipeline's p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from segx.data.labels import Labels
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
+from segx.member_spec import MemberSpec
 
 
 def members_without_flip(model_paths: Iterable) -> bool:
@@ -30,10 +30,10 @@ def members_without_flip(model_paths: Iterable) -> bool:
     for entry in model_paths:
         for folder in [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]:
             try:
-                spec = json.loads((Path(folder) / "spec.json").read_text())
-            except (OSError, ValueError):
+                spec = MemberSpec.read(Path(folder) / "spec.json")
+            except SegxError:
                 continue  # the model loader says what is wrong with it
-            if isinstance(spec, dict) and spec.get("no_flip_tta"):
+            if spec.no_flip_tta:
                 return True
     return False
 

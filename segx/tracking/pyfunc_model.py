@@ -98,11 +98,8 @@ try:
                     error_code=INVALID_PARAMETER_VALUE,
                 ) from None
             try:
-                labels = self.predictor.labels  # several classes: the user's mask values, not class indices
-                masks = [
-                    p.mask.astype(np.uint8) if labels is None else labels.decode(p.mask)
-                    for p in self.predictor.predict(images)
-                ]
+                # Several classes: the user's mask values, not class indices.
+                masks = [self.predictor.task.encode(p.mask) for p in self.predictor.predict(images)]
             except Exception as exc:  # noqa: BLE001 - the trace (install and artifact paths) stays in the server's log
                 import logging
 

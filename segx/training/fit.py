@@ -23,8 +23,6 @@ import numpy as np
 from segx import metric_keys as keys
 from segx.backend import keras, tf
 from segx.models import loss_value, predict_probs, preprocessing
-from segx.scoring.classes import class_dice, class_iou, class_means, confusion_counts, foreground_mean
-from segx.scoring.metrics import dice_per_case, iou_per_case
 from segx.training.augment import SeededAugmenter
 from segx.training.settings import FitSettings
 
@@ -215,8 +213,7 @@ class MemberCallback(keras.callbacks.Callback):
         log_fn: Callable[[dict, int], None],
     ):
         super().__init__()
-        regions = settings.regions
-        self.regions = [list(m) for m in regions] if regions else None  # class indices per region
+        self.task = settings.task
         self.val_images, self.val_masks, self.backbone = data.val_images, data.val_masks, backbone
         self.folder, self.state = checkpoints.folder, state
         self.checkpoint, self.final_checkpoint = checkpoints.resumable, checkpoints.final
@@ -261,25 +258,7 @@ class MemberCallback(keras.callbacks.Callback):
             self.state.failure = f"the model's outputs became NaN/inf at epoch {epoch + 1}; lower the learning rate"
             self.model.stop_training = True
             return
-        if self.regions:  # regions: each region's mask at 0.5 against "the class is in the region"
-            truth = np.zeros((*np.shape(self.val_masks), len(self.regions)), bool)
-            for r, members in enumerate(self.regions):
-                truth[..., r] = np.isin(self.val_masks, members)
-            on = probs >= 0.5
-            per_region = [
-                (dice_per_case(on[..., r], truth[..., r]), iou_per_case(on[..., r], truth[..., r]))
-                for r in range(len(self.regions))
-            ]
-            val_dice = float(np.mean([d.mean() for d, _ in per_region]))
-            val_iou = float(np.mean([i.mean() for _, i in per_region]))
-        elif probs.ndim == 4:  # several classes: the foreground mean of per-class means (the search's)
-            counts = confusion_counts(np.argmax(probs, axis=-1).astype(np.uint8), self.val_masks, probs.shape[-1])
-            val_dice = float(foreground_mean(class_means(class_dice(*counts))))
-            val_iou = float(foreground_mean(class_means(class_iou(*counts))))
-        else:
-            pred = probs >= 0.5
-            val_dice = float(dice_per_case(pred, self.val_masks).mean())
-            val_iou = float(iou_per_case(pred, self.val_masks).mean())
+        val_dice, val_iou = self.task.epoch_scores(probs, self.val_masks)
         logs["val/dice"], logs["val/iou"] = val_dice, val_iou
         metrics = {
             "val/dice": val_dice,

@@ -3,7 +3,9 @@ settings from its config before (and without) starting TensorFlow's runtime."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from segx.ensembling.task import BinaryTask, Task
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,6 @@ class FitSettings:
     threads: int | None = None  # the job's share of the cores (trainer.threads), tf.data's pool too
     checkpoint_every_s: float = 0.0  # the least seconds between checkpoints; 0: after every epoch
     val_every: int = 1  # validate every this many epochs, and after the last
-    # Class indices per region (data.regions): validation scores each region; None: one
-    # structure or classes.
-    regions: tuple[tuple[int, ...], ...] | None = None
+    # What the member segments (one structure, several classes, regions): how each epoch's
+    # validation is scored.
+    task: Task = field(default_factory=BinaryTask)

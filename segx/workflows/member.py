@@ -32,6 +32,7 @@ from segx.config import (
 )
 from segx.data.labels import Labels
 from segx.data.view import View
+from segx.ensembling.task import task_for
 from segx.errors import SegxError, look_up_option
 from segx.member_spec import MemberSpec
 from segx.objects import check_no_stray_targets, checked_container, instantiate
@@ -400,7 +401,6 @@ def fit_settings(cfg: DictConfig, view: View, labels: Labels | None, threads: in
     verbose = cfg.trainer.verbose
     if verbose == "auto":  # a log gets segx's own line per epoch only, a terminal Keras's bar too
         verbose = 1 if sys.stdout.isatty() else 0
-    regions = _region_classes(labels)
     return FitSettings(
         epochs=int(cfg.trainer.epochs),
         batch_size=int(cfg.trainer.batch_size),
@@ -412,7 +412,7 @@ def fit_settings(cfg: DictConfig, view: View, labels: Labels | None, threads: in
         threads=threads,
         checkpoint_every_s=float(cfg.trainer.get("checkpoint_every_s") or 0.0),
         val_every=int(cfg.trainer.get("val_every") or 1),
-        regions=None if regions is None else tuple(tuple(m) for m in regions),
+        task=task_for(labels),
     )
 
 
@@ -522,27 +522,19 @@ def _epoch_logging(cfg: DictConfig, client, run_id: str, folder: Path, resume_id
     return epoch_log, log_epoch
 
 
-def _region_classes(labels) -> list[list[int]] | None:
-    """Class indices per region (data.regions), or None."""
-    return [list(m) for _, m in labels.regions] if labels is not None and labels.regions else None
-
-
 def _compiled_network(cfg: DictConfig, plan: MemberPlan):
     """The member's network, compiled with its optimizer and loss (one sigmoid, a K-way softmax,
     or one sigmoid per region), and the extra callbacks (the learning-rate schedule)."""
     from segx import models
 
-    labels = plan.labels
+    task = task_for(plan.labels)
     model = models.build_model(
         plan.arch,
         plan.backbone,
         plan.size,
         encoder_weights=cfg.backbone.encoder_weights,
         encoder_freeze=bool(cfg.backbone.encoder_freeze),
-        head=models.Head(
-            classes=1 if labels is None else labels.n_outputs,
-            activation="softmax" if labels is not None and not labels.regions else "sigmoid",
-        ),
+        head=models.Head(classes=task.n_outputs, activation=task.activation),
         **plan.arch_options,
     )
     model = models.float32_outputs(model)
@@ -553,9 +545,9 @@ def _compiled_network(cfg: DictConfig, plan: MemberPlan):
         model,
         optimizer,
         OmegaConf.to_container(cfg.trainer.loss, resolve=True),
-        n_classes=1 if labels is None else labels.n_outputs,
+        n_classes=task.n_outputs,
         class_weights=None if class_weights is None else list(class_weights),
-        regions=_region_classes(labels),
+        regions=None if task.region_members is None else [list(m) for m in task.region_members],
     )
     extra = []
     if cfg.trainer.lr_schedule is not None:
@@ -580,7 +572,7 @@ def _fit_data(cfg: DictConfig, plan: MemberPlan, prepared) -> FitData:
         prepared.cases("train", view.scale),
         view.size,
         float(cfg.data.foreground_fraction),
-        labels.n_classes if labels is not None else 2,
+        task_for(labels).n_classes,
     )
     val_images, val_masks = validation_patches(prepared.cases("val", view.scale), view.size)
     return FitData(sampler, None, augmenter, val_images, val_masks)
@@ -773,8 +765,7 @@ def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spaci
     from segx.progress import progress
 
     view, labels = spec.view, spec.labels
-    names = labels.names if labels is not None else None
-    regions = labels.region_names if labels is not None and labels.regions else None
+    task = task_for(labels)
     # One cache per TTA mode, so an ensemble with ensemble.tta=flip chooses its weights,
     # threshold and post-processing on the probabilities segx.predict will compute.
     what = "validation" if role == "val" else "test"
@@ -786,16 +777,17 @@ def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spaci
     swap = None if spec.flip_swap is None else list(spec.flip_swap)
     modes = ("none",) if spec.no_flip_tta else models.TTA_MODES
     by_mode = member_probs(model, spec.backbone, view, images, modes, swap)
-    if names:  # several classes: label maps of class indices, probabilities (pixels, K)
-        masks = Ragged.from_list([np.asarray(c.mask(), np.uint8) for c in cases], np.uint8)
-    else:
-        masks = Ragged.from_list([np.asarray(c.mask(), bool) for c in cases], bool)
+    # Label maps of class indices (several classes, regions) or bool masks (one structure).
+    masks = Ragged.from_list([np.asarray(c.mask(), task.truth_dtype) for c in cases], task.truth_dtype)
     previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
     stems = [c.stem for c in cases]
     for mode, mode_probs in by_mode.items():
-        save_cached(tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, names, regions)
-    probs = by_mode["none"]  # the member's own metrics and figure: no TTA
-    pred, scores, final = _scored(role, probs, masks, labels, spacing)
+        save_cached(
+            tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, task.class_names, task.region_names
+        )
+    # The member's own metrics and figure: no TTA, alone (at 0.5, or by argmax).
+    pred = task.member_label_maps(by_mode["none"])
+    scores = task.case_metrics(pred, masks, spacing, with_hd95=(role == "test"))
     if role == "val":
         shown, row_labels = plots.pick_cases(scores["dice"])
         plots.plot_cases(
@@ -808,37 +800,12 @@ def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spaci
                 row_labels=row_labels,
             ),
             tmp / "plots" / "val_cases.png",
-            title=f"validation split: worst and typical of {len(stems)} cases "
-            + ("(argmax)" if names else "(threshold 0.5)"),
-            classes=names,
-            colours=_colours(labels) if names else None,
+            title=f"validation split: worst and typical of {len(stems)} cases ({task.member_rule})",
+            classes=task.class_names,
+            colours=_colours(labels) if task.class_names else None,
         )
-    return final
-
-
-def _scored(role: str, probs, masks, labels, spacing):
-    """(predicted masks, per-case scores, the role's final metrics) of the untransformed
-    probabilities: regions, several classes, or one structure."""
-    from segx.ensembling.probs import member_labels
-    from segx.scoring.classes import class_metrics, region_metrics
-    from segx.scoring.metrics import case_metrics
-
-    names = labels.names if labels is not None else None
-    regions = labels.region_names if labels is not None and labels.regions else None
-    if regions:  # regions: each at 0.5, decoded to the label map, its regions scored
-        on = probs.like(probs.flat >= 128)
-        pred = on.like(labels.decode_regions(on.flat))
-        members_of = labels.region_members
-        scores = region_metrics(pred, masks, regions, members_of, with_hd95=(role == "test"), spacing=spacing)
-        return pred, scores, _class_finals(role, scores, ("", *regions))
-    if names:  # several classes: argmax labels, per-class scores and their foreground mean
-        pred = member_labels(probs)
-        scores = class_metrics(pred, masks, names, with_hd95=(role == "test"), spacing=spacing)
-        return pred, scores, _class_finals(role, scores, names)
-    pred = probs.like(probs.flat >= 128)
-    scores = case_metrics(pred, masks, with_hd95=(role == "test"), spacing=spacing)
     # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
-    return pred, scores, {keys.final(role, k): float(v.mean()) for k, v in scores.items()}
+    return task.final_metrics(role, scores)
 
 
 def _colours(labels: Labels):
@@ -850,24 +817,6 @@ def _colours(labels: Labels):
 
 def _swap_field(spec: MemberSpec) -> dict:
     return {"flip_swap": list(spec.flip_swap)} if spec.flip_swap is not None else {}
-
-
-def _class_finals(role: str, scores: dict, names) -> dict[str, float]:
-    """MLflow metrics of a multi-class member: ``<role>/dice`` (the foreground mean of per-class
-    means, the search's objective), ``<role>/dice/<class>`` per class, the same for IoU and HD95."""
-    from segx.scoring.classes import class_means, foreground_mean
-
-    out = {}
-    for metric in ("dice", "iou", "hd95"):
-        if f"{metric}/{names[1]}" not in scores:
-            continue
-        per_class = np.stack([np.full(len(scores[metric]), np.nan)] + [scores[f"{metric}/{n}"] for n in names[1:]], 1)
-        means = class_means(per_class)
-        out[keys.final(role, metric)] = float(foreground_mean(means, 0.0 if metric == "hd95" else 1.0))
-        for c, name in enumerate(names[1:], start=1):
-            if not np.isnan(means[c]):
-                out[keys.final(role, f"{metric}/{name}")] = float(means[c])
-    return out
 
 
 def _history_from_store(client, run_id) -> dict[str, list[tuple[int, float]]]:
