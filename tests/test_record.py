@@ -121,6 +121,7 @@ def test_old_records_predict(tmp_path):
     classes = _member(tmp_path / "classes", 4, "softmax")
     predictor = EnsemblePredictor(EnsembleRecord.load(V4_CLASSES), [[classes, classes], classes], tta="none")
     assert predictor.threshold is None and predictor.labels.n_classes == 4 and predictor.swap == [0, 2, 1, 3]
-    assert predictor.class_post == {3: PostProcess(keep_largest=True)}
+    post = predictor.record.class_postprocess  # by class name; prediction applies it by index
+    assert {predictor.labels.index(name): p for name, p in post.items()} == {3: PostProcess(keep_largest=True)}
     (out,) = predictor.predict([image])
     assert out.mask.shape == (40, 50) and set(np.unique(out.mask)) <= {0, 1, 2, 3}
