@@ -290,10 +290,10 @@ def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
     )
     per_case = pd.DataFrame({"method": ["ensemble"] * 3, "stem": ["t2", "t0", "t1"], "dice": [1.0, 1.0, 0.5]})
     gain = honest_gain(per_case, [best], found, resamples=200)
-    assert gain["best_member_threshold"] == 0.35
-    assert gain["best_member_test_dice"] == 1.0  # at 0.35 the member is perfect; at 0.5 it would score 0
-    assert gain["diff"] == pytest.approx((1.0 + 0.5 + 1.0) / 3 - 1.0)  # stems matched, not row order
-    assert gain["best_member_optimism"] == pytest.approx(0.95 - 1.0)
+    assert gain.best_member_threshold == 0.35
+    assert gain.best_member_test_dice == 1.0  # at 0.35 the member is perfect; at 0.5 it would score 0
+    assert gain.diff == pytest.approx((1.0 + 0.5 + 1.0) / 3 - 1.0)  # stems matched, not row order
+    assert gain.best_member_optimism == pytest.approx(0.95 - 1.0)
 
 
 def test_config_identity_survives_keys_added_with_null_defaults():

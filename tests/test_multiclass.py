@@ -773,7 +773,7 @@ def test_a_stratified_foreground_sample_is_verified_as_written(tmp_path):
 def test_the_gain_verdict_refuses_to_read_two_cases():
     from segx.evaluation.report import gain_verdict
 
-    assert gain_verdict({"cases": 2, "low": 0.01, "high": 0.02}).startswith("too few test cases (2)")
-    assert gain_verdict({"cases": 40, "low": 0.01, "high": 0.02}).startswith("the gain is real")
-    assert gain_verdict({"cases": 40, "low": -0.01, "high": 0.02}).startswith("not shown to be better")
-    assert gain_verdict({"cases": 40, "low": -0.03, "high": -0.02}).startswith("the ensemble is worse")
+    assert gain_verdict(2, 0.01, 0.02).startswith("too few test cases (2)")
+    assert gain_verdict(40, 0.01, 0.02).startswith("the gain is real")
+    assert gain_verdict(40, -0.01, 0.02).startswith("not shown to be better")
+    assert gain_verdict(40, -0.03, -0.02).startswith("the ensemble is worse")

@@ -5,6 +5,7 @@ ensemble at its validation-chosen threshold (the tables carry a threshold column
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -89,9 +90,40 @@ def paired_bootstrap(a, b, resamples: int = 2000, seed: int = 0) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Gain:
+    """Is the ensemble worth its cost (:func:`honest_gain`)? Test Dice, ensemble minus the best
+    member: the paired bootstrap's difference, 95% interval and share of resamples where the
+    ensemble is not better, over ``cases``; the best member and both Dices; and the selection
+    optimism of each (validation Dice minus test Dice). ``tables/gain.csv`` is one row of it."""
+
+    diff: float
+    low: float
+    high: float
+    p_not_better: float
+    resamples: int
+    cases: int
+    best_member: str  # "member:<label>", best on validation
+    best_member_threshold: float | None  # where one threshold decides: the one validation chose for it
+    best_member_val_dice: float
+    best_member_test_dice: float
+    ensemble_val_dice: float
+    ensemble_test_dice: float
+    ensemble_optimism: float
+    best_member_optimism: float
+
+    @property
+    def verdict(self) -> str:
+        return gain_verdict(self.cases, self.low, self.high)
+
+    def to_row(self) -> dict:
+        """The columns of ``tables/gain.csv``, in its order."""
+        return asdict(self)
+
+
 def honest_gain(
     per_case: pd.DataFrame, members: list[Member], found: SearchOutcome, resamples: int = 2000, seed: int = 0
-) -> dict:
+) -> Gain:
     """Is the ensemble worth its cost? The paired bootstrap of test Dice, ensemble minus the best
     single member (best on validation, as a user would pick it without the ensemble), and the
     selection optimism of both (validation Dice of the choice minus its test Dice)."""
@@ -112,18 +144,17 @@ def honest_gain(
         by_method = per_case.set_index(["method", "stem"])["dice"]
         member_test = by_method.loc[best.name].loc[stems].to_numpy()
     ensemble = per_case[per_case.method == "ensemble"].set_index("stem").loc[stems, "dice"].to_numpy()
-    out = paired_bootstrap(ensemble, member_test, resamples, seed)
-    return {
-        **out,
-        "best_member": best.name,
-        "best_member_threshold": best.threshold if one_threshold else None,
-        "best_member_val_dice": best.val_dice,
-        "best_member_test_dice": float(member_test.mean()),
-        "ensemble_val_dice": found.val_dice,
-        "ensemble_test_dice": float(ensemble.mean()),
-        "ensemble_optimism": found.val_dice - float(ensemble.mean()),
-        "best_member_optimism": best.val_dice - float(member_test.mean()),
-    }
+    return Gain(
+        **paired_bootstrap(ensemble, member_test, resamples, seed),
+        best_member=best.name,
+        best_member_threshold=best.threshold if one_threshold else None,
+        best_member_val_dice=best.val_dice,
+        best_member_test_dice=float(member_test.mean()),
+        ensemble_val_dice=found.val_dice,
+        ensemble_test_dice=float(ensemble.mean()),
+        ensemble_optimism=found.val_dice - float(ensemble.mean()),
+        best_member_optimism=best.val_dice - float(member_test.mean()),
+    )
 
 
 def _single(probs):
@@ -252,22 +283,22 @@ def plot_ensemble(
 MIN_BOOTSTRAP_CASES = 10  # fewer test cases: a bootstrap interval only spans their own differences
 
 
-def gain_verdict(gain: dict) -> str:
+def gain_verdict(cases: int, low: float, high: float) -> str:
     """What the paired bootstrap says, in words; with fewer than MIN_BOOTSTRAP_CASES test cases it
     says that it cannot tell (resampling 2 or 3 cases gives an interval, not evidence)."""
-    if gain["cases"] < MIN_BOOTSTRAP_CASES:
+    if cases < MIN_BOOTSTRAP_CASES:
         return (
-            f"too few test cases ({gain['cases']}) for the interval to mean anything; "
+            f"too few test cases ({cases}) for the interval to mean anything; "
             f"add test cases (at least {MIN_BOOTSTRAP_CASES}) before reading a gain"
         )
-    if gain["low"] > 0:
+    if low > 0:
         return "the gain is real (the whole interval is above zero)"
-    if gain["high"] < 0:
+    if high < 0:
         return "the ensemble is worse (the whole interval is below zero)"
     return "not shown to be better: the interval includes zero"
 
 
-def print_report(record: EnsembleRecord, members, val_table, summary, found, gain: dict | None = None) -> None:
+def print_report(record: EnsembleRecord, members, val_table, summary, found, gain: Gain | None = None) -> None:
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
 
@@ -284,20 +315,19 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
     print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
-        verdict = gain_verdict(gain)
         at = (
-            f"at its validation threshold {gain['best_member_threshold']}"
-            if gain["best_member_threshold"] is not None
+            f"at its validation threshold {gain.best_member_threshold}"
+            if gain.best_member_threshold is not None
             else "per-case foreground-mean Dice"
         )
         print(
-            f"\nEnsemble minus best member ({gain['best_member']}, best on validation, {at}), test Dice: "
-            f"{gain['diff']:+.4f}, 95% paired bootstrap interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
-            f"over {gain['cases']} cases, {gain['resamples']} resamples: {verdict}."
+            f"\nEnsemble minus best member ({gain.best_member}, best on validation, {at}), test Dice: "
+            f"{gain.diff:+.4f}, 95% paired bootstrap interval [{gain.low:+.4f}, {gain.high:+.4f}] "
+            f"over {gain.cases} cases, {gain.resamples} resamples: {gain.verdict}."
         )
         print(
-            f"Selection optimism (validation minus test Dice): ensemble {gain['ensemble_optimism']:+.4f}, "
-            f"best member {gain['best_member_optimism']:+.4f}"
+            f"Selection optimism (validation minus test Dice): ensemble {gain.ensemble_optimism:+.4f}, "
+            f"best member {gain.best_member_optimism:+.4f}"
         )
     print(
         f"\nsegx: ensemble run {record.run_id}  (rebuild: python -m segx.predict "

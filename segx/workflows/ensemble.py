@@ -28,7 +28,7 @@ from segx.ensembling.members import check_compatible, unique_labels
 from segx.ensembling.record import EnsembleRecord, make_record
 from segx.errors import SegxError
 from segx.evaluation.report import (
-    gain_verdict,
+    Gain,
     honest_gain,
     plot_ensemble,
     print_report,
@@ -138,7 +138,7 @@ class Evaluation:
     summary: pd.DataFrame  # per method
     per_class: pd.DataFrame | None  # per method and class (several classes, regions)
     validation: pd.DataFrame
-    gain: dict  # the ensemble against its best member (segx.evaluation.report.honest_gain)
+    gain: Gain  # the ensemble against its best member
 
 
 def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
@@ -304,7 +304,7 @@ def _write_tables(tables: Path, result: Evaluation) -> None:
         )
     if result.per_class is not None:
         result.per_class.to_csv(tables / "test_per_class.csv")
-    pd.DataFrame([result.gain]).to_csv(tables / "gain.csv", index=False)
+    pd.DataFrame([result.gain.to_row()]).to_csv(tables / "gain.csv", index=False)
 
 
 def _metrics(result: Evaluation) -> dict[str, float]:
@@ -326,11 +326,11 @@ def _metrics(result: Evaluation) -> dict[str, float]:
         metrics.update({f"methods/{key}/test_{score}": row[f"{score}_mean"] for score in ("dice", "iou", "hd95")})
     metrics.update(
         {
-            "test/gain_vs_best_member": gain["diff"],
-            "test/gain_ci_low": gain["low"],
-            "test/gain_ci_high": gain["high"],
-            "selection/optimism": gain["ensemble_optimism"],
-            "selection/best_member_optimism": gain["best_member_optimism"],
+            "test/gain_vs_best_member": gain.diff,
+            "test/gain_ci_low": gain.low,
+            "test/gain_ci_high": gain.high,
+            "selection/optimism": gain.ensemble_optimism,
+            "selection/best_member_optimism": gain.best_member_optimism,
         }
     )
     if result.per_class is not None:  # test/dice/<class> beside test/dice (one chart per class)
@@ -405,8 +405,8 @@ def _description(members, result: Evaluation, experiment: str, search: str, repr
         "",
         *rows,
         "",
-        f"Ensemble minus best member ({gain['best_member'].removeprefix('member:')}) on test Dice: {gain['diff']:+.4g} "
-        f"[95% CI {gain['low']:+.4g}, {gain['high']:+.4g}] over {gain['cases']} cases: {gain_verdict(gain)}.",
+        f"Ensemble minus best member ({gain.best_member.removeprefix('member:')}) on test Dice: {gain.diff:+.4g} "
+        f"[95% CI {gain.low:+.4g}, {gain.high:+.4g}] over {gain.cases} cases: {gain.verdict}.",
         "",
         "Predict: `python -m segx.predict ensemble_run_id=<this run> input_dir=... output_dir=...`",
     ]
