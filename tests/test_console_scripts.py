@@ -70,7 +70,7 @@ def test_the_installed_train_script_trains_a_member_from_another_folder(tmp_path
     (run,) = tracking.find_runs(client, exp, "member")
     assert run.info.status == "FINISHED" and run.data.tags["segx.backbone"] == "resnet18"
     # Trained by hand: segx.info's reproduce command, started where the user trained, is this config.
-    from tests.test_reproduce import assert_reproduces_config
+    from tests.helpers import assert_reproduces_config
 
     command = assert_reproduces_config(run.info.run_id, tmp_path / "outputs", cwd=tmp_path)
     assert command[1:] == overrides

@@ -246,7 +246,7 @@ def test_cross_validated_and_single_split_members_do_not_mix():
     import dataclasses
 
     from segx.ensembling.members import check_compatible
-    from tests.test_members import member
+    from tests.helpers import member
 
     cvm = dataclasses.replace(member("p1"), folds=["f0", "f1"])
     with pytest.raises(
@@ -266,7 +266,7 @@ def test_honest_gain_scores_the_best_member_at_its_own_validation_threshold():
     from segx.ensembling.probs import Cached, Weights
     from segx.ensembling.search import Candidate
     from segx.evaluation.report import honest_gain
-    from tests.test_members import member
+    from tests.helpers import member
 
     truth = [np.zeros((4, 4), bool) for _ in range(3)]
     for t in truth:

@@ -340,7 +340,7 @@ def _other_data(tmp_path):
 
 
 def test_an_ensemble_naming_other_data_refuses_members_of_the_stores_data(tmp_path, member_store, synthetic_root):
-    from tests.test_store_signals import copy_store
+    from tests.helpers import copy_store
 
     store = copy_store(member_store[0], tmp_path / "store")
     root, data = _other_data(tmp_path)
@@ -363,7 +363,7 @@ def test_an_ensemble_naming_other_data_trains_its_missing_member_on_that_data(tm
     import subprocess
     import sys
 
-    from tests.test_store_signals import copy_store
+    from tests.helpers import copy_store
 
     store = copy_store(member_store[0], tmp_path / "store")
     _, data = _other_data(tmp_path)

@@ -41,7 +41,7 @@ import pytest
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import CONF, ROOT, compose_config, store_overrides
-from tests.test_native import make_folder
+from tests.helpers import make_folder
 
 FORMATS = ("savedmodel", "onnx")
 

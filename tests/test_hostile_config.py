@@ -208,7 +208,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_composed(tmp_path):
 
 
 def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_store):
-    from tests.test_store_signals import copy_store, ensemble_args, statuses
+    from tests.helpers import copy_store, ensemble_args, statuses
 
     store = copy_store(member_store[0], tmp_path / "store")
     (store / "cache").mkdir(exist_ok=True)

@@ -3,36 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
 import pytest
 
-from segx.data.ragged import Ragged
-from segx.ensembling.members import Member, check_compatible
-from segx.ensembling.probs import Cached
+from segx.ensembling.members import check_compatible
 from segx.errors import SegxError
-
-
-def cached(stems=("a", "b", "c"), size=8, seed=0) -> Cached:
-    rng = np.random.default_rng(seed)
-    masks = np.zeros((len(stems), size, size), bool)
-    masks[:, : size // 2] = True
-    probs = rng.integers(0, 256, (len(stems), size, size), dtype=np.uint8)
-    return Cached(list(stems), Ragged.of(probs), Ragged.of(masks), Ragged.of(np.zeros((0, size, size, 3), np.uint8)))
-
-
-def member(run_id: str, seed: int = 0, **changes) -> Member:
-    base = Member(
-        run_id=run_id,
-        backbone="resnet18",
-        arch="unet",
-        fingerprint="f" * 16,
-        view={"mode": "resize", "size": 8},
-        val=cached(seed=seed),
-        test=cached(("t1", "t2"), seed=seed + 1),
-    )
-    return dataclasses.replace(base, **changes)
+from tests.helpers import cached, member
 
 
 def test_members_that_agree_pass_and_different_predictions_are_fine():

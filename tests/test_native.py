@@ -15,27 +15,7 @@ import pytest
 from segx.data.ragged import Ragged
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
-
-# Odd sizes on purpose: none is a multiple of the 32 px patch, two are smaller than it.
-SIZES = [(48, 80), (70, 41), (96, 64), (29, 50), (64, 64), (55, 99), (40, 40), (81, 57), (33, 120), (60, 30)]
-
-
-def make_folder(root: Path, sizes=SIZES, seed: int = 0) -> Path:
-    """Image/mask pairs of different sizes: bright discs on a noisy background."""
-    rng = np.random.default_rng(seed)
-    for name in ("train_images", "train_masks"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    for i, (h, w) in enumerate(sizes):
-        image = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-        mask = np.zeros((h, w), np.uint8)
-        for _ in range(2):
-            r = int(rng.integers(3, max(4, min(h, w) // 4)))
-            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-            cv2.circle(mask, (cx, cy), r, 255, -1)
-        image[mask > 0] = 200
-        cv2.imwrite(str(root / "train_images" / f"case{i:02d}.png"), image)
-        cv2.imwrite(str(root / "train_masks" / f"case{i:02d}.png"), mask)
-    return root
+from tests.helpers import SIZES, make_folder
 
 
 def native_overrides(out: Path, root: Path, *extra: str) -> list[str]:

@@ -5,48 +5,11 @@ same member runs again and chooses the same weights."""
 
 from __future__ import annotations
 
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-
-from tests.conftest import ROOT, store_overrides, tiny_train_overrides
-
-
-def run(args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def info(run_id: str, out: Path, cwd=ROOT) -> str:
-    result = run(["segx.info", f"run_id={run_id}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"], cwd=cwd)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
-def printed_command(text: str, module: str) -> list[str]:
-    (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(f"python -m {module} ")]
-    return shlex.split(line)[2:]  # the module and its arguments, without "python -m": run with this interpreter
-
-
-def assert_reproduces_config(run_id: str, out: Path, cwd=ROOT) -> list[str]:
-    """The printed ``segx.train`` command composes exactly the recorded config.yaml."""
-    from segx import tracking
-
-    text = info(run_id, out, cwd)
-    command = printed_command(text, "segx.train")
-    shown = run([*command, "--cfg", "job", "--resolve"], cwd=cwd)
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
-    recorded = yaml.safe_load(tracking.download(client, run_id, "config.yaml").read_text())
-    # Values from the environment are recorded as written (${oc.env:SEGX_OUTPUT_DIR,outputs}, the
-    # default output folder included): the printed command rebuilds them in the same environment.
-    from omegaconf import OmegaConf
-
-    recorded = OmegaConf.to_container(OmegaConf.create(recorded), resolve=True)
-    assert yaml.safe_load(shown.stdout) == recorded
-    return command
+from tests.conftest import store_overrides, tiny_train_overrides
+from tests.helpers import assert_reproduces_config, info, printed_command
+from tests.helpers import run_module as run
 
 
 def member_runs(out: Path) -> dict[str, str]:

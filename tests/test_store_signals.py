@@ -22,6 +22,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, store_overrides, tiny_train_overrides
+from tests.helpers import copy_store, ensemble_args, statuses
 
 # A store locked by another process is waited for this long before the one-line error.
 LOCK_WAIT_S = 2
@@ -56,32 +57,6 @@ def assert_one_line_error(result, *names: str) -> str:
     for name in names:
         assert name in lines[0], lines[0]
     return lines[0]
-
-
-def copy_store(src: Path, dst: Path) -> Path:
-    """A private copy of a store: the database copied, the (read-only here) member artifacts
-    hard-linked, and the experiment's artifact location moved to the copy."""
-    dst.mkdir(parents=True)
-    shutil.copy2(src / "mlflow.db", dst / "mlflow.db")
-    shutil.copytree(src / "mlartifacts", dst / "mlartifacts", copy_function=os.link)
-    with contextlib.closing(sqlite3.connect(dst / "mlflow.db")) as con, con:
-        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
-        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
-    return dst
-
-
-def statuses(store: Path, role: str) -> list[str]:
-    with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
-        rows = con.execute(
-            "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'segx.role' AND t.value = ? ORDER BY r.start_time",
-            (role,),
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
-def ensemble_args(store: Path) -> list[str]:
-    return ["segx.ensemble", *store_overrides(store), "ensemble.members=[resnet18,mobilenetv2]"]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -1,0 +1,138 @@
+"""Helpers shared by several test files (no test file imports another): hand-made members and
+ragged image folders, private copies of a session store, run statuses read straight from a
+store, and the reproduce check of ``segx.info``'s printed command."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from segx.data.ragged import Ragged
+from segx.ensembling.members import Member
+from segx.ensembling.probs import Cached
+from tests.conftest import ROOT, store_overrides
+
+# -- hand-made members (no network) -------------------------------------------------------------
+
+
+def cached(stems=("a", "b", "c"), size=8, seed=0) -> Cached:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(stems), size, size), bool)
+    masks[:, : size // 2] = True
+    probs = rng.integers(0, 256, (len(stems), size, size), dtype=np.uint8)
+    return Cached(list(stems), Ragged.of(probs), Ragged.of(masks), Ragged.of(np.zeros((0, size, size, 3), np.uint8)))
+
+
+def member(run_id: str, seed: int = 0, **changes) -> Member:
+    base = Member(
+        run_id=run_id,
+        backbone="resnet18",
+        arch="unet",
+        fingerprint="f" * 16,
+        view={"mode": "resize", "size": 8},
+        val=cached(seed=seed),
+        test=cached(("t1", "t2"), seed=seed + 1),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+# -- images of odd sizes -----------------------------------------------------------------------
+
+
+# Odd sizes on purpose: none is a multiple of the 32 px patch, two are smaller than it.
+SIZES = [(48, 80), (70, 41), (96, 64), (29, 50), (64, 64), (55, 99), (40, 40), (81, 57), (33, 120), (60, 30)]
+
+
+def make_folder(root: Path, sizes=SIZES, seed: int = 0) -> Path:
+    """Image/mask pairs of different sizes: bright discs on a noisy background."""
+    rng = np.random.default_rng(seed)
+    for name in ("train_images", "train_masks"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes):
+        image = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(2):
+            r = int(rng.integers(3, max(4, min(h, w) // 4)))
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            cv2.circle(mask, (cx, cy), r, 255, -1)
+        image[mask > 0] = 200
+        cv2.imwrite(str(root / "train_images" / f"case{i:02d}.png"), image)
+        cv2.imwrite(str(root / "train_masks" / f"case{i:02d}.png"), mask)
+    return root
+
+
+# -- stores ------------------------------------------------------------------------------------
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A private copy of a store: the database copied, the (read-only here) member artifacts
+    hard-linked, and the experiment's artifact location moved to the copy."""
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "mlflow.db", dst / "mlflow.db")
+    shutil.copytree(src / "mlartifacts", dst / "mlartifacts", copy_function=os.link)
+    with contextlib.closing(sqlite3.connect(dst / "mlflow.db")) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
+    return dst
+
+
+def statuses(store: Path, role: str) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"{(store / 'mlflow.db').as_uri()}?mode=ro", uri=True)) as con:
+        rows = con.execute(
+            "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'segx.role' AND t.value = ? ORDER BY r.start_time",
+            (role,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def ensemble_args(store: Path) -> list[str]:
+    return ["segx.ensemble", *store_overrides(store), "ensemble.members=[resnet18,mobilenetv2]"]
+
+
+# -- segx.info reproduce commands ---------------------------------------------------------------
+
+
+def run_module(args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def info(run_id: str, out: Path, cwd=ROOT) -> str:
+    result = run_module(["segx.info", f"run_id={run_id}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def printed_command(text: str, module: str) -> list[str]:
+    (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(f"python -m {module} ")]
+    return shlex.split(line)[2:]  # the module and its arguments, without "python -m": run with this interpreter
+
+
+def assert_reproduces_config(run_id: str, out: Path, cwd=ROOT) -> list[str]:
+    """The printed ``segx.train`` command composes exactly the recorded config.yaml."""
+    from segx import tracking
+
+    text = info(run_id, out, cwd)
+    command = printed_command(text, "segx.train")
+    shown = run_module([*command, "--cfg", "job", "--resolve"], cwd=cwd)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    recorded = yaml.safe_load(tracking.download(client, run_id, "config.yaml").read_text())
+    # Values from the environment are recorded as written (${oc.env:SEGX_OUTPUT_DIR,outputs}, the
+    # default output folder included): the printed command rebuilds them in the same environment.
+    from omegaconf import OmegaConf
+
+    recorded = OmegaConf.to_container(OmegaConf.create(recorded), resolve=True)
+    assert yaml.safe_load(shown.stdout) == recorded
+    return command
