@@ -47,7 +47,8 @@ test: install  ## the layer contracts and the formatter, then the fast tests (re
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check segx tests experiments
 	$(VENV)/bin/ruff format --check segx tests experiments
-	$(PY) -m pytest -m "not slow" -q -p no:randomly --durations=15 --junitxml=$(TEST_REPORT)
+	rm -f $(TEST_REPORT); status=0; $(PY) -m pytest -m "not slow" -q -p no:randomly --junitxml=$(TEST_REPORT) || status=$$?; \
+	  [ ! -f $(TEST_REPORT) ] || $(PY) experiments/layout/test_durations.py $(TEST_REPORT) --slowest 15; exit $$status
 
 test-random: install  ## the fast tests in a random order (pytest-randomly; it prints the seed, ARGS="--randomly-seed=N" repeats one)
 	$(PY) -m pytest -m "not slow" --durations=15 $(ARGS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -76,14 +77,25 @@ def make_folder(root: Path, sizes=SIZES, seed: int = 0) -> Path:
 
 
 def copy_store(src: Path, dst: Path) -> Path:
-    """A private copy of a store: the database copied, the (read-only here) member artifacts
-    hard-linked, and the experiment's artifact location moved to the copy."""
+    """A private copy of a store: the database and every artifact copied, except the large
+    ones (network weights, which tests only read), hard-linked; the experiment's, runs' and
+    logged models' artifact locations moved to the copy."""
+
+    def copy(source: str, target: str) -> None:
+        if os.path.getsize(source) >= 1 << 20:
+            os.link(source, target)
+        else:
+            shutil.copy2(source, target)
+
     dst.mkdir(parents=True)
     shutil.copy2(src / "mlflow.db", dst / "mlflow.db")
-    shutil.copytree(src / "mlartifacts", dst / "mlartifacts", copy_function=os.link)
+    shutil.copytree(src / "mlartifacts", dst / "mlartifacts", copy_function=copy)
     with contextlib.closing(sqlite3.connect(dst / "mlflow.db")) as con, con:
         con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
         con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
+        con.execute(  # the logged models' files too: a test writing to the copy never reaches the original
+            "UPDATE logged_models SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst))
+        )
     return dst
 
 
@@ -136,3 +148,17 @@ def assert_reproduces_config(run_id: str, out: Path, cwd=ROOT) -> list[str]:
     recorded = OmegaConf.to_container(OmegaConf.create(recorded), resolve=True)
     assert yaml.safe_load(shown.stdout) == recorded
     return command
+
+
+def ensemble_run(client, experiment: str, record: dict | None, name: str) -> str:
+    """An ensemble run in the store holding ``record`` as ensemble.json (None: no record)."""
+    from segx import tracking
+
+    run_id = tracking.start_run(client, experiment, name, {tracking.ROLE: "ensemble"})
+    with tracking.run_scope(client, run_id):
+        if record is not None:
+            folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"segx-test-record-{run_id}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "ensemble.json").write_text(json.dumps(record))
+            tracking.log_artifact(client, run_id, folder / "ensemble.json")
+    return run_id

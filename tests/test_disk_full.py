@@ -96,6 +96,9 @@ def test_a_full_disk_while_logging_the_ensembles_pyfunc_model_names_the_stores_d
         )
         con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(store)))
     models_before = {p.name for p in (store / "mlartifacts" / "segx" / "models").iterdir()}
+    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
+    experiment = client.get_experiment_by_name("segx").experiment_id
+    ensembles_before = {r.info.run_id for r in tracking.find_runs(client, experiment, "ensemble", None)}
     args = [
         sys.executable,
         "-m",
@@ -112,9 +115,10 @@ def test_a_full_disk_while_logging_the_ensembles_pyfunc_model_names_the_stores_d
     assert len(lines) == 1, failed.stderr[-3000:]
     assert f"segx: error: the disk mounted on {small_disk} is full" in failed.stderr, failed.stderr
     assert "sqlalche.me" not in failed.stderr
-    client = tracking.connect(f"sqlite:///{store}/mlflow.db", create=False)
-    experiment = client.get_experiment_by_name("segx").experiment_id
-    (run,) = tracking.find_runs(client, experiment, "ensemble", None)
+    # The one ensemble run this command made (the session store holds its own ensemble).
+    (run,) = [
+        r for r in tracking.find_runs(client, experiment, "ensemble", None) if r.info.run_id not in ensembles_before
+    ]
     assert run.info.status == "FAILED" and run.data.tags["segx.disk_full"] == "true"
     (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert model.status == LoggedModelStatus.FAILED

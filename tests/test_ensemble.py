@@ -14,12 +14,12 @@ from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
 
 
-def test_ensemble_run_records_members_weights_and_reports(ensemble_record, member_store):
+def test_ensemble_run_records_members_weights_and_reports(ensemble_record, member_store, tmp_path):
     out, runs = member_store
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     run = client.get_run(ensemble_record.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["segx.role"] == "ensemble"
-    record = json.loads(tracking.download(client, run.info.run_id, "ensemble.json", out / "dl").read_text())
+    record = json.loads(tracking.download(client, run.info.run_id, "ensemble.json", tmp_path / "dl").read_text())
     assert {m["run_id"] for m in record["members"]} == set(runs.values())
     assert sum(m["weight"] for m in record["members"]) == pytest.approx(1.0)
     assert record["data_fingerprint"] and record["git_sha"] and 0 <= record["threshold"] <= 1
@@ -52,7 +52,7 @@ def test_ensemble_run_records_members_weights_and_reports(ensemble_record, membe
     assert [v.run_id for v in versions] == [run.info.run_id]  # registered in the model registry
 
 
-def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_store, synthetic_root, tmp_path):
+def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_store_copy, synthetic_root, tmp_path):
     import mlflow
 
     from segx.data.folder import discover_cases
@@ -60,7 +60,7 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     from segx.ensembling.probs import binarize, combine, load_cached
     from segx.workflows.predict import load_ensemble, run_predict
 
-    out, runs = member_store
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     run_id = ensemble_record.run_id
     record, predictor = load_ensemble(client, run_id, tmp_path / "rebuild")
@@ -108,7 +108,7 @@ def test_predict_from_record_matches_search_and_pyfunc(ensemble_record, member_s
     assert masks.shape == (1, 64, 64) and np.array_equal(masks[0].astype(bool), expected)
 
 
-def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member_store, synthetic_root, tmp_path):
+def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member_store_copy, synthetic_root, tmp_path):
     """mlflow.pyfunc.load_model on a member's logged model: masks at the image's own size, the
     member's own cached test predictions (threshold 0.5), pixel for pixel."""
     import mlflow
@@ -117,7 +117,7 @@ def test_a_member_logged_model_loads_and_predicts_at_each_images_own_size(member
     from segx.data.io import read_image
     from segx.ensembling.probs import load_cached
 
-    out, runs = member_store
+    out, runs = member_store_copy
     uri = f"sqlite:///{out}/mlflow.db"
     client = tracking.connect(uri)
     run_id = runs["resnet18"]
@@ -203,14 +203,14 @@ def test_predict_rejects_bad_input_folder_before_writing(ensemble_record, member
     assert not (tmp_path / "pred").exists()
 
 
-def test_logging_the_pyfunc_model_leaves_no_temp_folder(ensemble_record, member_store, tmp_path, monkeypatch):
+def test_logging_the_pyfunc_model_leaves_no_temp_folder(ensemble_record, member_store_copy, tmp_path, monkeypatch):
     """The members are downloaded to a temp folder on the way into the store; that folder must
     go (a leak here once filled a disk: hundreds of MB per ensemble)."""
     import tempfile
 
     from segx.tracking.pyfunc_model import log_pyfunc
 
-    out, _ = member_store
+    out, _ = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     record = json.loads(tracking.download(client, ensemble_record.run_id, "ensemble.json", tmp_path / "dl").read_text())
     scratch = tmp_path / "scratch"
@@ -249,12 +249,12 @@ def test_ensemble_bad_input_is_one_line_and_records_nothing(member_store, overri
     assert len(tracking.find_runs(client, exp, "ensemble", status=None)) == before
 
 
-def test_members_on_different_splits_refuse_to_combine(member_store, synthetic_root, tmp_path):
+def test_members_on_different_splits_refuse_to_combine(member_store_copy, synthetic_root, tmp_path):
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.member import train_member
     from tests.conftest import tiny_train_overrides
 
-    out, runs = member_store
+    out, runs = member_store_copy
     cfg = compose_config(
         "train",
         [
@@ -291,10 +291,10 @@ def test_hand_written_record_with_bad_weights_is_refused():
         validate_record(record)
 
 
-def test_select_auto_takes_every_finished_member_of_the_split(member_store, ensemble_record):
+def test_select_auto_takes_every_finished_member_of_the_split(member_store_copy, ensemble_record):
     from segx.workflows.ensemble import build_ensemble
 
-    out, runs = member_store
+    out, runs = member_store_copy
     cfg = compose_config(
         "ensemble", [*store_overrides(out), "ensemble.select=auto", "ensemble.search=grid", "ensemble.grid_step=0.5"]
     )
@@ -303,10 +303,10 @@ def test_select_auto_takes_every_finished_member_of_the_split(member_store, ense
     assert record.data_fingerprint == ensemble_record.data_fingerprint
 
 
-def test_exact_run_ids_need_no_member_list(member_store):
+def test_exact_run_ids_need_no_member_list(member_store_copy):
     from segx.workflows.ensemble import build_ensemble
 
-    out, runs = member_store
+    out, runs = member_store_copy
     ids = sorted(runs.values())
     cfg = compose_config(
         "ensemble",

@@ -3,7 +3,6 @@ cache is one error naming the run and the file (issue 21, part 3). On the real m
 
 from __future__ import annotations
 
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -17,22 +16,15 @@ from segx.workflows.members import member_from_run
 
 
 @pytest.fixture
-def member(member_store, tmp_path):
-    """(client, run, predictions folder in the store): the store's predictions are restored after
-    the test, since other tests share the session's store."""
+def member(member_store_copy):
+    """(client, run, predictions folder in the store): a private copy of the session's store,
+    whose predictions the test may replace or damage."""
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    out, runs = member_store
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     run = client.get_run(runs["resnet18"])
-    predictions = Path(local_file_uri_to_path(run.info.artifact_uri)) / "predictions"
-    backup = tmp_path / "backup"
-    shutil.copytree(predictions, backup)
-    try:
-        yield client, run, predictions
-    finally:
-        shutil.rmtree(predictions)
-        shutil.copytree(backup, predictions)
+    return client, run, Path(local_file_uri_to_path(run.info.artifact_uri)) / "predictions"
 
 
 def _flip_inside(npz: Path, entry: str = "probs.npy") -> None:

@@ -40,8 +40,8 @@ import pytest
 
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
-from tests.conftest import CONF, ROOT, compose_config, store_overrides
-from tests.helpers import make_folder
+from tests.conftest import CONF, ROOT, SMALL_DECODER, compose_config, store_overrides
+from tests.helpers import copy_store, ensemble_run
 
 FORMATS = ("savedmodel", "onnx")
 
@@ -50,9 +50,7 @@ FORMATS = ("savedmodel", "onnx")
 # helpers
 
 
-# A small decoder keeps the fast tests' networks small: tf2onnx needs some 60-70 times a
-# network's weights in memory while it converts it (3.9 GB at its peak for a default resnet18 Unet).
-SMALL = {"decoder_filters": [32, 16, 16, 8, 8]}
+SMALL = {"decoder_filters": SMALL_DECODER}  # small networks: tf2onnx needs 60-70x their weights
 
 
 def _member_folder(folder: Path, backbone: str, size: int, seed: int, arch: str = "unet", options=None) -> Path:
@@ -167,6 +165,9 @@ def test_every_export_option_is_checked_before_models_load(tmp_path):
 # the graph's arithmetic, without MLflow
 
 
+# Slow: three networks converted to both formats; both formats predicting what segx predicts (a
+# resize and a patch member, through segx.export and segx.predict) stay fast below.
+@pytest.mark.slow
 def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(tmp_path):
     """A cross-validated mobilenetv2 member (two fold models: the integer-rounded fold mean; its
     preprocessing x/127.5 - 1 as a lookup) weighted 2/3 and an efficientnetb0 member (ImageNet
@@ -233,84 +234,16 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
 # segx.export and segx.predict backend=... on a real store
 
 
-@pytest.fixture(scope="module")
-def export_store(tmp_path_factory):
-    """A patch member (mobilenetv2, 32 px sliding window) and a resize member (efficientnetb0,
-    64 px), small decoders, on images of odd sizes; the searched ensemble (with its pyfunc model)
-    and an equal-weight ensemble run of both (so that both views are certainly in the export)."""
+@pytest.fixture
+def export_store(native_store, tmp_path):
+    """A private copy of the session's native store (tests/conftest.py: a patch member and a
+    resize member, their searched ensemble with its pyfunc model, and an equal-weight ensemble
+    run of both): every test here writes (exports logged as child runs, ensemble runs)."""
     from segx import tracking
-    from segx.workflows.ensemble import build_ensemble
-    from segx.workflows.member import train_member
 
-    tmp = tmp_path_factory.mktemp("export")
-    root, out = make_folder(tmp / "data"), tmp / "out"
-    common = [
-        *store_overrides(out),
-        "data=folder",
-        f"data.root={root}",
-        "data.name=native",
-        "data.val_fraction=0.3",
-        "data.test_fraction=0.2",
-        "trainer.epochs=1",
-        "trainer.batch_size=4",
-        "trainer.verbose=0",
-        f"+arch.options.decoder_filters={SMALL['decoder_filters']}".replace(" ", ""),
-    ]
-    train_member(
-        compose_config(
-            "train",
-            [
-                *common,
-                "backbone=mobilenetv2",
-                "data.mode=patch",
-                "data.patch_size=32",
-                "data.samples_per_epoch=8",
-                "mlflow.run_name=patch",
-            ],
-        )
-    )
-    train_member(
-        compose_config("train", [*common, "backbone=efficientnetb0", "data.image_size=64", "mlflow.run_name=resize"])
-    )
+    out = copy_store(native_store["out"], tmp_path / "store")
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    exp = client.get_experiment_by_name("segx").experiment_id
-    runs = {r.info.run_name: r.info.run_id for r in tracking.find_runs(client, exp, "member")}
-    ids = [runs["patch"], runs["resize"]]
-    searched = build_ensemble(
-        compose_config(
-            "ensemble", [*store_overrides(out), f"ensemble.run_ids=[{ids[0]},{ids[1]}]", "ensemble.search=grid"]
-        )
-    )
-    # The same members at equal weights, as a hand-written record (segx reads those too).
-    record = {k: v for k, v in searched.to_json().items() if k != "run_id"}
-    record["members"] = [{**m, "weight": 0.5, "weight_count": 1} for m in record["members"]]
-    record.update(
-        weight_denominator=2, threshold=0.5, postprocess={"min_size": 0, "fill_holes": False, "keep_largest": False}
-    )
-    equal = _ensemble_run(client, exp, record, "ensemble-equal-handmade")
-    return {
-        "out": out,
-        "root": root,
-        "client": client,
-        "experiment": exp,
-        "members": ids,
-        "searched": searched.run_id,
-        "equal": equal,
-    }
-
-
-def _ensemble_run(client, experiment: str, record: dict | None, name: str) -> str:
-    """An ensemble run in the store holding ``record`` as ensemble.json (None: no record)."""
-    from segx import tracking
-
-    run_id = tracking.start_run(client, experiment, name, {tracking.ROLE: "ensemble"})
-    with tracking.run_scope(client, run_id):
-        if record is not None:
-            folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"segx-test-record-{run_id}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "ensemble.json").write_text(json.dumps(record))
-            tracking.log_artifact(client, run_id, folder / "ensemble.json")
-    return run_id
+    return {**native_store, "out": out, "client": client}
 
 
 def _inputs(store, folder: Path) -> Path:
@@ -410,8 +343,8 @@ def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, t
     searched_record = json.loads(
         Path(tracking.download(client, s["searched"], "ensemble.json", tmp_path / "r")).read_text()
     )
-    no_record = _ensemble_run(client, s["experiment"], None, "no-record")
-    ghost = _ensemble_run(
+    no_record = ensemble_run(client, s["experiment"], None, "no-record")
+    ghost = ensemble_run(
         client,
         s["experiment"],
         {
@@ -421,7 +354,7 @@ def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, t
         "ghost-member",
     )
     # A FINISHED run without a model artifact named as a member: the no-record ensemble run.
-    no_model = _ensemble_run(
+    no_model = ensemble_run(
         client,
         s["experiment"],
         {
@@ -536,7 +469,7 @@ def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_
 
     s = export_store
     record = json.loads(Path(tracking.download(s["client"], s["equal"], "ensemble.json", tmp_path / "r")).read_text())
-    fresh = _ensemble_run(s["client"], s["experiment"], record, "ensemble-overwrite-foreign")  # never fetched before
+    fresh = ensemble_run(s["client"], s["experiment"], record, "ensemble-overwrite-foreign")  # never fetched before
     folder = tmp_path / "L"
     (folder / "annotations").mkdir(parents=True)
     (folder / "export.json").write_text('{"tool":"x"}\n')

@@ -38,31 +38,22 @@ def read_sizes(root: Path, stems) -> list[tuple[int, int]]:
     return [cv2.imread(str(root / "train_images" / f"{s}.png")).shape[:2] for s in stems]
 
 
-def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_what_was_searched(tmp_path):
-    """A patch-mode member (sliding window) and a resize-mode member on the same odd-sized files:
-    both cache probabilities at each image's own size, they ensemble together, and the rebuilt
-    ensemble predicts, image by image at its own size, the masks the search scored."""
+def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_what_was_searched(
+    native_store, tmp_path
+):
+    """A patch-mode member (sliding window) and a resize-mode member on the same odd-sized files
+    (the session's native store, tests/conftest.py): both cache probabilities at each image's own
+    size, they ensemble together, and the rebuilt ensemble predicts, image by image at its own
+    size, the masks the search scored."""
     from segx import tracking
     from segx.data.io import read_image
     from segx.ensembling.probs import binarize, combine, load_cached
     from segx.scoring.metrics import dice_per_case
-    from segx.workflows.ensemble import build_ensemble
-    from segx.workflows.member import train_member
     from segx.workflows.predict import load_ensemble
 
-    root, out = make_folder(tmp_path / "data"), tmp_path / "out"
-    patch = compose_config(
-        "train",
-        native_overrides(
-            out, root, "data.mode=patch", "data.patch_size=32", "data.samples_per_epoch=8", "mlflow.run_name=patch"
-        ),
-    )
-    resize = compose_config("train", native_overrides(out, root, "data.image_size=64", "mlflow.run_name=resize"))
-    train_member(patch)
-    train_member(resize)
-    client = tracking.connect(f"sqlite:///{out}/mlflow.db")
-    exp = client.get_experiment_by_name("segx").experiment_id
-    runs = {r.info.run_name: r for r in tracking.find_runs(client, exp, "member")}
+    root, out = native_store["root"], native_store["out"]
+    client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
+    runs = {r.info.run_name: r for r in tracking.find_runs(client, native_store["experiment"], "member")}
     assert runs["patch"].data.params["data.mode"] == "patch"
     # Both members share the data fingerprint: how a member sees the images is not the data.
     assert runs["patch"].data.tags["segx.data_fingerprint"] == runs["resize"].data.tags["segx.data_fingerprint"]
@@ -79,18 +70,9 @@ def test_patch_and_resize_members_score_at_each_image_size_and_predict_exactly_w
         assert all(
             np.array_equal(m, o) for m, o in zip(cached[name].masks, original, strict=True)
         )  # the original masks
-    ids = [runs["patch"].info.run_id, runs["resize"].info.run_id]
-    record = build_ensemble(
-        compose_config(
-            "ensemble",
-            [
-                *store_overrides(out),
-                f"ensemble.run_ids=[{ids[0]},{ids[1]}]",
-                "ensemble.postprocess=false",
-                "ensemble.search=grid",
-            ],
-        )
-    )
+    # The searched ensemble (grid search, no post-processing) of [patch, resize].
+    record = native_store["record"]
+    assert [m.run_id for m in record.members] == [runs["patch"].info.run_id, runs["resize"].info.run_id]
     assert [m.view.mode for m in record.members] == ["patch", "resize"]
     assert record.members[0].view.size == 32 and record.members[1].view.size == 64
     _, predictor = load_ensemble(client, record.run_id, tmp_path / "rebuild")

@@ -189,6 +189,7 @@ def test_non_utf8_file_name_round_trips_through_predict(member_store, ensemble_r
         f"ensemble_run_id={ensemble_record.run_id}",
         f"input_dir={inputs}",
         f"output_dir={pred}",
+        f"paths.output_dir={tmp_path / 'work'}",  # caches and Hydra's folder: not in the shared store
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]

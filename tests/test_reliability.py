@@ -76,7 +76,12 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
         train_member(cfg)
 
 
-@pytest.mark.parametrize("every_s,good_epochs", [(0, 1), (3600, 0)])
+@pytest.mark.parametrize(
+    "every_s,good_epochs",
+    # Slow: (3600, 0), a NaN before the first checkpoint; no checkpoint within the interval is
+    # covered fast by test_checkpoints_wait_checkpoint_every_s_..., the NaN by (0, 1).
+    [(0, 1), pytest.param(3600, 0, marks=pytest.mark.slow)],
+)
 def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synthetic_root, every_s, good_epochs):
     from segx.training.fit import TrainingDiverged
     from segx.workflows.member import train_member
@@ -308,6 +313,8 @@ def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_on
     assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), resumed.get_weights(), strict=True))
 
 
+# Slow: SIGINT ending training KILLED stays fast (test_store_signals, first epoch), resume=auto in the preempted test.
+@pytest.mark.slow
 def test_ctrl_c_ends_run_killed_and_resume_auto_continues_it(tmp_path, synthetic_root):
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.checkpoint_every_s=0"]
     proc = cli(["segx.train", *overrides])

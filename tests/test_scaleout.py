@@ -45,6 +45,8 @@ def sweep_overrides(out: Path, data: Path) -> list[str]:
 # -- the launchers, for real ------------------------------------------------------------------
 
 
+# Slow: a joblib sweep of two jobs in subprocesses; sweep summaries and reruns stay fast (test_reliability, tests below).
+@pytest.mark.slow
 def test_joblib_sweep_runs_members_in_parallel_processes_with_a_share_of_the_cores(tmp_path, synthetic_root):
     """Two jobs at once, each TensorFlow on cores // 2 threads; a job that fails (an image size
     the network refuses) does not stop the other, and the summary reruns exactly that job."""
@@ -77,6 +79,8 @@ def test_joblib_sweep_runs_members_in_parallel_processes_with_a_share_of_the_cor
     assert {r["run_id"] for r in rows if r["status"] == "FINISHED"} == {runs[0].info.run_id}
 
 
+# Slow: two trainings in submitit jobs; what a job does is the plain sweep's (test_reliability, test_cv), covered fast.
+@pytest.mark.slow
 def test_submitit_local_sweep_trains_each_member_in_its_own_job(tmp_path, synthetic_root):
     result = run_cli(
         [
@@ -306,6 +310,8 @@ def best_val_dice(out: Path) -> tuple[float, float, str]:
     return run.data.metrics["curves/best_val_dice"], loss, run.data.tags["segx.devices"]
 
 
+# Slow: two trainings in subprocesses, one on two CPU devices; the strategy's config checks stay fast (below).
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_cpu_devices_trains_like_one_device(tmp_path, synthetic_root):
     """Same data, seed and global batch: split over two logical CPU devices, the first epoch's
     loss and the validation Dice come out close to the single-device run's (BatchNorm sees

@@ -316,7 +316,7 @@ def _tie_case(probs, denominators) -> tuple[Weights, list[float]]:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(
-    version, member_store, synthetic_root, tmp_path
+    version, member_store_copy, synthetic_root, tmp_path
 ):
     """Non-dyadic weights (version 1: decimal floats such as 0.3/0.7; version 2: counts such as
     1/3, 2/3) through a rebuilt EnsemblePredictor: its masks and Dice equal the search's scoring
@@ -327,7 +327,7 @@ def test_predictor_with_non_dyadic_weights_predicts_what_the_search_scored(
     from segx.ensembling.probs import load_cached
     from segx.workflows.predict import load_ensemble
 
-    out, runs = member_store
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     ids = [runs["resnet18"], runs["mobilenetv2"]]
     cached = [load_cached(tracking.download(client, r, "predictions/val.npz", tmp_path / r), tmp_path / r) for r in ids]

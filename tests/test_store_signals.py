@@ -335,6 +335,8 @@ def _signal_the_ensemble(tmp_path: Path, member_store, rounds: int = 1) -> None:
     assert interrupted >= tries // 2, f"only {interrupted} of {tries} signals landed before the end"
 
 
+# Slow: 7+ ensemble launches; its core (a signal before the scope, in MLflow logging, in prediction) is covered fast below.
+@pytest.mark.slow
 def test_signals_during_the_ensemble_never_leave_a_run_running(tmp_path, member_store):
     _signal_the_ensemble(tmp_path, member_store)
 

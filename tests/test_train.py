@@ -203,6 +203,8 @@ def test_cli_missing_mask_is_one_line(tmp_path, synthetic_root):
     assert len(lines) == 1 and "case_0003.png: no mask" in lines[0]
 
 
+# Slow: two trainings in a sweep; multiruns and their summary are covered fast (test_cv's fold sweep, test_reliability's sweeps).
+@pytest.mark.slow
 def test_multirun_trains_two_backbones_and_summarises(tmp_path, synthetic_root):
     overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone=")]
     result = run_cli("segx.train", "-m", "backbone=resnet18,mobilenetv2", *overrides)

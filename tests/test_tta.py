@@ -85,13 +85,13 @@ def _cases(root, stems):
     return data
 
 
-def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, synthetic_root, tmp_path, capsys):
+def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store_copy, synthetic_root, tmp_path, capsys):
     from segx.ensembling.probs import cache_artifact, load_cached
     from segx.scoring.metrics import dice_per_case
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.predict import load_ensemble
 
-    out, runs = member_store
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     for run_id in runs.values():  # training cached both pipelines
         names = {a.path for a in client.list_artifacts(run_id, "predictions")}
@@ -146,11 +146,11 @@ def test_flip_ensemble_chooses_and_reports_on_what_predict_runs(member_store, sy
     assert not np.array_equal(dice(plain, val)[1], flip_masks)
 
 
-def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store, tmp_path):
+def test_flip_ensemble_refuses_a_member_without_flip_cache(member_store_copy, tmp_path):
     """A member logged before flip caches existed: one line naming it and the two ways out."""
     from segx.ensembling.probs import cache_artifact
 
-    out, runs = member_store
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     real = client.get_run(runs["resnet18"])
     tags = {k: v for k, v in real.data.tags.items() if not k.startswith("mlflow.")}  # segx's tags: role, fingerprint

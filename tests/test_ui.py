@@ -62,8 +62,8 @@ def test_member_runs_carry_their_dataset_and_system_metrics(member_store):
     assert any(k.startswith("system/") for k in run.data.metrics)  # CPU, memory: MLflow's system metrics
 
 
-def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record, member_store):
-    out, runs = member_store
+def test_the_ensemble_names_its_members_logged_models_as_inputs(ensemble_record, member_store_copy):
+    out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     member_models = {}
     for run_id in runs.values():

@@ -2,6 +2,7 @@
 total seconds, tests, the slowest tests and the seconds per test file, as a Markdown table.
 
     python experiments/layout/test_durations.py outputs/tests/fast.xml experiments/layout/test_durations_<commit>.md
+    python experiments/layout/test_durations.py outputs/tests/fast.xml --slowest 15   # what make test prints
 
 Each test's time is its setup + call + teardown, as JUnit records it; session fixtures land on the
 first test that asks for them."""
@@ -14,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def summarise(report: Path, slowest: int = 25) -> str:
+def summarise(report: Path, slowest: int = 25, per_file: bool = True) -> str:
     suite = ET.parse(report).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     cases = []
@@ -27,9 +28,9 @@ def summarise(report: Path, slowest: int = 25) -> str:
             else "passed"
         )
         cases.append((float(case.get("time", 0)), case.get("classname", ""), case.get("name", ""), outcome))
-    per_file: dict[str, float] = defaultdict(float)
+    files: dict[str, float] = defaultdict(float)
     for seconds, cls, _, _ in cases:
-        per_file[cls.rsplit(".", 1)[0] if cls.count(".") > 1 else cls] += seconds
+        files[cls.rsplit(".", 1)[0] if cls.count(".") > 1 else cls] += seconds
     total = sum(c[0] for c in cases)
     lines = [
         f"# Fast-suite durations: {report}",
@@ -45,18 +46,27 @@ def summarise(report: Path, slowest: int = 25) -> str:
         "|---:|---|",
         *[f"| {s:.1f} | {c}::{n} |" for s, c, n, _ in sorted(cases, reverse=True)[:slowest]],
         "",
+    ]
+    if not per_file:
+        return "\n".join(lines)
+    lines += [
         "## Seconds per test file",
         "",
         "| seconds | share | file |",
         "|---:|---:|---|",
-        *[f"| {s:.0f} | {s / total:.0%} | {f} |" for f, s in sorted(per_file.items(), key=lambda kv: -kv[1])],
+        *[f"| {s:.0f} | {s / total:.0%} | {f} |" for f, s in sorted(files.items(), key=lambda kv: -kv[1])],
         "",
     ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    text = summarise(Path(sys.argv[1]))
-    print(text)
-    if len(sys.argv) > 2:
-        Path(sys.argv[2]).write_text(text)
+    args = sys.argv[1:]
+    if "--slowest" in args:  # the totals and the N slowest tests only, on the console
+        at = args.index("--slowest")
+        print(summarise(Path(args[0]), int(args[at + 1]), per_file=False))
+    else:
+        text = summarise(Path(args[0]))
+        print(text)
+        if len(args) > 1:
+            Path(args[1]).write_text(text)
