@@ -113,6 +113,28 @@ def ensemble_args(store: Path) -> list[str]:
     return ["segx.ensemble", *store_overrides(store), "ensemble.members=[resnet18,mobilenetv2]"]
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def seed_store(out: Path) -> Path:
+    """``out/mlflow.db``: an empty MLflow store (its schema migrated), copied from one segx made
+    once in this process. Creating a store runs MLflow's ~50 schema migrations (seconds); a test
+    whose subject is not store creation starts from this copy. Returns ``out``."""
+    if not _EMPTY_STORE:
+        import atexit
+        import tempfile
+
+        from segx import tracking
+
+        folder = Path(tempfile.mkdtemp(prefix="segx-tests-empty-store-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        tracking.connect(f"sqlite:///{folder}/mlflow.db")
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], out / "mlflow.db")
+    return out
+
+
 # -- segx.info reproduce commands ---------------------------------------------------------------
 
 

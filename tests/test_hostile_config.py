@@ -15,6 +15,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, compose_config, store_overrides
+from tests.helpers import seed_store
 
 
 def run(args, timeout=180, cwd=ROOT):
@@ -28,6 +29,7 @@ def test_an_experiment_name_never_leaves_the_artifact_root(tmp_path, name):
     from mlflow.utils.file_utils import local_file_uri_to_path
 
     root = tmp_path / "artifacts"
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, name, str(root))
     location = Path(local_file_uri_to_path(client.get_experiment(exp).artifact_location)).resolve()
@@ -36,6 +38,7 @@ def test_an_experiment_name_never_leaves_the_artifact_root(tmp_path, name):
 
 
 def test_names_that_spell_alike_get_their_own_folders(tmp_path):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     folders = {
         client.get_experiment(tracking.experiment_id(client, n, str(tmp_path / "a"))).artifact_location
@@ -46,6 +49,7 @@ def test_names_that_spell_alike_get_their_own_folders(tmp_path):
 
 
 def test_a_blank_experiment_name_is_refused(tmp_path):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(SegxError, match="mlflow.experiment_name"):
         tracking.experiment_id(client, "  ", str(tmp_path / "a"))

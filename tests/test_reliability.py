@@ -16,6 +16,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
+from tests.helpers import seed_store
 
 
 def cli(args, **kwargs):
@@ -97,6 +98,7 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
         schedule,
         f"trainer.checkpoint_every_s={every_s}",
     ]
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     cfg = compose_config("train", overrides)
     with pytest.raises(TrainingDiverged, match="loss became nan|loss became inf|outputs became NaN"):
         train_member(cfg)
@@ -166,7 +168,7 @@ def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synt
 
     scores, splits, curves = [], [], []
     for i in range(2):
-        out = tmp_path / f"r{i}"
+        out = seed_store(tmp_path / f"r{i}")  # an empty store: creating one is not what this test is about
         cfg = compose_config("train", tiny_train_overrides(out, synthetic_root, epochs=2))
         scores.append(train_member(cfg))
         splits.append(sorted(p.read_text() for p in (out / "splits").glob("*.json")))

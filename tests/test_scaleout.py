@@ -19,6 +19,7 @@ import pytest
 from segx.training.resources import cpu_cores, job_threads
 from segx.workflows.sweep import job_outcomes, rerun_commands, summary_lines
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
+from tests.helpers import seed_store
 
 
 def run_cli(args, timeout=900, env=None):
@@ -290,6 +291,7 @@ def test_a_run_stopped_by_sys_exit_ends_killed_not_failed(tmp_path):
     """submitit requeues a preempted job, then calls sys.exit(-1) inside the training code."""
     from segx import tracking
 
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "art"))
     run_id = tracking.start_run(client, exp, "preempted", {tracking.ROLE: "member"})
@@ -402,6 +404,7 @@ def test_folds_on_machines_sharing_only_the_server_agree_on_one_cv_parent(tmp_pa
     from segx import tracking
     from segx.tracking import cv
 
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "art"))
     layout = cv.CrossValidation("h", "f", 2)

@@ -22,7 +22,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, store_overrides, tiny_train_overrides
-from tests.helpers import copy_store, ensemble_args, statuses
+from tests.helpers import copy_store, ensemble_args, seed_store, statuses
 
 # A store locked by another process is waited for this long before the one-line error.
 LOCK_WAIT_S = 2
@@ -247,6 +247,7 @@ def test_a_writer_killed_outright_leaves_a_store_the_next_command_opens(tmp_path
 def test_a_signal_a_library_swallows_still_ends_the_run_killed(tmp_path, sig):
     from segx.cli import Interrupted
 
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = tracking.experiment_id(client, "segx", str(tmp_path / "mlartifacts"))
     run_id = tracking.start_run(client, experiment, "swallowed", {})
@@ -396,6 +397,7 @@ def test_a_run_created_but_not_yet_in_its_scope_never_stays_running(tmp_path, ho
     KILLED (or FAILED) on its way out."""
     from segx import cli, signals
 
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
     exp = tracking.experiment_id(client, "segx", str(tmp_path / "artifacts"))
     created = []

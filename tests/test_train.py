@@ -13,6 +13,7 @@ from segx import tracking
 from segx.errors import SegxError
 from segx.workflows.member import train_member
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
+from tests.helpers import seed_store
 
 
 def member_runs(out, status=None):
@@ -101,6 +102,7 @@ def test_early_stopping_ends_training_after_patience_epochs_without_gain(tmp_pat
     """min_delta=0.99: epoch 1 beats the start (-1), and no later epoch can beat it by 0.99, so
     training stops exactly `patience` epochs after the best one, well before trainer.epochs."""
     patience, epochs = 1, 5
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     cfg = compose_config(
         "train",
         [
@@ -121,6 +123,7 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_picks_the_best_amo
     """trainer.val_every=2 over 5 epochs: validation (val/* metrics, best weights) after epochs
     2, 4 and 5 only; every epoch still trains and logs its loss; the LR plateau callback (on by
     default) sees only the validated epochs."""
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     cfg = compose_config(
         "train",
         [
@@ -158,6 +161,7 @@ def test_bad_config_fails_before_any_run_is_created(tmp_path, synthetic_root, ov
         overrides = [override] + [
             o for o in overrides if not o.startswith(("data.root", "data.n_images", "data.source_size"))
         ]
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     cfg = compose_config("train", overrides)
     with pytest.raises(SegxError, match=message):
         train_member(cfg)
