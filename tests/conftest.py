@@ -154,8 +154,9 @@ def _session_store(tmp_path_factory, synthetic_root):
     from segx import tracking
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.member import train_member
+    from tests.helpers import seed_store
 
-    out = tmp_path_factory.mktemp("store")
+    out = seed_store(tmp_path_factory.mktemp("store"))  # an empty store: made once per process
     runs = {}
     for backbone in ("resnet18", "mobilenetv2"):
         cfg = compose_config("train", tiny_train_overrides(out, synthetic_root, backbone, epochs=2))
@@ -210,10 +211,10 @@ def _native_store(tmp_path_factory):
     from segx import tracking
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.member import train_member
-    from tests.helpers import ensemble_run, make_folder
+    from tests.helpers import ensemble_run, make_folder, seed_store
 
     tmp = tmp_path_factory.mktemp("native")
-    root, out = make_folder(tmp / "data"), tmp / "out"
+    root, out = make_folder(tmp / "data"), seed_store(tmp / "out")
     common = [
         *store_overrides(out),
         "data=folder",

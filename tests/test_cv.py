@@ -15,6 +15,7 @@ import pytest
 
 from segx.errors import SegxError
 from tests.conftest import ROOT, compose_config, store_overrides
+from tests.helpers import seed_store
 
 
 def test_fold_layout_is_disjoint_complete_stratified_and_never_rewritten(tmp_path):
@@ -84,7 +85,7 @@ def test_bad_fold_settings_are_refused_before_anything_is_read(tmp_path, overrid
 def cv_store(tmp_path_factory):
     """`python -m segx.train -m fold=0,1 backbone=resnet18,mobilenetv2` at tiny size: a real
     Hydra multirun in a subprocess, as a user types it."""
-    out = tmp_path_factory.mktemp("cv")
+    out = seed_store(tmp_path_factory.mktemp("cv"))  # an empty store: creating one is not what this test is about
     args = [
         sys.executable,
         "-m",

@@ -15,6 +15,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
+from tests.helpers import seed_store
 
 
 def folder_overrides(out: Path, root: Path, split_file: Path, backbone: str = "resnet18") -> list[str]:
@@ -95,6 +96,7 @@ def retrained_store(tmp_path_factory, synthetic_root):
 
     base = tmp_path_factory.mktemp("retrained")
     out, root, split_file = base / "out", copy_data(synthetic_root, base / "data"), base / "split.json"
+    seed_store(out)  # an empty store: creating one is not what this test is about
     cfg = compose_config("train", folder_overrides(out, root, split_file))
     client = tracking.connect(str(cfg.mlflow.tracking_uri))
     ids = []

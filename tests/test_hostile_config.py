@@ -136,6 +136,7 @@ def test_the_server_refuses_in_one_line_before_starting_anything(tmp_path, overr
 def test_values_from_the_environment_are_recorded_as_written_not_as_their_values(tmp_path, synthetic_root, monkeypatch):
     """A tracking URI with a password from the environment: the run's params and config.yaml keep
     ``${oc.env:...}``; the value (here the store's folder) is in neither."""
+    seed_store(tmp_path / "s3cr3t-store")  # an empty store: creating one is not what this test is about
     from segx.workflows.member import train_member
     from tests.conftest import tiny_train_overrides
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, tiny_train_overrides
+from tests.helpers import seed_store
 
 
 def run(args, timeout=300, env=None):
@@ -30,6 +31,7 @@ def test_info_prints_each_line_once():
 
 
 def test_a_job_writes_its_log_in_its_hydra_folder(tmp_path, synthetic_root):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     result = run(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root), "trainer.epochs=1"], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     (log,) = (tmp_path / "hydra").glob("*-train/train.log")
@@ -52,6 +54,7 @@ def test_shell_completion_reaches_hydra():
 
 
 def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, synthetic_root):
+    seed_store(tmp_path / "out")  # an empty store: creating one is not what this test is about
     own = tmp_path / "myconf" / "backbone"
     own.mkdir(parents=True)
     (own / "myres.yaml").write_text("name: resnet18\nencoder_weights: null\nencoder_freeze: false\n")
@@ -91,6 +94,7 @@ def test_each_command_help_lists_its_own_groups():
 def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_root):
     """Non-default overrides of every kind, in a sweep: each job's reproduce command composes
     the very config the job ran with (compared with its config.yaml artifact)."""
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     import shlex
 
     from omegaconf import OmegaConf

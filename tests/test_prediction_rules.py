@@ -19,6 +19,7 @@ import pytest
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
+from tests.helpers import seed_store
 
 SMALL = {"decoder_filters": [16, 8, 8, 8, 8]}
 VIEW = {"mode": "resize", "size": 32, "resize_mode": "resize"}
@@ -73,8 +74,7 @@ def store(tmp_path_factory):
     from segx import tracking
 
     tmp = tmp_path_factory.mktemp("rules")
-    out = tmp / "out"
-    out.mkdir()
+    out = seed_store(tmp / "out")  # an empty store: creating one is not what this test is about
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     experiment = tracking.experiment_id(client, "segx", str(out / "mlartifacts"))
 

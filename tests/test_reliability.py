@@ -38,6 +38,7 @@ def runs_in(out: Path, experiment="segx", status=None):
 
 
 def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=6), "trainer.checkpoint_every_s=0"]
     proc = cli(["segx.train", *overrides])
     deadline = time.time() + 300
@@ -117,6 +118,7 @@ def test_nan_loss_ends_run_failed_and_keeps_last_good_checkpoint(tmp_path, synth
 
 
 def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone")]
     # PSPNet cannot take 64 px inputs: that job fails, the unet job must still run.
     proc = cli(["segx.train", "-m", "arch=pspnet,unet", "backbone=resnet18", *overrides])
@@ -238,6 +240,7 @@ def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_wit
     """SIGTERM (a preemption) after epoch 1 was logged, before any checkpoint (an hour apart):
     resume=auto continues that KILLED run from the first epoch, and the epoch it repeats is not
     logged twice (its values would be the same: training is deterministic)."""
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     from segx.workflows.member import train_member
 
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=5), "trainer.checkpoint_every_s=3600"]

@@ -356,6 +356,7 @@ def test_devices_without_a_strategy_are_refused(tmp_path, synthetic_root):
 
 
 def test_mixed_precision_builds_trains_and_predicts_float32(tmp_path, synthetic_root):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     from segx.workflows.member import train_member
 
     cfg = compose_config(

@@ -349,6 +349,7 @@ def test_signals_during_the_ensemble_never_leave_a_run_running_3_rounds(tmp_path
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_in_the_first_epoch_ends_the_run_killed_in_one_line(tmp_path, synthetic_root, sig):
+    seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     proc = start(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, epochs=4)])
     deadline = time.monotonic() + 300
     checkpoints = tmp_path / "checkpoints"
