@@ -500,6 +500,8 @@ def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_
     assert not list(tmp_path.glob(".segx-partial-export-*"))
 
 
+# Slow: four SavedModel exports; overwrite=true refusing a folder that is not its own export stays fast (above).
+@pytest.mark.slow
 def test_overwrite_replaces_only_an_export_holding_nothing_but_its_own_files(export_store, tmp_path, monkeypatch):
     """export.json lists every file and folder the export wrote (with sizes); overwrite=true
     refuses, naming it, a file the user added at the top or inside saved_model/ (also when it

@@ -91,6 +91,9 @@ def test_each_command_help_lists_its_own_groups():
     assert "profile: full | quick" in helps["bench"].stdout
 
 
+# Slow: a two-job sweep; the reproduce command rebuilding the recorded config stays fast (test_console_scripts:
+# a member by hand; test_reproduce: an ensemble).
+@pytest.mark.slow
 def test_info_reproduce_rebuilds_exactly_each_jobs_config(tmp_path, synthetic_root):
     """Non-default overrides of every kind, in a sweep: each job's reproduce command composes
     the very config the job ran with (compared with its config.yaml artifact)."""

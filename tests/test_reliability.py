@@ -37,6 +37,9 @@ def runs_in(out: Path, experiment="segx", status=None):
     return client, ([] if exp is None else tracking.find_runs(client, exp.experiment_id, "member", status=status))
 
 
+# Slow: a training killed and resumed; resume=auto continuing the run (preempted, below), resuming from a
+# checkpoint to the exact weights (checkpoints test) and a store a SIGKILLed writer left (test_store_signals) stay fast.
+@pytest.mark.slow
 def test_killed_training_resumes_in_the_same_run(tmp_path, synthetic_root):
     seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root, epochs=6), "trainer.checkpoint_every_s=0"]
