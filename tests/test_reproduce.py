@@ -91,19 +91,21 @@ def test_reproduce_members_of_a_sweep_and_of_an_ensemble_and_the_ensemble(tmp_pa
 
 
 def test_the_ensembles_reproduce_command_searches_the_same_members_and_chooses_the_same(member_store_copy):
-    """segx.info of the session's ensemble (on a private copy of its store) names every member
-    with its weight and scores, and its printed segx.ensemble command, run again, searches the
-    same member runs and chooses the same weights, threshold and test Dice."""
+    """segx.ensemble on the session's two members (a private copy of their store): segx.info
+    names every member with its weight and scores, and the segx.ensemble command it prints, run
+    again, searches the same member runs and chooses the same weights, threshold and test Dice."""
     from segx import tracking
-    from segx.info import describe
-    from segx.workflows.ensemble import build_ensemble
-    from tests.conftest import compose_config
 
     out, runs = member_store_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
     exp = client.get_experiment_by_name("segx").experiment_id
-    (first,) = tracking.find_runs(client, exp, "ensemble")
-    text = describe(client, first.info.run_id)
+    earlier = {r.info.run_id for r in tracking.find_runs(client, exp, "ensemble")}  # the session's own
+    built = run(
+        ["segx.ensemble", *store_overrides(out), "ensemble.members=[resnet18,mobilenetv2]", "ensemble.bootstrap=200"]
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (first,) = [r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id not in earlier]
+    text = info(first.info.run_id, out)
     for backbone, run_id in runs.items():  # every member by name and run, with its weight and scores
         (row,) = [ln for ln in text.splitlines() if f"{backbone}-unet" in ln and run_id in ln]
         assert "weight" in row and "val 0." in row and "test 0." in row, row
@@ -112,10 +114,11 @@ def test_the_ensembles_reproduce_command_searches_the_same_members_and_chooses_t
     again = printed_command(text, "segx.ensemble")
     assert f"ensemble.run_ids=[{first.data.tags['segx.members']}]" in again
     assert not any(o.startswith(("ensemble.members=", "ensemble.train_missing=")) for o in again)
-    # The command names the store it ran on (the session's); it runs here on this test's copy.
-    where = ("paths.output_dir=", "mlflow.tracking_uri=")
-    build_ensemble(compose_config("ensemble", [a for a in again[1:] if not a.startswith(where)] + store_overrides(out)))
-    second = next(r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id != first.info.run_id)
+    rebuilt = run(again)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    (second,) = [
+        r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id not in {*earlier, first.info.run_id}
+    ]
     chosen = {k: v for k, v in first.data.params.items() if k.startswith("chosen.")}
     assert chosen and chosen == {k: v for k, v in second.data.params.items() if k.startswith("chosen.")}
     assert second.data.tags["segx.members"] == first.data.tags["segx.members"]
