@@ -15,7 +15,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
-from tests.helpers import seed_store
+from tests.helpers import copy_store, seed_store
 
 
 def folder_overrides(out: Path, root: Path, split_file: Path, backbone: str = "resnet18") -> list[str]:
@@ -110,6 +110,14 @@ def retrained_store(tmp_path_factory, synthetic_root):
     return out, ids
 
 
+@pytest.fixture
+def retrained_copy(retrained_store, tmp_path):
+    """A private copy of the retrained store, for a test that changes its runs (deletes one,
+    marks one KILLED): (output_dir, (old, new)); the data and split stay the module's."""
+    out, ids = retrained_store
+    return copy_store(out, tmp_path / "store"), ids
+
+
 def test_ensemble_refuses_members_trained_on_other_mask_contents(retrained_store):
     from segx.workflows.ensemble import build_ensemble
 
@@ -138,10 +146,10 @@ def test_misspelt_member_backbone_suggests_the_trained_one(retrained_store):
         build_ensemble(cfg)
 
 
-def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained_store, capsys):
+def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained_copy, capsys):
     from segx.workflows.members import select_runs
 
-    out, (old, new) = retrained_store
+    out, (old, new) = retrained_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("segx").experiment_id
     # The newest member sets the fingerprint; the older one, trained on other masks, is skipped.
@@ -162,13 +170,13 @@ def test_deleted_and_other_fingerprint_members_are_reported_as_skipped(retrained
         client.restore_run(new)
 
 
-def test_resume_refuses_a_run_whose_data_changed(retrained_store, tmp_path):
+def test_resume_refuses_a_run_whose_data_changed(retrained_store, retrained_copy, tmp_path):
     from segx.workflows.member import train_member
 
-    out, (old, _new) = retrained_store
+    out, (old, _new) = retrained_copy
     client = tracking.connect(f"sqlite:///{out}/mlflow.db")
     client.set_terminated(old, "KILLED")  # as if interrupted; its masks were inverted since
-    root, split_file = out.parent / "data", out.parent / "split.json"
+    root, split_file = retrained_store[0].parent / "data", retrained_store[0].parent / "split.json"
     cfg = compose_config("train", [*folder_overrides(out, root, split_file), f"resume={old}"])
     with pytest.raises(SegxError, match=rf"resume={old}: the data changed since that run started"):
         train_member(cfg)
