@@ -22,8 +22,15 @@ from tests.conftest import ROOT, compose_config, store_overrides
 
 def _predict(member_store, ensemble_record, inputs, output_dir, *extra, work=None):
     """run_predict on the session's tiny ensemble; ``work``: a fresh paths.output_dir, whose
-    cache/ then shows whether the members were downloaded (loaded)."""
+    cache/ then shows whether the members were downloaded (loaded). Without one, a new folder
+    in the session's temp folder: caches and Hydra's folder never go into the shared store."""
+    import tempfile
+
     from segx.workflows.predict import run_predict
+
+    if work is None:
+        os.makedirs(os.environ["SEGX_OUTPUT_DIR"], exist_ok=True)
+        work = tempfile.mkdtemp(prefix="predict-work-", dir=os.environ["SEGX_OUTPUT_DIR"])
 
     out, _ = member_store
     overrides = [
@@ -33,8 +40,7 @@ def _predict(member_store, ensemble_record, inputs, output_dir, *extra, work=Non
         f"output_dir={output_dir}",
         *extra,
     ]
-    if work is not None:
-        overrides.append(f"paths.output_dir={work}")
+    overrides.append(f"paths.output_dir={work}")
     return run_predict(compose_config("predict", overrides))
 
 

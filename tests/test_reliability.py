@@ -157,6 +157,9 @@ def test_unreachable_tracking_server_fails_fast_with_clear_error():
     assert time.time() - started < 60  # a bound against hanging, not a speed target
 
 
+# Slow: two trainings at once; another process holding the store's lock (waited for, or one line
+# after the wait) stays fast in test_store_signals.
+@pytest.mark.slow
 def test_two_processes_write_to_one_sqlite_store(tmp_path, synthetic_root):
     procs = [
         cli(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root, b)]) for b in ("resnet18", "mobilenetv2")
@@ -269,7 +272,12 @@ def test_preempted_before_its_first_checkpoint_resume_auto_continues_the_run_wit
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4, 5], key
 
 
-@pytest.mark.parametrize("every_s,committed", [(3600.0, None), (0.0, 2)])
+@pytest.mark.parametrize(
+    "every_s,committed",
+    # Slow: (3600.0, None), nothing committed within the interval; the preempted test above covers
+    # that fast (checkpoint_every_s=3600: no state to resume from), and (0.0, 2) the rest.
+    [pytest.param(3600.0, None, marks=pytest.mark.slow), (0.0, 2)],
+)
 def test_checkpoints_wait_checkpoint_every_s_and_the_last_epoch_always_writes_one(tmp_path, every_s, committed):
     """Interrupted after epoch 2 of 3: with a checkpoint at most every hour, nothing was committed
     (resume would start over); with 0, epoch 2's checkpoint was. Run to its end, training always
