@@ -211,22 +211,11 @@ def _native_store(tmp_path_factory):
     from segx import tracking
     from segx.workflows.ensemble import build_ensemble
     from segx.workflows.member import train_member
-    from tests.helpers import ensemble_run, make_folder, seed_store
+    from tests.helpers import ensemble_run, make_folder, native_overrides, seed_store
 
     tmp = tmp_path_factory.mktemp("native")
     root, out = make_folder(tmp / "data"), seed_store(tmp / "out")
-    common = [
-        *store_overrides(out),
-        "data=folder",
-        f"data.root={root}",
-        "data.name=native",
-        "data.val_fraction=0.3",
-        "data.test_fraction=0.2",
-        "trainer.epochs=1",
-        "trainer.batch_size=4",
-        "trainer.verbose=0",
-        f"+arch.options.decoder_filters={SMALL_DECODER}".replace(" ", ""),
-    ]
+    common = native_overrides(out, root, f"+arch.options.decoder_filters={SMALL_DECODER}".replace(" ", ""))
     patch = ["backbone=mobilenetv2", "data.mode=patch", "data.patch_size=32", "data.samples_per_epoch=8"]
     train_member(compose_config("train", [*common, *patch, "mlflow.run_name=patch"]))
     train_member(

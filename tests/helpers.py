@@ -116,6 +116,22 @@ def ensemble_args(store: Path) -> list[str]:
 _EMPTY_STORE: list[Path] = []
 
 
+def native_overrides(out: Path, root: Path, *extra: str) -> list[str]:
+    """A tiny member of ``root``'s odd-sized images (make_folder), one epoch, into ``out``'s store."""
+    return [
+        *store_overrides(out),
+        "data=folder",
+        f"data.root={root}",
+        "data.name=native",
+        "data.val_fraction=0.3",
+        "data.test_fraction=0.2",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "trainer.verbose=0",
+        *extra,
+    ]
+
+
 def seed_store(out: Path) -> Path:
     """``out/mlflow.db``: an empty MLflow store (its schema migrated), copied from one segx made
     once in this process. Creating a store runs MLflow's ~50 schema migrations (seconds); a test

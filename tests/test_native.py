@@ -14,24 +14,8 @@ import pytest
 
 from segx.data.ragged import Ragged
 from segx.errors import SegxError
-from tests.conftest import compose_config, store_overrides
-from tests.helpers import SIZES, make_folder
-
-
-def native_overrides(out: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        *store_overrides(out),
-        "data=folder",
-        f"data.root={root}",
-        "data.name=native",
-        "data.val_fraction=0.3",
-        "data.test_fraction=0.2",
-        "trainer.epochs=1",
-        "trainer.batch_size=4",
-        "trainer.verbose=0",
-        "backbone=resnet18",
-        *extra,
-    ]
+from tests.conftest import compose_config
+from tests.helpers import SIZES, make_folder, native_overrides
 
 
 def read_sizes(root: Path, stems) -> list[tuple[int, int]]:
@@ -257,7 +241,9 @@ def test_bad_patch_settings_get_one_line_before_any_model(tmp_path, extra, messa
     from segx.workflows.member import train_member
 
     root, out = make_folder(tmp_path / "data"), tmp_path / "out"
-    cfg = compose_config("train", native_overrides(out, root, "data.mode=patch", "data.patch_size=32", *extra))
+    cfg = compose_config(
+        "train", native_overrides(out, root, "backbone=resnet18", "data.mode=patch", "data.patch_size=32", *extra)
+    )
     with pytest.raises(SegxError, match=message):
         train_member(cfg)
     if (out / "mlflow.db").exists():  # no run was started for a config that cannot train

@@ -71,23 +71,7 @@ def test_reproduce_members_of_a_sweep_and_of_an_ensemble_and_the_ensemble(tmp_pa
     client = tracking.connect(f"sqlite:///{out}/mlflow.db", create=False)
     exp = client.get_experiment_by_name("segx").experiment_id
     (first,) = tracking.find_runs(client, exp, "ensemble")
-    text = info(first.info.run_id, out)
-    for backbone, run_id in runs.items():  # every member by name and run, with its weight and scores
-        (row,) = [ln for ln in text.splitlines() if f"{backbone}-unet" in ln and run_id in ln]
-        assert "weight" in row and "val 0." in row and "test 0." in row, row
-    assert "ensemble minus best member" in text and "95% CI" in text
-    assert f"threshold {first.data.params['chosen.threshold']}" in text
-    again = printed_command(text, "segx.ensemble")
-    assert f"ensemble.run_ids=[{first.data.tags['segx.members']}]" in again
-    assert not any(o.startswith(("ensemble.members=", "ensemble.train_missing=")) for o in again)
-    rebuilt = run(again)
-    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-    second = next(r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id != first.info.run_id)
-    chosen = {k: v for k, v in first.data.params.items() if k.startswith("chosen.")}
-    assert chosen and chosen == {k: v for k, v in second.data.params.items() if k.startswith("chosen.")}
-    assert second.data.tags["segx.members"] == first.data.tags["segx.members"]
-    assert second.data.metrics["test/dice"] == first.data.metrics["test/dice"]
-    assert second.data.tags["segx.reproduce"] == first.data.tags["segx.reproduce"]
+    assert_info_names_them_and_its_command_chooses_the_same(client, exp, first, runs, out)
 
 
 def test_the_ensembles_reproduce_command_searches_the_same_members_and_chooses_the_same(member_store_copy):
@@ -105,6 +89,20 @@ def test_the_ensembles_reproduce_command_searches_the_same_members_and_chooses_t
     )
     assert built.returncode == 0, built.stderr[-3000:]
     (first,) = [r for r in tracking.find_runs(client, exp, "ensemble") if r.info.run_id not in earlier]
+    assert_info_names_them_and_its_command_chooses_the_same(client, exp, first, runs, out, earlier)
+
+
+def test_info_help_is_not_an_error():
+    result = run(["segx.info", "--help"])
+    assert result.returncode == 0 and "run_id=<id>" in result.stdout and not result.stderr
+
+
+def assert_info_names_them_and_its_command_chooses_the_same(client, exp, first, runs, out, earlier=()):
+    """segx.info on the ensemble run ``first`` names every member (``runs``: backbone -> run ID)
+    with its weight and scores, and the segx.ensemble command it prints, run again, searches the
+    same member runs and chooses the same (``earlier``: ensemble runs that were there before)."""
+    from segx import tracking
+
     text = info(first.info.run_id, out)
     for backbone, run_id in runs.items():  # every member by name and run, with its weight and scores
         (row,) = [ln for ln in text.splitlines() if f"{backbone}-unet" in ln and run_id in ln]
@@ -124,8 +122,3 @@ def test_the_ensembles_reproduce_command_searches_the_same_members_and_chooses_t
     assert second.data.tags["segx.members"] == first.data.tags["segx.members"]
     assert second.data.metrics["test/dice"] == first.data.metrics["test/dice"]
     assert second.data.tags["segx.reproduce"] == first.data.tags["segx.reproduce"]
-
-
-def test_info_help_is_not_an_error():
-    result = run(["segx.info", "--help"])
-    assert result.returncode == 0 and "run_id=<id>" in result.stdout and not result.stderr
