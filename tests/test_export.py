@@ -144,6 +144,72 @@ def test_request_images_are_checked_with_the_reason():
             check_request_images(bad)
 
 
+def test_a_written_manifest_reads_as_graph_plans_and_writes_back_byte_for_byte(tmp_path):
+    """``fixtures/export_v1_two_views.json``: the ``export.json`` segx wrote (before the plan was
+    typed) for a savedmodel export of two views, a resize member as two fold models and a patch
+    member (a weight-0 member left out). Its graphs read as GraphPlans and, written back, give
+    the manifest byte for byte; a malformed graph entry is one line naming the manifest, the
+    entry and the fix, from graph_plans and from the runtime that loads the export."""
+    from segx.data.view import View
+    from segx.inference.export_plan import MANIFEST, GraphPlan, PlannedNetwork, graph_plans, read_manifest
+    from segx.inference.export_runtime import load_exported
+
+    text = (Path(__file__).parent / "fixtures" / "export_v1_two_views.json").read_text()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / MANIFEST).write_text(text)
+    manifest = read_manifest(folder)
+    plans = graph_plans(manifest, folder / MANIFEST)
+    assert [(g.name, g.file, g.view) for g in plans] == [
+        ("view0", "saved_model", View("resize", 32, "pad")),
+        ("view1", "saved_model", View("patch", 32, "resize", 0.5, 0.25)),
+    ]
+    assert plans[0].networks[1] == PlannedNetwork(member=0, fold=1, backbone="mobilenetv2", run_id="f1")
+    assert [(n.member, n.fold) for g in plans for n in g.networks] == [(0, 0), (0, 1), (1, None)]
+    assert json.dumps({**manifest, "graphs": [g.to_json() for g in plans]}, indent=2) == text
+    assert [GraphPlan.from_json(g.to_json(), "again") for g in plans] == plans
+
+    member = {"backbone": "mobilenetv2", "view": {"mode": "resize", "size": 32, "resize_mode": "pad"}}
+    patch = {"mode": "patch", "size": 32, "scale": 0.5, "overlap": 0.25}
+    record = _record(
+        [{**member, "run_id": "cv", "folds": ["f0", "f1"]}, {**member, "run_id": "p", "view": patch}],
+        [2, 1],
+        "none",
+        0.5,
+    )
+    (folder / "ensemble.json").write_text(json.dumps(EnsembleRecord.from_json(record).to_json()))
+
+    def malformed(graph: dict) -> None:
+        graph["view"]["size"] = "32"
+
+    def bad_fold(graph: dict) -> None:
+        graph["networks"][1]["fold"] = -1
+
+    def no_file(graph: dict) -> None:
+        del graph["file"]
+
+    def no_member_output(graph: dict) -> None:
+        graph["outputs"] = {}
+
+    for change, reason in [
+        (malformed, "graphs[1]: view.size='32' must be a whole number of pixels"),
+        (bad_fold, "graphs[1]: networks[1]: fold=-1 must be a fold index or null"),
+        (no_file, "graphs[1]: file=None must be a name"),
+        (no_member_output, "graphs[1]: outputs has no member_probabilities"),
+    ]:
+        broken = json.loads(text)
+        broken["graphs"][1]["networks"].append(dict(broken["graphs"][1]["networks"][0], run_id="q"))
+        change(broken["graphs"][1])
+        (folder / MANIFEST).write_text(json.dumps(broken, indent=2))
+        for read in (lambda: graph_plans(read_manifest(folder), folder / MANIFEST), lambda: load_exported(folder)):
+            with pytest.raises(SegxError) as info:
+                read()
+            assert str(info.value) == f"{folder / MANIFEST}: {reason}; export the ensemble again"
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "graphs": [[]]}))
+    with pytest.raises(SegxError, match=r"graphs\[0\] holds list, not a graph \(a JSON object\); export the"):
+        load_exported(folder)
+
+
 def test_every_export_option_is_checked_before_models_load(tmp_path):
     from segx.inference.export_plan import check_format, check_opset, check_output_dir
 
@@ -176,7 +242,7 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     probability and mask are its score and mask."""
     from segx.ensembling.probs import binarize
     from segx.inference.export_graph import export_ensemble
-    from segx.inference.export_plan import ExportSettings, read_manifest
+    from segx.inference.export_plan import ExportSettings, GraphPlan, read_manifest
     from segx.inference.export_runtime import load_exported
     from segx.inference.predictor import EnsemblePredictor
 
@@ -203,6 +269,9 @@ def test_exports_reproduce_the_predictor_with_folds_flip_tta_and_exact_weights(t
     for fmt in FORMATS:
         manifest = export_ensemble(record, paths, tmp_path / fmt, ExportSettings(fmt))
         assert read_manifest(tmp_path / fmt) == manifest
+        # The typed plan reads the manifest's graphs and writes them back key for key, in order.
+        written = [GraphPlan.from_json(g, "export.json").to_json() for g in manifest["graphs"]]
+        assert json.dumps(written, indent=2) == json.dumps(manifest["graphs"], indent=2)
         assert manifest["tta"] == "flip" and [g["name"] for g in manifest["graphs"]] == ["serving_default"]
         assert [(n["member"], n["fold"]) for n in manifest["graphs"][0]["networks"]] == [(0, 0), (0, 1), (1, None)]
         assert manifest["graphs"][0]["inputs"] == {"images": {"dtype": "uint8", "shape": [-1, 32, 32, 3]}}
@@ -257,6 +326,7 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
     from mlflow.models import get_model_info
 
     from segx import tracking
+    from segx.inference.export_plan import GraphPlan
     from segx.info import describe
     from segx.workflows.export import run_export
     from segx.workflows.predict import run_predict
@@ -283,6 +353,9 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
         assert [g["view"]["mode"] for g in manifest["graphs"]] == ["patch", "resize"]  # one graph per view
         assert [g["name"] for g in manifest["graphs"]] == ["view0", "view1"]
         assert "mask" not in manifest["graphs"][0]["outputs"]  # views differ: no in-graph ensemble
+        # The typed plan reads the written graphs and writes them back key for key, in order.
+        written = [GraphPlan.from_json(g, "export.json").to_json() for g in manifest["graphs"]]
+        assert json.dumps(written, indent=2) == json.dumps(manifest["graphs"], indent=2)
         # Logged: a child run of the ensemble, its files, one logged model per graph with the signature.
         ensemble = client.get_run(s["equal"])
         child = ensemble.data.tags[f"segx.export.{fmt}"]

@@ -304,7 +304,7 @@ def test_every_runtime_gives_label_values_not_class_indices(store, tmp_path):
     for fmt in ("savedmodel", "onnx"):
         export_run(client, run, tmp_path / fmt, tmp_path / "work", ExportSettings(fmt), log=False)
         graph = load_exported(tmp_path / fmt).graphs[0]
-        assert graph.graph["outputs"]["mask"]["dtype"] == "uint8"
+        assert graph.graph.outputs["mask"]["dtype"] == "uint8"
         mask = graph.run(np.zeros((1, 32, 32, 3), np.uint8))["mask"]
         assert mask.dtype == np.uint8 and (mask == 4).all(), fmt
     record = json.loads(Path(tracking.download(client, run, "ensemble.json", tmp_path / "r")).read_text())

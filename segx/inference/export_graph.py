@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ from segx.inference.export_plan import (
     MEMBERS_OUTPUT,
     PARTIAL_PREFIX,
     ExportSettings,
+    GraphPlan,
+    PlannedNetwork,
     check_format,
     check_opset,
     check_output_dir,
+    graph_plans,
     mask_dtype,
     n_classes,
     plan_graphs,
@@ -71,7 +75,7 @@ def preprocessing_table(backbone: str) -> tuple[list[int], np.ndarray] | None:
     return perm, lut
 
 
-def _build_functions(graphs: list[dict], models: list, tables: dict, record: EnsembleRecord, tta: str):
+def _build_functions(graphs: list[GraphPlan], models: list, tables: dict, record: EnsembleRecord, tta: str):
     """Per graph: the whole graph as one ``tf.function`` (what the SavedModel signs, bit for bit
     segx's network calls), and for ONNX one ``tf.function`` per network (uint8 images ->
     (B, S, S, 1)) and the ensemble tail (member probabilities -> probability, mask), which are
@@ -87,13 +91,13 @@ def _build_functions(graphs: list[dict], models: list, tables: dict, record: Ens
     functions = {}
     index = 0
     for graph in graphs:
-        size = int(graph["view"]["size"])
-        nets = [(models[index + j], tables[net["backbone"]]) for j, net in enumerate(graph["networks"])]
+        size = graph.view.size
+        nets = [(models[index + j], tables[net.backbone]) for j, net in enumerate(graph.networks)]
         index += len(nets)
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         probs_spec = tf.TensorSpec([None, size, size, len(nets) * k], tf.float32, name=MEMBERS_OUTPUT)
-        tail = _tail(graph["networks"], weights, threshold_cut, k, regions, values) if single else None
-        functions[graph["name"]] = {
+        tail = _tail(graph.networks, weights, threshold_cut, k, regions, values) if single else None
+        functions[graph.name] = {
             "whole": tf.function(_whole(nets, tta, tail, k, swap), input_signature=[image_spec], autograph=False),
             "networks": [
                 tf.function(_one(model, table, tta, k, swap), input_signature=[image_spec], autograph=False)
@@ -160,7 +164,9 @@ def _whole(nets: list, tta: str, tail, classes: int = 1, swap=None):
     return whole
 
 
-def _tail(networks: list[dict], weights, threshold_cut: int | None, classes: int = 1, regions=None, values=None):
+def _tail(
+    networks: Sequence[PlannedNetwork], weights, threshold_cut: int | None, classes: int = 1, regions=None, values=None
+):
     def tail(probs):
         if classes == 1:
             each = [probs[..., j] for j in range(len(networks))]
@@ -177,7 +183,9 @@ def _tail(networks: list[dict], weights, threshold_cut: int | None, classes: int
     return tail
 
 
-def _ensemble_outputs(probs: list, nets: list[dict], weights, threshold_cut: int | None, regions=None) -> dict:
+def _ensemble_outputs(
+    probs: list, nets: Sequence[PlannedNetwork], weights, threshold_cut: int | None, regions=None
+) -> dict:
     """segx's arithmetic on the network grid: quantize (round half to even, as numpy's rint),
     integer fold means, the integer weighted score, the exact threshold (several classes,
     ``threshold_cut`` None: the label of the highest class score, ties to the lowest index,
@@ -185,7 +193,7 @@ def _ensemble_outputs(probs: list, nets: list[dict], weights, threshold_cut: int
     quantized = [tf.cast(tf.clip_by_value(tf.round(p * 255.0), 0.0, 255.0), tf.int32) for p in probs]
     by_member: dict[int, list] = {}
     for q, net in zip(quantized, nets, strict=True):
-        by_member.setdefault(net["member"], []).append(q)
+        by_member.setdefault(net.member, []).append(q)
     terms = []
     for member, qs in by_member.items():
         k = len(qs)
@@ -223,7 +231,7 @@ def _save_savedmodel(module, functions: dict, folder: Path) -> list[str]:
 
 
 def _save_onnx(
-    functions: dict, graphs: list[dict], folder: Path, opset: int, classes: int = 1, mask: str = "uint8"
+    functions: dict, graphs: list[GraphPlan], folder: Path, opset: int, classes: int = 1, mask: str = "uint8"
 ) -> list[str]:
     """Each network, then the ensemble tail, converted on its own and joined into one ONNX graph
     per view: tf2onnx needs some 60-70 times a network's weights in memory while it converts it
@@ -246,17 +254,17 @@ def _save_onnx(
 
     files = []
     for graph in graphs:
-        name = "model.onnx" if graph["name"] == "serving_default" else f"model-{graph['name']}.onnx"
-        size, n = int(graph["view"]["size"]), len(graph["networks"])
+        name = "model.onnx" if graph.name == "serving_default" else f"model-{graph.name}.onnx"
+        size, n = graph.view.size, len(graph.networks)
         k = classes
         image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)
         parts = []
-        for j, (function, net) in enumerate(zip(functions[graph["name"]]["networks"], graph["networks"], strict=True)):
-            what = f"backbone {net['backbone']} (member {net['member']}" + (
-                f", fold {net['fold']})" if net["fold"] is not None else ")"
+        for j, (function, net) in enumerate(zip(functions[graph.name]["networks"], graph.networks, strict=True)):
+            what = f"backbone {net.backbone} (member {net.member}" + (
+                f", fold {net.fold})" if net.fold is not None else ")"
             )
             parts.append(onnx.compose.add_prefix(convert(function, image_spec, what), f"n{j}/"))
-        tail = functions[graph["name"]]["tail"]
+        tail = functions[graph.name]["tail"]
         if tail is not None:
             probs_spec = tf.TensorSpec([None, size, size, n * k], tf.float32, name=MEMBERS_OUTPUT)
             parts.append(onnx.compose.add_prefix(convert(tail, probs_spec, "the ensemble arithmetic"), "tail/"))
@@ -369,11 +377,11 @@ def export_ensemble(
     if weights.denominator > MAX_DENOMINATOR:
         raise SegxError(f"weight_denominator {weights.denominator} is over {MAX_DENOMINATOR}")
     started = time.perf_counter()
-    tables = {b: preprocessing_table(b) for b in {n["backbone"] for g in graphs for n in g["networks"]}}
+    tables = {b: preprocessing_table(b) for b in {n.backbone for g in graphs for n in g.networks}}
 
     from segx.models import load_member
 
-    models = [load_member(n["path"]) for g in graphs for n in g["networks"]]
+    models = [load_member(n.path) for g in graphs for n in g.networks]
     module = tf.Module()
     # Only the variables are tracked, not the Keras models: a model attribute makes the SavedModel
     # serialise every layer's own traced functions too (here: saving 21 s -> 4.4 s and loading
@@ -411,7 +419,7 @@ def export_ensemble(
 
 def _manifest(
     record: EnsembleRecord,
-    graphs: list[dict],
+    graphs: list[GraphPlan],
     fmt: str,
     opset: int | None,
     tta: str,
@@ -444,13 +452,11 @@ def _manifest(
         "postprocess": written.get("postprocess", {}),
         "weights": {"counts": list(record.weights.counts), "denominator": record.weights.denominator},
         "graphs": [
-            {
-                "name": g["name"],
-                "file": files[i] if fmt == "onnx" else files[0],
-                "view": g["view"],
-                "networks": [{k: n[k] for k in ("member", "fold", "backbone", "run_id")} for n in g["networks"]],
+            replace(
+                g,
+                file=files[i] if fmt == "onnx" else files[0],
                 **signature(g, single, n_classes(record), mask_dtype(record)),
-            }
+            ).to_json()
             for i, g in enumerate(graphs)
         ],
         "files": files,
@@ -465,10 +471,10 @@ def _check_export(folder: Path, manifest: dict, functions: dict) -> dict:
     was made from (what the benchmark and the tests compare end to end, in miniature)."""
     rng = np.random.default_rng(0)
     worst = 0.0
-    for graph in manifest["graphs"]:
-        size = int(graph["view"]["size"])
+    for graph in graph_plans(manifest, folder / MANIFEST):
+        size = graph.view.size
         batch = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-        expected = functions[graph["name"]]["whole"](tf.constant(batch))[MEMBERS_OUTPUT].numpy()
+        expected = functions[graph.name]["whole"](tf.constant(batch))[MEMBERS_OUTPUT].numpy()
         got = load_graph(folder, manifest, graph).run(batch)[MEMBERS_OUTPUT]
         worst = max(worst, float(np.abs(got - expected).max()))
     return {"member_probabilities_max_abs_diff": worst, "batch": "2 random uint8 images per graph"}

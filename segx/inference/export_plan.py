@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from segx.data.view import View
 from segx.ensembling.record import EnsembleRecord
 from segx.ensembling.task import task_for
 from segx.errors import SegxError
@@ -76,36 +77,145 @@ class ExportSettings:
 # What goes into the graph (no TensorFlow)
 
 
-def plan_graphs(record: EnsembleRecord, model_paths: Sequence) -> list[dict]:
+_FIX = "export the ensemble again"
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class PlannedNetwork:
+    """One network of an exported graph: member ``member`` of the record (its fold ``fold``;
+    None for a member trained once), its encoder and its run (a fold's own run for a fold).
+    ``path``, its model folder, is the plan's only: the manifest does not keep it."""
+
+    member: int
+    fold: int | None
+    backbone: str
+    run_id: str
+    path: str | None = None
+
+    def to_json(self) -> dict:
+        """The network as the manifest holds it."""
+        return {"member": self.member, "fold": self.fold, "backbone": self.backbone, "run_id": self.run_id}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> PlannedNetwork:
+        """A network entry of a manifest, validated: a problem is one line naming it and the fix."""
+        if not isinstance(data, Mapping):
+            raise SegxError(f"{where} holds {type(data).__name__}, not a network (a JSON object); {_FIX}")
+        member, fold = data.get("member"), data.get("fold")
+        if not _index(member):
+            raise SegxError(f"{where}: member={member!r} must be a member index; {_FIX}")
+        if fold is not None and not _index(fold):
+            raise SegxError(f"{where}: fold={fold!r} must be a fold index or null; {_FIX}")
+        for key in ("backbone", "run_id"):
+            if not isinstance(data.get(key), str):
+                raise SegxError(f"{where}: {key}={data.get(key)!r} must be a name; {_FIX}")
+        return cls(member, fold, data["backbone"], data["run_id"])
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """One exported graph: its name (``serving_default`` for a single view, ``view0``,
+    ``view1``, ... otherwise), the view its networks see, and the networks in the order of the
+    graph's ``member_probabilities`` channels. :func:`plan_graphs` plans it; the export adds its
+    ``file`` and its signature (``inputs``, ``outputs``: name -> {dtype, shape},
+    :func:`signature`) and writes it into the manifest with :meth:`to_json`; the runtime reads it
+    back with :meth:`from_json`."""
+
+    name: str
+    view: View
+    networks: tuple[PlannedNetwork, ...]
+    file: str | None = None  # the model the graph is in: its .onnx file, or the saved_model folder
+    inputs: Mapping[str, Mapping] | None = None
+    outputs: Mapping[str, Mapping] | None = None
+
+    def to_json(self) -> dict:
+        """The graph as the manifest's ``graphs`` holds it, key for key in its order."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.file is not None:
+            out["file"] = self.file
+        out["view"] = self.view.to_dict()
+        out["networks"] = [n.to_json() for n in self.networks]
+        if self.inputs is not None:
+            out["inputs"] = dict(self.inputs)
+        if self.outputs is not None:
+            out["outputs"] = dict(self.outputs)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> GraphPlan:
+        """A graph entry of a manifest (``where``: the manifest and the entry), validated once:
+        a problem is one line naming the field and the fix."""
+        if not isinstance(data, Mapping):
+            raise SegxError(f"{where} holds {type(data).__name__}, not a graph (a JSON object); {_FIX}")
+        for key in ("name", "file"):
+            if not isinstance(data.get(key), str) or not data.get(key):
+                raise SegxError(f"{where}: {key}={data.get(key)!r} must be a name; {_FIX}")
+        try:
+            View.validate(data.get("view"), f"{where}: view")
+        except SegxError as exc:  # its fix is a record's; a manifest's is a new export
+            raise SegxError(f"{str(exc).split('; ')[0]}; {_FIX}") from None
+        networks = data.get("networks")
+        if not isinstance(networks, list) or not networks:
+            raise SegxError(f"{where}: networks={networks!r} must be a list of networks; {_FIX}")
+        for key in ("inputs", "outputs"):
+            tensors = data.get(key)
+            if not isinstance(tensors, Mapping) or not all(
+                isinstance(t, Mapping) and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)
+                for t in tensors.values()
+            ):
+                raise SegxError(f"{where}: {key}={tensors!r} must map names to {{dtype, shape}}; {_FIX}")
+        if MEMBERS_OUTPUT not in data["outputs"]:
+            raise SegxError(f"{where}: outputs has no {MEMBERS_OUTPUT}; {_FIX}")
+        return cls(
+            name=data["name"],
+            view=View.from_dict(data["view"]),
+            networks=tuple(PlannedNetwork.from_json(n, f"{where}: networks[{j}]") for j, n in enumerate(networks)),
+            file=data["file"],
+            inputs=dict(data["inputs"]),
+            outputs=dict(data["outputs"]),
+        )
+
+
+def plan_graphs(record: EnsembleRecord, model_paths: Sequence) -> list[GraphPlan]:
     """The networks of a validated record grouped by view: one graph per distinct view, in the
     order members first appear. Weight-0 members are left out (they cannot change a pixel).
-    Each graph: ``{"name", "view", "networks": [{"member", "fold", "backbone", "run_id", "path"}]}``."""
-    graphs: list[dict] = []
+    Each graph's networks carry their model folder (``path``)."""
+    groups: dict[View, list[PlannedNetwork]] = {}
     for i, (member, path, count) in enumerate(zip(record.members, model_paths, record.weights.counts, strict=True)):
         if count == 0:
             continue
-        view = member.view.to_dict()
-        graph = next((g for g in graphs if g["view"] == view), None)
-        if graph is None:
-            graph = {"view": view, "networks": []}
-            graphs.append(graph)
+        networks = groups.setdefault(member.view, [])
         folds = member.folds
         paths = list(path) if folds else [path]
         if folds and len(paths) != len(folds):
             raise ValueError(f"member {i}: {len(folds)} folds but {len(paths)} model folders")
         for k, p in enumerate(paths):
-            graph["networks"].append(
-                {
-                    "member": i,
-                    "fold": k if folds else None,
-                    "backbone": member.backbone,
-                    "run_id": str(folds[k] if folds else member.run_id),
-                    "path": str(p),
-                }
+            networks.append(
+                PlannedNetwork(
+                    member=i,
+                    fold=k if folds else None,
+                    backbone=member.backbone,
+                    run_id=str(folds[k] if folds else member.run_id),
+                    path=str(p),
+                )
             )
-    for g, graph in enumerate(graphs):
-        graph["name"] = "serving_default" if len(graphs) == 1 else f"view{g}"
-    return graphs
+    return [
+        GraphPlan("serving_default" if len(groups) == 1 else f"view{g}", view, tuple(networks))
+        for g, (view, networks) in enumerate(groups.items())
+    ]
+
+
+def graph_plans(manifest: Mapping, path: str | os.PathLike) -> list[GraphPlan]:
+    """The graphs of a manifest read by :func:`read_manifest` from ``path``, validated (one line
+    naming the manifest, the entry and the fix)."""
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, list) or not graphs:
+        raise SegxError(f"{path}: graphs={graphs!r} must be a list of graphs; {_FIX}")
+    return [GraphPlan.from_json(g, f"{path}: graphs[{i}]") for i, g in enumerate(graphs)]
 
 
 def n_classes(record: EnsembleRecord) -> int:
@@ -119,12 +229,12 @@ def mask_dtype(record: EnsembleRecord) -> str:
     return "uint8" if max(int(v) for v in values) <= 255 else "uint16"
 
 
-def signature(graph: dict, single: bool, classes: int = 1, mask: str = "uint8") -> dict:
+def signature(graph: GraphPlan, single: bool, classes: int = 1, mask: str = "uint8") -> dict:
     """Input and outputs of one graph: name -> {dtype, shape} (-1: any batch size). Several
     classes: each network's K probabilities side by side (network j: channels jK..jK+K-1), the
     ensemble's class probabilities, and the label map in data.labels' values as ``mask``
     (``mask``: its dtype, :func:`mask_dtype`)."""
-    size, n = int(graph["view"]["size"]), len(graph["networks"])
+    size, n = graph.view.size, len(graph.networks)
     outputs = {MEMBERS_OUTPUT: {"dtype": "float32", "shape": [-1, size, size, n * classes]}}
     if single:
         tail = [] if classes == 1 else [classes]

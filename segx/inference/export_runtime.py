@@ -19,33 +19,33 @@ from segx.ensembling.probs import fold_mean, quantize
 from segx.ensembling.record import EnsembleRecord
 from segx.ensembling.task import task_for
 from segx.errors import SegxError
-from segx.inference.export_plan import INPUT, MEMBERS_OUTPUT, read_manifest
+from segx.inference.export_plan import INPUT, MANIFEST, MEMBERS_OUTPUT, GraphPlan, graph_plans, read_manifest
 from segx.inference.predictor import EnsemblePredictor
-from segx.inference.view import View, predict_cases
+from segx.inference.view import predict_cases
 
 
 class ExportedGraph:
     """One exported graph with its runtime: ``run(images)`` takes uint8 (B, S, S, 3) and returns
     the outputs of its signature as numpy arrays. A wrong dtype, shape or channel count is one
-    line naming what the graph takes."""
+    line naming what the graph takes. ``graph``: its plan, as the manifest holds it."""
 
-    def __init__(self, graph: dict, runner, runtime: str):
+    def __init__(self, graph: GraphPlan, runner, runtime: str):
         self.graph, self.runtime, self._runner = graph, runtime, runner
-        self.size = int(graph["view"]["size"])
-        self.outputs = list(graph["outputs"])
+        self.size = graph.view.size
+        self.outputs = list(graph.outputs or {})
 
     def check(self, images: Any) -> np.ndarray:
         images = np.asarray(images)
         want = f"uint8 images of shape (B, {self.size}, {self.size}, 3)"
         if images.dtype != np.uint8:
-            raise SegxError(f"{self.graph['name']}: dtype {images.dtype}; the exported model takes {want}")
+            raise SegxError(f"{self.graph.name}: dtype {images.dtype}; the exported model takes {want}")
         if images.ndim != 4 or images.shape[1:3] != (self.size, self.size) or images.shape[0] < 1:
             raise SegxError(
-                f"{self.graph['name']}: shape {images.shape}; the exported model takes {want} "
+                f"{self.graph.name}: shape {images.shape}; the exported model takes {want} "
                 "(segx.predict resizes or tiles images of any size)"
             )
         if images.shape[3] != 3:
-            raise SegxError(f"{self.graph['name']}: {images.shape[3]} channels; the exported model takes {want}")
+            raise SegxError(f"{self.graph.name}: {images.shape[3]} channels; the exported model takes {want}")
         return np.ascontiguousarray(images)
 
     def run(self, images: Any, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -91,16 +91,18 @@ def _onnx_runner(path: Path, threads: int | None = None):
     return run
 
 
-def load_graph(folder: str | os.PathLike, manifest: dict, graph: dict, threads: int | None = None) -> ExportedGraph:
+def load_graph(
+    folder: str | os.PathLike, manifest: dict, graph: GraphPlan, threads: int | None = None
+) -> ExportedGraph:
     folder = Path(folder)
     if manifest["runtime"] == "onnx":
-        path = folder / graph["file"]
+        path = folder / str(graph.file)
         if not path.is_file():
             raise SegxError(f"{path} is missing; export the ensemble again")
         return ExportedGraph(graph, _onnx_runner(path, threads), "onnx")
     if not (folder / "saved_model").is_dir():
         raise SegxError(f"{folder}/saved_model is missing; export the ensemble again")
-    return ExportedGraph(graph, _savedmodel_runner(folder, graph["name"]), "savedmodel")
+    return ExportedGraph(graph, _savedmodel_runner(folder, graph.name), "savedmodel")
 
 
 class ExportedPredictor(EnsemblePredictor):
@@ -131,13 +133,14 @@ class ExportedPredictor(EnsemblePredictor):
                 "(python -m segx.export ... tta=...) or drop the tta override"
             )
         self.models = None
-        self.graphs = [load_graph(folder, manifest, g, threads) for g in manifest["graphs"]]
+        plans = graph_plans(manifest, folder / MANIFEST)
+        self.graphs = [load_graph(folder, manifest, g, threads) for g in plans]
 
     def member_probs(self, images: Sequence[np.ndarray]) -> list[Ragged | None]:
         images = list(images)
         per_network: dict[tuple[int, int | None], Ragged] = {}
         for graph in self.graphs:
-            names = [f"n{j}" for j in range(len(graph.graph["networks"]))]
+            names = [f"n{j}" for j in range(len(graph.graph.networks))]
 
             k = self.task.n_outputs
 
@@ -148,11 +151,11 @@ class ExportedPredictor(EnsemblePredictor):
                 return {name: probs[..., j * k : (j + 1) * k] for j, name in enumerate(names)}
 
             maps: dict[str, list[np.ndarray]] = {name: [] for name in names}
-            for case in predict_cases(images, View.from_dict(graph.graph["view"]), predict):
+            for case in predict_cases(images, graph.graph.view, predict):
                 for name in names:
                     maps[name].append(quantize(case[name]))
-            for name, net in zip(names, graph.graph["networks"], strict=True):
-                per_network[(net["member"], net["fold"])] = Ragged.from_list(maps[name], np.uint8)
+            for name, net in zip(names, graph.graph.networks, strict=True):
+                per_network[(net.member, net.fold)] = Ragged.from_list(maps[name], np.uint8)
         out: list[Ragged | None] = []
         for i, member in enumerate(self.members):
             if self.weights.counts[i] == 0:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segx.config import TTA_MODES
 from segx.errors import SegxError
-from segx.inference.export_plan import ExportSettings, check_format
+from segx.inference.export_plan import MANIFEST, ExportSettings, check_format, graph_plans
 from segx.tracking import tags as tag_names
 from segx.tracking.ensembles import ensemble_run, fetch_ensemble
 from segx.tracking.readers import EnsembleRun
@@ -31,6 +31,7 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
     experiment = client.get_experiment(run.info.experiment_id)
     tracking.experiment_id(client, experiment.name, None)  # its artifact folder must be writable
     fmt = manifest["runtime"]
+    graphs = graph_plans(manifest, folder / MANIFEST)
     tags = {
         tracking.ROLE: "export",
         "mlflow.parentRunId": ensemble_run_id,
@@ -55,7 +56,7 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
                 "tta": manifest["tta"],
                 "ensemble_run_id": ensemble_run_id,
                 "graphs": json.dumps(
-                    [{"name": g["name"], "view": g["view"], "networks": len(g["networks"])} for g in manifest["graphs"]]
+                    [{"name": g.name, "view": g.view.to_dict(), "networks": len(g.networks)} for g in graphs]
                 ),
             },
         )
@@ -69,14 +70,14 @@ def log_export(client, ensemble_run_id: str, folder: Path, manifest: dict) -> st
             },
         )
         tracking.log_artifact(client, child, folder, "export")
-        for graph in manifest["graphs"]:
+        for graph in graphs:
             tracking.log_export_model(
                 client,
                 child,
                 run.info.experiment_id,
-                f"export-{fmt}-{graph['name']}",
-                tracking.TensorSignature(graph["inputs"], graph["outputs"]),
-                {"format": fmt, "graph": graph["name"], **{f"view.{k}": v for k, v in graph["view"].items()}},
+                f"export-{fmt}-{graph.name}",
+                tracking.TensorSignature(graph.inputs or {}, graph.outputs or {}),
+                {"format": fmt, "graph": graph.name, **{f"view.{k}": v for k, v in graph.view.to_dict().items()}},
                 "export",
             )
     tracking.set_tags(client, ensemble_run_id, {EXPORT_TAG + fmt: child})
