@@ -155,7 +155,7 @@ def print_report(summary: dict, problems: list[str]) -> None:
 def run_check(cfg: DictConfig) -> list[str]:
     """Check the configured data folder, print the report; return the problems found."""
     from segx.data.synthetic import generate
-    from segx.workflows.prepare import labels_of, training_stems, validate_data_config
+    from segx.workflows.prepare import is_volume_data, labels_of, training_stems, validate_data_config
 
     validate_data_config(cfg.data)
     root = Path(str(cfg.data.root))
@@ -167,17 +167,39 @@ def run_check(cfg: DictConfig) -> list[str]:
             int(cfg.data.generator_seed),
             str(cfg.data.get("scene", "nuclei")),
         )
-    if not root.is_dir():
+    if not root.is_dir() and cfg.data.kind != "synthetic_volumes":
         raise SegxError(f"data folder {root} does not exist; set data.root=PATH to your data")
+    split = lambda stems, test_stems: training_stems(cfg.data, str(cfg.paths.output_dir), stems, test_stems)  # noqa: E731
+    if is_volume_data(cfg.data):  # every volume read and checked, then its slices as any 2D folder
+        root, split = _volume_slices(cfg)
     summary, problems = check_folder(
-        root,
-        float(cfg.data.mask_threshold),
-        int(cfg.data.max_pixels),
-        labels_of(cfg.data),
-        lambda stems, test_stems: training_stems(cfg.data, str(cfg.paths.output_dir), stems, test_stems),
+        root, float(cfg.data.mask_threshold), int(cfg.data.max_pixels), labels_of(cfg.data), split
     )
     print_report(summary, problems)
     return problems
+
+
+def _volume_slices(cfg: DictConfig):
+    """A volume dataset's slice folder, and its training slices as segx.train splits them: by patient."""
+    from segx.data.volume_prep import case_of
+    from segx.workflows.prepare import _sliced_volumes, training_stems
+
+    sliced = _sliced_volumes(cfg.data, str(cfg.paths.output_dir), None)
+    plan, data = sliced.plan, sliced.dataset
+    norms = ", ".join(f"{name}: {n.kind}" for name, n in zip(data.channel_names, plan.norms, strict=True))
+    print(
+        f"volume dataset {cfg.data.root} ({data.layout}): {len(data.train)} training and {len(data.test)} test cases; "
+        f"sliced along {'zyx'[plan.slice_axis]}, in-plane {plan.spacing[0]:g} x {plan.spacing[1]:g} mm, "
+        f"context {plan.context}, normalised {norms}; its slices below"
+    )
+
+    def split(stems, test_stems):
+        cases = sorted({case_of(s) for s in stems})
+        tests = sorted({case_of(s) for s in test_stems}) if test_stems else None
+        chosen = training_stems(cfg.data, str(cfg.paths.output_dir), cases, tests)
+        return [[s for s in stems if case_of(s) in set(part)] for part in chosen]
+
+    return sliced.folder, split
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="check")

@@ -51,6 +51,7 @@ class VolumeSettings:
     context_slices: int = 0
     max_voxels: int = 512 * 512 * 1024
     max_pixels: int = 64_000_000
+    nsd_tolerance_mm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SlicedDataset:
     plan: SlicePlan
     dataset: VolumeDataset
     cases: dict  # case id -> {"geometry", "slices", "role", "source"}
+    nsd_tolerance_mm: float = 1.0  # the normalised surface Dice's tolerance (data.nsd_tolerance_mm)
 
 
 def read_case(case: VolumeCase, settings: VolumeSettings, with_label: bool = True) -> tuple[Volume, np.ndarray | None]:
@@ -154,7 +156,7 @@ def slice_dataset(
         _write(dataset, make_plan(dataset, settings), settings, folder, progress)
     plan = SlicePlan.from_json(json.loads((folder / "plan.json").read_text()))
     cases = json.loads((folder / "cases.json").read_text())
-    return SlicedDataset(folder, plan, dataset, cases)
+    return SlicedDataset(folder, plan, dataset, cases, float(settings.nsd_tolerance_mm))
 
 
 def _write(dataset: VolumeDataset, plan: SlicePlan, settings: VolumeSettings, folder: Path, progress) -> None:

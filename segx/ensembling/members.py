@@ -32,6 +32,8 @@ class Member:
     # Several classes: data.labels as the member's run recorded it (segx.data.labels.Labels.to_record,
     # plus "flip_swap" when declared); None for one structure.
     labels: dict | None = None
+    # Trained on volumes: the slice plan and each case's grid (model/volumes.json); None for 2D.
+    volumes: dict | None = None
 
     @property
     def label(self) -> str:

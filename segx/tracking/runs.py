@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from segx import signals
 from segx.errors import SegxError, disk_full
 from segx.tracking.store import _sqlite_path
-from segx.tracking.tags import ROLE
+from segx.tracking.tags import ROLE, VOLUMES
 
 # The final status of a run is written within this many seconds, on fresh clients if need be.
 _END_RUN_TIMEOUT_S = 30.0
@@ -319,6 +319,8 @@ def download_member_model(client: MlflowClient, run_id: str, dst: str | os.PathL
     dst = Path(dst)
     for name in ("spec.json", "weights.h5"):
         download(client, run_id, f"{artifact}/{name}", dst)  # lands as dst/<name>
+    if VOLUMES in client.get_run(run_id).data.tags:  # trained on volumes: how to slice a scan
+        download(client, run_id, f"{artifact}/volumes.json", dst)
     return dst
 
 

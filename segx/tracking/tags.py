@@ -28,3 +28,4 @@ EXPORT = "segx.export."  # + format, on an ensemble run: the export's child run 
 LABELS = (
     "segx.labels"  # several classes: JSON of data.labels as segx reads them (names, values, palette, ignore, flip swap)
 )
+VOLUMES = "segx.volumes"  # trained on volumes: the slice folder's key; model/volumes.json holds the plan

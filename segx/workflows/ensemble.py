@@ -139,6 +139,8 @@ class Evaluation:
     per_class: pd.DataFrame | None  # per method and class (several classes, regions)
     validation: pd.DataFrame
     gain: Gain  # the ensemble against its best member
+    per_volume: pd.DataFrame | None = None  # volumes: one row per method and test case (patient), 3D scores
+    volume_summary: pd.DataFrame | None = None  # volumes: per method, means over volumes
 
 
 def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
@@ -159,6 +161,11 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
     _name_in_members(client, members, run_id)
     record = result.record.with_run_id(run_id)
     print_report(record, members, result.validation, result.summary, result.found, result.gain)
+    if result.volume_summary is not None:
+        shown = [c for c in ("volumes", "dice", "iou", "hd95", "nsd") if c in result.volume_summary.columns]
+        tolerance = members[0].volumes["nsd_tolerance_mm"]
+        print(f"\nTest split per volume (3D Dice/IoU per patient's scan, HD95 in mm, NSD at {tolerance:g} mm)")
+        print(result.volume_summary[shown].to_string(float_format=lambda v: f"{v:.4f}"))
     return record
 
 
@@ -221,7 +228,17 @@ def evaluate(cfg: DictConfig, members: list) -> Evaluation:
     summary, per_class = summarise_test(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
-    return Evaluation(found, record, per_case, preds, summary, per_class, validation, gain)
+    per_volume = volume_summary = None
+    volumes = members[0].volumes
+    if volumes is not None:  # a case is a patient's scan: the slices stacked and scored in 3D, in mm
+        from segx.evaluation.volumes import score_volumes, summarise_volumes
+
+        stage("scoring the test split per volume (3D Dice, HD95 and NSD in mm)")
+        names = record.labels.names if record.labels is not None else ("background", "foreground")
+        test = members[0].test
+        per_volume = score_volumes(preds, test.masks, test.stems, volumes, names, float(volumes["nsd_tolerance_mm"]))
+        volume_summary = summarise_volumes(per_volume)
+    return Evaluation(found, record, per_case, preds, summary, per_class, validation, gain, per_volume, volume_summary)
 
 
 def _run_identity(cfg: DictConfig, members: list, found: SearchOutcome) -> tuple[str, dict]:
@@ -305,6 +322,9 @@ def _write_tables(tables: Path, result: Evaluation) -> None:
     if result.per_class is not None:
         result.per_class.to_csv(tables / "test_per_class.csv")
     pd.DataFrame([result.gain.to_row()]).to_csv(tables / "gain.csv", index=False)
+    if result.per_volume is not None:
+        result.per_volume.to_csv(tables / "test_per_volume.csv", index=False)
+        result.volume_summary.to_csv(tables / "test_volume_summary.csv")
 
 
 def _metrics(result: Evaluation) -> dict[str, float]:
@@ -337,6 +357,10 @@ def _metrics(result: Evaluation) -> dict[str, float]:
         for column in result.per_class.columns:
             if "/" in column and np.isfinite(result.per_class.loc["ensemble", column]):
                 metrics[f"test/{column}"] = float(result.per_class.loc["ensemble", column])
+    if result.volume_summary is not None:  # test3d/: per patient's scan, distances in mm
+        ours3d = result.volume_summary.loc["ensemble"]
+        metrics.update({f"test3d/{k}": float(ours3d[k]) for k in ("dice", "iou", "hd95", "nsd") if k in ours3d})
+        metrics.update({f"test3d/{k}": float(v) for k, v in ours3d.items() if "/" in k})
     return {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
 
 

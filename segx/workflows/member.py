@@ -705,7 +705,9 @@ def _log_outputs(client, run_id, model, plan: MemberPlan, prepared, history, bes
     with tempfile.TemporaryDirectory(prefix="segx-") as tmp:
         tmp = Path(tmp)
         stage("training done: saving the model and logging it to MLflow")
-        model = _log_model(client, run_id, model, spec, tmp)
+        model = _log_model(client, run_id, model, spec, tmp, _volumes_record(prepared))
+        if prepared.volumes is not None:
+            tracking.set_tags(client, run_id, {tag_names.VOLUMES: prepared.volumes.folder.name})
         final = {}
         for role in ("val", "test"):
             cases = prepared.cases(role)
@@ -725,12 +727,27 @@ def _log_outputs(client, run_id, model, plan: MemberPlan, prepared, history, bes
     return final
 
 
-def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path):
-    """The member saved (weights, spec.json, model.keras) as the run's ``model`` artifact and
-    logged as an MLflow model; returns the network to predict the outputs with."""
+def _volumes_record(prepared) -> dict | None:
+    """A volume dataset's slice plan and each case's grid (``model/volumes.json``): how
+    ``segx.predict`` slices a scan exactly as training did, and how the ensemble puts the test
+    slices back together into volumes scored in 3D."""
+    if prepared.volumes is None:
+        return None
+    return {
+        "plan": prepared.volumes.plan.to_json(),
+        "cases": prepared.volumes.cases,
+        "nsd_tolerance_mm": prepared.volumes.nsd_tolerance_mm,
+    }
+
+
+def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path, volumes: dict | None = None):
+    """The member saved (weights, spec.json, model.keras, and for volumes volumes.json) as the
+    run's ``model`` artifact and logged as an MLflow model; returns the network to predict with."""
     from segx import models, tracking
 
     models.save_member(model, tmp / "model", spec)
+    if volumes is not None:
+        (tmp / "model" / "volumes.json").write_text(json.dumps(volumes, indent=1))
     tracking.log_artifact(client, run_id, tmp / "model", "model")
     if spec.precision == "mixed_float16":
         # Trained in float16: predict with the float32 network that segx.predict rebuilds

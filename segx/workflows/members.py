@@ -140,7 +140,18 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         test=test,
         fingerprint_parts={k: run.data.tags.get(tag, "") for k, tag in FINGERPRINT_TAGS.items()},
         labels=json.loads(run.data.tags[tag_names.LABELS]) if tag_names.LABELS in run.data.tags else None,
+        volumes=_volumes_of(client, run, folder),
     )
+
+
+def _volumes_of(client, run, folder: Path) -> dict | None:
+    """A member trained on volumes: its slice plan and case grids (model/volumes.json)."""
+    from segx import tracking
+
+    if tag_names.VOLUMES not in run.data.tags:
+        return None
+    path = tracking.download(client, run.info.run_id, "model/volumes.json", folder / "volumes")
+    return json.loads(Path(path).read_text())
 
 
 def _spacing_of(text: str):

@@ -56,6 +56,10 @@ def run_predict(cfg: DictConfig) -> int:
         if backend != "keras":
             raise SegxError(f"threshold={threshold} overrides the ensemble's threshold with backend=keras only")
     input_dir, output_dir = Path(str(cfg.input_dir)), Path(str(cfg.output_dir))
+    from segx.inference.volume_folder import is_volume_folder
+
+    if is_volume_folder(input_dir):
+        return _predict_volumes(cfg, input_dir, output_dir, outputs, batch_size, backend)
     # Everything that can be checked without the models, before any is downloaded or loaded.
     files = check_inputs(input_dir, output_dir, max_pixels)
     check_output_dir(input_dir, output_dir, outputs.overwrite, planned_files(files, outputs))
@@ -86,6 +90,31 @@ def run_predict(cfg: DictConfig) -> int:
     )
     what = "label maps" if getattr(predictor, "labels", None) is not None else "masks"
     print(f"segx: wrote {n} {what} to {shown(output_dir / 'masks')}", flush=True)
+    return n
+
+
+def _predict_volumes(cfg: DictConfig, input_dir: Path, output_dir: Path, outputs: PredictOutputs, batch_size: int,
+                     backend: str) -> int:  # fmt: skip
+    """A folder of CT/MR volumes (or DICOM series): one label volume per case on the scan's grid."""
+    from segx import tracking
+    from segx.inference.folder import check_output_location
+    from segx.inference.volume_folder import predict_volume_folder, volumes_json
+
+    if backend != "keras":
+        raise SegxError(f"backend={backend}: volumes are predicted with backend=keras (the members) for now")
+    check_output_location(input_dir, output_dir)
+    client = tracking.connect(str(cfg.mlflow.tracking_uri), create=False)
+    workdir = Path(cfg.paths.output_dir) / "cache" / "ensembles" / str(cfg.ensemble_run_id)
+    record, predictor = load_ensemble(client, str(cfg.ensemble_run_id), workdir, cfg.tta, cfg.get("threshold"))
+    from segx.tracking.ensembles import fetch_ensemble
+
+    _, model_paths = fetch_ensemble(client, str(cfg.ensemble_run_id), workdir)
+    max_voxels = int(cfg.get("max_voxels") or 512 * 512 * 1024)
+    n = predict_volume_folder(
+        predictor, volumes_json(model_paths), input_dir, output_dir, outputs, batch_size, max_voxels,
+        record={**record.to_json(), "predict_tta": predictor.tta, "run_id": str(cfg.ensemble_run_id), "backend": backend},
+    )  # fmt: skip
+    print(f"segx: wrote {n} label volumes to {shown(output_dir / 'masks')}", flush=True)
     return n
 
 

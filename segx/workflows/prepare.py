@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segx.config import require_choice, require_float, require_int
 from segx.data.decoded import DecodedCase, decode_cases
@@ -31,6 +31,10 @@ from segx.data.split import (
     unlisted_cases,
 )
 from segx.data.synthetic import generate
+from segx.data.synthetic_volumes import generate_volumes
+from segx.data.volume_dataset import is_volume_dataset, read_volume_dataset
+from segx.data.volume_prep import case_of
+from segx.data.volume_slices import SlicedDataset, VolumeSettings, slice_dataset
 from segx.errors import SegxError
 
 
@@ -44,6 +48,7 @@ class Prepared:
     decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
     cv_tags: dict[str, str] = field(default_factory=dict)  # cross-validation: layout fingerprint, fold, folds
     labels: Labels | None = None  # several classes (data.labels); None: one structure
+    volumes: SlicedDataset | None = None  # a volume dataset: its slice plan and each case's grid
 
     @property
     def n_classes(self) -> int:
@@ -75,7 +80,8 @@ def validate_data_config(data: DictConfig) -> None:
             f"data.root={data.root!r} is empty; pass data.root=PATH (a folder with train_images/ and "
             "train_masks/; data.root=. for the working directory)"
         )
-    require_choice(data, "kind", ["synthetic", "folder"], prefix="data.")
+    require_choice(data, "kind", ["synthetic", "folder", "synthetic_volumes"], prefix="data.")
+    resolve_volume_labels(data)
     require_choice(data, "mode", ["resize", "patch"], prefix="data.")
     require_int(data, "image_size", 32, 4096, prefix="data.")
     if data.mode == "patch":
@@ -98,10 +104,58 @@ def validate_data_config(data: DictConfig) -> None:
     require_int(data, "split_seed", 0, prefix="data.")
     require_float(data, "mask_threshold", 0.0, 65535.0, high_open=False, prefix="data.")
     labels_of(data)
+    if data.kind == "synthetic_volumes":
+        require_int(data, "n_cases", 4, prefix="data.")
+        require_int(data, "source_size", 16, 1024, prefix="data.")
+        require_int(data, "depth", 2, 1024, prefix="data.")
+    if data.get("nsd_tolerance_mm") is not None:
+        require_float(data, "nsd_tolerance_mm", 0.0, 1000.0, prefix="data.")
     if data.kind == "synthetic":
         require_int(data, "n_images", 4, prefix="data.")
         require_int(data, "source_size", 16, 4096, prefix="data.")
         require_int(data, "generator_seed", 0, prefix="data.")
+
+
+def is_volume_data(data: DictConfig) -> bool:
+    """Whether ``data`` names volumes (an nnU-Net/Decathlon folder, or synthetic volumes)."""
+    return data.kind == "synthetic_volumes" or (data.kind == "folder" and is_volume_dataset(str(data.root)))
+
+
+def volume_settings(data: DictConfig) -> VolumeSettings:
+    def plain(key):
+        value = data.get(key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    context = data.get("context_slices", 0)
+    if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= 1:
+        raise SegxError(f"data.context_slices={context!r} must be 0 or 1 (1: the slices either side as channels)")
+    return VolumeSettings(
+        plain("slice_axis"), plain("spacing"), int(context), int(data.get("max_voxels", 512 * 512 * 1024)),
+        int(data.max_pixels), float(data.get("nsd_tolerance_mm") or 1.0),
+    )  # fmt: skip
+
+
+def resolve_volume_labels(data: DictConfig) -> None:
+    """A volume dataset's classes come from its dataset.json: set data.labels, data.regions and
+    data.ignore from it, or refuse a data.labels that disagrees (one line naming both)."""
+    if data.kind == "synthetic_volumes":
+        from segx.data.synthetic_volumes import LABELS
+
+        table, regions, ignore = dict(LABELS), None, None
+    elif data.kind == "folder" and is_volume_dataset(str(data.root)):
+        dataset = read_volume_dataset(str(data.root))
+        table, regions, ignore = dataset.labels, dataset.regions, dataset.ignore
+    else:
+        return
+    given = data.get("labels")
+    given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
+    if given is not None and {str(k): int(v) for k, v in given.items()} != table:
+        raise SegxError(
+            f"data.labels={given} disagrees with {data.root}/dataset.json's labels {table}; drop data.labels "
+            "(the dataset names its classes) or fix dataset.json"
+        )
+    with open_dict(data):
+        data.labels, data.regions, data.ignore = table, regions, ignore
 
 
 def labels_of(data: DictConfig) -> Labels | None:
@@ -319,6 +373,9 @@ def prepare(
         generate(
             root, int(data.n_images), int(data.source_size), int(data.generator_seed), str(data.get("scene", "nuclei"))
         )
+    volumes = _sliced_volumes(data, output_dir, progress) if is_volume_data(data) else None
+    if volumes is not None:  # from here on a volume dataset is its folder of slices
+        root = volumes.folder
     cases = discover_cases(root)
     test_cases = []
     if (root / "test_images").is_dir():
@@ -336,6 +393,11 @@ def prepare(
     dataset = _model_size_dataset(decoded, data, images)
     stems = [c.stem for c in cases]
     test_stems = [c.stem for c in test_cases] or None
+    slices = None
+    if volumes is not None:  # splits and folds are by case (patient), never by slice
+        slices = stems + (test_stems or [])
+        stems = sorted({case_of(s) for s in stems})
+        test_stems = sorted({case_of(s) for s in test_stems}) if test_stems else None
     groups = read_groups(data.stratify_csv, data.stratify_column) if data.stratify_csv else None
     folds = data.get("folds")
     split_path = split_file_path(data, output_dir, stems, test_stems, groups)
@@ -355,9 +417,11 @@ def prepare(
             test_stems,
             groups,
         )
-    warn_unlisted(split_path, root, unlisted_cases(split, dataset.stems))
+    warn_unlisted(split_path, root, unlisted_cases(split, stems + (test_stems or [])))
     if data.get("limit_cases"):  # a quick run (debug=default): the first cases of each role
         split = {role: stems_[: int(data.limit_cases)] for role, stems_ in split.items()}
+    if slices is not None:
+        split = {role: [s for s in slices if case_of(s) in set(ids)] for role, ids in split.items()}
     # How a member sees the images (size, mode, scale) is not part of the data: members are
     # scored at each image's own size, so members that see the data differently still combine.
     if labels is not None:
@@ -373,7 +437,19 @@ def prepare(
     cv = {}
     if layout is not None:
         cv = {CV_TAGS["cv"]: cv_fingerprint(layout, parts), CV_TAGS["fold"]: str(fold), CV_TAGS["folds"]: str(folds)}
-    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, labels)
+    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, labels, volumes)
+
+
+def _sliced_volumes(data: DictConfig, output_dir: str, progress) -> SlicedDataset:
+    """The volume dataset's slice folder (written once, beside the decoded cache)."""
+    root = Path(str(data.root))
+    if data.kind == "synthetic_volumes":
+        generate_volumes(
+            root, int(data.n_cases), int(data.source_size), int(data.depth), int(data.generator_seed),
+            tuple(float(v) for v in data.spacing_mm),
+        )  # fmt: skip
+    cache = Path(str(data.cache_dir)) if data.get("cache_dir") else Path(output_dir) / "cache" / "decoded"
+    return slice_dataset(read_volume_dataset(root), volume_settings(data), cache.parent / "slices", progress)
 
 
 def _model_size_dataset(decoded: list[DecodedCase], data: DictConfig, images: bool = True) -> Dataset:
