@@ -234,7 +234,7 @@ def _check_spacing(path: Path, geometry: Geometry) -> None:
 def read_label_volume(path: str | os.PathLike, image: Volume, max_voxels: int) -> np.ndarray:
     """The label volume at ``path`` as integers (z, y, x), refused unless it lies on ``image``'s grid."""
     label = read_volume(path, max_voxels, what="label")
-    difference = image.geometry.difference(label.geometry)
+    difference = label.geometry.difference(image.geometry)  # 'field <label's> vs <image's>', as the message says
     if difference is not None:
         raise SegxError(
             f"{shown(label.source)}: label and image {shown(image.source)} lie on different grids ({difference}, "
