@@ -212,6 +212,8 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
         array = sitk.GetArrayFromImage(image)  # (t, z, y, x)
         array = array if array.ndim == 4 else array[None]
         image = image[:, :, :, 0] if image.GetDimension() == 4 else image
+        if dimension == 3:
+            array = array[0]  # a 4D header with one volume: (z, y, x), as any 3D volume
     else:
         array = sitk.GetArrayFromImage(image)
     geometry = Geometry.of(image)
