@@ -33,6 +33,7 @@ from segx.errors import SegxError
 
 # File endings read as volumes (a DICOM series is a folder instead).
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 # Where geometry may differ by rounding only (headers store float32): 1e-4 relative (mm).
 GEOMETRY_TOLERANCE = 1e-4
 
@@ -204,6 +205,9 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
             f"{shown(path)}: {voxels:,} voxels ({' x '.join(map(str, size))}) is over data.max_voxels={max_voxels:,}; "
             "crop the volume or raise data.max_voxels"
         )
+    nifti = volume_ending(path) in NIFTI_ENDINGS
+    if nifti:
+        _check_spacing(path, _stored_pixdim(path, min(dimension, 3)))  # SimpleITK reads 0 as 1 mm, -s as s
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -217,20 +221,33 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
     else:
         array = sitk.GetArrayFromImage(image)
     geometry = Geometry.of(image)
-    _check_spacing(path, geometry)
+    _check_spacing(path, geometry.spacing[:3])
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise SegxError(f"{shown(path)}: {bad:,} voxels are NaN or infinite; fix or mask them before training")
     return Volume(array, geometry, path)
 
 
-def _check_spacing(path: Path, geometry: Geometry) -> None:
-    spacing = np.asarray(geometry.spacing[:3], float)
+def _check_spacing(path: Path, spacing) -> None:
+    spacing = np.asarray(spacing, float)
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise SegxError(
             f"{shown(path)}: voxel spacing {_shown_values(spacing)} must be positive; fix the header "
             "(pixdim in NIfTI, PixelSpacing and slice positions in DICOM)"
         )
+
+
+def _stored_pixdim(path: Path, dimension: int) -> tuple[float, ...]:
+    """A NIfTI file's voxel sizes as stored (pixdim[1..3]): nifticlib (in SimpleITK) and nibabel's
+    loader both replace a 0 by 1 and a negative value by its magnitude (flipping that axis)."""
+    import nibabel as nib
+
+    with nib.openers.ImageOpener(str(path)) as fileobj:
+        start = fileobj.read(4)
+        fileobj.seek(0)
+        nifti2 = 540 in (int.from_bytes(start, "little"), int.from_bytes(start, "big"))
+        header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(fileobj, check=False)
+    return tuple(float(v) for v in header["pixdim"][1 : 1 + dimension])
 
 
 def read_label_volume(path: str | os.PathLike, image: Volume, max_voxels: int) -> np.ndarray:
