@@ -222,8 +222,10 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
         array = sitk.GetArrayFromImage(image)
     geometry = Geometry.of(image)
     _check_spacing(path, geometry.spacing[:3])
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
+    bad = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
+    if nifti and not bad:
+        bad = _nifti_non_finite(path)  # SimpleITK's NIfTI reader (nifticlib) reads them as 0
+    if bad:
         raise SegxError(f"{shown(path)}: {bad:,} voxels are NaN or infinite; fix or mask them before training")
     return Volume(array, geometry, path)
 
@@ -248,6 +250,16 @@ def _stored_pixdim(path: Path, dimension: int) -> tuple[float, ...]:
         nifti2 = 540 in (int.from_bytes(start, "little"), int.from_bytes(start, "big"))
         header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(fileobj, check=False)
     return tuple(float(v) for v in header["pixdim"][1 : 1 + dimension])
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN and infinite voxels of a NIfTI file of floats, as stored."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    if image.get_data_dtype().kind != "f":
+        return 0
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj.get_unscaled()))))
 
 
 def read_label_volume(path: str | os.PathLike, image: Volume, max_voxels: int) -> np.ndarray:
