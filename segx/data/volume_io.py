@@ -36,6 +36,8 @@ VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 # Where geometry may differ by rounding only (headers store float32): 1e-4 relative (mm).
 GEOMETRY_TOLERANCE = 1e-4
+# A DICOM series' slice gaps may differ by rounding of ImagePositionPatient only (a missing slice is 100%).
+SLICE_GAP_TOLERANCE = 0.01
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)  # GDCM's warnings would bypass the one-line rule
 
@@ -145,10 +147,48 @@ def _dicom_files(folder: Path) -> list[str]:
     return series[0][1]
 
 
+def _check_series_grid(folder: Path, files: list[str]) -> None:
+    """The slices of a series, as GDCM sorted them, lie on one grid: parallel and evenly spaced.
+
+    ITK's series reader stacks any slices into one volume (one orientation, the mean gap as the
+    spacing) with only a warning: slices turned to each other or a missing slice would put
+    voxels, and a label written back, where they are not."""
+    if len(files) < 2:
+        return
+    origins, directions = [], []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        origins.append(reader.GetOrigin()[:3])
+        directions.append(np.asarray(reader.GetDirection(), float).reshape(3, 3))
+    for file, direction in zip(files, directions, strict=True):
+        if np.abs(direction[:, :2] - directions[0][:, :2]).max() > GEOMETRY_TOLERANCE:
+            raise SegxError(
+                f"{shown(folder)}: slices lie in different orientations (ImageOrientationPatient "
+                f"{_shown_values(directions[0][:, :2].T)} in {Path(files[0]).name} vs {_shown_values(direction[:, :2].T)} "
+                f"in {Path(file).name}); a volume is a stack of parallel slices: put this series' stacks in folders of "
+                "their own, or leave out a localiser"
+            )
+    gaps = np.diff(np.asarray(origins, float) @ directions[0][:, 2])
+    typical = float(np.median(gaps))
+    uneven = np.flatnonzero(
+        (np.abs(gaps - typical) > SLICE_GAP_TOLERANCE * abs(typical)) | (gaps <= GEOMETRY_TOLERANCE)
+    )
+    if uneven.size:
+        i = int(uneven[0])
+        raise SegxError(
+            f"{shown(folder)}: slices are not evenly spaced along their normal ({gaps[i]:.6g} mm between "
+            f"{Path(files[i]).name} and {Path(files[i + 1]).name}, {typical:.6g} mm elsewhere); a slice is missing or "
+            "the series holds several stacks: export it again or put each stack in a folder of its own"
+        )
+
+
 def _information(path: Path) -> tuple[sitk.ImageFileReader | sitk.ImageSeriesReader, tuple[int, ...], int]:
     """A reader for ``path`` with its header read: (reader, size (x, y, z[, t]), components)."""
     if path.is_dir():
         files = _dicom_files(path)
+        _check_series_grid(path, files)
         first = sitk.ImageFileReader()
         first.SetFileName(files[0])
         first.ReadImageInformation()
