@@ -33,8 +33,11 @@ from segx.errors import SegxError
 
 # File endings read as volumes (a DICOM series is a folder instead).
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 # Where geometry may differ by rounding only (headers store float32): 1e-4 relative (mm).
 GEOMETRY_TOLERANCE = 1e-4
+# A DICOM series' slice gaps may differ by rounding of ImagePositionPatient only (a missing slice is 100%).
+SLICE_GAP_TOLERANCE = 0.01
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)  # GDCM's warnings would bypass the one-line rule
 
@@ -144,10 +147,48 @@ def _dicom_files(folder: Path) -> list[str]:
     return series[0][1]
 
 
+def _check_series_grid(folder: Path, files: list[str]) -> None:
+    """The slices of a series, as GDCM sorted them, lie on one grid: parallel and evenly spaced.
+
+    ITK's series reader stacks any slices into one volume (one orientation, the mean gap as the
+    spacing) with only a warning: slices turned to each other or a missing slice would put
+    voxels, and a label written back, where they are not."""
+    if len(files) < 2:
+        return
+    origins, directions = [], []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        origins.append(reader.GetOrigin()[:3])
+        directions.append(np.asarray(reader.GetDirection(), float).reshape(3, 3))
+    for file, direction in zip(files, directions, strict=True):
+        if np.abs(direction[:, :2] - directions[0][:, :2]).max() > GEOMETRY_TOLERANCE:
+            raise SegxError(
+                f"{shown(folder)}: slices lie in different orientations (ImageOrientationPatient "
+                f"{_shown_values(directions[0][:, :2].T)} in {Path(files[0]).name} vs {_shown_values(direction[:, :2].T)} "
+                f"in {Path(file).name}); a volume is a stack of parallel slices: put this series' stacks in folders of "
+                "their own, or leave out a localiser"
+            )
+    gaps = np.diff(np.asarray(origins, float) @ directions[0][:, 2])
+    typical = float(np.median(gaps))
+    uneven = np.flatnonzero(
+        (np.abs(gaps - typical) > SLICE_GAP_TOLERANCE * abs(typical)) | (gaps <= GEOMETRY_TOLERANCE)
+    )
+    if uneven.size:
+        i = int(uneven[0])
+        raise SegxError(
+            f"{shown(folder)}: slices are not evenly spaced along their normal ({gaps[i]:.6g} mm between "
+            f"{Path(files[i]).name} and {Path(files[i + 1]).name}, {typical:.6g} mm elsewhere); a slice is missing or "
+            "the series holds several stacks: export it again or put each stack in a folder of its own"
+        )
+
+
 def _information(path: Path) -> tuple[sitk.ImageFileReader | sitk.ImageSeriesReader, tuple[int, ...], int]:
     """A reader for ``path`` with its header read: (reader, size (x, y, z[, t]), components)."""
     if path.is_dir():
         files = _dicom_files(path)
+        _check_series_grid(path, files)
         first = sitk.ImageFileReader()
         first.SetFileName(files[0])
         first.ReadImageInformation()
@@ -204,6 +245,9 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
             f"{shown(path)}: {voxels:,} voxels ({' x '.join(map(str, size))}) is over data.max_voxels={max_voxels:,}; "
             "crop the volume or raise data.max_voxels"
         )
+    nifti = volume_ending(path) in NIFTI_ENDINGS
+    if nifti:
+        _check_spacing(path, _stored_pixdim(path, min(dimension, 3)))  # SimpleITK reads 0 as 1 mm, -s as s
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -212,18 +256,22 @@ def read_volume(path: str | os.PathLike, max_voxels: int, channels: bool = False
         array = sitk.GetArrayFromImage(image)  # (t, z, y, x)
         array = array if array.ndim == 4 else array[None]
         image = image[:, :, :, 0] if image.GetDimension() == 4 else image
+        if dimension == 3:
+            array = array[0]  # a 4D header with one volume: (z, y, x), as any 3D volume
     else:
         array = sitk.GetArrayFromImage(image)
     geometry = Geometry.of(image)
-    _check_spacing(path, geometry)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
+    _check_spacing(path, geometry.spacing[:3])
+    bad = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
+    if nifti and not bad:
+        bad = _nifti_non_finite(path)  # SimpleITK's NIfTI reader (nifticlib) reads them as 0
+    if bad:
         raise SegxError(f"{shown(path)}: {bad:,} voxels are NaN or infinite; fix or mask them before training")
     return Volume(array, geometry, path)
 
 
-def _check_spacing(path: Path, geometry: Geometry) -> None:
-    spacing = np.asarray(geometry.spacing[:3], float)
+def _check_spacing(path: Path, spacing) -> None:
+    spacing = np.asarray(spacing, float)
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise SegxError(
             f"{shown(path)}: voxel spacing {_shown_values(spacing)} must be positive; fix the header "
@@ -231,10 +279,33 @@ def _check_spacing(path: Path, geometry: Geometry) -> None:
         )
 
 
+def _stored_pixdim(path: Path, dimension: int) -> tuple[float, ...]:
+    """A NIfTI file's voxel sizes as stored (pixdim[1..3]): nifticlib (in SimpleITK) and nibabel's
+    loader both replace a 0 by 1 and a negative value by its magnitude (flipping that axis)."""
+    import nibabel as nib
+
+    with nib.openers.ImageOpener(str(path)) as fileobj:
+        start = fileobj.read(4)
+        fileobj.seek(0)
+        nifti2 = 540 in (int.from_bytes(start, "little"), int.from_bytes(start, "big"))
+        header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(fileobj, check=False)
+    return tuple(float(v) for v in header["pixdim"][1 : 1 + dimension])
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN and infinite voxels of a NIfTI file of floats, as stored."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    if image.get_data_dtype().kind != "f":
+        return 0
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj.get_unscaled()))))
+
+
 def read_label_volume(path: str | os.PathLike, image: Volume, max_voxels: int) -> np.ndarray:
     """The label volume at ``path`` as integers (z, y, x), refused unless it lies on ``image``'s grid."""
     label = read_volume(path, max_voxels, what="label")
-    difference = image.geometry.difference(label.geometry)
+    difference = label.geometry.difference(image.geometry)  # 'field <label's> vs <image's>', as the message says
     if difference is not None:
         raise SegxError(
             f"{shown(label.source)}: label and image {shown(image.source)} lie on different grids ({difference}, "

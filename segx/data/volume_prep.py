@@ -206,7 +206,8 @@ def back_to_grid(planes: np.ndarray, plane_shape: tuple[int, int], axis: int) ->
     in-plane linear resampling to ``plane_shape``, then the slice axis put back."""
     if planes.shape[1:3] != tuple(plane_shape):
         size = (plane_shape[1], plane_shape[0])
+        channel_axis = planes.ndim == 4
         planes = np.stack([cv2.resize(p, size, interpolation=cv2.INTER_LINEAR) for p in planes])
-        if planes.ndim == 3 and planes.shape[-1] != plane_shape[1]:  # cv2 dropped a channel axis of 1
+        if channel_axis and planes.ndim == 3:  # cv2 dropped a channel axis of 1
             planes = planes[..., None]
     return np.moveaxis(planes, 0, axis)

@@ -145,9 +145,10 @@ def slice_dataset(
 ) -> SlicedDataset:
     """The dataset's 2D slice folder: reused when complete for the same files and plan, else written."""
     files = [p for case in dataset.train + dataset.test for p in (*case.channels, case.label) if p is not None]
-    # The key is what the plan is made from (settings and file bytes), so a complete folder is
-    # reused without reading a voxel; the plan itself is read back from it.
-    how = {"axis": settings.slice_axis, "spacing": settings.spacing, "context": int(settings.context_slices)}
+    # The key is what the plan is made from (settings, dataset.json's channel names and labels, and
+    # file bytes), so a complete folder is reused without reading a voxel; the plan is read back from it.
+    how = {"axis": settings.slice_axis, "spacing": settings.spacing, "context": int(settings.context_slices),
+           "channels": list(dataset.channel_names), "labels": dataset.labels, "ignore": dataset.ignore}  # fmt: skip
     key = hashlib.sha256(
         json.dumps({"v": SLICES_VERSION, "how": how, "files": _digest(files)}, default=str).encode()
     ).hexdigest()[:16]
