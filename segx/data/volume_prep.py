@@ -193,7 +193,7 @@ class SlicedVolume:
     def label(self, index: int) -> np.ndarray:
         plane = self._label[index]
         if self.shape != self.plane_shape:
-            plane = cv2.resize(plane, self.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            plane = cv2.resize(plane, self.shape[::-1], interpolation=cv2.INTER_NEAREST_EXACT)
         return plane
 
 

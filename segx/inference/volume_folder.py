@@ -127,7 +127,7 @@ def predict_volume(predictor, volume: Volume, plan: SlicePlan, batch_size: int):
     mask = np.stack(masks)
     if mask.shape[1:] != tuple(sliced.plane_shape):
         size = (sliced.plane_shape[1], sliced.plane_shape[0])
-        mask = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in mask])
+        mask = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_NEAREST_EXACT) for m in mask])
     return (
         np.moveaxis(mask, 0, axis),
         back_to_grid(np.stack(probs), sliced.plane_shape, axis),
