@@ -85,6 +85,28 @@ class Ragged:
     def same_shapes(self, other: Ragged) -> bool:
         return np.array_equal(self.shapes, other.shapes)
 
+    def stacked(self, counts: Sequence[int]) -> Ragged:
+        """Consecutive cases joined into one, ``counts[j]`` at a time, each group's cases stacked
+        along rows: a volume's slices (all of one size, in order) become one (n * h, w) case with the
+        same flat array (no copy), so every count over a case is a count over the volume."""
+        counts = [int(c) for c in counts]
+        if sum(counts) != len(self) or any(c < 1 for c in counts):
+            raise ValueError(f"groups of {sum(counts)} cases for {len(self)}")
+        shapes, start = [], 0
+        for count in counts:
+            group = self.shapes[start : start + count]
+            if not (group == group[0]).all():
+                raise ValueError(f"cases {start}..{start + count - 1} differ in size; a volume's slices share one")
+            shapes.append((int(group[0][0]) * count, int(group[0][1])))
+            start += count
+        return Ragged(self.flat, shapes)
+
+    @classmethod
+    def concatenated(cls, parts: Sequence[Ragged]) -> Ragged:
+        """The cases of ``parts`` in order, as one Ragged (copied once)."""
+        flat = np.concatenate([p.flat for p in parts]) if len(parts) > 1 else parts[0].flat
+        return cls(flat, np.concatenate([p.shapes for p in parts]))
+
 
 def per_case_count(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Number of true values of a flat boolean array within each case -> int64 (N,)."""

@@ -51,6 +51,25 @@ def case_of(stem: str) -> str:
     return stem.rsplit(SLICE_SEPARATOR, 1)[0]
 
 
+def group_slices(stems) -> tuple[list[str], list[int]]:
+    """(case ids, slices per case) of slice stems that list each case's slices together, in order
+    0, 1, ... (as a split lists them); anything else is refused (a bug, not a user's error)."""
+    ids: list[str] = []
+    counts: list[int] = []
+    for stem in stems:
+        case, index = case_of(stem), int(stem.rsplit(SLICE_SEPARATOR, 1)[1])
+        if ids and ids[-1] == case:
+            if index != counts[-1]:
+                raise ValueError(f"slice {stem} out of order")
+            counts[-1] += 1
+        else:
+            if case in ids or index != 0:
+                raise ValueError(f"the slices of case {case} are not listed together from 0")
+            ids.append(case)
+            counts.append(1)
+    return ids, counts
+
+
 @dataclass(frozen=True)
 class ChannelNorm:
     """How one channel is normalised: ``ct`` (clip to [low, high], then (v - mean) / std with the

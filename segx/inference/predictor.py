@@ -141,6 +141,27 @@ class EnsemblePredictor:
         filled = [shapes.like(np.zeros(shapes.flat.shape, np.uint8)) if p is None else p for p in probs]
         return combine(filled, self.weights), probs
 
+    def predict_slices(self, images: Sequence[np.ndarray], batch_size: int) -> Prediction:
+        """A volume's slices (uint8 (h, w, 3), one size, in order), each seen by the members as a
+        2D image, ``batch_size`` at a time, then decided as *one* case: stacked along rows, as the
+        members cached the volume for the search (:meth:`segx.data.ragged.Ragged.stacked`), so the
+        label map, threshold and post-processing are the search's. Returns the volume's maps
+        stacked, (n * h, w[, K]); the members' uint8 probabilities of the whole volume are held."""
+        images = [np.asarray(im, np.uint8) for im in images]
+        parts = [self.member_probs(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
+        probs = [
+            None if parts[0][m] is None else Ragged.concatenated([p[m] for p in parts]).stacked([len(images)])
+            for m in range(len(self.models))
+        ]
+        shapes = next(p for p in probs if p is not None)
+        filled = [shapes.like(np.zeros(shapes.flat.shape, np.uint8)) if p is None else p for p in probs]
+        score = combine(filled, self.weights)
+        masks = self.task.label_maps(score, self.record, self.threshold)
+        mean, uncertainty, bound = self.task.confidence(score, probs, self.weights)
+        return Prediction(
+            mask=masks[0].copy(), probability=np.clip(mean[0], 0, 1), uncertainty=np.clip(uncertainty[0], 0, bound)
+        )
+
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict uint8 RGB images of any size (H, W, 3); grayscale (H, W) is accepted too."""
         images = [np.repeat(im[:, :, None], 3, axis=2) if im.ndim == 2 else im[:, :, :3] for im in images]

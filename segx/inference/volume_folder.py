@@ -4,8 +4,9 @@ Inputs (``input_dir``): volume files (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``
 per case, or nnU-Net's ``<case>_0000.nii.gz`` with one file per channel, or one sub-folder per
 DICOM series. Each case is sliced exactly as the members' training data was (their
 ``volumes.json``: slice axis, in-plane spacing, normalisation statistics, 2.5D context), its
-slices are predicted in batches (memory follows a batch of slices, not the volume) and the
-label maps are put back along the slice axis and, where the plan resampled in-plane, back to the
+slices are predicted in batches (the networks' memory follows a batch of slices), decided as one
+case as the search decided it (the members' uint8 probabilities of the volume are held), and the
+label map is put back along the slice axis and, where the plan resampled in-plane, back to the
 scan's own in-plane size (nearest neighbour on the label map). The output keeps the input's
 size, spacing, origin and direction (and a NIfTI input's header): ``masks/<case><ending>`` in
 the input's own format (NIfTI for a DICOM series), holding the dataset's label values. On
@@ -116,22 +117,22 @@ def predict_volume(predictor, volume: Volume, plan: SlicePlan, batch_size: int):
     """(label map of class indices (z, y, x) uint8, mean probabilities, uncertainty) on the
     volume's own grid; probabilities (z, y, x[, K]) float32."""
     sliced = SlicedVolume(volume.array, None, volume.spacing_zyx, plan)
-    masks, probs, uncertainty = [], [], []
-    for start in range(0, sliced.n, batch_size):
-        images = [sliced.image(i) for i in range(start, min(start + batch_size, sliced.n))]
-        for p in predictor.predict(images):
-            masks.append(p.mask.astype(np.uint8))
-            probs.append(p.probability.astype(np.float32))
-            uncertainty.append(p.uncertainty.astype(np.float32))
+    decided = predictor.predict_slices([sliced.image(i) for i in range(sliced.n)], batch_size)
+
+    def planes(stacked: np.ndarray) -> np.ndarray:  # (n * h, w[, K]) -> (n, h, w[, K])
+        return stacked.reshape(sliced.n, stacked.shape[0] // sliced.n, *stacked.shape[1:])
+
+    masks = planes(decided.mask.astype(np.uint8))
+    probs, uncertainty = planes(decided.probability.astype(np.float32)), planes(decided.uncertainty.astype(np.float32))
     axis = plan.slice_axis
-    mask = np.stack(masks)
+    mask = masks
     if mask.shape[1:] != tuple(sliced.plane_shape):
         size = (sliced.plane_shape[1], sliced.plane_shape[0])
         mask = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_NEAREST_EXACT) for m in mask])
     return (
         np.moveaxis(mask, 0, axis),
-        back_to_grid(np.stack(probs), sliced.plane_shape, axis),
-        back_to_grid(np.stack(uncertainty), sliced.plane_shape, axis),
+        back_to_grid(probs, sliced.plane_shape, axis),
+        back_to_grid(uncertainty, sliced.plane_shape, axis),
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from segx.data.labels import IGNORE_INDEX
 from segx.data.ragged import Ragged
-from segx.scoring.metrics import hd95
+from segx.scoring.stacked import case_hd95
 
 
 def confusion_counts(pred, true, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,7 +123,7 @@ def class_metrics(pred, true, names, with_hd95: bool = True, spacing=None) -> di
             keep = t != IGNORE_INDEX
             for c in range(1, k):
                 if tt[i, c] or pp[i, c]:
-                    dist[i, c] = hd95((p == c) & keep, (t == c) & keep, spacing)
+                    dist[i, c] = case_hd95(i, (p == c) & keep, (t == c) & keep, spacing)
         out["hd95"] = foreground_mean(dist, empty=0.0)
         for c in range(1, k):
             out[f"hd95/{names[c]}"] = dist[:, c]
@@ -213,7 +213,7 @@ def region_metrics(pred, truth, names, regions, with_hd95: bool = True, spacing=
             keep = t != IGNORE_INDEX
             for j in range(len(regions)):
                 if tt[i, j] or pp[i, j]:
-                    dist[i, j] = hd95(got[..., j] & keep, table[t][..., j] & keep, spacing)
+                    dist[i, j] = case_hd95(i, got[..., j] & keep, table[t][..., j] & keep, spacing)
         out["hd95"] = foreground_mean(_with_background(dist), empty=0.0)
         for j, name in enumerate(names):
             out[f"hd95/{name}"] = dist[:, j]

@@ -103,7 +103,9 @@ def _distance_to(edge: np.ndarray, rows: float, cols: float) -> np.ndarray:
 
 def hd95_per_case(pred, true, spacing=None) -> np.ndarray:
     pred, true = Ragged.of(pred), Ragged.of(true)
-    return np.array([hd95(p, t, spacing) for p, t in zip(pred, true, strict=True)], np.float64)
+    from segx.scoring.stacked import case_hd95
+
+    return np.array([case_hd95(i, p, t, spacing) for i, (p, t) in enumerate(zip(pred, true, strict=True))], np.float64)
 
 
 def case_metrics(pred, true, with_hd95: bool = True, spacing=None) -> dict[str, np.ndarray]:

@@ -224,19 +224,24 @@ def evaluate(cfg: DictConfig, members: list) -> Evaluation:
     from segx.tracking.provenance import git_sha
 
     record = make_record(members, found, str(e.tta), search_settings(cfg), git_sha(), labels)
-    per_case, preds = score_test_split(members, record, members[0].pixel_spacing)
+    volumes = members[0].volumes
+    spacing = members[0].pixel_spacing
+    if volumes is not None:  # a case is a patient's scan, its slices stacked: HD95 in 3D, in mm
+        from segx.scoring.stacked import StackedVolumes
+
+        spacing = StackedVolumes.of(volumes, members[0].test.stems)
+    per_case, preds = score_test_split(members, record, spacing)
     summary, per_class = summarise_test(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
     per_volume = volume_summary = None
-    volumes = members[0].volumes
-    if volumes is not None:  # a case is a patient's scan: the slices stacked and scored in 3D, in mm
+    if volumes is not None:  # the surface Dice beside them, and every score per class in 3D
         from segx.evaluation.volumes import score_volumes, summarise_volumes
 
         stage("scoring the test split per volume (3D Dice, HD95 and NSD in mm)")
         names = record.labels.names if record.labels is not None else ("background", "foreground")
         test = members[0].test
-        per_volume = score_volumes(preds, test.masks, test.stems, volumes, names, float(volumes["nsd_tolerance_mm"]))
+        per_volume = score_volumes(preds, test.masks, test.stems, spacing, names, float(volumes["nsd_tolerance_mm"]))
         volume_summary = summarise_volumes(per_volume)
     return Evaluation(found, record, per_case, preds, summary, per_class, validation, gain, per_volume, volume_summary)
 

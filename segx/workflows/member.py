@@ -712,7 +712,8 @@ def _log_outputs(client, run_id, model, plan: MemberPlan, prepared, history, bes
         for role in ("val", "test"):
             cases = prepared.cases(role)
             if cases:
-                final.update(_cache_and_score(model, spec, role, cases, tmp, plan.spacing))
+                volumes = _volumes_record(prepared)
+                final.update(_cache_and_score(model, spec, role, cases, tmp, plan.spacing, volumes))
         stage("uploading the cached probabilities; drawing the figures")
         tracking.log_artifact(client, run_id, tmp / "predictions", "predictions")
         if history:
@@ -771,9 +772,13 @@ def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path, volumes:
     return model
 
 
-def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spacing) -> dict[str, float]:
+def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spacing, volumes=None) -> dict[str, float]:
     """The role's cases predicted whole (every TTA mode), their probabilities cached for the
-    ensemble, scored (the role's final metrics), and for validation its figure of cases."""
+    ensemble, scored (the role's final metrics), and for validation its figure of cases.
+
+    ``volumes`` (a volume dataset's record): a case is a patient's scan, so each volume's slices,
+    predicted one by one, are cached, searched and scored as one case (stacked along rows:
+    counts are the volume's, distances measured in 3D in mm)."""
     from segx import models
     from segx.data.ragged import Ragged
     from segx.ensembling.probs import cache_artifact, save_cached
@@ -798,6 +803,16 @@ def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spaci
     masks = Ragged.from_list([np.asarray(c.mask(), task.truth_dtype) for c in cases], task.truth_dtype)
     previews = [plots.thumbnail(np.asarray(c.image())) for c in cases]  # every case: figures pick any
     stems = [c.stem for c in cases]
+    if volumes is not None:
+        from segx.data.volume_prep import group_slices
+        from segx.scoring.stacked import StackedVolumes
+
+        stems, counts = group_slices(stems)
+        by_mode = {mode: probs.stacked(counts) for mode, probs in by_mode.items()}
+        masks = masks.stacked(counts)
+        starts = np.cumsum([0, *counts[:-1]])
+        previews = [previews[start + count // 2] for start, count in zip(starts, counts, strict=True)]  # mid slice
+        spacing = StackedVolumes.of(volumes, stems)
     for mode, mode_probs in by_mode.items():
         save_cached(
             tmp / cache_artifact(role, mode), stems, mode_probs, masks, previews, task.class_names, task.region_names
