@@ -298,7 +298,11 @@ def gain_verdict(cases: int, low: float, high: float) -> str:
     return "not shown to be better: the interval includes zero"
 
 
-def print_report(record: EnsembleRecord, members, val_table, summary, found, gain: Gain | None = None) -> None:
+def print_report(
+    record: EnsembleRecord, members, val_table, summary, found, gain: Gain | None = None, cases: str = "case"
+) -> None:
+    """``cases``: what a case is, for the headings ("case": a 2D image, HD95 in pixels or the
+    pixel spacing's units; "volume": a patient's scan, 3D scores, HD95 in mm)."""
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
 
@@ -312,7 +316,12 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
     )
-    print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
+    units = (
+        "3D Dice/IoU per volume (a patient's scan), HD95 in mm"
+        if cases == "volume"
+        else "Dice/IoU per case, HD95 in pixels"
+    )
+    print(f"\nTest split (never seen by the search): {units}")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
         at = (
@@ -323,7 +332,7 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
         print(
             f"\nEnsemble minus best member ({gain.best_member}, best on validation, {at}), test Dice: "
             f"{gain.diff:+.4f}, 95% paired bootstrap interval [{gain.low:+.4f}, {gain.high:+.4f}] "
-            f"over {gain.cases} cases, {gain.resamples} resamples: {gain.verdict}."
+            f"over {gain.cases} {cases}s, {gain.resamples} resamples: {gain.verdict}."
         )
         print(
             f"Selection optimism (validation minus test Dice): ensemble {gain.ensemble_optimism:+.4f}, "

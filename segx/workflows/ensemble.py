@@ -160,11 +160,12 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
         _log_ensemble(client, run_id, cfg, members, result, Path(tmp))
     _name_in_members(client, members, run_id)
     record = result.record.with_run_id(run_id)
-    print_report(record, members, result.validation, result.summary, result.found, result.gain)
+    cases = "volume" if members[0].volumes is not None else "case"
+    print_report(record, members, result.validation, result.summary, result.found, result.gain, cases)
     if result.volume_summary is not None:
         shown = [c for c in ("volumes", "dice", "iou", "hd95", "nsd") if c in result.volume_summary.columns]
         tolerance = members[0].volumes["nsd_tolerance_mm"]
-        print(f"\nTest split per volume (3D Dice/IoU per patient's scan, HD95 in mm, NSD at {tolerance:g} mm)")
+        print(f"\nTest split per volume with the normalised surface Dice (NSD) at {tolerance:g} mm")
         print(result.volume_summary[shown].to_string(float_format=lambda v: f"{v:.4f}"))
     return record
 
