@@ -161,3 +161,36 @@ def test_the_search_scores_volumes_in_3d_as_brute_force_does(volume_store, tmp_p
     # The multi-class objective: per class the mean over the volumes that count it, then over classes.
     expected = float(np.nanmean(np.nanmean(np.array(per_class), axis=0)))
     assert ensembles[0].data.metrics["val/dice"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_predict_on_a_dicom_series_writes_nifti_on_its_grid_equal_to_the_nifti_prediction(volume_store, tmp_path):
+    """The test patient's scan as a DICOM series (file names and InstanceNumbers shuffled), one
+    sub-folder: segx.predict reads it in slice-position order, in HU, and writes masks/<series>.nii.gz
+    on the series' grid, holding the labels it writes for the same scan as NIfTI."""
+    import SimpleITK as sitk
+
+    from segx.workflows.predict import run_predict
+    from tests.helpers import ct_series
+
+    out, root, record = volume_store
+    split = json.loads(next((out / "splits").glob("synthetic_volumes*.json")).read_text())
+    case = split["test"][0]
+    scan = root / "imagesTr" / f"{case}_0000.nii.gz"
+    image = sitk.ReadImage(str(scan))
+    inputs = {"dicom": tmp_path / "dicom", "nifti": tmp_path / "nifti"}
+    ct_series(inputs["dicom"] / case, sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+              image.GetDirection(), shuffle=5)  # fmt: skip
+    inputs["nifti"].mkdir()
+    shutil.copy(scan, inputs["nifti"] / scan.name)
+    written = {}
+    for kind, folder in inputs.items():
+        cfg = compose_config(
+            "predict",
+            [*store_overrides(out), f"ensemble_run_id={record.run_id}", f"input_dir={folder}",
+             f"output_dir={tmp_path / ('pred-' + kind)}"],
+        )  # fmt: skip
+        assert run_predict(cfg) == 1
+        written[kind] = read_volume(tmp_path / f"pred-{kind}" / "masks" / f"{case}.nii.gz", 10**8)
+    assert written["dicom"].geometry.difference(read_volume(inputs["dicom"] / case, 10**8).geometry) is None
+    assert written["dicom"].geometry.difference(written["nifti"].geometry) is None
+    assert np.array_equal(written["dicom"].array, written["nifti"].array)
