@@ -82,6 +82,7 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
         fingerprint_parts={**ref.fingerprint_parts, "split": cv_fp, "data": cv_fp},
         folds=[runs[f].info.run_id for f in sorted(runs)],
         labels=ref.labels,
+        volumes=ref.volumes,  # every fold sliced the volumes by one plan (the data fingerprint says so)
     )
 
 
