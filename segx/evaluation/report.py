@@ -257,12 +257,6 @@ def plot_ensemble(
         shown, labels = list(range(min(len(test.previews), preview_cases))), None
         what = f"the first {min(len(test.previews), preview_cases)} of {len(test.stems)} cases"
     if shown:
-        colours = None
-        if test.classes is not None:
-            from segx.inference.overlay import class_colours
-
-            record_labels = members[0].labels or {}
-            colours = class_colours(len(test.classes), record_labels.get("colours"))
         plot_cases(
             ShownCases(
                 [test.previews[i] for i in shown],
@@ -276,7 +270,7 @@ def plot_ensemble(
             n=len(shown),
             title=f"test split (never seen by the search): {what}",
             classes=test.classes,
-            colours=colours,
+            colours=task.palette,  # the data's palette, or segx's colours (one structure: none drawn)
         )
 
 

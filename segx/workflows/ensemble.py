@@ -306,7 +306,7 @@ def _chosen_params(names: list[str], found: SearchOutcome, record: EnsembleRecor
         "chosen.postprocess": found.postprocess.describe(),
         **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
         **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
-        **({"chosen.classes": ",".join(record.labels.names)} if record.labels is not None else {}),
+        **record.task.run_params(),
     }
 
 
