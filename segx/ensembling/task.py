@@ -185,6 +185,11 @@ class Task(ABC):
 
         return GraphDecision(threshold_cut=cut(float(record.threshold), record.weights.denominator))
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The names of a label map's values, background first (what a per-class table lists)."""
+        return ("background", "foreground")
+
     def encode(self, label_map: np.ndarray) -> np.ndarray:
         """One case's label map in the data's own encoding, as a served request returns it:
         0/1 uint8 for one structure, the mask values (or palette colours) of data.labels else."""
@@ -461,6 +466,10 @@ class ClassesTask(Task):
 
         post = {self.labels.index(name): p for name, p in record.class_postprocess.items()}
         return apply_classes(argmax_labels(score), post)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.labels.names)
 
     def encode(self, label_map: np.ndarray) -> np.ndarray:
         return self.labels.decode(label_map)

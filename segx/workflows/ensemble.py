@@ -240,7 +240,7 @@ def evaluate(cfg: DictConfig, members: list) -> Evaluation:
         from segx.evaluation.volumes import score_volumes, summarise_volumes
 
         stage("scoring the test split per volume (3D Dice, HD95 and NSD in mm)")
-        names = record.labels.names if record.labels is not None else ("background", "foreground")
+        names = record.task.label_names
         test = members[0].test
         per_volume = score_volumes(preds, test.masks, test.stems, spacing, names, float(volumes["nsd_tolerance_mm"]))
         volume_summary = summarise_volumes(per_volume)
