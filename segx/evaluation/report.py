@@ -310,11 +310,11 @@ def print_report(
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
     )
-    units = (
-        "3D Dice/IoU per volume (a patient's scan), HD95 in mm"
-        if cases == "volume"
-        else "Dice/IoU per case, HD95 in pixels"
-    )
+    if cases == "volume":
+        units = "3D Dice/IoU per volume (a patient's scan), HD95 in mm"
+    else:
+        spaced = getattr(members[0], "pixel_spacing", None) is not None
+        units = f"Dice/IoU per case, HD95 in {'data.pixel_spacing units' if spaced else 'pixels'}"
     print(f"\nTest split (never seen by the search): {units}")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
