@@ -34,6 +34,7 @@ class Member:
     labels: dict | None = None
     # Trained on volumes: the slice plan and each case's grid (model/volumes.json); None for 2D.
     volumes: dict | None = None
+    nsd_tolerance_mm: float = 1.0  # data.nsd_tolerance_mm: the surface Dice's tolerance
 
     @property
     def label(self) -> str:
