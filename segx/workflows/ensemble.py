@@ -5,6 +5,7 @@ imports. Usage: :mod:`segx.ensemble` (``python -m segx.ensemble``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -225,10 +226,20 @@ def evaluate(cfg: DictConfig, members: list) -> Evaluation:
     """The search on validation, the record of its choice, and the test split scored."""
     e = cfg.ensemble
     labels = _common_labels(members, str(e.tta))
-    found = run_search(members, search_settings(cfg))
+    settings = search_settings(cfg)
+    if members[0].volumes is not None and settings.postprocess:
+        # Connected components of a volume's stacked slices are not its 3D objects: "keep the
+        # largest" would keep one slice of an organ. Until components are counted in 3D, none.
+        print(
+            "segx: note: post-processing is not searched for volumes (components would be counted per slice, "
+            "not in 3D); ensemble.postprocess=false is applied",
+            flush=True,
+        )
+        settings = dataclasses.replace(settings, postprocess=False)
+    found = run_search(members, settings)
     from segx.tracking.provenance import git_sha
 
-    record = make_record(members, found, str(e.tta), search_settings(cfg), git_sha(), labels)
+    record = make_record(members, found, str(e.tta), settings, git_sha(), labels)
     from segx.scoring.stacked import PlanarCases, StackedVolumes
 
     volumes, spacing = members[0].volumes, members[0].pixel_spacing
