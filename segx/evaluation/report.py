@@ -312,7 +312,15 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
     )
-    print("\nTest split (never seen by the search): Dice/IoU per case, HD95 in pixels")
+    first = members[0]
+    if getattr(first, "volumes", None) is not None:
+        case, unit = "per volume (3D)", "in mm"
+    else:
+        case, unit = (
+            "per case",
+            "in pixels" if getattr(first, "pixel_spacing", None) is None else "in data.pixel_spacing units",
+        )
+    print(f"\nTest split (never seen by the search): Dice/IoU {case}, HD95 {unit}")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
         at = (
