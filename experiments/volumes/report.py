@@ -204,8 +204,8 @@ def _flow(s: dict) -> list[str]:
         + f" ({len(written)} checked with nibabel).",
         "",
     ]
-    if s.get("volume_table"):
-        out += ["What segx.ensemble printed for the test split:", "", "```", *s["volume_table"], "```", ""]
+    if s.get("printed_report"):
+        out += ["What segx.ensemble printed at the end:", "", "```", *s["printed_report"], "```", ""]
     return out
 
 
@@ -266,6 +266,39 @@ def _mr(s: dict) -> list[str]:
     return out
 
 
+def _stacked(s: dict) -> list[str]:
+    out = [
+        "## Finding: post-processing a volume works on its stacked slices (2D components), not in 3D",
+        "",
+        "`experiments/volumes/stacked_postprocess.py`. Since 831e37d a volume is one case: its slices are "
+        "stacked along rows, (n x h, w), through the search and `EnsemblePredictor.predict_slices` "
+        "(`segx/inference/predictor.py`), and the post-processing the search chooses "
+        "(`segx/scoring/postprocess.py`, `apply_one`: OpenCV connected components, 8-connected, line 52) runs on "
+        "that stacked image. Its components are therefore 2D pieces of single slices, and the last row of one slice "
+        "touches the first row of the next (opposite edges of the field of view). On hand-built volumes, against "
+        "26-connected 3D components (`scipy.ndimage.label`):",
+        "",
+        "| volume, post-processing | voxels | kept, stacked (per slice) | kept, 3D components (per slice) |",
+        "|---|---|---|---|",
+    ]
+    for c in s["cases"]:
+        out.append(
+            f"| {c['case']} | {c['voxels']} | {c['kept_stacked']} ({c['per_slice_stacked']}) | {c['kept_3d']} "
+            f"({c['per_slice_3d']}) |"
+        )
+    out += [
+        "",
+        "So `keep-largest` on a volume keeps the largest cross-section of one slice, and `remove<N px` counts "
+        "pixels of one slice's piece (joined with the neighbouring slice's opposite edge), not voxels of a 3D "
+        "object. Search and prediction agree (both stacked), so what is written is what was scored; but the "
+        "options do not mean on volumes what their names say, and nnU-Net's keep-largest works on 3D components. "
+        "The search would rarely pick keep-largest on volumes (it would lower validation Dice). Not changed here: "
+        "it needs a decision (3D components per volume, or post-processing off for volumes).",
+        "",
+    ]
+    return out
+
+
 def render(results: dict) -> str:
     lines = [
         "# Volumes: memory, inference speed, 2D against 2.5D, the flow, a real MR scan (issue 29)",
@@ -276,7 +309,14 @@ def render(results: dict) -> str:
         "",
         *_machine(results),
     ]
-    parts = (("memory", _memory), ("speed", _speed), ("context", _context), ("flow", _flow), ("mr_demo", _mr))
+    parts = (
+        ("memory", _memory),
+        ("speed", _speed),
+        ("context", _context),
+        ("flow", _flow),
+        ("mr_demo", _mr),
+        ("stacked_postprocess", _stacked),
+    )
     for key, part in parts:
         if key in results:
             lines += part(results[key])
