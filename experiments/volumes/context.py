@@ -4,8 +4,8 @@
                                           [--side 48] [--depth 12] [--resamples 2000]
 
 ``data=synthetic_volumes`` with ``--cases`` volumes of ``--side`` x ``--side`` x ``--depth``
-voxels (0.8 x 0.8 x 3 mm, generator seed 0), one split file shared by both arms (half the cases
-train, a sixth validation, a third test). Each arm is one command from an empty store:
+voxels (0.8 x 0.8 x 3 mm, generator seed 0), one split file shared by both arms (24 cases: 10
+train, 4 validation, 10 test: segx's own gain verdict wants at least 10 test cases). Each arm is one command from an empty store:
 
     python -m segx.ensemble data=synthetic_volumes data.context_slices=K ensemble.train_missing=true
         ensemble.members=[resnet18,mobilenetv2] ensemble.train_overrides=['trainer.epochs=E']
@@ -46,7 +46,7 @@ def main() -> None:
     work = Path(args.work) / "context"
     shutil.rmtree(work, ignore_errors=True)
     ids = cases(args.cases)
-    n_val, n_test = max(2, args.cases // 6), max(2, args.cases // 3)
+    n_val, n_test = max(2, args.cases // 6), max(2, args.cases * 5 // 12)  # 24 cases: 10 train, 4 val, 10 test
     split = write_split(work / "split.json", ids[n_val + n_test :], ids[:n_val], ids[n_val : n_val + n_test])
     root = work / "data"
     arms = {}

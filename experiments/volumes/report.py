@@ -79,6 +79,41 @@ def _memory(s: dict) -> list[str]:
             f"RSS x{ratio:.3f}: {verdict}."
         )
     out.append("")
+    deep = sorted(s.get("deep", []), key=lambda r: r["depth"])
+    if deep:
+        out += [
+            "One scan, growing depth (the same one-member ensemble; `segx.predict`, batch 8, masks and uncertainty). "
+            "The issue asks that inference memory follow a batch of slices, not the volume:",
+            "",
+            "| scan voxels | slices | peak RSS MiB | wall s |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['side']} x {r['side']} x {r['depth']} | {r['depth']} | {r['peak_rss_mib']:.0f} | "
+                f"{r['wall_s']:.1f} |"
+                for r in deep
+            ),
+            "",
+        ]
+        if len(deep) >= 2:
+            a, b = deep[0], deep[-1]
+            grow = b["peak_rss_mib"] - a["peak_rss_mib"]
+            per = grow / ((b["voxels"] - a["voxels"]) / 1e6)
+            follows = b["peak_rss_mib"] > 1.05 * a["peak_rss_mib"]
+            verdict = "memory follows the volume, not a batch" if follows else "within 5%: memory follows a batch"
+            why = (
+                " This is what the code says: `predict_volume` (`segx/inference/volume_folder.py`) builds every "
+                "slice of the volume before it predicts (`[sliced.image(i) for i in range(sliced.n)]`), and "
+                "`EnsemblePredictor.predict_slices` (`segx/inference/predictor.py`) holds every member's "
+                "probabilities of the whole volume to decide it as one case, then the float32 mean probabilities and "
+                "uncertainty of the volume are made."
+                if follows
+                else ""
+            )
+            out += [
+                f"- {b['depth'] // a['depth']}x the slices: peak RSS x{b['peak_rss_mib'] / a['peak_rss_mib']:.3f} "
+                f"({grow:+.0f} MiB, {per:.0f} MiB per million voxels): {verdict}.{why}",
+                "",
+            ]
     return out
 
 
@@ -114,11 +149,27 @@ def _speed(s: dict) -> list[str]:
         f"at the start, {_load(s['load_end'])} at the end.",
         "",
         f"The two paths' labels agree on {100 * s['voxels_equal_fraction']:.4f}% of voxels ({s['volumes_identical']} "
-        f"of {s['volumes']} volumes identical). They need not agree everywhere: the volume path decides a volume as "
-        "one case (its slices stacked, as the search cached them: threshold and post-processing of the stacked "
-        "case), the 2D path decides each slice alone.",
+        f"of {s['volumes']} volumes identical). They can differ only where the ensemble's post-processing acts: "
+        "the volume path decides each volume as one case (its slices stacked, as the search cached them), the 2D "
+        "path each slice alone. The network arm always ran third; it decides each batch of slices on its own, the "
+        "volume arm each volume once, and the 2D arm reads and writes one PNG per slice where the volume arm reads "
+        "and writes one NIfTI per scan.",
         "",
     ]
+
+
+def _sides(compare: dict) -> str:
+    worse = [m for m, e in compare.items() if e["bootstrap"]["high"] < 0]
+    better = [m for m, e in compare.items() if e["bootstrap"]["low"] > 0]
+    unclear = [m for m in compare if m not in worse and m not in better]
+    parts = []
+    if worse:
+        parts.append(f"2.5D is worse, the whole interval below 0, for {', '.join(worse)}")
+    if better:
+        parts.append(f"2.5D is better, the whole interval above 0, for {', '.join(better)}")
+    if unclear:
+        parts.append(f"the interval includes 0 for {', '.join(unclear)}")
+    return "Over all rows: " + "; ".join(parts) + "."
 
 
 def _context(s: dict) -> list[str]:
@@ -163,7 +214,9 @@ def _context(s: dict) -> list[str]:
         out += [
             "",
             f"The ensemble's difference is {b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] over {b['cases']} "
-            f"test volumes: {verdict}. This is one seed of one synthetic generator (ellipsoid organs, noise), "
+            f"test volumes: {verdict}. "
+            + _sides(c)
+            + " This is one seed of one synthetic generator (ellipsoid organs, noise), "
             f"{sp['test']} test volumes and {s['epochs']} epochs: it supports no general claim about 2.5D input, "
             "only about this setting.",
         ]
@@ -322,6 +375,17 @@ def render(results: dict) -> str:
             lines += part(results[key])
         else:
             lines += [f"## {key}: not run yet", ""]
+    lines += [
+        "## Fixed in segx on this branch (separate commits)",
+        "",
+        "- `segx/inference/volume_folder.py`, `planned()`: it always listed `ensemble.json` among the files to move "
+        "into place, but `predict_volume_folder` writes the record only when one is given, so a call with "
+        "`record=None` (as speed.py makes) predicted every volume and then failed with `FileNotFoundError` on "
+        "`.segx-partial-*/ensemble.json`. `segx.predict` always passes a record, so the command was not affected.",
+        '- `segx/evaluation/report.py`, `print_report`: the test table\'s heading said "HD95 in pixels" for volume '
+        "members, whose HD95 there is in mm, in 3D per volume (and for `data.pixel_spacing`, in its units).",
+        "",
+    ]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]
     return "\n".join(lines)
