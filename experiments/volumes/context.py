@@ -25,9 +25,31 @@ import shutil
 import time
 from pathlib import Path
 
-from common import WORK, artifact, cases, ensemble_run_id, run_segx, save, store, write_split
+from common import HERE, WORK, artifact, cases, ensemble_run_id, run_segx, save, store, write_split
+
+from segx.benchmark.helpers import read_results
 
 CLASSES = ("liver", "kidney_left", "kidney_right")
+
+
+def history(previous: dict | None) -> list[dict]:
+    """Every earlier run's differences (the previous run's history plus the previous run), kept
+    beside this run's: with one seed of synthetic data, how much a rerun moves them matters."""
+    if not previous or not previous.get("compare"):
+        return []
+    runs = list(previous.get("history", []))
+    runs.append(
+        {
+            "finished": previous.get("finished"),
+            "split": previous.get("split"),
+            "epochs": previous.get("epochs"),
+            "compare": {
+                m: {"dice_2d": e["dice_2d"], "dice_2.5d": e["dice_2.5d"], "bootstrap": e["bootstrap"]}
+                for m, e in previous["compare"].items()
+            },
+        }
+    )
+    return runs
 
 
 def main() -> None:
@@ -92,7 +114,9 @@ def main() -> None:
                 case: {"2d": float(b.loc[case, "dice"]), "2.5d": float(a.loc[case, "dice"])} for case in a.index
             }
         compare[method] = entry
+    previous = read_results(HERE, required=False).get("context")
     payload = {
+        "history": history(previous),
         "cases": args.cases,
         "split": {"train": len(ids) - n_val - n_test, "val": n_val, "test": n_test},
         "side": args.side,

@@ -34,7 +34,26 @@ import subprocess
 import sys
 import time
 
-from common import REPO, WORK, cases, ensemble_run_id, link_images, run_segx, save, store, write_split
+from common import HERE, REPO, WORK, cases, ensemble_run_id, link_images, run_segx, save, store, write_split
+
+from segx.benchmark.helpers import read_results
+
+
+def history(previous: dict | None) -> list[dict]:
+    """The peaks of every earlier run of this script (kept, so the run-to-run spread can be read
+    beside this run's figures): the previous run's history plus the previous run itself."""
+    if not previous or not previous.get("train"):
+        return []
+    runs = list(previous.get("history", []))
+    runs.append(
+        {
+            "finished": previous.get("finished"),
+            "train": {f"{r['mode']}-{r['volumes']}": r["peak_rss_mib"] for r in previous["train"]},
+            "predict": {str(r["volumes"]): r["peak_rss_mib"] for r in previous.get("predict", [])},
+            "deep": {str(r["depth"]): r["peak_rss_mib"] for r in previous.get("deep", [])},
+        }
+    )
+    return runs
 
 
 def data_overrides(root, n: int, side: int, depth: int) -> list[str]:
@@ -61,6 +80,7 @@ def main() -> None:
     modes = ["resize"] if args.quick else args.modes.split(",")
     started = time.perf_counter()
     payload = {"sizes": sizes, "modes": modes, "side": args.side, "depth": args.depth, "train": [], "predict": []}
+    payload["history"] = history(read_results(HERE, required=False).get("memory"))
     for mode in modes:
         for n in sizes:
             root = work / "data" / f"n{n}"
@@ -115,6 +135,7 @@ def main() -> None:
         save("memory", payload)
     payload["ensemble_run_id"] = run_id
     payload["total_s"] = time.perf_counter() - started
+    payload["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save("memory", payload)
     print(f"memory: done in {payload['total_s']:.0f} s", flush=True)
 
