@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import shlex
 import shutil
 import sqlite3
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import SimpleITK as sitk
 import yaml
 
 from segx.data.ragged import Ragged
@@ -200,3 +202,50 @@ def ensemble_run(client, experiment: str, record: dict | None, name: str) -> str
             (folder / "ensemble.json").write_text(json.dumps(record))
             tracking.log_artifact(client, run_id, folder / "ensemble.json")
     return run_id
+
+
+# -- DICOM ----------------------------------------------------------------------------------------
+
+
+def ct_series(
+    folder: Path,
+    hu: np.ndarray,
+    spacing,
+    origin,
+    direction,
+    uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    shuffle: int | None = None,
+) -> Path:
+    """A CT series of ``hu`` (z, y, x) on that grid (ITK order), one file per slice (SimpleITK's "DICOM series from array" example): stored
+    values hu + 1024 (RescaleIntercept -1024, slope 1). ``shuffle`` permutes the file names and
+    InstanceNumbers, so neither follows the slice positions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = sitk.GetImageFromArray(hu)
+    volume.SetSpacing(spacing)
+    volume.SetOrigin(origin)
+    volume.SetDirection(direction)
+    order = list(range(hu.shape[0]))
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(order)
+    d = direction
+    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(hu.shape[0]):
+        plane = volume[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
+            "0020|000e": uid,
+            "0008|0018": f"{uid}.{order[k] + 1}",
+            "0020|0037": orientation,
+            "0020|0032": "\\".join(f"{v:.10g}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0013": str(order[k] + 1),
+            "0028|1053": "1",
+            "0028|1052": "-1024",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"im{order[k]:04d}.dcm"))
+        writer.Execute(plane)
+    return folder

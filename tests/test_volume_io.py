@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 
 from segx.data.volume_io import Geometry, dicom_series, read_label_volume, read_volume, write_label_volume
 from segx.errors import SegxError
+from tests.helpers import ct_series
 
 MAX = 10**6
 SHAPE = (5, 12, 8)  # numpy (z, y, x); ITK size (8, 12, 5)
@@ -64,42 +64,10 @@ def write_series(
     hu: np.ndarray,
     direction=LPS,
     uid: str = "1.2.826.0.1.3680043.2.1125.1",
-    shuffle: int | None = None,
+    shuffle=None,
     spacing=SPACING,
 ) -> Path:
-    """A CT series, one file per slice (SimpleITK's "DICOM series from array" example): stored
-    values hu + 1024 (RescaleIntercept -1024, slope 1). ``shuffle`` permutes the file names and
-    InstanceNumbers, so neither follows the slice positions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    volume = sitk.GetImageFromArray(hu)
-    volume.SetSpacing(spacing)
-    volume.SetOrigin(ORIGIN)
-    volume.SetDirection(direction)
-    order = list(range(hu.shape[0]))
-    if shuffle is not None:
-        random.Random(shuffle).shuffle(order)
-    d = direction
-    orientation = "\\".join(f"{v:.10g}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(hu.shape[0]):
-        plane = volume[:, :, k]
-        tags = {
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
-            "0020|000e": uid,
-            "0008|0018": f"{uid}.{order[k] + 1}",
-            "0020|0037": orientation,
-            "0020|0032": "\\".join(f"{v:.10g}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0013": str(order[k] + 1),
-            "0028|1053": "1",
-            "0028|1052": "-1024",
-        }
-        for tag, value in tags.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"im{order[k]:04d}.dcm"))
-        writer.Execute(plane)
-    return folder
+    return ct_series(folder, hu, spacing, ORIGIN, direction, uid, shuffle)
 
 
 def assert_geometry(geometry: Geometry, direction, spacing=SPACING, origin=ORIGIN) -> None:

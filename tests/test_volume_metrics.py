@@ -341,3 +341,29 @@ def test_imports_neither_tensorflow_nor_simpleitk():
     code = "import segx.scoring.volume_metrics, sys; print(sorted({'tensorflow', 'SimpleITK'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_2d_ensemble_gains_the_surface_dice_where_a_pixel_spacing_is_given(tmp_path):
+    """segx.ensemble's evaluation of members with data.pixel_spacing: a per-case table with the
+    NSD at their tolerance, equal to surface_dice on the ensemble's own test masks."""
+    import dataclasses
+
+    from segx.workflows.ensemble import _metrics, evaluate
+    from tests.conftest import compose_config, store_overrides
+    from tests.helpers import member
+
+    members = [
+        dataclasses.replace(member(f"run{i}", seed=i), pixel_spacing=(0.5, 0.25), nsd_tolerance_mm=0.6)
+        for i in range(2)
+    ]
+    cfg = compose_config("ensemble", [*store_overrides(tmp_path), "ensemble.members=[resnet18,mobilenetv2]"])
+    result = evaluate(cfg, members)
+    table = result.per_volume
+    assert set(table["case"]) == {"t1", "t2"} and {"nsd", "dice", "hd95"} <= set(table.columns)
+    truth = members[0].test.masks
+    for i, case in enumerate(("t1", "t2")):
+        expected = vm.surface_dice(np.asarray(result.preds["ensemble"][i]), np.asarray(truth[i]), (0.5, 0.25), 0.6)
+        row = table[(table.method == "ensemble") & (table.case == case)]
+        assert row["nsd"].iloc[0] == pytest.approx(expected)
+    metrics = _metrics(result)
+    assert "test/nsd" in metrics and "test3d/dice" not in metrics

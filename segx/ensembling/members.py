@@ -34,6 +34,7 @@ class Member:
     labels: dict | None = None
     # Trained on volumes: the slice plan and each case's grid (model/volumes.json); None for 2D.
     volumes: dict | None = None
+    nsd_tolerance_mm: float = 1.0  # data.nsd_tolerance_mm: the surface Dice's tolerance
 
     @property
     def label(self) -> str:
@@ -70,11 +71,11 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
     shapes = np.array([fold_vals[where[s][0]].probs.shapes[where[s][1]] for s in stems], np.int64).reshape(-1, 2)
     n_pixels = int((shapes[:, 0] * shapes[:, 1]).sum())
     path.parent.mkdir(parents=True, exist_ok=True)
-    classes = fold_vals[0].classes  # several classes: (pixels, K) probabilities and label maps
-    regions = fold_vals[0].regions  # regions: (pixels, R) probabilities
-    tail = () if classes is None else (len(regions) if regions else len(classes),)
-    probs = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_pixels, *tail))
-    masks = np.zeros(n_pixels, bool if classes is None else np.uint8)
+    # The folds' own layout: (pixels,) probabilities and bool masks for one structure, (pixels, K)
+    # or (pixels, R) probabilities and label maps for classes or regions.
+    first = fold_vals[0]
+    probs = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_pixels, *first.probs.flat.shape[1:]))
+    masks = np.zeros(n_pixels, first.masks.flat.dtype)
     out_probs, out_masks = Ragged(probs, shapes), Ragged(masks, shapes)
     for j, stem in enumerate(stems):
         k, i = where[stem]
@@ -86,7 +87,7 @@ def assemble_out_of_fold(fold_vals: Sequence, path: Path):
         previews = Ragged.from_list([fold_vals[where[s][0]].previews[where[s][1]] for s in stems], np.uint8)
     else:
         previews = Ragged(np.zeros((0, 3), np.uint8), np.zeros((0, 2), np.int64))
-    return Cached(stems, out_probs, out_masks, previews, classes, regions)
+    return Cached(stems, out_probs, out_masks, previews, first.classes, first.regions)
 
 
 def view_of(params: dict) -> dict:

@@ -251,7 +251,7 @@ def save_cached(
             path, format=np.int64(CACHE_FORMAT), masks=np.packbits(np.asarray(masks.flat, bool)), **common
         )
     else:
-        channels = len(regions) if regions else len(classes)
+        channels = _channels(classes, regions)
         if probs.flat.ndim != 2 or probs.flat.shape[1] != channels:
             raise ValueError(f"probabilities hold {probs.flat.shape[1:]} channels, {channels} are named")
         np.savez_compressed(
@@ -263,6 +263,11 @@ def save_cached(
             **common,
         )
     return path
+
+
+def _channels(classes: Sequence[str], regions: Sequence[str] | None) -> int:
+    """Format 3's probability channels: one per region where the cache names regions, else one per class."""
+    return len(regions) if regions else len(classes)
 
 
 @dataclass
@@ -369,13 +374,13 @@ def load_cached(
                 if packed.dtype != np.uint8 or packed.shape != (n_pixels,) or len(classes) < 2:
                     raise ValueError("label maps do not match the shapes")
                 masks = packed
+                probs_shape: tuple[int, ...] = (n_pixels, _channels(classes, regions))
             else:
                 if packed.dtype != np.uint8 or packed.shape != ((n_pixels + 7) // 8,):
                     raise ValueError("masks do not match the shapes")
                 masks = np.unpackbits(packed, count=n_pixels).astype(bool)
+                probs_shape = (n_pixels,)
             previews = Ragged(data["previews"], data["preview_shapes"])
-        channels = len(regions) if regions else len(classes) if classes else 0
-        probs_shape = (n_pixels,) if classes is None else (n_pixels, channels)
         target = Path(workdir or path.parent)
         target.mkdir(parents=True, exist_ok=True)
         out = target / f"{path.stem}.{key}.probs.npy"

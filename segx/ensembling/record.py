@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from segx.data.labels import Labels
 from segx.data.view import View
 from segx.ensembling.probs import MAX_DENOMINATOR, Weights
+from segx.ensembling.task import Task, task_for, task_of_record
 from segx.errors import SegxError
 from segx.scoring.postprocess import PostProcess
 from segx.tta import TTA_MODES
@@ -361,13 +362,7 @@ class EnsembleRecord:
 
     def to_json(self) -> dict:
         """The record as JSON: what :func:`make_record` writes, or the JSON it was read from."""
-        named = None
-        if self.labels is not None:
-            named = {
-                **self.labels.to_record(),
-                **({"flip_swap": list(self.flip_swap)} if self.flip_swap is not None else {}),
-                **({"no_flip_tta": True} if self.no_flip_tta else {}),
-            }
+        named = self.task.labels_record(self.flip_swap, self.no_flip_tta)
         full = {
             "format": "segx-ensemble",
             "version": self.version,
@@ -398,9 +393,10 @@ class EnsembleRecord:
             if self.run_id is not None and "run_id" not in out:
                 out["run_id"] = self.run_id
             return out
-        # Written by segx: make_record's keys (class_postprocess with the classes, region_thresholds
-        # for regions, run_id once logged, versions 1-2's image_size and resize_mode where set).
-        if self.labels is None:
+        # Written by segx: make_record's keys (class_postprocess from version 4, the records that name
+        # classes; region_thresholds for regions, run_id once logged, versions 1-2's image_size and
+        # resize_mode where set).
+        if self.version < CLASSES_RECORD_VERSION:
             del full["class_postprocess"]
         if not self.region_thresholds:
             del full["region_thresholds"]
@@ -425,9 +421,14 @@ class EnsembleRecord:
         return [m.view for m in self.members]
 
     @property
+    def task(self) -> Task:
+        """The kind of segmentation the members make (one structure where ``labels`` is None)."""
+        return task_for(self.labels)
+
+    @property
     def n_outputs(self) -> int:
         """Output channels per network: 1 (a sigmoid) for one structure, K for K classes, R for R regions."""
-        return 1 if self.labels is None else self.labels.n_outputs
+        return self.task.n_outputs
 
     @property
     def chosen_method(self) -> str | None:
@@ -489,6 +490,8 @@ def make_record(
     sha, dirty = git
     chosen = found.chosen
     weights = found.weights
+    task = task_of_record(labels)
+    swap = (labels or {}).get("flip_swap")
     return EnsembleRecord(
         members=tuple(
             RecordMember(
@@ -502,13 +505,13 @@ def make_record(
             )
             for m, w, k in zip(members, weights.floats, weights.counts, strict=True)
         ),
-        threshold=None if labels is not None else chosen.threshold,
-        version=RECORD_VERSION if labels is None else CLASSES_RECORD_VERSION,
+        threshold=chosen.threshold if task.one_threshold else None,
+        version=task.record_version,
         weight_denominator=weights.denominator,
-        labels=None if labels is None else Labels.from_record(labels),
-        flip_swap=None if labels is None or labels.get("flip_swap") is None else tuple(labels["flip_swap"]),
-        no_flip_tta=bool(labels is not None and labels.get("no_flip_tta")),
-        class_postprocess=dict(found.class_postprocess) if labels is not None else {},
+        labels=task.labels,
+        flip_swap=None if swap is None else tuple(swap),
+        no_flip_tta=bool((labels or {}).get("no_flip_tta")),
+        class_postprocess=dict(found.class_postprocess),  # the task's finish: empty for one structure
         region_thresholds=dict(found.region_thresholds),
         postprocess=found.postprocess,
         tta=str(tta),

@@ -185,6 +185,11 @@ class Task(ABC):
 
         return GraphDecision(threshold_cut=cut(float(record.threshold), record.weights.denominator))
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The names of a label map's values, background first (what a per-class table lists)."""
+        return ("background", "foreground")
+
     def encode(self, label_map: np.ndarray) -> np.ndarray:
         """One case's label map in the data's own encoding, as a served request returns it:
         0/1 uint8 for one structure, the mask values (or palette colours) of data.labels else."""
@@ -209,6 +214,40 @@ class Task(ABC):
             "own chosen threshold; test: members at 0.5, the ensemble at its threshold; every score on whole images "
             "at their own size."
         )
+
+    # --- what the runs and records say about the kind ---------------------------------------
+    @property
+    def record_version(self) -> int:
+        """The format version of the ensemble record this kind writes (:mod:`segx.ensembling.record`):
+        3 for one structure, which every segx since 0.2 reads."""
+        from segx.ensembling.record import RECORD_VERSION
+
+        return RECORD_VERSION
+
+    def labels_record(self, flip_swap=None, no_flip_tta: bool = False) -> dict | None:
+        """What a member's run (its labels tag, its logged model's info) and an ensemble's record
+        say about the classes (their ``labels``): None for one structure, which names none."""
+        return None
+
+    def flip_outputs(self, swap) -> tuple[list[int] | None, bool]:
+        """(the permutation of a member's outputs under a horizontal flip, whether flip TTA cannot
+        be undone) for data.flip_swap's table ``swap`` (:meth:`Labels.swap_table`): one structure
+        has no classes to swap."""
+        return None, False
+
+    @property
+    def sided(self) -> list[str]:
+        """The class names that say left or right (a horizontal flip swaps them): none here."""
+        return []
+
+    @property
+    def palette(self) -> tuple | None:
+        """The classes' colours in the data (data.palette), for figures; None: segx's own colours."""
+        return None
+
+    def run_params(self) -> dict[str, str]:
+        """What the kind adds to an ensemble run's ``chosen.*`` params (segx.info reads them back)."""
+        return {}
 
 
 class BinaryTask(Task):
@@ -428,6 +467,10 @@ class ClassesTask(Task):
         post = {self.labels.index(name): p for name, p in record.class_postprocess.items()}
         return apply_classes(argmax_labels(score), post)
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.labels.names)
+
     def encode(self, label_map: np.ndarray) -> np.ndarray:
         return self.labels.decode(label_map)
 
@@ -453,6 +496,40 @@ class ClassesTask(Task):
 
     def _how(self, record) -> str:
         return f"labels by argmax of {self.labels.n_classes} classes"
+
+    @property
+    def record_version(self) -> int:
+        """4: the record names the classes and has no threshold."""
+        from segx.ensembling.record import CLASSES_RECORD_VERSION
+
+        return CLASSES_RECORD_VERSION
+
+    def labels_record(self, flip_swap=None, no_flip_tta: bool = False) -> dict | None:
+        """The classes (:meth:`Labels.to_record`), the outputs' permutation under a flip where
+        there is one, and ``no_flip_tta`` where flip TTA cannot be undone."""
+        return {
+            **self.labels.to_record(),
+            **({"flip_swap": list(flip_swap)} if flip_swap is not None else {}),
+            **({"no_flip_tta": True} if no_flip_tta else {}),
+        }
+
+    def flip_outputs(self, swap) -> tuple[list[int] | None, bool]:
+        """The classes' own permutation, or for regions each region onto the region of the
+        swapped classes; flip TTA cannot be undone where a swap maps some region onto none."""
+        outputs = self.labels.output_swap(swap)
+        return outputs, outputs is None and swap is not None
+
+    @property
+    def sided(self) -> list[str]:
+        return self.labels.sided()
+
+    @property
+    def palette(self) -> tuple | None:
+        return self.labels.colours
+
+    def run_params(self) -> dict[str, str]:
+        """The class names, background first (``chosen.classes``)."""
+        return {"chosen.classes": ",".join(self.labels.names)}
 
 
 class RegionsTask(ClassesTask):

@@ -257,12 +257,6 @@ def plot_ensemble(
         shown, labels = list(range(min(len(test.previews), preview_cases))), None
         what = f"the first {min(len(test.previews), preview_cases)} of {len(test.stems)} cases"
     if shown:
-        colours = None
-        if test.classes is not None:
-            from segx.inference.overlay import class_colours
-
-            record_labels = members[0].labels or {}
-            colours = class_colours(len(test.classes), record_labels.get("colours"))
         plot_cases(
             ShownCases(
                 [test.previews[i] for i in shown],
@@ -276,7 +270,7 @@ def plot_ensemble(
             n=len(shown),
             title=f"test split (never seen by the search): {what}",
             classes=test.classes,
-            colours=colours,
+            colours=task.palette,  # the data's palette, or segx's colours (one structure: none drawn)
         )
 
 
@@ -298,7 +292,11 @@ def gain_verdict(cases: int, low: float, high: float) -> str:
     return "not shown to be better: the interval includes zero"
 
 
-def print_report(record: EnsembleRecord, members, val_table, summary, found, gain: Gain | None = None) -> None:
+def print_report(
+    record: EnsembleRecord, members, val_table, summary, found, gain: Gain | None = None, cases: str = "case"
+) -> None:
+    """``cases``: what a case is, for the headings ("case": a 2D image, HD95 in pixels or the
+    pixel spacing's units; "volume": a patient's scan, 3D scores, HD95 in mm)."""
     pd.set_option("display.width", 140)
     from segx.ensembling.members import unique_labels
 
@@ -312,15 +310,12 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
         f"\nchosen: {found.chosen.name}  weights: {weights}  {how}  "
         f"post-processing: {post}  (search {found.search_seconds:.2f}s)"
     )
-    first = members[0]
-    if getattr(first, "volumes", None) is not None:
-        case, unit = "per volume (3D)", "in mm"
+    if cases == "volume":
+        units = "3D Dice/IoU per volume (a patient's scan), HD95 in mm"
     else:
-        case, unit = (
-            "per case",
-            "in pixels" if getattr(first, "pixel_spacing", None) is None else "in data.pixel_spacing units",
-        )
-    print(f"\nTest split (never seen by the search): Dice/IoU {case}, HD95 {unit}")
+        spaced = getattr(members[0], "pixel_spacing", None) is not None
+        units = f"Dice/IoU per case, HD95 in {'data.pixel_spacing units' if spaced else 'pixels'}"
+    print(f"\nTest split (never seen by the search): {units}")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if gain:
         at = (
@@ -331,7 +326,7 @@ def print_report(record: EnsembleRecord, members, val_table, summary, found, gai
         print(
             f"\nEnsemble minus best member ({gain.best_member}, best on validation, {at}), test Dice: "
             f"{gain.diff:+.4f}, 95% paired bootstrap interval [{gain.low:+.4f}, {gain.high:+.4f}] "
-            f"over {gain.cases} cases, {gain.resamples} resamples: {gain.verdict}."
+            f"over {gain.cases} {cases}s, {gain.resamples} resamples: {gain.verdict}."
         )
         print(
             f"Selection optimism (validation minus test Dice): ensemble {gain.ensemble_optimism:+.4f}, "

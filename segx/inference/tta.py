@@ -20,6 +20,7 @@ from pathlib import Path
 
 from segx.data.labels import Labels
 from segx.ensembling.record import EnsembleRecord
+from segx.ensembling.task import task_for
 from segx.errors import SegxError
 from segx.member_spec import MemberSpec
 
@@ -53,13 +54,14 @@ def check_tta(
     ``swapped``: the members were trained with data.flip_swap; ``no_flip``: some member's flip
     cannot be undone (:func:`members_without_flip`, or the record's ``no_flip_tta``)."""
     if tta == "flip":
+        task = task_for(labels)
         if no_flip:
-            regions = ", ".join(labels.region_names) if labels is not None else ""
+            regions = ", ".join(task.region_names or ())
             raise SegxError(
                 f"{key}=flip cannot be undone for this ensemble's regions ({regions}): data.flip_swap maps a "
                 f"region onto no region, so its members were trained without flip TTA; use {key}=none"
             )
-        sided = labels.sided() if labels is not None else []
+        sided = task.sided
         if sided and not swapped:
             raise SegxError(
                 f"{key}=flip mirrors the images, and classes {', '.join(sided)} name a side, but the members were "

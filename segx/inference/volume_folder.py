@@ -144,7 +144,6 @@ def predict_volume_folder(predictor, volumes: dict, input_dir: Path, output_dir:
 
     plan = SlicePlan.from_json(volumes["plan"])
     cases = find_volumes(input_dir, len(plan.norms))
-    labels = getattr(predictor, "labels", None)
     class_names = [n for _, n in (predictor.task.probability_planes or [])] or ["foreground"]
     new = planned(cases, outputs, class_names, record is not None)
     for c in cases:
@@ -155,7 +154,7 @@ def predict_volume_folder(predictor, volumes: dict, input_dir: Path, output_dir:
             say(f"predicting volume {i + 1}/{len(cases)}: {case.case}")
             volume = read_input(case, max_voxels)
             mask, probs, uncertainty = predict_volume(predictor, volume, plan, batch_size)
-            values = labels.decode(mask) if labels is not None else mask
+            values = predictor.task.encode(mask)  # the dataset's own label values
             (stage / "masks").mkdir(exist_ok=True)
             write_label_volume(values, _grid_of(volume), stage / "masks" / f"{case.case}{case.ending}")
             if outputs.uncertainty:

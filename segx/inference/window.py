@@ -180,13 +180,14 @@ def sliding_window(
         if not isinstance(out, dict) or not out:
             raise ValueError(f"predict must return a non-empty dict {{mode: array}}, got {type(out).__name__}")
         if sums is None:
-            # (B, w, w): one probability per pixel; (B, w, w, K): K class probabilities
-            classes = np.shape(next(iter(out.values())))[3:]
-            sums = {mode: np.zeros((padded_h, padded_w, *classes), np.float32) for mode in out}
-            weight = importance[..., None] if classes else importance
+            # (B, w, w): one probability per pixel; (B, w, w, K): K class probabilities. The
+            # importance broadcast over the trailing channels, whatever they are.
+            channels = np.shape(next(iter(out.values())))[3:]
+            sums = {mode: np.zeros((padded_h, padded_w, *channels), np.float32) for mode in out}
+            weight = importance.reshape(importance.shape + (1,) * len(channels))
         elif set(out) != set(sums):
             raise ValueError(f"predict returned modes {sorted(out)} but earlier batches returned {sorted(sums)}")
-        expected = (len(positions), window, window, *classes)
+        expected = (len(positions), window, window, *channels)
         for mode, probs in out.items():
             probs = np.asarray(probs, dtype=np.float32)
             if probs.shape != expected:

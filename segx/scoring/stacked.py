@@ -42,6 +42,13 @@ class StackedVolumes:
         n = self.depths[i]
         return case.reshape(n, case.shape[0] // n, *case.shape[1:])
 
+    def case(self, i: int, array: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+        """Case ``i`` as scored in physical units: its volume and voxel spacing."""
+        return self.volume(i, array), self.spacings[i]
+
+    words = "per volume (3D Dice/IoU per patient's scan, HD95 in mm)"
+    prefix = "test3d/"  # its metrics beside the 2D ones: every score again, in 3D
+
     def hd95(self, i: int, pred: np.ndarray, truth: np.ndarray) -> float:
         """HD95 in mm of case ``i``'s masks, in 3D."""
         from segx.scoring.volume_metrics import hd95
@@ -57,3 +64,21 @@ def case_hd95(i: int, pred: np.ndarray, truth: np.ndarray, spacing) -> float:
     from segx.scoring.metrics import hd95
 
     return hd95(pred, truth, spacing)
+
+
+@dataclass(frozen=True)
+class PlanarCases:
+    """2D cases of one pixel spacing (``data.pixel_spacing``; row, column), for the surface Dice."""
+
+    spacing: tuple[float, float]
+
+    @classmethod
+    def of(cls, spacing) -> PlanarCases:
+        values = [float(spacing)] * 2 if np.isscalar(spacing) else [float(v) for v in spacing]
+        return cls((values[0], values[-1]))
+
+    def case(self, i: int, array: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+        return array, self.spacing
+
+    words = "per case with the normalised surface Dice (in data.pixel_spacing units)"
+    prefix = "test/"  # only the surface Dice is new beside the 2D scores

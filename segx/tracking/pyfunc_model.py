@@ -107,9 +107,9 @@ try:
                 raise MlflowException(
                     f"segx: prediction failed ({type(exc).__name__}); see the server's log", error_code=INTERNAL_ERROR
                 ) from None
-            names = names_of(model_input)
-            if names is not None:
-                return dict(zip(names, masks, strict=True))
+            image_names = names_of(model_input)  # a dict of named images: the answer names them alike
+            if image_names is not None:
+                return dict(zip(image_names, masks, strict=True))
             return np.stack(masks) if isinstance(model_input, np.ndarray) and model_input.dtype != object else masks
 
 finally:
@@ -241,11 +241,14 @@ def log_member_pyfunc(client, model_id: str, run_id: str, member: dict, signatur
     import numpy as np
     from mlflow.models import Model
 
-    labels = member.pop("labels", None)  # several classes: argmax, no threshold (record version 4)
+    from segx.ensembling.task import task_of_record
+
+    labels = member.pop("labels", None)  # as the member's run recorded them (None: one structure)
+    task = task_of_record(labels)  # one structure: version 3 at 0.5; classes: version 4, argmax
     record = {
         "format": "segx-ensemble",
-        "version": 3 if labels is None else 4,
-        "threshold": 0.5 if labels is None else None,
+        "version": task.record_version,
+        "threshold": 0.5 if task.one_threshold else None,
         **({"labels": labels} if labels is not None else {}),
         "tta": "none",
         "weight_denominator": 1,

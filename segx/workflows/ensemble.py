@@ -139,8 +139,10 @@ class Evaluation:
     per_class: pd.DataFrame | None  # per method and class (several classes, regions)
     validation: pd.DataFrame
     gain: Gain  # the ensemble against its best member
-    per_volume: pd.DataFrame | None = None  # volumes: one row per method and test case (patient), 3D scores
-    volume_summary: pd.DataFrame | None = None  # volumes: per method, means over volumes
+    # In physical units with the surface Dice (volumes: per patient in 3D; 2D: with data.pixel_spacing)
+    per_volume: pd.DataFrame | None = None  # one row per method and test case
+    volume_summary: pd.DataFrame | None = None  # per method, means over cases
+    surface_prefix: str = "test3d/"  # their metrics: every score in 3D, or test/nsd beside the 2D scores
 
 
 def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
@@ -160,11 +162,14 @@ def build_ensemble(cfg: DictConfig) -> EnsembleRecord:
         _log_ensemble(client, run_id, cfg, members, result, Path(tmp))
     _name_in_members(client, members, run_id)
     record = result.record.with_run_id(run_id)
-    print_report(record, members, result.validation, result.summary, result.found, result.gain)
+    cases = "volume" if members[0].volumes is not None else "case"
+    print_report(record, members, result.validation, result.summary, result.found, result.gain, cases)
     if result.volume_summary is not None:
-        shown = [c for c in ("volumes", "dice", "iou", "hd95", "nsd") if c in result.volume_summary.columns]
-        tolerance = members[0].volumes["nsd_tolerance_mm"]
-        print(f"\nTest split per volume (3D Dice/IoU per patient's scan, HD95 in mm, NSD at {tolerance:g} mm)")
+        shown = [c for c in ("cases", "dice", "iou", "hd95", "nsd") if c in result.volume_summary.columns]
+        where = "per volume" if members[0].volumes is not None else "per case, in data.pixel_spacing units,"
+        tolerance = members[0].nsd_tolerance_mm
+        unit = "mm" if members[0].volumes is not None else "(data.pixel_spacing units)"
+        print(f"\nTest split {where} with the normalised surface Dice (NSD) at {tolerance:g} {unit}")
         print(result.volume_summary[shown].to_string(float_format=lambda v: f"{v:.4f}"))
     return record
 
@@ -224,26 +229,35 @@ def evaluate(cfg: DictConfig, members: list) -> Evaluation:
     from segx.tracking.provenance import git_sha
 
     record = make_record(members, found, str(e.tta), search_settings(cfg), git_sha(), labels)
-    volumes = members[0].volumes
-    spacing = members[0].pixel_spacing
-    if volumes is not None:  # a case is a patient's scan, its slices stacked: HD95 in 3D, in mm
-        from segx.scoring.stacked import StackedVolumes
+    from segx.scoring.stacked import PlanarCases, StackedVolumes
 
-        spacing = StackedVolumes.of(volumes, members[0].test.stems)
-    per_case, preds = score_test_split(members, record, spacing)
+    volumes, spacing = members[0].volumes, members[0].pixel_spacing
+    # How a case is measured in physical units: a patient's scan (its slices stacked, HD95 in 3D
+    # in mm), a 2D image of a given pixel spacing, or pixels (no surface Dice then).
+    geometry = (
+        StackedVolumes.of(volumes, members[0].test.stems)
+        if volumes is not None
+        else None
+        if spacing is None
+        else PlanarCases.of(spacing)
+    )
+    per_case, preds = score_test_split(members, record, geometry if volumes is not None else spacing)
     summary, per_class = summarise_test(per_case)
     validation = val_table(members, found)
     gain = honest_gain(per_case, members, found, int(e.get("bootstrap", 2000)))
     per_volume = volume_summary = None
-    if volumes is not None:  # the surface Dice beside them, and every score per class in 3D
+    if geometry is not None:  # the surface Dice beside them, and (volumes) every score per class in 3D
         from segx.evaluation.volumes import score_volumes, summarise_volumes
 
-        stage("scoring the test split per volume (3D Dice, HD95 and NSD in mm)")
-        names = record.labels.names if record.labels is not None else ("background", "foreground")
+        stage(f"scoring the test split {geometry.words}")
         test = members[0].test
-        per_volume = score_volumes(preds, test.masks, test.stems, spacing, names, float(volumes["nsd_tolerance_mm"]))
+        tolerance = members[0].nsd_tolerance_mm
+        per_volume = score_volumes(preds, test.masks, test.stems, geometry, record.task.label_names, tolerance)
         volume_summary = summarise_volumes(per_volume)
-    return Evaluation(found, record, per_case, preds, summary, per_class, validation, gain, per_volume, volume_summary)
+    prefix = "test3d/" if geometry is None else geometry.prefix
+    return Evaluation(
+        found, record, per_case, preds, summary, per_class, validation, gain, per_volume, volume_summary, prefix
+    )
 
 
 def _run_identity(cfg: DictConfig, members: list, found: SearchOutcome) -> tuple[str, dict]:
@@ -305,7 +319,7 @@ def _chosen_params(names: list[str], found: SearchOutcome, record: EnsembleRecor
         "chosen.postprocess": found.postprocess.describe(),
         **{f"chosen.postprocess.{name}": p.describe() for name, p in found.class_postprocess.items()},
         **{f"chosen.threshold.{name}": str(t) for name, t in found.region_thresholds.items()},
-        **({"chosen.classes": ",".join(record.labels.names)} if record.labels is not None else {}),
+        **record.task.run_params(),
     }
 
 
@@ -327,9 +341,10 @@ def _write_tables(tables: Path, result: Evaluation) -> None:
     if result.per_class is not None:
         result.per_class.to_csv(tables / "test_per_class.csv")
     pd.DataFrame([result.gain.to_row()]).to_csv(tables / "gain.csv", index=False)
-    if result.per_volume is not None:
-        result.per_volume.to_csv(tables / "test_per_volume.csv", index=False)
-        result.volume_summary.to_csv(tables / "test_volume_summary.csv")
+    if result.per_volume is not None:  # volumes: per patient in 3D; 2D: with the surface Dice
+        name = "volume" if result.surface_prefix == "test3d/" else "case_surface"
+        result.per_volume.to_csv(tables / f"test_per_{name}.csv", index=False)
+        result.volume_summary.to_csv(tables / f"test_{name}_summary.csv")
 
 
 def _metrics(result: Evaluation) -> dict[str, float]:
@@ -362,10 +377,10 @@ def _metrics(result: Evaluation) -> dict[str, float]:
         for column in result.per_class.columns:
             if "/" in column and np.isfinite(result.per_class.loc["ensemble", column]):
                 metrics[f"test/{column}"] = float(result.per_class.loc["ensemble", column])
-    if result.volume_summary is not None:  # test3d/: per patient's scan, distances in mm
-        ours3d = result.volume_summary.loc["ensemble"]
-        metrics.update({f"test3d/{k}": float(ours3d[k]) for k in ("dice", "iou", "hd95", "nsd") if k in ours3d})
-        metrics.update({f"test3d/{k}": float(v) for k, v in ours3d.items() if "/" in k})
+    if result.volume_summary is not None:  # test3d/: per patient's scan in mm; 2D: test/nsd
+        ours = result.volume_summary.loc["ensemble"]
+        scores = ("dice", "iou", "hd95", "nsd") if result.surface_prefix == "test3d/" else ("nsd",)
+        metrics.update({f"{result.surface_prefix}{k}": float(v) for k, v in ours.items() if k.split("/")[0] in scores})
     return {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
 
 

@@ -90,11 +90,10 @@ class MemberPlan:
     def spec(self) -> MemberSpec:
         """What the member's saved model says about itself (``spec.json``): network, view, and for
         several classes their names and flip TTA's permutation of the outputs."""
-        labels, swap = self.labels, self.flip_swap
-        output_swap, no_flip_tta = None, False
-        if labels is not None:  # several classes: named in the model's own spec, and the swap of flip TTA
-            output_swap = labels.output_swap(swap)  # the outputs' permutation (classes, or regions)
-            no_flip_tta = output_swap is None and swap is not None  # regions the swap does not map onto each other
+        labels = self.labels
+        # Several classes: named in the model's own spec, with the outputs' permutation under flip
+        # TTA (classes, or regions) and whether a swap maps some region onto none.
+        output_swap, no_flip_tta = task_for(labels).flip_outputs(self.flip_swap)
         return MemberSpec(
             arch=self.arch,
             backbone=self.backbone,
@@ -420,14 +419,10 @@ def _tag_labels(client, run_id: str, plan: MemberPlan) -> None:
     """The member's classes as a run tag: the ensemble names its classes from here (its members' own)."""
     from segx import tracking
 
-    labels, swap = plan.labels, plan.flip_swap
-    if labels is not None:
-        record = {
-            **labels.to_record(),
-            **({"flip_swap": labels.output_swap(swap)} if labels.output_swap(swap) is not None else {}),
-            # regions the swap maps onto no region: no flip-TTA cache, and segx.inference.tta says why
-            **({"no_flip_tta": True} if swap is not None and labels.output_swap(swap) is None else {}),
-        }
+    task = task_for(plan.labels)
+    # no_flip_tta: regions the swap maps onto no region: no flip-TTA cache, and segx.inference.tta says why
+    record = task.labels_record(*task.flip_outputs(plan.flip_swap))
+    if record is not None:  # one structure tags none
         tracking.set_tags(client, run_id, {tag_names.LABELS: json.dumps(record)})
 
 
@@ -756,6 +751,7 @@ def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path, volumes:
         model = models.load_member(tmp / "model")
     experiment = client.get_run(run_id).info.experiment_id
     view = spec.view.to_dict()
+    labels = task_for(spec.labels).labels_record(spec.flip_swap)  # the classes and their flip swap; None: one structure
     tracking.log_member_model(
         client,
         run_id,
@@ -766,7 +762,7 @@ def _log_model(client, run_id: str, model, spec: MemberSpec, tmp: Path, volumes:
             "backbone": spec.backbone,
             "arch": spec.arch,
             "view": view,
-            **({"labels": {**spec.labels.to_record(), **_swap_field(spec)}} if spec.labels is not None else {}),
+            **({"labels": labels} if labels is not None else {}),
         },
     )
     return model
@@ -834,21 +830,10 @@ def _cache_and_score(model, spec: MemberSpec, role: str, cases, tmp: Path, spaci
             tmp / "plots" / "val_cases.png",
             title=f"validation split: worst and typical of {len(stems)} cases ({task.member_rule})",
             classes=task.class_names,
-            colours=_colours(labels) if task.class_names else None,
+            colours=task.palette,
         )
     # val/dice, test/dice, ...: the ensemble logs its own on the same keys (one chart for all)
     return task.final_metrics(role, scores)
-
-
-def _colours(labels: Labels):
-    """The classes' colours for figures: the data's palette where it has one."""
-    from segx.inference.overlay import class_colours
-
-    return class_colours(len(labels.names), labels.colours)
-
-
-def _swap_field(spec: MemberSpec) -> dict:
-    return {"flip_swap": list(spec.flip_swap)} if spec.flip_swap is not None else {}
 
 
 def _history_from_store(client, run_id) -> dict[str, list[tuple[int, float]]]:

@@ -82,6 +82,8 @@ def cv_member_from_run(client, parent, workdir: Path, tta: str = "none", allow_i
         fingerprint_parts={**ref.fingerprint_parts, "split": cv_fp, "data": cv_fp},
         folds=[runs[f].info.run_id for f in sorted(runs)],
         labels=ref.labels,
+        volumes=ref.volumes,  # every fold sliced the volumes by one plan (the data fingerprint says so)
+        nsd_tolerance_mm=ref.nsd_tolerance_mm,
     )
 
 
@@ -141,6 +143,7 @@ def member_from_run(client, run, workdir: Path, tta: str = "none") -> Member:
         fingerprint_parts={k: run.data.tags.get(tag, "") for k, tag in FINGERPRINT_TAGS.items()},
         labels=json.loads(run.data.tags[tag_names.LABELS]) if tag_names.LABELS in run.data.tags else None,
         volumes=_volumes_of(client, run, folder),
+        nsd_tolerance_mm=float(params.get("data.nsd_tolerance_mm", "1.0")),
     )
 
 
