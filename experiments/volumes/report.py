@@ -488,7 +488,8 @@ def render(results: dict) -> str:
         "`record=None` (as speed.py makes) predicted every volume and then failed with `FileNotFoundError` on "
         "`.segx-partial-*/ensemble.json`. `segx.predict` always passes a record, so the command was not affected.",
         '- `segx/evaluation/report.py`, `print_report`: the test table\'s heading said "HD95 in pixels" for volume '
-        "members, whose HD95 there is in mm, in 3D per volume (and for `data.pixel_spacing`, in its units).",
+        "members, whose HD95 there is in mm, in 3D per volume (and for `data.pixel_spacing`, in its units); main "
+        "fixed the same heading its own way (9080df9, 3e52431), and the merge of main into this branch kept main's.",
         "",
     ]
     if NOTES.exists():
