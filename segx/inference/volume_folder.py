@@ -93,13 +93,13 @@ def volumes_json(model_paths) -> dict:
     raise SegxError("the ensemble's members were not trained on volumes; predict a folder of 2D images instead")
 
 
-def planned(cases: list[InputVolume], outputs: PredictOutputs, class_names) -> list[str]:
+def planned(cases: list[InputVolume], outputs: PredictOutputs, class_names, record: bool = True) -> list[str]:
     files = [f"masks/{c.case}{c.ending}" for c in cases]
     if outputs.uncertainty:
         files += [f"uncertainty/{c.case}{c.ending}" for c in cases]
     if outputs.save_probabilities:
         files += [f"probabilities/{c.case}/{name}{c.ending}" for c in cases for name in class_names]
-    return files + [RECORD]
+    return files + ([RECORD] if record else [])
 
 
 def read_input(case: InputVolume, max_voxels: int) -> Volume:
@@ -145,7 +145,7 @@ def predict_volume_folder(predictor, volumes: dict, input_dir: Path, output_dir:
     plan = SlicePlan.from_json(volumes["plan"])
     cases = find_volumes(input_dir, len(plan.norms))
     class_names = [n for _, n in (predictor.task.probability_planes or [])] or ["foreground"]
-    new = planned(cases, outputs, class_names)
+    new = planned(cases, outputs, class_names, record is not None)
     for c in cases:
         safe_output_path(output_dir, c.case, c.ending)
     old = check_output_dir(input_dir, output_dir, outputs.overwrite, new)
