@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from segx import cli
 from segx.config import CONF_PATH
 from segx.data.folder import check_disjoint, discover_cases, list_images
-from segx.data.io import IMAGE_EXTENSIONS, read_image, read_label_map, read_mask
-from segx.data.labels import IGNORE_INDEX
+from segx.data.io import IMAGE_EXTENSIONS, read_image
+from segx.data.labels import IGNORE_INDEX, mask_rule
 from segx.errors import SegxError
 
 
@@ -37,6 +37,8 @@ def check_folder(
     The rules ``segx.train`` applies to the folder as a whole are applied here too, shared."""
     from segx.workflows.prepare import require_trained_classes
 
+    rule = mask_rule(labels, mask_threshold)
+    k = len(rule.names)  # the classes counted one by one (none for one structure)
     problems: list[str] = []
     summary: dict = {"root": str(root)}
     found: dict[str, list] = {}
@@ -50,7 +52,6 @@ def check_folder(
             cases = _loose_pairs(root, images_dir, masks_dir, problems, exc)
         found[images_dir] = cases
         sizes, fg, empty = Counter(), [], 0
-        k = labels.n_classes if labels is not None else 0
         class_pixels, class_cases = np.zeros(k, np.int64), np.zeros(k, np.int64)
         for case in cases:
             try:
@@ -58,16 +59,13 @@ def check_folder(
                 sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
                 if case.mask is None:
                     continue
-                if labels is not None:
-                    indices = read_label_map(case.mask, labels, max_pixels)
-                    counts = np.bincount(indices.ravel(), minlength=256)[:k]
-                    class_pixels += counts
-                    class_cases += counts > 0
-                    if images_dir == "train_images":
-                        present[case.stem] = counts > 0
-                    mask = ((indices > 0) & (indices != IGNORE_INDEX)).astype(np.uint8)
-                else:
-                    mask = read_mask(case.mask, mask_threshold, max_pixels)
+                indices = rule.read(case.mask, max_pixels)  # class indices; {0, 1} for one structure
+                counts = np.bincount(indices.ravel(), minlength=256)[:k]
+                class_pixels += counts
+                class_cases += counts > 0
+                if images_dir == "train_images":
+                    present[case.stem] = counts > 0
+                mask = ((indices > 0) & (indices != IGNORE_INDEX)).astype(np.uint8)
                 if mask.shape != image.shape[:2]:
                     problems.append(
                         f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}"
@@ -84,11 +82,11 @@ def check_folder(
             "foreground_min": float(np.min(fg)) if fg else float("nan"),
             "empty_masks": empty,
         }
-        if labels is not None:
+        if rule.per_class:
             total = max(int(class_pixels.sum()), 1)
             summary[images_dir]["classes"] = {
                 name: {"pixel_fraction": float(class_pixels[c] / total), "cases": int(class_cases[c])}
-                for c, name in enumerate(labels.names)
+                for c, name in enumerate(rule.names)
             }
         if cases and fg and empty == len(fg):
             problems.append(f"{root / masks_dir}: every mask is empty; check the masks or data.mask_threshold")
@@ -98,13 +96,13 @@ def check_folder(
     except SegxError as exc:
         problems.append(str(exc))
     try:
-        if labels is not None and train:
+        if rule.per_class and train:
             stems, test_stems = [c.stem for c in train], [c.stem for c in test] or None
             for stems_ in training(stems, test_stems) if training is not None else [stems]:
-                in_train = np.zeros(labels.n_classes, bool)
+                in_train = np.zeros(k, bool)
                 for stem in stems_:
                     in_train |= present.get(stem, False)
-                require_trained_classes(labels, in_train, root)
+                require_trained_classes(rule, in_train, root)
     except SegxError as exc:
         problems.append(str(exc))
     return summary, problems

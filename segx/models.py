@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segx.backend import keras, sm, tf
+from segx.data.labels import mask_rule
 from segx.errors import SegxError, look_up_option
 from segx.member_spec import MemberSpec
 from segx.tta import TTA_MODES
@@ -344,16 +345,16 @@ def load_member(folder: str | os.PathLike):
         raise SegxError(f"{folder}: member model incomplete (needs spec.json and weights.h5); retrain the member")
     try:
         spec = MemberSpec.read(spec_path)
-        # Several classes: a K-way softmax (the spec names the classes); regions: one sigmoid each.
-        regions = spec.labels is not None and spec.labels.regions
-        classes = spec.labels.n_outputs if spec.labels is not None else 1
+        # One structure: a sigmoid; several classes: a K-way softmax (the spec names the classes);
+        # regions: one sigmoid each.
+        rule = mask_rule(spec.labels)
         model = build_model(
             spec.arch,
             spec.backbone,
             spec.image_size,
             None,
             False,
-            Head(classes, "softmax" if classes > 1 and not regions else "sigmoid"),
+            Head(rule.n_outputs, rule.activation),
             **spec.options,
         )
         model.load_weights(str(weights))

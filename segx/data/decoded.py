@@ -360,14 +360,14 @@ def _warn(folder: Path, stem: str, what: str, problem: str, source: str) -> None
     )
 
 
-def mask_rule(mask_threshold) -> str | float:
+def rule_of(mask_threshold) -> str | float:
     """How masks are read, as the cache records it: the binary threshold (a number, as before)
     or the classes' key (:attr:`segx.data.labels.Labels.key`)."""
     return mask_threshold.key if isinstance(mask_threshold, Labels) else float(mask_threshold)
 
 
 def entry_key(image_digest: str, mask_digest: str, mask_threshold) -> str:
-    rule = mask_rule(mask_threshold)
+    rule = rule_of(mask_threshold)
     tail = rule if isinstance(rule, str) else f"t{rule:g}"
     return f"{image_digest}-{mask_digest or 'nomask'}-{tail}"
 
@@ -379,7 +379,7 @@ def decode_case(case: Case, root: Path, mask_threshold, max_pixels: int = DEFAUL
     has_mask = case.mask is not None
     folder = root / f"v{CACHE_VERSION}" / entry_key(image_digest, mask_digest, mask_threshold)
     meta, text, problem = _read_meta(folder / "meta.json")
-    expected = {"image_digest": image_digest, "mask_digest": mask_digest, "mask_threshold": mask_rule(mask_threshold)}
+    expected = {"image_digest": image_digest, "mask_digest": mask_digest, "mask_threshold": rule_of(mask_threshold)}
     if meta is not None:
         if not all(meta.get(k) == v for k, v in expected.items()):
             problem = "meta.json records other source files"

@@ -8,7 +8,10 @@ oedema: 2}``; colour-coded masks (the sandstone tutorial's, CamVid's) are read t
 Internally a mask is a label map of class *indices*: ``uint8 (H, W)`` with ``0..K-1`` in the
 order of the classes' values (background, the class of value 0, is always index 0) and
 :data:`IGNORE_INDEX` (255) for ignored pixels. ``data.labels: null`` keeps segx's binary case
-exactly as it was: one structure, a mask is ``value > data.mask_threshold``.
+exactly as it was: one structure, a mask is ``value > data.mask_threshold`` (:class:`Threshold`).
+:func:`mask_rule` gives either as the one *mask rule* that reading, checking and fingerprinting
+data, and a member's head, ask (outputs, activation, how a file is read, the settings key), so
+that they never ask which kind of task it is.
 
 Nothing here knows whether a case is a 2D image or a volume: :meth:`Labels.encode` maps any
 array of mask values, so a volume's label map goes through the same check.
@@ -115,6 +118,36 @@ class Labels:
     @property
     def n_classes(self) -> int:
         return len(self.names)
+
+    # -- as a mask rule (beside :class:`Threshold`) ------------------------------------------
+
+    per_class = True  # class-wise checks apply (every class in some training case, per-class counts)
+    config_key = "data.labels"  # the key that says how masks are read
+
+    @property
+    def labels(self) -> Labels:
+        return self
+
+    @property
+    def activation(self) -> str:
+        """A member's head: one sigmoid per region, else a K-way softmax."""
+        return "sigmoid" if self.regions else "softmax"
+
+    @property
+    def decoding(self) -> Labels:
+        """What the decoded cache and :func:`segx.data.folder.read_case` read masks with."""
+        return self
+
+    @property
+    def fingerprint_settings(self) -> dict[str, str]:
+        """The reading's part of :func:`segx.data.split.fingerprint_parts`' settings."""
+        return {"labels": self.key}
+
+    def read(self, path, max_pixels: int) -> np.ndarray:
+        """A mask file as class indices ``uint8 (H, W)``."""
+        from segx.data.io import read_label_map
+
+        return read_label_map(path, self, max_pixels)
 
     @property
     def foreground(self) -> tuple[str, ...]:
@@ -349,6 +382,51 @@ class Labels:
         table = np.zeros(256, dtype)
         table[: self.n_classes] = np.asarray(self.values, dtype)
         return table[indices]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One structure (``data.labels: null``): a mask value above ``value`` is foreground. The mask
+    rule beside :class:`Labels`, with the same few methods, so that reading, checking and
+    fingerprinting data never ask which kind it is (:func:`mask_rule` builds either)."""
+
+    value: float = 0.0
+
+    labels = None  # no classes named
+    names = ()
+    n_outputs = 1  # one sigmoid
+    activation = "sigmoid"
+    per_class = False
+    config_key = "data.mask_threshold"
+
+    @property
+    def decoding(self) -> float:
+        return float(self.value)
+
+    @property
+    def fingerprint_settings(self) -> dict[str, float]:
+        return {"mask_threshold": float(self.value)}
+
+    def read(self, path, max_pixels: int) -> np.ndarray:
+        """A mask file as ``uint8 (H, W)`` in {0, 1}."""
+        from segx.data.io import read_mask
+
+        return read_mask(path, self.value, max_pixels)
+
+    def swap_table(self, pairs) -> None:
+        """No classes, nothing to swap: ``data.flip_swap`` refused in one line when set."""
+        if pairs:
+            raise SegxError("data.flip_swap is set but data.labels is null; name the classes in data.labels")
+        return None
+
+    def sided(self) -> list[str]:
+        return []
+
+
+def mask_rule(labels: Labels | None, threshold: float = 0.0) -> Labels | Threshold:
+    """How masks are read: ``labels`` (several classes or regions), or, without them, one
+    structure at ``threshold`` (``data.mask_threshold``)."""
+    return Threshold(float(threshold)) if labels is None else labels
 
 
 def difference(a: Mapping | None, b: Mapping | None) -> str:

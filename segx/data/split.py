@@ -57,16 +57,13 @@ def fingerprint_parts(
         missing = ("", "")
         parts["images"] = _hash([[s, digests.get(s, missing)[0]] for s in stems])
         parts["masks"] = _hash([[s, digests.get(s, missing)[1]] for s in stems])
-    settings = []
-    if image_size is not None:
-        settings.append(f"image_size={int(image_size)}")
-    if resize_mode is not None:
-        settings.append(f"resize_mode={resize_mode}")
-    if mask_threshold is not None:
-        settings.append(f"mask_threshold={float(mask_threshold):g}")
-    if labels is not None:
-        settings.append(f"labels={labels}")
-    parts["settings"] = " ".join(settings)
+    settings = {  # each written where it is given, in this order
+        "image_size": None if image_size is None else int(image_size),
+        "resize_mode": resize_mode,
+        "mask_threshold": None if mask_threshold is None else f"{float(mask_threshold):g}",
+        "labels": labels,
+    }
+    parts["settings"] = " ".join(f"{key}={value}" for key, value in settings.items() if value is not None)
     parts["data"] = _hash(parts)
     return parts
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from segx.config import require_choice, require_float, require_int
 from segx.data.decoded import DecodedCase, decode_cases
 from segx.data.folder import Dataset, check_disjoint, discover_cases, to_model_size
-from segx.data.labels import Labels
+from segx.data.labels import Labels, Threshold, mask_rule
 from segx.data.split import (
     CV_TAGS,
     FINGERPRINT_TAGS,
@@ -47,14 +47,19 @@ class Prepared:
     fingerprint_parts: dict[str, str] = field(default_factory=dict)
     decoded: dict[str, DecodedCase] = field(default_factory=dict)  # every case at its own size, on disk
     cv_tags: dict[str, str] = field(default_factory=dict)  # cross-validation: layout fingerprint, fold, folds
-    labels: Labels | None = None  # several classes (data.labels); None: one structure
+    rule: Labels | Threshold = Threshold()  # how masks are read: several classes (data.labels), or one structure
     volumes: SlicedDataset | None = None  # a volume dataset: its slice plan and each case's grid
+
+    @property
+    def labels(self) -> Labels | None:
+        """The classes (data.labels); None: one structure."""
+        return self.rule.labels
 
     @property
     def n_classes(self) -> int:
         """Output channels of a member: 1 (a sigmoid) for one structure, K (a softmax) for K classes,
         R (sigmoids) for R regions."""
-        return 1 if self.labels is None else self.labels.n_outputs
+        return self.rule.n_outputs
 
     def part(self, role: str) -> Dataset:
         return self.dataset.subset(self.split[role])
@@ -178,12 +183,9 @@ def flip_swap_of(data: DictConfig, labels: Labels | None, transforms=(), tta: st
     names say left or right when no swap is declared: it would teach the wrong side."""
     pairs = data.get("flip_swap")
     pairs = OmegaConf.to_container(pairs, resolve=True) if OmegaConf.is_config(pairs) else pairs
-    if labels is None:
-        if pairs:
-            raise SegxError("data.flip_swap is set but data.labels is null; name the classes in data.labels")
-        return None
-    table = labels.swap_table(pairs)
-    sided = labels.sided()
+    rule = mask_rule(labels)
+    table = rule.swap_table(pairs)
+    sided = rule.sided()
     if table is None and sided:
         names = [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in transforms or ()]
         mirror = next((n for n in names if n in MIRRORING), None)
@@ -383,12 +385,10 @@ def prepare(
         check_disjoint(root, cases, test_cases)
     all_cases = cases + test_cases
     cache_root = Path(str(data.cache_dir)) if data.get("cache_dir") else Path(output_dir) / "cache" / "decoded"
-    labels = labels_of(data)
-    rule = labels if labels is not None else float(data.mask_threshold)
-    decoded = decode_cases(all_cases, cache_root, rule, int(data.max_pixels), progress)
+    rule = mask_rule(labels_of(data), float(data.mask_threshold))
+    decoded = decode_cases(all_cases, cache_root, rule.decoding, int(data.max_pixels), progress)
     if not any(c.foreground_pixels for c in decoded[: len(cases)]):
-        key = "data.labels" if labels is not None else "data.mask_threshold"
-        raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or {key}")
+        raise SegxError(f"no mask in {root}/train_masks has any foreground; check the masks or {rule.config_key}")
     check_view(data, decoded)
     dataset = _model_size_dataset(decoded, data, images)
     stems = [c.stem for c in cases]
@@ -424,20 +424,14 @@ def prepare(
         split = {role: [s for s in slices if case_of(s) in set(ids)] for role, ids in split.items()}
     # How a member sees the images (size, mode, scale) is not part of the data: members are
     # scored at each image's own size, so members that see the data differently still combine.
-    if labels is not None:
-        check_classes(labels, decoded, split["train"], root)
-    parts = fingerprint_parts(
-        split,
-        None,
-        dict(zip(dataset.stems, dataset.digests, strict=True)),
-        None,
-        None if labels is not None else float(data.mask_threshold),
-        labels.key if labels is not None else None,
-    )
+    if rule.per_class:
+        check_classes(rule, decoded, split["train"], root)
+    digests = dict(zip(dataset.stems, dataset.digests, strict=True))
+    parts = fingerprint_parts(split, None, digests, None, **rule.fingerprint_settings)
     cv = {}
     if layout is not None:
         cv = {CV_TAGS["cv"]: cv_fingerprint(layout, parts), CV_TAGS["fold"]: str(fold), CV_TAGS["folds"]: str(folds)}
-    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, labels, volumes)
+    return Prepared(dataset, split, parts["data"], split_path, parts, {c.stem: c for c in decoded}, cv, rule, volumes)
 
 
 def _sliced_volumes(data: DictConfig, output_dir: str, progress) -> SlicedDataset:
