@@ -249,3 +249,99 @@ def ct_series(
         writer.SetFileName(str(folder / f"im{order[k]:04d}.dcm"))
         writer.Execute(plane)
     return folder
+
+
+# -- a command in this process ------------------------------------------------------------------
+
+# The commands ``python -m <module>`` runs; segx.data.check runs segx.check as the program.
+_PROGRAMS = {"segx.data.check": "segx.check"}
+
+
+def run_in_process(capfd, args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` (``args``: the module, then its arguments) in this process:
+    the module's ``main()`` (segx.cli.run: the pre-Hydra checks, Hydra's parsing and job, and how
+    the command ends) with ``sys.argv`` as the interpreter sets it, in ``cwd``, ``env`` added to
+    the environment. Returns what :func:`run_module` returns: the exit status and what the command
+    wrote on stdout and stderr (``capfd``: Python's streams and file descriptors 1 and 2), the
+    warnings a fresh interpreter would print (its default filters) added to stderr.
+
+    For refusals and read-only commands: it spares a test the 5-10 s a fresh process spends
+    importing TensorFlow and MLflow. What a command changes in the process it runs in (signal handlers, segx.signals' count
+    and exit state, Hydra's singletons, the logging set-up, the environment, the working folder)
+    is as a fresh process has it while the command runs, and as it was again afterwards. Tests of
+    the console scripts, signals, servers and several processes start real processes instead."""
+    import importlib
+    import logging
+    import signal
+    import traceback
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from segx import signals
+
+    module, *argv = args
+    command = importlib.import_module(_PROGRAMS.get(module, module))
+    sweep = sys.modules.get("segx.workflows.sweep")
+    state = [(signals, "_received", []), (signals, "_killed_runs", []), (signals, "_exiting", False)]
+    state += [(sweep, "_unfinished", [])] if sweep is not None else []
+    saved_state = [(owner, name, getattr(owner, name)) for owner, name, _ in state]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    hooks = sys.unraisablehook
+    root = logging.getLogger()
+    loggers = [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    saved_loggers = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers]
+    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
+    capfd.readouterr()  # what the test printed before
+    captured = (sys.stdout, sys.stderr)  # capfd's, closed after the test
+    code: int | str | None = 0
+    for owner, name, fresh in state:
+        setattr(owner, name, [] if isinstance(fresh, list) else fresh)
+    root.handlers, root.level = [], logging.WARNING  # as a fresh interpreter's: basicConfig and Hydra set theirs
+    # Hydra's logging set-up (dictConfig) closes every handler the process has made: the command's
+    # own, not pytest's or absl's (absl's would close the stream it holds, a capture of pytest's).
+    earlier_handlers = logging._handlerList[:]
+    logging._handlerList[:] = []
+    GlobalHydra.instance().clear()
+    try:
+        sys.argv = [command.__file__, *map(str, argv)]
+        os.chdir(cwd)
+        os.environ.update(env or {})
+        with warnings.catch_warnings(record=True) as caught:  # the filters segx and its libraries set stay
+            try:
+                code = command.main()
+            except SystemExit as exc:
+                code = exc.code
+            except Exception:  # noqa: BLE001 - the interpreter prints the traceback and exits 1
+                sys.stderr.write(traceback.format_exc())
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in saved_env.items() if os.environ.get(k) != v})
+        GlobalHydra.instance().clear()
+        logging._handlerList[:] = earlier_handlers + logging._handlerList
+        for lg, level, lg_handlers, propagate, disabled in saved_loggers:
+            lg.setLevel(level)
+            lg.handlers[:] = lg_handlers
+            lg.propagate, lg.disabled = propagate, disabled
+        for lg in [root, *logging.root.manager.loggerDict.values()]:
+            for h in list(getattr(lg, "handlers", ())):  # a library's own, made while root had none (TensorFlow's)
+                if getattr(h, "stream", None) in captured:
+                    lg.removeHandler(h)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        sys.unraisablehook = hooks
+        for owner, name, value in saved_state:
+            setattr(owner, name, value)
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+        sys.stderr.write(f"{code}\n")
+        code = 1
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)  # by default
+    for w in caught:
+        if not issubclass(w.category, hidden):
+            sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code or 0, out, err)

@@ -3,9 +3,6 @@ naming the key, before any file is written or MLflow run is created (issue 8, se
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,8 @@ import pytest
 from segx.errors import SegxError
 from segx.objects import checked_container, instantiate
 from segx.workflows.member import train_member, validate_config
-from tests.conftest import ROOT, compose_config, tiny_train_overrides
+from tests.conftest import compose_config, tiny_train_overrides
+from tests.helpers import run_in_process
 
 
 def write_file_target(victim: Path) -> str:
@@ -81,13 +79,10 @@ def test_nested_class_of_another_kind_in_args_is_refused(tmp_path, synthetic_roo
     )
 
 
-def test_function_target_on_the_command_line_exits_2_with_one_line(tmp_path, synthetic_root):
+def test_function_target_on_the_command_line_exits_2_with_one_line(tmp_path, synthetic_root, capfd):
     out, victim = tmp_path / "out", tmp_path / "pwned.txt"
     args = [*tiny_train_overrides(out, synthetic_root), f"trainer.optimizer.learning_rate={write_file_target(victim)}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "segx.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
-    )
+    proc = run_in_process(capfd, ["segx.train", *args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("segx: error: trainer.optimizer.learning_rate._target_="), lines

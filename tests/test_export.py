@@ -41,7 +41,7 @@ import pytest
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import CONF, ROOT, SMALL_DECODER, compose_config, store_overrides
-from tests.helpers import copy_store, ensemble_run
+from tests.helpers import copy_store, ensemble_run, run_in_process
 
 FORMATS = ("savedmodel", "onnx")
 
@@ -404,7 +404,7 @@ def test_export_logs_a_child_run_and_predict_backends_write_segx_masks(export_st
     assert tracking.get_run(client, s["equal"]).data.tags.keys() >= {"segx.export.onnx", "segx.export.savedmodel"}
 
 
-def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, tmp_path):
+def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, tmp_path, capfd):
     """A run without a record, a member run deleted, a member without model files, an opset the
     converter cannot write, an export that does not exist: one line each, nothing written."""
     from segx import tracking
@@ -469,19 +469,8 @@ def test_export_and_predict_refuse_in_one_line_and_leave_nothing(export_store, t
         )
     assert not (tmp_path / "o").exists() and len(client.search_runs([s["experiment"]])) == runs_before
     # The command line: one line, exit status 2.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segx.export",
-            f"ensemble_run_id={no_record}",
-            *store_overrides(s["out"]),
-            "format=savedmodel",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_in_process(
+        capfd, ["segx.export", f"ensemble_run_id={no_record}", *store_overrides(s["out"]), "format=savedmodel"]
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -535,7 +524,7 @@ def _not_fetched(*args, **kwargs):
     raise AssertionError("the ensemble was fetched: output_dir should have been refused before any work")
 
 
-def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_intact(export_store, tmp_path):
+def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_intact(export_store, tmp_path, capfd):
     """Issue 21: another tool's output folder that happens to hold an export.json (and the user's
     annotations) is refused in one line, exit status 2, before anything is downloaded or loaded."""
     from segx import tracking
@@ -548,20 +537,15 @@ def test_overwrite_refuses_a_folder_whose_export_json_is_not_segx_and_leaves_it_
     (folder / "export.json").write_text('{"tool":"x"}\n')
     (folder / "annotations" / "a.json").write_text("work\n")
     before = _tree(folder)
-    proc = subprocess.run(
+    proc = run_in_process(
+        capfd,
         [
-            sys.executable,
-            "-m",
             "segx.export",
             f"ensemble_run_id={fresh}",
             *store_overrides(s["out"]),
             f"output_dir={folder}",
             "overwrite=true",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -15,7 +15,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, compose_config, store_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 
 def run(args, timeout=180, cwd=ROOT):
@@ -78,8 +78,8 @@ def test_threads_are_bounded_by_the_cores():
         (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' must be true or false"),
     ],
 )
-def test_training_refuses_in_one_line_before_any_run(tmp_path, overrides, message):
-    result = run(["segx.train", *store_overrides(tmp_path), *overrides])
+def test_training_refuses_in_one_line_before_any_run(tmp_path, overrides, message, capfd):
+    result = run_in_process(capfd, ["segx.train", *store_overrides(tmp_path), *overrides])
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [f"segx: error: {message}"] or message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -105,8 +105,8 @@ def test_the_ensemble_checks_what_the_search_and_registry_need_first(tmp_path, o
         validate_config(compose_config("ensemble", overrides))
 
 
-def test_the_ensemble_command_refuses_a_bad_registry_name_before_opening_the_store(tmp_path):
-    result = run(["segx.ensemble", *store_overrides(tmp_path), "ensemble.register_name=a:b"])
+def test_the_ensemble_command_refuses_a_bad_registry_name_before_opening_the_store(tmp_path, capfd):
+    result = run_in_process(capfd, ["segx.ensemble", *store_overrides(tmp_path), "ensemble.register_name=a:b"])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert "ensemble.register_name='a:b'" in result.stderr and not (tmp_path / "mlflow.db").exists()
 
@@ -212,7 +212,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_composed(tmp_path):
     assert time.monotonic() - started < 60
 
 
-def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_store):
+def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_store, capfd):
     from tests.helpers import copy_store, ensemble_args, statuses
 
     store = copy_store(member_store[0], tmp_path / "store")
@@ -220,7 +220,7 @@ def test_the_ensembles_extraction_folder_as_a_file_is_one_line(tmp_path, member_
     shutil.rmtree(store / "cache" / "probs", ignore_errors=True)
     (store / "cache" / "probs").write_text("not a folder")
     before = statuses(store, "ensemble")  # the shared store may hold ensembles of other tests
-    result = run(ensemble_args(store))
+    result = run_in_process(capfd, ensemble_args(store))
     assert result.returncode == 2, result.stderr[-2000:]
     # The shared store may hold runs other tests deleted: segx notes it skipped them, then refuses.
     lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith("segx: skipped ")]

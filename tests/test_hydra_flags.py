@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, tiny_train_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 
 def run(args, timeout=300, env=None):
@@ -30,14 +30,14 @@ def test_info_prints_each_line_once():
     assert text.count("Hydra 1.") == 1 and text.count("Installed Hydra Plugins") == 1
 
 
-def test_a_job_writes_its_log_in_its_hydra_folder(tmp_path, synthetic_root):
+def test_a_job_writes_its_log_in_its_hydra_folder(tmp_path, synthetic_root, capfd):
     seed_store(tmp_path)  # an empty store: creating one is not what this test is about
     result = run(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root), "trainer.epochs=1"], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     (log,) = (tmp_path / "hydra").glob("*-train/train.log")
     text = log.read_text()
     assert "segx: member run" in text and "best epoch" in text  # what the console showed
-    bad = run(["segx.train", *tiny_train_overrides(tmp_path, synthetic_root), "trainer.epochs=0"])
+    bad = run_in_process(capfd, ["segx.train", *tiny_train_overrides(tmp_path, synthetic_root), "trainer.epochs=0"])
     assert bad.returncode == 2
     logs = sorted((tmp_path / "hydra").glob("*-train/train.log"))
     assert any("segx: error: trainer.epochs=0 is out of range" in p.read_text() for p in logs)
@@ -53,7 +53,7 @@ def test_shell_completion_reaches_hydra():
     assert "backbone=resnet34" in query.stdout and "backbone=resnet18" in query.stdout
 
 
-def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, synthetic_root):
+def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, synthetic_root, capfd):
     seed_store(tmp_path / "out")  # an empty store: creating one is not what this test is about
     own = tmp_path / "myconf" / "backbone"
     own.mkdir(parents=True)
@@ -62,7 +62,9 @@ def test_a_users_own_config_folder_is_searched_by_the_prechecks_too(tmp_path, sy
     result = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), *overrides], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resnet18-unet" in result.stdout
-    same = run(["segx.train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", *overrides, "trainer.epochs=0"])
+    same = run_in_process(
+        capfd, ["segx.train", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", *overrides, "trainer.epochs=0"]
+    )
     assert "unknown backbone" not in same.stderr and "trainer.epochs=0 is out of range" in same.stderr
     typo = run(["segx.train", "--config-dir", str(tmp_path / "myconf"), *overrides[:-1], "backbone=myress"])
     assert typo.returncode == 2 and "unknown backbone 'myress'; did you mean 'myres'?" in typo.stderr

@@ -9,6 +9,7 @@ import pytest
 from segx.data.labels import Labels
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
+from tests.helpers import run_in_process
 
 TUMOUR = {"background": 0, "oedema": 1, "necrosis": 2, "enhancing": 4}
 
@@ -192,13 +193,13 @@ def _folder(root, cases: dict[str, dict[str, int]]):
         cv2.imwrite(str(root / f"{part}_masks" / f"{stem}.png"), mask)
 
 
-def test_the_data_check_refuses_what_training_refuses_and_writes_nothing(tmp_path):
+def test_the_data_check_refuses_what_training_refuses_and_writes_nothing(tmp_path, capfd):
     data = tmp_path / "data"
     _folder(data, {**{f"train/c{i}": {1: 3} for i in range(6)}, "test/c0": {1: 2, 2: 2}, "test/t1": {2: 4}})
     work = tmp_path / "work"
     work.mkdir()
     args = [f"data.root={data}", "data.labels={background: 0, a: 1, b: 2}", f"paths.output_dir={work}/out"]
-    result = run_command("segx.data.check", args, work)
+    result = run_in_process(capfd, ["segx.data.check", *args], cwd=work)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{data}: stem 'c0' is in both train_images/ and test_images/; rename one" in result.stdout
     assert "class b (data.labels.b=2) appears in no training case" in result.stdout
@@ -220,8 +221,8 @@ def test_the_data_check_judges_classes_on_the_training_cases_of_the_split(tmp_pa
 # -- segx.info takes what the other commands take ---------------------------------------------------
 
 
-def test_info_takes_paths_output_dir_and_prints_a_completion_script(tmp_path):
-    result = run_command("segx.info", ["run_id=0123", f"paths.output_dir={tmp_path}/elsewhere"], tmp_path)
+def test_info_takes_paths_output_dir_and_prints_a_completion_script(tmp_path, capfd):
+    result = run_in_process(capfd, ["segx.info", "run_id=0123", f"paths.output_dir={tmp_path}/elsewhere"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"segx: error: no MLflow store at {tmp_path}/elsewhere/mlflow.db; check mlflow.tracking_uri or train first"

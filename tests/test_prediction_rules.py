@@ -19,7 +19,7 @@ import pytest
 from segx.ensembling.record import EnsembleRecord
 from segx.errors import SegxError
 from tests.conftest import compose_config, store_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 SMALL = {"decoder_filters": [16, 8, 8, 8, 8]}
 VIEW = {"mode": "resize", "size": 32, "resize_mode": "resize"}
@@ -110,14 +110,9 @@ def _inputs(folder: Path, stems=("x", "x_a")) -> Path:
     return folder
 
 
-def _command(store, module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *store_overrides(store["out"]), *args],
-        cwd=store["tmp"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _in_process(capfd, store, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module>`` on the store, run in this process (tests/helpers.py run_in_process)."""
+    return run_in_process(capfd, [module, *store_overrides(store["out"]), *args], cwd=store["tmp"])
 
 
 def _snapshot(folder: Path) -> dict[str, object]:
@@ -136,21 +131,21 @@ def _predict(store, run: str, inputs: Path, output: Path, *extra: str) -> int:
 # -- one TTA rule -----------------------------------------------------------------------------
 
 
-def test_predict_and_export_refuse_flip_tta_on_sided_classes_without_a_swap(store, tmp_path):
+def test_predict_and_export_refuse_flip_tta_on_sided_classes_without_a_swap(store, tmp_path, capfd):
     inputs = _inputs(tmp_path / "in")
     line = (
         "segx: error: tta=flip mirrors the images, and classes left_lung, right_lung name a side, but the "
         "members were trained without data.flip_swap"
     )
-    predicted = _command(
-        store, "segx.predict", f"ensemble_run_id={store['lungs']}", f"input_dir={inputs}",
+    predicted = _in_process(
+        capfd, store, "segx.predict", f"ensemble_run_id={store['lungs']}", f"input_dir={inputs}",
         f"output_dir={tmp_path / 'pred'}", "tta=flip",
     )  # fmt: skip
     assert predicted.returncode == 2, predicted.stderr
     assert len(predicted.stderr.strip().splitlines()) == 1 and predicted.stderr.startswith(line), predicted.stderr
     assert not (tmp_path / "pred").exists()
-    exported = _command(
-        store, "segx.export", f"ensemble_run_id={store['lungs']}", "format=savedmodel",
+    exported = _in_process(
+        capfd, store, "segx.export", f"ensemble_run_id={store['lungs']}", "format=savedmodel",
         f"output_dir={tmp_path / 'export'}", "tta=flip", "log=false",
     )  # fmt: skip
     assert exported.returncode == 2, exported.stderr
@@ -251,10 +246,10 @@ def test_a_failure_while_moving_into_place_undoes_every_step(tmp_path, earlier):
 # -- export: an unwritable folder, label values from every runtime ---------------------------
 
 
-def test_export_into_a_folder_it_cannot_write_is_one_line(store, tmp_path):
+def test_export_into_a_folder_it_cannot_write_is_one_line(store, tmp_path, capfd):
     (tmp_path / "a-file").write_text("not a folder")
-    proc = _command(
-        store, "segx.export", f"ensemble_run_id={store['lungs']}", "format=savedmodel", "log=false",
+    proc = _in_process(
+        capfd, store, "segx.export", f"ensemble_run_id={store['lungs']}", "format=savedmodel", "log=false",
         f"output_dir={tmp_path / 'a-file' / 'export'}",
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr

@@ -16,7 +16,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 
 def cli(args, **kwargs):
@@ -133,15 +133,11 @@ def test_one_failing_member_does_not_stop_the_sweep(tmp_path, synthetic_root):
     assert [r.data.tags["segx.arch"] for r in runs] == ["unet"]
 
 
-def test_a_sweep_whose_jobs_all_failed_exits_1_after_its_summary(tmp_path, synthetic_root):
+def test_a_sweep_whose_jobs_all_failed_exits_1_after_its_summary(tmp_path, synthetic_root, capfd):
     overrides = [o for o in tiny_train_overrides(tmp_path, synthetic_root) if not o.startswith("backbone")]
     # PSPNet cannot take 64 px inputs: the one job is refused before any training.
-    result = subprocess.run(
-        [sys.executable, "-m", "segx.train", "-m", "arch=pspnet", "backbone=mobilenetv2", *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_in_process(
+        capfd, ["segx.train", "-m", "arch=pspnet", "backbone=mobilenetv2", *overrides], cwd=tmp_path
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "0 finished, 1 failed" in result.stdout and "rerun exactly those" in result.stdout
@@ -196,19 +192,10 @@ def test_same_config_and_seed_reproduce_split_and_validation_dice(tmp_path, synt
     assert curves[0] == curves[1] and len(curves[0]) == 4
 
 
-def test_info_prints_provenance_and_reproduce_command(member_store):
+def test_info_prints_provenance_and_reproduce_command(member_store, capfd):
     out, runs = member_store
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segx.info",
-            f"run_id={runs['resnet18']}",
-            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_in_process(
+        capfd, ["segx.info", f"run_id={runs['resnet18']}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db"]
     )
     assert result.returncode == 0, result.stderr
     assert "git " in result.stdout and "tensorflow 2." in result.stdout

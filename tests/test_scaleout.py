@@ -19,7 +19,7 @@ import pytest
 from segx.training.resources import cpu_cores, job_threads
 from segx.workflows.sweep import job_outcomes, rerun_commands, summary_lines
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 
 def run_cli(args, timeout=900, env=None):
@@ -222,13 +222,15 @@ def test_gpus_on_a_partition_without_gpus_are_refused(tmp_path):
     assert "hydra.launcher.gpus_per_node=0" in line
 
 
-def test_gpu_accelerator_where_tensorflow_sees_none_is_refused(tmp_path, synthetic_root):
+def test_gpu_accelerator_where_tensorflow_sees_none_is_refused(tmp_path, synthetic_root, capfd):
     from segx.backend import tf
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
     line = one_line_error(
-        run_cli(["segx.train", "trainer.accelerator=gpu", *tiny_train_overrides(tmp_path, synthetic_root)], timeout=300)
+        run_in_process(
+            capfd, ["segx.train", "trainer.accelerator=gpu", *tiny_train_overrides(tmp_path, synthetic_root)]
+        )
     )
     assert line.startswith("segx: error: trainer.accelerator=gpu, but TensorFlow sees no GPU here")
     assert not (tmp_path / "mlflow.db").exists()  # before any run (or store) exists
@@ -334,6 +336,8 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_like_one_device(tmp_path, s
     assert abs(dice2 - dice1) < 0.15, (dice1, dice2)
 
 
+# A process of its own: the check comes after TensorFlow's two logical devices are set, which
+# TensorFlow takes once per process.
 def test_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, synthetic_root):
     overrides = [
         *tiny_train_overrides(tmp_path, synthetic_root),
@@ -349,9 +353,9 @@ def test_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, synthet
     )
 
 
-def test_devices_without_a_strategy_are_refused(tmp_path, synthetic_root):
+def test_devices_without_a_strategy_are_refused(tmp_path, synthetic_root, capfd):
     overrides = [*tiny_train_overrides(tmp_path, synthetic_root), "trainer.accelerator=cpu", "trainer.devices=2"]
-    line = one_line_error(run_cli(["segx.train", *overrides], timeout=300))
+    line = one_line_error(run_in_process(capfd, ["segx.train", *overrides]))
     assert "trainer.devices=2 trains on one device unless trainer.strategy=mirrored" in line
 
 

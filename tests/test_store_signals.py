@@ -22,7 +22,7 @@ import pytest
 from segx import tracking
 from segx.errors import SegxError
 from tests.conftest import ROOT, store_overrides, tiny_train_overrides
-from tests.helpers import copy_store, ensemble_args, seed_store, statuses
+from tests.helpers import copy_store, ensemble_args, run_in_process, seed_store, statuses
 
 # A store locked by another process is waited for this long before the one-line error.
 LOCK_WAIT_S = 2
@@ -44,6 +44,11 @@ def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.Complet
     proc = start(args, **env)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_here(capfd, args: list[str]) -> subprocess.CompletedProcess:
+    """What ``run`` runs, in this process (tests/helpers.py run_in_process): for refusals."""
+    return run_in_process(capfd, args, env={"SEGX_STORE_TIMEOUT": str(LOCK_WAIT_S)})
 
 
 def error_lines(result) -> list[str]:
@@ -131,7 +136,7 @@ def test_a_lock_released_within_the_wait_is_waited_for(tmp_path, member_store):
 
 
 @pytest.mark.parametrize("which", ["database", "store-folder", "output-folder", "artifacts"])
-def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_store, which):
+def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_store, which, capfd):
     store = copy_store(member_store[0], tmp_path / "store")
     before = statuses(store, "ensemble")  # the shared fixture store may hold ensembles already
     target = {
@@ -144,7 +149,7 @@ def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_st
     if which == "store-folder":  # Hydra and segx write elsewhere: only the store is read-only
         args.append(f"paths.output_dir={tmp_path / 'out'}")
     with read_only(target):
-        result = run(args)
+        result = run_here(capfd, args)
     line = assert_one_line_error(result, str(target))
     assert any(words in line for words in ("read-only", "not writable", "not a writable folder")), line
     assert "Validation" not in result.stdout  # refused before the search, not after it
@@ -152,11 +157,11 @@ def test_read_only_store_fails_before_the_search_in_one_line(tmp_path, member_st
 
 
 @pytest.mark.parametrize("form", ["path", "sqlite"])
-def test_a_store_that_is_not_sqlite_is_refused_and_left_alone(tmp_path, member_store, form):
+def test_a_store_that_is_not_sqlite_is_refused_and_left_alone(tmp_path, member_store, form, capfd):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n")
     uri = str(notes) if form == "path" else f"sqlite:///{notes}"
-    result = run(["segx.ensemble", f"paths.output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}"])
+    result = run_here(capfd, ["segx.ensemble", f"paths.output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}"])
     assert_one_line_error(result, str(notes), "not an SQLite database")
     assert notes.read_text() == "not a database\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == ["notes.txt"]
@@ -176,7 +181,7 @@ def other_application_db(tmp_path) -> Path:
 @pytest.mark.parametrize("command", ["predict", "info"])
 @pytest.mark.parametrize("store", ["missing", "other-application"])
 def test_read_only_commands_never_create_or_change_a_store(
-    tmp_path, synthetic_root, other_application_db, command, store
+    tmp_path, synthetic_root, other_application_db, command, store, capfd
 ):
     db = other_application_db if store == "other-application" else tmp_path / "typo" / "sub" / "mlflow.db"
     watched = tmp_path / "elsewhere"
@@ -194,7 +199,7 @@ def test_read_only_commands_never_create_or_change_a_store(
         if command == "predict"
         else ["segx.info", "run_id=0123456789abcdef", uri]
     )
-    result = run(args)
+    result = run_here(capfd, args)
     line = assert_one_line_error(result, str(db))
     assert ("no MLflow store" in line) if store == "missing" else ("another application" in line)
     assert not (tmp_path / "typo").exists()  # no folder, no database for a mistyped path

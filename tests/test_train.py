@@ -13,7 +13,7 @@ from segx import tracking
 from segx.errors import SegxError
 from segx.workflows.member import train_member
 from tests.conftest import ROOT, compose_config, tiny_train_overrides
-from tests.helpers import seed_store
+from tests.helpers import run_in_process, seed_store
 
 
 def member_runs(out, status=None):
@@ -184,23 +184,26 @@ def test_cli_unknown_backbone_is_one_line_with_suggestion():
     ]
 
 
-def test_cli_missing_data_folder_is_one_line(tmp_path):
-    result = run_cli("segx.train", "data=folder", f"data.root={tmp_path}/nope", f"paths.output_dir={tmp_path}")
+def test_cli_missing_data_folder_is_one_line(tmp_path, capfd):
+    result = run_in_process(
+        capfd, ["segx.train", "data=folder", f"data.root={tmp_path}/nope", f"paths.output_dir={tmp_path}"]
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"segx: error: data folder {tmp_path}/nope does not exist; set data.root=PATH to your data"
     ]
 
 
-def test_cli_missing_mask_is_one_line(tmp_path, synthetic_root):
+def test_cli_missing_mask_is_one_line(tmp_path, synthetic_root, capfd):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)
     (data / "GENERATOR.json").unlink()
     (data / "train_masks" / "case_0003.png").unlink()
-    result = run_cli(
-        "segx.train", "data=folder", f"data.root={data}", "data.image_size=64", f"paths.output_dir={tmp_path}"
+    result = run_in_process(
+        capfd,
+        ["segx.train", "data=folder", f"data.root={data}", "data.image_size=64", f"paths.output_dir={tmp_path}"],
     )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
